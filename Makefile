@@ -1,0 +1,30 @@
+# Two entry points, each doing its own set-up on a fresh machine (Python 3.10+):
+#   make pretrain   the main job: a small SLTrain-vs-full pretraining run on the embedded corpus
+#   make test       the test suite (tiny models, offline, a few minutes on 2 CPU cores)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of torch, pinned for dev and CI installs (an unpinned torch pulls the CUDA build).
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: setup pretrain test lint quickstart
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+pretrain: setup
+	$(PY) examples/quickstart.py
+
+quickstart: setup
+	$(PY) examples/quickstart.py
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .

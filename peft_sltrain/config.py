@@ -1,0 +1,155 @@
+"""`SLTrainConfig`: the PEFT config of the SLTrain method."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft.config import PeftConfig
+
+from ._registration import PEFT_TYPE
+
+
+@dataclass
+class SLTrainConfig(PeftConfig):
+    """
+    Configuration of an SLTrain adapter ([`SLTrainModel`]): every targeted linear layer computes
+    `y = x @ (W0 + (alpha / r) * B @ A + S).T + bias` with a rank-`r` product `B @ A` and a sparse `S` whose support
+    (a fraction `sparsity` of the entries, drawn uniformly at random once) is fixed; `B`, `A` and the nonzero values of
+    `S` are trained.
+
+    Args:
+        r (`int`, defaults to `128`):
+            Rank of the low-rank factors `B` (d_out x r) and `A` (r x d_in). Must be at most `min(d_in, d_out)` of
+            every targeted layer. The paper uses 128 for LLaMA-60M, 256 for 130M/350M, 512 for 1B, 1024 for 7B.
+        sparsity (`float`, defaults to `0.03`):
+            Fraction `delta` of the entries of each targeted weight that the sparse factor `S` may change, in (0, 1).
+            Each layer trains `round(sparsity * d_out * d_in)` values. The paper uses 0.03 (0.05 at 7B).
+        alpha (`float`, defaults to `32.0`):
+            The low-rank product is scaled by `alpha / r`. The scale matters a great deal for pretraining: the
+            paper's settings give 0.25 at 60M and 0.0625 at 130M/350M.
+        target_modules (`Union[list[str], str]`, *optional*):
+            Names of the modules to replace (exact names or suffixes, e.g. `["q_proj", "v_proj"]`), a regex matched
+            against the full module name, or `"all-linear"`. Only `torch.nn.Linear` modules can be targeted. If not
+            set, known architectures get the defaults in `TARGET_MODULES_MAPPING` (all attention and MLP projections
+            for LLaMA-like models, `query` and `value` for BERT/RoBERTa).
+        exclude_modules (`Union[list[str], str]`, *optional*):
+            Names or a regex of modules not to replace, even if `target_modules` matches them.
+        modules_to_save (`list[str]`, *optional*):
+            Modules other than the SLTrain layers to train fully and save with the adapter, e.g. a classification
+            head. With `task_type="SEQ_CLS"`, PEFT adds `classifier` and `score` automatically. Not allowed with
+            `from_scratch=True`, which already trains and saves every parameter that is not replaced.
+        from_scratch (`bool`, defaults to `False`):
+            `False` (fine-tuning): `W0` is the base layer's frozen pretrained weight and the adapter starts as a zero
+            delta (`B = 0`, `S = 0`, `A` Kaiming-uniform), so the wrapped model starts equal to the base model.
+            `True` (pretraining): the targeted layers keep no dense weight at all, `W = (alpha / r) * B @ A + S`,
+            initialised as the paper's code (`B = 0`, `A` Kaiming-uniform, `S` values uniform(-1/sqrt(d_in),
+            1/sqrt(d_in))); every other parameter (embeddings, norms, head, biases) stays trainable and is saved with
+            the adapter. A base model built on the meta device (`accelerate.init_empty_weights()`) is never given
+            dense targeted weights; its other parameters are materialised on the current default device and
+            initialised with the model's own init.
+        seed (`int`, defaults to `0`):
+            Seed of the random supports. The support of each layer is derived from this seed and the layer's module
+            name, so it is reproducible and differs between layers. The supports are also saved with the adapter.
+        bias (`str`, defaults to `"none"`):
+            Which biases to train in fine-tuning mode: `"none"`, `"all"` or `"sltrain_only"` (the biases of the
+            targeted layers). Ignored when `from_scratch=True`, where all biases are trained.
+    """
+
+    r: int = field(
+        default=128,
+        metadata={"help": "Rank of the low-rank factors B (d_out x r) and A (r x d_in); at most min(d_in, d_out)."},
+    )
+    sparsity: float = field(
+        default=0.03,
+        metadata={
+            "help": "Fraction (delta) of each targeted weight's entries that the sparse factor S trains, in (0, 1)."
+        },
+    )
+    alpha: float = field(
+        default=32.0,
+        metadata={"help": "The low-rank product B @ A is scaled by alpha / r."},
+    )
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Names (or suffixes) of the nn.Linear modules to replace, a regex matched against the full module "
+                "name, or 'all-linear'. Defaults per architecture when not set."
+            )
+        },
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Names or a regex of modules not to replace, even if target_modules matches them."},
+    )
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Modules other than the SLTrain layers to train fully and save, e.g. a classifier head. Not allowed "
+                "with from_scratch=True, which already trains and saves every parameter it does not replace."
+            )
+        },
+    )
+    from_scratch: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "False: fine-tune a frozen W0 with a zero-initialised B @ A + S delta. True: pretraining, the "
+                "targeted layers hold no dense weight (W = B @ A + S) and all other parameters are trained and saved."
+            )
+        },
+    )
+    seed: int = field(
+        default=0,
+        metadata={"help": "Seed of the random supports; each layer's support derives from it and the layer's name."},
+    )
+    bias: Literal["none", "all", "sltrain_only"] = field(
+        default="none",
+        metadata={"help": "Biases to train when fine-tuning: 'none', 'all' or 'sltrain_only'. Ignored from scratch."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"`r` must be a positive integer, got {self.r!r}.")
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0 < self.sparsity < 1:
+            raise ValueError(f"`sparsity` must be a number in (0, 1), got {self.sparsity!r}.")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise ValueError(f"`alpha` must be a positive number, got {self.alpha!r}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"`seed` must be a non-negative integer, got {self.seed!r}.")
+        if not isinstance(self.from_scratch, bool):
+            raise ValueError(f"`from_scratch` must be True or False, got {self.from_scratch!r}.")
+        if self.bias not in ("none", "all", "sltrain_only"):
+            raise ValueError(f"`bias` must be 'none', 'all' or 'sltrain_only', got {self.bias!r}.")
+        if self.from_scratch and self.modules_to_save:
+            raise ValueError(
+                f"`modules_to_save` must be empty with `from_scratch=True` (every non-replaced parameter is already "
+                f"trained and saved), got {self.modules_to_save!r}."
+            )
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
+
+    @property
+    def scaling(self) -> float:
+        """The factor `alpha / r` applied to `B @ A`."""
+        return self.alpha / self.r
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """Load the config, and for a local adapter directory check its weights file before any model is touched."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        directory = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        if os.path.isdir(directory):
+            from .checkpoint import check_adapter_file
+
+            check_adapter_file(directory)
+        return config

@@ -1,0 +1,97 @@
+"""Parameter counts of SLTrain models: the one formula that the docs, the scripts, the benchmark and the tests use."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from peft.tuners.tuners_utils import _ExcludedModule, _maybe_include_all_linear_layers, check_target_module_exists
+from torch import nn
+
+from .config import SLTrainConfig
+from .model import default_target_modules
+from .support import num_nonzeros
+
+
+def sltrain_layer_parameters(d_in: int, d_out: int, r: int, sparsity: float) -> int:
+    """Trainable SLTrain parameters of one `d_out x d_in` layer (bias not included): `r * (d_in + d_out) + nnz`."""
+    return r * (d_in + d_out) + num_nonzeros(d_out, d_in, sparsity)
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    trainable: int
+    total: int
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+
+def module_parameter_counts(model: nn.Module) -> ParameterCounts:
+    """Trainable and total parameters a module holds now (tied parameters counted once), for any method."""
+    params = list(model.parameters())  # deduplicated by identity
+    return ParameterCounts(
+        trainable=sum(p.numel() for p in params if p.requires_grad), total=sum(p.numel() for p in params)
+    )
+
+
+def targeted_linear_names(model: nn.Module, config: SLTrainConfig) -> list[str]:
+    """Names of the modules of `model` that `config` would replace (resolving defaults and `"all-linear"`)."""
+    config = _resolved_config(model, config)
+    names = []
+    for name, module in model.named_modules():
+        found = check_target_module_exists(config, name) if name else False
+        if found and not isinstance(found, _ExcludedModule):
+            if not isinstance(module, nn.Linear):
+                raise ValueError(
+                    f"`target_modules` matched `{name}`, a {type(module).__name__}; SLTrain can only replace "
+                    "`torch.nn.Linear` layers."
+                )
+            names.append(name)
+    return names
+
+
+def count_parameters(model: nn.Module, config: SLTrainConfig) -> ParameterCounts:
+    """Trainable and total parameters of `get_peft_model(model, config)`, computed from `model`'s shapes alone.
+
+    Works on a model built on the meta device, so a 7B plan costs nothing. Per targeted layer the adapter adds
+    `r * (d_in + d_out) + nnz`; fine-tuning keeps the frozen `W0` in the total, from scratch drops it and trains every
+    other parameter. Modules in `modules_to_save` count twice in the total (PEFT keeps the original and a copy).
+    """
+    config = _resolved_config(model, config)
+    targeted = {name: model.get_submodule(name) for name in targeted_linear_names(model, config)}
+    to_save = list(config.modules_to_save or [])
+    if config.task_type == "SEQ_CLS":
+        to_save += ["classifier", "score"]  # what PeftModelForSequenceClassification adds
+    saved_modules = [name for name, _ in model.named_modules() if name and any(name.endswith(m) for m in to_save)]
+
+    trainable = total = 0
+    for module in targeted.values():
+        adapter = sltrain_layer_parameters(module.in_features, module.out_features, config.r, config.sparsity)
+        trainable += adapter
+        total += adapter
+    for name, param in model.named_parameters():
+        owner, _, attr = name.rpartition(".")
+        n = param.numel()
+        if owner in targeted and attr == "weight":
+            total += 0 if config.from_scratch else n  # dropped from scratch, frozen W0 otherwise
+        elif config.from_scratch:
+            trainable += n
+            total += n
+        elif any(owner == m or owner.startswith(m + ".") for m in saved_modules):
+            trainable += n
+            total += 2 * n
+        elif attr == "bias" and (config.bias == "all" or (config.bias == "sltrain_only" and owner in targeted)):
+            trainable += n
+            total += n
+        else:
+            total += n
+    return ParameterCounts(trainable=trainable, total=total)
+
+
+def _resolved_config(model: nn.Module, config: SLTrainConfig) -> SLTrainConfig:
+    config = copy.deepcopy(config)
+    if config.target_modules is None:
+        config.target_modules = default_target_modules(getattr(getattr(model, "config", None), "model_type", None))
+    return _maybe_include_all_linear_layers(config, model)

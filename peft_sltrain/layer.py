@@ -1,0 +1,221 @@
+"""The SLTrain layer: a `torch.nn.Linear` whose weight is `W0 + (alpha / r) * B @ A + S` (no `W0` from scratch)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from .config import SLTrainConfig
+from .functional import dense_weight, sltrain_linear
+from .support import layer_seed, num_nonzeros, random_support
+
+
+class SLTrainLayer(BaseTunerLayer):
+    # trainable tensors, each an entry per adapter name
+    adapter_layer_names = ("sltrain_A", "sltrain_B", "sltrain_values")
+    # everything else that is per adapter (`sltrain_indices` is a persistent buffer, saved with the adapter)
+    other_param_names = ("sltrain_indices", "r", "alpha", "scaling", "sparsity", "from_scratch")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        if not isinstance(base_layer, nn.Linear):
+            raise ValueError(
+                f"SLTrain can only replace `torch.nn.Linear` layers, got {type(base_layer).__name__}; check "
+                "`target_modules`."
+            )
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.sparsity: dict[str, float] = {}
+        self.from_scratch: dict[str, bool] = {}
+        self.sltrain_A = nn.ParameterDict({})  # (r, d_in)
+        self.sltrain_B = nn.ParameterDict({})  # (d_out, r)
+        self.sltrain_values = nn.ParameterDict({})  # (nnz,)
+        self.sltrain_indices = BufferDict({}, persistent=True)  # (nnz,) int32 flat indices into (d_out, d_in)
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.kwargs = kwargs
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        sparsity: float,
+        alpha: float,
+        from_scratch: bool,
+        seed: int,
+        layer_name: str,
+        inference_mode: bool = False,
+    ) -> None:
+        d_in, d_out = self.in_features, self.out_features
+        if not 0 < r <= min(d_in, d_out):
+            raise ValueError(
+                f"`r` must be in [1, min(d_in, d_out)] = [1, {min(d_in, d_out)}] for layer `{layer_name}` "
+                f"({d_out} x {d_in}), got {r}."
+            )
+        if not 0 < sparsity < 1:
+            raise ValueError(f"`sparsity` must be in (0, 1), got {sparsity}.")
+        if alpha <= 0:
+            raise ValueError(f"`alpha` must be positive, got {alpha}.")
+
+        base = self.get_base_layer()
+        weight = base.weight
+        if weight is not None and weight.device.type == "meta" and not from_scratch:
+            raise ValueError(
+                f"Layer `{layer_name}` has its weight on the meta device; fine-tuning (`from_scratch=False`) needs "
+                "the real pretrained weight. Load the model with its weights, or use `from_scratch=True`."
+            )
+        if weight is not None and weight.device.type != "meta":
+            device = weight.device
+        else:
+            device = torch.get_default_device()  # from scratch on a meta-built model: create on the default device
+        dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.get_default_dtype()
+        nnz = num_nonzeros(d_out, d_in, sparsity)
+        factory = {"device": device, "dtype": dtype}
+
+        self.r[adapter_name] = r
+        self.alpha[adapter_name] = alpha
+        self.scaling[adapter_name] = alpha / r
+        self.sparsity[adapter_name] = sparsity
+        self.from_scratch[adapter_name] = from_scratch
+        self.sltrain_A[adapter_name] = nn.Parameter(torch.empty(r, d_in, **factory))
+        self.sltrain_B[adapter_name] = nn.Parameter(torch.zeros(d_out, r, **factory))
+        self.sltrain_values[adapter_name] = nn.Parameter(torch.zeros(nnz, **factory))
+        support = random_support(d_out, d_in, nnz, seed=layer_seed(seed, layer_name))
+        self.sltrain_indices[adapter_name] = support.to(device if device.type != "meta" else "cpu")
+        self.reset_sltrain_parameters(adapter_name)
+
+        if from_scratch:
+            # pretraining: W = B @ A + S, no dense weight is kept (nor ever allocated for a meta-built model)
+            base.weight = None
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    @torch.no_grad()
+    def reset_sltrain_parameters(self, adapter_name: str) -> None:
+        """Init as the paper's code: `A` Kaiming-uniform, `B = 0`; `S = 0` (fine-tuning) or uniform (from scratch)."""
+        A = self.sltrain_A[adapter_name]
+        if A.device.type == "meta":
+            return
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        nn.init.zeros_(self.sltrain_B[adapter_name])
+        values = self.sltrain_values[adapter_name]
+        if self.from_scratch[adapter_name]:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(values, -bound, bound)
+        else:
+            nn.init.zeros_(values)
+
+    def _sltrain_tensors(self, adapter_name: str, dtype: torch.dtype) -> dict:
+        """The adapter's tensors in `dtype`, as keyword arguments of `sltrain_linear` / `dense_weight`."""
+        return {
+            "A": self.sltrain_A[adapter_name].to(dtype),
+            "B": self.sltrain_B[adapter_name].to(dtype),
+            "values": self.sltrain_values[adapter_name].to(dtype),
+            "indices": self.sltrain_indices[adapter_name],
+            "scaling": self.scaling[adapter_name],
+        }
+
+
+class Linear(nn.Module, SLTrainLayer):
+    """SLTrain replacement of one `torch.nn.Linear`."""
+
+    def __init__(self, base_layer: nn.Linear, adapter_name: str, config: SLTrainConfig, layer_name: str, **kwargs):
+        super().__init__()
+        SLTrainLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(
+            adapter_name,
+            r=config.r,
+            sparsity=config.sparsity,
+            alpha=config.alpha,
+            from_scratch=config.from_scratch,
+            seed=config.seed,
+            layer_name=layer_name,
+            inference_mode=config.inference_mode,
+        )
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The dense (d_out, d_in) `(alpha / r) * B @ A + S` of one adapter, in the adapter's dtype."""
+        A = self.sltrain_A[adapter_name]
+        return dense_weight(**self._sltrain_tensors(adapter_name, A.dtype))
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the active (or given) adapters into the base weight. From scratch, the merged adapter *becomes* the
+        weight. With `safe_merge`, the result is checked for NaN/inf before anything is written."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base = self.get_base_layer()
+        for name in adapter_names:
+            if name not in self.sltrain_A:
+                continue
+            delta = self.get_delta_weight(name)
+            if base.weight is None:
+                merged = delta
+            else:
+                merged = base.weight.data + delta.to(base.weight.dtype)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(
+                    f"NaN or inf in the merged weight; adapter `{name}` seems broken. Nothing was merged."
+                )
+            if base.weight is None:
+                base.weight = nn.Parameter(merged, requires_grad=False)
+            else:
+                base.weight.data = merged
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name not in self.sltrain_A:
+                continue
+            if self.from_scratch[name]:
+                base.weight = None
+            else:
+                base.weight.data -= self.get_delta_weight(name).to(base.weight.dtype)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if any(self.from_scratch.values()):
+                raise ValueError("A from-scratch SLTrain layer has no base weight to fall back to when disabled.")
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        active = [name for name in self.active_adapters if name in self.sltrain_A]
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            # mixed precision: compute in the autocast dtype, like F.linear would; grads flow back to the fp32 params
+            dtype = torch.get_autocast_dtype(device_type)
+        else:
+            dtype = x.dtype
+        base = self.get_base_layer()
+        bias = None if base.bias is None else base.bias.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            x = x.to(dtype)
+            if len(active) == 1:
+                # one fused map: W0 + delta is rebuilt inside, so the dense weight is multiplied only once
+                weight = None if base.weight is None else base.weight.to(dtype)
+                return sltrain_linear(x, weight=weight, bias=bias, **self._sltrain_tensors(active[0], dtype))
+            result = self.base_layer(x, *args, **kwargs)
+            for name in active:
+                result = result + sltrain_linear(x, **self._sltrain_tensors(name, dtype))
+            return result
+
+    def __repr__(self) -> str:
+        return "sltrain." + super().__repr__()

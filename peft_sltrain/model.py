@@ -1,0 +1,220 @@
+"""`SLTrainModel`: finds the targeted linear layers of a model and replaces them with SLTrain layers."""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    BaseTunerLayer,
+    _get_tuner_state_dict_key_prefixes,
+    _is_key_under_prefixes,
+)
+from torch import nn
+
+from .config import SLTrainConfig
+from .layer import Linear, SLTrainLayer
+from .support import check_support, num_nonzeros
+
+_LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# Default `target_modules` per `model_type`: the paper's choice (every attention and MLP projection) for decoder LLMs,
+# and LoRA's usual `query`/`value` for BERT-like encoders being fine-tuned.
+TARGET_MODULES_MAPPING: dict[str, list[str]] = {
+    **{name: _LLAMA_LIKE for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2")},
+    **{name: ["query", "value"] for name in ("bert", "roberta", "xlm-roberta", "camembert", "electra")},
+}
+
+
+def default_target_modules(model_type: str | None) -> set[str]:
+    """The default `target_modules` for a Transformers `model_type`; `ValueError` if none is known."""
+    if model_type not in TARGET_MODULES_MAPPING:
+        raise ValueError(
+            f"`target_modules` must be set for model type {model_type!r}: no default is known for it "
+            f"(known: {sorted(TARGET_MODULES_MAPPING)})."
+        )
+    return set(TARGET_MODULES_MAPPING[model_type])
+
+
+class SLTrainModel(BaseTuner):
+    """
+    Replaces the targeted `torch.nn.Linear` layers of a model with SLTrain layers (see [`SLTrainConfig`]). Created by
+    `peft.get_peft_model(model, SLTrainConfig(...))` once `peft_sltrain` is imported.
+
+    Example:
+
+        ```py
+        >>> import peft_sltrain  # registers the method with PEFT
+        >>> from peft import get_peft_model
+        >>> from transformers import AutoModelForCausalLM
+
+        >>> model = AutoModelForCausalLM.from_pretrained("meta-llama/Llama-3.2-1B")
+        >>> model = get_peft_model(model, peft_sltrain.SLTrainConfig(r=64, sparsity=0.03, alpha=16))
+        ```
+    """
+
+    prefix: str = "sltrain_"
+    tuner_layer_cls = SLTrainLayer
+    target_module_mapping = TARGET_MODULES_MAPPING
+
+    def _prepare_adapter_config(self, peft_config: SLTrainConfig, model_config: dict) -> SLTrainConfig:
+        if peft_config.target_modules is None:
+            peft_config.target_modules = default_target_modules(model_config.get("model_type"))
+        return peft_config
+
+    def _check_new_adapter_config(self, config: SLTrainConfig) -> None:
+        super()._check_new_adapter_config(config)
+        if len(self.peft_config) > 1 and any(c.from_scratch for c in self.peft_config.values()):
+            names = sorted(name for name, c in self.peft_config.items() if c.from_scratch)
+            raise ValueError(
+                f"A from-scratch SLTrain adapter ({names}) *is* the model's weights and cannot share the model with "
+                f"another adapter; got adapters {sorted(self.peft_config)}."
+            )
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs) -> None:
+        if isinstance(target, SLTrainLayer):
+            target.update_layer(
+                adapter_name,
+                r=config.r,
+                sparsity=config.sparsity,
+                alpha=config.alpha,
+                from_scratch=config.from_scratch,
+                seed=config.seed,
+                layer_name=current_key,
+                inference_mode=config.inference_mode,
+            )
+            return
+        if isinstance(target, BaseTunerLayer) or not isinstance(target, nn.Linear):
+            raise ValueError(
+                f"`target_modules` matched `{current_key}`, a {type(target).__name__}; SLTrain can only replace "
+                "`torch.nn.Linear` layers."
+            )
+        new_module = Linear(target, adapter_name, config, layer_name=current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added, inactive adapter starts frozen
+        setattr(parent, target_name, new_module)
+
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        # Our layers are created on the right device and dtype, so a plain swap suffices. PEFT's generic version also
+        # copies `child.weight` across, which trips over modules without one: a from-scratch layer, or the
+        # `ModulesToSaveWrapper` around RoBERTa's classification head during `merge_and_unload`.
+        setattr(parent, child_name, new_module)
+
+    def _from_scratch(self) -> bool:
+        return any(config.from_scratch for config in self.peft_config.values())
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        # From scratch the adapter *is* the model: keep it in the model's dtype instead of PEFT's fp32 upcast.
+        if not self.peft_config[adapter_name].from_scratch:
+            super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        super()._mark_only_adapters_as_trainable(model)
+        if self._from_scratch() and not self.peft_config[self.active_adapters[0]].inference_mode:
+            # pretraining: embeddings, norms, head and biases are trained along with the SLTrain factors
+            for parameter in model.parameters():
+                parameter.requires_grad_(True)
+
+    def _post_injection_hook(self, model: nn.Module, config: SLTrainConfig, adapter_name: str) -> None:
+        if config.from_scratch:
+            _materialize_meta_parameters(model)
+
+    def disable_adapter_layers(self) -> None:
+        if self._from_scratch():
+            raise ValueError(
+                "Cannot disable a from-scratch SLTrain adapter: the targeted layers have no base weight without it."
+            )
+        super().disable_adapter_layers()
+
+    def unload(self) -> nn.Module:
+        """Remove the SLTrain layers and return the base model (fine-tuning mode only; from scratch, use
+        `merge_and_unload`, since the base model has no weights of its own in the targeted layers)."""
+        if self._from_scratch():
+            raise ValueError(
+                "`unload()` would return layers without weights for a from-scratch SLTrain adapter; use "
+                "`merge_and_unload()` to get a dense model."
+            )
+        return super().unload()
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        if config.from_scratch:
+            # every parameter that is not replaced (embeddings, norms, head, biases) belongs to the adapter
+            to_return.update(state_dict)
+        return to_return
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        _check_loaded_state_dict(model, config, adapter_name, state_dict)
+        return state_dict
+
+
+def _check_loaded_state_dict(model: nn.Module, config: SLTrainConfig, adapter_name: str, state_dict: dict) -> None:
+    """Raise `ValueError` before loading if the adapter does not fit the model: a missing or misshapen tensor, or a
+    corrupt support. From scratch, every base parameter must come from the file too (no silent random init)."""
+    model_state = model.state_dict()
+    prefix = "base_model.model."
+    if not any(key.startswith(prefix) for key in model_state):
+        state_dict = {key.removeprefix(prefix): value for key, value in state_dict.items()}
+    adapter_prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+    adapter_keys = {key for key in model_state if _is_key_under_prefixes(key, adapter_prefixes)}
+    expected = set(model_state) if config.from_scratch else adapter_keys
+    missing = sorted(expected - set(state_dict))
+    if missing:
+        raise ValueError(
+            f"The adapter file lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}; it is truncated, "
+            "or was saved from a different model or config."
+        )
+    unexpected = sorted(key for key in state_dict if key not in model_state and "sltrain_" in key)
+    if unexpected:
+        raise ValueError(
+            f"The adapter file has SLTrain tensors for layers this model does not have, e.g. {unexpected[:3]}; it was "
+            "saved from a different model or config."
+        )
+    mismatched = [
+        f"{key}: file {tuple(value.shape)} vs model {tuple(model_state[key].shape)}"
+        for key, value in state_dict.items()
+        if key in model_state and tuple(value.shape) != tuple(model_state[key].shape)
+    ]
+    if mismatched:
+        raise ValueError(
+            f"The adapter's shapes do not fit the base model ({len(mismatched)} tensor(s)), e.g. {mismatched[:3]}."
+        )
+    for name, module in model.named_modules():
+        if isinstance(module, SLTrainLayer) and adapter_name in module.sltrain_indices:
+            key = f"{name}.sltrain_indices.{adapter_name}"
+            nnz = num_nonzeros(module.out_features, module.in_features, module.sparsity[adapter_name])
+            check_support(state_dict[key], module.out_features, module.in_features, nnz, name=key)
+
+
+@torch.no_grad()
+def _materialize_meta_parameters(model: nn.Module) -> None:
+    """Give the parameters left on the meta device (a model built under `accelerate.init_empty_weights()`) real
+    storage on the default device, initialised by the model's own init (`_init_weights` for Transformers models,
+    `reset_parameters` otherwise). The SLTrain layers already hold real tensors: no dense targeted weight is made."""
+    device = torch.get_default_device()
+    init_weights = getattr(model, "_init_weights", None)
+    for name, module in model.named_modules():
+        if isinstance(module, SLTrainLayer):
+            continue
+        if not any(p.device.type == "meta" for p in module.parameters(recurse=False)):
+            continue
+        module.to_empty(device=device, recurse=False)
+        if init_weights is not None:
+            init_weights(module)
+        elif hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+        else:
+            raise ValueError(
+                f"Module `{name}` ({type(module).__name__}) was built on the meta device and has no known init; build "
+                "the model on a real device, or give it `reset_parameters()`."
+            )
+    meta_buffers = [name for name, b in model.named_buffers() if b.device.type == "meta"]
+    if meta_buffers:
+        raise ValueError(
+            f"Buffers {meta_buffers[:3]} are on the meta device and cannot be rebuilt; build the model under "
+            "`accelerate.init_empty_weights()` (which keeps buffers real) instead of `torch.device('meta')`."
+        )
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()

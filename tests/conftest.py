@@ -1,0 +1,65 @@
+"""Tiny models built from configs in code (no hub), shared by the tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import peft_sltrain  # noqa: F401  (registers SLTrain with PEFT)
+
+transformers.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+
+def tiny_llama_config(**overrides) -> transformers.LlamaConfig:
+    kwargs = dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=101,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    return transformers.LlamaConfig(**kwargs)
+
+
+def tiny_roberta_config(**overrides) -> transformers.RobertaConfig:
+    kwargs = dict(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=103,
+        max_position_embeddings=40,
+        num_labels=3,
+    )
+    kwargs.update(overrides)
+    return transformers.RobertaConfig(**kwargs)
+
+
+def tiny_llama(seed: int = 0, **overrides) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
+
+
+def tiny_roberta(seed: int = 0, **overrides) -> transformers.RobertaForSequenceClassification:
+    torch.manual_seed(seed)
+    return transformers.RobertaForSequenceClassification(tiny_roberta_config(**overrides)).eval()
+
+
+@torch.no_grad()
+def perturb_trainable(model: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> None:
+    """Move every trainable parameter off its init, so that zero-initialised adapters do something."""
+    generator = torch.Generator().manual_seed(seed)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.add_(scale * torch.randn(param.shape, generator=generator).to(param.dtype))
+
+
+@pytest.fixture
+def input_ids() -> torch.Tensor:
+    return torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))

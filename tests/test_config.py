@@ -1,0 +1,76 @@
+"""`SLTrainConfig` validation, serialisation and registration with PEFT."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from peft import PeftConfig
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.utils import PeftType
+
+from peft_sltrain import SLTrainConfig, SLTrainModel
+from peft_sltrain._registration import register
+
+
+@pytest.mark.parametrize(
+    "kwargs,param",
+    [
+        ({"r": 0}, "`r`"),
+        ({"r": -3}, "`r`"),
+        ({"r": 2.5}, "`r`"),
+        ({"sparsity": 0.0}, "`sparsity`"),
+        ({"sparsity": 1.0}, "`sparsity`"),
+        ({"sparsity": -0.1}, "`sparsity`"),
+        ({"alpha": 0}, "`alpha`"),
+        ({"alpha": -1.0}, "`alpha`"),
+        ({"seed": -1}, "`seed`"),
+        ({"bias": "lora_only"}, "`bias`"),
+        ({"from_scratch": "yes"}, "`from_scratch`"),
+        ({"from_scratch": True, "modules_to_save": ["lm_head"]}, "`modules_to_save`"),
+    ],
+)
+def test_bad_values_raise_naming_parameter_and_value(kwargs, param):
+    with pytest.raises(ValueError) as error:
+        SLTrainConfig(**kwargs)
+    message = str(error.value)
+    assert param in message
+    assert repr(list(kwargs.values())[-1]) in message
+
+
+def test_defaults_follow_the_paper():
+    config = SLTrainConfig()
+    assert (config.r, config.sparsity, config.alpha, config.from_scratch) == (128, 0.03, 32.0, False)
+    assert config.scaling == 0.25
+    assert config.peft_type == PeftType.SLTRAIN == "SLTRAIN"
+
+
+def test_every_field_is_documented_in_docstring_and_help():
+    own = {f.name for f in dataclasses.fields(SLTrainConfig)} - {f.name for f in dataclasses.fields(PeftConfig)}
+    for field in dataclasses.fields(SLTrainConfig):
+        if field.name in own:
+            assert field.metadata.get("help"), field.name
+            assert f"{field.name} (`" in SLTrainConfig.__doc__, field.name
+
+
+def test_save_and_load_config_round_trip(tmp_path):
+    config = SLTrainConfig(r=8, sparsity=0.1, alpha=4, target_modules=["q_proj"], seed=7, from_scratch=True)
+    config.save_pretrained(tmp_path)
+    for loader in (PeftConfig, SLTrainConfig):
+        # SLTrainConfig.from_pretrained also checks the weights file, which a bare config directory lacks
+        if loader is SLTrainConfig:
+            with pytest.raises(ValueError, match="No SLTrain adapter weights"):
+                loader.from_pretrained(tmp_path)
+            continue
+        loaded = loader.from_pretrained(tmp_path)
+        assert isinstance(loaded, SLTrainConfig)
+        assert loaded.to_dict() == config.to_dict()
+
+
+def test_registered_with_peft_and_registration_is_idempotent():
+    assert PEFT_TYPE_TO_CONFIG_MAPPING["SLTRAIN"] is SLTrainConfig
+    assert PEFT_TYPE_TO_TUNER_MAPPING["SLTRAIN"] is SLTrainModel
+    assert PEFT_TYPE_TO_PREFIX_MAPPING["SLTRAIN"] == "sltrain_"
+    assert PeftType("SLTRAIN") is PeftType.SLTRAIN and PeftType.SLTRAIN in list(PeftType)
+    register()  # a second import path must not fail
+    assert PEFT_TYPE_TO_CONFIG_MAPPING["SLTRAIN"] is SLTrainConfig

@@ -1,0 +1,146 @@
+"""`sltrain_linear` against a plain dense PyTorch reference: outputs, gradients, memory contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from peft_sltrain.functional import dense_weight, sltrain_linear
+from peft_sltrain.support import random_support
+
+
+def make_inputs(d_in=12, d_out=10, r=3, nnz=17, dtype=torch.float64, with_weight=True, with_bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+
+    return dict(
+        x=rand(2, 5, d_in),
+        A=rand(r, d_in),
+        B=rand(d_out, r),
+        values=rand(nnz),
+        indices=random_support(d_out, d_in, nnz, seed=seed),
+        weight=rand(d_out, d_in) if with_weight else None,
+        bias=rand(d_out) if with_bias else None,
+    )
+
+
+def reference(x, A, B, values, indices, weight, bias, scaling):
+    """The plain dense formulation: build W with differentiable ops and call F.linear."""
+    S = torch.zeros(B.shape[0] * A.shape[1], dtype=x.dtype).index_put((indices.long(),), values)
+    W = scaling * B @ A + S.view(B.shape[0], A.shape[1])
+    if weight is not None:
+        W = W + weight
+    return F.linear(x, W, bias)
+
+
+def grads(out, tensors):
+    out.backward(torch.ones_like(out) + torch.arange(out.numel(), dtype=out.dtype).view_as(out) / out.numel())
+    return [None if t is None else t.grad for t in tensors]
+
+
+@pytest.mark.parametrize("with_weight", [True, False])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gradcheck_float64(with_weight, with_bias):
+    t = make_inputs(with_weight=with_weight, with_bias=with_bias)
+
+    def fn(x, A, B, values, weight, bias):
+        return sltrain_linear(x, A, B, values, t["indices"], scaling=0.7, weight=weight, bias=bias)
+
+    assert torch.autograd.gradcheck(fn, (t["x"], t["A"], t["B"], t["values"], t["weight"], t["bias"]))
+
+
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_matches_dense_reference_fp32(with_weight):
+    ours = make_inputs(dtype=torch.float32, with_weight=with_weight, d_in=48, d_out=40, r=8, nnz=60)
+    ref = {
+        k: (v.detach().clone().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v) for k, v in ours.items()
+    }
+    names = ["x", "A", "B", "values", "weight", "bias"]
+
+    y = sltrain_linear(**ours, scaling=0.25)
+    y_ref = reference(**ref, scaling=0.25)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for g, g_ref in zip(grads(y, [ours[n] for n in names]), grads(y_ref, [ref[n] for n in names])):
+        if g_ref is not None:
+            torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_within_tolerance_of_fp32():
+    """bf16 has an 8-bit mantissa: outputs and grads agree with fp32 to about 1% of their scale."""
+    t32 = make_inputs(dtype=torch.float32, d_in=64, d_out=48, r=8, nnz=150)
+    t16 = {
+        k: (v.detach().to(torch.bfloat16).requires_grad_() if torch.is_tensor(v) and v.is_floating_point() else v)
+        for k, v in t32.items()
+    }
+    names = ["x", "A", "B", "values", "weight", "bias"]
+    y32 = sltrain_linear(**t32, scaling=0.5)
+    y16 = sltrain_linear(**t16, scaling=0.5)
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), y32, rtol=0.02, atol=0.02 * y32.abs().max().item())
+    for g16, g32 in zip(grads(y16, [t16[n] for n in names]), grads(y32, [t32[n] for n in names])):
+        assert g16.dtype == torch.bfloat16
+        torch.testing.assert_close(g16.float(), g32, rtol=0.02, atol=0.02 * g32.abs().max().item())
+
+
+def test_saves_no_dense_weight_for_backward():
+    """From scratch, nothing of shape (d_out, d_in) is kept between forward and backward."""
+    t = make_inputs(dtype=torch.float32, with_weight=False, d_in=24, d_out=20, r=4, nnz=30)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: (saved.append(x), x)[1], lambda x: x):
+        sltrain_linear(**t, scaling=1.0)
+    assert saved, "the function should save its inputs"
+    assert all(tuple(s.shape) != (20, 24) for s in saved)
+
+
+def test_fine_tuning_saves_only_the_frozen_weight_itself():
+    t = make_inputs(dtype=torch.float32, d_in=24, d_out=20, r=4, nnz=30)
+    t["weight"].requires_grad_(False)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: (saved.append(x), x)[1], lambda x: x):
+        sltrain_linear(**t, scaling=1.0)
+    dense = [s for s in saved if tuple(s.shape) == (20, 24)]
+    assert len(dense) == 1 and dense[0].data_ptr() == t["weight"].data_ptr()  # a reference, not a copy
+
+
+class _DenseMatrices(TorchDispatchMode):
+    """Counts the matrix products that produce a tensor of one given shape."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.count = shape, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default) and tuple(out.shape) == self.shape:
+            self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("needs", ["x", "params", "both"])
+def test_backward_honours_needs_input_grad(needs):
+    """Backward makes one dense (d_out, d_in) product per gradient family it needs: the rebuilt W for dx, the weight
+    gradient dW for the factors, and nothing for what is not needed."""
+    t = make_inputs(dtype=torch.float32, with_weight=False, with_bias=False, d_in=12, d_out=11)
+    if needs == "params":
+        t["x"].requires_grad_(False)
+    if needs == "x":
+        for name in ("A", "B", "values"):
+            t[name].requires_grad_(False)
+    y = sltrain_linear(**t, scaling=1.0)
+    with _DenseMatrices((11, 12)) as mode:
+        y.sum().backward()
+    assert mode.count == {"x": 1, "params": 1, "both": 2}[needs]
+    assert (t["x"].grad is not None) == (needs != "params")
+    assert (t["A"].grad is not None) == (needs != "x")
+
+
+def test_dense_weight_places_values_at_indices():
+    A, B = torch.zeros(2, 4), torch.zeros(3, 2)
+    W = dense_weight(A, B, torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 5, 11], dtype=torch.int32), 1.0)
+    expected = torch.zeros(3, 4)
+    expected[0, 0], expected[1, 1], expected[2, 3] = 1.0, 2.0, 3.0
+    assert torch.equal(W, expected)

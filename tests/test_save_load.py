@@ -1,0 +1,169 @@
+"""save_pretrained / PeftModel.from_pretrained: safetensors only, bit-exact in a fresh process, clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import perturb_trainable, tiny_llama, tiny_roberta
+from peft import PeftConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForSequenceClassification
+
+from peft_sltrain import SLTrainConfig
+
+FRESH_PROCESS = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import peft_sltrain
+from conftest import tiny_llama, tiny_roberta, tiny_llama_config
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+kind, adapter, out = sys.argv[1:]
+if kind == "scratch":
+    torch.manual_seed(99)
+    base = AutoModelForCausalLM.from_config(tiny_llama_config())
+else:
+    base = {{"llama": tiny_llama, "roberta": tiny_roberta}}[kind](seed=0)
+model = PeftModel.from_pretrained(base, adapter).eval()
+ids = load_file(adapter + "/../ids.safetensors")["ids"]
+save_file({{"logits": model(ids).logits.contiguous()}}, out)
+"""
+
+
+@pytest.mark.parametrize("kind", ["llama", "roberta", "scratch"])
+def test_fresh_process_reload_is_bit_identical(tmp_path, input_ids, kind):
+    if kind == "roberta":
+        model = get_peft_model(tiny_roberta(seed=0), SLTrainConfig(r=4, sparsity=0.05, task_type="SEQ_CLS"))
+    elif kind == "llama":
+        model = get_peft_model(tiny_llama(seed=0), SLTrainConfig(r=4, sparsity=0.05, bias="all"))
+    else:
+        model = get_peft_model(tiny_llama(seed=5), SLTrainConfig(r=4, sparsity=0.05, from_scratch=True))
+    model.eval()
+    perturb_trainable(model)
+    expected = model(input_ids).logits
+    model.save_pretrained(tmp_path / "adapter")
+    save_file({"ids": input_ids}, tmp_path / "ids.safetensors")
+    assert not list((tmp_path / "adapter").glob("*.bin")) and not list((tmp_path / "adapter").glob("*.pt"))
+
+    script = FRESH_PROCESS.format(tests=str(__import__("pathlib").Path(__file__).parent))
+    out = tmp_path / "logits.safetensors"
+    subprocess.run([sys.executable, "-c", script, kind, str(tmp_path / "adapter"), str(out)], check=True)
+    assert torch.equal(load_file(out)["logits"], expected)
+
+
+def test_roberta_merge_and_unload_with_classifier_in_modules_to_save(tmp_path, input_ids):
+    model = get_peft_model(tiny_roberta(), SLTrainConfig(r=4, sparsity=0.05, task_type="SEQ_CLS")).eval()
+    perturb_trainable(model)
+    expected = model(input_ids).logits
+    merged = model.merge_and_unload()
+    assert type(merged.classifier).__name__ == "RobertaClassificationHead"
+    assert type(merged.roberta.encoder.layer[0].attention.self.query) is torch.nn.Linear
+    merged.save_pretrained(tmp_path)
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(plain(input_ids).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_safe_merge_refuses_nan_and_unload_restores_base(input_ids):
+    base = tiny_llama()
+    base_logits = base(input_ids).logits
+    model = get_peft_model(base, SLTrainConfig(r=4, sparsity=0.05)).eval()
+    perturb_trainable(model)
+    model.unload()  # fine-tuning: gives the untouched base back
+    torch.testing.assert_close(base(input_ids).logits, base_logits)
+
+    model = get_peft_model(tiny_llama(), SLTrainConfig(r=4, sparsity=0.05)).eval()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    before = layer.base_layer.weight.clone()
+    with torch.no_grad():
+        layer.sltrain_values["default"][0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        model.merge_and_unload(safe_merge=True)
+    assert torch.equal(layer.base_layer.weight, before)
+
+
+def save_adapter(path, **config):
+    model = get_peft_model(tiny_llama(), SLTrainConfig(r=4, sparsity=0.05, **config))
+    perturb_trainable(model)
+    model.save_pretrained(path)
+    return path / "adapter_model.safetensors"
+
+
+def test_shapes_that_do_not_fit_the_base_model(tmp_path):
+    save_adapter(tmp_path)
+    with pytest.raises(ValueError, match=r"shapes do not fit the base model.*file \(4, 64\) vs model \(4, 32\)"):
+        PeftModel.from_pretrained(tiny_llama(hidden_size=32), tmp_path)
+
+
+def test_adapter_for_layers_the_model_lacks(tmp_path):
+    save_adapter(tmp_path)
+    with pytest.raises(ValueError, match="layers this model does not have"):
+        PeftModel.from_pretrained(tiny_llama(num_hidden_layers=1), tmp_path)
+
+
+def test_truncated_file(tmp_path):
+    weights = save_adapter(tmp_path)
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_file_missing_tensors(tmp_path):
+    weights = save_adapter(tmp_path)
+    tensors = load_file(weights)
+    del tensors[next(k for k in tensors if k.endswith("sltrain_B"))]
+    save_file(tensors, weights)
+    with pytest.raises(ValueError, match="lacks 1 tensor"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_corrupt_support(tmp_path):
+    weights = save_adapter(tmp_path)
+    tensors = load_file(weights)
+    key = next(k for k in tensors if k.endswith("sltrain_indices"))
+    tensors[key] = tensors[key].flip(0).contiguous()
+    save_file(tensors, weights)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_from_scratch_file_missing_base_tensors(tmp_path):
+    weights = save_adapter(tmp_path, from_scratch=True)
+    tensors = load_file(weights)
+    del tensors["base_model.model.model.embed_tokens.weight"]
+    save_file(tensors, weights)
+    with pytest.raises(ValueError, match="embed_tokens"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_config_on_disk_is_plain_json(tmp_path):
+    save_adapter(tmp_path, seed=11)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "SLTRAIN" and saved["seed"] == 11 and saved["r"] == 4
+    assert isinstance(PeftConfig.from_pretrained(tmp_path), SLTrainConfig)
+
+
+def test_loading_before_import_names_the_missing_method(tmp_path):
+    """PEFT itself reads `peft_type` before any of our code can run: the error is PEFT's KeyError naming SLTRAIN.
+    Importing peft_sltrain first (as the README and the model card say) makes the same call work."""
+    save_adapter(tmp_path)
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parent)!r})
+        from peft import PeftConfig
+        try:
+            PeftConfig.from_pretrained({str(tmp_path)!r})
+        except KeyError as error:
+            print("KeyError", error)
+        import peft_sltrain
+        print(type(PeftConfig.from_pretrained({str(tmp_path)!r})).__name__)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["KeyError", "'SLTRAIN'", "SLTrainConfig"]

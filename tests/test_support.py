@@ -1,0 +1,62 @@
+"""The random support: uniform, without replacement, reproducible, different per layer, int32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peft_sltrain.support import check_support, layer_seed, num_nonzeros, random_support
+
+
+def test_num_nonzeros_rounds_and_keeps_one():
+    assert num_nonzeros(4096, 11008, 0.05) == 2254438
+    assert num_nonzeros(10, 10, 0.034) == 3
+    assert num_nonzeros(2, 2, 0.01) == 1
+
+
+@pytest.mark.parametrize("shape,nnz", [((7, 9), 1), ((7, 9), 20), ((7, 9), 62), ((7, 9), 63), ((300, 200), 1800)])
+def test_support_is_sorted_distinct_in_range(shape, nnz):
+    idx = random_support(*shape, nnz, seed=3)
+    assert idx.dtype == torch.int32 and idx.numel() == nnz
+    assert idx.unique().numel() == nnz and torch.equal(idx, idx.sort().values)
+    assert int(idx.min()) >= 0 and int(idx.max()) < shape[0] * shape[1]
+    check_support(idx, *shape, nnz, name="idx")  # accepted by the loader's validation
+
+
+def test_support_is_reproducible_and_differs_between_layers():
+    a = random_support(64, 64, 100, seed=layer_seed(0, "model.layers.0.q_proj"))
+    b = random_support(64, 64, 100, seed=layer_seed(0, "model.layers.0.q_proj"))
+    c = random_support(64, 64, 100, seed=layer_seed(0, "model.layers.0.k_proj"))
+    d = random_support(64, 64, 100, seed=layer_seed(1, "model.layers.0.q_proj"))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c) and not torch.equal(a, d)
+
+
+def test_support_is_uniform():
+    """Each of n positions is chosen with probability nnz / n; over 4000 draws the counts stay within 5 sigma."""
+    n, nnz, draws = 20, 5, 4000
+    counts = torch.zeros(n)
+    for seed in range(draws):
+        counts[random_support(4, 5, nnz, seed=seed).long()] += 1
+    p = nnz / n
+    mean, sigma = draws * p, (draws * p * (1 - p)) ** 0.5
+    assert (counts - mean).abs().max() < 5 * sigma
+
+
+def test_check_support_rejects_corruption():
+    good = torch.tensor([1, 4, 7], dtype=torch.int32)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        check_support(torch.tensor([4, 1, 7], dtype=torch.int32), 3, 3, 3, name="s")
+    with pytest.raises(ValueError, match="outside"):
+        check_support(torch.tensor([1, 4, 9], dtype=torch.int32), 3, 3, 3, name="s")
+    with pytest.raises(ValueError, match="int32"):
+        check_support(good.long(), 3, 3, 3, name="s")
+    with pytest.raises(ValueError, match="int32"):
+        check_support(good, 3, 3, 4, name="s")
+
+
+def test_random_support_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="`nnz`"):
+        random_support(3, 3, 10, seed=0)
+    with pytest.raises(ValueError, match="int32"):
+        random_support(2**16, 2**16, 10, seed=0)

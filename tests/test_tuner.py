@@ -1,0 +1,199 @@
+"""SLTrain as a PEFT tuner in fine-tuning mode (frozen W0 + trainable B A + S) on tiny LLaMA and RoBERTa models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import perturb_trainable, tiny_llama, tiny_roberta
+from peft import get_peft_model
+from peft.utils import ModulesToSaveWrapper
+from torch import nn
+
+from peft_sltrain import SLTrainConfig, SLTrainLayer, count_parameters, sltrain_layer_parameters
+from peft_sltrain.support import num_nonzeros
+
+LLAMA_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def sltrain_layers(model):
+    return {name: m for name, m in model.named_modules() if isinstance(m, SLTrainLayer)}
+
+
+def test_wrapped_model_starts_equal_to_base(input_ids):
+    base = tiny_llama()
+    expected = base(input_ids).logits
+    model = get_peft_model(base, SLTrainConfig(r=4, sparsity=0.05, alpha=8)).eval()
+    assert torch.equal(model(input_ids).logits, expected)
+
+
+def test_default_targets_and_shapes():
+    model = get_peft_model(tiny_llama(), SLTrainConfig(r=4, sparsity=0.05))
+    layers = sltrain_layers(model)
+    assert len(layers) == 2 * 7 and {name.rsplit(".", 1)[1] for name in layers} == LLAMA_TARGETS
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q.sltrain_A["default"].shape == (4, 64) and q.sltrain_B["default"].shape == (64, 4)
+    nnz = num_nonzeros(64, 64, 0.05)
+    assert q.sltrain_values["default"].shape == (nnz,)
+    assert q.sltrain_indices["default"].dtype == torch.int32
+    roberta = get_peft_model(tiny_roberta(), SLTrainConfig(r=4, task_type="SEQ_CLS"))
+    assert {name.rsplit(".", 1)[1] for name in sltrain_layers(roberta)} == {"query", "value"}
+
+
+def test_fine_tuning_init_and_trainable_parameters():
+    model = get_peft_model(tiny_llama(), SLTrainConfig(r=4, sparsity=0.05))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".sltrain_" in n for n in trainable)
+    for layer in sltrain_layers(model).values():
+        assert not layer.sltrain_B["default"].any() and not layer.sltrain_values["default"].any()
+        bound = (6 / ((1 + 5) * layer.in_features)) ** 0.5  # kaiming_uniform(a=sqrt(5)) bound = 1 / sqrt(d_in)
+        assert layer.sltrain_A["default"].abs().max() <= bound and layer.sltrain_A["default"].std() > bound / 3
+
+
+def test_layer_output_and_gradients_match_dense_reference():
+    """Forward and backward through a wrapped layer equal F.linear with the explicitly assembled dense weight."""
+    model = get_peft_model(tiny_llama(), SLTrainConfig(r=4, sparsity=0.1, alpha=6))
+    perturb_trainable(model)
+    layer = model.base_model.model.model.layers[1].mlp.down_proj
+    A, B, values = layer.sltrain_A["default"], layer.sltrain_B["default"], layer.sltrain_values["default"]
+    S = (
+        torch.zeros(layer.out_features * layer.in_features)
+        .index_put((layer.sltrain_indices["default"].long(),), values)
+        .view(layer.out_features, layer.in_features)
+    )
+    x = torch.randn(3, 5, layer.in_features, requires_grad=True)
+    dense = layer.base_layer.weight + (6 / 4) * B @ A + S
+    y_ref = nn.functional.linear(x, dense)
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), (x, A, B, values))
+    y = layer(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    for g, g_ref in zip(torch.autograd.grad(y.square().sum(), (x, A, B, values)), grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)
+    assert layer.base_layer.weight.grad is None and not layer.base_layer.weight.requires_grad
+
+
+@pytest.mark.parametrize(
+    "build,config",
+    [
+        (tiny_llama, SLTrainConfig(r=4, sparsity=0.05)),
+        (tiny_llama, SLTrainConfig(r=8, sparsity=0.2, target_modules=["q_proj", "down_proj"])),
+        (tiny_llama, SLTrainConfig(r=4, sparsity=0.05, from_scratch=True)),
+        (tiny_llama, SLTrainConfig(r=4, sparsity=0.05, target_modules="all-linear")),
+        (tiny_roberta, SLTrainConfig(r=4, sparsity=0.05, task_type="SEQ_CLS")),
+        (tiny_roberta, SLTrainConfig(r=2, sparsity=0.03, task_type="SEQ_CLS", bias="all")),
+        (tiny_roberta, SLTrainConfig(r=2, sparsity=0.03, task_type="SEQ_CLS", bias="sltrain_only")),
+    ],
+)
+def test_count_parameters_matches_the_built_model(build, config):
+    base = build()
+    expected = count_parameters(base, config)
+    model = get_peft_model(base, config)
+    assert (expected.trainable, expected.total) == model.get_nb_trainable_parameters()
+
+
+def test_layer_formula():
+    assert sltrain_layer_parameters(4096, 11008, 1024, 0.05) == 1024 * (4096 + 11008) + 2254438
+
+
+def test_training_reduces_loss(input_ids):
+    model = get_peft_model(tiny_llama(), SLTrainConfig(r=4, sparsity=0.05, alpha=8)).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(15):
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_seq_cls_trains_classifier_fully():
+    model = get_peft_model(tiny_roberta(), SLTrainConfig(r=4, task_type="SEQ_CLS"))
+    assert isinstance(model.base_model.model.classifier, ModulesToSaveWrapper)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("classifier.modules_to_save.default.out_proj.weight" in n for n in trainable)
+    assert all(".sltrain_" in n or ".classifier." in n for n in trainable)
+
+
+def test_multiple_adapters_set_disable_delete(input_ids):
+    base = tiny_llama()
+    base_logits = base(input_ids).logits
+    model = get_peft_model(base, SLTrainConfig(r=4, sparsity=0.05)).eval()
+    model.add_adapter("other", SLTrainConfig(r=2, sparsity=0.1, seed=3))
+    perturb_trainable(model)  # only "default" is trainable
+    for layer in sltrain_layers(model).values():
+        with torch.no_grad():
+            layer.sltrain_B["other"].normal_(0, 0.05)
+    default_logits = model(input_ids).logits
+    assert not torch.allclose(default_logits, base_logits)
+
+    model.set_adapter("other")
+    other_logits = model(input_ids).logits
+    assert not torch.allclose(other_logits, default_logits)
+    assert all(p.requires_grad == (".other" in n) for n, p in model.named_parameters() if ".sltrain_" in n)
+
+    with model.disable_adapter():
+        torch.testing.assert_close(model(input_ids).logits, base_logits)
+
+    model.base_model.set_adapter(["default", "other"])  # both at once: W0 + delta_default + delta_other
+    both = model(input_ids).logits
+    assert not torch.allclose(both, other_logits) and not torch.allclose(both, default_logits)
+
+    model.set_adapter("default")
+    model.delete_adapter("other")
+    assert all("other" not in n for n, _ in model.named_parameters())
+    torch.testing.assert_close(model(input_ids).logits, default_logits)
+
+
+def test_supports_differ_between_layers_and_follow_seed():
+    def supports(seed):
+        model = get_peft_model(tiny_llama(), SLTrainConfig(r=2, sparsity=0.05, seed=seed))
+        return {n: m.sltrain_indices["default"] for n, m in sltrain_layers(model).items()}
+
+    a, b, c = supports(0), supports(0), supports(1)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert not any(torch.equal(a[n], c[n]) for n in a)
+    q0, q1 = (a[f"base_model.model.model.layers.{i}.self_attn.q_proj"] for i in (0, 1))
+    assert not torch.equal(q0, q1)
+
+
+def test_bf16_model_and_cpu_autocast(input_ids):
+    model = get_peft_model(tiny_llama().to(torch.bfloat16), SLTrainConfig(r=4, sparsity=0.05))
+    perturb_trainable(model)
+    loss = model(input_ids=input_ids, labels=input_ids).loss
+    loss.backward()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.sltrain_A["default"].dtype == torch.float32  # PEFT keeps fine-tuning adapters in fp32
+    assert layer.sltrain_A["default"].grad is not None and torch.isfinite(loss)
+
+    model32 = get_peft_model(tiny_llama(), SLTrainConfig(r=4, sparsity=0.05))
+    perturb_trainable(model32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model32(input_ids).logits
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), model32(input_ids).logits, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        (SLTrainConfig(r=65), r"`r` must be in \[1, min\(d_in, d_out\)\] = \[1, 64\].*got 65"),
+        (SLTrainConfig(r=2, target_modules=["embed_tokens"]), r"matched `model.embed_tokens`, a Embedding"),
+        (SLTrainConfig(r=2, target_modules=["nope"]), r"Target modules \{'nope'\} not found"),
+    ],
+)
+def test_bad_layer_arguments(config, message):
+    with pytest.raises(ValueError, match=message):
+        get_peft_model(tiny_llama(), config)
+
+
+def test_unknown_architecture_needs_target_modules():
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+    with pytest.raises(ValueError, match="`target_modules` must be set"):
+        get_peft_model(Tiny(), SLTrainConfig(r=2))
+    model = get_peft_model(Tiny(), SLTrainConfig(r=2, sparsity=0.25, target_modules=["lin"]))
+    assert isinstance(model.base_model.model.lin, SLTrainLayer)
