@@ -17,8 +17,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
+# SLTrain and full-rank pretraining of a tiny LLaMA on the embedded Austen corpus, then both side by side
 pretrain: setup
-	$(PY) examples/quickstart.py
+	$(PY) scripts/pretrain.py --model tiny --method sltrain --out-dir runs/tiny-sltrain --overwrite
+	$(PY) scripts/pretrain.py --model tiny --method full --out-dir runs/tiny-full --overwrite
+	$(PY) scripts/compare_runs.py runs/tiny-sltrain runs/tiny-full
 
 quickstart: setup
 	$(PY) examples/quickstart.py

@@ -10,7 +10,7 @@ from .config import SLTrainConfig
 from .counting import ParameterCounts, count_parameters, module_parameter_counts, sltrain_layer_parameters
 from .functional import sltrain_linear
 from .layer import Linear, SLTrainLayer
-from .model import TARGET_MODULES_MAPPING, SLTrainModel
+from .model import TARGET_MODULES_MAPPING, SLTrainModel, materialize_meta_parameters
 
 __version__ = "0.1.0"
 
@@ -22,6 +22,7 @@ __all__ = [
     "SLTrainModel",
     "TARGET_MODULES_MAPPING",
     "count_parameters",
+    "materialize_meta_parameters",
     "module_parameter_counts",
     "sltrain_layer_parameters",
     "sltrain_linear",

@@ -116,7 +116,7 @@ class SLTrainModel(BaseTuner):
 
     def _post_injection_hook(self, model: nn.Module, config: SLTrainConfig, adapter_name: str) -> None:
         if config.from_scratch:
-            _materialize_meta_parameters(model)
+            materialize_meta_parameters(model)
 
     def disable_adapter_layers(self) -> None:
         if self._from_scratch():
@@ -189,7 +189,7 @@ def _check_loaded_state_dict(model: nn.Module, config: SLTrainConfig, adapter_na
 
 
 @torch.no_grad()
-def _materialize_meta_parameters(model: nn.Module) -> None:
+def materialize_meta_parameters(model: nn.Module) -> None:
     """Give the parameters left on the meta device (a model built under `accelerate.init_empty_weights()`) real
     storage on the default device, initialised by the model's own init (`_init_weights` for Transformers models,
     `reset_parameters` otherwise). The SLTrain layers already hold real tensors: no dense targeted weight is made."""

@@ -10,11 +10,12 @@ import sys
 import pytest
 import torch
 from accelerate import init_empty_weights
-from conftest import perturb_trainable, tiny_llama_config
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from peft_sltrain import SLTrainConfig, SLTrainLayer, count_parameters
+
+from conftest import perturb_trainable, tiny_llama_config
 
 CONFIG = SLTrainConfig(r=8, sparsity=0.05, alpha=2, from_scratch=True)
 

@@ -9,12 +9,13 @@ import textwrap
 
 import pytest
 import torch
-from conftest import perturb_trainable, tiny_llama, tiny_roberta
 from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification
 
 from peft_sltrain import SLTrainConfig
+
+from conftest import perturb_trainable, tiny_llama, tiny_roberta
 
 FRESH_PROCESS = """
 import sys, torch

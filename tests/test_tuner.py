@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import perturb_trainable, tiny_llama, tiny_roberta
 from peft import get_peft_model
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 from peft_sltrain import SLTrainConfig, SLTrainLayer, count_parameters, sltrain_layer_parameters
 from peft_sltrain.support import num_nonzeros
+
+from conftest import perturb_trainable, tiny_llama, tiny_roberta
 
 LLAMA_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 

@@ -1,0 +1,97 @@
+"""Training checkpoints without pickle: tensors in safetensors, everything else in JSON, written atomically.
+
+A checkpoint is a directory `step_000120/` holding `model.safetensors`, `state.safetensors` (optimizer, scheduler
+and RNG tensors) and `state.json` (the rest, with `{"__tensor__": key}` where a tensor was). It is written under a
+temporary name and renamed into place only when complete, so a kill mid-save leaves no directory that looks done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_PREFIX = "step_"
+
+
+def flatten(obj, tensors: dict[str, torch.Tensor], path: str = "s"):
+    """`obj` with every tensor moved into `tensors` and replaced by a reference; dict keys become strings."""
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().cpu().contiguous()
+        return {"__tensor__": path}
+    if isinstance(obj, dict):
+        return {
+            "__dict__": [
+                [flatten(k, tensors, f"{path}.k{i}"), flatten(v, tensors, f"{path}.{i}")]
+                for i, (k, v) in enumerate(obj.items())
+            ]
+        }
+    if isinstance(obj, (list, tuple)):
+        items = [flatten(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+        return items if isinstance(obj, list) else {"__tuple__": items}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"Cannot checkpoint a {type(obj).__name__} at {path} without pickle.")
+
+
+def unflatten(obj, tensors: dict[str, torch.Tensor]):
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__tuple__" in obj:
+            return tuple(unflatten(v, tensors) for v in obj["__tuple__"])
+        return {unflatten(k, tensors): unflatten(v, tensors) for k, v in obj["__dict__"]}
+    if isinstance(obj, list):
+        return [unflatten(v, tensors) for v in obj]
+    return obj
+
+
+def save_checkpoint(directory: Path, model_state: dict[str, torch.Tensor], state: dict) -> Path:
+    """Write `directory` atomically; refuses to replace an existing checkpoint."""
+    directory = Path(directory)
+    if directory.exists():
+        raise FileExistsError(f"Checkpoint {directory} already exists; refusing to overwrite it.")
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # safetensors refuses shared storage (tied weights): store each tensor once, and its other names as aliases
+    first, unique, aliases = {}, {}, {}
+    for key, value in model_state.items():
+        ptr = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+        if ptr in first:
+            aliases[key] = first[ptr]
+        else:
+            first[ptr] = key
+            unique[key] = value.detach().cpu().contiguous()
+    save_file(unique, tmp / "model.safetensors", metadata={"aliases": json.dumps(aliases)})
+    tensors: dict[str, torch.Tensor] = {}
+    meta = flatten(state, tensors)
+    save_file(tensors, tmp / "state.safetensors")
+    (tmp / "state.json").write_text(json.dumps(meta))
+    for path in tmp.iterdir():  # make the bytes durable before the rename publishes them
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+    os.replace(tmp, directory)
+    return directory
+
+
+def load_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    directory = Path(directory)
+    model_state = load_file(directory / "model.safetensors")
+    with safe_open(directory / "model.safetensors", framework="pt") as handle:
+        aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
+    model_state.update({alias: model_state[key] for alias, key in aliases.items()})
+    state = unflatten(json.loads((directory / "state.json").read_text()), load_file(directory / "state.safetensors"))
+    return model_state, state
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest complete checkpoint in `out_dir/checkpoints` (temporary, incomplete ones are ignored)."""
+    root = Path(out_dir) / "checkpoints"
+    done = sorted(p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()) if root.is_dir() else []
+    return done[-1] if done else None

@@ -1,0 +1,44 @@
+"""Print finished pretraining runs side by side (reads each run's summary.json).
+
+python scripts/compare_runs.py runs/tiny-sltrain runs/tiny-full
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def main(run_dirs: list[str]) -> str:
+    rows = []
+    for run in run_dirs:
+        path = Path(run) / "summary.json"
+        if not path.is_file():
+            raise SystemExit(f"compare_runs.py: error: {path} does not exist (did the run finish?)")
+        rows.append(json.loads(path.read_text()))
+    header = ("method", "val ppl", "trainable", "total", "params+grads+opt", "peak mem", "tokens/s", "tokens")
+    table = [header] + [
+        (
+            r["method"],
+            f"{r['val_ppl']:.2f}",
+            f"{r['trainable_params']:,}",
+            f"{r['total_params']:,}",
+            f"{r['training_state_bytes'] / 2**20:.1f} MiB",
+            f"{r['peak_memory_bytes'] / 2**20:.0f} MiB",
+            f"{r['tokens_per_s']:,.0f}",
+            f"{r['tokens']:,}",
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in table]
+    kinds = sorted({r["peak_memory_kind"] for r in rows})
+    lines.append(
+        f"(peak mem: {', '.join(kinds)}; params+grads+opt: exact bytes of parameters, gradients and optimizer states)"
+    )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(main(sys.argv[1:]))

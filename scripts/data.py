@@ -1,0 +1,212 @@
+"""Text corpora, tokenizers and deterministic batches for `pretrain.py`.
+
+A corpus is split into non-overlapping blocks of `seq_len` tokens. Training visits the blocks in a fresh seeded
+permutation every epoch, so the batch of step `t` depends only on `(seed, t)`: resuming at step `t` needs no saved
+iterator state, and `world_size` processes each take a slice of the same global batch that one process would see.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+EMBEDDED_CORPUS = REPO / "data" / "austen"  # Jane Austen's novels, see data/austen/README.md
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """The UTF-8 text of a `.txt` or `.txt.gz` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"Data file {str(path)!r} does not exist.")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        return handle.read()
+
+
+def local_corpus(train_files: list[str] | None, validation_files: list[str] | None) -> tuple[str, str]:
+    """(train text, validation text) from local files; the embedded corpus when no files are given."""
+    if not train_files and not validation_files:
+        train_files = [str(EMBEDDED_CORPUS / "train.txt.gz")]
+        validation_files = [str(EMBEDDED_CORPUS / "validation.txt.gz")]
+    if not train_files or not validation_files:
+        raise ValueError("Give both `--train-files` and `--validation-files` (held-out text), or neither.")
+    train = "\n".join(read_text(path) for path in train_files)
+    validation = "\n".join(read_text(path) for path in validation_files)
+    for name, text in (("--train-files", train), ("--validation-files", validation)):
+        if not text.strip():
+            raise ValueError(f"`{name}` holds no text.")
+    return train, validation
+
+
+def stream_hf_dataset(name: str, config: str | None, split: str, text_column: str = "text") -> Iterator[str]:
+    """Texts of a Hugging Face dataset, streamed (e.g. `allenai/c4`, config `en`, as the paper uses)."""
+    from datasets import load_dataset
+
+    dataset = load_dataset(name, config, split=split, streaming=True)
+    for example in dataset:
+        yield example[text_column]
+
+
+class Tokenizer:
+    """The few things training needs from a tokenizer: encode text, vocabulary size, save next to checkpoints."""
+
+    def __init__(self, hf_tokenizer):
+        self.hf = hf_tokenizer  # a transformers PreTrainedTokenizerFast
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.hf.eos_token_id
+
+    def encode(self, texts: Iterable[str]) -> list[list[int]]:
+        return self.hf(list(texts), add_special_tokens=False)["input_ids"]
+
+    def save(self, directory: str | os.PathLike) -> None:
+        self.hf.save_pretrained(directory)
+
+
+def train_tokenizer(text: str, vocab_size: int, cache_dir: str | os.PathLike | None = None) -> Tokenizer:
+    """A byte-level BPE tokenizer trained on `text` (cached by content hash and vocabulary size)."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 300:
+        raise ValueError(f"`--vocab-size` must be at least 300 (256 bytes plus merges), got {vocab_size}.")
+    key = hashlib.sha256(f"{vocab_size}\0{text}".encode()).hexdigest()[:16]
+    cached = Path(cache_dir) / f"tokenizer-{key}.json" if cache_dir else None
+    if cached is not None and cached.is_file():
+        raw = RawTokenizer.from_file(str(cached))
+    else:
+        raw = RawTokenizer(models.BPE())
+        raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        raw.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=["<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        raw.train_from_iterator(_paragraphs(text), trainer=trainer)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            raw.save(str(cached))
+    hf = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    return Tokenizer(hf)
+
+
+def load_tokenizer(name_or_path: str) -> Tokenizer:
+    """A hub tokenizer (e.g. `t5-base`, the paper's) or a saved tokenizer directory."""
+    from transformers import AutoTokenizer
+
+    return Tokenizer(AutoTokenizer.from_pretrained(name_or_path))
+
+
+def _paragraphs(text: str, lines_per_chunk: int = 200) -> Iterator[str]:
+    lines = text.splitlines(keepends=True)
+    for start in range(0, len(lines), lines_per_chunk):
+        yield "".join(lines[start : start + lines_per_chunk])
+
+
+def tokenize_text(tokenizer: Tokenizer, text: str) -> torch.Tensor:
+    """The whole text as one 1-D int32 token tensor."""
+    ids = [token for chunk in tokenizer.encode(_paragraphs(text)) for token in chunk]
+    return torch.tensor(ids, dtype=torch.int32)
+
+
+def to_blocks(tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """(n_blocks, seq_len) non-overlapping blocks; the ragged tail is dropped."""
+    n_blocks = tokens.numel() // seq_len
+    return tokens[: n_blocks * seq_len].view(n_blocks, seq_len)
+
+
+class BlockSampler:
+    """Global batch `t` = blocks `[t * G, (t + 1) * G)` of the concatenated per-epoch permutations.
+
+    `G = micro_batch * grad_accum * world_size`. Rank `k` of `world_size` takes a contiguous slice of `micro_batch *
+    grad_accum` blocks, cut into `grad_accum` micro-batches, so the union over ranks is always the same global batch.
+    """
+
+    def __init__(self, blocks: torch.Tensor, micro_batch: int, grad_accum: int, world_size: int, seed: int):
+        self.blocks, self.seed = blocks, seed
+        self.micro_batch, self.grad_accum, self.world_size = micro_batch, grad_accum, world_size
+        self.global_batch = micro_batch * grad_accum * world_size
+        if len(blocks) < self.global_batch:
+            raise ValueError(
+                f"The training corpus has {len(blocks)} blocks of {blocks.shape[1]} tokens, fewer than one global "
+                f"batch ({self.global_batch} blocks); use more text, a shorter `--seq-len` or a smaller batch."
+            )
+        self._epoch, self._order = -1, None
+
+    def _block_index(self, sample: int) -> int:
+        epoch, offset = divmod(sample, len(self.blocks))
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._epoch, self._order = epoch, torch.randperm(len(self.blocks), generator=generator)
+        return int(self._order[offset])
+
+    def micro_batches(self, step: int, rank: int) -> list[torch.Tensor]:
+        """The `grad_accum` (micro_batch, seq_len) int64 batches of `rank` at optimizer step `step`."""
+        per_rank = self.micro_batch * self.grad_accum
+        start = step * self.global_batch + rank * per_rank
+        rows = torch.stack([self.blocks[self._block_index(i)] for i in range(start, start + per_rank)]).long()
+        return list(rows.split(self.micro_batch))
+
+    def epoch_of(self, step: int) -> float:
+        return step * self.global_batch / len(self.blocks)
+
+
+class StreamingBlocks:
+    """Blocks of a streamed dataset, packed in order (documents joined by EOS); for corpora too big to tokenize
+    up front. `micro_batches(step, rank)` must be called with consecutive steps; resuming skips consumed blocks."""
+
+    def __init__(
+        self,
+        texts: Iterator[str],
+        tokenizer: Tokenizer,
+        seq_len: int,
+        micro_batch: int,
+        grad_accum: int,
+        world_size: int,
+        start_step: int = 0,
+    ):
+        self.texts, self.tokenizer, self.seq_len = texts, tokenizer, seq_len
+        self.micro_batch, self.grad_accum, self.world_size = micro_batch, grad_accum, world_size
+        self.global_batch = micro_batch * grad_accum * world_size
+        self._buffer: list[int] = []
+        self._next_step = 0
+        for _ in range(start_step):
+            self._global_batch()
+
+    def _next_block(self) -> list[int]:
+        while len(self._buffer) < self.seq_len:
+            try:
+                text = next(self.texts)
+            except StopIteration:
+                raise ValueError("The streamed dataset ran out of text before training finished.") from None
+            self._buffer.extend(self.tokenizer.encode([text])[0] + [self.tokenizer.eos_token_id])
+        block, self._buffer = self._buffer[: self.seq_len], self._buffer[self.seq_len :]
+        return block
+
+    def _global_batch(self) -> torch.Tensor:
+        self._next_step += 1
+        return torch.tensor([self._next_block() for _ in range(self.global_batch)], dtype=torch.long)
+
+    def micro_batches(self, step: int, rank: int) -> list[torch.Tensor]:
+        if step != self._next_step:
+            raise RuntimeError(f"StreamingBlocks is sequential: expected step {self._next_step}, got {step}.")
+        per_rank = self.micro_batch * self.grad_accum
+        rows = self._global_batch()[rank * per_rank : (rank + 1) * per_rank]
+        return list(rows.split(self.micro_batch))
+
+    def epoch_of(self, step: int) -> float:
+        return float("nan")

@@ -1,0 +1,598 @@
+"""Pretrain a LLaMA-architecture model from scratch with SLTrain (or a baseline), on one CPU or many GPUs.
+
+    # the README's main job: a tiny LLaMA on the embedded Austen corpus, on a CPU, in a few minutes
+    python scripts/pretrain.py --model tiny --method sltrain --out-dir runs/tiny-sltrain
+
+    # the paper's 60M setting on C4 (network needed), 4 GPUs with DDP, bf16
+    accelerate launch --num_processes 4 scripts/pretrain.py --model 60m --method sltrain \
+        --dataset allenai/c4 --dataset-config en --tokenizer t5-base --out-dir runs/60m-sltrain
+
+Reads top to bottom: configuration, data, model, optimizer, training loop, final evaluation and export. Methods
+(`full`, `lowrank`, `sltrain`, ...) live in `methods.py`; a size preset (`configs/llama_<size>.json`) gives the
+architecture, the method's rank/sparsity/alpha and the training schedule, and every flag below overrides it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from tqdm.auto import tqdm
+from transformers import LlamaConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peft_sltrain  # noqa: E402
+
+import checkpointing  # noqa: E402
+import data  # noqa: E402
+from methods import METHODS, Hyper, adamw, get_method  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+SIZES = sorted(p.stem.removeprefix("llama_") for p in CONFIGS.glob("llama_*.json"))
+
+
+# ------------------------------------------------------------------------------------------------- configuration
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", help=f"size preset ({', '.join(SIZES)}) or a preset JSON file")
+    p.add_argument("--method", default="sltrain", help=f"one of: {', '.join(sorted(METHODS))}")
+    p.add_argument("--rank", type=int, help="rank r (default: the size preset's)")
+    p.add_argument("--sparsity", type=float, help="SLTrain's delta (default: the size preset's)")
+    p.add_argument("--alpha", type=float, help="SLTrain's alpha; B A is scaled by alpha / r (default: preset)")
+    p.add_argument(
+        "--method-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method-specific setting, e.g. relora_every=200 (repeatable)",
+    )
+    # data
+    p.add_argument("--train-files", nargs="+", help="local .txt/.txt.gz training text (default: embedded corpus)")
+    p.add_argument("--validation-files", nargs="+", help="local held-out text for validation perplexity")
+    p.add_argument("--dataset", help="a Hugging Face dataset to stream instead, e.g. allenai/c4")
+    p.add_argument("--dataset-config", help="its config, e.g. en")
+    p.add_argument(
+        "--tokenizer",
+        default="train",
+        help="'train' (byte-level BPE on the training text) or a hub name / directory, e.g. t5-base",
+    )
+    p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of a trained tokenizer")
+    p.add_argument("--seq-len", type=int)
+    # optimisation
+    p.add_argument("--lr", type=float)
+    p.add_argument("--min-lr-ratio", type=float, help="the cosine schedule ends at this fraction of --lr")
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--global-batch", type=int, help="sequences per optimizer step, over all processes")
+    p.add_argument("--micro-batch", type=int, help="sequences per forward pass per process")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--grad-clip", type=float, help="max global gradient norm; 0 disables")
+    p.add_argument("--optimizer", choices=["adamw", "adam8bit"])
+    p.add_argument(
+        "--per-layer-updates",
+        action="store_true",
+        help="step each parameter's optimizer in its gradient hook: gradients are never all resident",
+    )
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="bf16 = autocast mixed precision, fp32 master weights")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    # evaluation, checkpoints, output
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-blocks", type=int, default=256, help="validation sequences per evaluation")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
+    p.add_argument("--overwrite", action="store_true", help="delete an earlier run in --out-dir and start over")
+    p.add_argument("--merge", action="store_true", help="also write a merged dense model to OUT/merged")
+    return p.parse_args(argv)
+
+
+def load_preset(model: str) -> dict:
+    path = Path(model) if model.endswith(".json") else CONFIGS / f"llama_{model}.json"
+    if not path.is_file():
+        raise ValueError(f"Unknown `--model` {model!r}: choose one of {SIZES} or give a preset JSON file.")
+    return json.loads(path.read_text())
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill every unset flag from the size preset, then check the combination before anything runs."""
+    preset = load_preset(args.model)
+    method = get_method(args.method)
+    for key, value in {**preset["train"], **preset.get("sltrain", {})}.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.model_config = preset["model"]
+    args.method_extra = dict(kv.split("=", 1) for kv in args.method_arg)
+    for name in ("lr", "max_steps", "global_batch", "micro_batch", "seq_len"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"`--{name.replace('_', '-')}` must be positive, got {getattr(args, name)}.")
+    max_positions = args.model_config.get("max_position_embeddings", args.seq_len)
+    if args.seq_len > max_positions:
+        raise ValueError(f"`--seq-len` {args.seq_len} exceeds the model's max_position_embeddings {max_positions}.")
+    if not 0 <= args.warmup_steps < args.max_steps:
+        raise ValueError(f"`--warmup-steps` must be in [0, --max-steps), got {args.warmup_steps}.")
+    if method.uses_rank and args.rank <= 0:
+        raise ValueError(f"`--rank` must be positive, got {args.rank}.")
+    if args.per_layer_updates and args.grad_clip > 0:
+        raise ValueError(
+            "`--per-layer-updates` steps each parameter alone, so it cannot clip the global gradient "
+            f"norm; set `--grad-clip 0` (got {args.grad_clip})."
+        )
+    if args.optimizer == "adam8bit":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as error:
+            raise ValueError(
+                "`--optimizer adam8bit` needs bitsandbytes: pip install 'peft-sltrain[adam8bit]'."
+            ) from error
+        if not torch.cuda.is_available():
+            raise ValueError(
+                "`--optimizer adam8bit` needs a CUDA GPU (bitsandbytes' 8-bit Adam); none is available. "
+                "Use `--optimizer adamw` on a CPU."
+            )
+    return args
+
+
+def trajectory_config(args: argparse.Namespace, world_size: int) -> dict:
+    """Everything that determines the loss curve; a resumed run must match it exactly."""
+    keys = [
+        "model_config",
+        "method",
+        "rank",
+        "sparsity",
+        "alpha",
+        "method_extra",
+        "train_files",
+        "validation_files",
+        "dataset",
+        "dataset_config",
+        "tokenizer",
+        "vocab_size",
+        "seq_len",
+        "lr",
+        "min_lr_ratio",
+        "warmup_steps",
+        "max_steps",
+        "global_batch",
+        "micro_batch",
+        "weight_decay",
+        "grad_clip",
+        "optimizer",
+        "per_layer_updates",
+        "dtype",
+        "seed",
+    ]
+    return {**{k: getattr(args, k) for k in keys}, "world_size": world_size}
+
+
+def check_out_dir(args: argparse.Namespace, config: dict) -> Path | None:
+    """The checkpoint to resume from (or None), after making sure nothing saved is overwritten by mistake."""
+    out = Path(args.out_dir)
+    run_file = out / "run_config.json"
+    if args.resume:
+        if not run_file.is_file():
+            raise ValueError(f"`--resume`: {out} holds no run to resume (no run_config.json).")
+        saved = json.loads(run_file.read_text())
+        differ = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+        if differ:
+            detail = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {config.get(k)!r}" for k in differ[:4])
+            raise ValueError(f"`--resume`: {out} was trained with a different config or method ({detail}).")
+        checkpoint = checkpointing.latest_checkpoint(out)
+        if checkpoint is None:
+            raise ValueError(f"`--resume`: {out} has no complete checkpoint yet.")
+        return checkpoint
+    if (run_file.exists() or (out / "checkpoints").exists()) and not args.overwrite:
+        raise ValueError(
+            f"{out} already holds a run; pass `--resume` to continue it or `--overwrite` to delete it and start over."
+        )
+    return None
+
+
+def init_out_dir(args: argparse.Namespace, config: dict, accelerator: Accelerator) -> None:
+    """Start a fresh run directory (deleting an earlier run only when `--overwrite` asked for it)."""
+    out = Path(args.out_dir)
+    if accelerator.is_main_process:
+        for name in ("checkpoints", "final", "merged", "tokenizer", "log.jsonl", "summary.json", "loss.png"):
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run_config.json").write_text(json.dumps(config, indent=2))
+    accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------------------------------- optimizer
+def lr_lambda(args: argparse.Namespace):
+    """Linear warmup, then cosine decay to `min_lr_ratio` of the peak."""
+
+    def factor(step: int) -> float:
+        if step < args.warmup_steps:
+            return (step + 1) / args.warmup_steps
+        progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+        return args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def plain_optimizer(params, hyper: Hyper, optimizer_name: str) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit Adam (the paper's 7B setting), over `params`."""
+    if optimizer_name == "adam8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.Adam8bit(params, lr=hyper.lr, betas=hyper.betas, weight_decay=hyper.weight_decay)
+    return torch.optim.AdamW(params, lr=hyper.lr, betas=hyper.betas, weight_decay=hyper.weight_decay)
+
+
+def make_optimizer(model, method, hyper: Hyper, optimizer_name: str) -> torch.optim.Optimizer:
+    if method.make_optimizer is not adamw:  # e.g. GaLore: the method brings its own optimizer
+        if optimizer_name != "adamw":
+            raise ValueError(f"`--method {method.name}` brings its own optimizer; `--optimizer` must stay adamw.")
+        return method.make_optimizer(model, hyper)
+    return plain_optimizer([p for p in model.parameters() if p.requires_grad], hyper, optimizer_name)
+
+
+class PerLayerOptimizer:
+    """One optimizer and schedule per parameter, stepped from the parameter's post-accumulate-grad hook.
+
+    Each gradient is applied and freed as soon as backward has produced it, so the gradients of the whole model are
+    never resident at once (the paper's per-layer trick, after GaLore). Single process, no accumulation, no global
+    clipping. For elementwise optimizers such as AdamW the result equals one ordinary optimizer step.
+    """
+
+    def __init__(self, named_params, make, schedule):
+        self.names = {}
+        self.optimizers, self.schedulers = {}, {}
+        for name, param in named_params:
+            self.names[param] = name
+            self.optimizers[name] = make([param])
+            self.schedulers[name] = torch.optim.lr_scheduler.LambdaLR(self.optimizers[name], schedule)
+            param.register_post_accumulate_grad_hook(self._step_param)
+
+    def _step_param(self, param: torch.Tensor) -> None:
+        optimizer = self.optimizers[self.names[param]]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def step_schedules(self) -> None:
+        for scheduler in self.schedulers.values():
+            scheduler.step()
+
+    def state_dict(self) -> dict:
+        return {
+            name: {"optimizer": self.optimizers[name].state_dict(), "scheduler": self.schedulers[name].state_dict()}
+            for name in self.optimizers
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, entry in state.items():
+            self.optimizers[name].load_state_dict(entry["optimizer"])
+            self.schedulers[name].load_state_dict(entry["scheduler"])
+
+    @property
+    def lr(self) -> float:
+        return next(iter(self.schedulers.values())).get_last_lr()[0]
+
+
+def training_state_bytes(model, optimizer) -> dict[str, int]:
+    """Exact bytes of parameters, gradients and optimizer states: the memory a method is designed to save."""
+    params = list(model.parameters())
+    trainable = [p.numel() * p.element_size() for p in params if p.requires_grad]
+    per_layer = isinstance(optimizer, PerLayerOptimizer)
+    counts = {
+        "param_bytes": sum(p.numel() * p.element_size() for p in params),
+        "grad_bytes": max(trainable, default=0) if per_layer else sum(trainable),  # per-layer: one gradient at a time
+        "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+    }
+    return {**counts, "training_state_bytes": sum(counts.values())}
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    optimizers = optimizer.optimizers.values() if isinstance(optimizer, PerLayerOptimizer) else [optimizer]
+    return sum(
+        t.numel() * t.element_size()
+        for opt in optimizers
+        for state in opt.state.values()
+        for t in state.values()
+        if torch.is_tensor(t)
+    )
+
+
+# ----------------------------------------------------------------------------------------------------- utilities
+def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_peak_rss"
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@torch.no_grad()
+def evaluate(model, blocks: torch.Tensor, micro_batch: int, accelerator: Accelerator) -> float:
+    """Validation perplexity: exp of the mean next-token loss over `blocks`, sharded over processes."""
+    model.eval()
+    mine = blocks[accelerator.process_index :: accelerator.num_processes]
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (sum of losses, tokens)
+    for batch in mine.split(micro_batch):
+        batch = batch.long().to(accelerator.device)
+        with accelerator.autocast():
+            loss = model(input_ids=batch, labels=batch).loss
+        n = batch.numel() - batch.shape[0]  # each sequence predicts seq_len - 1 tokens
+        total += torch.tensor([loss.item() * n, n], dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(total, reduction="sum")
+    model.train()
+    return math.exp(total[0].item() / total[1].item())
+
+
+def plot_losses(log_path: Path, png_path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log_path.read_text().splitlines()]
+    train = [r for r in rows if "loss" in r]
+    val = [r for r in rows if "val_ppl" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], lw=1, label="train loss")
+    if val:
+        ax.plot([r["tokens"] for r in val], [math.log(r["val_ppl"]) for r in val], "o-", label="validation loss")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> dict:
+    args = resolve(parse_args(argv))
+    method = get_method(args.method)
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # lets `torchrun --nproc_per_node N` run DDP over gloo on a CPU machine
+        mixed_precision="bf16" if args.dtype == "bf16" else "no",
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],  # supports are identical per rank
+    )
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_step = args.micro_batch * world
+    if args.global_batch % per_step:
+        raise ValueError(
+            f"`--global-batch` {args.global_batch} must be a multiple of --micro-batch x processes = {per_step}."
+        )
+    grad_accum = args.global_batch // per_step
+    if args.per_layer_updates and (world > 1 or grad_accum > 1):
+        raise ValueError(
+            "`--per-layer-updates` needs one process and no gradient accumulation "
+            f"(got {world} processes, {grad_accum} accumulation steps)."
+        )
+    config = trajectory_config(args, world)
+    resume_from = check_out_dir(args, config)
+    out = Path(args.out_dir)
+
+    # ------------------------------------------------------------------------------------------------------ data
+    if args.dataset:
+        train_texts = data.stream_hf_dataset(args.dataset, args.dataset_config, "train")
+        val_text = "\n".join(
+            t for _, t in zip(range(2000), data.stream_hf_dataset(args.dataset, args.dataset_config, "validation"))
+        )
+        if args.tokenizer == "train":
+            raise ValueError("With `--dataset`, give a hub tokenizer (e.g. `--tokenizer t5-base`, the paper's).")
+        tokenizer = data.load_tokenizer(args.tokenizer)
+    else:
+        train_text, val_text = data.local_corpus(args.train_files, args.validation_files)
+        if args.tokenizer == "train":
+            with accelerator.main_process_first():  # one process trains it, the others read the cache
+                tokenizer = data.train_tokenizer(train_text, args.vocab_size, cache_dir=out.parent / ".cache")
+        else:
+            tokenizer = data.load_tokenizer(args.tokenizer)
+    val_blocks = data.to_blocks(data.tokenize_text(tokenizer, val_text), args.seq_len)[: args.eval_blocks]
+    if len(val_blocks) == 0:
+        raise ValueError(f"The validation text is shorter than one sequence of {args.seq_len} tokens.")
+    if args.dataset:
+        sampler = data.StreamingBlocks(train_texts, tokenizer, args.seq_len, args.micro_batch, grad_accum, world)
+    else:
+        train_blocks = data.to_blocks(data.tokenize_text(tokenizer, train_text), args.seq_len)
+        sampler = data.BlockSampler(train_blocks, args.micro_batch, grad_accum, world, seed=args.seed)
+
+    # ----------------------------------------------------------------------------------------------------- model
+    model_config = LlamaConfig(**{**args.model_config, "vocab_size": tokenizer.vocab_size})
+    model_config.eos_token_id = model_config.pad_token_id = tokenizer.eos_token_id
+    model_config.bos_token_id = None
+    hyper = Hyper(
+        rank=args.rank,
+        sparsity=args.sparsity,
+        alpha=args.alpha,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        max_steps=args.max_steps,
+        seed=args.seed,
+        extra=args.method_extra,
+    )
+    torch.manual_seed(args.seed)
+    model = method.build(model_config, hyper)
+    counts = peft_sltrain.module_parameter_counts(model)
+    if args.activation_checkpointing:
+        hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(accelerator.device).train()
+    if resume_from is None:  # data and model are fine: only now does the run directory change
+        init_out_dir(args, config, accelerator)
+    if accelerator.is_main_process:
+        tokenizer.save(out / "tokenizer")
+
+    # ------------------------------------------------------------------------------------------------- optimizer
+    schedule = lr_lambda(args)
+    if args.per_layer_updates:
+        if method.make_optimizer is not adamw:
+            raise ValueError(f"`--per-layer-updates` works with AdamW-trained methods, not `--method {method.name}`.")
+        make = lambda params: plain_optimizer(params, hyper, args.optimizer)  # noqa: E731
+        optimizer = PerLayerOptimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad], make, schedule)
+        scheduler = None
+    else:
+        optimizer = make_optimizer(model, method, hyper, args.optimizer)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        model, optimizer = accelerator.prepare(model, optimizer)
+
+    start_step, tokens_seen = 0, 0
+    if resume_from is not None:
+        model_state, state = checkpointing.load_checkpoint(resume_from)
+        accelerator.unwrap_model(model).load_state_dict(model_state)
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"][rank], accelerator.device)
+        start_step, tokens_seen = state["step"], state["tokens"]
+        if isinstance(sampler, data.StreamingBlocks):
+            sampler = data.StreamingBlocks(
+                train_texts, tokenizer, args.seq_len, args.micro_batch, grad_accum, world, start_step=start_step
+            )
+
+    # ---------------------------------------------------------------------------------------------- training loop
+    log = None
+    if accelerator.is_main_process:
+        log_path = out / "log.jsonl"
+        if resume_from is not None and log_path.exists():  # drop rows logged after the checkpoint we resume from
+            rows = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+            log_path.write_text("".join(row + "\n" for row in rows))
+        log = open(log_path, "a")
+
+    def write_log(row: dict) -> None:
+        if log is not None:
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+
+    def save(step: int) -> None:
+        state = {
+            "step": step,
+            "tokens": tokens_seen,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": None if scheduler is None else scheduler.state_dict(),
+            "rng": [rng_state(accelerator.device)],
+        }
+        if world > 1:  # every rank's RNG state, gathered to the main process
+            state["rng"] = [None] * world
+            torch.distributed.all_gather_object(state["rng"], rng_state(accelerator.device))
+        model_state = accelerator.get_state_dict(model)
+        if accelerator.is_main_process:
+            checkpointing.save_checkpoint(
+                out / "checkpoints" / f"{checkpointing.CHECKPOINT_PREFIX}{step:06d}", model_state, state
+            )
+        accelerator.wait_for_everyone()
+
+    tokens_per_step = args.global_batch * args.seq_len
+    bar = tqdm(
+        range(start_step, args.max_steps),
+        initial=start_step,
+        total=args.max_steps,
+        disable=not accelerator.is_main_process,
+        desc=f"{args.method}",
+        dynamic_ncols=True,
+    )
+    train_time, val_ppl = 0.0, None
+    for step in bar:
+        t0 = time.perf_counter()
+        batches = sampler.micro_batches(step, rank)
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for i, batch in enumerate(batches):
+            batch = batch.to(accelerator.device)
+            sync = i == len(batches) - 1
+            with nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
+                loss = model(input_ids=batch, labels=batch).loss
+                accelerator.backward(loss / len(batches))
+            loss_sum += loss.detach()
+        if scheduler is not None:
+            if args.grad_clip > 0:
+                accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            lr = scheduler.get_last_lr()[0]
+        else:
+            optimizer.step_schedules()
+            lr = optimizer.lr
+        if method.after_step is not None:
+            method.after_step(accelerator.unwrap_model(model), optimizer, step + 1, hyper)
+        loss_value = accelerator.reduce(loss_sum / len(batches), reduction="mean").item()
+        train_time += time.perf_counter() - t0
+        tokens_seen += tokens_per_step
+        done = step + 1
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"Loss became {loss_value} at step {done}; lower `--lr` or use `--grad-clip`.")
+        memory, _ = peak_memory_bytes(accelerator.device)
+        bar.set_postfix(
+            loss=f"{loss_value:.3f}",
+            tok_s=f"{tokens_per_step * (done - start_step) / train_time:.0f}",
+            mem=f"{memory / 2**30:.2f}G",
+        )
+        write_log({"step": done, "tokens": tokens_seen, "loss": loss_value, "lr": lr})
+        if done % args.eval_every == 0 or done == args.max_steps:
+            val_ppl = evaluate(model, val_blocks, args.micro_batch, accelerator)
+            write_log({"step": done, "tokens": tokens_seen, "val_ppl": val_ppl})
+        if (args.save_every and done % args.save_every == 0) or done == args.max_steps:
+            save(done)
+
+    # ---------------------------------------------------------------------------------------- summary and export
+    if val_ppl is None:  # resumed at the very end: evaluate what was loaded
+        val_ppl = evaluate(model, val_blocks, args.micro_batch, accelerator)
+    memory, memory_kind = peak_memory_bytes(accelerator.device)
+    trained = max(1, args.max_steps - start_step)
+    summary = {
+        "method": args.method,
+        "model": args.model,
+        "val_ppl": val_ppl,
+        "trainable_params": counts.trainable,
+        "total_params": counts.total,
+        "peak_memory_bytes": memory,
+        "peak_memory_kind": memory_kind,
+        "tokens_per_s": tokens_per_step * trained / max(train_time, 1e-9),
+        "tokens": tokens_seen,
+        "train_seconds": train_time,
+        **training_state_bytes(accelerator.unwrap_model(model), optimizer),
+        "processes": world,
+        "device": str(accelerator.device),
+        "torch": torch.__version__,
+    }
+    if accelerator.is_main_process:
+        log.close()
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        plot_losses(out / "log.jsonl", out / "loss.png", f"{args.method} on LLaMA-{args.model}")
+        final = accelerator.unwrap_model(model)
+        final.save_pretrained(out / "final")  # SLTrain: a PEFT adapter directory (safetensors); full: a HF model
+        if args.merge:
+            method.to_dense(final).save_pretrained(out / "merged")
+            tokenizer.save(out / "merged")
+        print(
+            f"final {args.method}: val_ppl={val_ppl:.2f} trainable={counts.trainable:,} total={counts.total:,} "
+            f"params+grads+optimizer={summary['training_state_bytes'] / 2**20:.1f}MiB "
+            f"peak_mem={memory / 2**20:.0f}MiB ({memory_kind}) tokens/s={summary['tokens_per_s']:.0f}"
+        )
+    accelerator.end_training()
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as error:  # bad input: one clear line, no traceback
+        raise SystemExit(f"pretrain.py: error: {error}") from None

@@ -1,0 +1,298 @@
+"""The pretraining script end to end on a micro LLaMA and a slice of the embedded corpus."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import peft_sltrain  # noqa: E402
+
+import checkpointing  # noqa: E402
+import data  # noqa: E402
+import pretrain  # noqa: E402
+from methods import METHODS, Hyper  # noqa: E402
+
+MICRO = str(ROOT / "tests" / "data" / "llama_micro.json")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[str, str]:
+    """About 60 kB of training text and 10 kB of held-out text from the embedded corpus."""
+    root = tmp_path_factory.mktemp("corpus")
+    train, validation = data.local_corpus(None, None)
+    (root / "train.txt").write_text(train[:60_000])
+    (root / "validation.txt").write_text(validation[:10_000])
+    return str(root / "train.txt"), str(root / "validation.txt")
+
+
+def run(out: Path, corpus, *extra: str) -> dict:
+    args = [
+        "--model",
+        MICRO,
+        "--out-dir",
+        str(out),
+        "--train-files",
+        corpus[0],
+        "--validation-files",
+        corpus[1],
+        "--vocab-size",
+        "300",
+        "--eval-every",
+        "3",
+        "--eval-blocks",
+        "8",
+        *extra,
+    ]
+    return pretrain.main(args)
+
+
+def log_rows(out: Path, key: str = "loss") -> list[dict]:
+    return [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if key in r]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_each_method_trains(tmp_path, corpus, method):
+    summary = run(tmp_path / method, corpus, "--method", method)
+    losses = [r["loss"] for r in log_rows(tmp_path / method)]
+    assert len(losses) == 6 and all(map(torch.isfinite, torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+    assert summary["val_ppl"] > 1 and summary["trainable_params"] > 0
+    for name in ("summary.json", "loss.png", "run_config.json", "tokenizer", "final"):
+        assert (tmp_path / method / name).exists(), name
+    assert (tmp_path / method / "checkpoints" / "step_000006" / "model.safetensors").is_file()
+
+
+def test_sltrain_counts_come_from_the_library(tmp_path, corpus):
+    summary = run(tmp_path, corpus, "--method", "sltrain")
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    preset = json.loads(Path(MICRO).read_text())
+    base = AutoModelForCausalLM.from_config(LlamaConfig(**preset["model"]))
+    from methods import sltrain_config
+
+    expected = peft_sltrain.count_parameters(base, sltrain_config(Hyper(rank=4, sparsity=0.05, alpha=1)))
+    assert summary["trainable_params"] == summary["total_params"] == expected.trainable
+
+
+def test_per_layer_updates_equal_a_normal_step(tmp_path, corpus):
+    run(tmp_path / "normal", corpus, "--method", "sltrain", "--global-batch", "4", "--max-steps", "3")
+    run(
+        tmp_path / "per_layer",
+        corpus,
+        "--method",
+        "sltrain",
+        "--global-batch",
+        "4",
+        "--max-steps",
+        "3",
+        "--per-layer-updates",
+    )
+    a = load_file(tmp_path / "normal" / "checkpoints" / "step_000003" / "model.safetensors")
+    b = load_file(tmp_path / "per_layer" / "checkpoints" / "step_000003" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
+    assert [r["loss"] for r in log_rows(tmp_path / "normal")] == pytest.approx(
+        [r["loss"] for r in log_rows(tmp_path / "per_layer")], rel=1e-6
+    )
+
+
+def test_resume_equals_uninterrupted(tmp_path, corpus):
+    full = tmp_path / "full"
+    run(full, corpus, "--method", "sltrain", "--save-every", "3")
+    # a run killed right after its step-3 checkpoint: later checkpoints, log rows and outputs never happened
+    killed = tmp_path / "killed"
+    shutil.copytree(full, killed)
+    shutil.rmtree(killed / "checkpoints" / "step_000006")
+    rows = [line for line in (killed / "log.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 3]
+    (killed / "log.jsonl").write_text("\n".join(rows) + "\n")
+    run(killed, corpus, "--method", "sltrain", "--save-every", "3", "--resume")
+    assert log_rows(killed) == log_rows(full)  # bit-identical losses, steps 4-6 included
+    assert log_rows(killed, "val_ppl") == log_rows(full, "val_ppl")
+    a = load_file(full / "checkpoints" / "step_000006" / "model.safetensors")
+    b = load_file(killed / "checkpoints" / "step_000006" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_interrupted_save_leaves_no_complete_looking_checkpoint(tmp_path, monkeypatch):
+    calls = []
+
+    def failing_save(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed while writing the optimizer state
+        Path(path).write_bytes(b"partial")
+
+    monkeypatch.setattr(checkpointing, "save_file", failing_save)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointing.save_checkpoint(tmp_path / "checkpoints" / "step_000003", {"w": torch.ones(2)}, {"step": 3})
+    assert not (tmp_path / "checkpoints" / "step_000003").exists()
+    assert checkpointing.latest_checkpoint(tmp_path) is None
+    with pytest.raises(FileExistsError):
+        (tmp_path / "checkpoints" / "step_000004").mkdir()
+        checkpointing.save_checkpoint(tmp_path / "checkpoints" / "step_000004", {}, {})
+
+
+def test_checkpoint_state_round_trip_without_pickle(tmp_path):
+    state = {
+        "step": 3,
+        "opt": {
+            "state": {0: {"exp_avg": torch.arange(3.0), "step": torch.tensor(2.0)}},
+            "param_groups": [{"lr": 0.1, "betas": (0.9, 0.99), "params": [0]}],
+        },
+    }
+    w = torch.ones(2, 2)
+    checkpointing.save_checkpoint(tmp_path / "c", {"a.weight": w, "b.weight": w}, state)  # tied: stored once
+    model_state, loaded = checkpointing.load_checkpoint(tmp_path / "c")
+    assert loaded["opt"]["param_groups"][0]["betas"] == (0.9, 0.99)
+    assert torch.equal(loaded["opt"]["state"][0]["exp_avg"], torch.arange(3.0))
+    assert set(model_state) == {"a.weight", "b.weight"} and len(load_file(tmp_path / "c" / "model.safetensors")) == 1
+
+
+def test_merged_export_loads_as_plain_model(tmp_path, corpus):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run(tmp_path, corpus, "--method", "sltrain", "--merge", "--max-steps", "2")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert not any(isinstance(m, peft_sltrain.SLTrainLayer) for m in plain.modules())
+    base = AutoModelForCausalLM.from_config(plain.config)
+    adapter = PeftModel.from_pretrained(base, tmp_path / "final").eval()
+    ids = torch.randint(0, plain.config.vocab_size, (2, 16))
+    torch.testing.assert_close(plain(ids).logits, adapter(ids).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(not shutil.which("torchrun"), reason="torchrun not on PATH")
+def test_two_process_ddp_matches_one_process(tmp_path, corpus):
+    """2 CPU processes (gloo) x micro-batch 4 follow the same loss trajectory as 1 process x 2 accumulation steps."""
+    run(tmp_path / "single", corpus, "--method", "sltrain", "--eval-every", "100")
+    args = [
+        "--model",
+        MICRO,
+        "--method",
+        "sltrain",
+        "--out-dir",
+        str(tmp_path / "ddp"),
+        "--train-files",
+        corpus[0],
+        "--validation-files",
+        corpus[1],
+        "--vocab-size",
+        "300",
+        "--eval-blocks",
+        "8",
+        "--eval-every",
+        "100",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", "29533", str(ROOT / "scripts" / "pretrain.py"), *args]
+    subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
+    single, ddp = log_rows(tmp_path / "single"), log_rows(tmp_path / "ddp")
+    assert [r["step"] for r in ddp] == [r["step"] for r in single]
+    assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in single], rel=1e-4)
+    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["processes"] == 2
+
+
+# ------------------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--method", "magic"], "Unknown `--method` 'magic'"),
+        (["--model", "13b"], "Unknown `--model` '13b'"),
+        (["--method", "sltrain", "--rank", "33"], r"`--rank` 33 does not fit the model: it must be in \[1, 32\]"),
+        (["--method", "lowrank", "--rank", "0"], r"`--rank` must be positive, got 0"),
+        (["--method", "sltrain", "--optimizer", "adam8bit"], "adam8bit"),
+        (["--method", "sltrain", "--per-layer-updates", "--grad-clip", "1"], "cannot clip"),
+        (["--method", "sltrain", "--per-layer-updates"], "no gradient accumulation"),
+        (["--method", "sltrain", "--global-batch", "6"], "multiple of --micro-batch"),
+        (["--method", "sltrain", "--global-batch", "4000", "--micro-batch", "4000"], "fewer than one global batch"),
+        (["--method", "sltrain", "--seq-len", "65"], "`--seq-len` 65 exceeds the model's max_position_embeddings 64"),
+        (["--method", "sltrain", "--warmup-steps", "6"], "`--warmup-steps`"),
+    ],
+)
+def test_bad_input_fails_before_training(tmp_path, corpus, extra, message):
+    with pytest.raises(ValueError, match=message):
+        run(tmp_path, corpus, *extra)
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "log.jsonl").exists()
+
+
+def test_missing_and_empty_data(tmp_path, corpus):
+    with pytest.raises(ValueError, match="does not exist"):
+        pretrain.main(
+            [
+                "--model",
+                MICRO,
+                "--out-dir",
+                str(tmp_path / "a"),
+                "--train-files",
+                "nope.txt",
+                "--validation-files",
+                corpus[1],
+            ]
+        )
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(ValueError, match="holds no text"):
+        pretrain.main(
+            [
+                "--model",
+                MICRO,
+                "--out-dir",
+                str(tmp_path / "b"),
+                "--train-files",
+                str(empty),
+                "--validation-files",
+                corpus[1],
+            ]
+        )
+    short = tmp_path / "short.txt"
+    short.write_text("Too short.")
+    with pytest.raises(ValueError, match="validation text is shorter than one sequence"):
+        pretrain.main(
+            [
+                "--model",
+                MICRO,
+                "--out-dir",
+                str(tmp_path / "d"),
+                "--train-files",
+                corpus[0],
+                "--validation-files",
+                str(short),
+            ]
+        )
+    with pytest.raises(ValueError, match="Give both"):
+        pretrain.main(["--model", MICRO, "--out-dir", str(tmp_path / "c"), "--train-files", corpus[0]])
+
+
+def test_existing_runs_are_never_overwritten_by_mistake(tmp_path, corpus):
+    run(tmp_path, corpus, "--method", "sltrain", "--max-steps", "2")
+    before = (tmp_path / "checkpoints" / "step_000002" / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="already holds a run"):
+        run(tmp_path, corpus, "--method", "sltrain", "--max-steps", "2")
+    with pytest.raises(ValueError, match="different config or method.*method: saved 'sltrain' vs now 'full'"):
+        run(tmp_path, corpus, "--method", "full", "--max-steps", "2", "--resume")
+    with pytest.raises(ValueError, match="different config or method.*lr"):
+        run(tmp_path, corpus, "--method", "sltrain", "--max-steps", "2", "--resume", "--lr", "0.1")
+    assert (tmp_path / "checkpoints" / "step_000002" / "model.safetensors").read_bytes() == before
+    with pytest.raises(ValueError, match="holds no run to resume"):
+        run(tmp_path / "fresh", corpus, "--method", "sltrain", "--resume")
+
+
+def test_meta_build_keeps_no_dense_projection_weights():
+    from transformers import LlamaConfig
+
+    preset = json.loads(Path(MICRO).read_text())
+    model = METHODS["sltrain"].build(LlamaConfig(**preset["model"]), Hyper(rank=4, sparsity=0.05, alpha=1))
+    layers = [m for m in model.modules() if isinstance(m, peft_sltrain.SLTrainLayer)]
+    assert len(layers) == 14 and all(m.get_base_layer().weight is None for m in layers)
+    assert all(p.device.type == "cpu" for p in model.parameters())
