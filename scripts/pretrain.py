@@ -25,7 +25,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedType
 from tqdm.auto import tqdm
 from transformers import LlamaConfig
 
@@ -386,6 +386,12 @@ def main(argv: list[str] | None = None) -> dict:
             "`--per-layer-updates` needs one process and no gradient accumulation "
             f"(got {world} processes, {grad_accum} accumulation steps)."
         )
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp and (args.resume or args.save_every or args.per_layer_updates):
+        raise ValueError(
+            "Under FSDP the optimizer state is sharded; `--save-every`, `--resume` and "
+            "`--per-layer-updates` are not supported there yet (the final model is still saved)."
+        )
     config = trajectory_config(args, world)
     resume_from = check_out_dir(args, config)
     out = Path(args.out_dir)
@@ -549,7 +555,7 @@ def main(argv: list[str] | None = None) -> dict:
         if done % args.eval_every == 0 or done == args.max_steps:
             val_ppl = evaluate(model, val_blocks, args.micro_batch, accelerator)
             write_log({"step": done, "tokens": tokens_seen, "val_ppl": val_ppl})
-        if (args.save_every and done % args.save_every == 0) or done == args.max_steps:
+        if not fsdp and ((args.save_every and done % args.save_every == 0) or done == args.max_steps):
             save(done)
 
     # ---------------------------------------------------------------------------------------- summary and export
@@ -557,6 +563,7 @@ def main(argv: list[str] | None = None) -> dict:
         val_ppl = evaluate(model, val_blocks, args.micro_batch, accelerator)
     memory, memory_kind = peak_memory_bytes(accelerator.device)
     trained = max(1, args.max_steps - start_step)
+    final_state = accelerator.get_state_dict(model)  # gathered from all ranks under FSDP
     summary = {
         "method": args.method,
         "model": args.model,
@@ -578,7 +585,8 @@ def main(argv: list[str] | None = None) -> dict:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         plot_losses(out / "log.jsonl", out / "loss.png", f"{args.method} on LLaMA-{args.model}")
         final = accelerator.unwrap_model(model)
-        final.save_pretrained(out / "final")  # SLTrain: a PEFT adapter directory (safetensors); full: a HF model
+        # SLTrain: a PEFT adapter directory (safetensors); full and lowrank: a Transformers model directory
+        final.save_pretrained(out / "final", state_dict=final_state)
         if args.merge:
             method.to_dense(final).save_pretrained(out / "merged")
             tokenizer.save(out / "merged")
