@@ -52,7 +52,9 @@ class Method:
     to_dense: Callable[[nn.Module], PreTrainedModel]
     make_optimizer: Callable[[nn.Module, Hyper], torch.optim.Optimizer] = adamw
     after_step: Callable[[nn.Module, torch.optim.Optimizer, int, Hyper], None] | None = None
+    lr_multiplier: Callable[[int, Hyper], float] | None = None  # multiplies the warmup-cosine schedule
     uses_rank: bool = True  # whether `--rank` / the size preset's rank applies
+    checkpointable: bool = True  # False when the optimizer state holds objects that safetensors cannot store
 
 
 METHODS: dict[str, Method] = {}
@@ -171,3 +173,118 @@ def _lowrank_to_dense(model: nn.Module) -> PreTrainedModel:
 
 
 register(Method("lowrank", "W = B A only, no sparse part (low-rank baseline)", _build_lowrank, _lowrank_to_dense))
+
+
+# ----------------------------------------------------------------------------------------------------------- lora
+def _build_lora(config: LlamaConfig, hyper: Hyper) -> nn.Module:
+    """HF PEFT LoRA on a frozen random init (the fine-tuning method misused for pretraining, as the papers compare
+    it); embeddings, norms and the head are trained fully, as in the ReLoRA and GaLore baselines."""
+    from peft import LoraConfig
+
+    check_rank_fits(config, hyper.rank)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_config(config),
+        LoraConfig(r=hyper.rank, lora_alpha=hyper.alpha, target_modules=LLAMA_PROJECTIONS, lora_dropout=0.0),
+    )
+    for name, param in model.named_parameters():
+        if ".base_layer." not in name:  # everything but the frozen projection weights W0
+            param.requires_grad_(True)
+    return model
+
+
+register(
+    Method(
+        "lora",
+        "W = W0 + (alpha/r) B A with W0 frozen at its random init (HF PEFT LoRA)",
+        _build_lora,
+        lambda model: model.merge_and_unload(),
+    )
+)
+
+
+# --------------------------------------------------------------------------------------------------------- relora
+def _relora_every(hyper: Hyper) -> int:
+    return int(hyper.extra.get("relora_every", max(1, hyper.max_steps // 4)))
+
+
+def _relora_restart(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, hyper: Hyper) -> None:
+    """Every `relora_every` steps: merge B A into W0, restart B = 0 and A at random, and drop the LoRA factors'
+    optimizer state (ReLoRA prunes 99% of it by magnitude; a full reset is the simple limit)."""
+    from peft.tuners.lora import LoraLayer
+
+    if step % _relora_every(hyper) or step >= hyper.max_steps:
+        return
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.merge()
+            module.merged_adapters.clear()  # the merge is permanent: W0 absorbs the update
+            module.reset_lora_parameters("default", init_lora_weights=True)
+            for param in (module.lora_A["default"].weight, module.lora_B["default"].weight):
+                optimizer.state.pop(param, None)
+
+
+def _relora_lr(step: int, hyper: Hyper) -> float:
+    """The jagged schedule: after each restart the learning rate warms up again over `relora_warmup` steps."""
+    every = _relora_every(hyper)
+    warmup = int(hyper.extra.get("relora_warmup", max(1, every // 10)))
+    return 1.0 if step < every else min(1.0, (step % every + 1) / warmup)
+
+
+register(
+    Method(
+        "relora",
+        "LoRA merged into W0 and restarted every K steps, optimizer reset, jagged warmup (ReLoRA)",
+        _build_lora,
+        lambda model: model.merge_and_unload(),
+        after_step=_relora_restart,
+        lr_multiplier=_relora_lr,
+    )
+)
+
+
+# --------------------------------------------------------------------------------------------------- galore, fira
+def _projected_groups(model: nn.Module, hyper: Hyper, scale_key: str) -> list[dict]:
+    """Two parameter groups: the projection weights (with the low-rank gradient settings) and everything else."""
+    projections = [m.weight for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in LLAMA_PROJECTIONS]
+    ids = {id(p) for p in projections}
+    return [
+        {"params": [p for p in model.parameters() if id(p) not in ids]},
+        {"params": projections, "rank": hyper.rank, "update_proj_gap": int(hyper.extra.get("update_proj_gap", 200)),
+         scale_key: float(hyper.extra.get("scale", 0.25)), "proj_type": "std"},
+    ]  # fmt: skip
+
+
+def _galore_optimizer(model: nn.Module, hyper: Hyper) -> torch.optim.Optimizer:
+    from galore_torch import GaLoreAdamW  # the authors' package (galore-torch), not a rewrite
+
+    groups = _projected_groups(model, hyper, "scale")
+    return GaLoreAdamW(groups, lr=hyper.lr, betas=hyper.betas, weight_decay=hyper.weight_decay)
+
+
+def _fira_optimizer(model: nn.Module, hyper: Hyper) -> torch.optim.Optimizer:
+    from fira import FiraAdamW  # the authors' package (fira)
+
+    groups = _projected_groups(model, hyper, "alpha")
+    return FiraAdamW(groups, lr=hyper.lr, betas=hyper.betas, weight_decay=hyper.weight_decay)
+
+
+register(
+    Method(
+        "galore",
+        "full weights, gradients projected to rank r for Adam's states (galore-torch GaLoreAdamW)",
+        _build_full,
+        lambda m: m,
+        make_optimizer=_galore_optimizer,
+        checkpointable=False,
+    )
+)
+register(
+    Method(
+        "fira",
+        "GaLore plus a norm-based correction for the gradient outside the subspace (fira FiraAdamW)",
+        _build_full,
+        lambda m: m,
+        make_optimizer=_fira_optimizer,
+        checkpointable=False,
+    )
+)

@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # evaluation, checkpoints, output
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-blocks", type=int, default=256, help="validation sequences per evaluation")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps and at the end (0: never)")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
     p.add_argument("--overwrite", action="store_true", help="delete an earlier run in --out-dir and start over")
@@ -210,14 +210,16 @@ def init_out_dir(args: argparse.Namespace, config: dict, accelerator: Accelerato
 
 
 # ----------------------------------------------------------------------------------------------------- optimizer
-def lr_lambda(args: argparse.Namespace):
-    """Linear warmup, then cosine decay to `min_lr_ratio` of the peak."""
+def lr_lambda(args: argparse.Namespace, method, hyper: Hyper):
+    """Linear warmup, then cosine decay to `min_lr_ratio` of the peak (times the method's own factor, if any)."""
 
     def factor(step: int) -> float:
         if step < args.warmup_steps:
-            return (step + 1) / args.warmup_steps
-        progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
-        return args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+            base = (step + 1) / args.warmup_steps
+        else:
+            progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+            base = args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return base * (method.lr_multiplier(step, hyper) if method.lr_multiplier else 1.0)
 
     return factor
 
@@ -386,6 +388,11 @@ def main(argv: list[str] | None = None) -> dict:
             "`--per-layer-updates` needs one process and no gradient accumulation "
             f"(got {world} processes, {grad_accum} accumulation steps)."
         )
+    if not method.checkpointable and (args.save_every or args.resume):
+        raise ValueError(
+            f"`--method {args.method}` keeps optimizer state that cannot be saved without pickle; "
+            "`--save-every` and `--resume` are not available for it."
+        )
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     if fsdp and (args.resume or args.save_every or args.per_layer_updates):
         raise ValueError(
@@ -448,7 +455,7 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer.save(out / "tokenizer")
 
     # ------------------------------------------------------------------------------------------------- optimizer
-    schedule = lr_lambda(args)
+    schedule = lr_lambda(args, method, hyper)
     if args.per_layer_updates:
         if method.make_optimizer is not adamw:
             raise ValueError(f"`--per-layer-updates` works with AdamW-trained methods, not `--method {method.name}`.")
@@ -555,7 +562,7 @@ def main(argv: list[str] | None = None) -> dict:
         if done % args.eval_every == 0 or done == args.max_steps:
             val_ppl = evaluate(model, val_blocks, args.micro_batch, accelerator)
             write_log({"step": done, "tokens": tokens_seen, "val_ppl": val_ppl})
-        if not fsdp and ((args.save_every and done % args.save_every == 0) or done == args.max_steps):
+        if args.save_every and not fsdp and (done % args.save_every == 0 or done == args.max_steps):
             save(done)
 
     # ---------------------------------------------------------------------------------------- summary and export
@@ -564,6 +571,7 @@ def main(argv: list[str] | None = None) -> dict:
     memory, memory_kind = peak_memory_bytes(accelerator.device)
     trained = max(1, args.max_steps - start_step)
     final_state = accelerator.get_state_dict(model)  # gathered from all ranks under FSDP
+    accelerator.wait_for_everyone()
     summary = {
         "method": args.method,
         "model": args.model,
@@ -595,6 +603,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"params+grads+optimizer={summary['training_state_bytes'] / 2**20:.1f}MiB "
             f"peak_mem={memory / 2**20:.0f}MiB ({memory_kind}) tokens/s={summary['tokens_per_s']:.0f}"
         )
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -62,14 +63,17 @@ def log_rows(out: Path, key: str = "loss") -> list[dict]:
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_each_method_trains(tmp_path, corpus, method):
-    summary = run(tmp_path / method, corpus, "--method", method)
+    summary = run(
+        tmp_path / method, corpus, "--method", method, *([] if method in ("galore", "fira") else ["--save-every", "6"])
+    )
     losses = [r["loss"] for r in log_rows(tmp_path / method)]
     assert len(losses) == 6 and all(map(torch.isfinite, torch.tensor(losses)))
     assert losses[-1] < losses[0]
     assert summary["val_ppl"] > 1 and summary["trainable_params"] > 0
     for name in ("summary.json", "loss.png", "run_config.json", "tokenizer", "final"):
         assert (tmp_path / method / name).exists(), name
-    assert (tmp_path / method / "checkpoints" / "step_000006" / "model.safetensors").is_file()
+    if METHODS[method].checkpointable:
+        assert (tmp_path / method / "checkpoints" / "step_000006" / "model.safetensors").is_file()
 
 
 def test_sltrain_counts_come_from_the_library(tmp_path, corpus):
@@ -85,7 +89,18 @@ def test_sltrain_counts_come_from_the_library(tmp_path, corpus):
 
 
 def test_per_layer_updates_equal_a_normal_step(tmp_path, corpus):
-    run(tmp_path / "normal", corpus, "--method", "sltrain", "--global-batch", "4", "--max-steps", "3")
+    run(
+        tmp_path / "normal",
+        corpus,
+        "--method",
+        "sltrain",
+        "--global-batch",
+        "4",
+        "--max-steps",
+        "3",
+        "--save-every",
+        "3",
+    )
     run(
         tmp_path / "per_layer",
         corpus,
@@ -96,6 +111,8 @@ def test_per_layer_updates_equal_a_normal_step(tmp_path, corpus):
         "--max-steps",
         "3",
         "--per-layer-updates",
+        "--save-every",
+        "3",
     )
     a = load_file(tmp_path / "normal" / "checkpoints" / "step_000003" / "model.safetensors")
     b = load_file(tmp_path / "per_layer" / "checkpoints" / "step_000003" / "model.safetensors")
@@ -195,8 +212,11 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus):
         "100",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", "29533", str(ROOT / "scripts" / "pretrain.py"), *args]
-    subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", port, str(ROOT / "scripts" / "pretrain.py"), *args]
+    subprocess.run(cmd, check=True, env=env, capture_output=True, text=True, timeout=300)
     single, ddp = log_rows(tmp_path / "single"), log_rows(tmp_path / "ddp")
     assert [r["step"] for r in ddp] == [r["step"] for r in single]
     assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in single], rel=1e-4)
@@ -275,7 +295,7 @@ def test_missing_and_empty_data(tmp_path, corpus):
 
 
 def test_existing_runs_are_never_overwritten_by_mistake(tmp_path, corpus):
-    run(tmp_path, corpus, "--method", "sltrain", "--max-steps", "2")
+    run(tmp_path, corpus, "--method", "sltrain", "--max-steps", "2", "--save-every", "2")
     before = (tmp_path / "checkpoints" / "step_000002" / "model.safetensors").read_bytes()
     with pytest.raises(ValueError, match="already holds a run"):
         run(tmp_path, corpus, "--method", "sltrain", "--max-steps", "2")
@@ -296,3 +316,65 @@ def test_meta_build_keeps_no_dense_projection_weights():
     layers = [m for m in model.modules() if isinstance(m, peft_sltrain.SLTrainLayer)]
     assert len(layers) == 14 and all(m.get_base_layer().weight is None for m in layers)
     assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------- method wiring
+def micro_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**json.loads(Path(MICRO).read_text())["model"])
+
+
+def projection_shapes(config) -> list[tuple[int, int]]:
+    """(d_in, d_out) of the 7 projections of every layer."""
+    h, i = config.hidden_size, config.intermediate_size
+    kv = config.hidden_size // config.num_attention_heads * config.num_key_value_heads
+    return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)] * config.num_hidden_layers
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_parameter_counts_per_method(method):
+    config, hyper = micro_config(), Hyper(rank=4, sparsity=0.05, alpha=1, max_steps=10)
+    shapes = projection_shapes(config)
+    dense = sum(a * b for a, b in shapes)
+    other = 2 * config.vocab_size * config.hidden_size + (2 * config.num_hidden_layers + 1) * config.hidden_size
+    factors = sum(4 * (a + b) for a, b in shapes)
+    expected = {
+        "full": (dense + other, dense + other),
+        "galore": (dense + other, dense + other),
+        "fira": (dense + other, dense + other),
+        "lowrank": (factors + other, factors + other),
+        "lora": (factors + other, factors + other + dense),
+        "relora": (factors + other, factors + other + dense),
+        "sltrain": (factors + other + sum(round(0.05 * a * b) for a, b in shapes),) * 2,
+    }[method]
+    counts = peft_sltrain.module_parameter_counts(METHODS[method].build(config, hyper))
+    assert (counts.trainable, counts.total) == expected
+
+
+def test_relora_merges_restarts_and_resets_optimizer_state():
+    from peft.tuners.lora import LoraLayer
+
+    hyper = Hyper(rank=4, alpha=4, max_steps=100, extra={"relora_every": 10, "relora_warmup": 5})
+    method = METHODS["relora"]
+    model = method.build(micro_config(), hyper)
+    layer = next(m for m in model.modules() if isinstance(m, LoraLayer))
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    model(input_ids=torch.ones(1, 4, dtype=torch.long)).logits.sum().backward()
+    optimizer.step()
+    method.after_step(model, optimizer, 9, hyper)  # not a restart step: nothing happens
+    assert layer.lora_B["default"].weight.any() and layer.lora_A["default"].weight in optimizer.state
+    expected = (layer.base_layer.weight + layer.get_delta_weight("default")).detach()
+    method.after_step(model, optimizer, 10, hyper)
+    torch.testing.assert_close(layer.base_layer.weight, expected)
+    assert not layer.lora_B["default"].weight.any() and not layer.merged
+    assert layer.lora_A["default"].weight not in optimizer.state
+    assert [method.lr_multiplier(s, hyper) for s in (5, 10, 11, 14, 15)] == [1.0, 0.2, 0.4, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("method", ["galore", "fira"])
+def test_methods_whose_state_needs_pickle_refuse_checkpoints(tmp_path, corpus, method):
+    with pytest.raises(ValueError, match="cannot be saved without pickle"):
+        run(tmp_path, corpus, "--method", method, "--save-every", "3")
