@@ -9,6 +9,7 @@ from typing import Literal
 from peft.config import PeftConfig
 
 from ._registration import PEFT_TYPE
+from .cost import COMPUTE_CHOICES
 
 
 @dataclass
@@ -55,6 +56,11 @@ class SLTrainConfig(PeftConfig):
         bias (`str`, defaults to `"none"`):
             Which biases to train in fine-tuning mode: `"none"`, `"all"` or `"sltrain_only"` (the biases of the
             targeted layers). Ignored when `from_scratch=True`, where all biases are trained.
+        compute (`str`, defaults to `"auto"`):
+            How each layer computes its exact result: `"dense"` rebuilds the dense weight (the paper's way),
+            `"factored"` never forms a dense d_out x d_in matrix (low-rank products plus sparse kernels), `"auto"`
+            picks the cheaper per call from the token count, shapes, rank, sparsity, device and dtype (see
+            `peft_sltrain.cost`). Both agree with a dense reference; results differ only by rounding.
     """
 
     r: int = field(
@@ -111,6 +117,16 @@ class SLTrainConfig(PeftConfig):
         metadata={"help": "Biases to train when fine-tuning: 'none', 'all' or 'sltrain_only'. Ignored from scratch."},
     )
 
+    compute: Literal["auto", "dense", "factored"] = field(
+        default="auto",
+        metadata={
+            "help": (
+                "'dense' rebuilds the dense weight, 'factored' never forms it (low-rank products plus sparse "
+                "kernels), 'auto' picks the cheaper per call from tokens, shapes, rank, sparsity, device and dtype."
+            )
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PEFT_TYPE
@@ -124,6 +140,8 @@ class SLTrainConfig(PeftConfig):
             raise ValueError(f"`seed` must be a non-negative integer, got {self.seed!r}.")
         if not isinstance(self.from_scratch, bool):
             raise ValueError(f"`from_scratch` must be True or False, got {self.from_scratch!r}.")
+        if self.compute not in COMPUTE_CHOICES:
+            raise ValueError(f"`compute` must be one of {COMPUTE_CHOICES}, got {self.compute!r}.")
         if self.bias not in ("none", "all", "sltrain_only"):
             raise ValueError(f"`bias` must be 'none', 'all' or 'sltrain_only', got {self.bias!r}.")
         if self.from_scratch and self.modules_to_save:

@@ -6,9 +6,16 @@
 row-major positions `indices` (nnz,) of a (d_out, d_in) matrix. `weight` is the frozen dense `W0` when fine-tuning and
 `None` when pretraining from scratch.
 
-Memory: autograd through `F.linear(x, dense_weight(...))` would keep the dense `W` alive until backward, one
-d_out x d_in matrix per layer for the whole step. The function below saves only `x` and references to the factors
-and rebuilds `W` inside backward; the only dense matrices it makes are transient (one at a time).
+Two exact ways to compute it (`path`):
+- `"dense"`: rebuild `W` (d_out x d_in) and call one GEMM; backward forms the dense weight gradient `dW = dY^T X`
+  and reads `dB`, `dA` and `dS = dW[support]` from it, then rebuilds `W` for `dX`. Memory: autograd through
+  `F.linear(x, dense_weight(...))` would keep `W` alive until backward, one d_out x d_in matrix per layer for the
+  whole step; this function saves only `x` and references to the factors, and its dense matrices are transient.
+- `"factored"`: never forms a dense d_out x d_in matrix. `y = s (x A^T) B^T + x S^T (+ x W0^T)`, with `S` as a CSR
+  sparse matrix built from the int32 support per call; backward gets `dX = s (dY B) A + dY S (+ dY W0)`,
+  `dA = s (dY B)^T X`, `dB = s dY^T (X A^T)` (recomputed, not saved) and `dS` as a sampled dense-dense product: only
+  the nnz entries of `dY^T X`. It costs `2 N r (3 d_out + 4 d_in)` dense and `6 N nnz` sparse multiply-adds
+  against `6 N d_in d_out + 8 r d_in d_out` for the dense path; `peft_sltrain.cost` picks between them.
 """
 
 from __future__ import annotations
@@ -71,6 +78,70 @@ class _SparseLowRankLinear(torch.autograd.Function):
         return grad_x, grad_A, grad_B, grad_values, None, None, grad_weight, grad_bias
 
 
+def sparse_csr(values: torch.Tensor, indices: torch.Tensor, d_out: int, d_in: int) -> torch.Tensor:
+    """`S` as a (d_out, d_in) CSR tensor. Sorted flat row-major indices are exactly CSR order, so `values` is used
+    as is; the int32 column indices and row pointers are derived per call (O(nnz)), so no second layout is stored."""
+    rows, cols = indices.div(d_in, rounding_mode="floor"), indices.remainder(d_in)
+    crow = torch.zeros(d_out + 1, dtype=torch.int32, device=indices.device)
+    crow[1:] = torch.bincount(rows, minlength=d_out).cumsum(0)
+    return torch.sparse_csr_tensor(crow, cols, values, (d_out, d_in), check_invariants=False)
+
+
+class _FactoredSparseLowRankLinear(torch.autograd.Function):
+    """Like `_SparseLowRankLinear`, but never forms a dense (d_out, d_in) matrix, in forward or backward."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, values, indices, scaling, weight, bias):
+        d_out, d_in = B.shape[0], A.shape[1]
+        x2 = x.reshape(-1, d_in)  # (N, d_in)
+        S = sparse_csr(values, indices, d_out, d_in)
+        y = torch.sparse.mm(S, x2.t()).t()  # (N, d_out) = x S^T, a transposed view
+        y = torch.addmm(y, x2.mm(A.t()), B.t(), alpha=scaling)  # + s (x A^T) B^T, contiguous (N, d_out)
+        if weight is not None:
+            y.addmm_(x2, weight.t())
+        if bias is not None:
+            y += bias
+        ctx.save_for_backward(x, A, B, values, indices, weight)
+        ctx.scaling = scaling
+        return y.view(*x.shape[:-1], d_out)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, A, B, values, indices, weight = ctx.saved_tensors
+        need_x, need_A, need_B, need_values, _, _, need_weight, need_bias = ctx.needs_input_grad
+        scaling = ctx.scaling
+        d_out, d_in = B.shape[0], A.shape[1]
+        grad_x = grad_A = grad_B = grad_values = grad_weight = grad_bias = None
+        dy = grad_y.reshape(-1, d_out)  # (N, d_out)
+        x2 = x.reshape(-1, d_in)  # (N, d_in)
+        dyB = dy.mm(B) if (need_x or need_A) else None  # (N, r)
+        S = sparse_csr(values, indices, d_out, d_in) if (need_x or need_values) else None
+
+        if need_x:
+            grad_x = torch.sparse.mm(S.t(), dy.t()).t()  # (N, d_in) = dY S, via the CSC view of S
+            grad_x = torch.addmm(grad_x, dyB, A, alpha=scaling)
+            if weight is not None:
+                grad_x.addmm_(dy, weight)
+            grad_x = grad_x.view(x.shape)
+        if need_A:
+            grad_A = dyB.t().mm(x2).mul_(scaling)  # (r, d_in)
+        if need_B:
+            grad_B = dy.t().mm(x2.mm(A.t())).mul_(scaling)  # (d_out, r); X A^T recomputed, not saved
+        if need_values:
+            pattern = torch.sparse_csr_tensor(
+                S.crow_indices(), S.col_indices(), torch.zeros_like(values), S.shape, check_invariants=False
+            )
+            grad_values = torch.sparse.sampled_addmm(pattern, dy.t(), x2, beta=0.0).values()  # (nnz,)
+        if need_weight:
+            grad_weight = dy.t().mm(x2)
+        if need_bias:
+            grad_bias = dy.sum(0)
+        return grad_x, grad_A, grad_B, grad_values, None, None, grad_weight, grad_bias
+
+
+PATHS = ("dense", "factored")
+
+
 def sltrain_linear(
     x: torch.Tensor,
     A: torch.Tensor,
@@ -81,7 +152,13 @@ def sltrain_linear(
     scaling: float,
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    path: str = "dense",
 ) -> torch.Tensor:
-    """Like `F.linear(x, weight + scaling * B @ A + S, bias)`, but backward rebuilds the dense weight instead of
-    keeping it from forward. All floating-point tensors must share one dtype and device."""
-    return _SparseLowRankLinear.apply(x, A, B, values, indices, scaling, weight, bias)
+    """Like `F.linear(x, weight + scaling * B @ A + S, bias)`, but nothing dense is kept for backward: `path="dense"`
+    rebuilds the dense weight in backward, `path="factored"` never forms it. All floating-point tensors must share
+    one dtype and device."""
+    if path == "dense":
+        return _SparseLowRankLinear.apply(x, A, B, values, indices, scaling, weight, bias)
+    if path == "factored":
+        return _FactoredSparseLowRankLinear.apply(x, A, B, values, indices, scaling, weight, bias)
+    raise ValueError(f"`path` must be one of {PATHS}, got {path!r}.")

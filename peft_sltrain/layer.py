@@ -11,6 +11,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from .config import SLTrainConfig
+from .cost import COMPUTE_CHOICES, choose_path
 from .functional import dense_weight, sltrain_linear
 from .support import layer_seed, num_nonzeros, random_support
 
@@ -19,7 +20,7 @@ class SLTrainLayer(BaseTunerLayer):
     # trainable tensors, each an entry per adapter name
     adapter_layer_names = ("sltrain_A", "sltrain_B", "sltrain_values")
     # everything else that is per adapter (`sltrain_indices` is a persistent buffer, saved with the adapter)
-    other_param_names = ("sltrain_indices", "r", "alpha", "scaling", "sparsity", "from_scratch")
+    other_param_names = ("sltrain_indices", "r", "alpha", "scaling", "sparsity", "from_scratch", "compute")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         if not isinstance(base_layer, nn.Linear):
@@ -33,6 +34,7 @@ class SLTrainLayer(BaseTunerLayer):
         self.scaling: dict[str, float] = {}
         self.sparsity: dict[str, float] = {}
         self.from_scratch: dict[str, bool] = {}
+        self.compute: dict[str, str] = {}
         self.sltrain_A = nn.ParameterDict({})  # (r, d_in)
         self.sltrain_B = nn.ParameterDict({})  # (d_out, r)
         self.sltrain_values = nn.ParameterDict({})  # (nnz,)
@@ -52,6 +54,7 @@ class SLTrainLayer(BaseTunerLayer):
         from_scratch: bool,
         seed: int,
         layer_name: str,
+        compute: str = "auto",
         inference_mode: bool = False,
     ) -> None:
         d_in, d_out = self.in_features, self.out_features
@@ -64,6 +67,8 @@ class SLTrainLayer(BaseTunerLayer):
             raise ValueError(f"`sparsity` must be in (0, 1), got {sparsity}.")
         if alpha <= 0:
             raise ValueError(f"`alpha` must be positive, got {alpha}.")
+        if compute not in COMPUTE_CHOICES:
+            raise ValueError(f"`compute` must be one of {COMPUTE_CHOICES}, got {compute!r}.")
 
         base = self.get_base_layer()
         weight = base.weight
@@ -85,6 +90,7 @@ class SLTrainLayer(BaseTunerLayer):
         self.scaling[adapter_name] = alpha / r
         self.sparsity[adapter_name] = sparsity
         self.from_scratch[adapter_name] = from_scratch
+        self.compute[adapter_name] = compute
         self.sltrain_A[adapter_name] = nn.Parameter(torch.empty(r, d_in, **factory))
         self.sltrain_B[adapter_name] = nn.Parameter(torch.zeros(d_out, r, **factory))
         self.sltrain_values[adapter_name] = nn.Parameter(torch.zeros(nnz, **factory))
@@ -112,6 +118,20 @@ class SLTrainLayer(BaseTunerLayer):
         else:
             nn.init.zeros_(values)
 
+    def _path(self, adapter_name: str, x: torch.Tensor, dtype: torch.dtype, has_weight: bool) -> str:
+        """The compute path of one call (see `peft_sltrain.cost`)."""
+        return choose_path(
+            self.compute[adapter_name],
+            n=x.numel() // self.in_features,
+            d_in=self.in_features,
+            d_out=self.out_features,
+            r=self.r[adapter_name],
+            nnz=self.sltrain_values[adapter_name].numel(),
+            device=x.device,
+            dtype=dtype,
+            has_weight=has_weight,
+        )
+
     def _sltrain_tensors(self, adapter_name: str, dtype: torch.dtype) -> dict:
         """The adapter's tensors in `dtype`, as keyword arguments of `sltrain_linear` / `dense_weight`."""
         return {
@@ -138,6 +158,7 @@ class Linear(nn.Module, SLTrainLayer):
             from_scratch=config.from_scratch,
             seed=config.seed,
             layer_name=layer_name,
+            compute=config.compute,
             inference_mode=config.inference_mode,
         )
 
@@ -211,10 +232,14 @@ class Linear(nn.Module, SLTrainLayer):
             if len(active) == 1:
                 # one fused map: W0 + delta is rebuilt inside, so the dense weight is multiplied only once
                 weight = None if base.weight is None else base.weight.to(dtype)
-                return sltrain_linear(x, weight=weight, bias=bias, **self._sltrain_tensors(active[0], dtype))
+                path = self._path(active[0], x, dtype, has_weight=weight is not None)
+                return sltrain_linear(
+                    x, weight=weight, bias=bias, path=path, **self._sltrain_tensors(active[0], dtype)
+                )
             result = self.base_layer(x, *args, **kwargs)
             for name in active:
-                result = result + sltrain_linear(x, **self._sltrain_tensors(name, dtype))
+                path = self._path(name, x, dtype, has_weight=False)
+                result = result + sltrain_linear(x, path=path, **self._sltrain_tensors(name, dtype))
             return result
 
     def __repr__(self) -> str:

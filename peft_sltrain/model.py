@@ -80,6 +80,7 @@ class SLTrainModel(BaseTuner):
                 from_scratch=config.from_scratch,
                 seed=config.seed,
                 layer_name=current_key,
+                compute=config.compute,
                 inference_mode=config.inference_mode,
             )
             return

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from peft_sltrain.functional import dense_weight, sltrain_linear
+from peft_sltrain.functional import PATHS, dense_weight, sltrain_linear
 from peft_sltrain.support import random_support
 
 
@@ -42,26 +42,28 @@ def grads(out, tensors):
     return [None if t is None else t.grad for t in tensors]
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("with_weight", [True, False])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_gradcheck_float64(with_weight, with_bias):
+def test_gradcheck_float64(with_weight, with_bias, path):
     t = make_inputs(with_weight=with_weight, with_bias=with_bias)
 
     def fn(x, A, B, values, weight, bias):
-        return sltrain_linear(x, A, B, values, t["indices"], scaling=0.7, weight=weight, bias=bias)
+        return sltrain_linear(x, A, B, values, t["indices"], scaling=0.7, weight=weight, bias=bias, path=path)
 
     assert torch.autograd.gradcheck(fn, (t["x"], t["A"], t["B"], t["values"], t["weight"], t["bias"]))
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("with_weight", [True, False])
-def test_matches_dense_reference_fp32(with_weight):
+def test_matches_dense_reference_fp32(with_weight, path):
     ours = make_inputs(dtype=torch.float32, with_weight=with_weight, d_in=48, d_out=40, r=8, nnz=60)
     ref = {
         k: (v.detach().clone().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v) for k, v in ours.items()
     }
     names = ["x", "A", "B", "values", "weight", "bias"]
 
-    y = sltrain_linear(**ours, scaling=0.25)
+    y = sltrain_linear(**ours, scaling=0.25, path=path)
     y_ref = reference(**ref, scaling=0.25)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     for g, g_ref in zip(grads(y, [ours[n] for n in names]), grads(y_ref, [ref[n] for n in names])):
@@ -121,7 +123,7 @@ class _DenseMatrices(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("needs", ["x", "params", "both"])
-def test_backward_honours_needs_input_grad(needs):
+def test_dense_path_backward_honours_needs_input_grad(needs):
     """Backward makes one dense (d_out, d_in) product per gradient family it needs: the rebuilt W for dx, the weight
     gradient dW for the factors, and nothing for what is not needed."""
     t = make_inputs(dtype=torch.float32, with_weight=False, with_bias=False, d_in=12, d_out=11)
@@ -144,3 +146,63 @@ def test_dense_weight_places_values_at_indices():
     expected = torch.zeros(3, 4)
     expected[0, 0], expected[1, 1], expected[2, 3] = 1.0, 2.0, 3.0
     assert torch.equal(W, expected)
+
+
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_factored_path_never_forms_a_dense_matrix(with_weight):
+    """No op of forward or backward allocates a dense (d_out, d_in) tensor (sparse CSR forms of S and views of the
+    frozen W0 are fine)."""
+    t = make_inputs(dtype=torch.float32, with_weight=with_weight, d_in=12, d_out=11)
+    if with_weight:
+        t["weight"].requires_grad_(False)
+
+    class AnyDense(TorchDispatchMode):
+        seen = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            outs = out if isinstance(out, (tuple, list)) else [out]
+            strided = [a for a in args if isinstance(a, torch.Tensor) and a.layout == torch.strided]
+            inputs = {a.untyped_storage().data_ptr() for a in strided}
+            dense = [
+                o
+                for o in outs
+                if isinstance(o, torch.Tensor)
+                and o.layout == torch.strided
+                and o.untyped_storage().data_ptr() not in inputs  # a view of an input allocates nothing
+            ]
+            self.seen += sum(tuple(o.shape) in ((11, 12), (12, 11)) for o in dense)
+            return out
+
+    with AnyDense() as mode:
+        y = sltrain_linear(**t, scaling=1.0, path="factored")
+        y.square().sum().backward()
+    assert mode.seen == 0
+    assert all(t[n].grad is not None for n in ("x", "A", "B", "values", "bias"))
+
+
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_paths_agree_with_each_other(with_weight):
+    dense = make_inputs(dtype=torch.float32, with_weight=with_weight, d_in=64, d_out=48, r=8, nnz=150)
+    fact = {
+        k: (v.detach().clone().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v) for k, v in dense.items()
+    }
+    names = ["x", "A", "B", "values", "weight", "bias"]
+    y_dense = sltrain_linear(**dense, scaling=0.5, path="dense")
+    y_fact = sltrain_linear(**fact, scaling=0.5, path="factored")
+    torch.testing.assert_close(y_fact, y_dense, rtol=1e-5, atol=1e-5)
+    for g_f, g_d in zip(grads(y_fact, [fact[n] for n in names]), grads(y_dense, [dense[n] for n in names])):
+        torch.testing.assert_close(g_f, g_d, rtol=1e-5, atol=1e-5)
+
+
+def test_factored_saves_nothing_dense():
+    t = make_inputs(dtype=torch.float32, with_weight=False, d_in=24, d_out=20, r=4, nnz=30)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: (saved.append(x), x)[1], lambda x: x):
+        sltrain_linear(**t, scaling=1.0, path="factored")
+    assert {s.data_ptr() for s in saved} <= {t[n].data_ptr() for n in ("x", "A", "B", "values", "indices")}
+
+
+def test_unknown_path():
+    with pytest.raises(ValueError, match="`path` must be one of"):
+        sltrain_linear(**make_inputs(), scaling=1.0, path="sparse")

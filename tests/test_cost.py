@@ -1,0 +1,65 @@
+"""The cost model that picks the dense or the factored path, and the `compute` setting that can force either."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from peft_sltrain import SLTrainConfig, SLTrainLayer
+from peft_sltrain.cost import choose_path, dense_cost, factored_cost
+
+from conftest import perturb_trainable, tiny_llama
+
+CPU = torch.device("cpu")
+
+
+def pick(n=4096, d=1024, r=256, sparsity=0.03, dtype=torch.float32, weight=False, compute="auto"):
+    return choose_path(compute, n, d, d, r, int(sparsity * d * d), CPU, dtype, weight)
+
+
+def test_costs_follow_the_flop_counts():
+    assert dense_cost(10, 4, 6, 2) == 6 * 10 * 4 * 6 + 8 * 2 * 4 * 6
+    assert factored_cost(10, 4, 6, 2, 5, kappa=3.0, has_weight=False) == 2 * 10 * 2 * (18 + 16) + 3 * 6 * 10 * 5
+    assert factored_cost(10, 4, 6, 2, 5, 3.0, True) - factored_cost(10, 4, 6, 2, 5, 3.0, False) == 4 * 10 * 4 * 6
+
+
+def test_auto_prefers_factored_for_small_rank_and_sparsity_and_dense_otherwise():
+    assert pick(r=16, sparsity=0.001) == "factored"
+    assert pick(r=512, sparsity=0.1) == "dense"
+    # with a frozen W0 the factored path still pays two dense GEMMs (forward, dX) but skips dW = dY^T X
+    assert pick(r=16, sparsity=0.001, weight=True) == "factored"
+    assert pick(r=16, sparsity=0.03, weight=True) == "dense"
+    assert pick(r=16, sparsity=0.001, dtype=torch.bfloat16) == "dense"  # no CPU sparse kernels for bf16
+
+
+def test_forced_paths_and_bad_values():
+    assert pick(r=512, sparsity=0.1, compute="factored") == "factored"
+    assert pick(r=16, sparsity=0.001, compute="dense") == "dense"
+    with pytest.raises(ValueError, match="PyTorch lacks"):
+        pick(dtype=torch.bfloat16, compute="factored")
+    with pytest.raises(ValueError, match="`compute` must be one of"):
+        SLTrainConfig(compute="fast")
+
+
+def test_choice_is_deterministic():
+    assert len({pick(r=r, sparsity=s) for _ in range(5) for r, s in [(64, 0.01)]}) == 1
+
+
+@pytest.mark.parametrize("from_scratch", [False, True])
+def test_models_agree_across_compute_settings(input_ids, from_scratch):
+    outputs, grads = {}, {}
+    for compute in ("dense", "factored", "auto"):
+        model = get_peft_model(
+            tiny_llama(), SLTrainConfig(r=4, sparsity=0.05, from_scratch=from_scratch, compute=compute)
+        )
+        perturb_trainable(model, seed=3)
+        assert all(m.compute["default"] == compute for m in model.modules() if isinstance(m, SLTrainLayer))
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        outputs[compute] = loss.detach()
+        grads[compute] = [p.grad for p in model.parameters() if p.grad is not None]
+    for compute in ("factored", "auto"):
+        torch.testing.assert_close(outputs[compute], outputs["dense"], rtol=1e-5, atol=1e-6)
+        for g, g_ref in zip(grads[compute], grads["dense"]):
+            torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
