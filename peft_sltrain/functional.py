@@ -87,18 +87,42 @@ def sparse_csr(values: torch.Tensor, indices: torch.Tensor, d_out: int, d_in: in
     return torch.sparse_csr_tensor(crow, cols, values, (d_out, d_in), check_invariants=False)
 
 
+def sparse_csr_transposed(values: torch.Tensor, indices: torch.Tensor, d_out: int, d_in: int) -> torch.Tensor:
+    """`S^T` as a (d_in, d_out) CSR tensor (a sort of the support, per call: O(nnz log nnz), no stored layout)."""
+    rows, cols = indices.div(d_in, rounding_mode="floor"), indices.remainder(d_in)
+    order = torch.argsort(cols.long() * d_out + rows)  # column-major order of S = row-major order of S^T
+    crow = torch.zeros(d_in + 1, dtype=torch.int32, device=indices.device)
+    crow[1:] = torch.bincount(cols, minlength=d_in).cumsum(0)
+    return torch.sparse_csr_tensor(crow, rows[order], values[order], (d_in, d_out), check_invariants=False)
+
+
+def token_chunk(d_in: int, d_out: int, r: int) -> int:
+    """Rows of x the factored path handles at once, so that its transient buffers (about `d_out + 2 d_in + 2 r`
+    numbers per row) stay within the one d_out x d_in matrix the dense path makes; at least 64 rows."""
+    return max(64, d_out * d_in // (d_out + 2 * d_in + 2 * r))
+
+
 class _FactoredSparseLowRankLinear(torch.autograd.Function):
-    """Like `_SparseLowRankLinear`, but never forms a dense (d_out, d_in) matrix, in forward or backward."""
+    """Like `_SparseLowRankLinear`, but never forms a dense (d_out, d_in) matrix, in forward or backward.
+
+    Works on chunks of `token_chunk(...)` rows of x, so its transient memory never exceeds the dense path's. Sparse
+    kernels (MKL on CPU, cuSPARSE on CUDA) are several times faster when the dense operand is row-major in the token
+    dimension, so they get transposed copies of each chunk: `x_c^T` (d_in, c) and `dY_c^T` (d_out, c).
+    """
 
     @staticmethod
     def forward(ctx, x, A, B, values, indices, scaling, weight, bias):
         d_out, d_in = B.shape[0], A.shape[1]
         x2 = x.reshape(-1, d_in)  # (N, d_in)
         S = sparse_csr(values, indices, d_out, d_in)
-        y = torch.sparse.mm(S, x2.t()).t()  # (N, d_out) = x S^T, a transposed view
-        y = torch.addmm(y, x2.mm(A.t()), B.t(), alpha=scaling)  # + s (x A^T) B^T, contiguous (N, d_out)
-        if weight is not None:
-            y.addmm_(x2, weight.t())
+        y = torch.empty(x2.shape[0], d_out, dtype=x.dtype, device=x.device)  # (N, d_out)
+        for rows in torch.arange(x2.shape[0], device="cpu").split(token_chunk(d_in, d_out, A.shape[0])):
+            xc = x2[rows[0] : rows[-1] + 1]  # (c, d_in)
+            yc = y[rows[0] : rows[-1] + 1]
+            yc.copy_(torch.sparse.mm(S, xc.t().contiguous()).t())  # x S^T
+            yc.addmm_(xc.mm(A.t()), B.t(), alpha=scaling)  # + s (x A^T) B^T
+            if weight is not None:
+                yc.addmm_(xc, weight.t())
         if bias is not None:
             y += bias
         ctx.save_for_backward(x, A, B, values, indices, weight)
@@ -111,31 +135,35 @@ class _FactoredSparseLowRankLinear(torch.autograd.Function):
         need_x, need_A, need_B, need_values, _, _, need_weight, need_bias = ctx.needs_input_grad
         scaling = ctx.scaling
         d_out, d_in = B.shape[0], A.shape[1]
-        grad_x = grad_A = grad_B = grad_values = grad_weight = grad_bias = None
         dy = grad_y.reshape(-1, d_out)  # (N, d_out)
         x2 = x.reshape(-1, d_in)  # (N, d_in)
-        dyB = dy.mm(B) if (need_x or need_A) else None  # (N, r)
-        S = sparse_csr(values, indices, d_out, d_in) if (need_x or need_values) else None
+        grad_x = torch.empty_like(x2) if need_x else None
+        grad_A = torch.zeros_like(A) if need_A else None
+        grad_B = torch.zeros_like(B) if need_B else None
+        grad_values = torch.zeros_like(values) if need_values else None
+        St = sparse_csr_transposed(values, indices, d_out, d_in) if need_x else None
+        # the sampled product writes the nnz entries of dY^T X in S's order, which is the values' order
+        pattern = sparse_csr(torch.zeros_like(values), indices, d_out, d_in) if need_values else None
 
-        if need_x:
-            grad_x = torch.sparse.mm(S.t(), dy.t()).t()  # (N, d_in) = dY S, via the CSC view of S
-            grad_x = torch.addmm(grad_x, dyB, A, alpha=scaling)
-            if weight is not None:
-                grad_x.addmm_(dy, weight)
-            grad_x = grad_x.view(x.shape)
-        if need_A:
-            grad_A = dyB.t().mm(x2).mul_(scaling)  # (r, d_in)
-        if need_B:
-            grad_B = dy.t().mm(x2.mm(A.t())).mul_(scaling)  # (d_out, r); X A^T recomputed, not saved
-        if need_values:
-            pattern = torch.sparse_csr_tensor(
-                S.crow_indices(), S.col_indices(), torch.zeros_like(values), S.shape, check_invariants=False
-            )
-            grad_values = torch.sparse.sampled_addmm(pattern, dy.t(), x2, beta=0.0).values()  # (nnz,)
-        if need_weight:
-            grad_weight = dy.t().mm(x2)
-        if need_bias:
-            grad_bias = dy.sum(0)
+        for rows in torch.arange(x2.shape[0], device="cpu").split(token_chunk(d_in, d_out, A.shape[0])):
+            xc, dyc = x2[rows[0] : rows[-1] + 1], dy[rows[0] : rows[-1] + 1]  # (c, d_in), (c, d_out)
+            dycB = dyc.mm(B) if (need_x or need_A) else None  # (c, r)
+            dycT = dyc.t().contiguous() if (need_x or need_values) else None  # (d_out, c)
+            if need_x:
+                gx = grad_x[rows[0] : rows[-1] + 1]
+                gx.copy_(torch.sparse.mm(St, dycT).t())  # dY S
+                gx.addmm_(dycB, A, alpha=scaling)  # + s (dY B) A
+                if weight is not None:
+                    gx.addmm_(dyc, weight)
+            if need_A:
+                grad_A.addmm_(dycB.t(), xc, alpha=scaling)  # s (dY B)^T X
+            if need_B:
+                grad_B.addmm_(dyc.t(), xc.mm(A.t()), alpha=scaling)  # s dY^T (X A^T), recomputed, not saved
+            if need_values:
+                grad_values += torch.sparse.sampled_addmm(pattern, dycT, xc.t().contiguous().t(), beta=0.0).values()
+        grad_weight = dy.t().mm(x2) if need_weight else None
+        grad_bias = dy.sum(0) if need_bias else None
+        grad_x = grad_x.view(x.shape) if need_x else None
         return grad_x, grad_A, grad_B, grad_values, None, None, grad_weight, grad_bias
 
 

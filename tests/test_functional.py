@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from peft_sltrain.functional import PATHS, dense_weight, sltrain_linear
+from peft_sltrain.functional import PATHS, dense_weight, sltrain_linear, token_chunk
 from peft_sltrain.support import random_support
 
 
@@ -26,6 +26,16 @@ def make_inputs(d_in=12, d_out=10, r=3, nnz=17, dtype=torch.float64, with_weight
         weight=rand(d_out, d_in) if with_weight else None,
         bias=rand(d_out) if with_bias else None,
     )
+
+
+NAMES = ["x", "A", "B", "values", "weight", "bias"]  # the differentiable inputs
+
+
+def clone_inputs(inputs: dict) -> dict:
+    """An independent copy of `make_inputs`' result, with the same requires_grad flags."""
+    return {
+        k: (v.detach().clone().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v) for k, v in inputs.items()
+    }
 
 
 def reference(x, A, B, values, indices, weight, bias, scaling):
@@ -61,12 +71,11 @@ def test_matches_dense_reference_fp32(with_weight, path):
     ref = {
         k: (v.detach().clone().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v) for k, v in ours.items()
     }
-    names = ["x", "A", "B", "values", "weight", "bias"]
 
     y = sltrain_linear(**ours, scaling=0.25, path=path)
     y_ref = reference(**ref, scaling=0.25)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    for g, g_ref in zip(grads(y, [ours[n] for n in names]), grads(y_ref, [ref[n] for n in names])):
+    for g, g_ref in zip(grads(y, [ours[n] for n in NAMES]), grads(y_ref, [ref[n] for n in NAMES])):
         if g_ref is not None:
             torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
 
@@ -78,12 +87,11 @@ def test_bf16_within_tolerance_of_fp32():
         k: (v.detach().to(torch.bfloat16).requires_grad_() if torch.is_tensor(v) and v.is_floating_point() else v)
         for k, v in t32.items()
     }
-    names = ["x", "A", "B", "values", "weight", "bias"]
     y32 = sltrain_linear(**t32, scaling=0.5)
     y16 = sltrain_linear(**t16, scaling=0.5)
     assert y16.dtype == torch.bfloat16
     torch.testing.assert_close(y16.float(), y32, rtol=0.02, atol=0.02 * y32.abs().max().item())
-    for g16, g32 in zip(grads(y16, [t16[n] for n in names]), grads(y32, [t32[n] for n in names])):
+    for g16, g32 in zip(grads(y16, [t16[n] for n in NAMES]), grads(y32, [t32[n] for n in NAMES])):
         assert g16.dtype == torch.bfloat16
         torch.testing.assert_close(g16.float(), g32, rtol=0.02, atol=0.02 * g32.abs().max().item())
 
@@ -184,14 +192,11 @@ def test_factored_path_never_forms_a_dense_matrix(with_weight):
 @pytest.mark.parametrize("with_weight", [True, False])
 def test_paths_agree_with_each_other(with_weight):
     dense = make_inputs(dtype=torch.float32, with_weight=with_weight, d_in=64, d_out=48, r=8, nnz=150)
-    fact = {
-        k: (v.detach().clone().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v) for k, v in dense.items()
-    }
-    names = ["x", "A", "B", "values", "weight", "bias"]
+    fact = clone_inputs(dense)
     y_dense = sltrain_linear(**dense, scaling=0.5, path="dense")
     y_fact = sltrain_linear(**fact, scaling=0.5, path="factored")
     torch.testing.assert_close(y_fact, y_dense, rtol=1e-5, atol=1e-5)
-    for g_f, g_d in zip(grads(y_fact, [fact[n] for n in names]), grads(y_dense, [dense[n] for n in names])):
+    for g_f, g_d in zip(grads(y_fact, [fact[n] for n in NAMES]), grads(y_dense, [dense[n] for n in NAMES])):
         torch.testing.assert_close(g_f, g_d, rtol=1e-5, atol=1e-5)
 
 
@@ -206,3 +211,16 @@ def test_factored_saves_nothing_dense():
 def test_unknown_path():
     with pytest.raises(ValueError, match="`path` must be one of"):
         sltrain_linear(**make_inputs(), scaling=1.0, path="sparse")
+
+
+def test_factored_path_over_many_token_chunks():
+    """150 rows of x are 3 chunks of the factored path (64 rows each here): float64 results equal the dense path's."""
+    assert token_chunk(12, 10, 3) == 64
+    dense = make_inputs(d_in=12, d_out=10, r=3, nnz=17)
+    dense["x"] = torch.randn(3, 50, 12, dtype=torch.float64, requires_grad=True)
+    fact = clone_inputs(dense)
+    y_d = sltrain_linear(**dense, scaling=0.3, path="dense")
+    y_f = sltrain_linear(**fact, scaling=0.3, path="factored")
+    torch.testing.assert_close(y_f, y_d, rtol=1e-12, atol=1e-12)
+    for g_f, g_d in zip(grads(y_f, [fact[n] for n in NAMES]), grads(y_d, [dense[n] for n in NAMES])):
+        torch.testing.assert_close(g_f, g_d, rtol=1e-12, atol=1e-12)

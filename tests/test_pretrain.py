@@ -246,52 +246,26 @@ def test_bad_input_fails_before_training(tmp_path, corpus, extra, message):
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "log.jsonl").exists()
 
 
-def test_missing_and_empty_data(tmp_path, corpus):
-    with pytest.raises(ValueError, match="does not exist"):
-        pretrain.main(
-            [
-                "--model",
-                MICRO,
-                "--out-dir",
-                str(tmp_path / "a"),
-                "--train-files",
-                "nope.txt",
-                "--validation-files",
-                corpus[1],
-            ]
-        )
-    empty = tmp_path / "empty.txt"
-    empty.write_text("  \n")
-    with pytest.raises(ValueError, match="holds no text"):
-        pretrain.main(
-            [
-                "--model",
-                MICRO,
-                "--out-dir",
-                str(tmp_path / "b"),
-                "--train-files",
-                str(empty),
-                "--validation-files",
-                corpus[1],
-            ]
-        )
-    short = tmp_path / "short.txt"
-    short.write_text("Too short.")
-    with pytest.raises(ValueError, match="validation text is shorter than one sequence"):
-        pretrain.main(
-            [
-                "--model",
-                MICRO,
-                "--out-dir",
-                str(tmp_path / "d"),
-                "--train-files",
-                corpus[0],
-                "--validation-files",
-                str(short),
-            ]
-        )
-    with pytest.raises(ValueError, match="Give both"):
-        pretrain.main(["--model", MICRO, "--out-dir", str(tmp_path / "c"), "--train-files", corpus[0]])
+@pytest.mark.parametrize(
+    "train,validation,message",
+    [
+        ("nope.txt", "VAL", "does not exist"),
+        ("EMPTY", "VAL", "holds no text"),
+        ("TRAIN", "SHORT", "validation text is shorter than one sequence"),
+        ("TRAIN", None, "Give both"),
+    ],
+)
+def test_missing_empty_and_short_data(tmp_path, corpus, train, validation, message):
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "short.txt").write_text("Too short.")
+    files = {"TRAIN": corpus[0], "VAL": corpus[1], "EMPTY": str(tmp_path / "empty.txt"),
+             "SHORT": str(tmp_path / "short.txt")}  # fmt: skip
+    args = ["--model", MICRO, "--out-dir", str(tmp_path / "out"), "--train-files", files.get(train, train)]
+    if validation:
+        args += ["--validation-files", files[validation]]
+    with pytest.raises(ValueError, match=message):
+        pretrain.main(args)
+    assert not (tmp_path / "out" / "run_config.json").exists()
 
 
 def test_existing_runs_are_never_overwritten_by_mistake(tmp_path, corpus):

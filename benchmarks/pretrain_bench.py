@@ -1,0 +1,204 @@
+"""SLTrain against full-rank, low-rank, LoRA, ReLoRA, GaLore and Fira: same model, data, token budget and seed.
+
+    python benchmarks/pretrain_bench.py                 # CPU default: tiny LLaMA, shared corpora, < 30 min on 2 cores
+    python benchmarks/pretrain_bench.py --sweep-lr      # first: each method's best learning rate (short runs)
+    python benchmarks/pretrain_bench.py --size 60m --device-note "1x H100"   # the paper's 60M setting, on a GPU
+
+Every method runs `scripts/pretrain.py` in its own process (so that peak memory is its own), at its own best
+learning rate from the sweep file, and the results land in `benchmarks/results/pretrain_<size>.{json,png}` plus
+`..._curves.png`: validation perplexity at equal tokens, trainable and total parameters, the exact bytes of
+parameters + gradients + optimizer states, peak process memory (RSS on CPU, max allocated on GPU), tokens/s and wall
+time, with the command, versions, machine and seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_env import environment  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+RUNS = ROOT / "benchmarks" / "runs"
+SHARED_LM = ROOT.parent / "shared" / "data" / "lm"
+METHODS = ["full", "lowrank", "lora", "relora", "galore", "fira", "sltrain"]
+LR_GRID = [1e-3, 3e-3, 1e-2]
+
+# Budgets: the CPU default must finish all methods in under 30 minutes on 2 cores.
+SIZES = {
+    "tiny": {"max_steps": 600, "warmup_steps": 60, "eval_every": 100, "sweep_steps": 200},
+    "60m": {"max_steps": 2000, "warmup_steps": 200, "eval_every": 250, "sweep_steps": 500},
+}
+
+
+def corpus_files() -> tuple[list[str], list[str]]:
+    """The shared offline corpora (Austen, King James Bible, Brown), or the embedded Austen corpus without them."""
+    train = sorted(str(p) for p in SHARED_LM.glob("*_train.txt.gz"))
+    validation = sorted(str(p) for p in SHARED_LM.glob("*_validation.txt.gz"))
+    if not train:
+        print(f"note: {SHARED_LM} not found; using the embedded Austen corpus")
+        return [str(ROOT / "data/austen/train.txt.gz")], [str(ROOT / "data/austen/validation.txt.gz")]
+    return train, validation
+
+
+def run_method(method: str, size: str, lr: float, seed: int, steps: int, warmup: int, eval_every: int, tag: str,
+               extra: list[str]) -> dict:  # fmt: skip
+    train, validation = corpus_files()
+    out = RUNS / tag / f"{method}-lr{lr:g}-seed{seed}"
+    cmd = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), "--model", size, "--method", method,
+           "--lr", str(lr), "--seed", str(seed), "--max-steps", str(steps), "--warmup-steps", str(warmup),
+           "--eval-every", str(eval_every), "--out-dir", str(out), "--overwrite", "--vocab-size", "8192",
+           "--train-files", *train, "--validation-files", *validation, *extra]  # fmt: skip
+    if method == "relora":
+        cmd += ["--method-arg", f"relora_every={steps // 4}"]  # 3 restarts, as ReLoRA's short runs
+    if method in ("galore", "fira"):
+        cmd += ["--method-arg", f"update_proj_gap={max(50, steps // 10)}"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    summary.update(lr=lr, seed=seed, wall_seconds=time.perf_counter() - t0,
+                   curve=[(r["tokens"], r["val_ppl"]) for r in rows if "val_ppl" in r],
+                   train_curve=[(r["tokens"], r["loss"]) for r in rows if "loss" in r])  # fmt: skip
+    return summary
+
+
+def sweep(args) -> None:
+    budget = SIZES[args.size]
+    results = {"command": " ".join(["python", *sys.argv]), "grid": LR_GRID, "steps": budget["sweep_steps"], "runs": []}
+    for method in args.methods:
+        for lr in LR_GRID:
+            s = run_method(method, args.size, lr, 0, budget["sweep_steps"], budget["sweep_steps"] // 10,
+                           budget["sweep_steps"], f"sweep-{args.size}", args.extra)  # fmt: skip
+            results["runs"].append({"method": method, "lr": lr, "val_ppl": s["val_ppl"]})
+            print(f"sweep {method} lr={lr:g}: val_ppl={s['val_ppl']:.2f}")
+    results["best_lr"] = {
+        m: min((r for r in results["runs"] if r["method"] == m), key=lambda r: r["val_ppl"])["lr"]
+        for m in args.methods
+    }
+    results["environment"] = environment("cuda" if args.size != "tiny" else "cpu")
+    path = RESULTS / f"lr_sweep_{args.size}.json"
+    path.write_text(json.dumps(results, indent=2))
+    print(f"wrote {path}: {results['best_lr']}")
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """Mean (and standard deviation over seeds, where repeated) of the measured quantities of one method."""
+    keys = ["val_ppl", "tokens_per_s", "peak_memory_bytes", "wall_seconds"]
+    row = {k: runs[0][k] for k in ("method", "lr", "trainable_params", "total_params", "training_state_bytes",
+                                     "param_bytes", "grad_bytes", "optimizer_state_bytes", "tokens")}  # fmt: skip
+    for key in keys:
+        values = [r[key] for r in runs]
+        row[key] = statistics.mean(values)
+        row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
+    row["seeds"] = [r["seed"] for r in runs]
+    return row
+
+
+def plot(rows: list[dict], runs: list[dict], stem: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    biggest = max(r["total_params"] for r in rows)
+    for i, r in enumerate(rows):
+        mem = r["training_state_bytes"] / 2**20
+        ax.scatter(mem, r["val_ppl"], s=2000 * r["total_params"] / biggest, alpha=0.45, color=f"C{i}")
+        ax.annotate(r["method"], (mem, r["val_ppl"]), ha="center", va="center", fontsize=9)
+    ax.set_xlabel("parameters + gradients + optimizer states (MiB)")
+    ax.set_ylabel("validation perplexity")
+    ax.set_title(f"{title}\n(circle area = total parameters)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"), dpi=120)
+    plt.close(fig)
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for i, method in enumerate(r["method"] for r in rows):
+        run = next(r for r in runs if r["method"] == method)
+        tokens, loss = zip(*run["train_curve"])
+        window = 20
+        smooth = [statistics.mean(loss[max(0, j - window) : j + 1]) for j in range(len(loss))]
+        ax1.plot(tokens, smooth, color=f"C{i}", label=method)
+        ax2.plot(*zip(*run["curve"]), "o-", color=f"C{i}", label=method)
+    ax1.set_ylabel("training loss (running mean of 20 steps)")
+    ax2.set_ylabel("validation perplexity")
+    ax2.set_yscale("log")
+    for ax in (ax1, ax2):
+        ax.set_xlabel("tokens")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(stem.with_name(stem.name + "_curves.png"), dpi=120)
+    plt.close(fig)
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| method | lr | val ppl | trainable | total | params+grads+opt | peak mem | tokens/s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in rows:
+        std = f" ± {r['val_ppl_std']:.2f}" if r["val_ppl_std"] is not None else ""
+        lines.append(
+            f"| {r['method']} | {r['lr']:g} | {r['val_ppl']:.2f}{std} | {r['trainable_params'] / 1e6:.2f}M | "
+            f"{r['total_params'] / 1e6:.2f}M | {r['training_state_bytes'] / 2**20:.1f} MiB | "
+            f"{r['peak_memory_bytes'] / 2**20:.0f} MiB | {r['tokens_per_s']:,.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="tiny", choices=sorted(SIZES))
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--sweep-lr", action="store_true", help="measure each method's best lr on short runs first")
+    p.add_argument("--device-note", default="", help="how to name the machine in the plot, e.g. '1x H100'")
+    p.add_argument("extra", nargs="*", help="further flags for pretrain.py, after --")
+    args = p.parse_args(argv)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.sweep_lr:
+        sweep(args)
+        return
+
+    sweep_file = RESULTS / f"lr_sweep_{args.size}.json"
+    best_lr = json.loads(sweep_file.read_text())["best_lr"] if sweep_file.is_file() else {}
+    budget = SIZES[args.size]
+    runs = []
+    for method in args.methods:
+        for seed in args.seeds:
+            lr = best_lr.get(method, 3e-3)
+            runs.append(run_method(method, args.size, lr, seed, budget["max_steps"], budget["warmup_steps"],
+                                   budget["eval_every"], f"bench-{args.size}", args.extra))  # fmt: skip
+    rows = [aggregate([r for r in runs if r["method"] == m]) for m in args.methods]
+    device = runs[0]["device"]
+    env = environment(device)
+    title = f"LLaMA-{args.size}, {rows[0]['tokens'] / 1e6:.1f}M tokens, {args.device_note or env['cpu']}"
+    stem = RESULTS / f"pretrain_{args.size}"
+    result = {
+        "command": " ".join(["python", *sys.argv]),
+        "environment": env,
+        "seeds": args.seeds,
+        "lr_source": str(sweep_file.relative_to(ROOT)) if best_lr else "default 3e-3 (no sweep file)",
+        "budget": budget,
+        "methods": rows,
+        "runs": runs,
+        "table": table(rows),
+    }
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    plot(rows, runs, stem, title)
+    print(table(rows))
+    print(f"wrote {stem.with_suffix('.json')}, {stem.with_suffix('.png')}, {stem.name}_curves.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Whole training steps: SLTrain's dense and factored compute paths against full-rank, at the paper's r and sparsity.
+
+    python benchmarks/step_bench.py                   # CPU, fp32: tiny and 60M-shaped LLaMA
+    python benchmarks/step_bench.py --device cuda     # GPU, bf16 autocast: 60M and 350M shapes
+
+One step = forward + backward + AdamW update on one batch. Each variant is timed over several steps after a warm-up
+(median), side by side in one process, and reported as a ratio to full-rank. Peak memory is the highest live tensor
+memory during one step (CUDA: allocator peak; CPU: PyTorch's memory profiler), parameters and optimizer state
+included. Results: benchmarks/results/step_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_env import environment  # noqa: E402
+from layer_bench import peak_bytes  # noqa: E402
+from transformers import LlamaConfig  # noqa: E402
+
+import peft_sltrain  # noqa: E402
+from peft_sltrain import cost  # noqa: E402
+
+from methods import METHODS, Hyper  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+VARIANTS = {"full": None, "sltrain-dense": "dense", "sltrain-factored": "factored", "sltrain-auto": "auto"}
+
+
+def build(size: str, variant: str, device: torch.device) -> torch.nn.Module:
+    preset = json.loads((ROOT / "configs" / f"llama_{size}.json").read_text())
+    config = LlamaConfig(**preset["model"])
+    torch.manual_seed(0)
+    if variant == "full":
+        return METHODS["full"].build(config, Hyper()).to(device)
+    sl = preset["sltrain"]
+    hyper = Hyper(rank=sl["rank"], sparsity=sl["sparsity"], alpha=sl["alpha"])
+    model = METHODS["sltrain"].build(config, hyper)
+    for layer in model.modules():
+        if isinstance(layer, peft_sltrain.SLTrainLayer):
+            layer.compute["default"] = VARIANTS[variant]
+    return model.to(device)
+
+
+def measure(size: str, variant: str, batch: int, seq_len: int, steps: int, device, autocast_dtype) -> dict:
+    model = build(size, variant, device).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    vocab = model.config.vocab_size if hasattr(model, "config") else 4096
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def step():
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def timed() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    for _ in range(2):  # warm-up, and AdamW's state exists from here on
+        step()
+    seconds = statistics.median(timed() for _ in range(steps))
+
+    peak = peak_bytes(step, device)
+    dtype = autocast_dtype or torch.float32
+    paths = sorted(
+        cost.choose_path(layer.compute["default"], batch * seq_len, layer.in_features, layer.out_features,
+                         layer.r["default"], layer.sltrain_values["default"].numel(), device, dtype, False)
+        for layer in model.modules() if isinstance(layer, peft_sltrain.SLTrainLayer)
+    )  # fmt: skip
+    return {"size": size, "variant": variant, "tokens": batch * seq_len, "step_s": seconds,
+            "tokens_per_s": batch * seq_len / seconds, "peak_bytes": peak,
+            "layers_by_path": {p: paths.count(p) for p in sorted(set(paths))}}  # fmt: skip
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--steps", type=int, default=5)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        settings = [("60m", 64, 256), ("350m", 16, 256)]  # (size, batch, seq_len): bf16 autocast
+        autocast_dtype = torch.bfloat16
+    else:
+        settings = [("tiny", 32, 128), ("60m", 8, 256)]
+        autocast_dtype = None
+    rows = []
+    for size, batch, seq_len in settings:
+        for variant in VARIANTS:
+            rows.append(measure(size, variant, batch, seq_len, args.steps, device, autocast_dtype))
+            full = next(r for r in rows if r["size"] == size and r["variant"] == "full")
+            rows[-1]["time_vs_full"] = rows[-1]["step_s"] / full["step_s"]
+            rows[-1]["peak_vs_full"] = rows[-1]["peak_bytes"] / full["peak_bytes"]
+            print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in rows[-1].items()}))
+    result = {
+        "command": "python " + " ".join(["benchmarks/step_bench.py", *(argv or sys.argv[1:])]),
+        "environment": environment(device),
+        "autocast": str(autocast_dtype),
+        "rows": rows,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"step_{device.type}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
