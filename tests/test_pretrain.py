@@ -352,3 +352,21 @@ def test_relora_merges_restarts_and_resets_optimizer_state():
 def test_methods_whose_state_needs_pickle_refuse_checkpoints(tmp_path, corpus, method):
     with pytest.raises(ValueError, match="cannot be saved without pickle"):
         run(tmp_path, corpus, "--method", method, "--save-every", "3")
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path, corpus):
+    run(tmp_path / "plain", corpus, "--method", "sltrain", "--max-steps", "3")
+    run(tmp_path / "ckpt", corpus, "--method", "sltrain", "--max-steps", "3", "--activation-checkpointing")
+    plain, ckpt = log_rows(tmp_path / "plain"), log_rows(tmp_path / "ckpt")
+    assert [r["loss"] for r in ckpt] == pytest.approx([r["loss"] for r in plain], rel=1e-5)
+
+
+def test_bf16_autocast_trains(tmp_path, corpus):
+    """In its own process: Accelerate's state is a process-wide singleton, fixed at the first run's precision."""
+    args = ["--model", MICRO, "--method", "sltrain", "--out-dir", str(tmp_path), "--train-files", corpus[0],
+            "--validation-files", corpus[1], "--vocab-size", "300", "--eval-blocks", "8", "--dtype", "bf16",
+            "--max-steps", "3"]  # fmt: skip
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "pretrain.py"), *args], check=True, capture_output=True)
+    losses = [r["loss"] for r in log_rows(tmp_path)]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(losses) == 3 and all(map(torch.isfinite, torch.tensor(losses))) and summary["val_ppl"] < 400
