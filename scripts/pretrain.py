@@ -297,14 +297,15 @@ def training_state_bytes(model, optimizer) -> dict[str, int]:
 
 
 def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of every tensor in the optimizer state, including those inside helper objects (GaLore's projectors)."""
     optimizers = optimizer.optimizers.values() if isinstance(optimizer, PerLayerOptimizer) else [optimizer]
-    return sum(
-        t.numel() * t.element_size()
-        for opt in optimizers
-        for state in opt.state.values()
-        for t in state.values()
-        if torch.is_tensor(t)
-    )
+    total = 0
+    for opt in optimizers:
+        for state in opt.state.values():
+            for value in state.values():
+                tensors = [value] if torch.is_tensor(value) else list(getattr(value, "__dict__", {}).values())
+                total += sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+    return total
 
 
 # ----------------------------------------------------------------------------------------------------- utilities

@@ -370,3 +370,16 @@ def test_bf16_autocast_trains(tmp_path, corpus):
     losses = [r["loss"] for r in log_rows(tmp_path)]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(losses) == 3 and all(map(torch.isfinite, torch.tensor(losses))) and summary["val_ppl"] < 400
+
+
+def test_optimizer_state_bytes_count_galore_projectors():
+    model = METHODS["galore"].build(micro_config(), Hyper(rank=4))
+    optimizer = METHODS["galore"].make_optimizer(model, Hyper(rank=4))
+    model(input_ids=torch.ones(2, 8, dtype=torch.long), labels=torch.ones(2, 8, dtype=torch.long)).loss.backward()
+    optimizer.step()
+    plain = sum(t.numel() * 4 for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+    projectors = sum(s["projector"].ortho_matrix.numel() * 4 for s in optimizer.state.values() if "projector" in s)
+    assert projectors > 0
+    assert pretrain.optimizer_state_bytes(optimizer) == plain + projectors
+    adam_bytes = 2 * sum(p.numel() * 4 for p in model.parameters())
+    assert pretrain.optimizer_state_bytes(optimizer) < adam_bytes
