@@ -116,9 +116,9 @@ class _FactoredSparseLowRankLinear(torch.autograd.Function):
         x2 = x.reshape(-1, d_in)  # (N, d_in)
         S = sparse_csr(values, indices, d_out, d_in)
         y = torch.empty(x2.shape[0], d_out, dtype=x.dtype, device=x.device)  # (N, d_out)
-        for rows in torch.arange(x2.shape[0], device="cpu").split(token_chunk(d_in, d_out, A.shape[0])):
-            xc = x2[rows[0] : rows[-1] + 1]  # (c, d_in)
-            yc = y[rows[0] : rows[-1] + 1]
+        chunk = token_chunk(d_in, d_out, A.shape[0])
+        for start in range(0, x2.shape[0], chunk):
+            xc, yc = x2[start : start + chunk], y[start : start + chunk]  # (c, d_in), (c, d_out)
             yc.copy_(torch.sparse.mm(S, xc.t().contiguous()).t())  # x S^T
             yc.addmm_(xc.mm(A.t()), B.t(), alpha=scaling)  # + s (x A^T) B^T
             if weight is not None:
@@ -145,12 +145,13 @@ class _FactoredSparseLowRankLinear(torch.autograd.Function):
         # the sampled product writes the nnz entries of dY^T X in S's order, which is the values' order
         pattern = sparse_csr(torch.zeros_like(values), indices, d_out, d_in) if need_values else None
 
-        for rows in torch.arange(x2.shape[0], device="cpu").split(token_chunk(d_in, d_out, A.shape[0])):
-            xc, dyc = x2[rows[0] : rows[-1] + 1], dy[rows[0] : rows[-1] + 1]  # (c, d_in), (c, d_out)
+        chunk = token_chunk(d_in, d_out, A.shape[0])
+        for start in range(0, x2.shape[0], chunk):
+            xc, dyc = x2[start : start + chunk], dy[start : start + chunk]  # (c, d_in), (c, d_out)
             dycB = dyc.mm(B) if (need_x or need_A) else None  # (c, r)
             dycT = dyc.t().contiguous() if (need_x or need_values) else None  # (d_out, c)
             if need_x:
-                gx = grad_x[rows[0] : rows[-1] + 1]
+                gx = grad_x[start : start + chunk]
                 gx.copy_(torch.sparse.mm(St, dycT).t())  # dY S
                 gx.addmm_(dycB, A, alpha=scaling)  # + s (dY B) A
                 if weight is not None:

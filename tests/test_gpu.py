@@ -1,0 +1,42 @@
+"""CUDA checks; skipped cleanly where no GPU is available (CI never has one)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+from test_functional import NAMES, clone_inputs, grads, make_inputs
+
+from peft_sltrain import SLTrainConfig
+from peft_sltrain.cost import factored_supported
+from peft_sltrain.functional import sltrain_linear
+
+from conftest import perturb_trainable, tiny_llama
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("path", ["dense", "factored"])
+def test_cuda_matches_cpu_fp32(dtype, path):
+    cpu = make_inputs(dtype=torch.float32, d_in=256, d_out=192, r=16, nnz=1500)
+    cuda = {k: (v.detach().to("cuda", dtype if v.is_floating_point() else v.dtype).requires_grad_(v.requires_grad)
+                if torch.is_tensor(v) else v) for k, v in clone_inputs(cpu).items()}  # fmt: skip
+    if path == "factored" and not factored_supported(torch.device("cuda"), dtype):
+        pytest.skip(f"no CUDA sparse kernels for {dtype}")
+    y_cpu = sltrain_linear(**cpu, scaling=0.5, path="dense")
+    y_gpu = sltrain_linear(**cuda, scaling=0.5, path=path)
+    tol = 1e-4 if dtype == torch.float32 else 0.02
+    torch.testing.assert_close(y_gpu.float().cpu(), y_cpu, rtol=tol, atol=tol * y_cpu.abs().max().item())
+    for g_gpu, g_cpu in zip(grads(y_gpu, [cuda[n] for n in NAMES]), grads(y_cpu, [cpu[n] for n in NAMES])):
+        torch.testing.assert_close(g_gpu.float().cpu(), g_cpu, rtol=tol, atol=tol * g_cpu.abs().max().item())
+
+
+def test_wrapped_model_trains_on_cuda_in_bf16(input_ids):
+    model = get_peft_model(tiny_llama(), SLTrainConfig(r=4, sparsity=0.05, from_scratch=True)).cuda()
+    perturb_trainable(model)
+    ids = input_ids.cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters() if p.requires_grad)
