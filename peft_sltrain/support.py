@@ -72,3 +72,10 @@ def check_support(indices: torch.Tensor, d_out: int, d_in: int, nnz: int, name: 
         )
     if nnz > 1 and not bool((indices[1:] > indices[:-1]).all()):
         raise ValueError(f"`{name}` must be strictly increasing (sorted, no duplicates); the file looks corrupt.")
+
+
+def support_fingerprint(indices: torch.Tensor) -> torch.Tensor:
+    """A 64-bit hash of a support (1-element int64 tensor): what an adapter saved without its supports keeps, so
+    that loading can check that the regenerated supports are the ones it was trained with."""
+    digest = hashlib.sha256(indices.detach().cpu().contiguous().numpy().tobytes()).digest()
+    return torch.tensor([int.from_bytes(digest[:8], "little", signed=True)], dtype=torch.int64)

@@ -168,3 +168,26 @@ def test_loading_before_import_names_the_missing_method(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["KeyError", "'SLTRAIN'", "SLTrainConfig"]
+
+
+@pytest.mark.parametrize("from_scratch", [False, True])
+def test_adapter_without_supports_regenerates_them(tmp_path, input_ids, from_scratch):
+    """`save_support=False`: 8 bytes per layer instead of 4 per nonzero; loading regenerates and checks them."""
+    config = dict(from_scratch=from_scratch, seed=5)
+    with_support = save_adapter(tmp_path / "with", **config)
+    without = save_adapter(tmp_path / "without", save_support=False, **config)
+    keys = load_file(without).keys()
+    assert not any("sltrain_indices" in k for k in keys) and sum("sltrain_fingerprint" in k for k in keys) == 14
+    nnz = sum(t.numel() for k, t in load_file(with_support).items() if "sltrain_indices" in k)
+    assert with_support.stat().st_size - without.stat().st_size > 4 * nnz - 8 * 14 - 2000  # minus header changes
+
+    expected = PeftModel.from_pretrained(tiny_llama(), tmp_path / "with").eval()(input_ids).logits
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "without").eval()
+    assert torch.equal(loaded(input_ids).logits, expected)
+
+    tensors = load_file(without)
+    key = next(k for k in tensors if "sltrain_fingerprint" in k)
+    tensors[key] = tensors[key] + 1  # as if this PyTorch drew a different support
+    save_file(tensors, without)
+    with pytest.raises(ValueError, match="differs from the one the adapter was trained with"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path / "without")
