@@ -71,22 +71,48 @@ def run_method(method: str, size: str, lr: float, seed: int, steps: int, warmup:
 
 
 def sweep(args) -> None:
+    """Each method's best learning rate on a short run: the grid, extended by 3x beyond an edge that wins.
+    Runs already in the sweep file are reused, so an interrupted or extended sweep only runs what is missing."""
     budget = SIZES[args.size]
-    results = {"command": " ".join(["python", *sys.argv]), "grid": LR_GRID, "steps": budget["sweep_steps"], "runs": []}
-    for method in args.methods:
-        for lr in LR_GRID:
-            s = run_method(method, args.size, lr, 0, budget["sweep_steps"], budget["sweep_steps"] // 10,
-                           budget["sweep_steps"], f"sweep-{args.size}", args.extra)  # fmt: skip
-            results["runs"].append({"method": method, "lr": lr, "val_ppl": s["val_ppl"]})
-            print(f"sweep {method} lr={lr:g}: val_ppl={s['val_ppl']:.2f}")
-    results["best_lr"] = {
-        m: min((r for r in results["runs"] if r["method"] == m), key=lambda r: r["val_ppl"])["lr"]
-        for m in args.methods
-    }
-    results["environment"] = environment("cuda" if args.size != "tiny" else "cpu")
     path = RESULTS / f"lr_sweep_{args.size}.json"
-    path.write_text(json.dumps(results, indent=2))
-    print(f"wrote {path}: {results['best_lr']}")
+    done = json.loads(path.read_text())["runs"] if path.is_file() else []
+    runs = {(r["method"], r["lr"]): r for r in done}
+
+    def val_ppl(method: str, lr: float) -> float:
+        if (method, lr) not in runs:
+            steps = budget["sweep_steps"]
+            s = run_method(method, args.size, lr, 0, steps, steps // 10, steps, f"sweep-{args.size}", args.extra)
+            runs[(method, lr)] = {"method": method, "lr": lr, "val_ppl": s["val_ppl"]}
+            print(f"sweep {method} lr={lr:g}: val_ppl={s['val_ppl']:.2f}")
+            save()
+        return runs[(method, lr)]["val_ppl"]
+
+    def save() -> None:
+        best = {}
+        for method in sorted({m for m, _ in runs}):
+            tried = [r for (m, _), r in runs.items() if m == method]
+            best[method] = min(tried, key=lambda r: r["val_ppl"])["lr"]
+        path.write_text(json.dumps({
+            "command": " ".join(["python", *sys.argv]), "grid": LR_GRID, "steps": budget["sweep_steps"],
+            "runs": sorted(runs.values(), key=lambda r: (r["method"], r["lr"])), "best_lr": best,
+            "environment": environment("cuda" if args.size != "tiny" else "cpu"),
+        }, indent=2))  # fmt: skip
+
+    for method in args.methods:
+        grid = list(LR_GRID)
+        for lr in grid:
+            val_ppl(method, lr)
+        while True:  # extend past a winning edge of the grid
+            tried = sorted(lr for m, lr in runs if m == method)
+            best = min(tried, key=lambda lr: val_ppl(method, lr))
+            if best == tried[0] and best / 3 >= 1e-5:
+                val_ppl(method, round(best / 3, 8))
+            elif best == tried[-1] and best * 3 <= 0.1:
+                val_ppl(method, round(best * 3, 8))
+            else:
+                break
+    save()
+    print(f"wrote {path}: {json.loads(path.read_text())['best_lr']}")
 
 
 def aggregate(runs: list[dict]) -> dict:
