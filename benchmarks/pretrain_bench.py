@@ -8,17 +8,20 @@ Every method runs `scripts/pretrain.py` in its own process (so that peak memory 
 learning rate from the sweep file, and the results land in `benchmarks/results/pretrain_<size>.{json,png}` plus
 `..._curves.png`: validation perplexity at equal tokens, trainable and total parameters, the exact bytes of
 parameters + gradients + optimizer states, peak process memory (RSS on CPU, max allocated on GPU), tokens/s and wall
-time, with the command, versions, machine and seeds.
+time, with the command, versions, machine and seeds. On the CPU default two runs go side by side with one thread each
+(all methods share that setting, so their tokens/s compare; logs land next to each run directory).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,7 +36,7 @@ LR_GRID = [1e-3, 3e-3, 1e-2]
 
 # Budgets: the CPU default must finish all methods in under 30 minutes on 2 cores.
 SIZES = {
-    "tiny": {"max_steps": 600, "warmup_steps": 60, "eval_every": 100, "sweep_steps": 200},
+    "tiny": {"max_steps": 500, "warmup_steps": 50, "eval_every": 100, "sweep_steps": 200},
     "60m": {"max_steps": 2000, "warmup_steps": 200, "eval_every": 250, "sweep_steps": 500},
 }
 
@@ -49,7 +52,9 @@ def corpus_files() -> tuple[list[str], list[str]]:
 
 
 def run_method(method: str, size: str, lr: float, seed: int, steps: int, warmup: int, eval_every: int, tag: str,
-               extra: list[str]) -> dict:  # fmt: skip
+               extra: list[str], threads: int | None = None) -> dict:  # fmt: skip
+    """One `scripts/pretrain.py` run in its own process. A finished run with the same command is reused, so an
+    interrupted benchmark only runs what is missing."""
     train, validation = corpus_files()
     out = RUNS / tag / f"{method}-lr{lr:g}-seed{seed}"
     cmd = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), "--model", size, "--method", method,
@@ -60,13 +65,27 @@ def run_method(method: str, size: str, lr: float, seed: int, steps: int, warmup:
         cmd += ["--method-arg", f"relora_every={steps // 4}"]  # 3 restarts, as ReLoRA's short runs
     if method in ("galore", "fira"):
         cmd += ["--method-arg", f"update_proj_gap={max(50, steps // 10)}"]
+    env = dict(os.environ)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    record = out / "bench.json"
+    if record.is_file() and json.loads(record.read_text()).get("cmd") == cmd[1:] and (
+            json.loads(record.read_text()).get("threads") == threads):  # fmt: skip
+        return json.loads(record.read_text())
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    if threads:  # parallel runs: keep their progress bars out of each other's way
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out.with_name(out.name + ".log"), "w") as log:
+            subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
+    else:
+        subprocess.run(cmd, check=True, env=env)
     summary = json.loads((out / "summary.json").read_text())
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    summary.update(lr=lr, seed=seed, wall_seconds=time.perf_counter() - t0,
+    summary.update(lr=lr, seed=seed, wall_seconds=time.perf_counter() - t0, threads=threads,
                    curve=[(r["tokens"], r["val_ppl"]) for r in rows if "val_ppl" in r],
                    train_curve=[(r["tokens"], r["loss"]) for r in rows if "loss" in r])  # fmt: skip
+    record.write_text(json.dumps({**summary, "cmd": cmd[1:]}))
+    print(f"done {method} seed={seed}: val_ppl={summary['val_ppl']:.2f} tokens/s={summary['tokens_per_s']:,.0f}")
     return summary
 
 
@@ -188,6 +207,12 @@ def main(argv=None) -> None:
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--sweep-lr", action="store_true", help="measure each method's best lr on short runs first")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="runs side by side, each with cores/jobs threads (default: 2 for the CPU size 'tiny', else 1)",
+    )
     p.add_argument("--device-note", default="", help="how to name the machine in the plot, e.g. '1x H100'")
     p.add_argument("extra", nargs="*", help="further flags for pretrain.py, after --")
     args = p.parse_args(argv)
@@ -199,12 +224,18 @@ def main(argv=None) -> None:
     sweep_file = RESULTS / f"lr_sweep_{args.size}.json"
     best_lr = json.loads(sweep_file.read_text())["best_lr"] if sweep_file.is_file() else {}
     budget = SIZES[args.size]
-    runs = []
-    for method in args.methods:
-        for seed in args.seeds:
-            lr = best_lr.get(method, 3e-3)
-            runs.append(run_method(method, args.size, lr, seed, budget["max_steps"], budget["warmup_steps"],
-                                   budget["eval_every"], f"bench-{args.size}", args.extra))  # fmt: skip
+    args.jobs = args.jobs or (2 if args.size == "tiny" else 1)
+    jobs = [(m, seed) for m in args.methods for seed in args.seeds]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+
+    def one(job):
+        method, seed = job
+        lr = best_lr.get(method, 3e-3)
+        steps, warmup, every = budget["max_steps"], budget["warmup_steps"], budget["eval_every"]
+        return run_method(method, args.size, lr, seed, steps, warmup, every, f"bench-{args.size}", args.extra, threads)
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        runs = list(pool.map(one, jobs))
     rows = [aggregate([r for r in runs if r["method"] == m]) for m in args.methods]
     device = runs[0]["device"]
     env = environment(device)
@@ -214,6 +245,8 @@ def main(argv=None) -> None:
         "command": " ".join(["python", *sys.argv]),
         "environment": env,
         "seeds": args.seeds,
+        "jobs": args.jobs,
+        "threads_per_run": threads,
         "lr_source": str(sweep_file.relative_to(ROOT)) if best_lr else "default 3e-3 (no sweep file)",
         "budget": budget,
         "methods": rows,
