@@ -10,7 +10,8 @@ Variants, all computing y = x W^T for the same W:
 - `sltrain`:  peft_sltrain.sltrain_linear(path="dense"), the memory-saving autograd function (W rebuilt in backward)
 - `factored`: peft_sltrain.sltrain_linear(path="factored"): low-rank products plus CSR sparse kernels, no dense W
 `kappa_fit` is the cost of one sparse multiply-add relative to a dense GEMM's that makes `peft_sltrain.cost`'s
-model reproduce the measured factored / dense-path time ratio; the cost model's constant is the median fit.
+model reproduce the measured factored / dense-path time ratio; `kappa_model_fit` fits it as
+kappa_inf + kappa_row / (nonzeros per row), the form and constants `peft_sltrain/cost.py` uses.
 Times are medians of repeated forward+backward passes, reported as ratios to `dense` measured in the same run.
 Peak memory is the highest live tensor memory during forward+backward (CUDA: the allocator's peak; CPU: PyTorch's
 memory profiler timeline), with the inputs and parameters counted in; "saved" is the bytes autograd keeps between
@@ -141,8 +142,17 @@ def measure(d_in, d_out, r, sparsity, tokens, repeats, device, dtype) -> dict:
     modeled_dense = cost.dense_cost(tokens, d_in, d_out, r)
     lowrank = cost.factored_cost(tokens, d_in, d_out, r, nnz, kappa=0.0, has_weight=False)
     row["kappa_fit"] = (row["factored_s"] / row["sltrain_s"] * modeled_dense - lowrank) / (6.0 * tokens * nnz)
+    row["nnz_per_row"] = nnz / d_out
     row["auto_path"] = cost.choose_path("auto", tokens, d_in, d_out, r, nnz, device, dtype, has_weight=False)
     return row
+
+
+def fit_kappa(rows: list[dict]) -> dict:
+    """Least squares of kappa_fit = kappa_inf + kappa_row / k (k = nonzeros per row of S): `cost.py`'s constants."""
+    k = torch.tensor([r["nnz_per_row"] for r in rows], dtype=torch.float64)
+    y = torch.tensor([r["kappa_fit"] for r in rows], dtype=torch.float64)
+    kappa_inf, kappa_row = torch.linalg.lstsq(torch.stack([torch.ones_like(k), 1 / k], 1), y[:, None]).solution[:, 0]
+    return {"kappa_inf": kappa_inf.item(), "kappa_row": kappa_row.item()}
 
 
 def plot(rows: list[dict], sweeps: dict[str, list[dict]], path: Path, title: str) -> None:
@@ -210,6 +220,7 @@ def main(argv=None) -> dict:
         "shapes": rows,
         "sweeps": sweeps,
         "kappa_fit_median": statistics.median(r["kappa_fit"] for r in rows + sweeps["rank"] + sweeps["sparsity"]),
+        "kappa_model_fit": fit_kappa(rows + sweeps["rank"] + sweeps["sparsity"]),
     }
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
     plot(rows, sweeps, stem.with_suffix(".png"), f"One layer, fwd+bwd, {tokens} tokens, {dtype}, {platform.node()}")

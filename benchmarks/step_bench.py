@@ -4,9 +4,10 @@
     python benchmarks/step_bench.py --device cuda     # GPU, bf16 autocast: 60M and 350M shapes
 
 One step = forward + backward + AdamW update on one batch. Each variant is timed over several steps after a warm-up
-(median), side by side in one process, and reported as a ratio to full-rank. Peak memory is the highest live tensor
-memory during one step (CUDA: allocator peak; CPU: PyTorch's memory profiler), parameters and optimizer state
-included. Results: benchmarks/results/step_<device>.json.
+(median), one after another, each in a fresh process, and reported as a ratio to full-rank. Memory: `peak_bytes`,
+the highest live tensor memory during one step (CUDA: allocator peak; CPU: PyTorch's memory profiler, parameters
+and optimizer state included), and `peak_rss_bytes`, the process's peak (RSS on CPU, max allocated on CUDA).
+Results: benchmarks/results/step_<device>.json.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +33,7 @@ import peft_sltrain  # noqa: E402
 from peft_sltrain import cost  # noqa: E402
 
 from methods import METHODS, Hyper  # noqa: E402
+from pretrain import peak_memory_bytes  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 VARIANTS = {"full": None, "sltrain-dense": "dense", "sltrain-factored": "factored", "sltrain-auto": "auto"}
@@ -77,38 +80,58 @@ def measure(size: str, variant: str, batch: int, seq_len: int, steps: int, devic
     for _ in range(2):  # warm-up, and AdamW's state exists from here on
         step()
     seconds = statistics.median(timed() for _ in range(steps))
-
-    peak = peak_bytes(step, device)
     dtype = autocast_dtype or torch.float32
     paths = sorted(
         cost.choose_path(layer.compute["default"], batch * seq_len, layer.in_features, layer.out_features,
                          layer.r["default"], layer.sltrain_values["default"].numel(), device, dtype, False)
         for layer in model.modules() if isinstance(layer, peft_sltrain.SLTrainLayer)
     )  # fmt: skip
-    return {"size": size, "variant": variant, "tokens": batch * seq_len, "step_s": seconds,
-            "tokens_per_s": batch * seq_len / seconds, "peak_bytes": peak,
-            "layers_by_path": {p: paths.count(p) for p in sorted(set(paths))}}  # fmt: skip
+    row = {"size": size, "variant": variant, "tokens": batch * seq_len, "step_s": seconds,
+           "tokens_per_s": batch * seq_len / seconds, "peak_rss_bytes": peak_memory_bytes(device)[0],
+           "layers_by_path": {p: paths.count(p) for p in sorted(set(paths))}}  # fmt: skip
+    print(json.dumps(row), flush=True)  # the timing survives if the memory profiler below crashes the process
+    row["peak_bytes"] = peak_bytes(step, device)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def measure_in_subprocess(size: str, variant: str, batch: int, seq_len: int, steps: int, device: str) -> dict:
+    """One variant in a fresh process: no allocator state or warm caches carried over from another variant, and
+    its own peak RSS. PyTorch's CPU memory profiler has crashed here on sparse tensors (a refcount error in its
+    C++ side); then the row keeps its time and RSS and `peak_bytes` is None."""
+    cmd = [sys.executable, __file__, "--one", size, variant, str(batch), str(seq_len), "--steps", str(steps),
+           "--device", device]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    if not rows:
+        raise RuntimeError(f"{size} / {variant} failed:\n{done.stderr[-3000:]}")
+    return {"peak_bytes": None, **rows[-1]}
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--one", nargs=4, metavar=("SIZE", "VARIANT", "BATCH", "SEQ_LEN"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    if args.one:  # a child process of the loop below
+        size, variant, batch, seq_len = args.one
+        return measure(size, variant, int(batch), int(seq_len), args.steps, device, autocast_dtype)
     if device.type == "cuda":
         settings = [("60m", 64, 256), ("350m", 16, 256)]  # (size, batch, seq_len): bf16 autocast
-        autocast_dtype = torch.bfloat16
     else:
         settings = [("tiny", 32, 128), ("60m", 8, 256)]
-        autocast_dtype = None
     rows = []
     for size, batch, seq_len in settings:
         for variant in VARIANTS:
-            rows.append(measure(size, variant, batch, seq_len, args.steps, device, autocast_dtype))
+            rows.append(measure_in_subprocess(size, variant, batch, seq_len, args.steps, args.device))
             full = next(r for r in rows if r["size"] == size and r["variant"] == "full")
             rows[-1]["time_vs_full"] = rows[-1]["step_s"] / full["step_s"]
-            rows[-1]["peak_vs_full"] = rows[-1]["peak_bytes"] / full["peak_bytes"]
+            for key in ("peak_bytes", "peak_rss_bytes"):
+                if rows[-1][key] is not None and full[key] is not None:
+                    rows[-1][key.replace("_bytes", "_vs_full")] = rows[-1][key] / full[key]
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in rows[-1].items()}))
     result = {
         "command": "python " + " ".join(["benchmarks/step_bench.py", *(argv or sys.argv[1:])]),

@@ -6,10 +6,11 @@ The model counts multiply-adds of forward + backward (see `functional.py` for wh
     factored:  2 N r (3 d_out + 4 d_in) + kappa * 6 N nnz        (+ 4 N d_in d_out with a frozen W0)
 
 `kappa` is what one multiply-add of a sparse product (CSR x dense, sampled dense-dense) costs relative to one of a
-dense GEMM on the same device and dtype. It is a fixed constant per device type and dtype, measured by
-`benchmarks/layer_bench.py`, so the choice is deterministic: the same call takes the same path in every process
-(a resumed run reproduces the uninterrupted one bit for bit). Where PyTorch has no sparse kernel for a dtype
-(bf16 / fp16 on CPU), only the dense path exists.
+dense GEMM on the same device and dtype. Sparse kernels are least efficient on short rows, so it is modelled as
+`kappa = kappa_inf + kappa_row / k`, with `k = nnz / d_out` the nonzeros per row of `S`; the two constants per device
+type and dtype are fitted by `benchmarks/layer_bench.py`. The choice is deterministic: the same call takes the same
+path in every process (a resumed run reproduces the uninterrupted one bit for bit). Where PyTorch has no sparse kernel
+for a dtype (bf16 / fp16 on CPU), only the dense path exists.
 """
 
 from __future__ import annotations
@@ -18,16 +19,23 @@ import torch
 
 COMPUTE_CHOICES = ("auto", "dense", "factored")
 
-# kappa per (device type, dtype); see benchmarks/results/layer_cpu.json ("kappa" rows) for the CPU measurement.
-SPARSE_RELATIVE_COST: dict[tuple[str, torch.dtype], float] = {
-    ("cpu", torch.float32): 20.0,
-    ("cpu", torch.float64): 20.0,
+# (kappa_inf, kappa_row) per (device type, dtype). CPU fp32: `kappa_model_fit` of benchmarks/results/layer_cpu.json
+# (13 layer shapes, k from 10 to 307: measured kappa from 46 down to 10; 2 cores, torch 2.13). fp64 assumed alike.
+SPARSE_RELATIVE_COST: dict[tuple[str, torch.dtype], tuple[float, float]] = {
+    ("cpu", torch.float32): (10.8, 305.0),
+    ("cpu", torch.float64): (10.8, 305.0),
     # not measured here (no GPU was available): cuSPARSE has no tensor-core path, so against bf16/fp16 GEMMs a
     # sparse multiply-add is assumed far dearer. Measure with `layer_bench.py --device cuda` and adjust.
-    ("cuda", torch.float32): 20.0,
-    ("cuda", torch.bfloat16): 60.0,
-    ("cuda", torch.float16): 60.0,
+    ("cuda", torch.float32): (10.0, 300.0),
+    ("cuda", torch.bfloat16): (30.0, 900.0),
+    ("cuda", torch.float16): (30.0, 900.0),
 }
+
+
+def sparse_relative_cost(device: torch.device, dtype: torch.dtype, nnz: int, d_out: int) -> float:
+    """kappa for a sparse matrix of `nnz` nonzeros over `d_out` rows, on this device and dtype."""
+    kappa_inf, kappa_row = SPARSE_RELATIVE_COST[(device.type, dtype)]
+    return kappa_inf + kappa_row * d_out / max(nnz, 1)
 
 
 def factored_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -62,6 +70,6 @@ def choose_path(
         raise ValueError(f"`compute` must be one of {COMPUTE_CHOICES}, got {compute!r}.")
     if not supported:
         return "dense"
-    kappa = SPARSE_RELATIVE_COST[(device.type, dtype)]
+    kappa = sparse_relative_cost(device, dtype, nnz, d_out)
     cheaper = factored_cost(n, d_in, d_out, r, nnz, kappa, has_weight) < dense_cost(n, d_in, d_out, r)
     return "factored" if cheaper else "dense"

@@ -7,7 +7,7 @@ import torch
 from peft import get_peft_model
 
 from peft_sltrain import SLTrainConfig, SLTrainLayer
-from peft_sltrain.cost import choose_path, dense_cost, factored_cost
+from peft_sltrain.cost import choose_path, dense_cost, factored_cost, sparse_relative_cost
 
 from conftest import perturb_trainable, tiny_llama
 
@@ -15,6 +15,7 @@ CPU = torch.device("cpu")
 
 
 def pick(n=4096, d=1024, r=256, sparsity=0.03, dtype=torch.float32, weight=False, compute="auto"):
+    # a square d x d layer
     return choose_path(compute, n, d, d, r, int(sparsity * d * d), CPU, dtype, weight)
 
 
@@ -28,8 +29,9 @@ def test_auto_prefers_factored_for_small_rank_and_sparsity_and_dense_otherwise()
     assert pick(r=16, sparsity=0.001) == "factored"
     assert pick(r=512, sparsity=0.1) == "dense"
     # with a frozen W0 the factored path still pays two dense GEMMs (forward, dX) but skips dW = dY^T X
-    assert pick(r=16, sparsity=0.001, weight=True) == "factored"
-    assert pick(r=16, sparsity=0.03, weight=True) == "dense"
+    assert pick(d=4096, r=16, sparsity=0.001, weight=True) == "factored"
+    assert pick(r=16, sparsity=0.001, weight=True) == "dense"
+    assert pick(d=4096, r=16, sparsity=0.03, weight=True) == "dense"
     assert pick(r=16, sparsity=0.001, dtype=torch.bfloat16) == "dense"  # no CPU sparse kernels for bf16
 
 
@@ -40,6 +42,18 @@ def test_forced_paths_and_bad_values():
         pick(dtype=torch.bfloat16, compute="factored")
     with pytest.raises(ValueError, match="`compute` must be one of"):
         SLTrainConfig(compute="fast")
+
+
+def test_sparse_kernels_cost_more_on_short_rows():
+    # kappa = kappa_inf + kappa_row / (nonzeros per row): a 128-wide layer at delta 0.03 has 4 per row
+    short, long = (
+        sparse_relative_cost(CPU, torch.float32, 4 * 128, 128),
+        sparse_relative_cost(CPU, torch.float32, 300 * 4096, 4096),
+    )
+    assert short > 5 * long > 0
+    # the tiny LLaMA's projections (d = 128, r = 32, delta = 0.03) are too narrow for the factored path on CPU
+    assert choose_path("auto", 4096, 128, 344, 32, round(0.03 * 128 * 344), CPU, torch.float32, False) == "dense"
+    assert choose_path("auto", 4096, 344, 128, 32, round(0.03 * 128 * 344), CPU, torch.float32, False) == "dense"
 
 
 def test_choice_is_deterministic():
