@@ -4,9 +4,10 @@
     python benchmarks/step_bench.py --device cuda     # GPU, bf16 autocast: 60M and 350M shapes
 
 One step = forward + backward + AdamW update on one batch. Each variant is timed over several steps after a warm-up
-(median), one after another, each in a fresh process, and reported as a ratio to full-rank. Memory: `peak_bytes`,
-the highest live tensor memory during one step (CUDA: allocator peak; CPU: PyTorch's memory profiler, parameters
-and optimizer state included), and `peak_rss_bytes`, the process's peak (RSS on CPU, max allocated on CUDA).
+(median), each in a fresh process, in interleaved rounds, and reported as the median ratio to full-rank. Memory:
+`peak_bytes`, the highest live tensor memory during one step (CUDA: allocator peak; CPU: PyTorch's memory profiler,
+parameters and optimizer state included), and `peak_rss_bytes`, the process's peak (RSS on CPU, max allocated on
+CUDA).
 Results: benchmarks/results/step_<device>.json.
 """
 
@@ -111,7 +112,8 @@ def measure_in_subprocess(size: str, variant: str, batch: int, seq_len: int, ste
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per run (median), after 2 warm-up steps")
+    p.add_argument("--rounds", type=int, default=3, help="runs of every variant, interleaved")
     p.add_argument("--one", nargs=4, metavar=("SIZE", "VARIANT", "BATCH", "SEQ_LEN"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -125,14 +127,25 @@ def main(argv=None) -> dict:
         settings = [("tiny", 32, 128), ("60m", 8, 256)]
     rows = []
     for size, batch, seq_len in settings:
-        for variant in VARIANTS:
-            rows.append(measure_in_subprocess(size, variant, batch, seq_len, args.steps, args.device))
-            full = next(r for r in rows if r["size"] == size and r["variant"] == "full")
-            rows[-1]["time_vs_full"] = rows[-1]["step_s"] / full["step_s"]
+        # rounds of all variants, so that slow drifts of the machine hit every variant alike; each ratio is taken
+        # against full-rank of the same round, and the row reports the medians
+        runs = {v: [] for v in VARIANTS}
+        for _ in range(args.rounds):
+            for variant in VARIANTS:
+                runs[variant].append(measure_in_subprocess(size, variant, batch, seq_len, args.steps, args.device))
+        full = runs["full"]
+        for measured in runs.values():
+            row = dict(measured[0])
+            row["step_s_rounds"] = [m["step_s"] for m in measured]
+            row["step_s"] = statistics.median(row["step_s_rounds"])
+            row["tokens_per_s"] = row["tokens"] / row["step_s"]
+            row["time_vs_full_rounds"] = [m["step_s"] / f["step_s"] for m, f in zip(measured, full)]
+            row["time_vs_full"] = statistics.median(row["time_vs_full_rounds"])
             for key in ("peak_bytes", "peak_rss_bytes"):
-                if rows[-1][key] is not None and full[key] is not None:
-                    rows[-1][key.replace("_bytes", "_vs_full")] = rows[-1][key] / full[key]
-            print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in rows[-1].items()}))
+                if row[key] is not None and full[0][key] is not None:
+                    row[key.replace("_bytes", "_vs_full")] = row[key] / full[0][key]
+            rows.append(row)
+            print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}))
     result = {
         "command": "python " + " ".join(["benchmarks/step_bench.py", *(argv or sys.argv[1:])]),
         "environment": environment(device),
