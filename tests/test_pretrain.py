@@ -189,7 +189,6 @@ def test_merged_export_loads_as_plain_model(tmp_path, corpus):
     torch.testing.assert_close(plain(ids).logits, adapter(ids).logits, rtol=0, atol=1e-5)
 
 
-@pytest.mark.skipif(not shutil.which("torchrun"), reason="torchrun not on PATH")
 def test_two_process_ddp_matches_one_process(tmp_path, corpus):
     """2 CPU processes (gloo) x micro-batch 4 follow the same loss trajectory as 1 process x 2 accumulation steps."""
     run(tmp_path / "single", corpus, "--method", "sltrain", "--eval-every", "100")
@@ -215,7 +214,18 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus):
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
-    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", port, str(ROOT / "scripts" / "pretrain.py"), *args]
+    # `python -m torch.distributed.run` is torchrun, found whether or not the venv's bin/ is on PATH
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        port,
+        str(ROOT / "scripts" / "pretrain.py"),
+        *args,
+    ]
     subprocess.run(cmd, check=True, env=env, capture_output=True, text=True, timeout=300)
     single, ddp = log_rows(tmp_path / "single"), log_rows(tmp_path / "ddp")
     assert [r["step"] for r in ddp] == [r["step"] for r in single]
