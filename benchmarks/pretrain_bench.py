@@ -69,9 +69,9 @@ def run_method(method: str, size: str, lr: float, seed: int, steps: int, warmup:
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     record = out / "bench.json"
-    if record.is_file() and json.loads(record.read_text()).get("cmd") == cmd[1:] and (
-            json.loads(record.read_text()).get("threads") == threads):  # fmt: skip
-        return json.loads(record.read_text())
+    saved = json.loads(record.read_text()) if record.is_file() else {}
+    if saved.get("cmd") == cmd[1:] and saved.get("threads") == threads:
+        return saved
     t0 = time.perf_counter()
     if threads:  # parallel runs: keep their progress bars out of each other's way
         out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +84,8 @@ def run_method(method: str, size: str, lr: float, seed: int, steps: int, warmup:
     summary.update(lr=lr, seed=seed, wall_seconds=time.perf_counter() - t0, threads=threads,
                    curve=[(r["tokens"], r["val_ppl"]) for r in rows if "val_ppl" in r],
                    train_curve=[(r["tokens"], r["loss"]) for r in rows if "loss" in r])  # fmt: skip
-    record.write_text(json.dumps({**summary, "cmd": cmd[1:]}))
+    summary["cmd"] = cmd[1:]  # the exact pretrain.py command line of this run
+    record.write_text(json.dumps(summary))
     print(f"done {method} seed={seed}: val_ppl={summary['val_ppl']:.2f} tokens/s={summary['tokens_per_s']:,.0f}")
     return summary
 
