@@ -152,7 +152,7 @@ class SLTrainModel(BaseTuner):
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         if not config.save_support:
-            _check_fingerprints(model, adapter_name, state_dict)  # and takes them out of the state dict
+            _restore_supports(model, adapter_name, state_dict)
         _check_loaded_state_dict(model, config, adapter_name, state_dict)
         return state_dict
 
@@ -167,8 +167,6 @@ def _check_loaded_state_dict(model: nn.Module, config: SLTrainConfig, adapter_na
     adapter_prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
     adapter_keys = {key for key in model_state if _is_key_under_prefixes(key, adapter_prefixes)}
     expected = set(model_state) if config.from_scratch else adapter_keys
-    if not config.save_support:  # regenerated from the seed, checked against their fingerprints
-        expected = {key for key in expected if f".sltrain_indices.{adapter_name}" not in key}
     missing = sorted(expected - set(state_dict))
     if missing:
         raise ValueError(
@@ -191,30 +189,31 @@ def _check_loaded_state_dict(model: nn.Module, config: SLTrainConfig, adapter_na
             f"The adapter's shapes do not fit the base model ({len(mismatched)} tensor(s)), e.g. {mismatched[:3]}."
         )
     for name, module in model.named_modules():
-        if config.save_support and isinstance(module, SLTrainLayer) and adapter_name in module.sltrain_indices:
+        if isinstance(module, SLTrainLayer) and adapter_name in module.sltrain_indices:
             key = f"{name}.sltrain_indices.{adapter_name}"
             nnz = num_nonzeros(module.out_features, module.in_features, module.sparsity[adapter_name])
             check_support(state_dict[key], module.out_features, module.in_features, nnz, name=key)
 
 
-def _check_fingerprints(model: nn.Module, adapter_name: str, state_dict: dict) -> None:
-    """For an adapter saved without supports: the regenerated supports must hash to the saved fingerprints."""
+def _restore_supports(model: nn.Module, adapter_name: str, state_dict: dict) -> None:
+    """For an adapter saved without supports: check that the supports regenerated from the seed hash to the saved
+    fingerprints, and put them in the state dict in place of the fingerprints, so that it is complete again."""
     for name, module in model.named_modules():
         if not (isinstance(module, SLTrainLayer) and adapter_name in module.sltrain_indices):
             continue
-        key = next((k for k in (f"{name}.sltrain_fingerprint", f"base_model.model.{name}.sltrain_fingerprint")
-                    if k in state_dict), None)  # fmt: skip
-        if key is None:
+        key = f"{name}.sltrain_fingerprint"
+        if key not in state_dict:
             raise ValueError(
                 f"The adapter file lacks the support fingerprint of `{name}`; it is truncated or corrupt."
             )
-        saved = state_dict.pop(key)
-        if not torch.equal(saved.cpu(), support_fingerprint(module.sltrain_indices[adapter_name])):
+        regenerated = module.sltrain_indices[adapter_name]
+        if not torch.equal(state_dict.pop(key).cpu(), support_fingerprint(regenerated)):
             raise ValueError(
                 f"The support regenerated for `{name}` differs from the one the adapter was trained with (this "
                 "PyTorch's random generator draws differently, or the seed or layer names changed). Load it where "
                 "it was saved and re-save it with `save_support=True`."
             )
+        state_dict[f"{name}.sltrain_indices.{adapter_name}"] = regenerated
 
 
 @torch.no_grad()
