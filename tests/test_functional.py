@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from peft_sltrain.functional import PATHS, dense_weight, sltrain_linear, token_chunk
+from peft_sltrain import functional
+from peft_sltrain.functional import PATHS, dense_weight, sltrain_linear, token_chunk, transposed_support
 from peft_sltrain.support import random_support
 
 
@@ -213,9 +214,15 @@ def test_unknown_path():
         sltrain_linear(**make_inputs(), scaling=1.0, path="sparse")
 
 
-def test_factored_path_over_many_token_chunks():
+def test_token_chunk():
+    assert token_chunk(512, 512) == functional.CHUNK_NUMBERS // 1024
+    assert token_chunk(8192, 8192) == 64  # never below 64 rows
+
+
+def test_factored_path_over_many_token_chunks(monkeypatch):
     """150 rows of x are 3 chunks of the factored path (64 rows each here): float64 results equal the dense path's."""
-    assert token_chunk(12, 10, 3) == 64
+    monkeypatch.setattr(functional, "CHUNK_NUMBERS", 1)
+    assert token_chunk(12, 10) == 64
     dense = make_inputs(d_in=12, d_out=10, r=3, nnz=17)
     dense["x"] = torch.randn(3, 50, 12, dtype=torch.float64, requires_grad=True)
     fact = clone_inputs(dense)
@@ -224,3 +231,13 @@ def test_factored_path_over_many_token_chunks():
     torch.testing.assert_close(y_f, y_d, rtol=1e-12, atol=1e-12)
     for g_f, g_d in zip(grads(y_f, [fact[n] for n in NAMES]), grads(y_d, [dense[n] for n in NAMES])):
         torch.testing.assert_close(g_f, g_d, rtol=1e-12, atol=1e-12)
+
+
+def test_transposed_support_is_the_csr_layout_of_s_transposed():
+    t = make_inputs(dtype=torch.float64, with_weight=False, d_in=9, d_out=7, r=2, nnz=20)
+    layout = transposed_support(t["indices"], 7, 9)
+    assert layout.crow.dtype == layout.col.dtype == layout.order.dtype == torch.int32
+    St = torch.sparse_csr_tensor(layout.crow, layout.col, t["values"].detach()[layout.order.long()], (9, 7))
+    S = torch.zeros(7 * 9, dtype=torch.float64)
+    S[t["indices"].long()] = t["values"].detach()
+    torch.testing.assert_close(St.to_dense(), S.view(7, 9).t(), rtol=0, atol=0)
