@@ -9,18 +9,21 @@ Variants, all computing y = x W^T for the same W:
 - `rebuild`:  F.linear(x, scaling * B @ A + S) through plain autograd: the dense W is kept alive for backward
 - `sltrain`:  peft_sltrain.sltrain_linear(path="dense"), the memory-saving autograd function (W rebuilt in backward)
 - `factored`: peft_sltrain.sltrain_linear(path="factored"): low-rank products plus CSR sparse kernels, no dense W
+- `lowrank`:  (x A^T) B^T alone, through plain autograd: the part of the factored path that is not sparse, its floor
 `kappa_fit` is the cost of one sparse multiply-add relative to a dense GEMM's that makes `peft_sltrain.cost`'s
-model reproduce the measured factored / dense-path time ratio; `kappa_model_fit` fits it as
-kappa_inf + kappa_row / (nonzeros per row), the form and constants `peft_sltrain/cost.py` uses.
-Times are medians of repeated forward+backward passes, reported as ratios to `dense` measured in the same run.
-Peak memory is the highest live tensor memory during forward+backward (CUDA: the allocator's peak; CPU: PyTorch's
-memory profiler timeline), with the inputs and parameters counted in; "saved" is the bytes autograd keeps between
-forward and backward, counted exactly.
+model reproduce the measured factored / dense-path time ratio (transposed copies included); `cost_model_fit` fits
+kappa_inf + kappa_row / (nonzeros per row) and the transposed-copy cost tau to all rows, the form and constants
+`peft_sltrain/cost.py` uses.
+Times are medians of forward+backward passes timed in interleaved rounds, reported as ratios to `dense` measured in
+the same run. Peak memory is the most tensor memory allocated during forward+backward above what existed before it
+(inputs and parameters not counted; CUDA: the allocator's peak; CPU: the profiler's allocation events); "saved" is
+the bytes autograd keeps between forward and backward, counted exactly.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
@@ -39,8 +42,13 @@ from peft_sltrain.functional import dense_weight, sltrain_linear  # noqa: E402
 from peft_sltrain.support import num_nonzeros, random_support  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# (d_in, d_out) of LLaMA's up projection at 60M, 350M, 1B and 7B, with that size's r and sparsity from the paper
-SHAPES = [((512, 1376), 128, 0.03), ((1024, 2736), 256, 0.03), ((2048, 5461), 512, 0.03), ((4096, 11008), 1024, 0.05)]
+# (d_in, d_out) of the tiny preset's up projection and of LLaMA's attention and up projections at 60M, then the up
+# projections at 350M, 1B and 7B, each with that size's r and sparsity (the paper's; the tiny preset's)
+SHAPES = [
+    ((128, 344), 32, 0.03), ((512, 512), 128, 0.03), ((512, 1376), 128, 0.03), ((1024, 2736), 256, 0.03),
+    ((2048, 5461), 512, 0.03), ((4096, 11008), 1024, 0.05),
+]  # fmt: skip
+SWEEP_SHAPE = ((1024, 2736), 256, 0.03)  # 350M's up projection: r and sparsity are varied around it
 
 
 def make_layer(d_in, d_out, r, sparsity, device, dtype, seed=0):
@@ -63,11 +71,13 @@ def variants(layer, d_in, d_out, device, dtype):
     """{name: (fn, tensors that exist anyway)}."""
     dense = torch.nn.Linear(d_in, d_out, bias=False, device=device, dtype=dtype)
     factors = [v for v in layer.values() if torch.is_tensor(v)]
+    A, B, scaling = layer["A"], layer["B"], layer["scaling"]
     return {
         "dense": (lambda x: dense(x), [dense.weight]),
         "rebuild": (lambda x: F.linear(x, dense_weight(**layer)), factors),
         "sltrain": (lambda x: sltrain_linear(x, **layer, path="dense"), factors),
         "factored": (lambda x: sltrain_linear(x, **layer, path="factored"), factors),
+        "lowrank": (lambda x: (x @ A.t()) @ (scaling * B).t(), factors),
     }
 
 
@@ -93,8 +103,10 @@ def saved_bytes(fn, x, existing: list[torch.Tensor]) -> int:
 
 
 def peak_bytes(run, device) -> int:
-    """Peak live tensor bytes while `run()` executes (CUDA: above what was allocated before; CPU: everything the
-    memory profiler sees, inputs and parameters included)."""
+    """Peak tensor memory allocated while `run()` executes, above what was allocated before it (inputs, parameters
+    and anything else already alive are not counted). CUDA: the allocator's peak. CPU: the running sum of the
+    profiler's allocation and free events. (PyTorch's memory-profiler timeline is not used: it loses the frees of
+    sparse tensors' storage and reported the factored path at twice its real peak.)"""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -103,27 +115,32 @@ def peak_bytes(run, device) -> int:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import MemoryProfileTimeline  # internal, but the only CPU peak we have
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
-    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(device)
-    return int(max(sum(row) for row in sizes))
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    return max(itertools.accumulate((e.nbytes() for e in events), initial=0))
 
 
-def time_fwd_bwd(fn, x, repeats: int, device) -> float:
-    def once():
+def time_fwd_bwd(fns: dict, x, repeats: int, device, min_seconds: float = 1.0) -> dict[str, float]:
+    """Median forward+backward time of each function, timed in interleaved rounds (one pass of each per round) so
+    that drift of the machine's speed hits every variant alike; at least `repeats` rounds and `min_seconds`."""
+
+    def once(fn) -> float:
+        t0 = time.perf_counter()
         fn(x).sum().backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
+        return time.perf_counter() - t0
 
-    once()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    first = {name: once(fn) for name, fn in fns.items()}  # warm-up
+    rounds = max(repeats, min(100, int(min_seconds / max(sum(first.values()), 1e-9))))
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(once(fn))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def measure(d_in, d_out, r, sparsity, tokens, repeats, device, dtype) -> dict:
@@ -131,8 +148,9 @@ def measure(d_in, d_out, r, sparsity, tokens, repeats, device, dtype) -> dict:
     x = torch.randn(tokens, d_in, device=device, dtype=dtype, requires_grad=True)
     fns = variants(layer, d_in, d_out, device, dtype)
     row = {"d_in": d_in, "d_out": d_out, "r": r, "sparsity": sparsity, "tokens": tokens}
+    times = time_fwd_bwd({name: fn for name, (fn, _) in fns.items()}, x, repeats, device)
     for name, (fn, existing) in fns.items():
-        row[f"{name}_s"] = time_fwd_bwd(fn, x, repeats, device)
+        row[f"{name}_s"] = times[name]
         row[f"{name}_peak_bytes"] = peak_bytes(lambda fn=fn: fn(x).sum().backward(), device)
         row[f"{name}_saved_bytes"] = saved_bytes(fn, x, existing)
     for name in fns:
@@ -141,18 +159,34 @@ def measure(d_in, d_out, r, sparsity, tokens, repeats, device, dtype) -> dict:
     nnz = layer["values"].numel()
     modeled_dense = cost.dense_cost(tokens, d_in, d_out, r)
     lowrank = cost.factored_cost(tokens, d_in, d_out, r, nnz, kappa=0.0, has_weight=False)
-    row["kappa_fit"] = (row["factored_s"] / row["sltrain_s"] * modeled_dense - lowrank) / (6.0 * tokens * nnz)
+    row["factored_excess"] = row["factored_s"] / row["sltrain_s"] * modeled_dense - lowrank  # in GEMM multiply-adds
+    row["kappa_fit"] = row["factored_excess"] / (6.0 * tokens * nnz)
     row["nnz_per_row"] = nnz / d_out
-    row["auto_path"] = cost.choose_path("auto", tokens, d_in, d_out, r, nnz, device, dtype, has_weight=False)
     return row
 
 
-def fit_kappa(rows: list[dict]) -> dict:
-    """Least squares of kappa_fit = kappa_inf + kappa_row / k (k = nonzeros per row of S): `cost.py`'s constants."""
-    k = torch.tensor([r["nnz_per_row"] for r in rows], dtype=torch.float64)
-    y = torch.tensor([r["kappa_fit"] for r in rows], dtype=torch.float64)
-    kappa_inf, kappa_row = torch.linalg.lstsq(torch.stack([torch.ones_like(k), 1 / k], 1), y[:, None]).solution[:, 0]
-    return {"kappa_inf": kappa_inf.item(), "kappa_row": kappa_row.item()}
+def fit_cost_model(rows: list[dict]) -> dict:
+    """`cost.py`'s constants: least squares of what the factored path costs beyond its low-rank products,
+        excess = (kappa_inf + kappa_row / k) * 6 N nnz + tau * N (3 d_in + 2 d_out)      (k = nnz / d_out),
+    in relative terms (each row divided by 6 N nnz, so that big layers do not outweigh small ones). Constants are
+    costs, so none may be negative: of the fits over each subset of the three terms, the best non-negative one."""
+    feats, y = [], []
+    for r in rows:
+        sparse = 6.0 * r["tokens"] * r["nnz_per_row"] * r["d_out"]
+        copies = cost.transposed_numbers(r["tokens"], r["d_in"], r["d_out"])
+        feats.append([1.0, 1.0 / r["nnz_per_row"], copies / sparse])
+        y.append(r["factored_excess"] / sparse)
+    X, Y = torch.tensor(feats, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
+    best = None
+    for subset in ([0, 1, 2], [0, 1], [0, 2], [1, 2], [0], [1], [2]):
+        coef = torch.zeros(3, dtype=torch.float64)
+        coef[subset] = torch.linalg.lstsq(X[:, subset], Y[:, None]).solution[:, 0]
+        error = ((X @ coef - Y) ** 2).sum().item()
+        if (coef >= 0).all() and (best is None or error < best[0]):
+            best = (error, coef)
+    kappa_inf, kappa_row, tau = best[1].tolist()
+    relative = ((X @ best[1] - Y) / Y).abs()
+    return {"kappa_inf": kappa_inf, "kappa_row": kappa_row, "tau": tau, "max_relative_error": relative.max().item()}
 
 
 def plot(rows: list[dict], sweeps: dict[str, list[dict]], path: Path, title: str) -> None:
@@ -162,16 +196,17 @@ def plot(rows: list[dict], sweeps: dict[str, list[dict]], path: Path, title: str
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    labels = [f"{r['d_in']}x{r['d_out']}\nr={r['r']} d={r['sparsity']}" for r in rows]
-    for name, style in (("rebuild", "s-"), ("sltrain", "o-"), ("factored", "^-")):
+    labels = [f"{r['d_in']}x{r['d_out']}\nr={r['r']}, {r['sparsity']}" for r in rows]
+    for name, style in (("rebuild", "s-"), ("sltrain", "o-"), ("factored", "^-"), ("lowrank", "v:")):
         axes[0].plot(labels, [r[f"{name}_time_ratio"] for r in rows], style, label=name)
     axes[0].axhline(1.0, color="gray", lw=1, ls="--", label="dense (nn.Linear)")
     axes[0].set_ylabel("fwd+bwd time / dense")
     axes[0].set_title("LLaMA shapes (paper's r, sparsity)")
+    axes[0].tick_params(axis="x", labelsize=7)
     for key, ax, xlabel in (("rank", axes[1], "rank r"), ("sparsity", axes[2], "sparsity delta")):
         sweep = sweeps[key]
         xs = [s["r"] if key == "rank" else s["sparsity"] for s in sweep]
-        for name, style in (("rebuild", "s-"), ("sltrain", "o-"), ("factored", "^-")):
+        for name, style in (("rebuild", "s-"), ("sltrain", "o-"), ("factored", "^-"), ("lowrank", "v:")):
             ax.plot(xs, [s[f"{name}_time_ratio"] for s in sweep], style, label=name)
         ax.axhline(1.0, color="gray", lw=1, ls="--")
         ax.set_xlabel(xlabel)
@@ -205,7 +240,7 @@ def main(argv=None) -> dict:
             continue
         rows.append(measure(d_in, d_out, r, sparsity, tokens, args.repeats, device, dtype))
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}))
-    (d_in, d_out), r0, s0 = SHAPES[1]
+    (d_in, d_out), r0, s0 = SWEEP_SHAPE
     sweeps = {
         "rank": [measure(d_in, d_out, r, s0, tokens, args.repeats, device, dtype) for r in (32, 64, 128, 256, 512)],
         "sparsity": [measure(d_in, d_out, r0, s, tokens, args.repeats, device, dtype) for s in (0.01, 0.03, 0.1, 0.3)],
@@ -219,8 +254,7 @@ def main(argv=None) -> dict:
         "tokens": tokens,
         "shapes": rows,
         "sweeps": sweeps,
-        "kappa_fit_median": statistics.median(r["kappa_fit"] for r in rows + sweeps["rank"] + sweeps["sparsity"]),
-        "kappa_model_fit": fit_kappa(rows + sweeps["rank"] + sweeps["sparsity"]),
+        "cost_model_fit": fit_cost_model(rows + sweeps["rank"] + sweeps["sparsity"]),
     }
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
     plot(rows, sweeps, stem.with_suffix(".png"), f"One layer, fwd+bwd, {tokens} tokens, {dtype}, {platform.node()}")

@@ -4,16 +4,19 @@
     python benchmarks/step_bench.py --device cuda     # GPU, bf16 autocast: 60M and 350M shapes
 
 One step = forward + backward + AdamW update on one batch. Each variant is timed over several steps after a warm-up
-(median), each in a fresh process, in interleaved rounds, and reported as the median ratio to full-rank. Memory:
-`peak_bytes`, the highest live tensor memory during one step (CUDA: allocator peak; CPU: PyTorch's memory profiler,
-parameters and optimizer state included), and `peak_rss_bytes`, the process's peak (RSS on CPU, max allocated on
-CUDA).
+(median), each in a fresh process, in interleaved rounds, and reported as the median ratio to full-rank. `lowrank`,
+the pure low-rank model at the same r, is the floor of any factored step (it does a subset of the factored work).
+Memory:
+`peak_bytes`, the most tensor memory alive at once in a fresh run of three steps (model built inside it, so
+parameters and optimizer state count; CUDA: allocator peak; CPU: the profiler's allocation
+events), and `peak_rss_bytes`, the process's peak (RSS on CPU, max allocated on CUDA).
 Results: benchmarks/results/step_<device>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import subprocess
@@ -37,7 +40,10 @@ from methods import METHODS, Hyper  # noqa: E402
 from pretrain import peak_memory_bytes  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-VARIANTS = {"full": None, "sltrain-dense": "dense", "sltrain-factored": "factored", "sltrain-auto": "auto"}
+VARIANTS = {"full": None, "sltrain-dense": "dense", "sltrain-factored": "factored", "sltrain-auto": "auto",
+            "lowrank": None}  # fmt: skip
+# `lowrank` is the pure low-rank model (x A^T) B^T at SLTrain's r with no sparse part: the factored path does all of
+# its work and more (the sparse products), so its step time is a floor for any factored SLTrain step.
 
 
 def build(size: str, variant: str, device: torch.device) -> torch.nn.Module:
@@ -48,6 +54,8 @@ def build(size: str, variant: str, device: torch.device) -> torch.nn.Module:
         return METHODS["full"].build(config, Hyper()).to(device)
     sl = preset["sltrain"]
     hyper = Hyper(rank=sl["rank"], sparsity=sl["sparsity"], alpha=sl["alpha"])
+    if variant == "lowrank":
+        return METHODS["lowrank"].build(config, hyper).to(device)
     model = METHODS["sltrain"].build(config, hyper)
     for layer in model.modules():
         if isinstance(layer, peft_sltrain.SLTrainLayer):
@@ -55,7 +63,8 @@ def build(size: str, variant: str, device: torch.device) -> torch.nn.Module:
     return model.to(device)
 
 
-def measure(size: str, variant: str, batch: int, seq_len: int, steps: int, device, autocast_dtype) -> dict:
+def training_step(size: str, variant: str, batch: int, seq_len: int, device, autocast_dtype):
+    """(model, step): a fresh model and AdamW, and a function that runs one step on a fixed batch."""
     model = build(size, variant, device).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     vocab = model.config.vocab_size if hasattr(model, "config") else 4096
@@ -68,6 +77,12 @@ def measure(size: str, variant: str, batch: int, seq_len: int, steps: int, devic
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
+
+    return model, step
+
+
+def measure(size: str, variant: str, batch: int, seq_len: int, steps: int, device, autocast_dtype) -> dict:
+    model, step = training_step(size, variant, batch, seq_len, device, autocast_dtype)
 
     def timed() -> float:
         if device.type == "cuda":
@@ -91,15 +106,22 @@ def measure(size: str, variant: str, batch: int, seq_len: int, steps: int, devic
            "tokens_per_s": batch * seq_len / seconds, "peak_rss_bytes": peak_memory_bytes(device)[0],
            "layers_by_path": {p: paths.count(p) for p in sorted(set(paths))}}  # fmt: skip
     print(json.dumps(row), flush=True)  # the timing survives if the memory profiler below crashes the process
-    row["peak_bytes"] = peak_bytes(step, device)
+    model = step = None  # freed before the fresh run below
+    gc.collect()
+
+    def fresh_run():  # everything a run allocates: parameters, optimizer state, activations
+        _, step = training_step(size, variant, batch, seq_len, device, autocast_dtype)
+        for _ in range(3):
+            step()
+
+    row["peak_bytes"] = peak_bytes(fresh_run, device)
     print(json.dumps(row), flush=True)
     return row
 
 
 def measure_in_subprocess(size: str, variant: str, batch: int, seq_len: int, steps: int, device: str) -> dict:
     """One variant in a fresh process: no allocator state or warm caches carried over from another variant, and
-    its own peak RSS. PyTorch's CPU memory profiler has crashed here on sparse tensors (a refcount error in its
-    C++ side); then the row keeps its time and RSS and `peak_bytes` is None."""
+    its own peak RSS. Should the profiler crash the child, the row keeps its time and RSS and `peak_bytes` is None."""
     cmd = [sys.executable, __file__, "--one", size, variant, str(batch), str(seq_len), "--steps", str(steps),
            "--device", device]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True)

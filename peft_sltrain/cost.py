@@ -2,15 +2,20 @@
 
 The model counts multiply-adds of forward + backward (see `functional.py` for where they come from):
 
-    dense:     6 N d_in d_out + 8 r d_in d_out                   (three dense GEMMs, plus B @ A twice, dA and dB)
-    factored:  2 N r (3 d_out + 4 d_in) + kappa * 6 N nnz        (+ 4 N d_in d_out with a frozen W0)
+    dense:     6 N d_in d_out + 8 r d_in d_out          (three dense GEMMs, plus B @ A twice, dA and dB)
+    factored:  2 N r (3 d_out + 4 d_in)                  (the low-rank products)
+               + kappa * 6 N nnz                         (three sparse products: x S^T, dY S, dS)
+               + tau * N (3 d_in + 2 d_out)              (transposed copies of x, y, dY, x again and dX)
+               (+ 4 N d_in d_out with a frozen W0)
 
 `kappa` is what one multiply-add of a sparse product (CSR x dense, sampled dense-dense) costs relative to one of a
 dense GEMM on the same device and dtype. Sparse kernels are least efficient on short rows, so it is modelled as
-`kappa = kappa_inf + kappa_row / k`, with `k = nnz / d_out` the nonzeros per row of `S`; the two constants per device
-type and dtype are fitted by `benchmarks/layer_bench.py`. The choice is deterministic: the same call takes the same
-path in every process (a resumed run reproduces the uninterrupted one bit for bit). Where PyTorch has no sparse kernel
-for a dtype (bf16 / fp16 on CPU), only the dense path exists.
+`kappa = kappa_inf + kappa_row / k`, with `k = nnz / d_out` the nonzeros per row of `S`. `tau` is what moving one
+number through a transposed copy costs, in GEMM multiply-adds: the sparse kernels want the token dimension
+contiguous, so the factored path transposes its activations, and on CPU that is most of its cost at narrow widths.
+The three constants per device type and dtype are fitted by `benchmarks/layer_bench.py`. The choice is
+deterministic: the same call takes the same path in every process (a resumed run reproduces the uninterrupted one
+bit for bit). Where PyTorch has no sparse kernel for a dtype (bf16 / fp16 on CPU), only the dense path exists.
 """
 
 from __future__ import annotations
@@ -19,23 +24,32 @@ import torch
 
 COMPUTE_CHOICES = ("auto", "dense", "factored")
 
-# (kappa_inf, kappa_row) per (device type, dtype). CPU fp32: `kappa_model_fit` of benchmarks/results/layer_cpu.json
-# (13 layer shapes, k from 10 to 307: measured kappa from 46 down to 10; 2 cores, torch 2.13). fp64 assumed alike.
-SPARSE_RELATIVE_COST: dict[tuple[str, torch.dtype], tuple[float, float]] = {
-    ("cpu", torch.float32): (10.8, 305.0),
-    ("cpu", torch.float64): (10.8, 305.0),
+# (kappa_inf, kappa_row, tau) per (device type, dtype). CPU fp32: `cost_model_fit` of benchmarks/results/layer_cpu.json
+# (15 layer shapes from 128 x 344 to 4096 x 11008, r 32-1024, delta 0.01-0.3; 2 cores, torch 2.13): kappa_row fits
+# to 0 there, as the transposed copies explain what narrow layers pay. It predicts the measured factored / dense-path
+# time ratio within 0.11 on the LLaMA shapes and the rank sweep, and overestimates it at delta >= 0.1 (1.15 for a
+# measured 0.92 at delta = 0.1: layers that dense then takes by a small margin). fp64 assumed alike.
+SPARSE_RELATIVE_COST: dict[tuple[str, torch.dtype], tuple[float, float, float]] = {
+    ("cpu", torch.float32): (9.1, 0.0, 115.0),
+    ("cpu", torch.float64): (9.1, 0.0, 115.0),
     # not measured here (no GPU was available): cuSPARSE has no tensor-core path, so against bf16/fp16 GEMMs a
-    # sparse multiply-add is assumed far dearer. Measure with `layer_bench.py --device cuda` and adjust.
-    ("cuda", torch.float32): (10.0, 300.0),
-    ("cuda", torch.bfloat16): (30.0, 900.0),
-    ("cuda", torch.float16): (30.0, 900.0),
+    # sparse multiply-add is assumed far dearer; transposes run near memory bandwidth. Measure with
+    # `layer_bench.py --device cuda` and adjust.
+    ("cuda", torch.float32): (10.0, 300.0, 10.0),
+    ("cuda", torch.bfloat16): (30.0, 900.0, 30.0),
+    ("cuda", torch.float16): (30.0, 900.0, 30.0),
 }
 
 
 def sparse_relative_cost(device: torch.device, dtype: torch.dtype, nnz: int, d_out: int) -> float:
     """kappa for a sparse matrix of `nnz` nonzeros over `d_out` rows, on this device and dtype."""
-    kappa_inf, kappa_row = SPARSE_RELATIVE_COST[(device.type, dtype)]
+    kappa_inf, kappa_row, _ = SPARSE_RELATIVE_COST[(device.type, dtype)]
     return kappa_inf + kappa_row * d_out / max(nnz, 1)
+
+
+def transposed_numbers(n: int, d_in: int, d_out: int) -> int:
+    """Numbers the factored path moves through transposed copies in one forward + backward of n rows."""
+    return n * (3 * d_in + 2 * d_out)
 
 
 def factored_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -47,8 +61,12 @@ def dense_cost(n: int, d_in: int, d_out: int, r: int) -> float:
     return 6.0 * n * d_in * d_out + 8.0 * r * d_in * d_out
 
 
-def factored_cost(n: int, d_in: int, d_out: int, r: int, nnz: int, kappa: float, has_weight: bool) -> float:
-    return 2.0 * n * r * (3 * d_out + 4 * d_in) + kappa * 6.0 * n * nnz + (4.0 * n * d_in * d_out if has_weight else 0)
+def factored_cost(
+    n: int, d_in: int, d_out: int, r: int, nnz: int, kappa: float, has_weight: bool, tau: float = 0.0
+) -> float:  # fmt: skip
+    lowrank = 2.0 * n * r * (3 * d_out + 4 * d_in)
+    frozen = 4.0 * n * d_in * d_out if has_weight else 0.0
+    return lowrank + kappa * 6.0 * n * nnz + tau * transposed_numbers(n, d_in, d_out) + frozen
 
 
 def choose_path(
@@ -70,6 +88,6 @@ def choose_path(
         raise ValueError(f"`compute` must be one of {COMPUTE_CHOICES}, got {compute!r}.")
     if not supported:
         return "dense"
-    kappa = sparse_relative_cost(device, dtype, nnz, d_out)
-    cheaper = factored_cost(n, d_in, d_out, r, nnz, kappa, has_weight) < dense_cost(n, d_in, d_out, r)
+    kappa, tau = sparse_relative_cost(device, dtype, nnz, d_out), SPARSE_RELATIVE_COST[(device.type, dtype)][2]
+    cheaper = factored_cost(n, d_in, d_out, r, nnz, kappa, has_weight, tau) < dense_cost(n, d_in, d_out, r)
     return "factored" if cheaper else "dense"
