@@ -81,7 +81,9 @@ def training_step(size: str, variant: str, batch: int, seq_len: int, device, aut
     return model, step
 
 
-def measure(size: str, variant: str, batch: int, seq_len: int, steps: int, device, autocast_dtype) -> dict:
+def measure(
+    size: str, variant: str, batch: int, seq_len: int, steps: int, device, autocast_dtype, with_peak: bool = True
+) -> dict:
     model, step = training_step(size, variant, batch, seq_len, device, autocast_dtype)
 
     def timed() -> float:
@@ -106,6 +108,8 @@ def measure(size: str, variant: str, batch: int, seq_len: int, steps: int, devic
            "tokens_per_s": batch * seq_len / seconds, "peak_rss_bytes": peak_memory_bytes(device)[0],
            "layers_by_path": {p: paths.count(p) for p in sorted(set(paths))}}  # fmt: skip
     print(json.dumps(row), flush=True)  # the timing survives if the memory profiler below crashes the process
+    if not with_peak:
+        return row
     model = step = None  # freed before the fresh run below
     gc.collect()
 
@@ -119,11 +123,13 @@ def measure(size: str, variant: str, batch: int, seq_len: int, steps: int, devic
     return row
 
 
-def measure_in_subprocess(size: str, variant: str, batch: int, seq_len: int, steps: int, device: str) -> dict:
+def measure_in_subprocess(
+    size: str, variant: str, batch: int, seq_len: int, steps: int, device: str, with_peak: bool
+) -> dict:
     """One variant in a fresh process: no allocator state or warm caches carried over from another variant, and
     its own peak RSS. Should the profiler crash the child, the row keeps its time and RSS and `peak_bytes` is None."""
     cmd = [sys.executable, __file__, "--one", size, variant, str(batch), str(seq_len), "--steps", str(steps),
-           "--device", device]  # fmt: skip
+           "--device", device] + ([] if with_peak else ["--no-peak"])  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True)
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     if not rows:
@@ -135,14 +141,15 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=5, help="timed steps per run (median), after 2 warm-up steps")
-    p.add_argument("--rounds", type=int, default=3, help="runs of every variant, interleaved")
+    p.add_argument("--rounds", type=int, default=5, help="runs of every variant, interleaved")
+    p.add_argument("--no-peak", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--one", nargs=4, metavar=("SIZE", "VARIANT", "BATCH", "SEQ_LEN"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     if args.one:  # a child process of the loop below
         size, variant, batch, seq_len = args.one
-        return measure(size, variant, int(batch), int(seq_len), args.steps, device, autocast_dtype)
+        return measure(size, variant, int(batch), int(seq_len), args.steps, device, autocast_dtype, not args.no_peak)
     if device.type == "cuda":
         settings = [("60m", 64, 256), ("350m", 16, 256)]  # (size, batch, seq_len): bf16 autocast
     else:
@@ -152,9 +159,10 @@ def main(argv=None) -> dict:
         # rounds of all variants, so that slow drifts of the machine hit every variant alike; each ratio is taken
         # against full-rank of the same round, and the row reports the medians
         runs = {v: [] for v in VARIANTS}
-        for _ in range(args.rounds):
+        for i in range(args.rounds):  # memory is deterministic: measured in the first round only
             for variant in VARIANTS:
-                runs[variant].append(measure_in_subprocess(size, variant, batch, seq_len, args.steps, args.device))
+                row = measure_in_subprocess(size, variant, batch, seq_len, args.steps, args.device, with_peak=i == 0)
+                runs[variant].append(row)
         full = runs["full"]
         for measured in runs.values():
             row = dict(measured[0])
