@@ -20,6 +20,8 @@ bit for bit). Where PyTorch has no sparse kernel for a dtype (bf16 / fp16 on CPU
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 COMPUTE_CHOICES = ("auto", "dense", "factored")
@@ -53,8 +55,24 @@ def transposed_numbers(n: int, d_in: int, d_out: int) -> int:
 
 
 def factored_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether PyTorch has the CSR product and sampled product the factored path needs for this device and dtype."""
-    return (device.type, dtype) in SPARSE_RELATIVE_COST
+    """Whether PyTorch has the CSR product and sampled product the factored path needs for this device and dtype:
+    the cost model must know the pair, and the kernels must run in this PyTorch build (checked once per pair)."""
+    return (device.type, dtype) in SPARSE_RELATIVE_COST and _sparse_kernels_run(torch.device(device), dtype)
+
+
+@functools.cache
+def _sparse_kernels_run(device: torch.device, dtype: torch.dtype) -> bool:
+    """Runs the factored path's two sparse kernels on a 2 x 2 problem. Their dtype support varies by PyTorch
+    version and build (torch 2.13's `sampled_addmm` rejects bf16 and fp16 on CPU, in an input check that its CUDA
+    version shares), so it is probed rather than assumed."""
+    try:
+        S = torch.eye(2, dtype=dtype, device=device).to_sparse_csr()
+        dense = torch.ones(2, 2, dtype=dtype, device=device)
+        torch.sparse.mm(S, dense)
+        torch.sparse.sampled_addmm(S, dense, dense, beta=0.0)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
 
 
 def dense_cost(n: int, d_in: int, d_out: int, r: int) -> float:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from peft_sltrain import SLTrainConfig, SLTrainLayer
+from peft_sltrain import SLTrainConfig, SLTrainLayer, cost
 from peft_sltrain.cost import choose_path, dense_cost, factored_cost, sparse_relative_cost
 
 from conftest import perturb_trainable, tiny_llama
@@ -61,6 +61,17 @@ def test_narrow_layers_pay_relatively_more_for_transposed_copies():
     assert sparse_relative_cost(CPU, torch.float32, 4 * 128, 128) > sparse_relative_cost(
         CPU, torch.float32, 300 * 4096, 4096
     )
+
+
+def test_dtypes_without_sparse_kernels_take_the_dense_path(monkeypatch):
+    """Whether the kernels exist is probed, not assumed: a (device, dtype) pair the cost model knows still goes
+    dense when PyTorch cannot run its sparse products (bf16 on CPU here; CUDA's guessed bf16 entry relies on it)."""
+    monkeypatch.setitem(cost.SPARSE_RELATIVE_COST, ("cpu", torch.bfloat16), (1.0, 0.0, 0.0))
+    assert cost.factored_supported(CPU, torch.float32)
+    assert not cost.factored_supported(CPU, torch.bfloat16)
+    assert pick(r=16, sparsity=0.001, dtype=torch.bfloat16) == "dense"
+    with pytest.raises(ValueError, match="PyTorch lacks"):
+        pick(r=16, sparsity=0.001, dtype=torch.bfloat16, compute="factored")
 
 
 def test_choice_is_deterministic():
