@@ -21,7 +21,6 @@ Two exact ways to compute it (`path`):
 from __future__ import annotations
 
 import warnings
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -94,32 +93,17 @@ def sparse_csr(values: torch.Tensor, indices: torch.Tensor, d_out: int, d_in: in
     return torch.sparse_csr_tensor(crow, cols, values, (d_out, d_in), check_invariants=False)
 
 
-class TransposedSupport(NamedTuple):
-    """The CSR layout of `S^T` (d_in, d_out): what the factored backward needs for `dY S`. Building it takes a stable
-    sort of the support's column indices (0.2-0.7 ms for 8k-21k nonzeros on this CPU, 1-3% of the layer's factored
-    forward + backward). It is built per backward call and freed, not kept: keeping it (8 bytes per nonzero) would
-    put the factored path's memory above the dense path's, whose only index memory is the support itself."""
-
-    crow: torch.Tensor  # (d_in + 1,) row pointers of S^T
-    col: torch.Tensor  # (nnz,) column index in S^T = row of S, in S^T's row-major order
-    order: torch.Tensor  # (nnz,) S^T's k-th nonzero is values[order[k]]
-
-
-def transposed_support(indices: torch.Tensor, d_out: int, d_in: int) -> TransposedSupport:
-    """The layout of `S^T` for the sorted support `indices` of a (d_out, d_in) matrix."""
+def sparse_csr_transposed(values: torch.Tensor, indices: torch.Tensor, d_out: int, d_in: int) -> torch.Tensor:
+    """`S^T` as a (d_in, d_out) CSR tensor, for the factored backward's `dY S`. Its layout needs a stable sort of the
+    support's column indices (0.2-0.7 ms for 8k-21k nonzeros on this CPU, 1-3% of the layer's factored forward +
+    backward), done per call and not kept: keeping it (8 bytes per nonzero) would put the factored path's memory
+    above the dense path's, whose only index memory is the support itself."""
     rows, cols = indices.div(d_in, rounding_mode="floor"), indices.remainder(d_in)
     # indices are sorted row-major, so a stable sort by column gives S's column-major order = S^T's row-major order
     order = torch.argsort(cols, stable=True)
     crow = torch.zeros(d_in + 1, dtype=torch.int32, device=indices.device)
     crow[1:] = torch.bincount(cols, minlength=d_in).cumsum(0)
-    return TransposedSupport(crow, rows[order].to(torch.int32), order.to(torch.int32))
-
-
-def sparse_csr_transposed(values: torch.Tensor, layout: TransposedSupport, d_out: int, d_in: int) -> torch.Tensor:
-    """`S^T` as a (d_in, d_out) CSR tensor (the values gathered into S^T's order: one copy of nnz numbers)."""
-    return torch.sparse_csr_tensor(
-        layout.crow, layout.col, values.index_select(0, layout.order), (d_in, d_out), check_invariants=False
-    )
+    return torch.sparse_csr_tensor(crow, rows[order], values[order], (d_in, d_out), check_invariants=False)
 
 
 # Transient numbers per chunk of the factored path: a chunk of c rows of x takes about c (d_in + d_out) of them (the
@@ -175,8 +159,7 @@ class _FactoredSparseLowRankLinear(torch.autograd.Function):
         grad_A = torch.zeros_like(A) if need_A else None
         grad_B = torch.zeros_like(B) if need_B else None
         grad_values = torch.zeros_like(values) if need_values else None
-        if need_x:
-            St = sparse_csr_transposed(values, transposed_support(indices, d_out, d_in), d_out, d_in)
+        St = sparse_csr_transposed(values, indices, d_out, d_in) if need_x else None
         # the sampled product writes the nnz entries of dY^T X in S's order, which is the values' order
         pattern = sparse_csr(torch.zeros_like(values), indices, d_out, d_in) if need_values else None
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from peft_sltrain import functional
-from peft_sltrain.functional import PATHS, dense_weight, sltrain_linear, token_chunk, transposed_support
+from peft_sltrain.functional import PATHS, dense_weight, sltrain_linear, sparse_csr_transposed, token_chunk
 from peft_sltrain.support import random_support
 
 
@@ -233,11 +233,10 @@ def test_factored_path_over_many_token_chunks(monkeypatch):
         torch.testing.assert_close(g_f, g_d, rtol=1e-12, atol=1e-12)
 
 
-def test_transposed_support_is_the_csr_layout_of_s_transposed():
+def test_sparse_csr_transposed_is_s_transposed():
     t = make_inputs(dtype=torch.float64, with_weight=False, d_in=9, d_out=7, r=2, nnz=20)
-    layout = transposed_support(t["indices"], 7, 9)
-    assert layout.crow.dtype == layout.col.dtype == layout.order.dtype == torch.int32
-    St = torch.sparse_csr_tensor(layout.crow, layout.col, t["values"].detach()[layout.order.long()], (9, 7))
+    St = sparse_csr_transposed(t["values"].detach(), t["indices"], 7, 9)
+    assert St.col_indices().dtype == St.crow_indices().dtype == torch.int32
     S = torch.zeros(7 * 9, dtype=torch.float64)
     S[t["indices"].long()] = t["values"].detach()
     torch.testing.assert_close(St.to_dense(), S.view(7, 9).t(), rtol=0, atol=0)
