@@ -6,10 +6,9 @@
 One step = forward + backward + AdamW update on one batch. Each variant is timed over several steps after a warm-up
 (median), each in a fresh process, in interleaved rounds, and reported as the median ratio to full-rank. `lowrank`,
 the pure low-rank model at the same r, is the floor of any factored step (it does a subset of the factored work).
-Memory:
-`peak_bytes`, the most tensor memory alive at once in a fresh run of three steps (model built inside it, so
-parameters and optimizer state count; CUDA: allocator peak; CPU: the profiler's allocation
-events), and `peak_rss_bytes`, the process's peak (RSS on CPU, max allocated on CUDA).
+Memory: `peak_bytes`, the most tensor memory alive at once in a fresh run of three steps (model built inside it, so
+parameters and optimizer state count; CUDA: allocator peak; CPU: the profiler's allocation events), measured in the
+first round; `peak_rss_bytes`, the process's peak (RSS on CPU, max allocated on CUDA).
 Results: benchmarks/results/step_<device>.json.
 """
 
