@@ -1,0 +1,93 @@
+"""Which sparse kernel computes the factored path's `x S^T` fastest: a CSR product (what `functional.py` uses) or an
+index-based gather + segment-sum, on the token chunks the factored path uses, against the dense GEMM `x W^T`.
+
+    python benchmarks/sparse_kernels.py     # CPU, fp32: benchmarks/results/sparse_kernels_cpu.json
+
+Variants, all computing the same (N, d_out) product for 2048 rows of x:
+- `csr`:        torch.sparse.mm(S, x_c^T) per chunk, S a CSR tensor (the factored path's forward)
+- `gather`:     y_c.index_add_(1, rows, x_c[:, cols] * values): one gathered column of x per nonzero
+- `gather_xT`:  the same on x^T, so that each gathered row is contiguous in the token dimension
+Times are medians, reported as ratios to the dense GEMM of the same shape.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_env import environment  # noqa: E402
+
+from peft_sltrain.functional import sparse_csr, token_chunk  # noqa: E402
+from peft_sltrain.support import num_nonzeros, random_support  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAPES = [((512, 1376), 0.03), ((1024, 2736), 0.03)]  # 60M's and 350M's up projections
+TOKENS = 2048
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(d_in: int, d_out: int, sparsity: float) -> dict:
+    nnz = num_nonzeros(d_out, d_in, sparsity)
+    indices = random_support(d_out, d_in, nnz, seed=0)
+    values = torch.randn(nnz)
+    rows, cols = indices.div(d_in, rounding_mode="floor").long(), indices.remainder(d_in).long()
+    S, W = sparse_csr(values, indices, d_out, d_in), torch.randn(d_out, d_in)
+    x, chunk = torch.randn(TOKENS, d_in), token_chunk(d_in, d_out)
+    starts = range(0, TOKENS, chunk)
+
+    def csr():
+        y = torch.empty(TOKENS, d_out)
+        for s in starts:
+            y[s : s + chunk].copy_(torch.sparse.mm(S, x[s : s + chunk].t().contiguous()).t())
+
+    def gather():
+        y = torch.zeros(TOKENS, d_out)
+        for s in starts:
+            y[s : s + chunk].index_add_(1, rows, x[s : s + chunk, cols] * values)
+
+    def gather_xT():
+        y, xT = torch.zeros(d_out, TOKENS), x.t().contiguous()
+        for s in starts:
+            y[:, s : s + chunk].index_add_(0, rows, xT[cols, s : s + chunk] * values[:, None])
+
+    out = torch.empty(TOKENS, d_out)
+    row = {"d_in": d_in, "d_out": d_out, "sparsity": sparsity, "nnz": nnz, "tokens": TOKENS, "chunk": chunk}
+    row["dense_gemm_s"] = median_seconds(lambda: torch.mm(x, W.t(), out=out), 30)
+    for name, fn, repeats in (("csr", csr, 30), ("gather", gather, 5), ("gather_xT", gather_xT, 5)):
+        row[f"{name}_s"] = median_seconds(fn, repeats)
+        row[f"{name}_vs_gemm"] = row[f"{name}_s"] / row["dense_gemm_s"]
+    return row
+
+
+def main() -> dict:
+    torch.manual_seed(0)
+    rows = []
+    for (d_in, d_out), sparsity in SHAPES:
+        rows.append(measure(d_in, d_out, sparsity))
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}))
+    result = {"command": "python benchmarks/sparse_kernels.py", "environment": environment(torch.device("cpu")),
+              "rows": rows}  # fmt: skip
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "sparse_kernels_cpu.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
