@@ -57,7 +57,7 @@ def transposed_numbers(n: int, d_in: int, d_out: int) -> int:
 def factored_supported(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether PyTorch has the CSR product and sampled product the factored path needs for this device and dtype:
     the cost model must know the pair, and the kernels must run in this PyTorch build (checked once per pair)."""
-    return (device.type, dtype) in SPARSE_RELATIVE_COST and _sparse_kernels_run(torch.device(device), dtype)
+    return (device.type, dtype) in SPARSE_RELATIVE_COST and _sparse_kernels_run(device, dtype)
 
 
 @functools.cache
