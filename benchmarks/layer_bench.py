@@ -8,12 +8,14 @@ Variants, all computing y = x W^T for the same W:
 - `dense`:    nn.Linear, the full-rank baseline (its weight gradient is what full-rank training pays for)
 - `rebuild`:  F.linear(x, scaling * B @ A + S) through plain autograd: the dense W is kept alive for backward
 - `sltrain`:  peft_sltrain.sltrain_linear(path="dense"), the memory-saving autograd function (W rebuilt in backward)
-- `factored`: peft_sltrain.sltrain_linear(path="factored"): low-rank products plus CSR sparse kernels, no dense W
+- `factored`: peft_sltrain.sltrain_linear(path="factored"): low-rank products plus sparse kernels, no dense W; the
+              sparse products on numba's CPU kernels where numba is installed (`peft_sltrain/cpu_kernels.py`)
+- `factored_torch`: the same on PyTorch's CSR kernels (`mm`, `sampled_addmm`), the path's fallback without numba
 - `lowrank`:  (x A^T) B^T alone, through plain autograd: the part of the factored path that is not sparse, its floor
-`kappa_fit` is the cost of one sparse multiply-add relative to a dense GEMM's that makes `peft_sltrain.cost`'s
-model reproduce the measured factored / dense-path time ratio (transposed copies included); `cost_model_fit` fits
-kappa_inf + kappa_row / (nonzeros per row) and the transposed-copy cost tau to all rows, the form and constants
-`peft_sltrain/cost.py` uses.
+`factored_kappa_fit` is the cost of one sparse multiply-add relative to a dense GEMM's that makes `peft_sltrain.cost`'s
+model reproduce the measured factored / dense-path time ratio (transposed copies included); `cost_model_fit` (and
+`cost_model_fit_torch` for the CSR kernels) fits kappa_inf + kappa_row / (nonzeros per row) and the transposed-copy
+cost tau to all rows, the form and constants `peft_sltrain/cost.py` uses.
 Times are medians of forward+backward passes timed in interleaved rounds, reported as ratios to `dense` measured in
 the same run. Peak memory is the most tensor memory allocated during forward+backward above what existed before it
 (inputs and parameters not counted; CUDA: the allocator's peak; CPU: the profiler's allocation events); "saved" is
@@ -37,7 +39,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_env import environment  # noqa: E402
 
-from peft_sltrain import cost  # noqa: E402
+from peft_sltrain import cost, cpu_kernels  # noqa: E402
 from peft_sltrain.functional import dense_weight, sltrain_linear  # noqa: E402
 from peft_sltrain.support import num_nonzeros, random_support  # noqa: E402
 
@@ -77,8 +79,20 @@ def variants(layer, d_in, d_out, device, dtype):
         "rebuild": (lambda x: F.linear(x, dense_weight(**layer)), factors),
         "sltrain": (lambda x: sltrain_linear(x, **layer, path="dense"), factors),
         "factored": (lambda x: sltrain_linear(x, **layer, path="factored"), factors),
+        "factored_torch": (lambda x: with_torch_kernels(sltrain_linear, x, **layer, path="factored"), factors),
         "lowrank": (lambda x: (x @ A.t()) @ (scaling * B).t(), factors),
     }
+
+
+def with_torch_kernels(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` with numba's CPU kernels switched off; the factored path's backward uses the kernels
+    its forward used."""
+    available = cpu_kernels.AVAILABLE
+    cpu_kernels.AVAILABLE = False
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        cpu_kernels.AVAILABLE = available
 
 
 def saved_bytes(fn, x, existing: list[torch.Tensor]) -> int:
@@ -159,13 +173,14 @@ def measure(d_in, d_out, r, sparsity, tokens, repeats, device, dtype) -> dict:
     nnz = layer["values"].numel()
     modeled_dense = cost.dense_cost(tokens, d_in, d_out, r)
     lowrank = cost.factored_cost(tokens, d_in, d_out, r, nnz, kappa=0.0, has_weight=False)
-    row["factored_excess"] = row["factored_s"] / row["sltrain_s"] * modeled_dense - lowrank  # in GEMM multiply-adds
-    row["kappa_fit"] = row["factored_excess"] / (6.0 * tokens * nnz)
+    for name in ("factored", "factored_torch"):  # in GEMM multiply-adds
+        row[f"{name}_excess"] = row[f"{name}_s"] / row["sltrain_s"] * modeled_dense - lowrank
+        row[f"{name}_kappa_fit"] = row[f"{name}_excess"] / (6.0 * tokens * nnz)
     row["nnz_per_row"] = nnz / d_out
     return row
 
 
-def fit_cost_model(rows: list[dict]) -> dict:
+def fit_cost_model(rows: list[dict], name: str = "factored") -> dict:
     """`cost.py`'s constants: least squares of what the factored path costs beyond its low-rank products,
         excess = (kappa_inf + kappa_row / k) * 6 N nnz + tau * N (3 d_in + 2 d_out)      (k = nnz / d_out),
     in relative terms (each row divided by 6 N nnz, so that big layers do not outweigh small ones). Constants are
@@ -175,7 +190,7 @@ def fit_cost_model(rows: list[dict]) -> dict:
         sparse = 6.0 * r["tokens"] * r["nnz_per_row"] * r["d_out"]
         copies = cost.transposed_numbers(r["tokens"], r["d_in"], r["d_out"])
         feats.append([1.0, 1.0 / r["nnz_per_row"], copies / sparse])
-        y.append(r["factored_excess"] / sparse)
+        y.append(r[f"{name}_excess"] / sparse)
     X, Y = torch.tensor(feats, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
     best = None
     for subset in ([0, 1, 2], [0, 1], [0, 2], [1, 2], [0], [1], [2]):
@@ -189,6 +204,9 @@ def fit_cost_model(rows: list[dict]) -> dict:
     return {"kappa_inf": kappa_inf, "kappa_row": kappa_row, "tau": tau, "max_relative_error": relative.max().item()}
 
 
+STYLES = (("rebuild", "s-"), ("sltrain", "o-"), ("factored", "^-"), ("factored_torch", "^--"), ("lowrank", "v:"))
+
+
 def plot(rows: list[dict], sweeps: dict[str, list[dict]], path: Path, title: str) -> None:
     import matplotlib
 
@@ -197,7 +215,7 @@ def plot(rows: list[dict], sweeps: dict[str, list[dict]], path: Path, title: str
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     labels = [f"{r['d_in']}x{r['d_out']}\nr={r['r']}, {r['sparsity']}" for r in rows]
-    for name, style in (("rebuild", "s-"), ("sltrain", "o-"), ("factored", "^-"), ("lowrank", "v:")):
+    for name, style in STYLES:
         axes[0].plot(labels, [r[f"{name}_time_ratio"] for r in rows], style, label=name)
     axes[0].axhline(1.0, color="gray", lw=1, ls="--", label="dense (nn.Linear)")
     axes[0].set_ylabel("fwd+bwd time / dense")
@@ -206,7 +224,7 @@ def plot(rows: list[dict], sweeps: dict[str, list[dict]], path: Path, title: str
     for key, ax, xlabel in (("rank", axes[1], "rank r"), ("sparsity", axes[2], "sparsity delta")):
         sweep = sweeps[key]
         xs = [s["r"] if key == "rank" else s["sparsity"] for s in sweep]
-        for name, style in (("rebuild", "s-"), ("sltrain", "o-"), ("factored", "^-"), ("lowrank", "v:")):
+        for name, style in STYLES:
             ax.plot(xs, [s[f"{name}_time_ratio"] for s in sweep], style, label=name)
         ax.axhline(1.0, color="gray", lw=1, ls="--")
         ax.set_xlabel(xlabel)
@@ -254,7 +272,9 @@ def main(argv=None) -> dict:
         "tokens": tokens,
         "shapes": rows,
         "sweeps": sweeps,
+        "sparse_kernels": "numba" if cpu_kernels.supports(device, dtype) else "torch",
         "cost_model_fit": fit_cost_model(rows + sweeps["rank"] + sweeps["sparsity"]),
+        "cost_model_fit_torch": fit_cost_model(rows + sweeps["rank"] + sweeps["sparsity"], "factored_torch"),
     }
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
     plot(rows, sweeps, stem.with_suffix(".png"), f"One layer, fwd+bwd, {tokens} tokens, {dtype}, {platform.node()}")

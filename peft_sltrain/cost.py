@@ -13,7 +13,8 @@ dense GEMM on the same device and dtype. Sparse kernels are least efficient on s
 `kappa = kappa_inf + kappa_row / k`, with `k = nnz / d_out` the nonzeros per row of `S`. `tau` is what moving one
 number through a transposed copy costs, in GEMM multiply-adds: the sparse kernels want the token dimension
 contiguous, so the factored path transposes its activations, and on CPU that is most of its cost at narrow widths.
-The three constants per device type and dtype are fitted by `benchmarks/layer_bench.py`. The choice is
+The three constants per device type, dtype and kernel set (numba's CPU kernels, or PyTorch's CSR kernels; see
+`functional.py`) are fitted by `benchmarks/layer_bench.py`. The choice is
 deterministic: the same call takes the same path in every process (a resumed run reproduces the uninterrupted one
 bit for bit). Where PyTorch has no sparse kernel for a dtype (bf16 / fp16 on CPU), only the dense path exists.
 """
@@ -24,13 +25,15 @@ import functools
 
 import torch
 
+from . import cpu_kernels
+
 COMPUTE_CHOICES = ("auto", "dense", "factored")
 
-# (kappa_inf, kappa_row, tau) per (device type, dtype). CPU fp32: `cost_model_fit` of benchmarks/results/layer_cpu.json
-# (15 layer shapes from 128 x 344 to 4096 x 11008, r 32-1024, delta 0.01-0.3; 2 cores, torch 2.13): the transposed
-# copies explain most of what narrow layers pay, the short-row term little. It predicts the measured factored /
-# dense-path time ratio within 0.08 on the LLaMA shapes and 0.17 on the rank sweep, and overestimates it at
-# delta >= 0.1 (1.34 for a measured 1.00 at delta = 0.1, where the dense path is no slower). fp64 assumed alike.
+# (kappa_inf, kappa_row, tau) per (device type, dtype), for PyTorch's CSR kernels. CPU fp32: `cost_model_fit` of
+# benchmarks/results/layer_cpu_torch_kernels.json (a run from before the numba kernels existed; 15 layer shapes from 128 x 344 to 4096 x 11008, r 32-1024,
+# delta 0.01-0.3; 2 cores, torch 2.13): the transposed copies explain most of what narrow layers pay, the short-row
+# term little. It predicts the measured factored / dense-path time ratio within 0.08 on the LLaMA shapes and 0.17 on
+# the rank sweep, and overestimates it at delta >= 0.1. fp64 assumed alike.
 SPARSE_RELATIVE_COST: dict[tuple[str, torch.dtype], tuple[float, float, float]] = {
     ("cpu", torch.float32): (11.1, 4.5, 138.0),
     ("cpu", torch.float64): (11.1, 4.5, 138.0),
@@ -43,9 +46,27 @@ SPARSE_RELATIVE_COST: dict[tuple[str, torch.dtype], tuple[float, float, float]] 
 }
 
 
+# The same for numba's CPU kernels (`cpu_kernels.py`), used wherever they run. fp32: `cost_model_fit` of
+# benchmarks/results/layer_cpu.json (same shapes and machine): a sparse multiply-add costs 4 dense ones, with no
+# short-row penalty, and the in-kernel block transposes take the tau term. It predicts the measured factored /
+# dense-path time ratio within 0.08 on the LLaMA shapes and 0.02 on the rank sweep, and overestimates it at
+# delta = 0.3 (1.39 for a measured 1.19). fp64 assumed alike.
+NUMBA_RELATIVE_COST: dict[torch.dtype, tuple[float, float, float]] = {
+    torch.float32: (4.0, 0.0, 84.0),
+    torch.float64: (4.0, 0.0, 84.0),
+}
+
+
+def relative_costs(device: torch.device, dtype: torch.dtype) -> tuple[float, float, float]:
+    """(kappa_inf, kappa_row, tau) of the sparse kernels the factored path uses on this device and dtype."""
+    if cpu_kernels.supports(device, dtype):
+        return NUMBA_RELATIVE_COST[dtype]
+    return SPARSE_RELATIVE_COST[(device.type, dtype)]
+
+
 def sparse_relative_cost(device: torch.device, dtype: torch.dtype, nnz: int, d_out: int) -> float:
     """kappa for a sparse matrix of `nnz` nonzeros over `d_out` rows, on this device and dtype."""
-    kappa_inf, kappa_row, _ = SPARSE_RELATIVE_COST[(device.type, dtype)]
+    kappa_inf, kappa_row, _ = relative_costs(device, dtype)
     return kappa_inf + kappa_row * d_out / max(nnz, 1)
 
 
@@ -55,8 +76,11 @@ def transposed_numbers(n: int, d_in: int, d_out: int) -> int:
 
 
 def factored_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether PyTorch has the CSR product and sampled product the factored path needs for this device and dtype:
-    the cost model must know the pair, and the kernels must run in this PyTorch build (checked once per pair)."""
+    """Whether the factored path's sparse products run on this device and dtype: numba's CPU kernels, or PyTorch's
+    CSR product and sampled product, whose pair the cost model must know and which must run in this PyTorch build
+    (checked once per pair)."""
+    if cpu_kernels.supports(device, dtype):
+        return True
     return (device.type, dtype) in SPARSE_RELATIVE_COST and _sparse_kernels_run(device, dtype)
 
 
@@ -98,14 +122,14 @@ def choose_path(
     if compute == "factored":
         if not supported:
             raise ValueError(
-                f"`compute='factored'` needs sparse kernels for {dtype} on {device.type}, which PyTorch lacks; "
-                "use compute='auto' or 'dense'."
+                f"`compute='factored'` needs sparse kernels for {dtype} on {device.type}, which PyTorch lacks "
+                "(and numba's CPU kernels cover only float32 and float64); use compute='auto' or 'dense'."
             )
         return "factored"
     if compute != "auto":
         raise ValueError(f"`compute` must be one of {COMPUTE_CHOICES}, got {compute!r}.")
     if not supported:
         return "dense"
-    kappa, tau = sparse_relative_cost(device, dtype, nnz, d_out), SPARSE_RELATIVE_COST[(device.type, dtype)][2]
+    kappa, tau = sparse_relative_cost(device, dtype, nnz, d_out), relative_costs(device, dtype)[2]
     cheaper = factored_cost(n, d_in, d_out, r, nnz, kappa, has_weight, tau) < dense_cost(n, d_in, d_out, r)
     return "factored" if cheaper else "dense"

@@ -25,6 +25,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from . import cpu_kernels
+
 # PyTorch warns once per process that CSR support is "in beta"; the factored path uses only its stable core
 # (construction, `mm`, `sampled_addmm`), which the tests check against a dense reference.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
@@ -84,12 +86,18 @@ class _SparseLowRankLinear(torch.autograd.Function):
         return grad_x, grad_A, grad_B, grad_values, None, None, grad_weight, grad_bias
 
 
-def sparse_csr(values: torch.Tensor, indices: torch.Tensor, d_out: int, d_in: int) -> torch.Tensor:
-    """`S` as a (d_out, d_in) CSR tensor. Sorted flat row-major indices are exactly CSR order, so `values` is used
-    as is; the int32 column indices and row pointers are derived per call (O(nnz) elementwise, no sort)."""
+def csr_layout(indices: torch.Tensor, d_out: int, d_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row pointers (d_out + 1,), column indices (nnz,)), both int32, of the support as a (d_out, d_in) CSR matrix.
+    Sorted flat row-major indices are exactly CSR order, so the values need no reordering; O(nnz), no sort."""
     rows, cols = indices.div(d_in, rounding_mode="floor"), indices.remainder(d_in)
     crow = torch.zeros(d_out + 1, dtype=torch.int32, device=indices.device)
     crow[1:] = torch.bincount(rows, minlength=d_out).cumsum(0)
+    return crow, cols.to(torch.int32)
+
+
+def sparse_csr(values: torch.Tensor, indices: torch.Tensor, d_out: int, d_in: int) -> torch.Tensor:
+    """`S` as a (d_out, d_in) CSR tensor, derived per call from the int32 support (see `csr_layout`)."""
+    crow, cols = csr_layout(indices, d_out, d_in)
     return torch.sparse_csr_tensor(crow, cols, values, (d_out, d_in), check_invariants=False)
 
 
@@ -121,30 +129,39 @@ def token_chunk(d_in: int, d_out: int) -> int:
 class _FactoredSparseLowRankLinear(torch.autograd.Function):
     """Like `_SparseLowRankLinear`, but never forms a dense (d_out, d_in) matrix, in forward or backward.
 
-    Works on chunks of `token_chunk(...)` rows of x, which bounds its transient memory. Sparse kernels (MKL on CPU,
-    cuSPARSE on CUDA) are several times faster when the dense operand is row-major in the token dimension, so they
-    get transposed copies of each chunk: `x_c^T` (d_in, c) and `dY_c^T` (d_out, c). Those copies are what the path
-    pays beyond the arithmetic: on CPU, transposing a (2048, 512) fp32 matrix took 0.1-0.3x the time of a 512 x 512
-    GEMM over it (12x a plain copy), measured on different days.
+    The low-rank products are dense GEMMs; the sparse ones (`x S^T`, `dY S`, `dS`) run on one of two kernel sets:
+    - CPU, fp32/fp64, with numba installed: `cpu_kernels`, which read the row-major activations directly (they
+      transpose small blocks of tokens internally), all tokens in one call.
+    - Otherwise PyTorch's CSR `mm` and `sampled_addmm` (MKL on CPU, cuSPARSE on CUDA), on chunks of
+      `token_chunk(...)` rows of x. They want the token dimension contiguous, so they get transposed copies of each
+      chunk, `x_c^T` (d_in, c) and `dY_c^T` (d_out, c); on CPU, transposing a (2048, 512) fp32 matrix took 0.1-0.3x
+      the time of a 512 x 512 GEMM over it (12x a plain copy), measured on different days.
     """
 
     @staticmethod
     def forward(ctx, x, A, B, values, indices, scaling, weight, bias):
         d_out, d_in = B.shape[0], A.shape[1]
         x2 = x.reshape(-1, d_in)  # (N, d_in)
-        S = sparse_csr(values, indices, d_out, d_in)
         y = torch.empty(x2.shape[0], d_out, dtype=x.dtype, device=x.device)  # (N, d_out)
-        chunk = token_chunk(d_in, d_out)
+        kernels = cpu_kernels.supports(x.device, x.dtype)
+        if kernels:  # they block the tokens themselves and need no transposed copies: one chunk (chunks of
+            # 2**19 numbers saved 0.4-3 MiB of a layer's peak and cost up to 35% of its time, measured at 2048 tokens)
+            x2, (crow, cols), chunk = x2.contiguous(), csr_layout(indices, d_out, d_in), max(len(x2), 1)
+        else:
+            S, chunk = sparse_csr(values, indices, d_out, d_in), token_chunk(d_in, d_out)
         for start in range(0, x2.shape[0], chunk):
             xc, yc = x2[start : start + chunk], y[start : start + chunk]  # (c, d_in), (c, d_out)
-            yc.copy_(torch.sparse.mm(S, xc.t().contiguous()).t())  # x S^T
+            if kernels:
+                cpu_kernels.sparse_matmul_t(xc, crow, cols, values, out=yc)  # x S^T
+            else:
+                yc.copy_(torch.sparse.mm(S, xc.t().contiguous()).t())  # x S^T
             yc.addmm_(xc.mm(A.t()), B.t(), alpha=scaling)  # + s (x A^T) B^T
             if weight is not None:
                 yc.addmm_(xc, weight.t())
         if bias is not None:
             y += bias
         ctx.save_for_backward(x, A, B, values, indices, weight)
-        ctx.scaling = scaling
+        ctx.scaling, ctx.kernels = scaling, kernels  # backward uses the same kernel set
         return y.view(*x.shape[:-1], d_out)
 
     @staticmethod
@@ -155,22 +172,36 @@ class _FactoredSparseLowRankLinear(torch.autograd.Function):
         d_out, d_in = B.shape[0], A.shape[1]
         dy = grad_y.reshape(-1, d_out)  # (N, d_out)
         x2 = x.reshape(-1, d_in)  # (N, d_in)
-        grad_x = torch.empty_like(x2) if need_x else None
+        grad_x = torch.empty(x2.shape, dtype=x.dtype, device=x.device) if need_x else None  # row-major
         grad_A = torch.zeros_like(A) if need_A else None
         grad_B = torch.zeros_like(B) if need_B else None
         grad_values = torch.zeros_like(values) if need_values else None
-        St = sparse_csr_transposed(values, indices, d_out, d_in) if need_x else None
-        # the sampled product writes the nnz entries of dY^T X in S's order, which is the values' order
-        pattern = sparse_csr(torch.zeros_like(values), indices, d_out, d_in) if need_values else None
+        kernels = ctx.kernels
+        if kernels:
+            x2, dy, (crow, cols) = x2.contiguous(), dy.contiguous(), csr_layout(indices, d_out, d_in)
+            chunk = max(len(x2), 1)  # one chunk, as in forward
+        else:
+            St = sparse_csr_transposed(values, indices, d_out, d_in) if need_x else None
+            # the sampled product writes the nnz entries of dY^T X in S's order, which is the values' order
+            pattern = sparse_csr(torch.zeros_like(values), indices, d_out, d_in) if need_values else None
+            chunk = token_chunk(d_in, d_out)
 
-        chunk = token_chunk(d_in, d_out)
         for start in range(0, x2.shape[0], chunk):
             xc, dyc = x2[start : start + chunk], dy[start : start + chunk]  # (c, d_in), (c, d_out)
+            gx = grad_x[start : start + chunk] if need_x else None
+            if kernels and (need_x or need_values):  # dY S into gx, and dS
+                grad_values_c = cpu_kernels.sparse_grads(xc, dyc, crow, cols, values, gx, need_values)
+                if need_values:
+                    grad_values += grad_values_c
+            elif need_x or need_values:
+                dycT = dyc.t().contiguous()  # (d_out, c), shared by both products
+                if need_x:
+                    gx.copy_(torch.sparse.mm(St, dycT).t())  # dY S
+                if need_values:  # mat2 column-major: each nonzero is a dot product of two contiguous rows
+                    xcT = xc.t().contiguous().t()
+                    grad_values += torch.sparse.sampled_addmm(pattern, dycT, xcT, beta=0.0).values()
             dycB = dyc.mm(B) if (need_x or need_A) else None  # (c, r)
-            dycT = dyc.t().contiguous() if (need_x or need_values) else None  # (d_out, c), shared by both products
             if need_x:
-                gx = grad_x[start : start + chunk]
-                gx.copy_(torch.sparse.mm(St, dycT).t())  # dY S
                 gx.addmm_(dycB, A, alpha=scaling)  # + s (dY B) A
                 if weight is not None:
                     gx.addmm_(dyc, weight)
@@ -178,8 +209,6 @@ class _FactoredSparseLowRankLinear(torch.autograd.Function):
                 grad_A.addmm_(dycB.t(), xc, alpha=scaling)  # s (dY B)^T X
             if need_B:
                 grad_B.addmm_(dyc.t(), xc.mm(A.t()), alpha=scaling)  # s dY^T (X A^T), recomputed, not saved
-            if need_values:  # mat2 column-major: each nonzero is a dot product of two contiguous rows
-                grad_values += torch.sparse.sampled_addmm(pattern, dycT, xc.t().contiguous().t(), beta=0.0).values()
         grad_weight = dy.t().mm(x2) if need_weight else None
         grad_bias = dy.sum(0) if need_bias else None
         grad_x = grad_x.view(x.shape) if need_x else None

@@ -6,12 +6,24 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from peft_sltrain import SLTrainConfig, SLTrainLayer, cost
+from peft_sltrain import SLTrainConfig, SLTrainLayer, cost, cpu_kernels
 from peft_sltrain.cost import choose_path, dense_cost, factored_cost, sparse_relative_cost
 
 from conftest import perturb_trainable, tiny_llama
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def torch_kernels(monkeypatch):
+    """The factored path on PyTorch's CSR kernels, as without numba installed."""
+    monkeypatch.setattr(cpu_kernels, "AVAILABLE", False)
+
+
+@pytest.fixture
+def numba_kernels():
+    if not cpu_kernels.AVAILABLE:
+        pytest.skip("numba is not installed")
 
 
 def pick(n=4096, d=1024, r=256, sparsity=0.03, dtype=torch.float32, weight=False, compute="auto"):
@@ -25,7 +37,7 @@ def test_costs_follow_the_flop_counts():
     assert factored_cost(10, 4, 6, 2, 5, 3.0, True) - factored_cost(10, 4, 6, 2, 5, 3.0, False) == 4 * 10 * 4 * 6
 
 
-def test_auto_prefers_factored_for_small_rank_and_sparsity_and_dense_otherwise():
+def test_auto_prefers_factored_for_small_rank_and_sparsity_and_dense_otherwise(torch_kernels):
     assert pick(r=16, sparsity=0.001) == "factored"
     assert pick(r=512, sparsity=0.1) == "dense"
     # with a frozen W0 the factored path still pays two dense GEMMs (forward, dX) but skips dW = dY^T X: only a
@@ -46,7 +58,7 @@ def test_forced_paths_and_bad_values():
         SLTrainConfig(compute="fast")
 
 
-def test_narrow_layers_pay_relatively_more_for_transposed_copies():
+def test_narrow_layers_pay_relatively_more_for_transposed_copies(torch_kernels):
     # the transposed copies cost N (3 d_in + 2 d_out) numbers, a larger share of a narrow layer's work
     copies = factored_cost(10, 4, 6, 2, 5, 3.0, False, tau=2.0) - factored_cost(10, 4, 6, 2, 5, 3.0, False)
     assert copies == 2.0 * 10 * (3 * 4 + 2 * 6)
@@ -63,7 +75,7 @@ def test_narrow_layers_pay_relatively_more_for_transposed_copies():
     )
 
 
-def test_dtypes_without_sparse_kernels_take_the_dense_path(monkeypatch):
+def test_dtypes_without_sparse_kernels_take_the_dense_path(monkeypatch, torch_kernels):
     """Whether the kernels exist is probed, not assumed: a (device, dtype) pair the cost model knows still goes
     dense when PyTorch cannot run its sparse products (bf16 on CPU here; CUDA's guessed bf16 entry relies on it)."""
     monkeypatch.setitem(cost.SPARSE_RELATIVE_COST, ("cpu", torch.bfloat16), (1.0, 0.0, 0.0))
@@ -72,6 +84,29 @@ def test_dtypes_without_sparse_kernels_take_the_dense_path(monkeypatch):
     assert pick(r=16, sparsity=0.001, dtype=torch.bfloat16) == "dense"
     with pytest.raises(ValueError, match="PyTorch lacks"):
         pick(r=16, sparsity=0.001, dtype=torch.bfloat16, compute="factored")
+
+
+def test_numba_kernels_have_their_own_constants(numba_kernels, monkeypatch):
+    """Where numba's kernels run (CPU, fp32/fp64) the model uses their fitted constants; bf16 still goes dense."""
+    assert cost.relative_costs(CPU, torch.float32) == cost.NUMBA_RELATIVE_COST[torch.float32]
+    assert cost.factored_supported(CPU, torch.float64)
+    assert pick(r=16, sparsity=0.001, dtype=torch.bfloat16) == "dense"
+    with pytest.raises(ValueError, match="numba's CPU kernels cover only float32 and float64"):
+        pick(dtype=torch.bfloat16, compute="factored")
+    monkeypatch.setattr(cpu_kernels, "AVAILABLE", False)
+    assert cost.relative_costs(CPU, torch.float32) == cost.SPARSE_RELATIVE_COST[("cpu", torch.float32)]
+
+
+def test_numba_kernels_send_llama_layers_factored(numba_kernels):
+    """With numba's kernels the factored path measured faster than the dense path at every LLaMA shape, the tiny
+    preset's 128 x 344 included (benchmarks/results/layer_cpu.json); the model agrees."""
+    for (d_in, d_out), r, sparsity in [((128, 344), 32, 0.03), ((344, 128), 32, 0.03), ((512, 512), 128, 0.03),
+                                       ((512, 1376), 128, 0.03), ((1376, 512), 128, 0.03)]:  # fmt: skip
+        nnz = round(sparsity * d_in * d_out)
+        assert choose_path("auto", 2048, d_in, d_out, r, nnz, CPU, torch.float32, False) == "factored"
+    # a dense support (delta = 0.3) or a rank of half the width still goes dense
+    assert pick(r=256, sparsity=0.3) == "dense"
+    assert pick(r=512, sparsity=0.03) == "dense"
 
 
 def test_choice_is_deterministic():

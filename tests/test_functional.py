@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from peft_sltrain import functional
-from peft_sltrain.functional import PATHS, dense_weight, sltrain_linear, sparse_csr_transposed, token_chunk
+from peft_sltrain import cpu_kernels, functional
+from peft_sltrain.functional import dense_weight, sltrain_linear, sparse_csr_transposed, token_chunk
 from peft_sltrain.support import random_support
 
 
@@ -30,6 +30,20 @@ def make_inputs(d_in=12, d_out=10, r=3, nnz=17, dtype=torch.float64, with_weight
 
 
 NAMES = ["x", "A", "B", "values", "weight", "bias"]  # the differentiable inputs
+
+# On CPU the factored path runs its sparse products on numba's kernels where numba is installed (it is in the dev
+# extras, so CI runs them) and on PyTorch's CSR kernels otherwise: both are tested.
+NEEDS_NUMBA = pytest.mark.skipif(not cpu_kernels.AVAILABLE, reason="numba is not installed")
+FACTORED = [pytest.param("factored-numba", marks=NEEDS_NUMBA), "factored-torch"]
+IMPLEMENTATIONS = ["dense", *FACTORED]
+
+
+@pytest.fixture
+def path(request, monkeypatch):
+    """The `path` argument for an implementation name, with the CPU kernel set it names selected."""
+    implementation = request.param
+    monkeypatch.setattr(cpu_kernels, "AVAILABLE", cpu_kernels.AVAILABLE and implementation != "factored-torch")
+    return implementation.split("-")[0]
 
 
 def clone_inputs(inputs: dict) -> dict:
@@ -53,7 +67,7 @@ def grads(out, tensors):
     return [None if t is None else t.grad for t in tensors]
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", IMPLEMENTATIONS, indirect=True)
 @pytest.mark.parametrize("with_weight", [True, False])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_gradcheck_float64(with_weight, with_bias, path):
@@ -65,7 +79,7 @@ def test_gradcheck_float64(with_weight, with_bias, path):
     assert torch.autograd.gradcheck(fn, (t["x"], t["A"], t["B"], t["values"], t["weight"], t["bias"]))
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", IMPLEMENTATIONS, indirect=True)
 @pytest.mark.parametrize("with_weight", [True, False])
 def test_matches_dense_reference_fp32(with_weight, path):
     ours = make_inputs(dtype=torch.float32, with_weight=with_weight, d_in=48, d_out=40, r=8, nnz=60)
@@ -157,10 +171,11 @@ def test_dense_weight_places_values_at_indices():
     assert torch.equal(W, expected)
 
 
+@pytest.mark.parametrize("path", FACTORED, indirect=True)
 @pytest.mark.parametrize("with_weight", [True, False])
-def test_factored_path_never_forms_a_dense_matrix(with_weight):
+def test_factored_path_never_forms_a_dense_matrix(with_weight, path):
     """No op of forward or backward allocates a dense (d_out, d_in) tensor (sparse CSR forms of S and views of the
-    frozen W0 are fine)."""
+    frozen W0 are fine). numba's kernels allocate outside PyTorch: only (d, TOKEN_BLOCK) blocks, by construction."""
     t = make_inputs(dtype=torch.float32, with_weight=with_weight, d_in=12, d_out=11)
     if with_weight:
         t["weight"].requires_grad_(False)
@@ -184,28 +199,30 @@ def test_factored_path_never_forms_a_dense_matrix(with_weight):
             return out
 
     with AnyDense() as mode:
-        y = sltrain_linear(**t, scaling=1.0, path="factored")
+        y = sltrain_linear(**t, scaling=1.0, path=path)
         y.square().sum().backward()
     assert mode.seen == 0
     assert all(t[n].grad is not None for n in ("x", "A", "B", "values", "bias"))
 
 
+@pytest.mark.parametrize("path", FACTORED, indirect=True)
 @pytest.mark.parametrize("with_weight", [True, False])
-def test_paths_agree_with_each_other(with_weight):
+def test_paths_agree_with_each_other(with_weight, path):
     dense = make_inputs(dtype=torch.float32, with_weight=with_weight, d_in=64, d_out=48, r=8, nnz=150)
     fact = clone_inputs(dense)
     y_dense = sltrain_linear(**dense, scaling=0.5, path="dense")
-    y_fact = sltrain_linear(**fact, scaling=0.5, path="factored")
+    y_fact = sltrain_linear(**fact, scaling=0.5, path=path)
     torch.testing.assert_close(y_fact, y_dense, rtol=1e-5, atol=1e-5)
     for g_f, g_d in zip(grads(y_fact, [fact[n] for n in NAMES]), grads(y_dense, [dense[n] for n in NAMES])):
         torch.testing.assert_close(g_f, g_d, rtol=1e-5, atol=1e-5)
 
 
-def test_factored_saves_nothing_dense():
+@pytest.mark.parametrize("path", FACTORED, indirect=True)
+def test_factored_saves_nothing_dense(path):
     t = make_inputs(dtype=torch.float32, with_weight=False, d_in=24, d_out=20, r=4, nnz=30)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda x: (saved.append(x), x)[1], lambda x: x):
-        sltrain_linear(**t, scaling=1.0, path="factored")
+        sltrain_linear(**t, scaling=1.0, path=path)
     assert {s.data_ptr() for s in saved} <= {t[n].data_ptr() for n in ("x", "A", "B", "values", "indices")}
 
 
@@ -220,7 +237,9 @@ def test_token_chunk():
 
 
 def test_factored_path_over_many_token_chunks(monkeypatch):
-    """150 rows of x are 3 chunks of the factored path (64 rows each here): float64 results equal the dense path's."""
+    """150 rows of x are 3 chunks of the torch-kernel factored path (64 rows each here): float64 results equal the
+    dense path's."""
+    monkeypatch.setattr(cpu_kernels, "AVAILABLE", False)
     monkeypatch.setattr(functional, "CHUNK_NUMBERS", 1)
     assert token_chunk(12, 10) == 64
     dense = make_inputs(d_in=12, d_out=10, r=3, nnz=17)

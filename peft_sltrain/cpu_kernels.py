@@ -1,0 +1,177 @@
+"""CPU kernels for the factored path's sparse products, compiled by numba (optional: `pip install peft-sltrain[cpu]`).
+
+With `S` as CSR (row pointers `crow`, int32 column indices `cols`, `values`; (d_out, d_in)) and row-major
+activations `x` (N, d_in), `dy` (N, d_out):
+
+    sparse_matmul_t(x, ..., out)          x S^T into out (N, d_out)
+    sparse_grads(x, dy, ..., out_x)       dY S into out_x (N, d_in); returns dS: the nnz entries of dY^T X, in
+                                          `values`' order
+
+Why not PyTorch's CSR kernels: they want the token dimension contiguous, so every call pays transposed copies of
+`x`, `y` and `dY` through memory, and a sparse multiply-add then costs about 11 dense ones on this CPU. These
+kernels instead walk the tokens in blocks of `TOKEN_BLOCK`: each block is transposed into a small per-thread buffer
+(`xt`: (d_in, TOKEN_BLOCK), in L2), and every nonzero `S[j, c]` is then one fused multiply-add over the block's
+`TOKEN_BLOCK` tokens (`yt[j] += v * xt[c]`), which vectorises. The backward visits each nonzero once per block for
+both products: `dxt[c] += v * dyt[j]` and `dS[p] += dot(dyt[j], xt[c])`. No layout of `S^T` is needed, and the only
+memory beyond the outputs is the per-thread buffers and a (threads, nnz) array of partial `dS` sums.
+
+Deterministic: tokens are split over threads in fixed contiguous ranges and partial sums added in thread order, so
+the same thread count gives the same bits. The kernels compile on first use per dtype (a few seconds; fp32, fp64).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import threading
+
+import numpy as np
+import torch
+
+# without numba the factored path uses PyTorch's CSR kernels; numba is imported on first use, not with the package
+AVAILABLE = importlib.util.find_spec("numba") is not None
+DTYPES = (torch.float32, torch.float64)
+# tokens per block: 64 fp32 numbers are four AVX-512 vectors per fused multiply-add; 16 and 32 ran 1.5-3x slower
+# (each (nonzero, block) pair pays a fixed loop overhead), 128 no faster
+TOKEN_BLOCK = 64
+# reassociation lets the sums vectorise; no `nnan`/`ninf`, so NaN and inf propagate as in PyTorch
+FASTMATH = {"reassoc", "contract"}
+# numba's default threading layer (workqueue) aborts the process if two Python threads launch kernels at once
+_launch_lock = threading.Lock()
+
+
+def supports(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether these kernels run the factored path's sparse products for tensors of this device and dtype."""
+    return AVAILABLE and device.type == "cpu" and dtype in DTYPES
+
+
+def _threads() -> int:
+    """As many numba threads as torch uses (numba cannot start more than it was configured with)."""
+    import numba
+
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    numba.set_num_threads(threads)
+    return threads
+
+
+def sparse_matmul_t(
+    x: torch.Tensor, crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:  # fmt: skip
+    """Writes x S^T into `out` (N, d_out), for `x` (N, d_in); both row-major (contiguous)."""
+    with _launch_lock:
+        _threads()
+        _kernels()[0](_np(x), _np(crow), _np(cols), _np(values), _out(out))
+    return out
+
+
+def sparse_grads(
+    x: torch.Tensor, dy: torch.Tensor, crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
+    out_x: torch.Tensor | None, need_values: bool,
+) -> torch.Tensor | None:  # fmt: skip
+    """Writes dY S into `out_x` (N, d_in) unless it is None, and returns dS (nnz,) in `values`' order if
+    `need_values`, for `x` (N, d_in) and `dy` (N, d_out)."""
+    need_x = out_x is not None
+    dx = _out(out_x) if need_x else np.empty((0, x.shape[1]), _np(values).dtype)
+    with _launch_lock:
+        threads = _threads()
+        partial = torch.zeros(threads, values.numel() if need_values else 0, dtype=x.dtype)  # (threads, nnz)
+        _kernels()[1](_np(x), _np(dy), _np(crow), _np(cols), _np(values), dx, partial.numpy(), need_x, need_values)
+    return partial.sum(0) if need_values else None
+
+
+def _out(t: torch.Tensor) -> np.ndarray:
+    if not t.is_contiguous():
+        raise ValueError(f"output buffers must be contiguous, got strides {t.stride()} for shape {tuple(t.shape)}")
+    return t.detach().numpy()
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().contiguous().numpy()
+
+
+@functools.cache
+def _kernels():
+    """(forward, backward), compiled by numba for each dtype on first call."""
+    from numba import njit, prange
+
+    NB = TOKEN_BLOCK
+
+    @njit(parallel=True, fastmath=FASTMATH, cache=False)
+    def _forward(x, crow, cols, vals, y):
+        N, d_in = x.shape
+        d_out = y.shape[1]
+        for b in prange((N + NB - 1) // NB):
+            n0 = b * NB
+            nb = min(NB, N - n0)
+            xt = np.zeros((d_in, NB), x.dtype)  # the block of x, transposed; zero past the last token
+            yt = np.zeros((d_out, NB), x.dtype)
+            for t in range(nb):
+                for i in range(d_in):
+                    xt[i, t] = x[n0 + t, i]
+            for j in range(d_out):
+                acc = yt[j]
+                p, p1 = crow[j], crow[j + 1]
+                while p + 3 < p1:  # four nonzeros per pass: one load and store of acc for four multiply-adds
+                    x0, x1, x2, x3 = xt[cols[p]], xt[cols[p + 1]], xt[cols[p + 2]], xt[cols[p + 3]]
+                    v0, v1, v2, v3 = vals[p], vals[p + 1], vals[p + 2], vals[p + 3]
+                    for t in range(NB):
+                        acc[t] += (v0 * x0[t] + v1 * x1[t]) + (v2 * x2[t] + v3 * x3[t])
+                    p += 4
+                while p < p1:
+                    xr, v = xt[cols[p]], vals[p]
+                    for t in range(NB):
+                        acc[t] += v * xr[t]
+                    p += 1
+            for t in range(nb):
+                for j in range(d_out):
+                    y[n0 + t, j] = yt[j, t]
+
+    @njit(parallel=True, fastmath=FASTMATH, cache=False)
+    def _backward(x, dy, crow, cols, vals, dx, partial, need_x, need_values):
+        N, d_in = x.shape
+        d_out = dy.shape[1]
+        blocks = (N + NB - 1) // NB
+        threads = partial.shape[0]
+        per_thread = (blocks + threads - 1) // threads
+        for tid in prange(threads):  # thread tid takes a fixed contiguous range of blocks and its own dS row
+            xt = np.zeros((d_in, NB), x.dtype)
+            dyt = np.zeros((d_out, NB), x.dtype)
+            dxt = np.zeros((d_in, NB), x.dtype)
+            dvals = partial[tid]
+            zero = x.dtype.type(0)
+            for b in range(tid * per_thread, min(blocks, (tid + 1) * per_thread)):
+                n0 = b * NB
+                nb = min(NB, N - n0)
+                if nb < NB:  # the last block: zero padding, so padded tokens add nothing to dS
+                    xt[:] = 0
+                    dyt[:] = 0
+                dxt[:] = 0
+                for t in range(nb):
+                    for i in range(d_in):
+                        xt[i, t] = x[n0 + t, i]
+                    for j in range(d_out):
+                        dyt[j, t] = dy[n0 + t, j]
+                for j in range(d_out):
+                    g = dyt[j]
+                    for p in range(crow[j], crow[j + 1]):
+                        c, v = cols[p], vals[p]
+                        dr, xr = dxt[c], xt[c]
+                        s = zero
+                        if need_x and need_values:  # one pass over the block for both products
+                            for t in range(NB):
+                                dr[t] += v * g[t]
+                                s += g[t] * xr[t]
+                        elif need_x:
+                            for t in range(NB):
+                                dr[t] += v * g[t]
+                        else:
+                            for t in range(NB):
+                                s += g[t] * xr[t]
+                        if need_values:
+                            dvals[p] += s
+                if need_x:
+                    for t in range(nb):
+                        for i in range(d_in):
+                            dx[n0 + t, i] = dxt[i, t]
+
+    return _forward, _backward
