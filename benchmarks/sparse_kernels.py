@@ -1,12 +1,17 @@
-"""Which sparse kernel computes the factored path's `x S^T` fastest: a CSR product (what `functional.py` uses) or an
-index-based gather + segment-sum, on the token chunks the factored path uses, against the dense GEMM `x W^T`.
+"""Which sparse kernels compute the factored path's sparse products fastest, against the dense GEMM `x W^T`:
+numba's CPU kernels (`peft_sltrain/cpu_kernels.py`, what `functional.py` uses where numba is installed), PyTorch's
+CSR product (its fallback, on the token chunks it uses), or an index-based gather + segment-sum.
 
     python benchmarks/sparse_kernels.py     # CPU, fp32: benchmarks/results/sparse_kernels_cpu.json
 
-Variants, all computing the same (N, d_out) product for 2048 rows of x:
-- `csr`:        torch.sparse.mm(S, x_c^T) per chunk, S a CSR tensor (the factored path's forward)
+Forward variants, all computing the same (N, d_out) product x S^T for 2048 rows of x:
+- `numba`:      cpu_kernels.sparse_matmul_t on all rows at once (blocks of 64 tokens inside)
+- `csr`:        torch.sparse.mm(S, x_c^T) per chunk, S a CSR tensor (the factored path's forward without numba)
 - `gather`:     y_c.index_add_(1, rows, x_c[:, cols] * values): one gathered column of x per nonzero
 - `gather_xT`:  the same on x^T, so that each gathered row is contiguous in the token dimension
+Backward variants, both computing dY S and dS (the nnz entries of dY^T X):
+- `numba_bwd`:  cpu_kernels.sparse_grads, one pass over the nonzeros per token block for both
+- `csr_bwd`:    S^T's CSR layout (a sort), then per chunk torch.sparse.mm(S^T, dY_c^T) and sampled_addmm
 Times are medians, reported as ratios to the dense GEMM of the same shape.
 """
 
@@ -23,7 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_env import environment  # noqa: E402
 
-from peft_sltrain.functional import sparse_csr, token_chunk  # noqa: E402
+from peft_sltrain import cpu_kernels  # noqa: E402
+from peft_sltrain.functional import csr_layout, sparse_csr, sparse_csr_transposed, token_chunk  # noqa: E402
 from peft_sltrain.support import num_nonzeros, random_support  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -65,10 +71,31 @@ def measure(d_in: int, d_out: int, sparsity: float) -> dict:
         for s in starts:
             y[:, s : s + chunk].index_add_(0, rows, xT[cols, s : s + chunk] * values[:, None])
 
+    dy = torch.randn(TOKENS, d_out)
+
+    def csr_bwd():
+        St, pattern = sparse_csr_transposed(values, indices, d_out, d_in), sparse_csr(values, indices, d_out, d_in)
+        dx, dvalues = torch.empty(TOKENS, d_in), torch.zeros(nnz)
+        for s in starts:
+            dyT = dy[s : s + chunk].t().contiguous()
+            dx[s : s + chunk].copy_(torch.sparse.mm(St, dyT).t())
+            dvalues += torch.sparse.sampled_addmm(pattern, dyT, x[s : s + chunk].t().contiguous().t(), beta=0).values()
+
+    crow, csr_cols = csr_layout(indices, d_out, d_in)
+
+    def numba():
+        cpu_kernels.sparse_matmul_t(x, crow, csr_cols, values, out=torch.empty(TOKENS, d_out))
+
+    def numba_bwd():
+        cpu_kernels.sparse_grads(x, dy, crow, csr_cols, values, torch.empty(TOKENS, d_in), need_values=True)
+
+    variants = [("csr", csr, 30), ("gather", gather, 5), ("gather_xT", gather_xT, 5), ("csr_bwd", csr_bwd, 30)]
+    if cpu_kernels.AVAILABLE:
+        variants += [("numba", numba, 30), ("numba_bwd", numba_bwd, 30)]
     out = torch.empty(TOKENS, d_out)
     row = {"d_in": d_in, "d_out": d_out, "sparsity": sparsity, "nnz": nnz, "tokens": TOKENS, "chunk": chunk}
     row["dense_gemm_s"] = median_seconds(lambda: torch.mm(x, W.t(), out=out), 30)
-    for name, fn, repeats in (("csr", csr, 30), ("gather", gather, 5), ("gather_xT", gather_xT, 5)):
+    for name, fn, repeats in variants:
         row[f"{name}_s"] = median_seconds(fn, repeats)
         row[f"{name}_vs_gemm"] = row[f"{name}_s"] / row["dense_gemm_s"]
     return row

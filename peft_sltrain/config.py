@@ -63,9 +63,10 @@ class SLTrainConfig(PeftConfig):
             smaller by 4 bytes per nonzero (two thirds of `S` in bf16).
         compute (`str`, defaults to `"auto"`):
             How each layer computes its exact result: `"dense"` rebuilds the dense weight (the paper's way),
-            `"factored"` never forms a dense d_out x d_in matrix (low-rank products plus sparse kernels), `"auto"`
-            picks the cheaper per call from the token count, shapes, rank, sparsity, device and dtype (see
-            `peft_sltrain.cost`). Both agree with a dense reference; results differ only by rounding.
+            `"factored"` never forms a dense d_out x d_in matrix (low-rank products plus sparse kernels: numba's on
+            CPU where it is installed, else PyTorch's), `"auto"` picks the cheaper per call from the token count,
+            shapes, rank, sparsity, device and dtype (see `peft_sltrain.cost`). Both agree with a dense reference;
+            results differ only by rounding.
     """
 
     r: int = field(

@@ -30,10 +30,11 @@ from . import cpu_kernels
 COMPUTE_CHOICES = ("auto", "dense", "factored")
 
 # (kappa_inf, kappa_row, tau) per (device type, dtype), for PyTorch's CSR kernels. CPU fp32: `cost_model_fit` of
-# benchmarks/results/layer_cpu_torch_kernels.json (a run from before the numba kernels existed; 15 layer shapes from 128 x 344 to 4096 x 11008, r 32-1024,
-# delta 0.01-0.3; 2 cores, torch 2.13): the transposed copies explain most of what narrow layers pay, the short-row
-# term little. It predicts the measured factored / dense-path time ratio within 0.08 on the LLaMA shapes and 0.17 on
-# the rank sweep, and overestimates it at delta >= 0.1. fp64 assumed alike.
+# benchmarks/results/layer_cpu_torch_kernels.json (a run from before the numba kernels existed; 15 layer shapes
+# from 128 x 344 to 4096 x 11008, r 32-1024, delta 0.01-0.3; 2 cores, torch 2.13): the transposed copies explain
+# most of what narrow layers pay, the short-row term little. It predicts the measured factored / dense-path time
+# ratio within 0.08 on the LLaMA shapes and 0.17 on the rank sweep, and overestimates it at delta >= 0.1. fp64
+# assumed alike.
 SPARSE_RELATIVE_COST: dict[tuple[str, torch.dtype], tuple[float, float, float]] = {
     ("cpu", torch.float32): (11.1, 4.5, 138.0),
     ("cpu", torch.float64): (11.1, 4.5, 138.0),

@@ -59,8 +59,8 @@ def sparse_matmul_t(
 ) -> torch.Tensor:  # fmt: skip
     """Writes x S^T into `out` (N, d_out), for `x` (N, d_in); both row-major (contiguous)."""
     with _launch_lock:
-        _threads()
-        _kernels()[0](_np(x), _np(crow), _np(cols), _np(values), _out(out))
+        threads = _threads()
+        _kernels()[0](_np(x), _np(crow), _np(cols), _np(values), _out(out), threads)
     return out
 
 
@@ -97,34 +97,40 @@ def _kernels():
     NB = TOKEN_BLOCK
 
     @njit(parallel=True, fastmath=FASTMATH, cache=False)
-    def _forward(x, crow, cols, vals, y):
+    def _forward(x, crow, cols, vals, y, threads):
         N, d_in = x.shape
         d_out = y.shape[1]
-        for b in prange((N + NB - 1) // NB):
-            n0 = b * NB
-            nb = min(NB, N - n0)
+        blocks = (N + NB - 1) // NB
+        per_thread = (blocks + threads - 1) // threads
+        for tid in prange(threads):  # thread tid takes a fixed contiguous range of blocks, with its own buffers
             xt = np.zeros((d_in, NB), x.dtype)  # the block of x, transposed; zero past the last token
-            yt = np.zeros((d_out, NB), x.dtype)
-            for t in range(nb):
-                for i in range(d_in):
-                    xt[i, t] = x[n0 + t, i]
-            for j in range(d_out):
-                acc = yt[j]
-                p, p1 = crow[j], crow[j + 1]
-                while p + 3 < p1:  # four nonzeros per pass: one load and store of acc for four multiply-adds
-                    x0, x1, x2, x3 = xt[cols[p]], xt[cols[p + 1]], xt[cols[p + 2]], xt[cols[p + 3]]
-                    v0, v1, v2, v3 = vals[p], vals[p + 1], vals[p + 2], vals[p + 3]
-                    for t in range(NB):
-                        acc[t] += (v0 * x0[t] + v1 * x1[t]) + (v2 * x2[t] + v3 * x3[t])
-                    p += 4
-                while p < p1:
-                    xr, v = xt[cols[p]], vals[p]
-                    for t in range(NB):
-                        acc[t] += v * xr[t]
-                    p += 1
-            for t in range(nb):
+            yt = np.empty((d_out, NB), x.dtype)
+            for b in range(tid * per_thread, min(blocks, (tid + 1) * per_thread)):
+                n0 = b * NB
+                nb = min(NB, N - n0)
+                if nb < NB:
+                    xt[:] = 0
+                for t in range(nb):
+                    for i in range(d_in):
+                        xt[i, t] = x[n0 + t, i]
                 for j in range(d_out):
-                    y[n0 + t, j] = yt[j, t]
+                    acc = yt[j]
+                    acc[:] = 0
+                    p, p1 = crow[j], crow[j + 1]
+                    while p + 3 < p1:  # four nonzeros per pass: one load and store of acc for four multiply-adds
+                        x0, x1, x2, x3 = xt[cols[p]], xt[cols[p + 1]], xt[cols[p + 2]], xt[cols[p + 3]]
+                        v0, v1, v2, v3 = vals[p], vals[p + 1], vals[p + 2], vals[p + 3]
+                        for t in range(NB):
+                            acc[t] += (v0 * x0[t] + v1 * x1[t]) + (v2 * x2[t] + v3 * x3[t])
+                        p += 4
+                    while p < p1:
+                        xr, v = xt[cols[p]], vals[p]
+                        for t in range(NB):
+                            acc[t] += v * xr[t]
+                        p += 1
+                for t in range(nb):
+                    for j in range(d_out):
+                        y[n0 + t, j] = yt[j, t]
 
     @njit(parallel=True, fastmath=FASTMATH, cache=False)
     def _backward(x, dy, crow, cols, vals, dx, partial, need_x, need_values):

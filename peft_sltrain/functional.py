@@ -11,8 +11,9 @@ Two exact ways to compute it (`path`):
   and reads `dB`, `dA` and `dS = dW[support]` from it, then rebuilds `W` for `dX`. Memory: autograd through
   `F.linear(x, dense_weight(...))` would keep `W` alive until backward, one d_out x d_in matrix per layer for the
   whole step; this function saves only `x` and references to the factors, and its dense matrices are transient.
-- `"factored"`: never forms a dense d_out x d_in matrix. `y = s (x A^T) B^T + x S^T (+ x W0^T)`, with `S` as a CSR
-  sparse matrix built from the int32 support per call; backward gets `dX = s (dY B) A + dY S (+ dY W0)`,
+- `"factored"`: never forms a dense d_out x d_in matrix. `y = s (x A^T) B^T + x S^T (+ x W0^T)`, with the sparse
+  products on numba's CPU kernels (`cpu_kernels.py`) or PyTorch's CSR kernels, `S`'s layout derived from the int32
+  support per call; backward gets `dX = s (dY B) A + dY S (+ dY W0)`,
   `dA = s (dY B)^T X`, `dB = s dY^T (X A^T)` (recomputed, not saved) and `dS` as a sampled dense-dense product: only
   the nnz entries of `dY^T X`. It costs `2 N r (3 d_out + 4 d_in)` dense and `6 N nnz` sparse multiply-adds
   against `6 N d_in d_out + 8 r d_in d_out` for the dense path; `peft_sltrain.cost` picks between them.
