@@ -48,13 +48,14 @@ SPARSE_RELATIVE_COST: dict[tuple[str, torch.dtype], tuple[float, float, float]] 
 
 
 # The same for numba's CPU kernels (`cpu_kernels.py`), used wherever they run. fp32: `cost_model_fit` of
-# benchmarks/results/layer_cpu.json (same shapes and machine): a sparse multiply-add costs 4 dense ones, with no
+# benchmarks/results/layer_cpu.json (same shapes and machine): a sparse multiply-add costs 4.5 dense ones, with no
 # short-row penalty, and the in-kernel block transposes take the tau term. It predicts the measured factored /
-# dense-path time ratio within 0.08 on the LLaMA shapes and 0.02 on the rank sweep, and overestimates it at
-# delta = 0.3 (1.39 for a measured 1.19). fp64 assumed alike.
+# dense-path time ratio within 0.03 on the LLaMA shapes from 512 x 1376 up and on the rank sweep, 0.08 and 0.17 on
+# the noisier narrow 128 x 344 and 512 x 512, and overestimates it at delta >= 0.1 (1.50 for a measured 1.14 at
+# 0.3). fp64 assumed alike.
 NUMBA_RELATIVE_COST: dict[torch.dtype, tuple[float, float, float]] = {
-    torch.float32: (4.0, 0.0, 84.0),
-    torch.float64: (4.0, 0.0, 84.0),
+    torch.float32: (4.5, 0.0, 46.5),
+    torch.float64: (4.5, 0.0, 46.5),
 }
 
 
