@@ -12,7 +12,8 @@ The model counts multiply-adds of forward + backward (see `functional.py` for wh
 dense GEMM on the same device and dtype. Sparse kernels are least efficient on short rows, so it is modelled as
 `kappa = kappa_inf + kappa_row / k`, with `k = nnz / d_out` the nonzeros per row of `S`. `tau` is what moving one
 number through a transposed copy costs, in GEMM multiply-adds: the sparse kernels want the token dimension
-contiguous, so the factored path transposes its activations, and on CPU that is most of its cost at narrow widths.
+contiguous, so the factored path transposes its activations (whole chunks for PyTorch's CSR kernels, blocks of 64
+tokens inside numba's), and on CPU that is most of its cost at narrow widths.
 The three constants per device type, dtype and kernel set (numba's CPU kernels, or PyTorch's CSR kernels; see
 `functional.py`) are fitted by `benchmarks/layer_bench.py`. The choice is
 deterministic: the same call takes the same path in every process (a resumed run reproduces the uninterrupted one
@@ -52,7 +53,8 @@ SPARSE_RELATIVE_COST: dict[tuple[str, torch.dtype], tuple[float, float, float]] 
 # short-row penalty, and the in-kernel block transposes take the tau term. It predicts the measured factored /
 # dense-path time ratio within 0.03 on the LLaMA shapes from 512 x 1376 up and on the rank sweep, 0.08 and 0.17 on
 # the noisier narrow 128 x 344 and 512 x 512, and overestimates it at delta >= 0.1 (1.50 for a measured 1.14 at
-# 0.3). fp64 assumed alike.
+# 0.3). Fitted with 2 threads on 2048 tokens: with many threads and few tokens (fewer than 64 per thread leaves
+# threads idle) the sparse part costs relatively more. fp64 assumed alike.
 NUMBA_RELATIVE_COST: dict[torch.dtype, tuple[float, float, float]] = {
     torch.float32: (4.5, 0.0, 46.5),
     torch.float64: (4.5, 0.0, 46.5),

@@ -15,8 +15,10 @@ kernels instead walk the tokens in blocks of `TOKEN_BLOCK`: each block is transp
 both products: `dxt[c] += v * dyt[j]` and `dS[p] += dot(dyt[j], xt[c])`. No layout of `S^T` is needed, and the only
 memory beyond the outputs is the per-thread buffers and a (threads, nnz) array of partial `dS` sums.
 
-Deterministic: tokens are split over threads in fixed contiguous ranges and partial sums added in thread order, so
-the same thread count gives the same bits. The kernels compile on first use per dtype (a few seconds; fp32, fp64).
+Deterministic: tokens are split over threads in fixed contiguous ranges and the partial sums of dS added in thread
+order, so the same thread count gives the same bits (x S^T and dY S do not depend on it at all). The kernels compile
+on first use per dtype (a few seconds; fp32, fp64). With numba's GNU OpenMP threading layer, a process forked after
+its parent ran them must not run them itself (DataLoader workers do not; torchrun starts fresh processes).
 """
 
 from __future__ import annotations
@@ -36,13 +38,25 @@ DTYPES = (torch.float32, torch.float64)
 TOKEN_BLOCK = 64
 # reassociation lets the sums vectorise; no `nnan`/`ninf`, so NaN and inf propagate as in PyTorch
 FASTMATH = {"reassoc", "contract"}
-# numba's default threading layer (workqueue) aborts the process if two Python threads launch kernels at once
+# numba picks its threading layer (tbb, omp, else workqueue); workqueue aborts the process if two Python threads
+# launch kernels at once, so launches are serialised
 _launch_lock = threading.Lock()
 
 
 def supports(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether these kernels run the factored path's sparse products for tensors of this device and dtype."""
-    return AVAILABLE and device.type == "cpu" and dtype in DTYPES
+    return AVAILABLE and device.type == "cpu" and dtype in DTYPES and _numba_works()
+
+
+@functools.cache
+def _numba_works() -> bool:
+    """numba is installed, imports (it pins numpy versions) and compiles (NUMBA_DISABLE_JIT would run the kernels
+    as Python loops): checked once, on the first factored call on CPU."""
+    try:
+        import numba
+    except ImportError:
+        return False
+    return not numba.config.DISABLE_JIT
 
 
 def _threads() -> int:
@@ -58,6 +72,7 @@ def sparse_matmul_t(
     x: torch.Tensor, crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, out: torch.Tensor
 ) -> torch.Tensor:  # fmt: skip
     """Writes x S^T into `out` (N, d_out), for `x` (N, d_in); both row-major (contiguous)."""
+    _check(x, crow, cols, values, out=out)
     with _launch_lock:
         threads = _threads()
         _kernels()[0](_np(x), _np(crow), _np(cols), _np(values), _out(out), threads)
@@ -70,13 +85,34 @@ def sparse_grads(
 ) -> torch.Tensor | None:  # fmt: skip
     """Writes dY S into `out_x` (N, d_in) unless it is None, and returns dS (nnz,) in `values`' order if
     `need_values`, for `x` (N, d_in) and `dy` (N, d_out)."""
+    _check(x, crow, cols, values, dy=dy, out_x=out_x)
     need_x = out_x is not None
-    dx = _out(out_x) if need_x else np.empty((0, x.shape[1]), _np(values).dtype)
+    dx = _out(out_x) if need_x else np.empty((0, x.shape[1]), _np(x).dtype)
     with _launch_lock:
         threads = _threads()
         partial = torch.zeros(threads, values.numel() if need_values else 0, dtype=x.dtype)  # (threads, nnz)
         _kernels()[1](_np(x), _np(dy), _np(crow), _np(cols), _np(values), dx, partial.numpy(), need_x, need_values)
     return partial.sum(0) if need_values else None
+
+
+def _check(x, crow, cols, values, out=None, dy=None, out_x=None) -> None:
+    """The kernels index without bounds checks, so every size they trust is checked here (the column indices
+    themselves are trusted to be below d_in: `functional.csr_layout` derives them from a validated support)."""
+    if x.dim() != 2:
+        raise ValueError(f"`x` must be (N, d_in), got shape {tuple(x.shape)}.")
+    n, d_out = x.shape[0], crow.numel() - 1
+    expected = {"out": (out, (n, d_out)), "dy": (dy, (n, d_out)), "out_x": (out_x, tuple(x.shape))}
+    for name, (t, shape) in expected.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"`{name}` must have shape {shape}, got {tuple(t.shape)}.")
+    nnz = values.numel()
+    if cols.numel() != nnz or int(crow[-1]) != nnz:
+        raise ValueError(f"`cols`, `values` and `crow[-1]` must equal nnz, got {cols.numel()}, {nnz}, {int(crow[-1])}")
+    if crow.dtype != torch.int32 or cols.dtype != torch.int32:
+        raise ValueError(f"`crow` and `cols` must be int32, got {crow.dtype} and {cols.dtype}.")
+    for name, t in (("values", values), ("out", out), ("dy", dy), ("out_x", out_x)):
+        if t is not None and t.dtype != x.dtype:
+            raise ValueError(f"`{name}` must have x's dtype {x.dtype}, got {t.dtype}.")
 
 
 def _out(t: torch.Tensor) -> np.ndarray:
@@ -96,16 +132,15 @@ def _kernels():
 
     NB = TOKEN_BLOCK
 
-    @njit(parallel=True, fastmath=FASTMATH, cache=False)
+    @njit(parallel=True, fastmath=FASTMATH, nogil=True, cache=False)
     def _forward(x, crow, cols, vals, y, threads):
         N, d_in = x.shape
         d_out = y.shape[1]
         blocks = (N + NB - 1) // NB
-        per_thread = (blocks + threads - 1) // threads
         for tid in prange(threads):  # thread tid takes a fixed contiguous range of blocks, with its own buffers
             xt = np.zeros((d_in, NB), x.dtype)  # the block of x, transposed; zero past the last token
             yt = np.empty((d_out, NB), x.dtype)
-            for b in range(tid * per_thread, min(blocks, (tid + 1) * per_thread)):
+            for b in range(tid * blocks // threads, (tid + 1) * blocks // threads):
                 n0 = b * NB
                 nb = min(NB, N - n0)
                 if nb < NB:
@@ -132,20 +167,19 @@ def _kernels():
                     for j in range(d_out):
                         y[n0 + t, j] = yt[j, t]
 
-    @njit(parallel=True, fastmath=FASTMATH, cache=False)
+    @njit(parallel=True, fastmath=FASTMATH, nogil=True, cache=False)
     def _backward(x, dy, crow, cols, vals, dx, partial, need_x, need_values):
         N, d_in = x.shape
         d_out = dy.shape[1]
         blocks = (N + NB - 1) // NB
         threads = partial.shape[0]
-        per_thread = (blocks + threads - 1) // threads
         for tid in prange(threads):  # thread tid takes a fixed contiguous range of blocks and its own dS row
             xt = np.zeros((d_in, NB), x.dtype)
             dyt = np.zeros((d_out, NB), x.dtype)
             dxt = np.zeros((d_in, NB), x.dtype)
             dvals = partial[tid]
             zero = x.dtype.type(0)
-            for b in range(tid * per_thread, min(blocks, (tid + 1) * per_thread)):
+            for b in range(tid * blocks // threads, (tid + 1) * blocks // threads):
                 n0 = b * NB
                 nb = min(NB, N - n0)
                 if nb < NB:  # the last block: zero padding, so padded tokens add nothing to dS

@@ -166,6 +166,7 @@ class _FactoredSparseLowRankLinear(torch.autograd.Function):
         return y.view(*x.shape[:-1], d_out)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the sparse kernels are not differentiable: no double backward
     def backward(ctx, grad_y):
         x, A, B, values, indices, weight = ctx.saved_tensors
         need_x, need_A, need_B, need_values, _, _, need_weight, need_bias = ctx.needs_input_grad

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import threading
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -71,7 +74,10 @@ def test_factored_path_with_frozen_inputs(frozen):
             torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-12, atol=1e-12)
 
 
-def test_same_bits_every_call_and_close_across_thread_counts():
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs 2 threads to compare against 1")
+def test_same_bits_every_call_and_across_thread_counts():
+    """Each output element of x S^T and dY S is computed by one thread in a fixed order: the same bits for any thread
+    count. dS adds one partial sum per thread: the same bits for the same count, close across counts."""
     x, dy, values, indices, S = sparse_problem(n=300, d_in=200, d_out=150, nnz=900, dtype=torch.float32)
     crow, cols = csr_layout(indices, *S.shape)
 
@@ -88,8 +94,47 @@ def test_same_bits_every_call_and_close_across_thread_counts():
         single = run()
     finally:
         torch.set_num_threads(threads)
-    for a, b in zip(first, single):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.equal(first[0], single[0]) and torch.equal(first[1], single[1])
+    torch.testing.assert_close(first[2], single[2], rtol=1e-5, atol=1e-5)
+
+
+def test_empty_rows_and_no_nonzeros():
+    x, dy, _, _, _ = sparse_problem(n=100, d_in=5, d_out=4, nnz=4)
+    for indices in ([], [1, 2, 17, 19]):  # no nonzero at all; rows 1 and 2 of S empty
+        indices = torch.tensor(indices, dtype=torch.int32)
+        values = torch.arange(1.0, len(indices) + 1, dtype=torch.float64)
+        S = torch.zeros(20, dtype=torch.float64).index_put((indices.long(),), values).view(4, 5)
+        crow, cols = csr_layout(indices, 4, 5)
+        y = cpu_kernels.sparse_matmul_t(x, crow, cols, values, out=torch.full((100, 4), float("nan"), dtype=x.dtype))
+        torch.testing.assert_close(y, x @ S.t(), rtol=1e-12, atol=1e-12)
+        dx = torch.full_like(x, float("nan"))
+        dvalues = cpu_kernels.sparse_grads(x, dy, crow, cols, values, dx, need_values=True)
+        torch.testing.assert_close(dx, dy @ S, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(dvalues, (dy.t() @ x).view(-1)[indices.long()], rtol=1e-12, atol=1e-12)
+
+
+def test_bad_sizes_and_dtypes_are_refused():
+    """The kernels do not check bounds: a wrong size must stop in Python, with the argument named."""
+    x, dy, values, indices, S = sparse_problem(dtype=torch.float32)
+    crow, cols = csr_layout(indices, *S.shape)
+    good_out = torch.empty(150, S.shape[0])
+    cases = [
+        (dict(out=torch.empty(149, S.shape[0])), "`out` must have shape"),
+        (dict(out=torch.empty(150, S.shape[0] + 1)), "`out` must have shape"),
+        (dict(values=values[:-1]), "must equal nnz"),
+        (dict(values=values.double()), "`values` must have x's dtype"),
+        (dict(out=good_out.double()), "`out` must have x's dtype"),
+        (dict(cols=cols.long()), "must be int32"),
+        (dict(x=x[None]), "`x` must be"),
+    ]
+    for change, message in cases:
+        args = dict(x=x, crow=crow, cols=cols, values=values, out=good_out) | change
+        with pytest.raises(ValueError, match=message):
+            cpu_kernels.sparse_matmul_t(**args)
+    with pytest.raises(ValueError, match="`dy` must have shape"):
+        cpu_kernels.sparse_grads(x, dy[:, :-1], crow, cols, values, None, need_values=True)
+    with pytest.raises(ValueError, match="`out_x` must have shape"):
+        cpu_kernels.sparse_grads(x, dy, crow, cols, values, torch.empty(150, 3), need_values=False)
 
 
 def test_nan_and_inf_propagate():
@@ -117,17 +162,36 @@ def test_non_contiguous_input_and_bad_output():
 
 
 def test_concurrent_calls_from_python_threads():
-    """numba's default threading layer aborts on concurrent launches; the kernels serialise them."""
-    x, _, values, indices, S = sparse_problem(n=2000, d_in=64, d_out=48, nnz=300)
-    crow, cols = csr_layout(indices, *S.shape)
-    outs = [torch.empty(2000, 48, dtype=x.dtype) for _ in range(4)]
-    workers = [
-        threading.Thread(target=cpu_kernels.sparse_matmul_t, args=(x, crow, cols, values), kwargs={"out": out})
-        for out in outs
-    ]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    for out in outs:
-        torch.testing.assert_close(out, x @ S.t(), rtol=1e-12, atol=1e-12)
+    """numba's workqueue threading layer aborts the process on concurrent launches; the kernels serialise them. Run
+    in a fresh process with that layer forced, so that the test fails (the process dies) without the lock."""
+    script = textwrap.dedent(
+        """
+        import threading, torch
+        from peft_sltrain import cpu_kernels
+        from peft_sltrain.functional import csr_layout
+        from peft_sltrain.support import random_support
+
+        indices = random_support(256, 256, 4000, seed=0)
+        values, x = torch.randn(4000), torch.randn(8000, 256)
+        crow, cols = csr_layout(indices, 256, 256)
+        S = torch.zeros(256 * 256).index_put((indices.long(),), values).view(256, 256)
+        outs = [torch.empty(8000, 256) for _ in range(4)]
+
+        def work(out):
+            for _ in range(10):  # ~10 ms per call: launches from different threads overlap
+                cpu_kernels.sparse_matmul_t(x, crow, cols, values, out)
+
+        workers = [threading.Thread(target=work, args=(out,)) for out in outs]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        assert all(torch.allclose(out, x @ S.t(), atol=1e-4) for out in outs)
+        import numba
+        print("layer", numba.threading_layer())
+        """
+    )
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "layer workqueue" in done.stdout

@@ -226,6 +226,16 @@ def test_factored_saves_nothing_dense(path):
     assert {s.data_ptr() for s in saved} <= {t[n].data_ptr() for n in ("x", "A", "B", "values", "indices")}
 
 
+@pytest.mark.parametrize("path", FACTORED, indirect=True)
+def test_factored_path_refuses_double_backward(path):
+    """Its sparse kernels are not differentiable: a second derivative is refused, not silently wrong."""
+    t = make_inputs(with_weight=False)
+    y = sltrain_linear(**t, scaling=1.0, path=path)
+    (grad_x,) = torch.autograd.grad(y.square().sum(), t["x"], create_graph=True)
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        grad_x.sum().backward()
+
+
 def test_unknown_path():
     with pytest.raises(ValueError, match="`path` must be one of"):
         sltrain_linear(**make_inputs(), scaling=1.0, path="sparse")
