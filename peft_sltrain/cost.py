@@ -15,9 +15,9 @@ number through a transposed copy costs, in GEMM multiply-adds: the sparse kernel
 contiguous, so the factored path transposes its activations (whole chunks for PyTorch's CSR kernels, blocks of 64
 tokens inside numba's), and on CPU that is most of its cost at narrow widths.
 The three constants per device type, dtype and kernel set (numba's CPU kernels, or PyTorch's CSR kernels; see
-`functional.py`) are fitted by `benchmarks/layer_bench.py`. The choice is
-deterministic: the same call takes the same path in every process (a resumed run reproduces the uninterrupted one
-bit for bit). Where PyTorch has no sparse kernel for a dtype (bf16 / fp16 on CPU), only the dense path exists.
+`functional.py`) are fitted by `benchmarks/layer_bench.py`. The choice is deterministic: the same call takes the
+same path in every process (a resumed run reproduces the uninterrupted one bit for bit). Where neither kernel set
+has the dtype (bf16 / fp16 on CPU), only the dense path exists.
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ def sparse_grads(
     `need_values`, for `x` (N, d_in) and `dy` (N, d_out)."""
     _check(x, crow, cols, values, dy=dy, out_x=out_x)
     need_x = out_x is not None
-    dx = _out(out_x) if need_x else np.empty((0, x.shape[1]), _np(x).dtype)
+    dx = _out(out_x) if need_x else torch.empty(0, x.shape[1], dtype=x.dtype).numpy()  # unused placeholder
     with _launch_lock:
         threads = _threads()
         partial = torch.zeros(threads, values.numel() if need_values else 0, dtype=x.dtype)  # (threads, nnz)
