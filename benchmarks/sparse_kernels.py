@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_env import environment  # noqa: E402
 
 from peft_sltrain import cpu_kernels  # noqa: E402
-from peft_sltrain.functional import csr_layout, sparse_csr, sparse_csr_transposed, token_chunk  # noqa: E402
+from peft_sltrain.functional import sparse_csr, sparse_csr_transposed, token_chunk  # noqa: E402
 from peft_sltrain.support import num_nonzeros, random_support  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -81,13 +81,11 @@ def measure(d_in: int, d_out: int, sparsity: float) -> dict:
             dx[s : s + chunk].copy_(torch.sparse.mm(St, dyT).t())
             dvalues += torch.sparse.sampled_addmm(pattern, dyT, x[s : s + chunk].t().contiguous().t(), beta=0).values()
 
-    crow, csr_cols = csr_layout(indices, d_out, d_in)
-
     def numba():
-        cpu_kernels.sparse_matmul_t(x, crow, csr_cols, values, out=torch.empty(TOKENS, d_out))
+        cpu_kernels.sparse_matmul_t(x, indices, values, (d_out, d_in), out=torch.empty(TOKENS, d_out))
 
     def numba_bwd():
-        cpu_kernels.sparse_grads(x, dy, crow, csr_cols, values, torch.empty(TOKENS, d_in), need_values=True)
+        cpu_kernels.sparse_grads(x, dy, indices, values, (d_out, d_in), torch.empty(TOKENS, d_in), need_values=True)
 
     variants = [("csr", csr, 30), ("gather", gather, 5), ("gather_xT", gather_xT, 5), ("csr_bwd", csr_bwd, 30)]
     if cpu_kernels.AVAILABLE:

@@ -12,8 +12,8 @@ Two exact ways to compute it (`path`):
   `F.linear(x, dense_weight(...))` would keep `W` alive until backward, one d_out x d_in matrix per layer for the
   whole step; this function saves only `x` and references to the factors, and its dense matrices are transient.
 - `"factored"`: never forms a dense d_out x d_in matrix. `y = s (x A^T) B^T + x S^T (+ x W0^T)`, with the sparse
-  products on numba's CPU kernels (`cpu_kernels.py`) or PyTorch's CSR kernels, `S`'s layout derived from the int32
-  support per call; backward gets `dX = s (dY B) A + dY S (+ dY W0)`,
+  products on numba's CPU kernels (`cpu_kernels.py`, which read the int32 support itself) or PyTorch's CSR kernels
+  (`S`'s CSR layouts derived from the support per call); backward gets `dX = s (dY B) A + dY S (+ dY W0)`,
   `dA = s (dY B)^T X`, `dB = s dY^T (X A^T)` (recomputed, not saved) and `dS` as a sampled dense-dense product: only
   the nnz entries of `dY^T X`. It costs `2 N r (3 d_out + 4 d_in)` dense and `6 N nnz` sparse multiply-adds
   against `6 N d_in d_out + 8 r d_in d_out` for the dense path; `peft_sltrain.cost` picks between them.
@@ -147,13 +147,13 @@ class _FactoredSparseLowRankLinear(torch.autograd.Function):
         kernels = cpu_kernels.supports(x.device, x.dtype)
         if kernels:  # they block the tokens themselves and need no transposed copies: one chunk (chunks of
             # 2**19 numbers saved 0.4-3 MiB of a layer's peak and cost up to 35% of its time, measured at 2048 tokens)
-            x2, (crow, cols), chunk = x2.contiguous(), csr_layout(indices, d_out, d_in), max(len(x2), 1)
+            x2, chunk = x2.contiguous(), max(len(x2), 1)
         else:
             S, chunk = sparse_csr(values, indices, d_out, d_in), token_chunk(d_in, d_out)
         for start in range(0, x2.shape[0], chunk):
             xc, yc = x2[start : start + chunk], y[start : start + chunk]  # (c, d_in), (c, d_out)
             if kernels:
-                cpu_kernels.sparse_matmul_t(xc, crow, cols, values, out=yc)  # x S^T
+                cpu_kernels.sparse_matmul_t(xc, indices, values, (d_out, d_in), out=yc)  # x S^T
             else:
                 yc.copy_(torch.sparse.mm(S, xc.t().contiguous()).t())  # x S^T
             yc.addmm_(xc.mm(A.t()), B.t(), alpha=scaling)  # + s (x A^T) B^T
@@ -180,8 +180,7 @@ class _FactoredSparseLowRankLinear(torch.autograd.Function):
         grad_values = torch.zeros_like(values) if need_values else None
         kernels = ctx.kernels
         if kernels:
-            x2, dy, (crow, cols) = x2.contiguous(), dy.contiguous(), csr_layout(indices, d_out, d_in)
-            chunk = max(len(x2), 1)  # one chunk, as in forward
+            x2, dy, chunk = x2.contiguous(), dy.contiguous(), max(len(x2), 1)  # one chunk, as in forward
         else:
             St = sparse_csr_transposed(values, indices, d_out, d_in) if need_x else None
             # the sampled product writes the nnz entries of dY^T X in S's order, which is the values' order
@@ -192,7 +191,7 @@ class _FactoredSparseLowRankLinear(torch.autograd.Function):
             xc, dyc = x2[start : start + chunk], dy[start : start + chunk]  # (c, d_in), (c, d_out)
             gx = grad_x[start : start + chunk] if need_x else None
             if kernels and (need_x or need_values):  # dY S into gx, and dS
-                grad_values_c = cpu_kernels.sparse_grads(xc, dyc, crow, cols, values, gx, need_values)
+                grad_values_c = cpu_kernels.sparse_grads(xc, dyc, indices, values, (d_out, d_in), gx, need_values)
                 if need_values:
                     grad_values += grad_values_c
             elif need_x or need_values:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from peft_sltrain import cpu_kernels
-from peft_sltrain.functional import csr_layout, sltrain_linear
+from peft_sltrain.functional import sltrain_linear
 from peft_sltrain.support import random_support
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.AVAILABLE, reason="numba is not installed")
@@ -32,23 +32,22 @@ def sparse_problem(n=150, d_in=37, d_out=23, nnz=90, dtype=torch.float64, seed=0
 @pytest.mark.parametrize("n", [0, 1, 64, 150])
 def test_kernels_match_dense_products(dtype, n):
     x, dy, values, indices, S = sparse_problem(n=n, dtype=dtype)
-    crow, cols = csr_layout(indices, *S.shape)
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
-    y = cpu_kernels.sparse_matmul_t(x, crow, cols, values, out=torch.full((n, S.shape[0]), float("nan"), dtype=dtype))
+    out = torch.full((n, S.shape[0]), float("nan"), dtype=dtype)
+    y = cpu_kernels.sparse_matmul_t(x, indices, values, S.shape, out=out)
     torch.testing.assert_close(y, x @ S.t(), **tol)
     dx = torch.full_like(x, float("nan"))
-    dvalues = cpu_kernels.sparse_grads(x, dy, crow, cols, values, dx, need_values=True)
+    dvalues = cpu_kernels.sparse_grads(x, dy, indices, values, S.shape, dx, need_values=True)
     torch.testing.assert_close(dx, dy @ S, **tol)
     torch.testing.assert_close(dvalues, (dy.t() @ x).view(-1)[indices.long()], **tol)
 
 
 def test_kernels_compute_only_what_is_needed():
     x, dy, values, indices, S = sparse_problem()
-    crow, cols = csr_layout(indices, *S.shape)
     dx = torch.full_like(x, float("nan"))
-    assert cpu_kernels.sparse_grads(x, dy, crow, cols, values, dx, need_values=False) is None
+    assert cpu_kernels.sparse_grads(x, dy, indices, values, S.shape, dx, need_values=False) is None
     torch.testing.assert_close(dx, dy @ S, rtol=1e-12, atol=1e-12)
-    dvalues = cpu_kernels.sparse_grads(x, dy, crow, cols, values, None, need_values=True)
+    dvalues = cpu_kernels.sparse_grads(x, dy, indices, values, S.shape, None, need_values=True)
     torch.testing.assert_close(dvalues, (dy.t() @ x).view(-1)[indices.long()], rtol=1e-12, atol=1e-12)
 
 
@@ -79,12 +78,11 @@ def test_same_bits_every_call_and_across_thread_counts():
     """Each output element of x S^T and dY S is computed by one thread in a fixed order: the same bits for any thread
     count. dS adds one partial sum per thread: the same bits for the same count, close across counts."""
     x, dy, values, indices, S = sparse_problem(n=300, d_in=200, d_out=150, nnz=900, dtype=torch.float32)
-    crow, cols = csr_layout(indices, *S.shape)
 
     def run():
         dx = torch.empty_like(x)
-        dvalues = cpu_kernels.sparse_grads(x, dy, crow, cols, values, dx, need_values=True)
-        return cpu_kernels.sparse_matmul_t(x, crow, cols, values, out=torch.empty(300, 150)), dx, dvalues
+        dvalues = cpu_kernels.sparse_grads(x, dy, indices, values, S.shape, dx, need_values=True)
+        return cpu_kernels.sparse_matmul_t(x, indices, values, S.shape, out=torch.empty(300, 150)), dx, dvalues
 
     first, second = run(), run()
     assert all(torch.equal(a, b) for a, b in zip(first, second))
@@ -104,11 +102,11 @@ def test_empty_rows_and_no_nonzeros():
         indices = torch.tensor(indices, dtype=torch.int32)
         values = torch.arange(1.0, len(indices) + 1, dtype=torch.float64)
         S = torch.zeros(20, dtype=torch.float64).index_put((indices.long(),), values).view(4, 5)
-        crow, cols = csr_layout(indices, 4, 5)
-        y = cpu_kernels.sparse_matmul_t(x, crow, cols, values, out=torch.full((100, 4), float("nan"), dtype=x.dtype))
+        out = torch.full((100, 4), float("nan"), dtype=x.dtype)
+        y = cpu_kernels.sparse_matmul_t(x, indices, values, S.shape, out=out)
         torch.testing.assert_close(y, x @ S.t(), rtol=1e-12, atol=1e-12)
         dx = torch.full_like(x, float("nan"))
-        dvalues = cpu_kernels.sparse_grads(x, dy, crow, cols, values, dx, need_values=True)
+        dvalues = cpu_kernels.sparse_grads(x, dy, indices, values, S.shape, dx, need_values=True)
         torch.testing.assert_close(dx, dy @ S, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(dvalues, (dy.t() @ x).view(-1)[indices.long()], rtol=1e-12, atol=1e-12)
 
@@ -116,25 +114,60 @@ def test_empty_rows_and_no_nonzeros():
 def test_bad_sizes_and_dtypes_are_refused():
     """The kernels do not check bounds: a wrong size must stop in Python, with the argument named."""
     x, dy, values, indices, S = sparse_problem(dtype=torch.float32)
-    crow, cols = csr_layout(indices, *S.shape)
     good_out = torch.empty(150, S.shape[0])
     cases = [
         (dict(out=torch.empty(149, S.shape[0])), "`out` must have shape"),
         (dict(out=torch.empty(150, S.shape[0] + 1)), "`out` must have shape"),
-        (dict(values=values[:-1]), "must equal nnz"),
+        (dict(values=values[:-1]), "one entry per nonzero"),
         (dict(values=values.double()), "`values` must have x's dtype"),
         (dict(out=good_out.double()), "`out` must have x's dtype"),
-        (dict(cols=cols.long()), "must be int32"),
+        (dict(indices=indices.long()), "`indices` must be a 1-D int32"),
         (dict(x=x[None]), "`x` must be"),
+        (dict(x=x[:, :-1]), r"`x` must be \(N, d_in\) = \(N, 37\), got shape \(150, 36\)"),
     ]
     for change, message in cases:
-        args = dict(x=x, crow=crow, cols=cols, values=values, out=good_out) | change
+        args = dict(x=x, indices=indices, values=values, shape=S.shape, out=good_out) | change
         with pytest.raises(ValueError, match=message):
             cpu_kernels.sparse_matmul_t(**args)
     with pytest.raises(ValueError, match="`dy` must have shape"):
-        cpu_kernels.sparse_grads(x, dy[:, :-1], crow, cols, values, None, need_values=True)
+        cpu_kernels.sparse_grads(x, dy[:, :-1], indices, values, S.shape, None, need_values=True)
     with pytest.raises(ValueError, match="`out_x` must have shape"):
-        cpu_kernels.sparse_grads(x, dy, crow, cols, values, torch.empty(150, 3), need_values=False)
+        cpu_kernels.sparse_grads(x, dy, indices, values, S.shape, torch.empty(150, 3), need_values=False)
+
+
+def test_broken_supports_are_refused_before_the_kernels_run():
+    """The kernels read columns as `index - row * d_in` without bounds checks: a support that is unsorted, repeats an
+    index or leaves the matrix must stop with a ValueError that names `indices`, the position and the value."""
+    x, dy, _, _, _ = sparse_problem(n=10, d_in=5, d_out=4, nnz=4)
+    cases = [
+        ([3, 2, 7, 9], "position 1 holds 2 after 3"),
+        ([3, 3, 7, 9], "position 1 holds 3 after 3"),
+        ([-1, 2, 7, 9], "position 0 holds -1"),
+        ([1, 2, 7, 20], r"in \[0, 20\).*position 3 holds 20"),
+    ]
+    for bad, message in cases:
+        indices, values = torch.tensor(bad, dtype=torch.int32), torch.ones(4, dtype=x.dtype)
+        out = torch.full((10, 4), 7.0, dtype=x.dtype)
+        with pytest.raises(ValueError, match=f"`indices` must be strictly increasing.*{message}"):
+            cpu_kernels.sparse_matmul_t(x, indices, values, (4, 5), out=out)
+        assert (out == 7).all()  # nothing was written
+        with pytest.raises(ValueError, match=message):
+            cpu_kernels.sparse_grads(x, dy, indices, values, (4, 5), torch.empty_like(x), need_values=True)
+
+
+@pytest.mark.parametrize("indices", [[19], [0], [15, 16, 17, 18, 19], [0, 1, 2, 3, 4]])
+def test_nonzeros_only_in_the_first_or_last_rows(indices):
+    """Row starts for supports whose leading or trailing rows are empty (or hold every nonzero)."""
+    x, dy, _, _, _ = sparse_problem(n=70, d_in=5, d_out=4, nnz=4)
+    indices = torch.tensor(indices, dtype=torch.int32)
+    values = torch.arange(1.0, len(indices) + 1, dtype=torch.float64)
+    S = torch.zeros(20, dtype=torch.float64).index_put((indices.long(),), values).view(4, 5)
+    y = cpu_kernels.sparse_matmul_t(x, indices, values, S.shape, out=torch.full((70, 4), float("nan"), dtype=x.dtype))
+    torch.testing.assert_close(y, x @ S.t(), rtol=1e-12, atol=1e-12)
+    dx = torch.full_like(x, float("nan"))
+    dvalues = cpu_kernels.sparse_grads(x, dy, indices, values, S.shape, dx, need_values=True)
+    torch.testing.assert_close(dx, dy @ S, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dvalues, (dy.t() @ x).view(-1)[indices.long()], rtol=1e-12, atol=1e-12)
 
 
 def test_nan_and_inf_propagate():
@@ -143,8 +176,7 @@ def test_nan_and_inf_propagate():
     x, dy, values, indices, S = sparse_problem(dtype=torch.float32)
     x[3, :] = float("nan")
     x[5, :] = float("inf")
-    crow, cols = csr_layout(indices, *S.shape)
-    y = cpu_kernels.sparse_matmul_t(x, crow, cols, values, out=torch.empty(150, S.shape[0]))
+    y = cpu_kernels.sparse_matmul_t(x, indices, values, S.shape, out=torch.empty(150, S.shape[0]))
     expected = torch.sparse.mm(S.to_sparse_csr(), x.t()).t()
     assert expected.isnan().any() and expected.isinf().any()
     assert torch.equal(y.isnan(), expected.isnan())
@@ -153,12 +185,11 @@ def test_nan_and_inf_propagate():
 
 def test_non_contiguous_input_and_bad_output():
     x, _, values, indices, S = sparse_problem()
-    crow, cols = csr_layout(indices, *S.shape)
     x_t = x.t().contiguous().t()  # same values, column-major
-    y = cpu_kernels.sparse_matmul_t(x_t, crow, cols, values, out=torch.empty(150, S.shape[0], dtype=x.dtype))
+    y = cpu_kernels.sparse_matmul_t(x_t, indices, values, S.shape, out=torch.empty(150, S.shape[0], dtype=x.dtype))
     torch.testing.assert_close(y, x @ S.t(), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="output buffers must be contiguous"):
-        cpu_kernels.sparse_matmul_t(x, crow, cols, values, out=torch.empty(S.shape[0], 150, dtype=x.dtype).t())
+        cpu_kernels.sparse_matmul_t(x, indices, values, S.shape, out=torch.empty(S.shape[0], 150, dtype=x.dtype).t())
 
 
 def test_concurrent_calls_from_python_threads():
@@ -168,18 +199,16 @@ def test_concurrent_calls_from_python_threads():
         """
         import threading, torch
         from peft_sltrain import cpu_kernels
-        from peft_sltrain.functional import csr_layout
         from peft_sltrain.support import random_support
 
         indices = random_support(256, 256, 4000, seed=0)
         values, x = torch.randn(4000), torch.randn(8000, 256)
-        crow, cols = csr_layout(indices, 256, 256)
         S = torch.zeros(256 * 256).index_put((indices.long(),), values).view(256, 256)
         outs = [torch.empty(8000, 256) for _ in range(4)]
 
         def work(out):
             for _ in range(10):  # ~10 ms per call: launches from different threads overlap
-                cpu_kernels.sparse_matmul_t(x, crow, cols, values, out)
+                cpu_kernels.sparse_matmul_t(x, indices, values, (256, 256), out)
 
         workers = [threading.Thread(target=work, args=(out,)) for out in outs]
         for w in workers:
