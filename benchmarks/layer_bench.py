@@ -2,6 +2,7 @@
 rebuild-the-dense-weight formulation, at LLaMA layer shapes, with the paper's ranks and sparsities.
 
     python benchmarks/layer_bench.py                  # CPU: writes benchmarks/results/layer_cpu.{json,png}
+    python benchmarks/layer_bench.py --dtype bf16     # CPU, bf16: benchmarks/results/layer_cpu_bf16.{json,png}
     python benchmarks/layer_bench.py --device cuda    # GPU, bf16: benchmarks/results/layer_cuda.{json,png}
 
 Variants, all computing y = x W^T for the same W:
@@ -11,6 +12,7 @@ Variants, all computing y = x W^T for the same W:
 - `factored`: peft_sltrain.sltrain_linear(path="factored"): low-rank products plus sparse kernels, no dense W; the
               sparse products on numba's CPU kernels where numba is installed (`peft_sltrain/cpu_kernels.py`)
 - `factored_torch`: the same on PyTorch's CSR kernels (`mm`, `sampled_addmm`), the path's fallback without numba
+              (left out where PyTorch has no such kernels for the dtype: bf16 on CPU)
 - `lowrank`:  (x A^T) B^T alone, through plain autograd: the part of the factored path that is not sparse, its floor
 `factored_kappa_fit` is the cost of one sparse multiply-add relative to a dense GEMM's that makes `peft_sltrain.cost`'s
 model reproduce the measured factored / dense-path time ratio (transposed copies included); `cost_model_fit` (and
@@ -74,7 +76,7 @@ def variants(layer, d_in, d_out, device, dtype):
     dense = torch.nn.Linear(d_in, d_out, bias=False, device=device, dtype=dtype)
     factors = [v for v in layer.values() if torch.is_tensor(v)]
     A, B, scaling = layer["A"], layer["B"], layer["scaling"]
-    return {
+    fns = {
         "dense": (lambda x: dense(x), [dense.weight]),
         "rebuild": (lambda x: F.linear(x, dense_weight(**layer)), factors),
         "sltrain": (lambda x: sltrain_linear(x, **layer, path="dense"), factors),
@@ -82,6 +84,9 @@ def variants(layer, d_in, d_out, device, dtype):
         "factored_torch": (lambda x: with_torch_kernels(sltrain_linear, x, **layer, path="factored"), factors),
         "lowrank": (lambda x: (x @ A.t()) @ (scaling * B).t(), factors),
     }
+    if not with_torch_kernels(cost.factored_supported, device, dtype):
+        del fns["factored_torch"]
+    return fns
 
 
 def with_torch_kernels(fn, *args, **kwargs):
@@ -173,7 +178,7 @@ def measure(d_in, d_out, r, sparsity, tokens, repeats, device, dtype) -> dict:
     nnz = layer["values"].numel()
     modeled_dense = cost.dense_cost(tokens, d_in, d_out, r)
     lowrank = cost.factored_cost(tokens, d_in, d_out, r, nnz, kappa=0.0, has_weight=False)
-    for name in ("factored", "factored_torch"):  # in GEMM multiply-adds
+    for name in ("factored", "factored_torch")[: 2 if "factored_torch" in fns else 1]:  # in GEMM multiply-adds
         row[f"{name}_excess"] = row[f"{name}_s"] / row["sltrain_s"] * modeled_dense - lowrank
         row[f"{name}_kappa_fit"] = row[f"{name}_excess"] / (6.0 * tokens * nnz)
     row["nnz_per_row"] = nnz / d_out
@@ -215,7 +220,8 @@ def plot(rows: list[dict], sweeps: dict[str, list[dict]], path: Path, title: str
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     labels = [f"{r['d_in']}x{r['d_out']}\nr={r['r']}, {r['sparsity']}" for r in rows]
-    for name, style in STYLES:
+    styles = [(name, style) for name, style in STYLES if f"{name}_time_ratio" in rows[0]]
+    for name, style in styles:
         axes[0].plot(labels, [r[f"{name}_time_ratio"] for r in rows], style, label=name)
     axes[0].axhline(1.0, color="gray", lw=1, ls="--", label="dense (nn.Linear)")
     axes[0].set_ylabel("fwd+bwd time / dense")
@@ -224,7 +230,7 @@ def plot(rows: list[dict], sweeps: dict[str, list[dict]], path: Path, title: str
     for key, ax, xlabel in (("rank", axes[1], "rank r"), ("sparsity", axes[2], "sparsity delta")):
         sweep = sweeps[key]
         xs = [s["r"] if key == "rank" else s["sparsity"] for s in sweep]
-        for name, style in STYLES:
+        for name, style in styles:
             ax.plot(xs, [s[f"{name}_time_ratio"] for s in sweep], style, label=name)
         ax.axhline(1.0, color="gray", lw=1, ls="--")
         ax.set_xlabel(xlabel)
@@ -241,13 +247,15 @@ def plot(rows: list[dict], sweeps: dict[str, list[dict]], path: Path, title: str
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="default: fp32 on CPU, bf16 on GPU")
     p.add_argument("--tokens", type=int, help="rows of x (default: 2048 on CPU, 8192 on GPU)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--max-entries", type=float, default=5e7, help="skip shapes with more weight entries")
     p.add_argument("--out", help="results file stem (default: benchmarks/results/layer_<device>)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     tokens = args.tokens or (8192 if device.type == "cuda" else 2048)
     torch.manual_seed(0)
 
@@ -263,7 +271,9 @@ def main(argv=None) -> dict:
         "rank": [measure(d_in, d_out, r, s0, tokens, args.repeats, device, dtype) for r in (32, 64, 128, 256, 512)],
         "sparsity": [measure(d_in, d_out, r0, s, tokens, args.repeats, device, dtype) for s in (0.01, 0.03, 0.1, 0.3)],
     }
-    stem = Path(args.out) if args.out else RESULTS / f"layer_{device.type}"
+    default_dtype = "bf16" if device.type == "cuda" else "fp32"
+    suffix = "" if dtype_name == default_dtype else f"_{dtype_name}"
+    stem = Path(args.out) if args.out else RESULTS / f"layer_{device.type}{suffix}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "command": "python " + " ".join([str(Path(sys.argv[0]).as_posix())] + (argv or sys.argv[1:])),
@@ -274,8 +284,9 @@ def main(argv=None) -> dict:
         "sweeps": sweeps,
         "sparse_kernels": "numba" if cpu_kernels.supports(device, dtype) else "torch",
         "cost_model_fit": fit_cost_model(rows + sweeps["rank"] + sweeps["sparsity"]),
-        "cost_model_fit_torch": fit_cost_model(rows + sweeps["rank"] + sweeps["sparsity"], "factored_torch"),
     }
+    if "factored_torch_excess" in rows[0]:
+        result["cost_model_fit_torch"] = fit_cost_model(rows + sweeps["rank"] + sweeps["sparsity"], "factored_torch")
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
     plot(rows, sweeps, stem.with_suffix(".png"), f"One layer, fwd+bwd, {tokens} tokens, {dtype}, {platform.node()}")
     print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.png')}")

@@ -1,6 +1,7 @@
 """Whole training steps: SLTrain's dense and factored compute paths against full-rank, at the paper's r and sparsity.
 
     python benchmarks/step_bench.py                   # CPU, fp32: tiny and 60M-shaped LLaMA
+    python benchmarks/step_bench.py --dtype bf16      # CPU, bf16 autocast: step_cpu_bf16.json
     python benchmarks/step_bench.py --device cuda     # GPU, bf16 autocast: 60M and 350M shapes
 
 One step = forward + backward + AdamW update on one batch. Each variant is timed over several steps after a warm-up
@@ -123,12 +124,12 @@ def measure(
 
 
 def measure_in_subprocess(
-    size: str, variant: str, batch: int, seq_len: int, steps: int, device: str, with_peak: bool
+    size: str, variant: str, batch: int, seq_len: int, steps: int, device: str, dtype: str, with_peak: bool
 ) -> dict:
     """One variant in a fresh process: no allocator state or warm caches carried over from another variant, and
     its own peak RSS. Should the profiler crash the child, the row keeps its time and RSS and `peak_bytes` is None."""
     cmd = [sys.executable, __file__, "--one", size, variant, str(batch), str(seq_len), "--steps", str(steps),
-           "--device", device] + ([] if with_peak else ["--no-peak"])  # fmt: skip
+           "--device", device, "--dtype", dtype] + ([] if with_peak else ["--no-peak"])  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True)
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     if not rows:
@@ -139,13 +140,15 @@ def measure_in_subprocess(
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="autocast dtype (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per run (median), after 2 warm-up steps")
     p.add_argument("--rounds", type=int, default=5, help="runs of every variant, interleaved")
     p.add_argument("--no-peak", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--one", nargs=4, metavar=("SIZE", "VARIANT", "BATCH", "SEQ_LEN"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    autocast_dtype = torch.bfloat16 if dtype_name == "bf16" else None
     if args.one:  # a child process of the loop below
         size, variant, batch, seq_len = args.one
         return measure(size, variant, int(batch), int(seq_len), args.steps, device, autocast_dtype, not args.no_peak)
@@ -160,7 +163,9 @@ def main(argv=None) -> dict:
         runs = {v: [] for v in VARIANTS}
         for i in range(args.rounds):  # memory is deterministic: measured in the first round only
             for variant in VARIANTS:
-                row = measure_in_subprocess(size, variant, batch, seq_len, args.steps, args.device, with_peak=i == 0)
+                row = measure_in_subprocess(
+                    size, variant, batch, seq_len, args.steps, args.device, dtype_name, with_peak=i == 0
+                )
                 runs[variant].append(row)
         full = runs["full"]
         for measured in runs.values():
@@ -182,7 +187,8 @@ def main(argv=None) -> dict:
         "rows": rows,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"step_{device.type}.json"
+    suffix = "" if dtype_name == ("bf16" if device.type == "cuda" else "fp32") else f"_{dtype_name}"
+    path = RESULTS / f"step_{device.type}{suffix}.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path}")
     return result

@@ -17,7 +17,7 @@ tokens inside numba's), and on CPU that is most of its cost at narrow widths.
 The three constants per device type, dtype and kernel set (numba's CPU kernels, or PyTorch's CSR kernels; see
 `functional.py`) are fitted by `benchmarks/layer_bench.py`. The choice is deterministic: the same call takes the
 same path in every process (a resumed run reproduces the uninterrupted one bit for bit). Where neither kernel set
-has the dtype (bf16 / fp16 on CPU), only the dense path exists.
+has the dtype (fp16 on CPU; bf16 on CPU without numba), only the dense path exists.
 """
 
 from __future__ import annotations
@@ -55,9 +55,15 @@ SPARSE_RELATIVE_COST: dict[tuple[str, torch.dtype], tuple[float, float, float]] 
 # the noisier narrow 128 x 344 and 512 x 512, and overestimates it at delta >= 0.1 (1.50 for a measured 1.14 at
 # 0.3). Fitted with 2 threads on 2048 tokens: with many threads and few tokens (fewer than 64 per thread leaves
 # threads idle) the sparse part costs relatively more. fp64 assumed alike.
+# bf16: `cost_model_fit` of benchmarks/results/layer_cpu_bf16.json. The kernels run as fast as in fp32 (they compute
+# in fp32 and move half the bytes), but this CPU's bf16 GEMMs are 2.4x its fp32 ones, so against them a sparse
+# multiply-add costs more: 8.4 plus a short-row term. It predicts the measured ratio within 0.06 on the LLaMA shapes
+# and the rank sweep (0.98 predicted and measured at 512 x 512, 1.51 / 1.52 at 128 x 344, which goes dense), and
+# overestimates it at delta >= 0.1.
 NUMBA_RELATIVE_COST: dict[torch.dtype, tuple[float, float, float]] = {
     torch.float32: (4.5, 0.0, 46.5),
     torch.float64: (4.5, 0.0, 46.5),
+    torch.bfloat16: (8.4, 115.9, 3.8),
 }
 
 
@@ -127,7 +133,7 @@ def choose_path(
         if not supported:
             raise ValueError(
                 f"`compute='factored'` needs sparse kernels for {dtype} on {device.type}, which PyTorch lacks "
-                "(and numba's CPU kernels cover only float32 and float64); use compute='auto' or 'dense'."
+                "(and numba's CPU kernels cover only float32, float64 and bfloat16); use compute='auto' or 'dense'."
             )
         return "factored"
     if compute != "auto":

@@ -37,7 +37,8 @@ import torch
 
 # without numba the factored path uses PyTorch's CSR kernels; numba is imported on first use, not with the package
 AVAILABLE = importlib.util.find_spec("numba") is not None
-DTYPES = (torch.float32, torch.float64)
+# bf16 is computed in fp32 (loaded from and rounded back to bf16 per block of tokens), like PyTorch's bf16 GEMMs
+DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 # tokens per block: 64 fp32 numbers are four AVX-512 vectors per fused multiply-add; 16 and 32 ran 1.5-3x slower
 # (each (nonzero, block) pair pays a fixed loop overhead), 128 no faster
 TOKEN_BLOCK = 64
@@ -81,7 +82,8 @@ def sparse_matmul_t(
     with _launch_lock:
         threads = _threads()
         crow = _row_starts(indices, *shape)
-        _kernels().forward(_np(x), crow, _np(indices), _np(values), _out(out), threads)
+        forward = _kernels().forward_bf16 if x.dtype == torch.bfloat16 else _kernels().forward
+        forward(_np(x), crow, _np(indices), _np(_compute(values)), _out(out), threads)
     return out
 
 
@@ -93,13 +95,15 @@ def sparse_grads(
     `need_values`, for `x` (N, d_in), `dy` (N, d_out) and `S` of `shape` (d_out, d_in)."""
     _check(x, indices, values, shape, dy=dy, out_x=out_x)
     need_x = out_x is not None
-    dx = _out(out_x) if need_x else torch.empty(0, x.shape[1], dtype=x.dtype).numpy()  # unused placeholder
+    dx = _out(out_x) if need_x else _np(torch.empty(0, x.shape[1], dtype=x.dtype))  # unused placeholder
+    vals = _compute(values)
     with _launch_lock:
         threads = _threads()
         crow = _row_starts(indices, *shape)
-        partial = torch.zeros(threads, values.numel() if need_values else 0, dtype=x.dtype)  # (threads, nnz)
-        _kernels().backward(_np(x), _np(dy), crow, _np(indices), _np(values), dx, partial.numpy(), need_x, need_values)
-    return partial.sum(0) if need_values else None
+        partial = torch.zeros(threads, values.numel() if need_values else 0, dtype=vals.dtype)  # (threads, nnz)
+        backward = _kernels().backward_bf16 if x.dtype == torch.bfloat16 else _kernels().backward
+        backward(_np(x), _np(dy), crow, _np(indices), _np(vals), dx, partial.numpy(), need_x, need_values)
+    return partial.sum(0).to(values.dtype) if need_values else None
 
 
 def _row_starts(indices: torch.Tensor, d_out: int, d_in: int) -> np.ndarray:
@@ -119,6 +123,8 @@ def _check(x, indices, values, shape, out=None, dy=None, out_x=None) -> None:
     """The kernels index without bounds checks, so every size they trust is checked here (and the indices
     themselves by `_row_starts`)."""
     d_out, d_in = shape
+    if x.dtype not in DTYPES:
+        raise ValueError(f"`x` must have one of the dtypes {DTYPES}, got {x.dtype}.")
     if x.dim() != 2 or x.shape[1] != d_in:
         raise ValueError(f"`x` must be (N, d_in) = (N, {d_in}), got shape {tuple(x.shape)}.")
     n = x.shape[0]
@@ -136,14 +142,22 @@ def _check(x, indices, values, shape, out=None, dy=None, out_x=None) -> None:
             raise ValueError(f"`{name}` must have x's dtype {x.dtype}, got {t.dtype}.")
 
 
+def _compute(values: torch.Tensor) -> torch.Tensor:
+    """The values in the dtype the kernels compute in: fp32 for bf16."""
+    return values.float() if values.dtype == torch.bfloat16 else values
+
+
 def _out(t: torch.Tensor) -> np.ndarray:
     if not t.is_contiguous():
         raise ValueError(f"output buffers must be contiguous, got strides {t.stride()} for shape {tuple(t.shape)}")
-    return t.detach().numpy()
+    return _np(t)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().contiguous().numpy()
+    """A numpy view of the tensor (of a contiguous copy if it is not contiguous); bf16, which numpy lacks, as its
+    uint16 bits."""
+    t = t.detach().contiguous()
+    return (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
 @functools.cache
@@ -173,22 +187,73 @@ def _kernels():
             crow[j] = indices.shape[0]
         return -1
 
+    # Moving a block of tokens between row-major activations and the transposed per-thread buffers: as they are for
+    # fp32/fp64; for bf16 (passed as uint16 bits) the buffers are fp32, a load widens the bits (bf16 is the top half
+    # of an fp32) and a store rounds to nearest even, NaN kept NaN, as PyTorch's conversion does.
+    @njit(inline="always")
+    def load(x, xt, n0, nb):  # xt[:, :nb] = x[n0 : n0 + nb].T
+        for t in range(nb):
+            for i in range(x.shape[1]):
+                xt[i, t] = x[n0 + t, i]
+
+    @njit(inline="always")
+    def store(yt, y, n0, nb):  # y[n0 : n0 + nb] = yt[:, :nb].T
+        for t in range(nb):
+            for j in range(y.shape[1]):
+                y[n0 + t, j] = yt[j, t]
+
+    @njit(inline="always")
+    def buffer(rows, x):
+        return np.zeros((rows, NB), x.dtype)
+
+    @njit(inline="always")
+    def load_bf16(x, xt, n0, nb):
+        bits = xt.view(np.uint32)
+        for t in range(nb):
+            for i in range(x.shape[1]):
+                bits[i, t] = np.uint32(x[n0 + t, i]) << 16
+
+    @njit(inline="always")
+    def store_bf16(yt, y, n0, nb):
+        bits = yt.view(np.uint32)
+        for t in range(nb):
+            for j in range(y.shape[1]):
+                b = bits[j, t]
+                if b & 0x7FFFFFFF > 0x7F800000:  # NaN: keep the sign and the top of the payload, quiet
+                    y[n0 + t, j] = np.uint16((b >> 16) | 0x40)
+                else:  # round to nearest, ties to even (overflow to inf, as it should)
+                    y[n0 + t, j] = np.uint16((b + 0x7FFF + ((b >> 16) & 1)) >> 16)
+
+    @njit(inline="always")
+    def buffer_fp32(rows, x):
+        return np.zeros((rows, NB), np.float32)
+
+    forward, backward = _build(load, store, buffer, njit, prange)
+    forward_bf16, backward_bf16 = _build(load_bf16, store_bf16, buffer_fp32, njit, prange)
+    return types.SimpleNamespace(
+        row_starts=_row_starts, forward=forward, backward=backward, forward_bf16=forward_bf16,
+        backward_bf16=backward_bf16,
+    )  # fmt: skip
+
+
+def _build(load, store, buffer, njit, prange):
+    """(forward, backward) for one way of loading and storing blocks of tokens (see `_kernels`)."""
+    NB = TOKEN_BLOCK
+
     @njit(parallel=True, fastmath=FASTMATH, nogil=True, cache=False)
     def _forward(x, crow, indices, vals, y, threads):
         N, d_in = x.shape
         d_out = y.shape[1]
         blocks = (N + NB - 1) // NB
         for tid in prange(threads):  # thread tid takes a fixed contiguous range of blocks, with its own buffers
-            xt = np.zeros((d_in, NB), x.dtype)  # the block of x, transposed; zero past the last token
-            yt = np.empty((d_out, NB), x.dtype)
+            xt = buffer(d_in, x)  # the block of x, transposed; zero past the last token
+            yt = buffer(d_out, x)
             for b in range(tid * blocks // threads, (tid + 1) * blocks // threads):
                 n0 = b * NB
                 nb = min(NB, N - n0)
                 if nb < NB:
                     xt[:] = 0
-                for t in range(nb):
-                    for i in range(d_in):
-                        xt[i, t] = x[n0 + t, i]
+                load(x, xt, n0, nb)
                 for j in range(d_out):
                     acc = yt[j]
                     acc[:] = 0
@@ -205,9 +270,7 @@ def _kernels():
                         for t in range(NB):
                             acc[t] += v * xr[t]
                         p += 1
-                for t in range(nb):
-                    for j in range(d_out):
-                        y[n0 + t, j] = yt[j, t]
+                store(yt, y, n0, nb)
 
     @njit(parallel=True, fastmath=FASTMATH, nogil=True, cache=False)
     def _backward(x, dy, crow, indices, vals, dx, partial, need_x, need_values):
@@ -216,11 +279,11 @@ def _kernels():
         blocks = (N + NB - 1) // NB
         threads = partial.shape[0]
         for tid in prange(threads):  # thread tid takes a fixed contiguous range of blocks and its own dS row
-            xt = np.zeros((d_in, NB), x.dtype)
-            dyt = np.zeros((d_out, NB), x.dtype)
-            dxt = np.zeros((d_in, NB), x.dtype)
+            xt = buffer(d_in, x)
+            dyt = buffer(d_out, x)
+            dxt = buffer(d_in, x)
             dvals = partial[tid]
-            zero = x.dtype.type(0)
+            zero = xt.dtype.type(0)
             for b in range(tid * blocks // threads, (tid + 1) * blocks // threads):
                 n0 = b * NB
                 nb = min(NB, N - n0)
@@ -228,11 +291,8 @@ def _kernels():
                     xt[:] = 0
                     dyt[:] = 0
                 dxt[:] = 0
-                for t in range(nb):
-                    for i in range(d_in):
-                        xt[i, t] = x[n0 + t, i]
-                    for j in range(d_out):
-                        dyt[j, t] = dy[n0 + t, j]
+                load(x, xt, n0, nb)
+                load(dy, dyt, n0, nb)
                 for j in range(d_out):
                     g, base = dyt[j], j * d_in
                     for p in range(crow[j], crow[j + 1]):
@@ -252,8 +312,6 @@ def _kernels():
                         if need_values:
                             dvals[p] += s
                 if need_x:
-                    for t in range(nb):
-                        for i in range(d_in):
-                            dx[n0 + t, i] = dxt[i, t]
+                    store(dxt, dx, n0, nb)
 
-    return types.SimpleNamespace(row_starts=_row_starts, forward=_forward, backward=_backward)
+    return _forward, _backward

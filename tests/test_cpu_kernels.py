@@ -42,6 +42,52 @@ def test_kernels_match_dense_products(dtype, n):
     torch.testing.assert_close(dvalues, (dy.t() @ x).view(-1)[indices.long()], **tol)
 
 
+@pytest.mark.parametrize("n", [1, 150])
+def test_bf16_kernels_round_the_fp32_result_once(n):
+    """bf16 is loaded into fp32, computed there and rounded once per output: within one bf16 rounding of the fp32
+    product of the same bf16 inputs (the sums' order differs, so an fp32 result next to a rounding boundary may go
+    either way); dS comes back in bf16 too."""
+    x, dy, values, indices, S = sparse_problem(n=n, dtype=torch.bfloat16)
+    x32, dy32, S32 = x.float(), dy.float(), S.float()
+    out = torch.full((n, S.shape[0]), float("nan"), dtype=torch.bfloat16)
+    y = cpu_kernels.sparse_matmul_t(x, indices, values, S.shape, out=out)
+    one_rounding = dict(rtol=2**-8, atol=1e-6)
+    torch.testing.assert_close(y.float(), x32 @ S32.t(), **one_rounding)
+    dx = torch.full_like(x, float("nan"))
+    dvalues = cpu_kernels.sparse_grads(x, dy, indices, values, S.shape, dx, need_values=True)
+    torch.testing.assert_close(dx.float(), dy32 @ S32, **one_rounding)
+    assert dvalues.dtype == torch.bfloat16
+    torch.testing.assert_close(dvalues.float(), (dy32.t() @ x32).view(-1)[indices.long()], **one_rounding)
+
+
+def test_bf16_rounding_is_pytorchs():
+    """Each output here is the sum of two bf16 numbers, exact in fp32, so its bf16 rounding is known: the kernels'
+    must be bit-equal to PyTorch's fp32 -> bf16 conversion (nearest, ties to even), overflow to inf and NaN
+    included."""
+    g = torch.Generator().manual_seed(0)
+    n, d_out = 200, 6
+    x = torch.randn(n, 2 * d_out, generator=g) * torch.logspace(-3, 3, 2 * d_out)
+    x[:, 1::2] *= 2.0**-8  # the second term at about half an ulp of the first: many exact ties
+    x = x.to(torch.bfloat16)
+    specials = [  # (first term, second term, the bf16 sum)
+        (1.0, 2**-8, 1.0),  # a tie, to even: down
+        (1 + 2**-7, 2**-8, 1 + 2**-6),  # a tie, to even: up
+        (-1.0, -(2**-8), -1.0),
+        (3.3895e38, 2.0**119, float("inf")),  # bf16's largest plus half its ulp: the rounding overflows
+        (3.3895e38, 3.3895e38, float("inf")),  # the fp32 sum overflows
+        (float("inf"), 1.0, float("inf")),
+        (float("-inf"), float("inf"), float("nan")),
+        (float("nan"), 1.0, float("nan")),
+    ]
+    x[: len(specials), :2] = torch.tensor([s[:2] for s in specials], dtype=torch.bfloat16)
+    indices = torch.arange(2 * d_out, dtype=torch.int32) + torch.arange(d_out).repeat_interleave(2) * 2 * d_out
+    values = torch.ones(2 * d_out, dtype=torch.bfloat16)  # S[j, 2j] = S[j, 2j + 1] = 1
+    y = cpu_kernels.sparse_matmul_t(x, indices.int(), values, (d_out, 2 * d_out), torch.empty(n, d_out, dtype=x.dtype))
+    expected = (x[:, 0::2].float() + x[:, 1::2].float()).to(torch.bfloat16)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(y[: len(specials), 0].float(), torch.tensor([s[2] for s in specials]), equal_nan=True)
+
+
 def test_kernels_compute_only_what_is_needed():
     x, dy, values, indices, S = sparse_problem()
     dx = torch.full_like(x, float("nan"))
@@ -124,6 +170,7 @@ def test_bad_sizes_and_dtypes_are_refused():
         (dict(indices=indices.long()), "`indices` must be a 1-D int32"),
         (dict(x=x[None]), "`x` must be"),
         (dict(x=x[:, :-1]), r"`x` must be \(N, d_in\) = \(N, 37\), got shape \(150, 36\)"),
+        (dict(x=x.half(), values=values.half(), out=good_out.half()), "`x` must have one of the dtypes"),
     ]
     for change, message in cases:
         args = dict(x=x, indices=indices, values=values, shape=S.shape, out=good_out) | change
