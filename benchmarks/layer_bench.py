@@ -21,7 +21,8 @@ cost tau to all rows, the form and constants `peft_sltrain/cost.py` uses.
 Times are medians of forward+backward passes timed in interleaved rounds, reported as ratios to `dense` measured in
 the same run. Peak memory is the most tensor memory allocated during forward+backward above what existed before it
 (inputs and parameters not counted; CUDA: the allocator's peak; CPU: the profiler's allocation events); "saved" is
-the bytes autograd keeps between forward and backward, counted exactly.
+the bytes autograd keeps between forward and backward, counted exactly. numba's kernels allocate their per-thread
+block buffers themselves, which the profiler does not see: `factored_numba_buffer_bytes` is their size, to add.
 """
 
 from __future__ import annotations
@@ -174,6 +175,8 @@ def measure(d_in, d_out, r, sparsity, tokens, repeats, device, dtype) -> dict:
         row[f"{name}_saved_bytes"] = saved_bytes(fn, x, existing)
     for name in fns:
         row[f"{name}_time_ratio"] = row[f"{name}_s"] / row["dense_s"]
+    if cpu_kernels.supports(device, dtype):  # allocated inside numba's kernels, unseen by the profiler
+        row["factored_numba_buffer_bytes"] = numba_buffer_bytes(d_in, d_out, dtype)
     # the sparse cost factor that makes peft_sltrain.cost's model reproduce the measured factored / dense-path ratio
     nnz = layer["values"].numel()
     modeled_dense = cost.dense_cost(tokens, d_in, d_out, r)
@@ -183,6 +186,13 @@ def measure(d_in, d_out, r, sparsity, tokens, repeats, device, dtype) -> dict:
         row[f"{name}_kappa_fit"] = row[f"{name}_excess"] / (6.0 * tokens * nnz)
     row["nnz_per_row"] = nnz / d_out
     return row
+
+
+def numba_buffer_bytes(d_in: int, d_out: int, dtype: torch.dtype) -> int:
+    """The per-thread block buffers numba's backward allocates (fp32 for bf16): threads x (2 d_in + d_out) x block."""
+    itemsize = 8 if dtype == torch.float64 else 4
+    threads = cpu_kernels._threads()  # as many as the kernels use
+    return threads * (2 * d_in + d_out) * cpu_kernels.TOKEN_BLOCK * itemsize
 
 
 def fit_cost_model(rows: list[dict], name: str = "factored") -> dict:

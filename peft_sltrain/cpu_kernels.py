@@ -18,11 +18,15 @@ kernels instead walk the tokens in blocks of `TOKEN_BLOCK`: each block is transp
 `TOKEN_BLOCK` tokens (`yt[j] += v * xt[c]`), which vectorises. The backward visits each nonzero once per block for
 both products: `dxt[c] += v * dyt[j]` and `dS[p] += dot(dyt[j], xt[c])`. No layout of `S^T` is needed, and the only
 memory beyond the outputs is the row starts, the per-thread buffers and a (threads, nnz) array of partial `dS` sums.
+The buffers, `threads * (2 d_in + d_out) * TOKEN_BLOCK` fp32/fp64 numbers in backward, are allocated inside the
+kernels: passed in from PyTorch (so that its memory profiler would count them) the backward ran 12-18% slower,
+likely because the compiler can then no longer assume that they alias nothing. PyTorch's profiler does not see them.
 
 Deterministic: tokens are split over threads in fixed contiguous ranges and the partial sums of dS added in thread
 order, so the same thread count gives the same bits (x S^T and dY S do not depend on it at all). The kernels compile
-on first use per dtype (a few seconds; fp32, fp64). With numba's GNU OpenMP threading layer, a process forked after
-its parent ran them must not run them itself (DataLoader workers do not; torchrun starts fresh processes).
+on first use per dtype (a few seconds each; fp32, fp64, bf16). With numba's GNU OpenMP threading layer, a process
+forked after its parent ran them must not run them itself (DataLoader workers do not; torchrun starts fresh
+processes).
 """
 
 from __future__ import annotations

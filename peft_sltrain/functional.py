@@ -131,7 +131,7 @@ class _FactoredSparseLowRankLinear(torch.autograd.Function):
     """Like `_SparseLowRankLinear`, but never forms a dense (d_out, d_in) matrix, in forward or backward.
 
     The low-rank products are dense GEMMs; the sparse ones (`x S^T`, `dY S`, `dS`) run on one of two kernel sets:
-    - CPU, fp32/fp64, with numba installed: `cpu_kernels`, which read the row-major activations directly (they
+    - CPU, fp32/fp64/bf16, with numba installed: `cpu_kernels`, which read the row-major activations directly (they
       transpose small blocks of tokens internally), all tokens in one call.
     - Otherwise PyTorch's CSR `mm` and `sampled_addmm` (MKL on CPU, cuSPARSE on CUDA), on chunks of
       `token_chunk(...)` rows of x. They want the token dimension contiguous, so they get transposed copies of each
