@@ -193,7 +193,8 @@ def _kernels():
 
     # Moving a block of tokens between row-major activations and the transposed per-thread buffers: as they are for
     # fp32/fp64; for bf16 (passed as uint16 bits) the buffers are fp32, a load widens the bits (bf16 is the top half
-    # of an fp32) and a store rounds to nearest even, NaN kept NaN, as PyTorch's conversion does.
+    # of an fp32) and a store rounds to nearest even, as PyTorch's conversion does (NaN stays NaN: PyTorch writes
+    # the canonical 0x7FC0, this keeps the sign and the top of the payload).
     @njit(inline="always")
     def load(x, xt, n0, nb):  # xt[:, :nb] = x[n0 : n0 + nb].T
         for t in range(nb):
@@ -223,7 +224,7 @@ def _kernels():
         for t in range(nb):
             for j in range(y.shape[1]):
                 b = bits[j, t]
-                if b & 0x7FFFFFFF > 0x7F800000:  # NaN: keep the sign and the top of the payload, quiet
+                if b & 0x7FFFFFFF > 0x7F800000:  # NaN: the top half, made quiet (rounding could turn it into inf)
                     y[n0 + t, j] = np.uint16((b >> 16) | 0x40)
                 else:  # round to nearest, ties to even (overflow to inf, as it should)
                     y[n0 + t, j] = np.uint16((b + 0x7FFF + ((b >> 16) & 1)) >> 16)
