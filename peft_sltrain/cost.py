@@ -56,7 +56,7 @@ SPARSE_RELATIVE_COST: dict[tuple[str, torch.dtype], tuple[float, float, float]] 
 # 0.3). Fitted with 2 threads on 2048 tokens: with many threads and few tokens (fewer than 64 per thread leaves
 # threads idle) the sparse part costs relatively more. fp64 assumed alike.
 # bf16: `cost_model_fit` of benchmarks/results/layer_cpu_bf16.json. The kernels run as fast as in fp32 (they compute
-# in fp32 and move half the bytes), but this CPU's bf16 GEMMs are 2.4x its fp32 ones, so against them a sparse
+# in fp32 and move half the bytes), but this CPU's bf16 GEMMs are 2.0-2.5x its fp32 ones, so against them a sparse
 # multiply-add costs more: 8.4 plus a short-row term. It predicts the measured ratio within 0.06 on the LLaMA shapes
 # and the rank sweep (0.98 predicted and measured at 512 x 512, 1.51 / 1.52 at 128 x 344, which goes dense), and
 # overestimates it at delta >= 0.1.
@@ -131,9 +131,13 @@ def choose_path(
     supported = factored_supported(device, dtype)
     if compute == "factored":
         if not supported:
+            if device.type == "cpu" and dtype in cpu_kernels.DTYPES:
+                hint = "numba's CPU kernels would cover it: `pip install 'peft-sltrain[cpu]'`, or"
+            else:
+                hint = "numba's CPU kernels cover only float32, float64 and bfloat16;"
             raise ValueError(
-                f"`compute='factored'` needs sparse kernels for {dtype} on {device.type}, which PyTorch lacks "
-                "(and numba's CPU kernels cover only float32, float64 and bfloat16); use compute='auto' or 'dense'."
+                f"`compute='factored'` needs sparse kernels for {dtype} on {device.type}, which PyTorch lacks ({hint} "
+                "use compute='auto' or 'dense')."
             )
         return "factored"
     if compute != "auto":

@@ -8,7 +8,7 @@ With `S` (d_out, d_in) given as the layer keeps it, `values` at the sorted int32
                                                           of dY^T X, in `values`' order
 
 Sorted flat indices are S's CSR column order already, so the kernels read the support itself: a numba pass over it
-(O(nnz), 16 us for 21k nonzeros) checks it and finds the row starts (d_out + 1 ints), and each column is
+(O(nnz + d_out), 16 us for 21k nonzeros) checks it and finds the row starts (d_out + 1 ints), and each column is
 `index - row * d_in`. No other layout exists, in memory or per call.
 
 Why not PyTorch's CSR kernels: they want the token dimension contiguous, so every call pays transposed copies of
@@ -17,7 +17,8 @@ kernels instead walk the tokens in blocks of `TOKEN_BLOCK`: each block is transp
 (`xt`: (d_in, TOKEN_BLOCK), in L2), and every nonzero `S[j, c]` is then one fused multiply-add over the block's
 `TOKEN_BLOCK` tokens (`yt[j] += v * xt[c]`), which vectorises. The backward visits each nonzero once per block for
 both products: `dxt[c] += v * dyt[j]` and `dS[p] += dot(dyt[j], xt[c])`. No layout of `S^T` is needed, and the only
-memory beyond the outputs is the row starts, the per-thread buffers and a (threads, nnz) array of partial `dS` sums.
+memory beyond the outputs is the row starts, the per-thread buffers, a (threads, nnz) array of partial `dS` sums and,
+in bf16, an fp32 copy of the values.
 The buffers, `threads * (2 d_in + d_out) * TOKEN_BLOCK` fp32/fp64 numbers in backward, are allocated inside the
 kernels: passed in from PyTorch (so that its memory profiler would count them) the backward ran 12-18% slower,
 likely because the compiler can then no longer assume that they alias nothing. PyTorch's profiler does not see them.
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import operator
 import threading
 import types
 
@@ -82,12 +84,15 @@ def sparse_matmul_t(
     x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, int], out: torch.Tensor
 ) -> torch.Tensor:  # fmt: skip
     """Writes x S^T into `out` (N, d_out), for `x` (N, d_in) and `S` of `shape` (d_out, d_in); `out` row-major."""
-    _check(x, indices, values, shape, out=out)
+    if out is None:
+        raise ValueError("`out` must be an (N, d_out) tensor to write x S^T into, got None.")
+    shape = _check(x, indices, values, shape, out=out)
+    y = _out(out, "out")
     with _launch_lock:
         threads = _threads()
         crow = _row_starts(indices, *shape)
         forward = _kernels().forward_bf16 if x.dtype == torch.bfloat16 else _kernels().forward
-        forward(_np(x), crow, _np(indices), _np(_compute(values)), _out(out), threads)
+        forward(_np(x), crow, _np(indices), _np(_compute(values)), y, threads)
     return out
 
 
@@ -97,9 +102,9 @@ def sparse_grads(
 ) -> torch.Tensor | None:  # fmt: skip
     """Writes dY S into `out_x` (N, d_in) unless it is None, and returns dS (nnz,) in `values`' order if
     `need_values`, for `x` (N, d_in), `dy` (N, d_out) and `S` of `shape` (d_out, d_in)."""
-    _check(x, indices, values, shape, dy=dy, out_x=out_x)
+    shape = _check(x, indices, values, shape, dy=dy, out_x=out_x)
     need_x = out_x is not None
-    dx = _out(out_x) if need_x else _np(torch.empty(0, x.shape[1], dtype=x.dtype))  # unused placeholder
+    dx = _out(out_x, "out_x") if need_x else _np(torch.empty(0, x.shape[1], dtype=x.dtype))  # unused placeholder
     vals = _compute(values)
     with _launch_lock:
         threads = _threads()
@@ -111,8 +116,8 @@ def sparse_grads(
 
 
 def _row_starts(indices: torch.Tensor, d_out: int, d_in: int) -> np.ndarray:
-    """CSR row pointers (d_out + 1,) of the support, found in one pass that also checks what the unchecked kernels
-    rely on: every index in [0, d_out * d_in) and strictly increasing."""
+    """CSR row pointers (d_out + 1,) of the support, found in one O(nnz + d_out) pass that also checks what the
+    unchecked kernels rely on: every index in [0, d_out * d_in) and strictly increasing."""
     crow = np.empty(d_out + 1, np.int64)
     bad = _kernels().row_starts(_np(indices), d_out, d_in, crow)
     if bad >= 0:
@@ -123,10 +128,18 @@ def _row_starts(indices: torch.Tensor, d_out: int, d_in: int) -> np.ndarray:
     return crow
 
 
-def _check(x, indices, values, shape, out=None, dy=None, out_x=None) -> None:
+def _check(x, indices, values, shape, out=None, dy=None, out_x=None) -> tuple[int, int]:
     """The kernels index without bounds checks, so every size they trust is checked here (and the indices
-    themselves by `_row_starts`)."""
-    d_out, d_in = shape
+    themselves by `_row_starts`). Returns `shape` as two Python ints."""
+    try:
+        d_out, d_in = (operator.index(n) for n in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"`shape` must be (d_out, d_in), two integers, got {shape!r}.") from None
+    tensors = {"x": x, "indices": indices, "values": values, "out": out, "dy": dy, "out_x": out_x}
+    for name, t in tensors.items():
+        if t is not None and (not isinstance(t, torch.Tensor) or t.device.type != "cpu"):
+            where = t.device if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"`{name}` must be a CPU tensor for numba's kernels, got {where}.")
     if x.dtype not in DTYPES:
         raise ValueError(f"`x` must have one of the dtypes {DTYPES}, got {x.dtype}.")
     if x.dim() != 2 or x.shape[1] != d_in:
@@ -138,12 +151,15 @@ def _check(x, indices, values, shape, out=None, dy=None, out_x=None) -> None:
             raise ValueError(f"`{name}` must have shape {want}, got {tuple(t.shape)}.")
     if indices.dtype != torch.int32 or indices.dim() != 1:
         raise ValueError(f"`indices` must be a 1-D int32 tensor, got {indices.dtype} of shape {tuple(indices.shape)}.")
+    if values.dim() != 1:
+        raise ValueError(f"`values` must be 1-D, one per nonzero, got shape {tuple(values.shape)}.")
     if indices.numel() != values.numel():
         raise ValueError(f"`indices` and `values` must have one entry per nonzero, got {indices.numel()} and "
                          f"{values.numel()}.")  # fmt: skip
     for name, t in (("values", values), ("out", out), ("dy", dy), ("out_x", out_x)):
         if t is not None and t.dtype != x.dtype:
             raise ValueError(f"`{name}` must have x's dtype {x.dtype}, got {t.dtype}.")
+    return d_out, d_in
 
 
 def _compute(values: torch.Tensor) -> torch.Tensor:
@@ -151,9 +167,11 @@ def _compute(values: torch.Tensor) -> torch.Tensor:
     return values.float() if values.dtype == torch.bfloat16 else values
 
 
-def _out(t: torch.Tensor) -> np.ndarray:
+def _out(t: torch.Tensor, name: str) -> np.ndarray:
     if not t.is_contiguous():
-        raise ValueError(f"output buffers must be contiguous, got strides {t.stride()} for shape {tuple(t.shape)}")
+        raise ValueError(
+            f"`{name}` must be row-major (contiguous), got strides {t.stride()} for shape {tuple(t.shape)}."
+        )
     return _np(t)
 
 

@@ -219,6 +219,19 @@ class _FactoredSparseLowRankLinear(torch.autograd.Function):
 PATHS = ("dense", "factored")
 
 
+def _int32_support(indices: torch.Tensor, entries: int) -> torch.Tensor:
+    """The support as int32, which the sparse kernels read; other integer dtypes are range-checked, then converted
+    (a value past int32 would wrap into a valid-looking index)."""
+    if indices.dtype == torch.int32:
+        return indices
+    if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+        raise ValueError(f"`indices` must be an integer tensor, got {indices.dtype}.")
+    limit = min(entries, 2**31)
+    if indices.numel() and not (0 <= int(indices.min()) and int(indices.max()) < limit):
+        raise ValueError(f"`indices` must lie in [0, {limit}), got [{int(indices.min())}, {int(indices.max())}].")
+    return indices.to(torch.int32)
+
+
 def sltrain_linear(
     x: torch.Tensor,
     A: torch.Tensor,
@@ -233,9 +246,11 @@ def sltrain_linear(
 ) -> torch.Tensor:
     """Like `F.linear(x, weight + scaling * B @ A + S, bias)`, but nothing dense is kept for backward: `path="dense"`
     rebuilds the dense weight in backward, `path="factored"` never forms it. All floating-point tensors must share
-    one dtype and device."""
+    one dtype and device; `indices` are sorted flat row-major positions, int32 as the layers keep them (int64 is
+    converted, one copy per call)."""
     if path == "dense":
         return _SparseLowRankLinear.apply(x, A, B, values, indices, scaling, weight, bias)
     if path == "factored":
+        indices = _int32_support(indices, B.shape[0] * A.shape[1])
         return _FactoredSparseLowRankLinear.apply(x, A, B, values, indices, scaling, weight, bias)
     raise ValueError(f"`path` must be one of {PATHS}, got {path!r}.")

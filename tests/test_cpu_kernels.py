@@ -63,12 +63,11 @@ def test_bf16_kernels_round_the_fp32_result_once(n):
 def test_bf16_rounding_is_pytorchs():
     """Each output here is the sum of two bf16 numbers, exact in fp32, so its bf16 rounding is known: the kernels'
     must be bit-equal to PyTorch's fp32 -> bf16 conversion (nearest, ties to even), overflow to inf and NaN
-    included."""
+    included, in the forward's output (through its four-nonzero loop) and in the backward's dY S."""
     g = torch.Generator().manual_seed(0)
-    n, d_out = 200, 6
-    x = torch.randn(n, 2 * d_out, generator=g) * torch.logspace(-3, 3, 2 * d_out)
-    x[:, 1::2] *= 2.0**-8  # the second term at about half an ulp of the first: many exact ties
-    x = x.to(torch.bfloat16)
+    n, m = 200, 6
+    terms = torch.randn(n, 2 * m, generator=g) * torch.logspace(-3, 3, 2 * m)
+    terms[:, 1::2] *= 2.0**-8  # the second term at about half an ulp of the first: many exact ties
     specials = [  # (first term, second term, the bf16 sum)
         (1.0, 2**-8, 1.0),  # a tie, to even: down
         (1 + 2**-7, 2**-8, 1 + 2**-6),  # a tie, to even: up
@@ -79,13 +78,27 @@ def test_bf16_rounding_is_pytorchs():
         (float("-inf"), float("inf"), float("nan")),
         (float("nan"), 1.0, float("nan")),
     ]
-    x[: len(specials), :2] = torch.tensor([s[:2] for s in specials], dtype=torch.bfloat16)
-    indices = torch.arange(2 * d_out, dtype=torch.int32) + torch.arange(d_out).repeat_interleave(2) * 2 * d_out
-    values = torch.ones(2 * d_out, dtype=torch.bfloat16)  # S[j, 2j] = S[j, 2j + 1] = 1
-    y = cpu_kernels.sparse_matmul_t(x, indices.int(), values, (d_out, 2 * d_out), torch.empty(n, d_out, dtype=x.dtype))
-    expected = (x[:, 0::2].float() + x[:, 1::2].float()).to(torch.bfloat16)
+    terms[: len(specials), :2] = torch.tensor([s[:2] for s in specials])
+    terms = terms.to(torch.bfloat16)  # (n, 2m): output j sums columns 2j and 2j + 1
+    expected = (terms[:, 0::2].float() + terms[:, 1::2].float()).to(torch.bfloat16)
+    torch.testing.assert_close(expected[: len(specials), 0].float(), torch.tensor([s[2] for s in specials]),
+                               equal_nan=True)  # fmt: skip
+    j = torch.arange(m)
+
+    # forward, y = x S^T: row j of S is 1 at columns 4j and 4j + 1 and 0 at 4j + 2 and 4j + 3 (finite x there)
+    x = torch.randn(n, 4 * m, generator=g).to(torch.bfloat16)
+    x[:, 0::4], x[:, 1::4] = terms[:, 0::2], terms[:, 1::2]
+    indices = (j[:, None] * 4 * m + 4 * j[:, None] + torch.arange(4)).flatten().int()  # (m, 4m) support, sorted
+    values = torch.tensor([1.0, 1.0, 0.0, 0.0]).repeat(m).to(torch.bfloat16)
+    y = cpu_kernels.sparse_matmul_t(x, indices, values, (m, 4 * m), torch.empty(n, m, dtype=torch.bfloat16))
     torch.testing.assert_close(y, expected, rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(y[: len(specials), 0].float(), torch.tensor([s[2] for s in specials]), equal_nan=True)
+
+    # backward, dX = dY S with dY = terms: column c of S (2m, m) is 1 at rows 2c and 2c + 1
+    indices = torch.stack([2 * j * m + j, (2 * j + 1) * m + j], 1).flatten().int()
+    dx = torch.empty(n, m, dtype=torch.bfloat16)
+    x = torch.randn(n, m, generator=g).to(torch.bfloat16)
+    cpu_kernels.sparse_grads(x, terms, indices, torch.ones(2 * m, dtype=torch.bfloat16), (2 * m, m), dx, False)
+    torch.testing.assert_close(dx, expected, rtol=0, atol=0, equal_nan=True)
 
 
 def test_kernels_compute_only_what_is_needed():
@@ -171,6 +184,12 @@ def test_bad_sizes_and_dtypes_are_refused():
         (dict(x=x[None]), "`x` must be"),
         (dict(x=x[:, :-1]), r"`x` must be \(N, d_in\) = \(N, 37\), got shape \(150, 36\)"),
         (dict(x=x.half(), values=values.half(), out=good_out.half()), "`x` must have one of the dtypes"),
+        (dict(values=values[None]), r"`values` must be 1-D, one per nonzero, got shape \(1, 90\)"),
+        (dict(shape=(23, 37.0)), r"`shape` must be \(d_out, d_in\), two integers, got \(23, 37.0\)"),
+        (dict(shape=(23,)), r"`shape` must be \(d_out, d_in\), two integers"),
+        (dict(out=None), "`out` must be an \\(N, d_out\\) tensor"),
+        (dict(out=good_out.to("meta")), "`out` must be a CPU tensor for numba's kernels, got meta"),
+        (dict(indices=indices.numpy()), "`indices` must be a CPU tensor for numba's kernels, got ndarray"),
     ]
     for change, message in cases:
         args = dict(x=x, indices=indices, values=values, shape=S.shape, out=good_out) | change
@@ -198,8 +217,10 @@ def test_broken_supports_are_refused_before_the_kernels_run():
         with pytest.raises(ValueError, match=f"`indices` must be strictly increasing.*{message}"):
             cpu_kernels.sparse_matmul_t(x, indices, values, (4, 5), out=out)
         assert (out == 7).all()  # nothing was written
+        dx = torch.full_like(x, 7.0)
         with pytest.raises(ValueError, match=message):
-            cpu_kernels.sparse_grads(x, dy, indices, values, (4, 5), torch.empty_like(x), need_values=True)
+            cpu_kernels.sparse_grads(x, dy, indices, values, (4, 5), dx, need_values=True)
+        assert (dx == 7).all()
 
 
 @pytest.mark.parametrize("indices", [[19], [0], [15, 16, 17, 18, 19], [0, 1, 2, 3, 4]])
@@ -235,7 +256,7 @@ def test_non_contiguous_input_and_bad_output():
     x_t = x.t().contiguous().t()  # same values, column-major
     y = cpu_kernels.sparse_matmul_t(x_t, indices, values, S.shape, out=torch.empty(150, S.shape[0], dtype=x.dtype))
     torch.testing.assert_close(y, x @ S.t(), rtol=1e-12, atol=1e-12)
-    with pytest.raises(ValueError, match="output buffers must be contiguous"):
+    with pytest.raises(ValueError, match=r"`out` must be row-major \(contiguous\)"):
         cpu_kernels.sparse_matmul_t(x, indices, values, S.shape, out=torch.empty(S.shape[0], 150, dtype=x.dtype).t())
 
 

@@ -12,14 +12,16 @@ from peft_sltrain.functional import dense_weight, sltrain_linear, sparse_csr_tra
 from peft_sltrain.support import random_support
 
 
-def make_inputs(d_in=12, d_out=10, r=3, nnz=17, dtype=torch.float64, with_weight=True, with_bias=True, seed=0):
+def make_inputs(
+    d_in=12, d_out=10, r=3, nnz=17, dtype=torch.float64, with_weight=True, with_bias=True, seed=0, batch=(2, 5)
+):  # fmt: skip
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
 
     return dict(
-        x=rand(2, 5, d_in),
+        x=rand(*batch, d_in),
         A=rand(r, d_in),
         B=rand(d_out, r),
         values=rand(nnz),
@@ -102,8 +104,9 @@ BF16_IMPLEMENTATIONS = ["dense", pytest.param("factored-numba", marks=NEEDS_NUMB
 @pytest.mark.parametrize("path", BF16_IMPLEMENTATIONS, indirect=True)
 @pytest.mark.parametrize("with_weight", [True, False])
 def test_bf16_within_tolerance_of_fp32(path, with_weight):
-    """bf16 has an 8-bit mantissa: outputs and grads agree with fp32 to about 1% of their scale."""
-    t32 = make_inputs(dtype=torch.float32, d_in=64, d_out=48, r=8, nnz=150, with_weight=with_weight)
+    """bf16 has an 8-bit mantissa: outputs and grads agree with fp32 to about 1% of their scale. 300 tokens: several
+    of the kernels' token blocks, split over threads, and a partial one."""
+    t32 = make_inputs(dtype=torch.float32, d_in=64, d_out=48, r=8, nnz=150, with_weight=with_weight, batch=(3, 100))
     t16 = {
         k: (v.detach().to(torch.bfloat16).requires_grad_() if torch.is_tensor(v) and v.is_floating_point() else v)
         for k, v in t32.items()
@@ -243,6 +246,23 @@ def test_factored_path_refuses_double_backward(path):
     (grad_x,) = torch.autograd.grad(y.square().sum(), t["x"], create_graph=True)
     with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
         grad_x.sum().backward()
+
+
+@pytest.mark.parametrize("path", IMPLEMENTATIONS, indirect=True)
+def test_int64_indices_give_the_same_result(path):
+    """The layers keep int32 supports; a direct caller's int64 ones work on every path (converted for the kernels),
+    and integers out of range or not integers at all are refused before any kernel runs."""
+    t = make_inputs(dtype=torch.float32, with_weight=False)
+    y32 = sltrain_linear(**t, scaling=0.5, path=path)
+    y64 = sltrain_linear(**(t | {"indices": t["indices"].long()}), scaling=0.5, path=path)
+    assert torch.equal(y64, y32)
+    if path == "factored":
+        wrapped = t["indices"].long().clone()
+        wrapped[-1] += 2**32  # would wrap to the original index as int32
+        with pytest.raises(ValueError, match=r"`indices` must lie in \[0, 120\)"):
+            sltrain_linear(**(t | {"indices": wrapped}), scaling=0.5, path=path)
+        with pytest.raises(ValueError, match="`indices` must be an integer tensor, got torch.float32"):
+            sltrain_linear(**(t | {"indices": t["indices"].float()}), scaling=0.5, path=path)
 
 
 def test_unknown_path():
