@@ -2,6 +2,7 @@
 
     python benchmarks/step_bench.py                   # CPU, fp32: tiny and 60M-shaped LLaMA
     python benchmarks/step_bench.py --dtype bf16      # CPU, bf16 autocast: step_cpu_bf16.json
+    python benchmarks/step_bench.py --sizes 60m --variants full,sltrain-auto --rounds 11 --out step_cpu_60m.json
     python benchmarks/step_bench.py --device cuda     # GPU, bf16 autocast: 60M and 350M shapes
 
 One step = forward + backward + AdamW update on one batch. Each variant is timed over several steps after a warm-up
@@ -143,6 +144,9 @@ def main(argv=None) -> dict:
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="autocast dtype (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per run (median), after 2 warm-up steps")
     p.add_argument("--rounds", type=int, default=5, help="runs of every variant, interleaved")
+    p.add_argument("--sizes", help="comma-separated subset of the device's sizes (CPU: tiny,60m; GPU: 60m,350m)")
+    p.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)}; full is always run")
+    p.add_argument("--out", help="results file name in benchmarks/results (default: step_<device>[_<dtype>].json)")
     p.add_argument("--no-peak", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--one", nargs=4, metavar=("SIZE", "VARIANT", "BATCH", "SEQ_LEN"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -156,13 +160,24 @@ def main(argv=None) -> dict:
         settings = [("60m", 64, 256), ("350m", 16, 256)]  # (size, batch, seq_len): bf16 autocast
     else:
         settings = [("tiny", 32, 128), ("60m", 8, 256)]
+    if args.sizes:
+        unknown = set(args.sizes.split(",")) - {size for size, _, _ in settings}
+        if unknown:
+            p.error(f"--sizes: {sorted(unknown)} not among {[size for size, _, _ in settings]}")
+        settings = [setting for setting in settings if setting[0] in args.sizes.split(",")]
+    variants = list(VARIANTS)
+    if args.variants:
+        unknown = set(args.variants.split(",")) - set(VARIANTS)
+        if unknown:
+            p.error(f"--variants: {sorted(unknown)} not among {list(VARIANTS)}")
+        variants = [v for v in VARIANTS if v == "full" or v in args.variants.split(",")]
     rows = []
     for size, batch, seq_len in settings:
         # rounds of all variants, so that slow drifts of the machine hit every variant alike; each ratio is taken
         # against full-rank of the same round, and the row reports the medians
-        runs = {v: [] for v in VARIANTS}
+        runs = {v: [] for v in variants}
         for i in range(args.rounds):  # memory is deterministic: measured in the first round only
-            for variant in VARIANTS:
+            for variant in variants:
                 row = measure_in_subprocess(
                     size, variant, batch, seq_len, args.steps, args.device, dtype_name, with_peak=i == 0
                 )
@@ -188,7 +203,7 @@ def main(argv=None) -> dict:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "" if dtype_name == ("bf16" if device.type == "cuda" else "fp32") else f"_{dtype_name}"
-    path = RESULTS / f"step_{device.type}{suffix}.json"
+    path = RESULTS / (args.out or f"step_{device.type}{suffix}.json")
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path}")
     return result
