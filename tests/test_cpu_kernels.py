@@ -155,19 +155,20 @@ def test_same_bits_every_call_and_across_thread_counts():
     torch.testing.assert_close(first[2], single[2], rtol=1e-5, atol=1e-5)
 
 
-def test_empty_rows_and_no_nonzeros():
+@pytest.mark.parametrize("support", [[], [1, 2, 17, 19], [19], [0], [15, 16, 17, 18, 19], [0, 1, 2, 3, 4]])
+def test_empty_rows_and_few_nonzeros(support):
+    """Supports of a 4 x 5 `S` with no nonzero at all, empty rows inside (1 and 2), or only the first or the last
+    row filled: the row starts and both kernels."""
     x, dy, _, _, _ = sparse_problem(n=100, d_in=5, d_out=4, nnz=4)
-    for indices in ([], [1, 2, 17, 19]):  # no nonzero at all; rows 1 and 2 of S empty
-        indices = torch.tensor(indices, dtype=torch.int32)
-        values = torch.arange(1.0, len(indices) + 1, dtype=torch.float64)
-        S = torch.zeros(20, dtype=torch.float64).index_put((indices.long(),), values).view(4, 5)
-        out = torch.full((100, 4), float("nan"), dtype=x.dtype)
-        y = cpu_kernels.sparse_matmul_t(x, indices, values, S.shape, out=out)
-        torch.testing.assert_close(y, x @ S.t(), rtol=1e-12, atol=1e-12)
-        dx = torch.full_like(x, float("nan"))
-        dvalues = cpu_kernels.sparse_grads(x, dy, indices, values, S.shape, dx, need_values=True)
-        torch.testing.assert_close(dx, dy @ S, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(dvalues, (dy.t() @ x).view(-1)[indices.long()], rtol=1e-12, atol=1e-12)
+    indices = torch.tensor(support, dtype=torch.int32)
+    values = torch.arange(1.0, len(indices) + 1, dtype=torch.float64)
+    S = torch.zeros(20, dtype=torch.float64).index_put((indices.long(),), values).view(4, 5)
+    y = cpu_kernels.sparse_matmul_t(x, indices, values, S.shape, out=torch.full((100, 4), float("nan"), dtype=x.dtype))
+    torch.testing.assert_close(y, x @ S.t(), rtol=1e-12, atol=1e-12)
+    dx = torch.full_like(x, float("nan"))
+    dvalues = cpu_kernels.sparse_grads(x, dy, indices, values, S.shape, dx, need_values=True)
+    torch.testing.assert_close(dx, dy @ S, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dvalues, (dy.t() @ x).view(-1)[indices.long()], rtol=1e-12, atol=1e-12)
 
 
 def test_bad_sizes_and_dtypes_are_refused():
@@ -221,21 +222,6 @@ def test_broken_supports_are_refused_before_the_kernels_run():
         with pytest.raises(ValueError, match=message):
             cpu_kernels.sparse_grads(x, dy, indices, values, (4, 5), dx, need_values=True)
         assert (dx == 7).all()
-
-
-@pytest.mark.parametrize("indices", [[19], [0], [15, 16, 17, 18, 19], [0, 1, 2, 3, 4]])
-def test_nonzeros_only_in_the_first_or_last_rows(indices):
-    """Row starts for supports whose leading or trailing rows are empty (or hold every nonzero)."""
-    x, dy, _, _, _ = sparse_problem(n=70, d_in=5, d_out=4, nnz=4)
-    indices = torch.tensor(indices, dtype=torch.int32)
-    values = torch.arange(1.0, len(indices) + 1, dtype=torch.float64)
-    S = torch.zeros(20, dtype=torch.float64).index_put((indices.long(),), values).view(4, 5)
-    y = cpu_kernels.sparse_matmul_t(x, indices, values, S.shape, out=torch.full((70, 4), float("nan"), dtype=x.dtype))
-    torch.testing.assert_close(y, x @ S.t(), rtol=1e-12, atol=1e-12)
-    dx = torch.full_like(x, float("nan"))
-    dvalues = cpu_kernels.sparse_grads(x, dy, indices, values, S.shape, dx, need_values=True)
-    torch.testing.assert_close(dx, dy @ S, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(dvalues, (dy.t() @ x).view(-1)[indices.long()], rtol=1e-12, atol=1e-12)
 
 
 def test_nan_and_inf_propagate():
