@@ -181,7 +181,7 @@ def measure(d_in, d_out, r, sparsity, tokens, repeats, device, dtype) -> dict:
     nnz = layer["values"].numel()
     modeled_dense = cost.dense_cost(tokens, d_in, d_out, r)
     lowrank = cost.factored_cost(tokens, d_in, d_out, r, nnz, kappa=0.0, has_weight=False)
-    for name in ("factored", "factored_torch")[: 2 if "factored_torch" in fns else 1]:  # in GEMM multiply-adds
+    for name in [name for name in ("factored", "factored_torch") if name in fns]:  # in GEMM multiply-adds
         row[f"{name}_excess"] = row[f"{name}_s"] / row["sltrain_s"] * modeled_dense - lowrank
         row[f"{name}_kappa_fit"] = row[f"{name}_excess"] / (6.0 * tokens * nnz)
     row["nnz_per_row"] = nnz / d_out
