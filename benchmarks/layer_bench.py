@@ -176,7 +176,7 @@ def measure(d_in, d_out, r, sparsity, tokens, repeats, device, dtype) -> dict:
     for name in fns:
         row[f"{name}_time_ratio"] = row[f"{name}_s"] / row["dense_s"]
     if cpu_kernels.supports(device, dtype):  # allocated inside numba's kernels, unseen by the profiler
-        row["factored_numba_buffer_bytes"] = numba_buffer_bytes(d_in, d_out, dtype)
+        row["factored_numba_buffer_bytes"] = cpu_kernels.buffer_bytes(d_in, d_out, dtype)
     # the sparse cost factor that makes peft_sltrain.cost's model reproduce the measured factored / dense-path ratio
     nnz = layer["values"].numel()
     modeled_dense = cost.dense_cost(tokens, d_in, d_out, r)
@@ -186,13 +186,6 @@ def measure(d_in, d_out, r, sparsity, tokens, repeats, device, dtype) -> dict:
         row[f"{name}_kappa_fit"] = row[f"{name}_excess"] / (6.0 * tokens * nnz)
     row["nnz_per_row"] = nnz / d_out
     return row
-
-
-def numba_buffer_bytes(d_in: int, d_out: int, dtype: torch.dtype) -> int:
-    """The per-thread block buffers numba's backward allocates (fp32 for bf16): threads x (2 d_in + d_out) x block."""
-    itemsize = 8 if dtype == torch.float64 else 4
-    threads = cpu_kernels._threads()  # as many as the kernels use
-    return threads * (2 * d_in + d_out) * cpu_kernels.TOKEN_BLOCK * itemsize
 
 
 def fit_cost_model(rows: list[dict], name: str = "factored") -> dict:

@@ -45,6 +45,7 @@ import torch
 AVAILABLE = importlib.util.find_spec("numba") is not None
 # bf16 is computed in fp32 (loaded from and rounded back to bf16 per block of tokens), like PyTorch's bf16 GEMMs
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+_COMPUTE_DTYPE = {torch.bfloat16: torch.float32}  # where the kernels compute in another dtype than their inputs
 # tokens per block: 64 fp32 numbers are four AVX-512 vectors per fused multiply-add; 16 and 32 ran 1.5-3x slower
 # (each (nonzero, block) pair pays a fixed loop overhead), 128 no faster
 TOKEN_BLOCK = 64
@@ -115,6 +116,13 @@ def sparse_grads(
     return partial.sum(0).to(values.dtype) if need_values else None
 
 
+def buffer_bytes(d_in: int, d_out: int, dtype: torch.dtype) -> int:
+    """Bytes of the per-thread block buffers the backward allocates inside the kernels (the forward's are smaller),
+    which PyTorch's memory profiler does not see: threads x (2 d_in + d_out) x TOKEN_BLOCK numbers, fp32 for bf16."""
+    itemsize = torch.finfo(_COMPUTE_DTYPE.get(dtype, dtype)).bits // 8
+    return _threads() * (2 * d_in + d_out) * TOKEN_BLOCK * itemsize
+
+
 def _row_starts(indices: torch.Tensor, d_out: int, d_in: int) -> np.ndarray:
     """CSR row pointers (d_out + 1,) of the support, found in one O(nnz + d_out) pass that also checks what the
     unchecked kernels rely on: every index in [0, d_out * d_in) and strictly increasing."""
@@ -164,7 +172,7 @@ def _check(x, indices, values, shape, out=None, dy=None, out_x=None) -> tuple[in
 
 def _compute(values: torch.Tensor) -> torch.Tensor:
     """The values in the dtype the kernels compute in: fp32 for bf16."""
-    return values.float() if values.dtype == torch.bfloat16 else values
+    return values.to(_COMPUTE_DTYPE.get(values.dtype, values.dtype))
 
 
 def _out(t: torch.Tensor, name: str) -> np.ndarray:

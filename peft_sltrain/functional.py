@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_kernels
+from .support import MAX_LAYER_ENTRIES
 
 # PyTorch warns once per process that CSR support is "in beta"; the factored path uses only its stable core
 # (construction, `mm`, `sampled_addmm`), which the tests check against a dense reference.
@@ -220,13 +221,12 @@ PATHS = ("dense", "factored")
 
 
 def _int32_support(indices: torch.Tensor, entries: int) -> torch.Tensor:
-    """The support as int32, which the sparse kernels read; other integer dtypes are range-checked, then converted
-    (a value past int32 would wrap into a valid-looking index)."""
+    """The support as int32, which the sparse kernels read; other integer dtypes are range-checked, then converted."""
     if indices.dtype == torch.int32:
         return indices
     if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
         raise ValueError(f"`indices` must be an integer tensor, got {indices.dtype}.")
-    limit = min(entries, 2**31)
+    limit = min(entries, MAX_LAYER_ENTRIES + 1)  # past int32, .to(torch.int32) would wrap
     if indices.numel() and not (0 <= int(indices.min()) and int(indices.max()) < limit):
         raise ValueError(f"`indices` must lie in [0, {limit}), got [{int(indices.min())}, {int(indices.max())}].")
     return indices.to(torch.int32)
