@@ -30,8 +30,11 @@ def sparse_problem(n=150, d_in=37, d_out=23, nnz=90, dtype=torch.float64, seed=0
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n", [0, 1, 64, 150])
-def test_kernels_match_dense_products(dtype, n):
-    x, dy, values, indices, S = sparse_problem(n=n, dtype=dtype)
+# the block transposes go in 8 x 8 tiles: widths with and without a remainder, and narrower than one tile
+@pytest.mark.parametrize("d_in, d_out", [(37, 23), (16, 8), (5, 3)])
+def test_kernels_match_dense_products(dtype, n, d_in, d_out):
+    nnz = min(90, d_in * d_out // 2)
+    x, dy, values, indices, S = sparse_problem(n=n, d_in=d_in, d_out=d_out, nnz=nnz, dtype=dtype)
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
     out = torch.full((n, S.shape[0]), float("nan"), dtype=dtype)
     y = cpu_kernels.sparse_matmul_t(x, indices, values, S.shape, out=out)
@@ -43,11 +46,12 @@ def test_kernels_match_dense_products(dtype, n):
 
 
 @pytest.mark.parametrize("n", [1, 150])
-def test_bf16_kernels_round_the_fp32_result_once(n):
+@pytest.mark.parametrize("d_in, d_out", [(37, 23), (16, 8)])
+def test_bf16_kernels_round_the_fp32_result_once(n, d_in, d_out):
     """bf16 is loaded into fp32, computed there and rounded once per output: within one bf16 rounding of the fp32
     product of the same bf16 inputs (the sums' order differs, so an fp32 result next to a rounding boundary may go
     either way); dS comes back in bf16 too."""
-    x, dy, values, indices, S = sparse_problem(n=n, dtype=torch.bfloat16)
+    x, dy, values, indices, S = sparse_problem(n=n, d_in=d_in, d_out=d_out, dtype=torch.bfloat16)
     x32, dy32, S32 = x.float(), dy.float(), S.float()
     out = torch.full((n, S.shape[0]), float("nan"), dtype=torch.bfloat16)
     y = cpu_kernels.sparse_matmul_t(x, indices, values, S.shape, out=out)
