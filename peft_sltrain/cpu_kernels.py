@@ -16,9 +16,9 @@ Why not PyTorch's CSR kernels: they want the token dimension contiguous, so ever
 kernels instead walk the tokens in blocks of `TOKEN_BLOCK`: each block is transposed, in tiles, into a buffer
 (`xt`: (d_in, TOKEN_BLOCK), in L2), and every nonzero `S[j, c]` is then one fused multiply-add over the block's
 `TOKEN_BLOCK` tokens (`yt[j] += v * xt[c]`), which vectorises. The backward visits each nonzero once per block for
-both products: `dxt[c] += v * dyt[j]` and `dS[p] += dot(dyt[j], xt[c])`. No layout of `S^T` is needed, and the only
-memory beyond the outputs is the row starts, the per-thread buffers, a (threads, nnz) array of partial `dS` sums and,
-in bf16, an fp32 copy of the values.
+both products, two nonzeros per pass: `dxt[c] += v * dyt[j]` and `dS[p] += dot(dyt[j], xt[c])`. No layout of
+`S^T` is needed, and the only memory beyond the outputs is the row starts, the per-thread buffers, a (threads, nnz)
+array of partial `dS` sums and, in bf16, an fp32 copy of the values.
 The buffers, `threads * (2 d_in + d_out) * TOKEN_BLOCK` fp32/fp64 numbers in backward, are allocated inside the
 kernels: passed in from PyTorch (so that its memory profiler would count them) the backward ran 12-18% slower,
 likely because the compiler can then no longer assume that they alias nothing. PyTorch's profiler does not see them.
@@ -265,9 +265,10 @@ def _transposes(as_buffer, widen, narrow, njit):
 
     They go TILE rows of tokens at a time, in TILE x TILE tiles. Against a token at a time (each element stored to
     another cache line) that made the fp32 kernels 0.61-0.85x as long in forward and 0.65-0.94x in backward (2048
-    tokens, 2 threads, layers 128 x 344 to 2736 x 1024; the narrow ones gain most), the bf16 ones 0.80-0.94x and
-    0.78-0.96x. Tiles over the features first (reading T rows of x in T-wide pieces, 64 rows at once) were 3-10%
-    slower than a token at a time on the widest layers."""
+    tokens, 2 threads, layers 128 x 344 to 2736 x 1024; the narrow ones gain most). Tiles over the features first
+    (reading T rows of x in T-wide pieces, 64 rows at once) were 3-10% slower than a token at a time on the widest
+    layers. What the transposes still cost, measured by skipping them: 20-41% of the kernels' time at 512-1376 wide
+    layers."""
     T = TILE
 
     @njit(inline="always")
@@ -309,6 +310,12 @@ def _build(load, store, buffer, njit, prange):
     """(forward, backward) for one way of loading and storing blocks of tokens (see `_kernels`)."""
     NB = TOKEN_BLOCK
 
+    @njit(inline="always")
+    def column(index, base):
+        """The column of the flat index `index` in the row that starts at `base`, as an unsigned int: numba then
+        skips its wraparound of negative indices (5-8% of the forward, measured)."""
+        return np.uint64(index - base)
+
     @njit(parallel=True, fastmath=FASTMATH, nogil=True, cache=False)
     def _forward(x, crow, indices, vals, y, threads):
         N, d_in = x.shape
@@ -326,16 +333,16 @@ def _build(load, store, buffer, njit, prange):
                 for j in range(d_out):
                     acc = yt[j]
                     acc[:] = 0
-                    p, p1, base = crow[j], crow[j + 1], j * d_in  # column = index - base
+                    p, p1, base = crow[j], crow[j + 1], j * d_in
                     while p + 3 < p1:  # four nonzeros per pass: one load and store of acc for four multiply-adds
-                        x0, x1 = xt[indices[p] - base], xt[indices[p + 1] - base]
-                        x2, x3 = xt[indices[p + 2] - base], xt[indices[p + 3] - base]
+                        x0, x1 = xt[column(indices[p], base)], xt[column(indices[p + 1], base)]
+                        x2, x3 = xt[column(indices[p + 2], base)], xt[column(indices[p + 3], base)]
                         v0, v1, v2, v3 = vals[p], vals[p + 1], vals[p + 2], vals[p + 3]
                         for t in range(NB):
                             acc[t] += (v0 * x0[t] + v1 * x1[t]) + (v2 * x2[t] + v3 * x3[t])
                         p += 4
                     while p < p1:
-                        xr, v = xt[indices[p] - base], vals[p]
+                        xr, v = xt[column(indices[p], base)], vals[p]
                         for t in range(NB):
                             acc[t] += v * xr[t]
                         p += 1
@@ -364,11 +371,27 @@ def _build(load, store, buffer, njit, prange):
                 load(dy, dyt, n0, nb)
                 for j in range(d_out):
                     g, base = dyt[j], j * d_in
-                    for p in range(crow[j], crow[j + 1]):
-                        c, v = indices[p] - base, vals[p]
+                    p, p1 = crow[j], crow[j + 1]
+                    if need_x and need_values:  # one pass over the block for both products, two nonzeros at
+                        while p + 1 < p1:  # a time: 10-17% faster than one, four 15% slower
+                            c0, c1 = column(indices[p], base), column(indices[p + 1], base)
+                            v0, v1, d0, d1, x0, x1 = vals[p], vals[p + 1], dxt[c0], dxt[c1], xt[c0], xt[c1]
+                            s0 = zero
+                            s1 = zero
+                            for t in range(NB):
+                                gt = g[t]  # read once: written out four times, the gain was half
+                                d0[t] += v0 * gt
+                                d1[t] += v1 * gt
+                                s0 += gt * x0[t]
+                                s1 += gt * x1[t]
+                            dvals[p] += s0
+                            dvals[p + 1] += s1
+                            p += 2
+                    for q in range(p, p1):  # the last nonzero of the row, or all if one product is needed
+                        c, v = column(indices[q], base), vals[q]
                         dr, xr = dxt[c], xt[c]
                         s = zero
-                        if need_x and need_values:  # one pass over the block for both products
+                        if need_x and need_values:
                             for t in range(NB):
                                 dr[t] += v * g[t]
                                 s += g[t] * xr[t]
@@ -379,7 +402,7 @@ def _build(load, store, buffer, njit, prange):
                             for t in range(NB):
                                 s += g[t] * xr[t]
                         if need_values:
-                            dvals[p] += s
+                            dvals[q] += s
                 if need_x:
                     store(dxt, dx, n0, nb)
 
