@@ -161,16 +161,17 @@ def main(argv=None) -> dict:
     else:
         settings = [("tiny", 32, 128), ("60m", 8, 256)]
     if args.sizes:
-        unknown = set(args.sizes.split(",")) - {size for size, _, _ in settings}
+        sizes = args.sizes.split(",")
+        unknown = set(sizes) - {size for size, _, _ in settings}
         if unknown:
             p.error(f"--sizes: {sorted(unknown)} not among {[size for size, _, _ in settings]}")
-        settings = [setting for setting in settings if setting[0] in args.sizes.split(",")]
+        settings = [setting for setting in settings if setting[0] in sizes]
     variants = list(VARIANTS)
     if args.variants:
-        unknown = set(args.variants.split(",")) - set(VARIANTS)
-        if unknown:
-            p.error(f"--variants: {sorted(unknown)} not among {list(VARIANTS)}")
-        variants = [v for v in VARIANTS if v == "full" or v in args.variants.split(",")]
+        chosen = args.variants.split(",")
+        if set(chosen) - set(VARIANTS):
+            p.error(f"--variants: {sorted(set(chosen) - set(VARIANTS))} not among {list(VARIANTS)}")
+        variants = [v for v in VARIANTS if v == "full" or v in chosen]
     rows = []
     for size, batch, seq_len in settings:
         # rounds of all variants, so that slow drifts of the machine hit every variant alike; each ratio is taken
