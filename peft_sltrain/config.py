@@ -32,9 +32,10 @@ class SLTrainConfig(PeftConfig):
             paper's settings give 0.25 at 60M and 0.0625 at 130M/350M.
         target_modules (`Union[list[str], str]`, *optional*):
             Names of the modules to replace (exact names or suffixes, e.g. `["q_proj", "v_proj"]`), a regex matched
-            against the full module name, or `"all-linear"`. Only `torch.nn.Linear` modules can be targeted. If not
-            set, known architectures get the defaults in `TARGET_MODULES_MAPPING` (all attention and MLP projections
-            for LLaMA-like models, `query` and `value` for BERT/RoBERTa).
+            against the full module name, or `"all-linear"`. Only `torch.nn.Linear` and Transformers `Conv1D` (GPT-2's
+            linear layer) modules can be targeted. If not set, known architectures get the defaults in
+            `TARGET_MODULES_MAPPING` (all attention and MLP projections for LLaMA-like models and GPT-2, `query` and
+            `value` for BERT/RoBERTa).
         exclude_modules (`Union[list[str], str]`, *optional*):
             Names or a regex of modules not to replace, even if `target_modules` matches them.
         modules_to_save (`list[str]`, *optional*):
@@ -87,8 +88,8 @@ class SLTrainConfig(PeftConfig):
         default=None,
         metadata={
             "help": (
-                "Names (or suffixes) of the nn.Linear modules to replace, a regex matched against the full module "
-                "name, or 'all-linear'. Defaults per architecture when not set."
+                "Names (or suffixes) of the nn.Linear or Conv1D modules to replace, a regex matched against the full "
+                "module name, or 'all-linear'. Defaults per architecture when not set."
             )
         },
     )

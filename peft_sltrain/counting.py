@@ -9,6 +9,7 @@ from peft.tuners.tuners_utils import _ExcludedModule, _maybe_include_all_linear_
 from torch import nn
 
 from .config import SLTrainConfig
+from .layer import layer_features
 from .model import default_target_modules
 from .support import num_nonzeros
 
@@ -43,11 +44,10 @@ def targeted_linear_names(model: nn.Module, config: SLTrainConfig) -> list[str]:
     for name, module in model.named_modules():
         found = check_target_module_exists(config, name) if name else False
         if found and not isinstance(found, _ExcludedModule):
-            if not isinstance(module, nn.Linear):
-                raise ValueError(
-                    f"`target_modules` matched `{name}`, a {type(module).__name__}; SLTrain can only replace "
-                    "`torch.nn.Linear` layers."
-                )
+            try:
+                layer_features(module)
+            except ValueError as error:
+                raise ValueError(f"`target_modules` matched `{name}`: {error}") from None
             names.append(name)
     return names
 
@@ -68,7 +68,7 @@ def count_parameters(model: nn.Module, config: SLTrainConfig) -> ParameterCounts
 
     trainable = total = 0
     for module in targeted.values():
-        adapter = sltrain_layer_parameters(module.in_features, module.out_features, config.r, config.sparsity)
+        adapter = sltrain_layer_parameters(*layer_features(module), config.r, config.sparsity)
         trainable += adapter
         total += adapter
     for name, param in model.named_parameters():

@@ -1,4 +1,8 @@
-"""The SLTrain layer: a `torch.nn.Linear` whose weight is `W0 + (alpha / r) * B @ A + S` (no `W0` from scratch)."""
+"""The SLTrain layer: a linear layer whose weight is `W0 + (alpha / r) * B @ A + S` (no `W0` from scratch).
+
+It replaces a `torch.nn.Linear` (weight (d_out, d_in)) or a Transformers `Conv1D` (GPT-2's linear layer, whose weight
+is stored transposed, (d_in, d_out)). `A`, `B` and the support of `S` always follow the (d_out, d_in) convention.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,27 @@ import torch
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .config import SLTrainConfig
 from .cost import COMPUTE_CHOICES, choose_path
 from .functional import dense_weight, sltrain_linear
 from .support import layer_seed, num_nonzeros, random_support
+
+# the layers SLTrain can replace
+REPLACEABLE = (nn.Linear, Conv1D)
+
+
+def layer_features(layer: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of a replaceable layer; `ValueError` for any other module."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    if isinstance(layer, Conv1D):
+        return layer.nx, layer.nf  # weight (nx, nf) = (d_in, d_out)
+    raise ValueError(
+        f"SLTrain can only replace `torch.nn.Linear` and Transformers `Conv1D` layers, got {type(layer).__name__}; "
+        "check `target_modules`."
+    )
 
 
 class SLTrainLayer(BaseTunerLayer):
@@ -23,11 +43,7 @@ class SLTrainLayer(BaseTunerLayer):
     other_param_names = ("sltrain_indices", "r", "alpha", "scaling", "sparsity", "from_scratch", "compute")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
-        if not isinstance(base_layer, nn.Linear):
-            raise ValueError(
-                f"SLTrain can only replace `torch.nn.Linear` layers, got {type(base_layer).__name__}; check "
-                "`target_modules`."
-            )
+        d_in, d_out = layer_features(base_layer)
         self.base_layer = base_layer
         self.r: dict[str, int] = {}
         self.alpha: dict[str, float] = {}
@@ -41,8 +57,9 @@ class SLTrainLayer(BaseTunerLayer):
         self.sltrain_indices = BufferDict({}, persistent=True)  # (nnz,) int32 flat indices into (d_out, d_in)
         self._disable_adapters = False
         self.merged_adapters = []
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
+        self.in_features, self.out_features = d_in, d_out
+        # the base weight is stored (d_in, d_out) (Conv1D), as LoRA's `fan_in_fan_out`: transposed on every use
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
         self.kwargs = kwargs
 
     def update_layer(
@@ -132,6 +149,14 @@ class SLTrainLayer(BaseTunerLayer):
             has_weight=has_weight,
         )
 
+    def _base_weight(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The frozen `W0` as (d_out, d_in) in `dtype` (a transposed view for Conv1D), or None from scratch."""
+        weight = self.get_base_layer().weight
+        if weight is None:
+            return None
+        weight = weight.to(dtype)
+        return weight.t() if self.fan_in_fan_out else weight
+
     def _sltrain_tensors(self, adapter_name: str, dtype: torch.dtype) -> dict:
         """The adapter's tensors in `dtype`, as keyword arguments of `sltrain_linear` / `dense_weight`."""
         return {
@@ -144,9 +169,9 @@ class SLTrainLayer(BaseTunerLayer):
 
 
 class Linear(nn.Module, SLTrainLayer):
-    """SLTrain replacement of one `torch.nn.Linear`."""
+    """SLTrain replacement of one `torch.nn.Linear` or Transformers `Conv1D`."""
 
-    def __init__(self, base_layer: nn.Linear, adapter_name: str, config: SLTrainConfig, layer_name: str, **kwargs):
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SLTrainConfig, layer_name: str, **kwargs):
         super().__init__()
         SLTrainLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
@@ -163,9 +188,11 @@ class Linear(nn.Module, SLTrainLayer):
         )
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """The dense (d_out, d_in) `(alpha / r) * B @ A + S` of one adapter, in the adapter's dtype."""
+        """The dense `(alpha / r) * B @ A + S` of one adapter in the adapter's dtype, laid out as the base layer's
+        weight: (d_out, d_in) for `nn.Linear`, (d_in, d_out) for `Conv1D` (contiguous either way)."""
         A = self.sltrain_A[adapter_name]
-        return dense_weight(**self._sltrain_tensors(adapter_name, A.dtype))
+        delta = dense_weight(**self._sltrain_tensors(adapter_name, A.dtype))
+        return delta.t().contiguous() if self.fan_in_fan_out else delta
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -231,7 +258,7 @@ class Linear(nn.Module, SLTrainLayer):
             x = x.to(dtype)
             if len(active) == 1:
                 # one fused map: W0 + delta is rebuilt inside, so the dense weight is multiplied only once
-                weight = None if base.weight is None else base.weight.to(dtype)
+                weight = self._base_weight(dtype)
                 path = self._path(active[0], x, dtype, has_weight=weight is not None)
                 return sltrain_linear(
                     x, weight=weight, bias=bias, path=path, **self._sltrain_tensors(active[0], dtype)

@@ -12,7 +12,7 @@ from peft.tuners.tuners_utils import (
 from torch import nn
 
 from .config import SLTrainConfig
-from .layer import Linear, SLTrainLayer
+from .layer import REPLACEABLE, Linear, SLTrainLayer
 from .support import check_support, num_nonzeros, support_fingerprint
 
 _LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -21,6 +21,7 @@ _LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 # and LoRA's usual `query`/`value` for BERT-like encoders being fine-tuned.
 TARGET_MODULES_MAPPING: dict[str, list[str]] = {
     **{name: _LLAMA_LIKE for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2")},
+    "gpt2": ["c_attn", "c_proj", "c_fc"],  # Conv1D layers: fused q/k/v, the attention and MLP outputs, MLP input
     **{name: ["query", "value"] for name in ("bert", "roberta", "xlm-roberta", "camembert", "electra")},
 }
 
@@ -37,8 +38,8 @@ def default_target_modules(model_type: str | None) -> set[str]:
 
 class SLTrainModel(BaseTuner):
     """
-    Replaces the targeted `torch.nn.Linear` layers of a model with SLTrain layers (see [`SLTrainConfig`]). Created by
-    `peft.get_peft_model(model, SLTrainConfig(...))` once `peft_sltrain` is imported.
+    Replaces the targeted `torch.nn.Linear` (and Transformers `Conv1D`) layers of a model with SLTrain layers (see
+    [`SLTrainConfig`]). Created by `peft.get_peft_model(model, SLTrainConfig(...))` once `peft_sltrain` is imported.
 
     Example:
 
@@ -84,10 +85,10 @@ class SLTrainModel(BaseTuner):
                 inference_mode=config.inference_mode,
             )
             return
-        if isinstance(target, BaseTunerLayer) or not isinstance(target, nn.Linear):
+        if isinstance(target, BaseTunerLayer) or not isinstance(target, REPLACEABLE):
             raise ValueError(
                 f"`target_modules` matched `{current_key}`, a {type(target).__name__}; SLTrain can only replace "
-                "`torch.nn.Linear` layers."
+                "`torch.nn.Linear` and Transformers `Conv1D` layers."
             )
         new_module = Linear(target, adapter_name, config, layer_name=current_key)
         if adapter_name not in self.active_adapters:

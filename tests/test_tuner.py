@@ -188,6 +188,11 @@ def test_bad_layer_arguments(config, message):
         get_peft_model(tiny_llama(), config)
 
 
+def test_count_parameters_refuses_what_cannot_be_replaced():
+    with pytest.raises(ValueError, match=r"matched `model.embed_tokens`: SLTrain can only replace .*got Embedding"):
+        count_parameters(tiny_llama(), SLTrainConfig(r=2, target_modules=["embed_tokens"]))
+
+
 def test_unknown_architecture_needs_target_modules():
     class Tiny(nn.Module):
         def __init__(self):
