@@ -31,7 +31,8 @@ def default_target_modules(model_type: str | None) -> set[str]:
     if model_type not in TARGET_MODULES_MAPPING:
         raise ValueError(
             f"`target_modules` must be set for model type {model_type!r}: no default is known for it "
-            f"(known: {sorted(TARGET_MODULES_MAPPING)})."
+            f"(known: {sorted(TARGET_MODULES_MAPPING)}). `target_modules='all-linear'` replaces every linear layer "
+            "but the output head, as the paper does for LLaMA."
         )
     return set(TARGET_MODULES_MAPPING[model_type])
 
