@@ -82,7 +82,7 @@ class _SparseLowRankLinear(torch.autograd.Function):
             del dW  # free before the next dense matrix is built
 
         if need_x:
-            grad_x = dy.mm(dense_weight(A, B, values, indices, scaling, weight)).view(*grad_y.shape[:-1], -1)
+            grad_x = dy.mm(dense_weight(A, B, values, indices, scaling, weight)).view(x.shape)  # also for N = 0
         if need_bias:
             grad_bias = dy.sum(0)
         return grad_x, grad_A, grad_B, grad_values, None, None, grad_weight, grad_bias
@@ -248,6 +248,10 @@ def sltrain_linear(
     rebuilds the dense weight in backward, `path="factored"` never forms it. All floating-point tensors must share
     one dtype and device; `indices` are sorted flat row-major positions, int32 as the layers keep them (int64 is
     converted, one copy per call)."""
+    if x.dim() == 0 or x.shape[-1] != A.shape[1]:
+        raise ValueError(
+            f"`x` must have d_in = {A.shape[1]} features in its last dimension, got shape {tuple(x.shape)}."
+        )
     if path == "dense":
         return _SparseLowRankLinear.apply(x, A, B, values, indices, scaling, weight, bias)
     if path == "factored":

@@ -265,6 +265,28 @@ def test_int64_indices_give_the_same_result(path):
             sltrain_linear(**(t | {"indices": t["indices"].float()}), scaling=0.5, path=path)
 
 
+@pytest.mark.parametrize("path", IMPLEMENTATIONS, indirect=True)
+@pytest.mark.parametrize("batch", [(0,), (2, 0)])
+def test_no_tokens(path, batch):
+    """An empty batch gives an empty output, an empty input gradient and zero parameter gradients, as F.linear."""
+    t = make_inputs(dtype=torch.float32, batch=batch)
+    y = sltrain_linear(**t, scaling=0.5, path=path)
+    assert y.shape == (*batch, 10)
+    y.sum().backward()
+    assert t["x"].grad.shape == t["x"].shape
+    for name in ("A", "B", "values", "weight", "bias"):
+        assert not t[name].grad.any(), name
+
+
+@pytest.mark.parametrize("path", IMPLEMENTATIONS, indirect=True)
+def test_wrong_input_width(path):
+    t = make_inputs()
+    with pytest.raises(
+        ValueError, match=r"`x` must have d_in = 12 features in its last dimension, got shape \(2, 5, 11\)"
+    ):
+        sltrain_linear(**(t | {"x": t["x"][..., :11]}), scaling=1.0, path=path)
+
+
 def test_unknown_path():
     with pytest.raises(ValueError, match="`path` must be one of"):
         sltrain_linear(**make_inputs(), scaling=1.0, path="sparse")
