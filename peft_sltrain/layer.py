@@ -10,6 +10,7 @@ import math
 import warnings
 
 import torch
+import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
@@ -263,7 +264,7 @@ class Linear(nn.Module, SLTrainLayer):
                 return sltrain_linear(
                     x, weight=weight, bias=bias, path=path, **self._sltrain_tensors(active[0], dtype)
                 )
-            result = self.base_layer(x, *args, **kwargs)
+            result = F.linear(x, self._base_weight(dtype), bias)  # autocast is off here: W0 cast to x's dtype
             for name in active:
                 path = self._path(name, x, dtype, has_weight=False)
                 result = result + sltrain_linear(x, path=path, **self._sltrain_tensors(name, dtype))

@@ -139,6 +139,14 @@ def test_multiple_adapters_set_disable_delete(input_ids):
     model.base_model.set_adapter(["default", "other"])  # both at once: W0 + delta_default + delta_other
     both = model(input_ids).logits
     assert not torch.allclose(both, other_logits) and not torch.allclose(both, default_logits)
+    layer = model.base_model.model.model.layers[1].mlp.down_proj
+    x = torch.randn(3, layer.in_features)
+    dense = layer.base_layer.weight + layer.get_delta_weight("default") + layer.get_delta_weight("other")
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, dense))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the base product too runs in bf16
+        both_bf16 = model(input_ids).logits
+    assert both_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(both_bf16.float(), both, rtol=0.05, atol=0.05)
 
     model.set_adapter("default")
     model.delete_adapter("other")
