@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -10,6 +11,9 @@ from peft.config import PeftConfig
 
 from ._registration import PEFT_TYPE
 from .cost import COMPUTE_CHOICES
+
+# task types whose PEFT model adds its head to `modules_to_save` (PeftModelForSequenceClassification and friends)
+WRAPPED_HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 
 
 @dataclass
@@ -41,7 +45,8 @@ class SLTrainConfig(PeftConfig):
         modules_to_save (`list[str]`, *optional*):
             Modules other than the SLTrain layers to train fully and save with the adapter, e.g. a classification
             head. With `task_type="SEQ_CLS"`, PEFT adds `classifier` and `score` automatically. Not allowed with
-            `from_scratch=True`, which already trains and saves every parameter that is not replaced.
+            `from_scratch=True`, which already trains and saves every parameter that is not replaced (nor is a
+            `task_type` for which PEFT adds its head: `SEQ_CLS`, `TOKEN_CLS`, `QUESTION_ANS`).
         from_scratch (`bool`, defaults to `False`):
             `False` (fine-tuning): `W0` is the base layer's frozen pretrained weight and the adapter starts as a zero
             delta (`B = 0`, `S = 0`, `A` Kaiming-uniform), so the wrapped model starts equal to the base model.
@@ -50,7 +55,7 @@ class SLTrainConfig(PeftConfig):
             1/sqrt(d_in))); every other parameter (embeddings, norms, head, biases) stays trainable and is saved with
             the adapter. A base model built on the meta device (`accelerate.init_empty_weights()`) is never given
             dense targeted weights; its other parameters are materialised on the current default device and
-            initialised with the model's own init.
+            initialised with the model's own init, except the targeted layers' biases, which start at zero.
         seed (`int`, defaults to `0`):
             Seed of the random supports. The support of each layer is derived from this seed and the layer's module
             name, so it is reproducible and differs between layers. The supports are also saved with the adapter.
@@ -150,8 +155,8 @@ class SLTrainConfig(PeftConfig):
             raise ValueError(f"`r` must be a positive integer, got {self.r!r}.")
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0 < self.sparsity < 1:
             raise ValueError(f"`sparsity` must be a number in (0, 1), got {self.sparsity!r}.")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            raise ValueError(f"`alpha` must be a positive number, got {self.alpha!r}.")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < math.inf:
+            raise ValueError(f"`alpha` must be a positive finite number, got {self.alpha!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"`seed` must be a non-negative integer, got {self.seed!r}.")
         if not isinstance(self.save_support, bool):
@@ -162,6 +167,21 @@ class SLTrainConfig(PeftConfig):
             raise ValueError(f"`compute` must be one of {COMPUTE_CHOICES}, got {self.compute!r}.")
         if self.bias not in ("none", "all", "sltrain_only"):
             raise ValueError(f"`bias` must be 'none', 'all' or 'sltrain_only', got {self.bias!r}.")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            names = [value] if isinstance(value, str) else value
+            if value is not None and not (
+                isinstance(names, (list, set, tuple)) and all(isinstance(n, str) for n in names)
+            ):
+                raise ValueError(f"`{name}` must be a string, a list of strings or None, got {value!r}.")
+        if isinstance(self.modules_to_save, str):  # one module name, not its letters
+            self.modules_to_save = [self.modules_to_save]
+        if self.from_scratch and self.task_type in WRAPPED_HEAD_TASKS:
+            raise ValueError(
+                f"`task_type` must not be {str(self.task_type)!r} with `from_scratch=True`: PEFT's model for it keeps "
+                "a second, trainable copy of the head (`modules_to_save`), while from scratch already trains and "
+                "saves every parameter. Leave `task_type` unset; the model's own forward (labels, loss) works as is."
+            )
         if self.from_scratch and self.modules_to_save:
             raise ValueError(
                 f"`modules_to_save` must be empty with `from_scratch=True` (every non-replaced parameter is already "

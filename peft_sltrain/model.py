@@ -222,11 +222,18 @@ def _restore_supports(model: nn.Module, adapter_name: str, state_dict: dict) -> 
 def materialize_meta_parameters(model: nn.Module) -> None:
     """Give the parameters left on the meta device (a model built under `accelerate.init_empty_weights()`) real
     storage on the default device, initialised by the model's own init (`_init_weights` for Transformers models,
-    `reset_parameters` otherwise). The SLTrain layers already hold real tensors: no dense targeted weight is made."""
+    `reset_parameters` otherwise). The SLTrain layers already hold real tensors: no dense targeted weight is made,
+    and their base layers' biases start at zero (a model's init may not expect a layer without its weight)."""
     device = torch.get_default_device()
     init_weights = getattr(model, "_init_weights", None)
+    replaced = {id(m.get_base_layer()) for m in model.modules() if isinstance(m, SLTrainLayer)}
     for name, module in model.named_modules():
         if isinstance(module, SLTrainLayer):
+            continue
+        if id(module) in replaced:
+            if getattr(module, "bias", None) is not None and module.bias.device.type == "meta":
+                module.to_empty(device=device, recurse=False)
+                nn.init.zeros_(module.bias)
             continue
         if not any(p.device.type == "meta" for p in module.parameters(recurse=False)):
             continue

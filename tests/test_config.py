@@ -28,6 +28,14 @@ from peft_sltrain._registration import register
         ({"bias": "lora_only"}, "`bias`"),
         ({"from_scratch": "yes"}, "`from_scratch`"),
         ({"from_scratch": True, "modules_to_save": ["lm_head"]}, "`modules_to_save`"),
+        ({"from_scratch": True, "modules_to_save": "lm_head"}, "`modules_to_save`"),
+        ({"from_scratch": True, "task_type": "SEQ_CLS"}, "`task_type`"),
+        ({"from_scratch": True, "task_type": "QUESTION_ANS"}, "`task_type`"),
+        ({"alpha": float("inf")}, "`alpha`"),
+        ({"alpha": float("nan")}, "`alpha`"),
+        ({"target_modules": 5}, "`target_modules`"),
+        ({"target_modules": ["q_proj", 3]}, "`target_modules`"),
+        ({"exclude_modules": {"q_proj": 1}}, "`exclude_modules`"),
     ],
 )
 def test_bad_values_raise_naming_parameter_and_value(kwargs, param):
@@ -43,6 +51,13 @@ def test_defaults_follow_the_paper():
     assert (config.r, config.sparsity, config.alpha, config.from_scratch) == (128, 0.03, 32.0, False)
     assert config.scaling == 0.25
     assert config.peft_type == PeftType.SLTRAIN == "SLTRAIN"
+
+
+def test_what_is_accepted_and_normalised():
+    assert SLTrainConfig(modules_to_save="lm_head").modules_to_save == ["lm_head"]  # one name, not its letters
+    assert SLTrainConfig(target_modules=["q_proj", "v_proj"]).target_modules == {"q_proj", "v_proj"}
+    assert SLTrainConfig(target_modules="all-linear", exclude_modules="lm_head").target_modules == "all-linear"
+    assert SLTrainConfig(from_scratch=True, task_type="CAUSAL_LM").from_scratch  # adds no head copy
 
 
 def test_every_field_is_documented_in_docstring_and_help():

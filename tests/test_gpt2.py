@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from accelerate import init_empty_weights
 from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -120,6 +121,19 @@ def test_from_scratch_trains_merges_and_reloads_bit_identical(tmp_path, input_id
     merged.save_pretrained(tmp_path / "merged")
     plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(plain(input_ids).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_from_scratch_on_a_meta_built_model(input_ids):
+    """GPT-2's own init writes every Conv1D weight, which the replaced layers no longer have: their biases start at
+    zero instead, and everything else gets the model's init."""
+    with init_empty_weights():
+        base = transformers.GPT2LMHeadModel(tiny_gpt2_config())
+    model = get_peft_model(base, SLTrainConfig(r=4, sparsity=0.05, from_scratch=True))
+    assert not any(p.device.type == "meta" for p in model.parameters())
+    for layer in sltrain_layers(model).values():
+        assert layer.get_base_layer().weight is None and not layer.get_base_layer().bias.any()
+    assert model.base_model.model.transformer.wte.weight.std() > 0.01  # GPT-2's init: normal(0, 0.02)
+    assert torch.isfinite(model(input_ids=input_ids, labels=input_ids).loss)
 
 
 @pytest.mark.parametrize(
