@@ -9,7 +9,7 @@ from peft.tuners.tuners_utils import _ExcludedModule, _maybe_include_all_linear_
 from torch import nn
 
 from .config import SLTrainConfig
-from .layer import layer_features
+from .layer import check_rank, layer_features
 from .model import default_target_modules
 from .support import num_nonzeros
 
@@ -38,16 +38,18 @@ def module_parameter_counts(model: nn.Module) -> ParameterCounts:
 
 
 def targeted_linear_names(model: nn.Module, config: SLTrainConfig) -> list[str]:
-    """Names of the modules of `model` that `config` would replace (resolving defaults and `"all-linear"`)."""
+    """Names of the modules of `model` that `config` would replace (resolving defaults and `"all-linear"`).
+    `ValueError` if one of them cannot be: not a linear layer, or narrower than `config.r`."""
     config = _resolved_config(model, config)
     names = []
     for name, module in model.named_modules():
         found = check_target_module_exists(config, name) if name else False
         if found and not isinstance(found, _ExcludedModule):
             try:
-                layer_features(module)
+                d_in, d_out = layer_features(module)
             except ValueError as error:
                 raise ValueError(f"`target_modules` matched `{name}`: {error}") from None
+            check_rank(config.r, d_in, d_out, name)
             names.append(name)
     return names
 
@@ -61,6 +63,8 @@ def count_parameters(model: nn.Module, config: SLTrainConfig) -> ParameterCounts
     """
     config = _resolved_config(model, config)
     targeted = {name: model.get_submodule(name) for name in targeted_linear_names(model, config)}
+    if not targeted:
+        raise ValueError(f"`target_modules` {config.target_modules!r} matched no layer of the model.")
     to_save = list(config.modules_to_save or [])
     if config.task_type == "SEQ_CLS":
         to_save += ["classifier", "score"]  # what PeftModelForSequenceClassification adds

@@ -26,7 +26,9 @@ REPLACEABLE = (nn.Linear, Conv1D)
 
 
 def layer_features(layer: nn.Module) -> tuple[int, int]:
-    """(d_in, d_out) of a replaceable layer; `ValueError` for any other module."""
+    """(d_in, d_out) of a replaceable layer (or of one already replaced); `ValueError` for any other module."""
+    if isinstance(layer, SLTrainLayer):
+        return layer.in_features, layer.out_features
     if isinstance(layer, nn.Linear):
         return layer.in_features, layer.out_features
     if isinstance(layer, Conv1D):
@@ -35,6 +37,15 @@ def layer_features(layer: nn.Module) -> tuple[int, int]:
         f"SLTrain can only replace `torch.nn.Linear` and Transformers `Conv1D` layers, got {type(layer).__name__}; "
         "check `target_modules`."
     )
+
+
+def check_rank(r: int, d_in: int, d_out: int, layer_name: str) -> None:
+    """`ValueError` unless `0 < r <= min(d_in, d_out)` for the `d_out x d_in` layer `layer_name`."""
+    if not 0 < r <= min(d_in, d_out):
+        raise ValueError(
+            f"`r` must be in [1, min(d_in, d_out)] = [1, {min(d_in, d_out)}] for layer `{layer_name}` "
+            f"({d_out} x {d_in}), got {r}."
+        )
 
 
 class SLTrainLayer(BaseTunerLayer):
@@ -76,11 +87,7 @@ class SLTrainLayer(BaseTunerLayer):
         inference_mode: bool = False,
     ) -> None:
         d_in, d_out = self.in_features, self.out_features
-        if not 0 < r <= min(d_in, d_out):
-            raise ValueError(
-                f"`r` must be in [1, min(d_in, d_out)] = [1, {min(d_in, d_out)}] for layer `{layer_name}` "
-                f"({d_out} x {d_in}), got {r}."
-            )
+        check_rank(r, d_in, d_out, layer_name)
         if not 0 < sparsity < 1:
             raise ValueError(f"`sparsity` must be in (0, 1), got {sparsity}.")
         if alpha <= 0:
@@ -90,6 +97,11 @@ class SLTrainLayer(BaseTunerLayer):
 
         base = self.get_base_layer()
         weight = base.weight
+        if weight is None and not from_scratch:
+            raise ValueError(
+                f"Layer `{layer_name}` has no dense weight (a from-scratch adapter replaced it), so there is no `W0` "
+                "to fine-tune; start from a model with its weights."
+            )
         if weight is not None and weight.device.type == "meta" and not from_scratch:
             raise ValueError(
                 f"Layer `{layer_name}` has its weight on the meta device; fine-tuning (`from_scratch=False`) needs "

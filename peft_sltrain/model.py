@@ -63,6 +63,14 @@ class SLTrainModel(BaseTuner):
             peft_config.target_modules = default_target_modules(model_config.get("model_type"))
         return peft_config
 
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        # Every targeted layer is checked before the first is replaced: from scratch, replacing a layer drops its
+        # dense weight, so failing halfway would leave the caller's model without some of its weights.
+        from .counting import targeted_linear_names  # (counting imports this module)
+
+        targeted_linear_names(model, self.peft_config[adapter_name])
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+
     def _check_new_adapter_config(self, config: SLTrainConfig) -> None:
         super()._check_new_adapter_config(config)
         if len(self.peft_config) > 1 and any(c.from_scratch for c in self.peft_config.values()):

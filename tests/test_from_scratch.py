@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from peft_sltrain import SLTrainConfig, SLTrainLayer, count_parameters
 
-from conftest import perturb_trainable, tiny_llama_config
+from conftest import perturb_trainable, tiny_llama, tiny_llama_config
 
 CONFIG = SLTrainConfig(r=8, sparsity=0.05, alpha=2, from_scratch=True)
 
@@ -126,6 +126,28 @@ def test_what_from_scratch_cannot_do():
     fine_tuned = get_peft_model(AutoModelForCausalLM.from_config(tiny_llama_config()), SLTrainConfig(r=2))
     with pytest.raises(ValueError, match="cannot share the model with another adapter"):
         fine_tuned.add_adapter("scratch", SLTrainConfig(r=2, from_scratch=True))
+
+
+def test_a_rank_too_large_for_one_layer_replaces_nothing(input_ids):
+    """Checked before the first layer is replaced: from scratch, a failure halfway would have dropped some W0."""
+    base = tiny_llama()  # q_proj 64 x 64, k_proj 32 x 64 (2 key-value heads of 16)
+    expected = base(input_ids).logits
+    with pytest.raises(
+        ValueError,
+        match=r"`r` must be in \[1, min\(d_in, d_out\)\] = \[1, 32\] for layer `model.layers.0.self_attn.k_proj`",
+    ):
+        get_peft_model(base, SLTrainConfig(r=40, target_modules=["q_proj", "k_proj"], from_scratch=True))
+    assert not any(isinstance(m, SLTrainLayer) for m in base.modules())
+    assert torch.equal(base(input_ids).logits, expected)
+    with pytest.raises(ValueError, match=r"\[1, 32\] .*got 40"):
+        count_parameters(base, SLTrainConfig(r=40, target_modules=["k_proj"]))
+
+
+def test_fine_tuning_a_layer_without_weight_is_refused():
+    model = get_peft_model(tiny_llama(), SLTrainConfig(r=2, from_scratch=True))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj  # its W0 was dropped
+    with pytest.raises(ValueError, match="has no dense weight .* no `W0` to fine-tune"):
+        layer.update_layer("tune", r=2, sparsity=0.1, alpha=1.0, from_scratch=False, seed=0, layer_name="q")
 
 
 def test_fine_tuning_a_meta_model_is_refused():
