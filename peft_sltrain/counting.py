@@ -70,12 +70,15 @@ def count_parameters(model: nn.Module, config: SLTrainConfig) -> ParameterCounts
         to_save += ["classifier", "score"]  # what PeftModelForSequenceClassification adds
     saved_modules = [name for name, _ in model.named_modules() if name and any(name.endswith(m) for m in to_save)]
 
+    untied = _not_yet_tied_output_weight(model)
     trainable = total = 0
     for module in targeted.values():
         adapter = sltrain_layer_parameters(*layer_features(module), config.r, config.sparsity)
         trainable += adapter
         total += adapter
     for name, param in model.named_parameters():
+        if param is untied:
+            continue  # it will be the input embedding's weight
         owner, _, attr = name.rpartition(".")
         n = param.numel()
         if owner in targeted and attr == "weight":
@@ -92,6 +95,20 @@ def count_parameters(model: nn.Module, config: SLTrainConfig) -> ParameterCounts
         else:
             total += n
     return ParameterCounts(trainable=trainable, total=total)
+
+
+def _not_yet_tied_output_weight(model: nn.Module) -> nn.Parameter | None:
+    """The output embedding's weight if the model's config ties it to the input embedding's but a meta-built model
+    has not tied them yet (`materialize_meta_parameters` does): counted once, as in the built model."""
+    if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return None
+    try:
+        inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if inputs is None or outputs is None or outputs.weight is inputs.weight or outputs.weight.device.type != "meta":
+        return None
+    return outputs.weight
 
 
 def _resolved_config(model: nn.Module, config: SLTrainConfig) -> SLTrainConfig:

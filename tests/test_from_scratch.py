@@ -143,6 +143,19 @@ def test_a_rank_too_large_for_one_layer_replaces_nothing(input_ids):
         count_parameters(base, SLTrainConfig(r=40, target_modules=["k_proj"]))
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_count_parameters_of_a_meta_built_model(tie):
+    """A meta-built model ties its embeddings only once materialised; planned from it, the counts are the built
+    model's either way."""
+    with init_empty_weights():
+        base = AutoModelForCausalLM.from_config(tiny_llama_config(tie_word_embeddings=tie))
+    planned = count_parameters(base, CONFIG)
+    built = get_peft_model(base, CONFIG)
+    assert (planned.trainable, planned.total) == built.get_nb_trainable_parameters()
+    embed = built.base_model.model.model.embed_tokens.weight
+    assert (built.base_model.model.lm_head.weight is embed) == tie
+
+
 def test_fine_tuning_a_layer_without_weight_is_refused():
     model = get_peft_model(tiny_llama(), SLTrainConfig(r=2, from_scratch=True))
     layer = model.base_model.model.model.layers[0].self_attn.q_proj  # its W0 was dropped

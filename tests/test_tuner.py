@@ -199,6 +199,8 @@ def test_bad_layer_arguments(config, message):
 def test_count_parameters_refuses_what_cannot_be_replaced():
     with pytest.raises(ValueError, match=r"matched `model.embed_tokens`: SLTrain can only replace .*got Embedding"):
         count_parameters(tiny_llama(), SLTrainConfig(r=2, target_modules=["embed_tokens"]))
+    with pytest.raises(ValueError, match=r"`target_modules` \{'nope'\} matched no layer of the model"):
+        count_parameters(tiny_llama(), SLTrainConfig(r=2, target_modules=["nope"]))
 
 
 def test_unknown_architecture_needs_target_modules():
