@@ -7,6 +7,7 @@ import os
 from safetensors import safe_open
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLED_WEIGHTS_NAME = "adapter_model.bin"  # what PEFT writes with `safe_serialization=False`
 
 
 def check_adapter_file(directory: str) -> None:
@@ -16,6 +17,12 @@ def check_adapter_file(directory: str) -> None:
     is read later by PEFT.
     """
     path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(directory, PICKLED_WEIGHTS_NAME)):
+        raise ValueError(
+            f"{directory!r} holds {PICKLED_WEIGHTS_NAME!r}, a pickle written by `save_pretrained(..., "
+            "safe_serialization=False)`; SLTrain adapters load from safetensors only (unpickling can run code). "
+            "Save the adapter again with the default `safe_serialization=True`."
+        )
     if not os.path.isfile(path):
         raise ValueError(f"No SLTrain adapter weights at {path!r} (expected a `save_pretrained` directory).")
     try:

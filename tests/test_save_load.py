@@ -115,6 +115,14 @@ def test_truncated_file(tmp_path):
         PeftModel.from_pretrained(tiny_llama(), tmp_path)
 
 
+def test_pickled_adapter_is_refused_with_the_reason(tmp_path):
+    model = get_peft_model(tiny_llama(), SLTrainConfig(r=4, sparsity=0.05))
+    model.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").exists() and not (tmp_path / "adapter_model.safetensors").exists()
+    with pytest.raises(ValueError, match=r"a pickle written by `save_pretrained\(..., safe_serialization=False\)`"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
 def test_file_missing_tensors(tmp_path):
     weights = save_adapter(tmp_path)
     tensors = load_file(weights)
