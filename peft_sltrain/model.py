@@ -161,19 +161,29 @@ class SLTrainModel(BaseTuner):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        if not config.save_support:
+        if not config.save_support:  # a file for another model must fail on its shapes, not on a fingerprint
+            _check_loaded_state_dict(model, config, adapter_name, state_dict, supports=False)
             _restore_supports(model, adapter_name, state_dict)
         _check_loaded_state_dict(model, config, adapter_name, state_dict)
         return state_dict
 
 
-def _check_loaded_state_dict(model: nn.Module, config: SLTrainConfig, adapter_name: str, state_dict: dict) -> None:
+def _check_loaded_state_dict(
+    model: nn.Module, config: SLTrainConfig, adapter_name: str, state_dict: dict, supports: bool = True
+) -> None:
     """Raise `ValueError` before loading if the adapter does not fit the model: a missing or misshapen tensor, or a
-    corrupt support. From scratch, every base parameter must come from the file too (no silent random init)."""
+    corrupt support. From scratch, every base parameter must come from the file too (no silent random init).
+    `supports=False`: a file saved without supports, before they are regenerated; each layer's fingerprint stands
+    in for its support, which is not checked yet."""
     model_state = model.state_dict()
     prefix = "base_model.model."
     if not any(key.startswith(prefix) for key in model_state):
         state_dict = {key.removeprefix(prefix): value for key, value in state_dict.items()}
+    support_suffix = f".sltrain_indices.{adapter_name}"
+    if not supports:
+        fingerprint = ".sltrain_fingerprint"
+        state_dict = {key.replace(fingerprint, support_suffix) if key.endswith(fingerprint) else key: value
+                      for key, value in state_dict.items()}  # fmt: skip
     adapter_prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
     adapter_keys = {key for key in model_state if _is_key_under_prefixes(key, adapter_prefixes)}
     expected = set(model_state) if config.from_scratch else adapter_keys
@@ -192,15 +202,17 @@ def _check_loaded_state_dict(model: nn.Module, config: SLTrainConfig, adapter_na
     mismatched = [
         f"{key}: file {tuple(value.shape)} vs model {tuple(model_state[key].shape)}"
         for key, value in state_dict.items()
-        if key in model_state and tuple(value.shape) != tuple(model_state[key].shape)
+        if key in model_state
+        and tuple(value.shape) != tuple(model_state[key].shape)
+        and (supports or not key.endswith(support_suffix))
     ]
     if mismatched:
         raise ValueError(
             f"The adapter's shapes do not fit the base model ({len(mismatched)} tensor(s)), e.g. {mismatched[:3]}."
         )
     for name, module in model.named_modules():
-        if isinstance(module, SLTrainLayer) and adapter_name in module.sltrain_indices:
-            key = f"{name}.sltrain_indices.{adapter_name}"
+        if supports and isinstance(module, SLTrainLayer) and adapter_name in module.sltrain_indices:
+            key = f"{name}{support_suffix}"
             nnz = num_nonzeros(module.out_features, module.in_features, module.sparsity[adapter_name])
             check_support(state_dict[key], module.out_features, module.in_features, nnz, name=key)
 

@@ -96,16 +96,26 @@ def save_adapter(path, **config):
     return path / "adapter_model.safetensors"
 
 
-def test_shapes_that_do_not_fit_the_base_model(tmp_path):
-    save_adapter(tmp_path)
+# with or without the supports in the file, a file for another model fails on what does not fit
+@pytest.mark.parametrize("save_support", [True, False])
+def test_shapes_that_do_not_fit_the_base_model(tmp_path, save_support):
+    save_adapter(tmp_path, save_support=save_support)
     with pytest.raises(ValueError, match=r"shapes do not fit the base model.*file \(4, 64\) vs model \(4, 32\)"):
         PeftModel.from_pretrained(tiny_llama(hidden_size=32), tmp_path)
 
 
-def test_adapter_for_layers_the_model_lacks(tmp_path):
-    save_adapter(tmp_path)
+@pytest.mark.parametrize("save_support", [True, False])
+def test_adapter_for_layers_the_model_lacks(tmp_path, save_support):
+    save_adapter(tmp_path, save_support=save_support)
     with pytest.raises(ValueError, match="layers this model does not have"):
         PeftModel.from_pretrained(tiny_llama(num_hidden_layers=1), tmp_path)
+
+
+@pytest.mark.parametrize("save_support", [True, False])
+def test_adapter_for_fewer_layers_than_the_model_has(tmp_path, save_support):
+    save_adapter(tmp_path, save_support=save_support)
+    with pytest.raises(ValueError, match=r"lacks 28 tensor.*layers.2.*saved from a different model or config"):
+        PeftModel.from_pretrained(tiny_llama(num_hidden_layers=3), tmp_path)
 
 
 def test_truncated_file(tmp_path):
