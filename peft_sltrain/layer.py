@@ -223,10 +223,11 @@ class Linear(nn.Module, SLTrainLayer):
                 merged = base.weight.data + delta.to(base.weight.dtype)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(
-                    f"NaN or inf in the merged weight; adapter `{name}` seems broken. Nothing was merged."
+                    f"NaN or inf in the merged weight; adapter `{name}` seems broken. This layer was left unmerged; "
+                    "layers merged before it stay merged (`unmerge_adapter()` undoes them)."
                 )
-            if base.weight is None:
-                base.weight = nn.Parameter(merged, requires_grad=False)
+            if base.weight is None:  # from scratch: the weight is as trainable as the adapter was (and the rest)
+                base.weight = nn.Parameter(merged, requires_grad=self.sltrain_A[name].requires_grad)
             else:
                 base.weight.data = merged
             self.merged_adapters.append(name)

@@ -98,6 +98,7 @@ def test_merge_and_unload_gives_plain_model(tmp_path, input_ids):
     merged = model.merge_and_unload()
     assert not any(isinstance(m, SLTrainLayer) for m in merged.modules())
     assert type(merged.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert all(p.requires_grad for p in merged.parameters())  # ready to train on as a plain model
     merged.save_pretrained(tmp_path)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(plain(input_ids).logits, expected, rtol=0, atol=1e-5)
