@@ -42,6 +42,12 @@ class SLTrainConfig(PeftConfig):
             `value` for BERT/RoBERTa).
         exclude_modules (`Union[list[str], str]`, *optional*):
             Names or a regex of modules not to replace, even if `target_modules` matches them.
+        layers_to_transform (`Union[list[int], int]`, *optional*):
+            Only replace the targeted modules of these layer indices (e.g. `[10, 11]`: the last two blocks of a
+            12-layer model), as in LoRA. Needs `target_modules` as a list of names, not a regex or `"all-linear"`.
+        layers_pattern (`Union[list[str], str]`, *optional*):
+            Name of the module list that holds the layers (e.g. `"layers"` or `"h"`), used with `layers_to_transform`
+            when PEFT does not recognise it by itself.
         modules_to_save (`list[str]`, *optional*):
             Modules other than the SLTrain layers to train fully and save with the adapter, e.g. a classification
             head. With `task_type="SEQ_CLS"`, PEFT adds `classifier` and `score` automatically. Not allowed with
@@ -101,6 +107,14 @@ class SLTrainConfig(PeftConfig):
     exclude_modules: list[str] | str | None = field(
         default=None,
         metadata={"help": "Names or a regex of modules not to replace, even if target_modules matches them."},
+    )
+    layers_to_transform: list[int] | int | None = field(
+        default=None,
+        metadata={"help": "Only replace the targeted modules of these layer indices (target_modules must be a list)."},
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Name of the module list holding the layers (e.g. 'layers', 'h'), for layers_to_transform."},
     )
     modules_to_save: list[str] | None = field(
         default=None,
@@ -174,6 +188,26 @@ class SLTrainConfig(PeftConfig):
                 isinstance(names, (list, set, tuple)) and all(isinstance(n, str) for n in names)
             ):
                 raise ValueError(f"`{name}` must be a string, a list of strings or None, got {value!r}.")
+        layers = [self.layers_to_transform] if isinstance(self.layers_to_transform, int) else self.layers_to_transform
+        if layers is not None and not (
+            isinstance(layers, (list, tuple)) and all(type(i) is int and i >= 0 for i in layers)  # no bools
+        ):
+            raise ValueError(
+                f"`layers_to_transform` must be a layer index or a list of them (ints >= 0), got "
+                f"{self.layers_to_transform!r}."
+            )
+        patterns = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern
+        if patterns is not None and not (
+            isinstance(patterns, (list, tuple)) and all(isinstance(p, str) for p in patterns)
+        ):
+            raise ValueError(f"`layers_pattern` must be a string or a list of strings, got {self.layers_pattern!r}.")
+        if patterns is not None and layers is None:
+            raise ValueError(f"`layers_pattern` ({self.layers_pattern!r}) needs `layers_to_transform` as well.")
+        if layers is not None and isinstance(self.target_modules, str):
+            raise ValueError(
+                f"`layers_to_transform` ({self.layers_to_transform!r}) needs `target_modules` as a list of names, got "
+                f"{self.target_modules!r}."
+            )
         if isinstance(self.modules_to_save, str):  # one module name, not its letters
             self.modules_to_save = [self.modules_to_save]
         if self.from_scratch and self.task_type in WRAPPED_HEAD_TASKS:

@@ -36,6 +36,11 @@ from peft_sltrain._registration import register
         ({"target_modules": 5}, "`target_modules`"),
         ({"target_modules": ["q_proj", 3]}, "`target_modules`"),
         ({"exclude_modules": {"q_proj": 1}}, "`exclude_modules`"),
+        ({"layers_to_transform": -1}, "`layers_to_transform`"),
+        ({"layers_to_transform": [0, "1"]}, "`layers_to_transform`"),
+        ({"target_modules": "all-linear", "layers_to_transform": [1]}, "`layers_to_transform`"),
+        ({"layers_pattern": "layers"}, "`layers_pattern`"),
+        ({"layers_to_transform": [1], "layers_pattern": 3}, "`layers_pattern`"),
     ],
 )
 def test_bad_values_raise_naming_parameter_and_value(kwargs, param):

@@ -79,6 +79,7 @@ def test_layer_output_and_gradients_match_dense_reference():
         (tiny_llama, SLTrainConfig(r=8, sparsity=0.2, target_modules=["q_proj", "down_proj"])),
         (tiny_llama, SLTrainConfig(r=4, sparsity=0.05, from_scratch=True)),
         (tiny_llama, SLTrainConfig(r=4, sparsity=0.05, target_modules="all-linear")),
+        (tiny_llama, SLTrainConfig(r=4, sparsity=0.05, target_modules=["q_proj"], layers_to_transform=1)),
         (tiny_roberta, SLTrainConfig(r=4, sparsity=0.05, task_type="SEQ_CLS")),
         (tiny_roberta, SLTrainConfig(r=2, sparsity=0.03, task_type="SEQ_CLS", bias="all")),
         (tiny_roberta, SLTrainConfig(r=2, sparsity=0.03, task_type="SEQ_CLS", bias="sltrain_only")),
@@ -89,6 +90,15 @@ def test_count_parameters_matches_the_built_model(build, config):
     expected = count_parameters(base, config)
     model = get_peft_model(base, config)
     assert (expected.trainable, expected.total) == model.get_nb_trainable_parameters()
+
+
+@pytest.mark.parametrize("pattern", [None, "layers"])
+def test_layers_to_transform(pattern):
+    config = SLTrainConfig(
+        r=4, target_modules=["q_proj", "down_proj"], layers_to_transform=[1], layers_pattern=pattern
+    )
+    names = set(sltrain_layers(get_peft_model(tiny_llama(), config)))
+    assert names == {f"base_model.model.model.layers.1.{m}" for m in ("self_attn.q_proj", "mlp.down_proj")}
 
 
 def test_layer_formula():
