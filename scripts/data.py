@@ -48,8 +48,13 @@ def stream_hf_dataset(name: str, config: str | None, split: str, text_column: st
     """Texts of a Hugging Face dataset, streamed (e.g. `allenai/c4`, config `en`, as the paper uses)."""
     from datasets import load_dataset
 
-    dataset = load_dataset(name, config, split=split, streaming=True)
-    for example in dataset:
+    try:
+        examples = iter(load_dataset(name, config, split=split, streaming=True))
+    except OSError as error:  # offline, no such dataset or config (datasets' errors are OSErrors)
+        raise ValueError(
+            f"`--dataset` {name!r} (config {config!r}, split {split!r}) cannot be opened: {error}"
+        ) from None
+    for example in examples:
         yield example[text_column]
 
 
@@ -108,7 +113,10 @@ def load_tokenizer(name_or_path: str) -> Tokenizer:
     """A hub tokenizer (e.g. `t5-base`, the paper's) or a saved tokenizer directory."""
     from transformers import AutoTokenizer
 
-    return Tokenizer(AutoTokenizer.from_pretrained(name_or_path))
+    try:
+        return Tokenizer(AutoTokenizer.from_pretrained(name_or_path))
+    except (OSError, ValueError) as error:  # no such directory, and the Hub unreachable or without that name
+        raise ValueError(f"`--tokenizer` {name_or_path!r} cannot be loaded: {error}") from None
 
 
 def _paragraphs(text: str, lines_per_chunk: int = 200) -> Iterator[str]:

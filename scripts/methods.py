@@ -55,6 +55,11 @@ class Method:
     lr_multiplier: Callable[[int, Hyper], float] | None = None  # multiplies the warmup-cosine schedule
     uses_rank: bool = True  # whether `--rank` / the size preset's rank applies
     checkpointable: bool = True  # False when the optimizer state holds objects that safetensors cannot store
+    # `--method-arg` settings it reads from `Hyper.extra`: name -> type (int or float); every one must be positive
+    options: dict[str, type] = field(default_factory=dict)
+    # whether the trained model is saved as a PEFT adapter (SLTrain: the adapter holds every trained tensor); else as
+    # its dense Transformers model (`to_dense`), which plain `from_pretrained` loads
+    saves_adapter: bool = False
 
 
 METHODS: dict[str, Method] = {}
@@ -69,6 +74,29 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"Unknown `--method` {name!r}; choose one of {sorted(METHODS)}.")
     return METHODS[name]
+
+
+def parse_method_args(method: Method, entries: list[str]) -> dict:
+    """`--method-arg KEY=VALUE` entries as {key: typed value}, checked against the method's `options`."""
+    extra = {}
+    for entry in entries:
+        key, sep, text = entry.partition("=")
+        if not sep or not key:
+            raise ValueError(f"`--method-arg` must be KEY=VALUE, got {entry!r}.")
+        if key not in method.options:
+            takes = f"one of {sorted(method.options)}" if method.options else "none"
+            raise ValueError(
+                f"`--method-arg {entry}`: `--method {method.name}` has no setting {key!r} (it takes {takes})."
+            )
+        kind = method.options[key]
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0 or (kind is float and not math.isfinite(value)):
+            raise ValueError(f"`--method-arg {entry}`: {key} must be a positive {kind.__name__}, got {text!r}.")
+        extra[key] = value
+    return extra
 
 
 def check_rank_fits(config: LlamaConfig, rank: int) -> None:
@@ -116,6 +144,7 @@ register(
         "W = (alpha/r) B A + S: low-rank plus fixed-support sparse, from scratch (the paper)",
         _build_sltrain,
         lambda model: model.merge_and_unload(),
+        saves_adapter=True,
     )
 )
 
@@ -238,6 +267,7 @@ register(
         lambda model: model.merge_and_unload(),
         after_step=_relora_restart,
         lr_multiplier=_relora_lr,
+        options={"relora_every": int, "relora_warmup": int},
     )
 )
 
@@ -276,6 +306,7 @@ register(
         lambda m: m,
         make_optimizer=_galore_optimizer,
         checkpointable=False,
+        options={"update_proj_gap": int, "scale": float},
     )
 )
 register(
@@ -286,5 +317,6 @@ register(
         lambda m: m,
         make_optimizer=_fira_optimizer,
         checkpointable=False,
+        options={"update_proj_gap": int, "scale": float},
     )
 )

@@ -34,7 +34,7 @@ import peft_sltrain  # noqa: E402
 
 import checkpointing  # noqa: E402
 import data  # noqa: E402
-from methods import METHODS, Hyper, adamw, get_method  # noqa: E402
+from methods import METHODS, Hyper, adamw, get_method, parse_method_args  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SIZES = sorted(p.stem.removeprefix("llama_") for p in CONFIGS.glob("llama_*.json"))
@@ -96,11 +96,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+# what a preset's "train" section must give (a flag may override each); "model" is the LlamaConfig
+PRESET_TRAIN_KEYS = ("lr", "min_lr_ratio", "warmup_steps", "max_steps", "global_batch", "micro_batch", "seq_len",
+                     "weight_decay", "grad_clip", "optimizer", "dtype")  # fmt: skip
+
+
 def load_preset(model: str) -> dict:
     path = Path(model) if model.endswith(".json") else CONFIGS / f"llama_{model}.json"
     if not path.is_file():
         raise ValueError(f"Unknown `--model` {model!r}: choose one of {SIZES} or give a preset JSON file.")
-    return json.loads(path.read_text())
+    try:
+        preset = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"`--model` {model!r} is not valid JSON: {error}.") from None
+    if not isinstance(preset, dict) or not isinstance(preset.get("model"), dict):
+        raise ValueError(f'`--model` {model!r} needs a "model" object (the LlamaConfig) and a "train" object.')
+    return preset
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
@@ -111,10 +122,28 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.model_config = preset["model"]
-    args.method_extra = dict(kv.split("=", 1) for kv in args.method_arg)
-    for name in ("lr", "max_steps", "global_batch", "micro_batch", "seq_len"):
+    needed = (
+        PRESET_TRAIN_KEYS + (("rank",) if method.uses_rank else ()) + (("sparsity", "alpha") * method.saves_adapter)
+    )
+    missing = [key for key in needed if getattr(args, key, None) is None]
+    if missing:
+        flags = ", ".join(f"--{key.replace('_', '-')}" for key in missing)
+        raise ValueError(f"`--model` {args.model!r} sets no {missing}: add them to its preset or pass {flags}.")
+    args.method_extra = parse_method_args(method, args.method_arg)
+    for name in ("lr", "max_steps", "global_batch", "micro_batch", "seq_len", "eval_every", "eval_blocks"):
         if getattr(args, name) <= 0:
             raise ValueError(f"`--{name.replace('_', '-')}` must be positive, got {getattr(args, name)}.")
+    for name in ("weight_decay", "grad_clip", "save_every"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"`--{name.replace('_', '-')}` must be 0 or more, got {getattr(args, name)}.")
+    if not 0 <= args.min_lr_ratio <= 1:
+        raise ValueError(f"`--min-lr-ratio` must be in [0, 1], got {args.min_lr_ratio}.")
+    if args.resume and args.overwrite:
+        raise ValueError("`--resume` continues the run in --out-dir and `--overwrite` deletes it: pass one of them.")
+    if args.dataset and args.tokenizer == "train":
+        raise ValueError("With `--dataset`, give a hub tokenizer (e.g. `--tokenizer t5-base`, the paper's).")
+    if args.per_layer_updates and method.make_optimizer is not adamw:
+        raise ValueError(f"`--per-layer-updates` works with AdamW-trained methods, not `--method {method.name}`.")
     max_positions = args.model_config.get("max_position_embeddings", args.seq_len)
     if args.seq_len > max_positions:
         raise ValueError(f"`--seq-len` {args.seq_len} exceeds the model's max_position_embeddings {max_positions}.")
@@ -177,6 +206,8 @@ def trajectory_config(args: argparse.Namespace, world_size: int) -> dict:
 def check_out_dir(args: argparse.Namespace, config: dict) -> Path | None:
     """The checkpoint to resume from (or None), after making sure nothing saved is overwritten by mistake."""
     out = Path(args.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"`--out-dir` {str(out)!r} is a file, not a directory.")
     run_file = out / "run_config.json"
     if args.resume:
         if not run_file.is_file():
@@ -189,6 +220,8 @@ def check_out_dir(args: argparse.Namespace, config: dict) -> Path | None:
         checkpoint = checkpointing.latest_checkpoint(out)
         if checkpoint is None:
             raise ValueError(f"`--resume`: {out} has no complete checkpoint yet.")
+        if checkpoint.name == f"{checkpointing.CHECKPOINT_PREFIX}{args.max_steps:06d}":
+            raise ValueError(f"`--resume`: the run in {out} is complete ({args.max_steps} steps); nothing to resume.")
         return checkpoint
     if (run_file.exists() or (out / "checkpoints").exists()) and not args.overwrite:
         raise ValueError(
@@ -410,8 +443,6 @@ def main(argv: list[str] | None = None) -> dict:
         val_text = "\n".join(
             t for _, t in zip(range(2000), data.stream_hf_dataset(args.dataset, args.dataset_config, "validation"))
         )
-        if args.tokenizer == "train":
-            raise ValueError("With `--dataset`, give a hub tokenizer (e.g. `--tokenizer t5-base`, the paper's).")
         tokenizer = data.load_tokenizer(args.tokenizer)
     else:
         train_text, val_text = data.local_corpus(args.train_files, args.validation_files)
@@ -450,16 +481,10 @@ def main(argv: list[str] | None = None) -> dict:
         hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
         hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(accelerator.device).train()
-    if resume_from is None:  # data and model are fine: only now does the run directory change
-        init_out_dir(args, config, accelerator)
-    if accelerator.is_main_process:
-        tokenizer.save(out / "tokenizer")
 
     # ------------------------------------------------------------------------------------------------- optimizer
     schedule = lr_lambda(args, method, hyper)
     if args.per_layer_updates:
-        if method.make_optimizer is not adamw:
-            raise ValueError(f"`--per-layer-updates` works with AdamW-trained methods, not `--method {method.name}`.")
         make = lambda params: plain_optimizer(params, hyper, args.optimizer)  # noqa: E731
         optimizer = PerLayerOptimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad], make, schedule)
         scheduler = None
@@ -467,6 +492,11 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer = make_optimizer(model, method, hyper, args.optimizer)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         model, optimizer = accelerator.prepare(model, optimizer)
+
+    if resume_from is None:  # data, model and optimizer are fine: only now does the run directory change
+        init_out_dir(args, config, accelerator)
+    if accelerator.is_main_process:
+        tokenizer.save(out / "tokenizer")
 
     start_step, tokens_seen = 0, 0
     if resume_from is not None:
@@ -538,13 +568,13 @@ def main(argv: list[str] | None = None) -> dict:
         if scheduler is not None:
             if args.grad_clip > 0:
                 accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
+            lr = scheduler.get_last_lr()[0]  # the rate this step trains at
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            lr = scheduler.get_last_lr()[0]
         else:
+            lr = optimizer.lr  # its parameters stepped during backward, at this rate
             optimizer.step_schedules()
-            lr = optimizer.lr
         if method.after_step is not None:
             method.after_step(accelerator.unwrap_model(model), optimizer, step + 1, hyper)
         loss_value = accelerator.reduce(loss_sum / len(batches), reduction="mean").item()
@@ -594,10 +624,15 @@ def main(argv: list[str] | None = None) -> dict:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         plot_losses(out / "log.jsonl", out / "loss.png", f"{args.method} on LLaMA-{args.model}")
         final = accelerator.unwrap_model(model)
-        # SLTrain: a PEFT adapter directory (safetensors); full and lowrank: a Transformers model directory
-        final.save_pretrained(out / "final", state_dict=final_state)
+        # SLTrain: a PEFT adapter directory, holding every trained tensor; under FSDP any method's gathered state
+        if method.saves_adapter or fsdp:
+            final.save_pretrained(out / "final", state_dict=final_state)
+            dense = method.to_dense(final) if args.merge else None
+        else:  # the others as plain Transformers models (LoRA merged, low-rank multiplied out)
+            dense = method.to_dense(final)
+            dense.save_pretrained(out / "final")
         if args.merge:
-            method.to_dense(final).save_pretrained(out / "merged")
+            dense.save_pretrained(out / "merged")
             tokenizer.save(out / "merged")
         print(
             f"final {args.method}: val_ppl={val_ppl:.2f} trainable={counts.trainable:,} total={counts.total:,} "

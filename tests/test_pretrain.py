@@ -189,6 +189,31 @@ def test_merged_export_loads_as_plain_model(tmp_path, corpus):
     torch.testing.assert_close(plain(ids).logits, adapter(ids).logits, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["lowrank", "lora"])
+def test_final_is_the_trained_model_as_plain_transformers(tmp_path, corpus, method):
+    """Methods other than SLTrain save `final` as the dense model: every trained tensor, in plain Transformers form
+    (LoRA's frozen W0 merged with its update, the trained embeddings and head included)."""
+    from transformers import AutoModelForCausalLM
+
+    run(tmp_path, corpus, "--method", method, "--max-steps", "2", "--save-every", "2")
+    final, info = AutoModelForCausalLM.from_pretrained(tmp_path / "final", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    sl = json.loads(Path(MICRO).read_text())["sltrain"]
+    torch.manual_seed(1)  # another init: everything must come from the checkpoint
+    trained = METHODS[method].build(final.config, Hyper(rank=sl["rank"], alpha=sl["alpha"]))
+    trained.load_state_dict(checkpointing.load_checkpoint(tmp_path / "checkpoints" / "step_000002")[0])
+    dense = METHODS[method].to_dense(trained).eval()
+    ids = torch.randint(0, final.config.vocab_size, (2, 16))
+    torch.testing.assert_close(final.eval()(ids).logits, dense(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_logged_learning_rate_is_the_one_each_step_trained_at(tmp_path, corpus):
+    run(tmp_path, corpus, "--method", "sltrain", "--max-steps", "4", "--warmup-steps", "2", "--eval-every", "100")
+    lrs = [r["lr"] for r in log_rows(tmp_path)]
+    assert lrs[:2] == pytest.approx([0.003 / 2, 0.003])  # linear warmup: step 1 at half the peak, step 2 at it
+    assert lrs[2] == pytest.approx(0.003) and lrs[3] < lrs[2]  # then the cosine decay starts
+
+
 def test_two_process_ddp_matches_one_process(tmp_path, corpus):
     """2 CPU processes (gloo) x micro-batch 4 follow the same loss trajectory as 1 process x 2 accumulation steps."""
     run(tmp_path / "single", corpus, "--method", "sltrain", "--eval-every", "100")
@@ -248,12 +273,39 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus):
         (["--method", "sltrain", "--global-batch", "4000", "--micro-batch", "4000"], "fewer than one global batch"),
         (["--method", "sltrain", "--seq-len", "65"], "`--seq-len` 65 exceeds the model's max_position_embeddings 64"),
         (["--method", "sltrain", "--warmup-steps", "6"], "`--warmup-steps`"),
+        (["--eval-every", "0"], "`--eval-every` must be positive, got 0"),
+        (["--eval-blocks", "0"], "`--eval-blocks` must be positive, got 0"),
+        (["--save-every", "-1"], "`--save-every` must be 0 or more, got -1"),
+        (["--weight-decay", "-1"], "`--weight-decay` must be 0 or more, got -1.0"),
+        (["--min-lr-ratio", "-1"], r"`--min-lr-ratio` must be in \[0, 1\], got -1.0"),
+        (["--resume", "--overwrite"], "pass one of them"),
+        (["--method-arg", "foo"], "`--method-arg` must be KEY=VALUE, got 'foo'"),
+        (["--method", "relora", "--method-arg", "relora_every=abc"], "relora_every must be a positive int, got 'abc'"),
+        (["--method", "relora", "--method-arg", "relora_every=0"], "relora_every must be a positive int, got '0'"),
+        (
+            ["--method", "sltrain", "--method-arg", "relora_every=5"],
+            r"has no setting 'relora_every' \(it takes none\)",
+        ),
+        (["--method", "galore", "--per-layer-updates"], "works with AdamW-trained methods, not `--method galore`"),
+        (["--dataset", "allenai/c4"], "With `--dataset`, give a hub tokenizer"),
+        (["--tokenizer", "/nonexistent/tokenizer"], "`--tokenizer` '/nonexistent/tokenizer' cannot be loaded"),
     ],
 )
 def test_bad_input_fails_before_training(tmp_path, corpus, extra, message):
     with pytest.raises(ValueError, match=message):
         run(tmp_path, corpus, *extra)
-    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "log.jsonl").exists()
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_preset_without_training_settings(tmp_path, corpus):
+    preset = json.loads(Path(MICRO).read_text())
+    del preset["train"]["max_steps"], preset["sltrain"]
+    (tmp_path / "partial.json").write_text(json.dumps(preset))
+    with pytest.raises(ValueError, match=r"sets no \['max_steps', 'rank', 'sparsity', 'alpha'\]: .* --max-steps"):
+        run(tmp_path / "out", corpus, "--model", str(tmp_path / "partial.json"))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="`--out-dir` .*a_file' is a file, not a directory"):
+        run(tmp_path / "a_file", corpus)
 
 
 @pytest.mark.parametrize(
@@ -287,6 +339,10 @@ def test_existing_runs_are_never_overwritten_by_mistake(tmp_path, corpus):
         run(tmp_path, corpus, "--method", "full", "--max-steps", "2", "--resume")
     with pytest.raises(ValueError, match="different config or method.*lr"):
         run(tmp_path, corpus, "--method", "sltrain", "--max-steps", "2", "--resume", "--lr", "0.1")
+    with pytest.raises(ValueError, match="works with AdamW-trained methods"):  # bad input, even with --overwrite
+        run(tmp_path, corpus, "--method", "galore", "--max-steps", "2", "--per-layer-updates", "--overwrite")
+    with pytest.raises(ValueError, match=r"is complete \(2 steps\); nothing to resume"):
+        run(tmp_path, corpus, "--method", "sltrain", "--max-steps", "2", "--save-every", "2", "--resume")
     assert (tmp_path / "checkpoints" / "step_000002" / "model.safetensors").read_bytes() == before
     with pytest.raises(ValueError, match="holds no run to resume"):
         run(tmp_path / "fresh", corpus, "--method", "sltrain", "--resume")
