@@ -77,6 +77,7 @@ def run(name: str, args: list[str], runs: Path, model: str, data: Path) -> dict:
             sys.executable, str(ROOT / "scripts" / "run_glue.py"), *COMMON, "--model_name_or_path", model,
             "--train_file", str(data / "rotten_tomatoes_train.csv.gz"),
             "--validation_file", str(data / "rotten_tomatoes_validation.csv.gz"), "--output_dir", str(out), *args,
+            "--overwrite_output_dir",  # a run without summary.json is an interrupted attempt: start it over
         ]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1"}
         env.update(HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1")

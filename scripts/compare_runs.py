@@ -5,12 +5,23 @@ python scripts/compare_runs.py runs/tiny-sltrain runs/tiny-full
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="compare_runs.py",
+        description="Print finished pretraining runs (scripts/pretrain.py) side by side: validation perplexity, "
+        "parameter counts, training-state bytes, peak memory and throughput, from each run's summary.json.",
+    )
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="an --out-dir of scripts/pretrain.py")
+    return parser.parse_args(argv)
+
+
 def main(run_dirs: list[str]) -> str:
+    """The table of the runs in `run_dirs`, one row each, in the order given."""
     rows = []
     for run in run_dirs:
         path = Path(run) / "summary.json"
@@ -41,4 +52,4 @@ def main(run_dirs: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    print(main(sys.argv[1:]))
+    print(main(parse_args().run_dirs))

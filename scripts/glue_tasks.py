@@ -59,6 +59,8 @@ STSB_RANGE = (0.0, 5.0)
 
 
 def get_task(name: str | None) -> Task:
+    if name is None:
+        raise ValueError(f"`--task_name` is required; choose one of {sorted(TASKS)}.")
     if name not in TASKS:
         raise ValueError(f"Unknown `--task_name` {name!r}; choose one of {sorted(TASKS)}.")
     return TASKS[name]

@@ -15,6 +15,11 @@ Reads top to bottom: presets and arguments, Hub check, data, model, training, ev
 what is trained: `sltrain` (W0 + (alpha/r) B A + S on the targeted projections), `lora` (W0 + (alpha/r) B A) or
 `full` (every weight); the adapters also train the classifier, which PEFT saves through `modules_to_save`. Each task
 has a preset (batch size, epochs, learning rate, rank, sparsity, alpha, max length) that every flag overrides.
+
+`--task_name` and `--output_dir` are required. An output directory that already holds a run (an adapter or model,
+summary.json or `checkpoint-*` folders) is refused, so that two runs never mix: continue it with
+`--resume_from_checkpoint DIR/checkpoint-N` (a checkpoint in it; the Trainer's step, optimizer and schedule carry on),
+or replace it with `--overwrite_output_dir` (its checkpoints and finished-run files are deleted just before training).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field, fields
@@ -125,6 +131,13 @@ class ModelArguments:
         metadata={"help": "Hub id of the base model for the model card (needed with a local --model_name_or_path)."},
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models and data are cached."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace the run already in `--output_dir`: its checkpoints and finished-run files are deleted "
+            "before training (without this flag, such a directory is refused unless resuming from a checkpoint in it)."
+        },
+    )
 
 
 @dataclass
@@ -158,6 +171,8 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Training
     parser.set_defaults(**dict.fromkeys(PRESET_TRAINING_FIELDS))  # None = not given: the preset decides
     namespace = vars(parser.parse_args(argv))
     task = get_task(namespace["task_name"])
+    if not namespace["output_dir"]:  # TrainingArguments would fall back to ./trainer_output
+        raise ValueError("`--output_dir` is required: the adapter (or model), its card and summary.json go there.")
     if namespace["method"] not in METHODS:
         raise ValueError(f"Unknown `--method` {namespace['method']!r}; choose one of {list(METHODS)}.")
     preset = PRESETS[task.name]
@@ -201,8 +216,9 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, training_ar
         raise ValueError(f"`--sparsity` must be in (0, 1), got {model_args.sparsity}.")
     if not 0 <= model_args.lora_dropout < 1:
         raise ValueError(f"`--lora_dropout` must be in [0, 1), got {model_args.lora_dropout}.")
-    if not training_args.output_dir:
-        raise ValueError("`--output_dir` is required: the adapter (or model), its card and summary.json go there.")
+    check_output_dir(
+        Path(training_args.output_dir), training_args.resume_from_checkpoint, model_args.overwrite_output_dir
+    )
     if bool(data_args.train_file) != bool(data_args.validation_file):
         raise ValueError("Give both `--train_file` and `--validation_file` (local data), or neither (the Hub's GLUE).")
     if data_args.validation_mismatched_file and data_args.task_name != "mnli":
@@ -217,6 +233,46 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, training_ar
         raise ValueError(
             f"`--push_to_hub` with a local `--model_name_or_path` ({model_args.model_name_or_path}): give "
             "`--base_model_id` (its Hub id), which the model card records as `base_model`."
+        )
+
+
+# These files, or a `checkpoint-N` folder, mean an output directory already holds a run.
+RUN_FILES = ("summary.json", "adapter_model.safetensors", "adapter_config.json", "model.safetensors")
+
+
+def run_contents(out: Path) -> list[Path]:
+    """What a run left in `out`: its checkpoints and finished-run files (empty when `out` holds no run)."""
+    if not out.is_dir():
+        return []
+    checkpoints = [p for p in out.iterdir() if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+    return sorted(checkpoints) + [out / name for name in RUN_FILES if (out / name).is_file()]
+
+
+def check_output_dir(out: Path, resume_from_checkpoint: str | None, overwrite: bool) -> None:
+    """Refuse to mix two runs in one directory; a checkpoint to resume from must be a Trainer checkpoint."""
+    if resume_from_checkpoint is not None:
+        checkpoint = Path(resume_from_checkpoint)
+        if not checkpoint.is_dir():
+            raise ValueError(f"`--resume_from_checkpoint` {resume_from_checkpoint!r} is not a directory.")
+        if not (checkpoint / "trainer_state.json").is_file():
+            raise ValueError(
+                f"`--resume_from_checkpoint` {resume_from_checkpoint!r} is not a Trainer checkpoint (no "
+                "trainer_state.json); give a `checkpoint-N` folder that a run saved (`--save_strategy`)."
+            )
+        if overwrite:
+            raise ValueError(
+                "`--overwrite_output_dir` deletes the checkpoints of the run in `--output_dir`: it cannot be combined "
+                "with `--resume_from_checkpoint`."
+            )
+        if out.resolve() in checkpoint.resolve().parents:
+            return  # continuing the run in `out`
+    found = run_contents(out)
+    if found and not overwrite:
+        names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
+        raise ValueError(
+            f"`--output_dir` {str(out)!r} already holds a run ({names}). Continue it with "
+            f"`--resume_from_checkpoint {out / 'checkpoint-N'}`, replace it with `--overwrite_output_dir`, or give "
+            "another `--output_dir`."
         )
 
 
@@ -245,10 +301,13 @@ def load_raw_data(task: Task, data_args: DataArguments, cache_dir: str | None) -
     files = {"train": data_args.train_file, task.validation_splits[0]: data_args.validation_file}
     if data_args.validation_mismatched_file:
         files["validation_mismatched"] = data_args.validation_mismatched_file
-    formats = {file_format(path) for path in files.values()}
-    if len(formats) > 1:
-        raise ValueError(f"Local data files must share one format, got {sorted(formats)}: {files}.")
-    return load_dataset(formats.pop(), data_files=files, cache_dir=cache_dir)
+    # one file at a time: loaded together, files whose columns or label types differ fail deep in `datasets`
+    return DatasetDict(
+        {
+            split: load_dataset(file_format(path), data_files={split: path}, cache_dir=cache_dir)[split]
+            for split, path in files.items()
+        }
+    )
 
 
 def label_ids(task: Task, labels: list, where: str) -> list:
@@ -421,8 +480,16 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=collator,
         compute_metrics=compute_metrics,
     )
+    stale = [] if training_args.resume_from_checkpoint else run_contents(out)
+    if stale:  # only with --overwrite_output_dir (check_output_dir), and only now that everything has loaded
+        for path in stale:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        print(f"--overwrite_output_dir: deleted the previous run's {', '.join(p.name for p in stale)} in {out}")
     t0 = time.perf_counter()
-    train_metrics = trainer.train().metrics
+    train_metrics = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint).metrics
     train_seconds = time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------------------------ evaluation

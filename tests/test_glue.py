@@ -429,6 +429,102 @@ def test_command_line_errors_are_one_clean_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("run_glue.py: error: Unknown `--task_name` 'glue'")
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--output_dir", "x"], r"`--task_name` is required; choose one of \['cola', 'mnli'"),
+        (["--task_name", "mrpc"], "`--output_dir` is required"),  # not ./trainer_output, transformers' default
+    ],
+)
+def test_required_flags(tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        run_glue.parse_args(argv)
+    assert not list(tmp_path.iterdir())
+
+
+def test_differing_local_files_load_one_by_one(tmp_path, tiny_model, data, offline_metrics):
+    """Train and validation files with other columns and label types: each split is read on its own."""
+    rows = read_rows(data["pair_validation"])
+    names = glue_tasks.TASKS["qnli"].labels
+    validation = write_rows(  # GLUE's qnli columns, class names, an extra column; train has sentence1/2 and ids
+        tmp_path / "validation.csv",
+        [{"idx": i, "question": r["sentence1"], "sentence": r["sentence2"], "label": names[int(r["label"])]}
+         for i, r in enumerate(rows)],
+    )  # fmt: skip
+    summary = run(tmp_path, tiny_model, "qnli", data["pair_train"], validation)
+    assert "eval_accuracy" in summary["metrics"]
+
+    bad = write_rows(tmp_path / "bad.csv", [{"text": "good", "label": 1}])
+    with pytest.raises(ValueError, match=r"needs the text column\(s\) `sentence` in validation \(.*bad.csv\)"):
+        run(tmp_path / "bad", tiny_model, "sst2", data["single_train"], bad)
+
+
+# ------------------------------------------------------------------------------------------ output dir, resuming
+def test_resume_from_checkpoint_continues_the_run(tmp_path, tiny_model, data, offline_metrics, monkeypatch):
+    steps = []
+
+    class CountingTrainer(run_glue.Trainer):
+        def training_step(self, *args, **kwargs):
+            steps.append(self.state.global_step)
+            return super().training_step(*args, **kwargs)
+
+    monkeypatch.setattr(run_glue, "Trainer", CountingTrainer)
+    args = ("mrpc", data["pair_train"], data["pair_validation"], "--save_strategy", "steps", "--save_steps", "4")
+    run(tmp_path, tiny_model, *args)  # 32 rows, batch 8, 2 epochs: 8 steps, checkpoints at 4 and 8
+    out = tmp_path / "out"
+    assert steps == list(range(8))
+    first = load_file(out / "adapter_model.safetensors")
+
+    steps.clear()
+    run(tmp_path, tiny_model, *args, "--resume_from_checkpoint", str(out / "checkpoint-4"))
+    assert steps == [4, 5, 6, 7]  # steps 5 to 8 only: the step, optimizer, schedule and RNG come from checkpoint-4
+    assert json.loads((out / "checkpoint-8" / "trainer_state.json").read_text())["global_step"] == 8
+    resumed = load_file(out / "adapter_model.safetensors")
+    assert resumed.keys() == first.keys()
+    for key in first:
+        torch.testing.assert_close(resumed[key], first[key], rtol=0, atol=1e-6)  # the same run as without a stop
+
+
+def test_output_dir_with_a_run_is_refused(tmp_path):
+    out = tmp_path / "out"
+    (out / "checkpoint-4").mkdir(parents=True)
+    (out / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    other = tmp_path / "other" / "checkpoint-2"
+    other.mkdir(parents=True)
+    (other / "trainer_state.json").write_text("{}")
+    argv = ["--task_name", "sst2", "--output_dir", str(out), "--model_name_or_path", "m"]
+
+    (out / "summary.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"holds a run \(checkpoint-4, summary.json\).*overwrite_output_dir"):
+        run_glue.parse_args(argv)
+    with pytest.raises(ValueError, match="already holds a run"):  # a checkpoint of another run does not resume it
+        run_glue.parse_args([*argv, "--resume_from_checkpoint", str(other)])
+    run_glue.parse_args([*argv, "--resume_from_checkpoint", str(out / "checkpoint-4")])  # continuing: fine
+    run_glue.parse_args([*argv, "--overwrite_output_dir"])
+    (tmp_path / "notes.txt").write_text("not a run")
+    run_glue.parse_args(["--task_name", "sst2", "--output_dir", str(tmp_path)])  # unrelated files and folders only
+
+    with pytest.raises(ValueError, match=r"`--resume_from_checkpoint` '.*checkpoint-9' is not a directory"):
+        run_glue.parse_args([*argv, "--resume_from_checkpoint", str(out / "checkpoint-9")])
+    with pytest.raises(ValueError, match=r"`--resume_from_checkpoint` '.*out' is not a Trainer checkpoint"):
+        run_glue.parse_args([*argv, "--resume_from_checkpoint", str(out)])
+    with pytest.raises(ValueError, match="cannot be combined with `--resume_from_checkpoint`"):
+        run_glue.parse_args([*argv, "--overwrite_output_dir", "--resume_from_checkpoint", str(out / "checkpoint-4")])
+
+
+def test_overwrite_output_dir_replaces_the_run(tmp_path, tiny_model, data, offline_metrics):
+    run(tmp_path, tiny_model, "rte", data["pair_train"], data["pair_validation"], "--method", "full")
+    out = tmp_path / "out"
+    (out / "checkpoint-99").mkdir()  # a stale checkpoint of the first run
+    with pytest.raises(ValueError, match=r"already holds a run \(checkpoint-99, summary.json, model.safetensors\)"):
+        run(tmp_path, tiny_model, "rte", data["pair_train"], data["pair_validation"])
+    summary = run(tmp_path, tiny_model, "rte", data["pair_train"], data["pair_validation"], "--overwrite_output_dir")
+    assert json.loads((out / "summary.json").read_text())["method"] == summary["method"] == "sltrain"
+    assert not (out / "checkpoint-99").exists() and not (out / "model.safetensors").exists()  # nothing of run one
+    assert (out / "adapter_model.safetensors").is_file()
+
+
 # ----------------------------------------------------------------------------------------------------------- metrics
 PREDICTIONS = {  # fixed predictions and references per task
     "cola": ([1, 0, 1, 1, 0, 1, 0, 0], [1, 0, 0, 1, 0, 1, 1, 0]),

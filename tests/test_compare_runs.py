@@ -1,0 +1,53 @@
+"""scripts/compare_runs.py: its table, and a command line that needs at least one run directory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = str(ROOT / "scripts" / "compare_runs.py")
+
+
+def write_summary(run: Path, method: str, val_ppl: float) -> str:
+    run.mkdir()
+    summary = {
+        "method": method,
+        "val_ppl": val_ppl,
+        "trainable_params": 1_000,
+        "total_params": 2_000,
+        "training_state_bytes": 3 * 2**20,
+        "peak_memory_bytes": 100 * 2**20,
+        "peak_memory_kind": "cpu_peak_rss",
+        "tokens_per_s": 1234.7,
+        "tokens": 4096,
+    }  # the keys scripts/pretrain.py writes that the table reads
+    (run / "summary.json").write_text(json.dumps(summary))
+    return str(run)
+
+
+def compare(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True)
+
+
+def test_table_of_two_runs(tmp_path):
+    result = compare(write_summary(tmp_path / "a", "sltrain", 93.5), write_summary(tmp_path / "b", "full", 127.0))
+    assert result.returncode == 0, result.stderr
+    header, sltrain, full, note = result.stdout.strip().splitlines()
+    assert header.split()[:3] == ["method", "val", "ppl"]
+    assert sltrain.split()[:2] == ["sltrain", "93.50"] and full.split()[:2] == ["full", "127.00"]
+    assert "3.0 MiB" in sltrain and "1,235" in sltrain and "cpu_peak_rss" in note
+
+
+def test_command_line(tmp_path):
+    result = compare()  # no run directory: an error, not an empty table
+    assert result.returncode == 2 and not result.stdout
+    assert "error: the following arguments are required: RUN_DIR" in result.stderr
+
+    result = compare("--help")  # help, not a run directory named --help
+    assert result.returncode == 0 and "side by side" in result.stdout and "RUN_DIR" in result.stdout
+
+    result = compare(str(tmp_path / "missing"))
+    assert result.returncode == 1 and "missing/summary.json does not exist (did the run finish?)" in result.stderr
