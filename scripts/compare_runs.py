@@ -27,7 +27,10 @@ def main(run_dirs: list[str]) -> str:
         path = Path(run) / "summary.json"
         if not path.is_file():
             raise SystemExit(f"compare_runs.py: error: {path} does not exist (did the run finish?)")
-        rows.append(json.loads(path.read_text()))
+        row = json.loads(path.read_text())
+        if "val_ppl" not in row:
+            raise SystemExit(f"compare_runs.py: error: {path} is not from scripts/pretrain.py (no val_ppl)")
+        rows.append(row)
     header = ("method", "val ppl", "trainable", "total", "params+grads+opt", "peak mem", "tokens/s", "tokens")
     table = [header] + [
         (

@@ -51,3 +51,8 @@ def test_command_line(tmp_path):
 
     result = compare(str(tmp_path / "missing"))
     assert result.returncode == 1 and "missing/summary.json does not exist (did the run finish?)" in result.stderr
+
+    (tmp_path / "glue").mkdir()
+    (tmp_path / "glue" / "summary.json").write_text(json.dumps({"method": "sltrain", "metrics": {}}))
+    result = compare(str(tmp_path / "glue"))  # a run_glue.py run
+    assert result.returncode == 1 and "is not from scripts/pretrain.py (no val_ppl)" in result.stderr
