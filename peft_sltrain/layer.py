@@ -26,13 +26,21 @@ REPLACEABLE = (nn.Linear, Conv1D)
 
 
 def layer_features(layer: nn.Module) -> tuple[int, int]:
-    """(d_in, d_out) of a replaceable layer (or of one already replaced); `ValueError` for any other module."""
+    """(d_in, d_out) of a replaceable layer (or of one already replaced); `ValueError` for any other module,
+    including a quantized linear layer (bitsandbytes' `Linear4bit` / `Linear8bitLt` subclass `nn.Linear`)."""
     if isinstance(layer, SLTrainLayer):
         return layer.in_features, layer.out_features
-    if isinstance(layer, nn.Linear):
-        return layer.in_features, layer.out_features
-    if isinstance(layer, Conv1D):
-        return layer.nx, layer.nf  # weight (nx, nf) = (d_in, d_out)
+    if isinstance(layer, REPLACEABLE):
+        weight = layer.weight
+        quantized = type(weight).__name__ in ("Params4bit", "Int8Params") or (
+            weight is not None and weight.device.type != "meta" and not weight.is_floating_point()
+        )
+        if quantized:
+            raise ValueError(
+                f"SLTrain needs a floating-point base weight, and this {type(layer).__name__} holds a quantized one "
+                f"({type(weight).__name__}, {weight.dtype}); load the model without quantization."
+            )
+        return (layer.in_features, layer.out_features) if isinstance(layer, nn.Linear) else (layer.nx, layer.nf)
     raise ValueError(
         f"SLTrain can only replace `torch.nn.Linear` and Transformers `Conv1D` layers, got {type(layer).__name__}; "
         "check `target_modules`."

@@ -206,6 +206,23 @@ def test_bad_layer_arguments(config, message):
         get_peft_model(tiny_llama(), config)
 
 
+def test_quantized_base_layers_are_refused():
+    """An nn.Linear holding integer weights (as quantized layers do) has no W0 to add a delta to."""
+    model = tiny_llama()
+    q = model.model.layers[0].self_attn.q_proj
+    q.weight = nn.Parameter(torch.zeros(q.weight.shape, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(ValueError, match=r"needs a floating-point base weight.*Parameter, torch.int8"):
+        get_peft_model(model, SLTrainConfig(r=2))
+    assert not any(isinstance(m, SLTrainLayer) for m in model.modules())
+
+
+def test_bitsandbytes_4bit_layers_are_refused():
+    bnb = pytest.importorskip("bitsandbytes")
+    model = nn.Sequential(bnb.nn.Linear4bit(32, 32, bias=False))
+    with pytest.raises(ValueError, match="this Linear4bit holds a quantized one"):
+        get_peft_model(model, SLTrainConfig(r=2, target_modules=["0"]))
+
+
 def test_count_parameters_refuses_what_cannot_be_replaced():
     with pytest.raises(ValueError, match=r"matched `model.embed_tokens`: SLTrain can only replace .*got Embedding"):
         count_parameters(tiny_llama(), SLTrainConfig(r=2, target_modules=["embed_tokens"]))
