@@ -1,4 +1,4 @@
-"""SLTrain in 60 lines: pretrain a tiny LLaMA from scratch, fine-tune a tiny RoBERTa, save, reload, merge.
+"""SLTrain in one short script: pretrain a tiny LLaMA from scratch, fine-tune a tiny RoBERTa, save, reload, merge.
 
     python examples/quickstart.py
 

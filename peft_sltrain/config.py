@@ -64,7 +64,8 @@ class SLTrainConfig(PeftConfig):
             initialised with the model's own init, except the targeted layers' biases, which start at zero.
         seed (`int`, defaults to `0`):
             Seed of the random supports. The support of each layer is derived from this seed and the layer's module
-            name, so it is reproducible and differs between layers. The supports are also saved with the adapter.
+            name, so it is reproducible and differs between layers. The supports are also saved with the adapter
+            (unless `save_support=False`).
         bias (`str`, defaults to `"none"`):
             Which biases to train in fine-tuning mode: `"none"`, `"all"` or `"sltrain_only"` (the biases of the
             targeted layers). Ignored when `from_scratch=True`, where all biases are trained.

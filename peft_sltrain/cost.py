@@ -51,12 +51,12 @@ SPARSE_RELATIVE_COST: dict[tuple[str, torch.dtype], tuple[float, float, float]] 
 # The same for numba's CPU kernels (`cpu_kernels.py`), used wherever they run. fp32: `cost_model_fit` of
 # benchmarks/results/layer_cpu.json (same shapes and machine, the current kernels): a sparse multiply-add costs 3.3
 # dense ones, with no short-row penalty, and the in-kernel block transposes take the tau term. It predicts the
-# measured factored / dense-path time ratio within 0.02 on the LLaMA shapes, the rank sweep and the sparsity sweep
-# (1.20 for a measured 1.18 at delta = 0.3). Narrow layers are the noisiest: the same 128 x 344 layer measured 0.60,
-# 0.87 and 0.76 in three runs. Fitted with 2 threads on 2048 tokens: with many threads and few tokens (fewer than 64
-# per thread leaves threads idle) the sparse part costs relatively more. fp64 assumed alike.
+# measured factored / dense-path time ratio within 0.02 on the LLaMA shapes and within 0.03 on the rank and
+# sparsity sweeps (1.20 for a measured 1.18 at delta = 0.3). Narrow layers are the noisiest: the same 128 x 344 layer
+# measured 0.60, 0.87 and 0.76 in three runs. Fitted with 2 threads on 2048 tokens: with many threads and few
+# tokens (fewer than 64 per thread leaves threads idle) the sparse part costs relatively more. fp64 assumed alike.
 # bf16: `cost_model_fit` of benchmarks/results/layer_cpu_bf16.json. The kernels run about as fast as in fp32 (they
-# compute in fp32 and move half the bytes), but this CPU's bf16 GEMMs are 2.0-2.5x its fp32 ones, so against them a
+# compute in fp32 and move half the bytes), but this CPU's bf16 GEMMs are 1.9-2.5x its fp32 ones, so against them a
 # sparse multiply-add costs more: 7.3 plus a short-row term. It predicts the measured ratio within 0.06 on the LLaMA
 # shapes and 0.03 on the rank sweep (1.47 predicted, 1.46 measured at 128 x 344, which goes dense; 1.01 and 1.01 at
 # 512 x 512), and overestimates it at delta >= 0.1 (2.30 for a measured 1.95 at 0.3).
