@@ -75,11 +75,16 @@ def _numba_works() -> bool:
 
 
 def _threads() -> int:
-    """As many numba threads as torch uses (numba cannot start more than it was configured with)."""
+    """As many numba threads as torch uses (numba cannot start more than it was configured with). The first call
+    starts numba's thread pool, which under its OpenMP layer resets OpenMP's thread count, torch's too: torch's count
+    is put back, so that `torch.set_num_threads` keeps holding for torch and for these kernels."""
     import numba
 
-    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    torch_threads = torch.get_num_threads()
+    threads = min(torch_threads, numba.config.NUMBA_NUM_THREADS)
     numba.set_num_threads(threads)
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
     return threads
 
 

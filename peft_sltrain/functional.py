@@ -24,7 +24,6 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 from . import cpu_kernels
 from .support import MAX_LAYER_ENTRIES
@@ -56,7 +55,12 @@ class _SparseLowRankLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, A, B, values, indices, scaling, weight, bias):
-        y = F.linear(x, dense_weight(A, B, values, indices, scaling, weight), bias)
+        W = dense_weight(A, B, values, indices, scaling, weight)  # (d_out, d_in), transient
+        y = _output(x, W.shape[0])
+        if bias is None:
+            torch.mm(x.reshape(-1, x.shape[-1]), W.t(), out=y.view(-1, W.shape[0]))
+        else:
+            torch.addmm(bias, x.reshape(-1, x.shape[-1]), W.t(), out=y.view(-1, W.shape[0]))
         ctx.save_for_backward(x, A, B, values, indices, weight)
         ctx.scaling = scaling
         return y
@@ -86,6 +90,23 @@ class _SparseLowRankLinear(torch.autograd.Function):
         if need_bias:
             grad_bias = dy.sum(0)
         return grad_x, grad_A, grad_B, grad_values, None, None, grad_weight, grad_bias
+
+
+def _output(x: torch.Tensor, d_out: int) -> torch.Tensor:
+    """A new (..., d_out) output for `x` (..., d_in), written through its 2-D view. Returned as it is, not as a view
+    of a 2-D result, so that callers may modify it in place (`relu_()`), as they may `F.linear`'s."""
+    return torch.empty(*x.shape[:-1], d_out, dtype=x.dtype, device=x.device)
+
+
+def _refuse_double_backward() -> None:
+    """A custom backward runs with grad mode on only under `create_graph=True`: the factored path's sparse kernels
+    are not differentiable, so refuse there rather than return first derivatives without a graph (which would
+    silently drop every second-order term)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "The factored SLTrain path has no second derivative (its sparse kernels are not differentiable); use "
+            "`path='dense'` (`compute='dense'`) for double backward, e.g. gradient penalties."
+        )
 
 
 def csr_layout(indices: torch.Tensor, d_out: int, d_in: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +165,8 @@ class _FactoredSparseLowRankLinear(torch.autograd.Function):
     def forward(ctx, x, A, B, values, indices, scaling, weight, bias):
         d_out, d_in = B.shape[0], A.shape[1]
         x2 = x.reshape(-1, d_in)  # (N, d_in)
-        y = torch.empty(x2.shape[0], d_out, dtype=x.dtype, device=x.device)  # (N, d_out)
+        out = _output(x, d_out)  # (..., d_out)
+        y = out.view(-1, d_out)  # (N, d_out)
         kernels = cpu_kernels.supports(x.device, x.dtype)
         if kernels:  # they block the tokens themselves and need no transposed copies: one chunk (chunks of
             # 2**19 numbers saved 0.4-3 MiB of a layer's peak and cost up to 35% of its time, measured at 2048 tokens)
@@ -164,11 +186,11 @@ class _FactoredSparseLowRankLinear(torch.autograd.Function):
             y += bias
         ctx.save_for_backward(x, A, B, values, indices, weight)
         ctx.scaling, ctx.kernels = scaling, kernels  # backward uses the same kernel set
-        return y.view(*x.shape[:-1], d_out)
+        return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # the sparse kernels are not differentiable: no double backward
     def backward(ctx, grad_y):
+        _refuse_double_backward()
         x, A, B, values, indices, weight = ctx.saved_tensors
         need_x, need_A, need_B, need_values, _, _, need_weight, need_bias = ctx.needs_input_grad
         scaling = ctx.scaling
@@ -220,6 +242,20 @@ class _FactoredSparseLowRankLinear(torch.autograd.Function):
 PATHS = ("dense", "factored")
 
 
+def _check_for_csr_kernels(x: torch.Tensor, indices: torch.Tensor, entries: int) -> None:
+    """What PyTorch's CSR kernels need and do not check themselves (numba's kernels check the support in their
+    row-start pass). CPU only: on CUDA the check would synchronise every call; the layers' supports are valid."""
+    if x.dtype not in (torch.float32, torch.float64):
+        raise ValueError(
+            f"The factored path on CPU computes {x.dtype} only on numba's kernels (bfloat16; `pip install "
+            "peft-sltrain[cpu]`); PyTorch's CSR kernels take float32 and float64. Use `path='dense'`."
+        )
+    if indices.numel() and not (
+        int(indices[0]) >= 0 and int(indices[-1]) < entries and bool((indices[1:] > indices[:-1]).all())
+    ):
+        raise ValueError(f"`indices` must be strictly increasing flat indices in [0, {entries}).")
+
+
 def _int32_support(indices: torch.Tensor, entries: int) -> torch.Tensor:
     """The support as int32, which the sparse kernels read; other integer dtypes are range-checked, then converted."""
     if indices.dtype == torch.int32:
@@ -256,5 +292,7 @@ def sltrain_linear(
         return _SparseLowRankLinear.apply(x, A, B, values, indices, scaling, weight, bias)
     if path == "factored":
         indices = _int32_support(indices, B.shape[0] * A.shape[1])
+        if x.device.type == "cpu" and not cpu_kernels.supports(x.device, x.dtype):
+            _check_for_csr_kernels(x, indices, B.shape[0] * A.shape[1])
         return _FactoredSparseLowRankLinear.apply(x, A, B, values, indices, scaling, weight, bias)
     raise ValueError(f"`path` must be one of {PATHS}, got {path!r}.")

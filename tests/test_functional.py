@@ -239,13 +239,64 @@ def test_factored_saves_nothing_dense(path):
 
 
 @pytest.mark.parametrize("path", FACTORED, indirect=True)
-def test_factored_path_refuses_double_backward(path):
-    """Its sparse kernels are not differentiable: a second derivative is refused, not silently wrong."""
+@pytest.mark.parametrize("loss", ["square", "linear"])
+def test_factored_path_refuses_double_backward(path, loss):
+    """Its sparse kernels are not differentiable: asking for a graph of the first derivatives is refused, also for a
+    loss linear in y, where the incoming gradient carries no graph and nothing would have signalled the loss."""
     t = make_inputs(with_weight=False)
     y = sltrain_linear(**t, scaling=1.0, path=path)
-    (grad_x,) = torch.autograd.grad(y.square().sum(), t["x"], create_graph=True)
-    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
-        grad_x.sum().backward()
+    out = y.square().sum() if loss == "square" else y.sum()
+    with pytest.raises(RuntimeError, match="factored SLTrain path has no second derivative.*path='dense'"):
+        torch.autograd.grad(out, t["x"], create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(out, t["A"], create_graph=True)
+
+
+@pytest.mark.parametrize("path", IMPLEMENTATIONS, indirect=True)
+@pytest.mark.parametrize("batch", [(7,), (2, 5)])
+def test_output_may_be_modified_in_place(path, batch):
+    """As with F.linear, `y.relu_()` works and its gradients are right (a view of an internal result would refuse)."""
+    ours = make_inputs(batch=batch)
+    ref = clone_inputs(ours)
+    y = sltrain_linear(**ours, scaling=0.5, path=path).relu_()
+    y_ref = reference(**ref, scaling=0.5).relu()
+    torch.testing.assert_close(y, y_ref)
+    for g, g_ref in zip(grads(y, [ours[n] for n in NAMES]), grads(y_ref, [ref[n] for n in NAMES])):
+        torch.testing.assert_close(g, g_ref)
+
+
+def test_torch_kernels_refuse_what_they_cannot_compute(monkeypatch):
+    """PyTorch's CSR kernels check neither the support's order nor their dtypes: the factored path does, on CPU."""
+    monkeypatch.setattr(cpu_kernels, "AVAILABLE", False)
+    t = make_inputs(dtype=torch.float32)
+    shuffled = t["indices"].flip(0).contiguous()
+    with pytest.raises(ValueError, match=r"`indices` must be strictly increasing flat indices in \[0, 120\)"):
+        sltrain_linear(**(t | {"indices": shuffled}), scaling=1.0, path="factored")
+    t16 = make_inputs(dtype=torch.float16)
+    with pytest.raises(ValueError, match="factored path on CPU computes torch.float16 only on numba's kernels"):
+        sltrain_linear(**t16, scaling=1.0, path="factored")
+    assert sltrain_linear(**(t | {"indices": shuffled}), scaling=1.0, path="dense").shape == (2, 5, 10)
+
+
+THREADS = """
+import torch
+torch.set_num_threads(1)
+from peft_sltrain.functional import sltrain_linear
+A, B = torch.randn(4, 32), torch.randn(32, 4)
+indices = torch.arange(0, 1024, 7, dtype=torch.int32)
+y = sltrain_linear(torch.randn(300, 32), A, B, torch.randn(indices.numel()), indices, scaling=1.0, path="factored")
+print(torch.get_num_threads())
+"""
+
+
+@NEEDS_NUMBA
+def test_kernels_leave_torch_thread_count_alone():
+    """numba's OpenMP pool resets OpenMP's thread count when it starts; torch's `set_num_threads` must still hold."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", THREADS], capture_output=True, text=True, check=True).stdout
+    assert out.split()[-1] == "1"
 
 
 @pytest.mark.parametrize("path", IMPLEMENTATIONS, indirect=True)
