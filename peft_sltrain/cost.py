@@ -133,8 +133,10 @@ def choose_path(
         if not supported:
             if device.type == "cpu" and dtype in cpu_kernels.DTYPES:
                 hint = "numba's CPU kernels would cover it: `pip install 'peft-sltrain[cpu]'`, or"
-            else:
+            elif device.type == "cpu":
                 hint = "numba's CPU kernels cover only float32, float64 and bfloat16;"
+            else:
+                hint = "numba's kernels run on CPU only;"
             raise ValueError(
                 f"`compute='factored'` needs sparse kernels for {dtype} on {device.type}, which PyTorch lacks ({hint} "
                 "use compute='auto' or 'dense')."

@@ -24,10 +24,11 @@ kernels: passed in from PyTorch (so that its memory profiler would count them) t
 likely because the compiler can then no longer assume that they alias nothing. PyTorch's profiler does not see them.
 
 Deterministic: tokens are split over threads in fixed contiguous ranges and the partial sums of dS added in thread
-order, so the same thread count gives the same bits (x S^T and dY S do not depend on it at all). The kernels compile
-on first use per dtype (a few seconds each; fp32, fp64, bf16). With numba's GNU OpenMP threading layer, a process
-forked after its parent ran them must not run them itself (DataLoader workers do not; torchrun starts fresh
-processes).
+order, so the same thread count gives the same bits (x S^T and dY S do not depend on it at all); dS's last bits also
+depend on whether dY S is computed in the same pass (its loop pairs nonzeros, the dS-only loop does not). The
+kernels compile on first use per dtype (a few seconds each; fp32, fp64, bf16). With numba's GNU OpenMP threading
+layer, a process forked after its parent ran them must not run them itself (DataLoader workers do not; torchrun
+starts fresh processes).
 """
 
 from __future__ import annotations

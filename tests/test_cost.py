@@ -94,6 +94,10 @@ def test_numba_kernels_have_their_own_constants(numba_kernels, monkeypatch):
     assert pick(r=16, sparsity=0.001, dtype=torch.float16) == "dense"
     with pytest.raises(ValueError, match="numba's CPU kernels cover only float32, float64 and bfloat16"):
         pick(dtype=torch.float16, compute="factored")
+    with pytest.raises(
+        ValueError, match="for torch.float32 on meta, which PyTorch lacks \\(numba's kernels run on CPU"
+    ):
+        cost.choose_path("factored", 64, 32, 32, 4, 30, torch.device("meta"), torch.float32, False)
     monkeypatch.setattr(cpu_kernels, "AVAILABLE", False)
     assert cost.relative_costs(CPU, torch.float32) == cost.SPARSE_RELATIVE_COST[("cpu", torch.float32)]
 
