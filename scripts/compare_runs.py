@@ -17,6 +17,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "parameter counts, training-state bytes, peak memory and throughput, from each run's summary.json.",
     )
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="an --out-dir of scripts/pretrain.py")
+    parser.add_argument("--save", metavar="FILE", help="also write the runs' summaries and the table to FILE (JSON)")
     return parser.parse_args(argv)
 
 
@@ -55,4 +56,11 @@ def main(run_dirs: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    print(main(parse_args().run_dirs))
+    args = parse_args()
+    text = main(args.run_dirs)
+    print(text)
+    if args.save:  # a record to commit: what the table was made from
+        summaries = {run: json.loads((Path(run) / "summary.json").read_text()) for run in args.run_dirs}
+        record = {"command": "python scripts/compare_runs.py " + " ".join(args.run_dirs), "table": text.splitlines(),
+                  "summaries": summaries}  # fmt: skip
+        Path(args.save).write_text(json.dumps(record, indent=2) + "\n")

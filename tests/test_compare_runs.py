@@ -40,6 +40,12 @@ def test_table_of_two_runs(tmp_path):
     assert sltrain.split()[:2] == ["sltrain", "93.50"] and full.split()[:2] == ["full", "127.00"]
     assert "3.0 MiB" in sltrain and "1,235" in sltrain and "cpu_peak_rss" in note
 
+    saved = tmp_path / "record.json"
+    result = compare(str(tmp_path / "a"), str(tmp_path / "b"), "--save", str(saved))
+    record = json.loads(saved.read_text())
+    assert record["table"] == result.stdout.rstrip("\n").splitlines()
+    assert record["summaries"][str(tmp_path / "b")]["val_ppl"] == 127.0
+
 
 def test_command_line(tmp_path):
     result = compare()  # no run directory: an error, not an empty table
