@@ -53,7 +53,7 @@ class Method:
     make_optimizer: Callable[[nn.Module, Hyper], torch.optim.Optimizer] = adamw
     after_step: Callable[[nn.Module, torch.optim.Optimizer, int, Hyper], None] | None = None
     lr_multiplier: Callable[[int, Hyper], float] | None = None  # multiplies the warmup-cosine schedule
-    uses_rank: bool = True  # whether `--rank` / the size preset's rank applies
+    reads: tuple[str, ...] = ("rank",)  # which of `--rank`, `--sparsity`, `--alpha` (or the preset's) it uses
     checkpointable: bool = True  # False when the optimizer state holds objects that safetensors cannot store
     # `--method-arg` settings it reads from `Hyper.extra`: name -> type (int or float); every one must be positive
     options: dict[str, type] = field(default_factory=dict)
@@ -116,7 +116,7 @@ def _build_full(config: LlamaConfig, hyper: Hyper) -> nn.Module:
     return AutoModelForCausalLM.from_config(config)
 
 
-register(Method("full", "dense AdamW on every weight (full-rank baseline)", _build_full, lambda m: m, uses_rank=False))
+register(Method("full", "dense AdamW on every weight (full-rank baseline)", _build_full, lambda m: m, reads=()))
 
 
 # -------------------------------------------------------------------------------------------------------- sltrain
@@ -144,6 +144,7 @@ register(
         "W = (alpha/r) B A + S: low-rank plus fixed-support sparse, from scratch (the paper)",
         _build_sltrain,
         lambda model: model.merge_and_unload(),
+        reads=("rank", "sparsity", "alpha"),
         saves_adapter=True,
     )
 )
@@ -227,6 +228,7 @@ register(
         "W = W0 + (alpha/r) B A with W0 frozen at its random init (HF PEFT LoRA)",
         _build_lora,
         lambda model: model.merge_and_unload(),
+        reads=("rank", "alpha"),
     )
 )
 
@@ -267,6 +269,7 @@ register(
         lambda model: model.merge_and_unload(),
         after_step=_relora_restart,
         lr_multiplier=_relora_lr,
+        reads=("rank", "alpha"),
         options={"relora_every": int, "relora_warmup": int},
     )
 )

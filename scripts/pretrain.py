@@ -122,10 +122,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.model_config = preset["model"]
-    needed = (
-        PRESET_TRAIN_KEYS + (("rank",) if method.uses_rank else ()) + (("sparsity", "alpha") * method.saves_adapter)
-    )
-    missing = [key for key in needed if getattr(args, key, None) is None]
+    missing = [key for key in PRESET_TRAIN_KEYS + method.reads if getattr(args, key, None) is None]
     if missing:
         flags = ", ".join(f"--{key.replace('_', '-')}" for key in missing)
         raise ValueError(f"`--model` {args.model!r} sets no {missing}: add them to its preset or pass {flags}.")
@@ -149,7 +146,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"`--seq-len` {args.seq_len} exceeds the model's max_position_embeddings {max_positions}.")
     if not 0 <= args.warmup_steps < args.max_steps:
         raise ValueError(f"`--warmup-steps` must be in [0, --max-steps), got {args.warmup_steps}.")
-    if method.uses_rank and args.rank <= 0:
+    if "rank" in method.reads and args.rank <= 0:
         raise ValueError(f"`--rank` must be positive, got {args.rank}.")
     if args.per_layer_updates and args.grad_clip > 0:
         raise ValueError(

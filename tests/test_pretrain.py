@@ -303,6 +303,10 @@ def test_preset_without_training_settings(tmp_path, corpus):
     (tmp_path / "partial.json").write_text(json.dumps(preset))
     with pytest.raises(ValueError, match=r"sets no \['max_steps', 'rank', 'sparsity', 'alpha'\]: .* --max-steps"):
         run(tmp_path / "out", corpus, "--model", str(tmp_path / "partial.json"))
+    with pytest.raises(ValueError, match=r"sets no \['max_steps', 'rank', 'alpha'\]"):  # what each method reads
+        run(tmp_path / "out", corpus, "--model", str(tmp_path / "partial.json"), "--method", "lora")
+    with pytest.raises(ValueError, match=r"sets no \['max_steps'\]"):
+        run(tmp_path / "out", corpus, "--model", str(tmp_path / "partial.json"), "--method", "full")
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ValueError, match="`--out-dir` .*a_file' is a file, not a directory"):
         run(tmp_path / "a_file", corpus)
