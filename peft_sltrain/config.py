@@ -12,8 +12,9 @@ from peft.config import PeftConfig
 from ._registration import PEFT_TYPE
 from .cost import COMPUTE_CHOICES
 
-# task types whose PEFT model adds its head to `modules_to_save` (PeftModelForSequenceClassification and friends)
-WRAPPED_HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
+# the heads that PEFT's task models add to `modules_to_save` (PeftModelForSequenceClassification and friends)
+HEADS_PEFT_ADDS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
+                   "QUESTION_ANS": ["qa_outputs"]}  # fmt: skip
 
 
 @dataclass
@@ -211,7 +212,7 @@ class SLTrainConfig(PeftConfig):
             )
         if isinstance(self.modules_to_save, str):  # one module name, not its letters
             self.modules_to_save = [self.modules_to_save]
-        if self.from_scratch and self.task_type in WRAPPED_HEAD_TASKS:
+        if self.from_scratch and self.task_type in HEADS_PEFT_ADDS:
             raise ValueError(
                 f"`task_type` must not be {str(self.task_type)!r} with `from_scratch=True`: PEFT's model for it keeps "
                 "a second, trainable copy of the head (`modules_to_save`), while from scratch already trains and "

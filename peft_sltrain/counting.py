@@ -5,10 +5,15 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from peft.tuners.tuners_utils import _ExcludedModule, _maybe_include_all_linear_layers, check_target_module_exists
+from peft.tuners.tuners_utils import (
+    BaseTunerLayer,
+    _ExcludedModule,
+    _maybe_include_all_linear_layers,
+    check_target_module_exists,
+)
 from torch import nn
 
-from .config import SLTrainConfig
+from .config import HEADS_PEFT_ADDS, SLTrainConfig
 from .layer import check_rank, layer_features
 from .model import default_target_modules
 from .support import num_nonzeros
@@ -42,7 +47,12 @@ def targeted_linear_names(model: nn.Module, config: SLTrainConfig) -> list[str]:
     `ValueError` if one of them cannot be: not a linear layer, or narrower than `config.r`."""
     config = _resolved_config(model, config)
     names = []
+    adapted = []  # prefixes of layers that already carry an adapter: their insides are not candidates (as in PEFT)
     for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in adapted):
+            continue
+        if isinstance(module, BaseTunerLayer):
+            adapted.append(name + ".")
         found = check_target_module_exists(config, name) if name else False
         if found and not isinstance(found, _ExcludedModule):
             try:
@@ -65,9 +75,7 @@ def count_parameters(model: nn.Module, config: SLTrainConfig) -> ParameterCounts
     targeted = {name: model.get_submodule(name) for name in targeted_linear_names(model, config)}
     if not targeted:
         raise ValueError(f"`target_modules` {config.target_modules!r} matched no layer of the model.")
-    to_save = list(config.modules_to_save or [])
-    if config.task_type == "SEQ_CLS":
-        to_save += ["classifier", "score"]  # what PeftModelForSequenceClassification adds
+    to_save = list(config.modules_to_save or []) + HEADS_PEFT_ADDS.get(config.task_type, [])
     saved_modules = [name for name, _ in model.named_modules() if name and any(name.endswith(m) for m in to_save)]
 
     untied = _not_yet_tied_output_weight(model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from peft import get_peft_model
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
@@ -11,9 +12,19 @@ from torch import nn
 from peft_sltrain import SLTrainConfig, SLTrainLayer, count_parameters, sltrain_layer_parameters
 from peft_sltrain.support import num_nonzeros
 
-from conftest import perturb_trainable, tiny_llama, tiny_roberta
+from conftest import perturb_trainable, tiny_llama, tiny_roberta, tiny_roberta_config
 
 LLAMA_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def tiny_roberta_tokens():
+    torch.manual_seed(0)
+    return transformers.RobertaForTokenClassification(tiny_roberta_config())
+
+
+def tiny_roberta_qa():
+    torch.manual_seed(0)
+    return transformers.RobertaForQuestionAnswering(tiny_roberta_config())
 
 
 def sltrain_layers(model):
@@ -83,6 +94,8 @@ def test_layer_output_and_gradients_match_dense_reference():
         (tiny_roberta, SLTrainConfig(r=4, sparsity=0.05, task_type="SEQ_CLS")),
         (tiny_roberta, SLTrainConfig(r=2, sparsity=0.03, task_type="SEQ_CLS", bias="all")),
         (tiny_roberta, SLTrainConfig(r=2, sparsity=0.03, task_type="SEQ_CLS", bias="sltrain_only")),
+        (tiny_roberta_tokens, SLTrainConfig(r=2, sparsity=0.03, task_type="TOKEN_CLS")),
+        (tiny_roberta_qa, SLTrainConfig(r=2, sparsity=0.03, task_type="QUESTION_ANS")),
     ],
 )
 def test_count_parameters_matches_the_built_model(build, config):
@@ -164,6 +177,19 @@ def test_multiple_adapters_set_disable_delete(input_ids):
     torch.testing.assert_close(model(input_ids).logits, default_logits)
 
 
+@pytest.mark.parametrize("target,exclude", [(r".*proj.*", None), (r".*_proj.*", r".*\.0\..*")])
+def test_second_adapter_with_a_regex_target(target, exclude):
+    """A regex also matches the insides of layers that already carry an adapter (`q_proj.sltrain_A`); those are not
+    candidates, as in PEFT's own matching."""
+    model = get_peft_model(
+        tiny_llama(), SLTrainConfig(r=2, sparsity=0.1, target_modules=target, exclude_modules=exclude)
+    )
+    model.add_adapter("second", SLTrainConfig(r=2, sparsity=0.1, target_modules=target, exclude_modules=exclude))
+    layers = sltrain_layers(model)
+    assert layers and all(set(m.sltrain_A) == {"default", "second"} for m in layers.values())
+    assert (exclude is None) == any(".layers.0." in name for name in layers)
+
+
 def test_supports_differ_between_layers_and_follow_seed():
     def supports(seed):
         model = get_peft_model(tiny_llama(), SLTrainConfig(r=2, sparsity=0.05, seed=seed))
@@ -209,8 +235,8 @@ def test_bad_layer_arguments(config, message):
 def test_quantized_base_layers_are_refused():
     """An nn.Linear holding integer weights (as quantized layers do) has no W0 to add a delta to."""
     model = tiny_llama()
-    q = model.model.layers[0].self_attn.q_proj
-    q.weight = nn.Parameter(torch.zeros(q.weight.shape, dtype=torch.int8), requires_grad=False)
+    down = model.model.layers[1].mlp.down_proj  # the last targeted layer: all others come before it
+    down.weight = nn.Parameter(torch.zeros(down.weight.shape, dtype=torch.int8), requires_grad=False)
     with pytest.raises(ValueError, match=r"needs a floating-point base weight.*Parameter, torch.int8"):
         get_peft_model(model, SLTrainConfig(r=2))
     assert not any(isinstance(m, SLTrainLayer) for m in model.modules())
