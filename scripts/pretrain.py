@@ -109,8 +109,14 @@ def load_preset(model: str) -> dict:
         preset = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"`--model` {model!r} is not valid JSON: {error}.") from None
-    if not isinstance(preset, dict) or not isinstance(preset.get("model"), dict):
-        raise ValueError(f'`--model` {model!r} needs a "model" object (the LlamaConfig) and a "train" object.')
+    valid = (
+        isinstance(preset, dict) and isinstance(preset.get("model"), dict) and isinstance(preset.get("train"), dict)
+    )
+    if not valid or not isinstance(preset.get("sltrain", {}), dict):  # "sltrain" is optional
+        raise ValueError(
+            f'`--model` {model!r} needs a "model" object (the LlamaConfig), a "train" object and optionally an '
+            '"sltrain" one (see configs/).'
+        )
     return preset
 
 
@@ -217,7 +223,8 @@ def check_out_dir(args: argparse.Namespace, config: dict) -> Path | None:
         checkpoint = checkpointing.latest_checkpoint(out)
         if checkpoint is None:
             raise ValueError(f"`--resume`: {out} has no complete checkpoint yet.")
-        if checkpoint.name == f"{checkpointing.CHECKPOINT_PREFIX}{args.max_steps:06d}":
+        finished = checkpoint.name == f"{checkpointing.CHECKPOINT_PREFIX}{args.max_steps:06d}"
+        if finished and (out / "summary.json").is_file() and (out / "final").is_dir():  # else: export it again
             raise ValueError(f"`--resume`: the run in {out} is complete ({args.max_steps} steps); nothing to resume.")
         return checkpoint
     if (run_file.exists() or (out / "checkpoints").exists()) and not args.overwrite:

@@ -307,6 +307,10 @@ def test_preset_without_training_settings(tmp_path, corpus):
         run(tmp_path / "out", corpus, "--model", str(tmp_path / "partial.json"), "--method", "lora")
     with pytest.raises(ValueError, match=r"sets no \['max_steps'\]"):
         run(tmp_path / "out", corpus, "--model", str(tmp_path / "partial.json"), "--method", "full")
+    for broken in ({"model": preset["model"]}, {**preset, "sltrain": 3}, [1]):  # no "train", a bad section, a list
+        (tmp_path / "broken.json").write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match='needs a "model" object .*, a "train" object'):
+            run(tmp_path / "out", corpus, "--model", str(tmp_path / "broken.json"))
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ValueError, match="`--out-dir` .*a_file' is a file, not a directory"):
         run(tmp_path / "a_file", corpus)
@@ -348,6 +352,10 @@ def test_existing_runs_are_never_overwritten_by_mistake(tmp_path, corpus):
     with pytest.raises(ValueError, match=r"is complete \(2 steps\); nothing to resume"):
         run(tmp_path, corpus, "--method", "sltrain", "--max-steps", "2", "--save-every", "2", "--resume")
     assert (tmp_path / "checkpoints" / "step_000002" / "model.safetensors").read_bytes() == before
+    shutil.rmtree(tmp_path / "final")  # as if the process died while exporting: resuming exports it again
+    (tmp_path / "summary.json").unlink()
+    run(tmp_path, corpus, "--method", "sltrain", "--max-steps", "2", "--save-every", "2", "--resume")
+    assert (tmp_path / "final" / "adapter_model.safetensors").is_file() and (tmp_path / "summary.json").is_file()
     with pytest.raises(ValueError, match="holds no run to resume"):
         run(tmp_path / "fresh", corpus, "--method", "sltrain", "--resume")
 
