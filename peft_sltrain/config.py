@@ -39,8 +39,8 @@ class SLTrainConfig(PeftConfig):
             Names of the modules to replace (exact names or suffixes, e.g. `["q_proj", "v_proj"]`), a regex matched
             against the full module name, or `"all-linear"`. Only `torch.nn.Linear` and Transformers `Conv1D` (GPT-2's
             linear layer) modules can be targeted. If not set, known architectures get the defaults in
-            `TARGET_MODULES_MAPPING` (all attention and MLP projections for LLaMA-like models and GPT-2, `query` and
-            `value` for BERT/RoBERTa).
+            `TARGET_MODULES_MAPPING` (every attention and MLP projection for decoders such as LLaMA, GPT-2, OPT, Phi or
+            Falcon; the query and value projections for encoders such as BERT/RoBERTa, DeBERTa-v2 or T5).
         exclude_modules (`Union[list[str], str]`, *optional*):
             Names or a regex of modules not to replace, even if `target_modules` matches them.
         layers_to_transform (`Union[list[int], int]`, *optional*):

@@ -18,11 +18,21 @@ from .support import check_support, num_nonzeros, support_fingerprint
 _LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # Default `target_modules` per `model_type`: the paper's choice (every attention and MLP projection) for decoder LLMs,
-# and LoRA's usual `query`/`value` for BERT-like encoders being fine-tuned.
+# and LoRA's usual query and value projections for encoders (BERT-like, T5) being fine-tuned.
 TARGET_MODULES_MAPPING: dict[str, list[str]] = {
     **{name: _LLAMA_LIKE for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2")},
     "gpt2": ["c_attn", "c_proj", "c_fc"],  # Conv1D layers: fused q/k/v, the attention and MLP outputs, MLP input
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    **{
+        name: ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+        for name in ("gpt_neox", "falcon", "bloom")
+    },
     **{name: ["query", "value"] for name in ("bert", "roberta", "xlm-roberta", "camembert", "electra")},
+    "distilbert": ["q_lin", "v_lin"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "t5": ["q", "v"],
 }
 
 

@@ -9,7 +9,13 @@ from peft import get_peft_model
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
-from peft_sltrain import SLTrainConfig, SLTrainLayer, count_parameters, sltrain_layer_parameters
+from peft_sltrain import (
+    TARGET_MODULES_MAPPING,
+    SLTrainConfig,
+    SLTrainLayer,
+    count_parameters,
+    sltrain_layer_parameters,
+)
 from peft_sltrain.support import num_nonzeros
 
 from conftest import perturb_trainable, tiny_llama, tiny_roberta, tiny_roberta_config
@@ -188,6 +194,43 @@ def test_second_adapter_with_a_regex_target(target, exclude):
     layers = sltrain_layers(model)
     assert layers and all(set(m.sltrain_A) == {"default", "second"} for m in layers.values())
     assert (exclude is None) == any(".layers.0." in name for name in layers)
+
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100)
+DECODERS = {  # a tiny config of each decoder architecture with a default: every linear layer but the head is replaced
+    "opt": lambda: transformers.OPTConfig(
+        hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100, word_embed_proj_dim=32
+    ),
+    "phi": lambda: transformers.PhiConfig(**TINY),
+    "phi3": lambda: transformers.Phi3Config(**TINY, pad_token_id=0),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(**TINY),
+    "falcon": lambda: transformers.FalconConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=100
+    ),
+    "bloom": lambda: transformers.BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=100),
+}
+ENCODERS = {  # and of each encoder: its query and value projections are
+    "distilbert": lambda: transformers.DistilBertConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=4, vocab_size=100),
+    "deberta-v2": lambda: transformers.DebertaV2Config(**TINY),
+    "t5": lambda: transformers.T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8, vocab_size=100),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(DECODERS) + sorted(ENCODERS))
+def test_default_targets_per_architecture(model_type):
+    config = (DECODERS.get(model_type) or ENCODERS[model_type])()
+    assert config.model_type == model_type
+    torch.manual_seed(0)
+    if model_type in DECODERS:
+        base = transformers.AutoModelForCausalLM.from_config(config)
+        head = base.get_output_embeddings()
+        expected = {n for n, m in base.named_modules() if isinstance(m, nn.Linear) and m is not head}
+    else:
+        base = transformers.AutoModel.from_config(config)
+        names = set(TARGET_MODULES_MAPPING[model_type])
+        expected = {n for n, m in base.named_modules() if n.rsplit(".", 1)[-1] in names}
+    model = get_peft_model(base, SLTrainConfig(r=2, sparsity=0.1))
+    assert {n.removeprefix("base_model.model.") for n in sltrain_layers(model)} == expected and expected
 
 
 def test_supports_differ_between_layers_and_follow_seed():
