@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import subprocess
+from pathlib import Path
 
 import torch
 
@@ -26,16 +28,34 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def git_commit() -> str | None:
+    """The checkout's commit, with "+dirty" if it has uncommitted changes; None outside a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
+
+
 def environment(device: torch.device | str = "cpu") -> dict:
     device = torch.device(device)
-    packages = ["torch", "transformers", "peft", "accelerate", "peft-sltrain", "galore-torch", "fira", "bitsandbytes"]
+    packages = ["torch", "transformers", "peft", "accelerate", "peft-sltrain", "galore-torch", "fira", "bitsandbytes",
+                "numba", "llvmlite", "numpy"]  # fmt: skip
     env = {
         "python": platform.python_version(),
         "packages": {name: _version(name) for name in packages},
+        "commit": git_commit(),
         "platform": platform.platform(),
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        # what else decides thread counts (numba's threading layer is chosen when its kernels first run)
+        "env": {
+            k: os.environ.get(k)
+            for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER")
+        },  # fmt: skip
         "device": str(device),
     }
     if device.type == "cuda":

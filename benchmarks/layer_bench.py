@@ -145,7 +145,8 @@ def peak_bytes(run, device) -> int:
 
 def time_fwd_bwd(fns: dict, x, repeats: int, device, min_seconds: float = 1.0) -> dict[str, float]:
     """Median forward+backward time of each function, timed in interleaved rounds (one pass of each per round) so
-    that drift of the machine's speed hits every variant alike; at least `repeats` rounds and `min_seconds`."""
+    that drift of the machine's speed hits every variant alike; at least `repeats` rounds and `min_seconds`. Also
+    `"rounds"`, how many were timed."""
 
     def once(fn) -> float:
         t0 = time.perf_counter()
@@ -154,13 +155,15 @@ def time_fwd_bwd(fns: dict, x, repeats: int, device, min_seconds: float = 1.0) -
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    first = {name: once(fn) for name, fn in fns.items()}  # warm-up
-    rounds = max(repeats, min(100, int(min_seconds / max(sum(first.values()), 1e-9))))
+    for fn in fns.values():  # warm-up; the first pass may include numba's compile (seconds)
+        once(fn)
+    warm = {name: once(fn) for name, fn in fns.items()}  # a second pass, warm, sizes the rounds
+    rounds = max(repeats, min(100, int(min_seconds / max(sum(warm.values()), 1e-9))))
     times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             times[name].append(once(fn))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: statistics.median(t) for name, t in times.items()} | {"rounds": rounds}
 
 
 def measure(d_in, d_out, r, sparsity, tokens, repeats, device, dtype) -> dict:
@@ -169,6 +172,7 @@ def measure(d_in, d_out, r, sparsity, tokens, repeats, device, dtype) -> dict:
     fns = variants(layer, d_in, d_out, device, dtype)
     row = {"d_in": d_in, "d_out": d_out, "r": r, "sparsity": sparsity, "tokens": tokens}
     times = time_fwd_bwd({name: fn for name, (fn, _) in fns.items()}, x, repeats, device)
+    row["rounds"] = times["rounds"]
     for name, (fn, existing) in fns.items():
         row[f"{name}_s"] = times[name]
         row[f"{name}_peak_bytes"] = peak_bytes(lambda fn=fn: fn(x).sum().backward(), device)
