@@ -34,8 +34,12 @@ COMPUTE_CHOICES = ("auto", "dense", "factored")
 # benchmarks/results/layer_cpu_torch_kernels.json (a run from before the numba kernels existed; 15 layer shapes
 # from 128 x 344 to 4096 x 11008, r 32-1024, delta 0.01-0.3; 2 cores, torch 2.13): the transposed copies explain
 # most of what narrow layers pay, the short-row term little. It predicts the measured factored / dense-path time
-# ratio within 0.08 on the LLaMA shapes and 0.17 on the rank sweep, and overestimates it at delta >= 0.1. fp64
-# assumed alike.
+# ratio within 0.08 on the LLaMA shapes and 0.17 on the rank sweep, and overestimates it at delta >= 0.1 (all in
+# sample). The later run in benchmarks/results/layer_cpu.json fits (9.0, 0.0, 124.1), closer on its own layers
+# (0.07 on the LLaMA shapes, where these constants miss by up to 0.22), but it would send the 60M attention
+# projections (512 x 512, measured 0.985x the dense path there: the edge) factored, and whole 60M steps on these
+# kernels ran slower so (1.12x full-rank, every layer factored) than with them dense (0.97x; step_cpu.json as
+# committed before c952cd2). fp64 assumed alike.
 SPARSE_RELATIVE_COST: dict[tuple[str, torch.dtype], tuple[float, float, float]] = {
     ("cpu", torch.float32): (11.1, 4.5, 138.0),
     ("cpu", torch.float64): (11.1, 4.5, 138.0),
