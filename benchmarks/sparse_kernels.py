@@ -12,7 +12,8 @@ Forward variants, all computing the same (N, d_out) product x S^T for 2048 rows 
 Backward variants, both computing dY S and dS (the nnz entries of dY^T X):
 - `numba_bwd`:  cpu_kernels.sparse_grads, one pass over the nonzeros per token block for both
 - `csr_bwd`:    S^T's CSR layout (a sort), then per chunk torch.sparse.mm(S^T, dY_c^T) and sampled_addmm
-Times are medians, reported as ratios to the dense GEMM of the same shape.
+Times are medians of interleaved rounds (each variant and the dense GEMM once per round, every one allocating its
+output), reported as ratios to the dense GEMM of the same shape.
 """
 
 from __future__ import annotations
@@ -35,16 +36,21 @@ from peft_sltrain.support import num_nonzeros, random_support  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = [((512, 1376), 0.03), ((1024, 2736), 0.03)]  # 60M's and 350M's up projections
 TOKENS = 2048
+ROUNDS = 20  # of every variant and the dense GEMM in turn
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def interleaved_medians(fns: dict, rounds: int) -> dict[str, float]:
+    """Median seconds of each function over `rounds` rounds of one call each, after a warm-up round (numba compiles
+    there): machine drift hits every variant and the baseline alike."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def measure(d_in: int, d_out: int, sparsity: float) -> dict:
@@ -87,15 +93,19 @@ def measure(d_in: int, d_out: int, sparsity: float) -> dict:
     def numba_bwd():
         cpu_kernels.sparse_grads(x, dy, indices, values, (d_out, d_in), torch.empty(TOKENS, d_in), need_values=True)
 
-    variants = [("csr", csr, 30), ("gather", gather, 5), ("gather_xT", gather_xT, 5), ("csr_bwd", csr_bwd, 30)]
+    def dense_gemm():  # allocates its output, as every variant does
+        torch.mm(x, W.t())
+
+    variants = {"dense_gemm": dense_gemm, "csr": csr, "gather": gather, "gather_xT": gather_xT, "csr_bwd": csr_bwd}
     if cpu_kernels.AVAILABLE:
-        variants += [("numba", numba, 30), ("numba_bwd", numba_bwd, 30)]
-    out = torch.empty(TOKENS, d_out)
-    row = {"d_in": d_in, "d_out": d_out, "sparsity": sparsity, "nnz": nnz, "tokens": TOKENS, "chunk": chunk}
-    row["dense_gemm_s"] = median_seconds(lambda: torch.mm(x, W.t(), out=out), 30)
-    for name, fn, repeats in variants:
-        row[f"{name}_s"] = median_seconds(fn, repeats)
-        row[f"{name}_vs_gemm"] = row[f"{name}_s"] / row["dense_gemm_s"]
+        variants |= {"numba": numba, "numba_bwd": numba_bwd}
+    row = {"d_in": d_in, "d_out": d_out, "sparsity": sparsity, "nnz": nnz, "tokens": TOKENS, "chunk": chunk,
+           "rounds": ROUNDS}  # fmt: skip
+    for name, seconds in interleaved_medians(variants, ROUNDS).items():
+        row[f"{name}_s"] = seconds
+    for name in variants:
+        if name != "dense_gemm":
+            row[f"{name}_vs_gemm"] = row[f"{name}_s"] / row["dense_gemm_s"]
     return row
 
 
