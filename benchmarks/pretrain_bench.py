@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_env import environment  # noqa: E402
+from bench_env import environment, git_commit  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "benchmarks" / "runs"
@@ -71,7 +71,7 @@ def run_method(method: str, size: str, lr: float, seed: int, steps: int, warmup:
     record = out / "bench.json"
     saved = json.loads(record.read_text()) if record.is_file() else {}
     if saved.get("cmd") == cmd[1:] and saved.get("threads") == threads:
-        return saved
+        return {**saved, "reused": True}  # measured by an earlier invocation (see its finished_at and commit)
     t0 = time.perf_counter()
     if threads:  # parallel runs: keep their progress bars out of each other's way
         out.mkdir(parents=True, exist_ok=True)
@@ -85,6 +85,8 @@ def run_method(method: str, size: str, lr: float, seed: int, steps: int, warmup:
                    curve=[(r["tokens"], r["val_ppl"]) for r in rows if "val_ppl" in r],
                    train_curve=[(r["tokens"], r["loss"]) for r in rows if "loss" in r])  # fmt: skip
     summary["cmd"] = cmd[1:]  # the exact pretrain.py command line of this run
+    # when and from what code: runs side by side share the CPU, so tokens/s compare only between runs made together
+    summary.update(finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), commit=git_commit(), reused=False)
     record.write_text(json.dumps(summary))
     print(f"done {method} seed={seed}: val_ppl={summary['val_ppl']:.2f} tokens/s={summary['tokens_per_s']:,.0f}")
     return summary
