@@ -60,6 +60,20 @@ def perturb_trainable(model: torch.nn.Module, scale: float = 0.05, seed: int = 1
             param.add_(scale * torch.randn(param.shape, generator=generator).to(param.dtype))
 
 
+def train_losses(model: torch.nn.Module, input_ids: torch.Tensor, steps: int, lr: float = 1e-2) -> list[float]:
+    """The losses of `steps` AdamW steps of causal-LM training on one fixed batch (its trainable parameters only)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.fixture
 def input_ids() -> torch.Tensor:
     return torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from peft_sltrain import SLTrainConfig, SLTrainLayer, count_parameters
 
-from conftest import perturb_trainable, tiny_llama, tiny_llama_config
+from conftest import perturb_trainable, tiny_llama, tiny_llama_config, train_losses
 
 CONFIG = SLTrainConfig(r=8, sparsity=0.05, alpha=2, from_scratch=True)
 
@@ -56,15 +56,9 @@ def test_paper_init():
 
 
 def test_trains(input_ids):
-    model = scratch_model().train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(15):
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    model = scratch_model()
+    assert all(p.requires_grad for p in model.parameters())  # so the helper's optimizer takes every parameter
+    losses = train_losses(model, input_ids, steps=15)
     assert losses[-1] < 0.7 * losses[0]
     assert model.base_model.model.model.embed_tokens.weight.grad is None  # zero_grad(set_to_none)
 

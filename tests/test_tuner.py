@@ -18,7 +18,7 @@ from peft_sltrain import (
 )
 from peft_sltrain.support import num_nonzeros
 
-from conftest import perturb_trainable, tiny_llama, tiny_roberta, tiny_roberta_config
+from conftest import perturb_trainable, tiny_llama, tiny_roberta, tiny_roberta_config, train_losses
 
 LLAMA_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -125,15 +125,8 @@ def test_layer_formula():
 
 
 def test_training_reduces_loss(input_ids):
-    model = get_peft_model(tiny_llama(), SLTrainConfig(r=4, sparsity=0.05, alpha=8)).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(15):
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    model = get_peft_model(tiny_llama(), SLTrainConfig(r=4, sparsity=0.05, alpha=8))
+    losses = train_losses(model, input_ids, steps=15)
     assert losses[-1] < 0.8 * losses[0]
 
 
