@@ -119,7 +119,7 @@ class SLTrainLayer(BaseTunerLayer):
             device = weight.device
         else:
             device = torch.get_default_device()  # from scratch on a meta-built model: create on the default device
-        dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.get_default_dtype()
+        dtype = weight.dtype if weight is not None else torch.get_default_dtype()  # integer weights were refused
         nnz = num_nonzeros(d_out, d_in, sparsity)
         factory = {"device": device, "dtype": dtype}
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import torch
 from peft.tuners.tuners_utils import (
     BaseTuner,
-    BaseTunerLayer,
     _get_tuner_state_dict_key_prefixes,
     _is_key_under_prefixes,
 )
 from torch import nn
 
 from .config import SLTrainConfig
-from .layer import REPLACEABLE, Linear, SLTrainLayer
+from .layer import Linear, SLTrainLayer
 from .support import check_support, num_nonzeros, support_fingerprint
 
 _LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -104,11 +103,7 @@ class SLTrainModel(BaseTuner):
                 inference_mode=config.inference_mode,
             )
             return
-        if isinstance(target, BaseTunerLayer) or not isinstance(target, REPLACEABLE):
-            raise ValueError(
-                f"`target_modules` matched `{current_key}`, a {type(target).__name__}; SLTrain can only replace "
-                "`torch.nn.Linear` and Transformers `Conv1D` layers."
-            )
+        # what cannot be replaced was refused by `inject_adapter`'s check (and `Linear` refuses it again)
         new_module = Linear(target, adapter_name, config, layer_name=current_key)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added, inactive adapter starts frozen
