@@ -29,13 +29,14 @@ def cpu_model() -> str:
 
 
 def git_commit() -> str | None:
-    """The checkout's commit, with "+dirty" if it has uncommitted changes; None outside a git checkout."""
+    """The checkout's commit, with "+dirty" if it has uncommitted changes. Outside a git checkout (a copy of the tree
+    on another machine), `$BENCH_COMMIT` if set, else None."""
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
         status = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
-        return None
+        return os.environ.get("BENCH_COMMIT")
     return commit.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
 
 

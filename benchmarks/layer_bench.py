@@ -12,7 +12,10 @@ Variants, all computing y = x W^T for the same W:
 - `factored`: peft_sltrain.sltrain_linear(path="factored"): low-rank products plus sparse kernels, no dense W; the
               sparse products on numba's CPU kernels where numba is installed (`peft_sltrain/cpu_kernels.py`)
 - `factored_torch`: the same on PyTorch's CSR kernels (`mm`, `sampled_addmm`), the path's fallback without numba
-              (left out where PyTorch has no such kernels for the dtype: bf16 on CPU)
+              (left out where PyTorch has no such kernels for the dtype: bf16 on CPU), and off CPU, where
+              `factored` runs them already
+- `factored_cpu_chunks` (CUDA only): `factored` cutting the tokens into CPU's smaller chunks (`functional.py`)
+  (all factored variants are left out where the device has no sparse kernels for the dtype)
 - `lowrank`:  (x A^T) B^T alone, through plain autograd: the part of the factored path that is not sparse, its floor
 `factored_kappa_fit` is the cost of one sparse multiply-add relative to a dense GEMM's that makes `peft_sltrain.cost`'s
 model reproduce the measured factored / dense-path time ratio (transposed copies included); `cost_model_fit` (and
@@ -42,7 +45,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_env import environment  # noqa: E402
 
-from peft_sltrain import cost, cpu_kernels  # noqa: E402
+from peft_sltrain import cost, cpu_kernels, functional  # noqa: E402
 from peft_sltrain.functional import dense_weight, sltrain_linear  # noqa: E402
 from peft_sltrain.support import num_nonzeros, random_support  # noqa: E402
 
@@ -85,8 +88,16 @@ def variants(layer, d_in, d_out, device, dtype):
         "factored_torch": (lambda x: with_torch_kernels(sltrain_linear, x, **layer, path="factored"), factors),
         "lowrank": (lambda x: (x @ A.t()) @ (scaling * B).t(), factors),
     }
-    if not with_torch_kernels(cost.factored_supported, device, dtype):
+    if device.type == "cpu":
+        if not with_torch_kernels(cost.factored_supported, device, dtype):
+            del fns["factored_torch"]
+    else:  # off CPU the factored path always runs PyTorch's kernels: `factored_torch` would time the same thing
         del fns["factored_torch"]
+        if cost.factored_supported(device, dtype):  # the same with CPU's small token chunks, to show what they cost
+            fns["factored_cpu_chunks"] = (lambda x: with_cpu_chunks(sltrain_linear, x, **layer, path="factored"),
+                                          factors)  # fmt: skip
+    if not cost.factored_supported(device, dtype):  # e.g. no sparse kernels for this dtype on this device
+        del fns["factored"]
     return fns
 
 
@@ -99,6 +110,16 @@ def with_torch_kernels(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     finally:
         cpu_kernels.AVAILABLE = available
+
+
+def with_cpu_chunks(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` with the factored path cutting CUDA activations into CPU's token chunks."""
+    numbers = functional.CHUNK_NUMBERS["cuda"]
+    functional.CHUNK_NUMBERS["cuda"] = functional.CHUNK_NUMBERS["cpu"]
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        functional.CHUNK_NUMBERS["cuda"] = numbers
 
 
 def saved_bytes(fn, x, existing: list[torch.Tensor]) -> int:
@@ -185,8 +206,8 @@ def measure(d_in, d_out, r, sparsity, tokens, repeats, device, dtype) -> dict:
     nnz = layer["values"].numel()
     modeled_dense = cost.dense_cost(tokens, d_in, d_out, r)
     lowrank = cost.factored_cost(tokens, d_in, d_out, r, nnz, kappa=0.0, has_weight=False)
-    for name in [name for name in ("factored", "factored_torch") if name in fns]:  # in GEMM multiply-adds
-        row[f"{name}_excess"] = row[f"{name}_s"] / row["sltrain_s"] * modeled_dense - lowrank
+    for name in [name for name in ("factored", "factored_torch", "factored_cpu_chunks") if name in fns]:
+        row[f"{name}_excess"] = row[f"{name}_s"] / row["sltrain_s"] * modeled_dense - lowrank  # GEMM multiply-adds
         row[f"{name}_kappa_fit"] = row[f"{name}_excess"] / (6.0 * tokens * nnz)
     row["nnz_per_row"] = nnz / d_out
     return row
@@ -216,7 +237,8 @@ def fit_cost_model(rows: list[dict], name: str = "factored") -> dict:
     return {"kappa_inf": kappa_inf, "kappa_row": kappa_row, "tau": tau, "max_relative_error": relative.max().item()}
 
 
-STYLES = (("rebuild", "s-"), ("sltrain", "o-"), ("factored", "^-"), ("factored_torch", "^--"), ("lowrank", "v:"))
+STYLES = (("rebuild", "s-"), ("sltrain", "o-"), ("factored", "^-"), ("factored_torch", "^--"),
+          ("factored_cpu_chunks", "^:"), ("lowrank", "v:"))  # fmt: skip
 
 
 def plot(rows: list[dict], sweeps: dict[str, list[dict]], path: Path, title: str) -> None:
@@ -290,8 +312,9 @@ def main(argv=None) -> dict:
         "shapes": rows,
         "sweeps": sweeps,
         "sparse_kernels": "numba" if cpu_kernels.supports(device, dtype) else "torch",
-        "cost_model_fit": fit_cost_model(rows + sweeps["rank"] + sweeps["sparsity"]),
     }
+    if "factored_excess" in rows[0]:  # else this device has no sparse kernels for the dtype: dense path only
+        result["cost_model_fit"] = fit_cost_model(rows + sweeps["rank"] + sweeps["sparsity"])
     if "factored_torch_excess" in rows[0]:
         result["cost_model_fit_torch"] = fit_cost_model(rows + sweeps["rank"] + sweeps["sparsity"], "factored_torch")
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))

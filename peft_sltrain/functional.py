@@ -137,16 +137,20 @@ def sparse_csr_transposed(values: torch.Tensor, indices: torch.Tensor, d_out: in
     return torch.sparse_csr_tensor(crow, rows[order], values[order], (d_in, d_out), check_invariants=False)
 
 
-# Transient numbers per chunk of the factored path: a chunk of c rows of x takes about c (d_in + d_out) of them (the
-# transposed copies of x and dY and the sparse product's output). 2**19 (2 MiB in fp32) keeps MKL's CSR products in
-# cache on CPU: 0.2-0.3x a dense GEMM at 512-1376 wide layers, against 0.7-0.8x for 2048-row chunks (and they waste
-# time in per-call overhead on chunks of a few dozen rows). Not tuned for GPUs (none was available).
-CHUNK_NUMBERS = 2**19
+# Transient numbers per chunk of the factored path, per device type: a chunk of c rows of x takes about c (d_in +
+# d_out) of them (the transposed copies of x and dY and the sparse product's output). On CPU, 2**19 (2 MiB in fp32)
+# keeps MKL's CSR products in cache: 0.2-0.3x a dense GEMM at 512-1376 wide layers, against 0.7-0.8x for 2048-row
+# chunks (and they waste time in per-call overhead on chunks of a few dozen rows). On CUDA there is no cache to stay
+# in and every chunk costs kernel launches, so chunks are 32x larger (2**24 numbers: 32 MiB in bf16, about one
+# 60M-shaped layer's input at 16k tokens).
+CHUNK_NUMBERS = {"cpu": 2**19, "cuda": 2**24}
 
 
-def token_chunk(d_in: int, d_out: int) -> int:
-    """Rows of x the factored path handles at once: `CHUNK_NUMBERS // (d_in + d_out)`, at least 64."""
-    return max(64, CHUNK_NUMBERS // (d_in + d_out))
+def token_chunk(d_in: int, d_out: int, device_type: str = "cpu") -> int:
+    """Rows of x the factored path handles at once on this device type: `CHUNK_NUMBERS[device_type] // (d_in +
+    d_out)` (CPU's number on other device types), at least 64."""
+    numbers = CHUNK_NUMBERS.get(device_type, CHUNK_NUMBERS["cpu"])
+    return max(64, numbers // (d_in + d_out))
 
 
 class _FactoredSparseLowRankLinear(torch.autograd.Function):
@@ -155,8 +159,8 @@ class _FactoredSparseLowRankLinear(torch.autograd.Function):
     The low-rank products are dense GEMMs; the sparse ones (`x S^T`, `dY S`, `dS`) run on one of two kernel sets:
     - CPU, fp32/fp64/bf16, with numba installed: `cpu_kernels`, which read the row-major activations directly (they
       transpose small blocks of tokens internally), all tokens in one call.
-    - Otherwise PyTorch's CSR `mm` and `sampled_addmm` (MKL on CPU, cuSPARSE on CUDA), on chunks of
-      `token_chunk(...)` rows of x. They want the token dimension contiguous, so they get transposed copies of each
+    - Otherwise PyTorch's CSR `mm` and `sampled_addmm` (MKL on CPU, cuSPARSE on CUDA), on chunks of `token_chunk(...)`
+      rows of x (per device type). They want the token dimension contiguous, so they get transposed copies of each
       chunk, `x_c^T` (d_in, c) and `dY_c^T` (d_out, c); on CPU, transposing a (2048, 512) fp32 matrix took 0.1-0.3x
       the time of a 512 x 512 GEMM over it (12x a plain copy), measured on different days.
     """
@@ -172,7 +176,7 @@ class _FactoredSparseLowRankLinear(torch.autograd.Function):
             # 2**19 numbers saved 0.4-3 MiB of a layer's peak and cost up to 35% of its time, measured at 2048 tokens)
             x2, chunk = x2.contiguous(), max(len(x2), 1)
         else:
-            S, chunk = sparse_csr(values, indices, d_out, d_in), token_chunk(d_in, d_out)
+            S, chunk = sparse_csr(values, indices, d_out, d_in), token_chunk(d_in, d_out, x.device.type)
         for start in range(0, x2.shape[0], chunk):
             xc, yc = x2[start : start + chunk], y[start : start + chunk]  # (c, d_in), (c, d_out)
             if kernels:
@@ -208,7 +212,7 @@ class _FactoredSparseLowRankLinear(torch.autograd.Function):
             St = sparse_csr_transposed(values, indices, d_out, d_in) if need_x else None
             # the sampled product writes the nnz entries of dY^T X in S's order, which is the values' order
             pattern = sparse_csr(torch.zeros_like(values), indices, d_out, d_in) if need_values else None
-            chunk = token_chunk(d_in, d_out)
+            chunk = token_chunk(d_in, d_out, x.device.type)
 
         for start in range(0, x2.shape[0], chunk):
             xc, dyc = x2[start : start + chunk], dy[start : start + chunk]  # (c, d_in), (c, d_out)

@@ -344,7 +344,9 @@ def test_unknown_path():
 
 
 def test_token_chunk():
-    assert token_chunk(512, 512) == functional.CHUNK_NUMBERS // 1024
+    assert token_chunk(512, 512) == functional.CHUNK_NUMBERS["cpu"] // 1024 == 512
+    assert token_chunk(512, 512, "cuda") == functional.CHUNK_NUMBERS["cuda"] // 1024 == 16384
+    assert token_chunk(512, 512, "mps") == 512  # device types without their own number take CPU's
     assert token_chunk(8192, 8192) == 64  # never below 64 rows
 
 
@@ -352,7 +354,7 @@ def test_factored_path_over_many_token_chunks(monkeypatch):
     """150 rows of x are 3 chunks of the torch-kernel factored path (64 rows each here): float64 results equal the
     dense path's."""
     monkeypatch.setattr(cpu_kernels, "AVAILABLE", False)
-    monkeypatch.setattr(functional, "CHUNK_NUMBERS", 1)
+    monkeypatch.setitem(functional.CHUNK_NUMBERS, "cpu", 1)
     assert token_chunk(12, 10) == 64
     dense = make_inputs(d_in=12, d_out=10, r=3, nnz=17)
     dense["x"] = torch.randn(3, 50, 12, dtype=torch.float64, requires_grad=True)
