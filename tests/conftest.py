@@ -57,7 +57,7 @@ def perturb_trainable(model: torch.nn.Module, scale: float = 0.05, seed: int = 1
     generator = torch.Generator().manual_seed(seed)
     for param in model.parameters():
         if param.requires_grad:
-            param.add_(scale * torch.randn(param.shape, generator=generator).to(param.dtype))
+            param.add_(scale * torch.randn(param.shape, generator=generator).to(param.device, param.dtype))
 
 
 def train_losses(model: torch.nn.Module, input_ids: torch.Tensor, steps: int, lr: float = 1e-2) -> list[float]:

@@ -65,7 +65,9 @@ def reference(x, A, B, values, indices, weight, bias, scaling):
 
 
 def grads(out, tensors):
-    out.backward(torch.ones_like(out) + torch.arange(out.numel(), dtype=out.dtype).view_as(out) / out.numel())
+    out.backward(
+        torch.ones_like(out) + torch.arange(out.numel(), dtype=out.dtype, device=out.device).view_as(out) / out.numel()
+    )
     return [None if t is None else t.grad for t in tensors]
 
 
