@@ -29,14 +29,16 @@ def cpu_model() -> str:
 
 
 def git_commit() -> str | None:
-    """The checkout's commit, with "+dirty" if it has uncommitted changes. Outside a git checkout (a copy of the tree
-    on another machine), `$BENCH_COMMIT` if set, else None."""
+    """`$BENCH_COMMIT` if set (the tree was copied to another machine, whose git state may be stale), else the
+    checkout's commit with "+dirty" if it has uncommitted changes; None outside a git checkout."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
         status = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("BENCH_COMMIT")
+        return None
     return commit.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
 
 
