@@ -52,7 +52,7 @@ def dense_weight(
 
 def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """`scaling * a @ b` in one kernel: the scaling rides in the GEMM (`beta=0` ignores the unset 0-d input). On a
-    GPU at the 60M-350M shapes each extra small kernel costs about as much as the GEMM it follows (launch-bound)."""
+    GPU, layer calls at the 60M-350M shapes are launch-bound (README, "On a GPU"): every kernel saved counts."""
     return torch.addmm(a.new_empty(()), a, b, beta=0.0, alpha=scaling)
 
 
@@ -147,8 +147,8 @@ def sparse_csr_transposed(values: torch.Tensor, indices: torch.Tensor, d_out: in
 # d_out) of them (the transposed copies of x and dY and the sparse product's output). On CPU, 2**19 (2 MiB in fp32)
 # keeps MKL's CSR products in cache: 0.2-0.3x a dense GEMM at 512-1376 wide layers, against 0.7-0.8x for 2048-row
 # chunks (and they waste time in per-call overhead on chunks of a few dozen rows). On CUDA there is no cache to stay
-# in and every chunk costs kernel launches, so chunks are 32x larger (2**24 numbers: 32 MiB in bf16, about one
-# 60M-shaped layer's input at 16k tokens).
+# in and every chunk costs kernel launches, so chunks are 32x larger (2**24 numbers: 64 MiB in fp32); on an H200 CPU's
+# chunks made the factored layer 1.2-2.2x slower (`factored_cpu_chunks` in benchmarks/results/layer_cuda_fp32.json).
 CHUNK_NUMBERS = {"cpu": 2**19, "cuda": 2**24}
 
 
