@@ -24,7 +24,10 @@ def check_adapter_file(directory: str) -> None:
             "Save the adapter again with the default `safe_serialization=True`."
         )
     if not os.path.isfile(path):
-        raise ValueError(f"No SLTrain adapter weights at {path!r} (expected a `save_pretrained` directory).")
+        raise ValueError(
+            f"No SLTrain adapter weights at {path!r} (expected a `save_pretrained` directory; to read a directory "
+            "that holds only the config, use `peft.PeftConfig.from_pretrained`)."
+        )
     try:
         with safe_open(path, framework="pt") as handle:
             keys = list(handle.keys())

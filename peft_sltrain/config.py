@@ -237,7 +237,9 @@ class SLTrainConfig(PeftConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
-        """Load the config, and for a local adapter directory check its weights file before any model is touched."""
+        """Load the config, and for a local adapter directory check its weights file before any model is touched
+        (`PeftModel.from_pretrained` reads the config first; without this check a missing file would fail only after
+        the model was wrapped, with a hub error). A directory with the config alone: `PeftConfig.from_pretrained`."""
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         directory = os.path.join(pretrained_model_name_or_path, subfolder or "")
         if os.path.isdir(directory):

@@ -151,12 +151,30 @@ class SLTrainModel(BaseTuner):
             )
         return super().unload()
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        config = self.peft_config.get(adapter_name)
+        if config is not None and config.from_scratch:
+            raise ValueError(
+                f"Cannot delete the from-scratch SLTrain adapter {adapter_name!r}: the targeted layers have no "
+                "weights without it; use `merge_and_unload()` to get a dense model."
+            )
+        super().delete_adapter(adapter_name)
+
+    def add_weighted_adapter(self, *args, **kwargs):
+        raise NotImplementedError(
+            "SLTrain adapters cannot be combined with `add_weighted_adapter`: each has its own random sparse support, "
+            "so no weighted sum of adapters is itself an SLTrain adapter."
+        )
+
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         if config.from_scratch:
-            # every parameter that is not replaced (embeddings, norms, head, biases) belongs to the adapter
-            to_return.update(state_dict)
+            # every parameter that is not replaced (embeddings, norms, head, biases) belongs to the adapter; a merged
+            # layer's dense weight does not (it is the adapter's own product, and loading rebuilds it)
+            merged = {f"{name}.base_layer.weight" for name, module in model.named_modules()
+                      if isinstance(module, SLTrainLayer) and module.merged}  # fmt: skip
+            to_return.update({key: value for key, value in state_dict.items() if key not in merged})
         if not config.save_support:  # a fingerprint instead of each support
             for key in [k for k in to_return if k.endswith(f".sltrain_indices.{adapter_name}")]:
                 fingerprint_key = key.replace(".sltrain_indices.", ".sltrain_fingerprint.")
@@ -215,11 +233,32 @@ def _check_loaded_state_dict(
         raise ValueError(
             f"The adapter's shapes do not fit the base model ({len(mismatched)} tensor(s)), e.g. {mismatched[:3]}."
         )
+    _check_tied_parameters(model, state_dict)
     for name, module in model.named_modules():
         if supports and isinstance(module, SLTrainLayer) and adapter_name in module.sltrain_indices:
             key = f"{name}{support_suffix}"
             nnz = num_nonzeros(module.out_features, module.in_features, module.sparsity[adapter_name])
             check_support(state_dict[key], module.out_features, module.in_features, nnz, name=key)
+
+
+def _check_tied_parameters(model: nn.Module, state_dict: dict) -> None:
+    """Raise `ValueError` if the file holds different tensors for names that this model ties into one parameter (an
+    adapter saved from a model with untied embeddings and head, loaded into a tied one): loading would keep one of
+    them and silently drop the other."""
+    tied: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if name in state_dict:
+            tied.setdefault(id(parameter), []).append(name)
+    for names in tied.values():
+        first, *others = names
+        for other in others:
+            a, b = state_dict[first], state_dict[other]
+            if a.shape != b.shape or not torch.equal(a, b.to(a.device)):
+                raise ValueError(
+                    f"The adapter file holds different tensors for {first!r} and {other!r}, which this model ties "
+                    "into one parameter (e.g. `tie_word_embeddings=True`); it was saved from a model that does not "
+                    "tie them. Build the model with the same tying as the one that was saved."
+                )
 
 
 def _restore_supports(model: nn.Module, adapter_name: str, state_dict: dict) -> None:

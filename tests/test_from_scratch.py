@@ -11,6 +11,7 @@ import pytest
 import torch
 from accelerate import init_empty_weights
 from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from peft_sltrain import SLTrainConfig, SLTrainLayer, count_parameters
@@ -118,9 +119,36 @@ def test_what_from_scratch_cannot_do():
     with pytest.raises(ValueError, match="Cannot disable a from-scratch"):
         with model.disable_adapter():
             pass
+    with pytest.raises(ValueError, match="Cannot delete the from-scratch SLTrain adapter 'default'"):
+        model.delete_adapter("default")
+    layers = [m for m in model.modules() if isinstance(m, SLTrainLayer)]
+    assert all("default" in m.sltrain_A and m.get_base_layer().weight is None for m in layers)  # nothing was removed
     fine_tuned = get_peft_model(AutoModelForCausalLM.from_config(tiny_llama_config()), SLTrainConfig(r=2))
     with pytest.raises(ValueError, match="cannot share the model with another adapter"):
         fine_tuned.add_adapter("scratch", SLTrainConfig(r=2, from_scratch=True))
+
+
+def test_saved_while_merged_the_file_is_the_unmerged_one(tmp_path, input_ids):
+    """A merged layer's dense weight is the adapter's own product: it is not written to the adapter file."""
+    model = scratch_model().eval()
+    perturb_trainable(model)
+    expected = model(input_ids).logits
+    model.save_pretrained(tmp_path / "unmerged")
+    model.merge_adapter()
+    model.save_pretrained(tmp_path / "merged")
+    unmerged, merged = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("unmerged", "merged"))
+    assert merged.keys() == unmerged.keys() and all(torch.equal(merged[k], unmerged[k]) for k in merged)
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_config(tiny_llama_config()), tmp_path / "merged")
+    assert torch.equal(loaded.eval()(input_ids).logits, expected)
+
+
+def test_untied_adapter_into_a_tied_model_is_refused(tmp_path):
+    """The file's embedding and head differ; a tied model could keep only one of them: refused, not half-loaded."""
+    model = scratch_model()
+    model.save_pretrained(tmp_path)
+    tied = AutoModelForCausalLM.from_config(tiny_llama_config(tie_word_embeddings=True))
+    with pytest.raises(ValueError, match=r"different tensors for .*embed_tokens.weight.* ties into one parameter"):
+        PeftModel.from_pretrained(tied, tmp_path)
 
 
 def test_a_rank_too_large_for_one_layer_replaces_nothing(input_ids):

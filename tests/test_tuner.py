@@ -302,3 +302,31 @@ def test_unknown_architecture_needs_target_modules():
         get_peft_model(Tiny(), SLTrainConfig(r=2))
     model = get_peft_model(Tiny(), SLTrainConfig(r=2, sparsity=0.25, target_modules=["lin"]))
     assert isinstance(model.base_model.model.lin, SLTrainLayer)
+
+
+def test_add_weighted_adapter_is_refused_with_the_reason():
+    model = get_peft_model(tiny_llama(), SLTrainConfig(r=4, sparsity=0.05))
+    model.add_adapter("second", SLTrainConfig(r=4, sparsity=0.05, seed=1))
+    with pytest.raises(NotImplementedError, match="own random sparse support"):
+        model.add_weighted_adapter(["default", "second"], [0.5, 0.5], "combined")
+
+
+@pytest.mark.parametrize("compute", ["dense", "factored"])
+def test_torch_compile_matches_eager(compute, input_ids):
+    """A compiled wrapped model gives eager's loss and gradients (numba's kernels are a graph break, not an error)."""
+
+    def loss_and_grads(compiled: bool):
+        model = get_peft_model(tiny_llama(), SLTrainConfig(r=4, sparsity=0.05, compute=compute))
+        perturb_trainable(model)
+        run = torch.compile(model) if compiled else model
+        loss = run(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        return loss, {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+    (eager_loss, eager_grads), (loss, grads) = loss_and_grads(False), loss_and_grads(True)
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == eager_grads.keys() and all(g is not None for g in grads.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(
+            grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}"
+        )
