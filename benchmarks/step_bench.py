@@ -64,9 +64,12 @@ def build(size: str, variant: str, device: torch.device) -> torch.nn.Module:
     return model.to(device)
 
 
-def training_step(size: str, variant: str, batch: int, seq_len: int, device, autocast_dtype):
-    """(model, step): a fresh model and AdamW, and a function that runs one step on a fixed batch."""
+def training_step(size: str, variant: str, batch: int, seq_len: int, device, autocast_dtype, compile: bool = False):
+    """(model, step): a fresh model and AdamW, and a function that runs one step on a fixed batch; `compile`:
+    the model's forward through `torch.compile` (compiled in the warm-up steps)."""
     model = build(size, variant, device).train()
+    if compile:
+        model.compile()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     vocab = model.config.vocab_size if hasattr(model, "config") else 4096
     ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
@@ -83,9 +86,10 @@ def training_step(size: str, variant: str, batch: int, seq_len: int, device, aut
 
 
 def measure(
-    size: str, variant: str, batch: int, seq_len: int, steps: int, device, autocast_dtype, with_peak: bool = True
-) -> dict:
-    model, step = training_step(size, variant, batch, seq_len, device, autocast_dtype)
+    size: str, variant: str, batch: int, seq_len: int, steps: int, device, autocast_dtype, with_peak: bool = True,
+    compile: bool = False,
+) -> dict:  # fmt: skip
+    model, step = training_step(size, variant, batch, seq_len, device, autocast_dtype, compile)
 
     def timed() -> float:
         if device.type == "cuda":
@@ -115,7 +119,7 @@ def measure(
     gc.collect()
 
     def fresh_run():  # everything a run allocates: parameters, optimizer state, activations
-        _, step = training_step(size, variant, batch, seq_len, device, autocast_dtype)
+        _, step = training_step(size, variant, batch, seq_len, device, autocast_dtype, compile)
         for _ in range(3):
             step()
 
@@ -125,12 +129,14 @@ def measure(
 
 
 def measure_in_subprocess(
-    size: str, variant: str, batch: int, seq_len: int, steps: int, device: str, dtype: str, with_peak: bool
-) -> dict:
+    size: str, variant: str, batch: int, seq_len: int, steps: int, device: str, dtype: str, with_peak: bool,
+    compile: bool,
+) -> dict:  # fmt: skip
     """One variant in a fresh process: no allocator state or warm caches carried over from another variant, and
     its own peak RSS. Should the profiler crash the child, the row keeps its time and RSS and `peak_bytes` is None."""
     cmd = [sys.executable, __file__, "--one", size, variant, str(batch), str(seq_len), "--steps", str(steps),
-           "--device", device, "--dtype", dtype] + ([] if with_peak else ["--no-peak"])  # fmt: skip
+           "--device", device, "--dtype", dtype]  # fmt: skip
+    cmd += ([] if with_peak else ["--no-peak"]) + (["--compile"] if compile else [])
     done = subprocess.run(cmd, capture_output=True, text=True)
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     if not rows:
@@ -148,6 +154,7 @@ def main(argv=None) -> dict:
     p.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)}; full is always run")
     p.add_argument("--batch", type=int, help="sequences per step, for every size (default: the device's settings)")
     p.add_argument("--out", help="results file name in benchmarks/results (default: step_<device>[_<dtype>].json)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every variant's model (`model.compile()`)")
     p.add_argument("--no-peak", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--one", nargs=4, metavar=("SIZE", "VARIANT", "BATCH", "SEQ_LEN"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -156,7 +163,9 @@ def main(argv=None) -> dict:
     autocast_dtype = torch.bfloat16 if dtype_name == "bf16" else None
     if args.one:  # a child process of the loop below
         size, variant, batch, seq_len = args.one
-        return measure(size, variant, int(batch), int(seq_len), args.steps, device, autocast_dtype, not args.no_peak)
+        return measure(
+            size, variant, int(batch), int(seq_len), args.steps, device, autocast_dtype, not args.no_peak, args.compile
+        )
     if device.type == "cuda":  # (size, batch, seq_len), bf16 autocast: micro-batches of 32k / 16k tokens, where a
         # GPU's time goes to the GEMMs (the paper's steps are 512 x 256 tokens); far fewer leave it waiting on launches
         settings = [("60m", 128, 256), ("350m", 64, 256)]
@@ -184,7 +193,7 @@ def main(argv=None) -> dict:
         for i in range(args.rounds):  # memory is deterministic: measured in the first round only
             for variant in variants:
                 row = measure_in_subprocess(
-                    size, variant, batch, seq_len, args.steps, args.device, dtype_name, with_peak=i == 0
+                    size, variant, batch, seq_len, args.steps, args.device, dtype_name, i == 0, args.compile
                 )
                 runs[variant].append(row)
         full = runs["full"]
@@ -204,6 +213,7 @@ def main(argv=None) -> dict:
         "command": "python " + " ".join(["benchmarks/step_bench.py", *(argv or sys.argv[1:])]),
         "environment": environment(device),
         "autocast": str(autocast_dtype),
+        "compiled": args.compile,
         "rows": rows,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -84,6 +84,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="bf16 = autocast mixed precision, fp32 master weights")
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model's forward, in place (parameter names, checkpoints and exports are unchanged); "
+        "compiling takes a while at the first step and at the first evaluation",
+    )
     p.add_argument("--seed", type=int, default=0)
     # evaluation, checkpoints, output
     p.add_argument("--eval-every", type=int, default=100)
@@ -485,6 +491,8 @@ def main(argv: list[str] | None = None) -> dict:
         hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
         hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(accelerator.device).train()
+    if args.compile:
+        model.compile()
 
     # ------------------------------------------------------------------------------------------------- optimizer
     schedule = lr_lambda(args, method, hyper)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import torch
 import transformers
@@ -39,6 +42,12 @@ def tiny_roberta_config(**overrides) -> transformers.RobertaConfig:
     )
     kwargs.update(overrides)
     return transformers.RobertaConfig(**kwargs)
+
+
+# torch.compile on CPU builds C++ with the compiler inductor is configured with (`$CXX`, else g++)
+needs_cxx = pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "g++")) is None, reason="torch.compile on CPU needs a C++ compiler"
+)
 
 
 def tiny_llama(seed: int = 0, **overrides) -> transformers.LlamaForCausalLM:

@@ -21,6 +21,7 @@ import peft_sltrain  # noqa: E402
 import checkpointing  # noqa: E402
 import data  # noqa: E402
 import pretrain  # noqa: E402
+from conftest import needs_cxx  # noqa: E402
 from methods import METHODS, Hyper  # noqa: E402
 
 MICRO = str(ROOT / "tests" / "data" / "llama_micro.json")
@@ -437,6 +438,16 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, corpus):
     run(tmp_path / "ckpt", corpus, "--method", "sltrain", "--max-steps", "3", "--activation-checkpointing")
     plain, ckpt = log_rows(tmp_path / "plain"), log_rows(tmp_path / "ckpt")
     assert [r["loss"] for r in ckpt] == pytest.approx([r["loss"] for r in plain], rel=1e-5)
+
+
+@needs_cxx
+def test_compile_gives_the_same_losses(tmp_path, corpus):
+    run(tmp_path / "eager", corpus, "--method", "sltrain", "--max-steps", "3")
+    run(tmp_path / "compiled", corpus, "--method", "sltrain", "--max-steps", "3", "--compile")
+    eager, compiled = log_rows(tmp_path / "eager"), log_rows(tmp_path / "compiled")
+    assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-4)
+    ppl = [json.loads((tmp_path / d / "summary.json").read_text())["val_ppl"] for d in ("eager", "compiled")]
+    assert ppl[1] == pytest.approx(ppl[0], rel=1e-4)
 
 
 def test_bf16_autocast_trains(tmp_path, corpus):

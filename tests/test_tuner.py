@@ -18,7 +18,7 @@ from peft_sltrain import (
 )
 from peft_sltrain.support import num_nonzeros
 
-from conftest import perturb_trainable, tiny_llama, tiny_roberta, tiny_roberta_config, train_losses
+from conftest import needs_cxx, perturb_trainable, tiny_llama, tiny_roberta, tiny_roberta_config, train_losses
 
 LLAMA_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -311,6 +311,7 @@ def test_add_weighted_adapter_is_refused_with_the_reason():
         model.add_weighted_adapter(["default", "second"], [0.5, 0.5], "combined")
 
 
+@needs_cxx
 @pytest.mark.parametrize("compute", ["dense", "factored"])
 def test_torch_compile_matches_eager(compute, input_ids):
     """A compiled wrapped model gives eager's loss and gradients (numba's kernels are a graph break, not an error)."""
