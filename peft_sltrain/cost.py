@@ -22,8 +22,6 @@ has the dtype (fp16 on CPU; bf16 on CPU without numba), only the dense path exis
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from . import cpu_kernels
@@ -99,19 +97,24 @@ def factored_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return (device.type, dtype) in SPARSE_RELATIVE_COST and _sparse_kernels_run(device, dtype)
 
 
-@functools.cache
+_KERNELS_RUN: dict[tuple[torch.device, torch.dtype], bool] = {}  # `_sparse_kernels_run`'s answers (see cpu_kernels)
+
+
+@torch.compiler.assume_constant_result  # torch.compile calls it while tracing and keeps the answer
 def _sparse_kernels_run(device: torch.device, dtype: torch.dtype) -> bool:
     """Runs the factored path's two sparse kernels on a 2 x 2 problem. Their dtype support varies by PyTorch
-    version and build (torch 2.13's `sampled_addmm` rejects bf16 and fp16 on CPU, in an input check that its CUDA
-    version shares), so it is probed rather than assumed."""
-    try:
-        S = torch.eye(2, dtype=dtype, device=device).to_sparse_csr()
-        dense = torch.ones(2, 2, dtype=dtype, device=device)
-        torch.sparse.mm(S, dense)
-        torch.sparse.sampled_addmm(S, dense, dense, beta=0.0)
-    except (RuntimeError, NotImplementedError):
-        return False
-    return True
+    version and build (torch 2.13's `sampled_addmm` rejects bf16 and fp16 on CPU, and torch 2.11's on CUDA), so it
+    is probed, once per device and dtype, rather than assumed."""
+    if (device, dtype) not in _KERNELS_RUN:
+        try:
+            S = torch.eye(2, dtype=dtype, device=device).to_sparse_csr()
+            dense = torch.ones(2, 2, dtype=dtype, device=device)
+            torch.sparse.mm(S, dense)
+            torch.sparse.sampled_addmm(S, dense, dense, beta=0.0)
+            _KERNELS_RUN[(device, dtype)] = True
+        except (RuntimeError, NotImplementedError):
+            _KERNELS_RUN[(device, dtype)] = False
+    return _KERNELS_RUN[(device, dtype)]
 
 
 def dense_cost(n: int, d_in: int, d_out: int, r: int) -> float:

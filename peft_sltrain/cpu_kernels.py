@@ -64,15 +64,21 @@ def supports(device: torch.device, dtype: torch.dtype) -> bool:
     return AVAILABLE and device.type == "cpu" and dtype in DTYPES and _numba_works()
 
 
-@functools.cache
+_NUMBA_WORKS: list[bool] = []  # the answer of `_numba_works`, once known (not functools.cache: Dynamo warns on it)
+
+
+@torch.compiler.assume_constant_result  # torch.compile calls it while tracing and keeps the answer
 def _numba_works() -> bool:
     """numba is installed, imports (it pins numpy versions) and compiles (NUMBA_DISABLE_JIT would run the kernels
     as Python loops): checked once, on the first factored call on CPU."""
-    try:
-        import numba
-    except ImportError:
-        return False
-    return not numba.config.DISABLE_JIT
+    if not _NUMBA_WORKS:
+        try:
+            import numba
+
+            _NUMBA_WORKS.append(not numba.config.DISABLE_JIT)
+        except ImportError:
+            _NUMBA_WORKS.append(False)
+    return _NUMBA_WORKS[0]
 
 
 def _threads() -> int:
@@ -89,6 +95,9 @@ def _threads() -> int:
     return threads
 
 
+# Under torch.compile both entry points run as opaque eager calls (a graph break): traced into, numba's dispatcher
+# fails while it compiles a kernel (Dynamo's "exception table entry start instruction has no offset").
+@torch.compiler.disable
 def sparse_matmul_t(
     x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, int], out: torch.Tensor
 ) -> torch.Tensor:  # fmt: skip
@@ -105,6 +114,7 @@ def sparse_matmul_t(
     return out
 
 
+@torch.compiler.disable
 def sparse_grads(
     x: torch.Tensor, dy: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, int],
     out_x: torch.Tensor | None, need_values: bool,
