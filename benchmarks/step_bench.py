@@ -11,7 +11,7 @@ the pure low-rank model at the same r, is the floor of any factored step (it doe
 Memory: `peak_bytes`, the most tensor memory alive at once in a fresh run of three steps (model built inside it, so
 parameters and optimizer state count; CUDA: allocator peak; CPU: the profiler's allocation events), measured in the
 first round; `peak_rss_bytes`, the process's peak (RSS on CPU, max allocated on CUDA).
-Results: benchmarks/results/step_<device>.json.
+Results: benchmarks/results/step_<device>[_<dtype>][_batch<N>][_compiled].json unless `--out` names another file.
 """
 
 from __future__ import annotations
@@ -153,7 +153,10 @@ def main(argv=None) -> dict:
     p.add_argument("--sizes", help="comma-separated subset of the device's sizes (CPU: tiny,60m; GPU: 60m,350m)")
     p.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)}; full is always run")
     p.add_argument("--batch", type=int, help="sequences per step, for every size (default: the device's settings)")
-    p.add_argument("--out", help="results file name in benchmarks/results (default: step_<device>[_<dtype>].json)")
+    p.add_argument(
+        "--out",
+        help="results file name in benchmarks/results (default: step_<device>[_<dtype>][_batch<N>][_compiled].json)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile every variant's model (`model.compile()`)")
     p.add_argument("--no-peak", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--one", nargs=4, metavar=("SIZE", "VARIANT", "BATCH", "SEQ_LEN"), help=argparse.SUPPRESS)
@@ -218,6 +221,7 @@ def main(argv=None) -> dict:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "" if dtype_name == ("bf16" if device.type == "cuda" else "fp32") else f"_{dtype_name}"
+    suffix += (f"_batch{args.batch}" if args.batch else "") + ("_compiled" if args.compile else "")
     path = RESULTS / (args.out or f"step_{device.type}{suffix}.json")
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path}")

@@ -42,10 +42,13 @@ SPARSE_RELATIVE_COST: dict[tuple[str, torch.dtype], tuple[float, float, float]] 
     ("cpu", torch.float32): (11.1, 4.5, 138.0),
     ("cpu", torch.float64): (11.1, 4.5, 138.0),
     # CUDA fp32: `cost_model_fit` of benchmarks/results/layer_cuda_fp32.json (one H200, torch 2.11, cuSPARSE, 8192
-    # tokens). The model has no per-call term, and at these sizes a GPU layer call is largely kernel launches, so it
-    # fits poorly (in sample: 0.79 predicted for a measured 1.06 at delta = 0.01; 1.10 and 1.38 for 0.94 and 0.97 at
-    # the 1B and 7B shapes) but errs towards the dense path: it picks dense at every paper shape, where factored
-    # measured 1.27-2.31x the dense path up to 350M and 0.94-0.97x at 1B and 7B.
+    # tokens per call, against the dense path as it was before 5dd44ec fused its scaling). The model has no per-call
+    # term, and at these sizes a GPU layer call is largely kernel launches, so it fits poorly and misses both ways (in
+    # sample, predicted / measured factored-to-dense ratio): 0.79 / 1.06 at delta = 0.01 and 0.97 / 1.04 at r = 32
+    # (sent factored, slower), 1.10 / 0.94 and 1.38 / 0.97 at the 1B and 7B shapes (sent dense, slightly slower),
+    # 7.36 / 3.16 at delta = 0.3. On 8192-token calls it picks dense at every paper shape, where factored measured
+    # 1.27-2.31x up to 350M. It picks factored for calls of at most 1024 tokens from 1024 x 2736 up (at most 16 to 256
+    # below): unmeasured, launch-bound ground.
     # bf16 and fp16 have no entry, so no factored path: torch 2.11's CUDA `sampled_addmm` lacks them.
     ("cuda", torch.float32): (23.6, 0.0, 427.4),
 }

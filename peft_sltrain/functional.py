@@ -147,8 +147,9 @@ def sparse_csr_transposed(values: torch.Tensor, indices: torch.Tensor, d_out: in
 # d_out) of them (the transposed copies of x and dY and the sparse product's output). On CPU, 2**19 (2 MiB in fp32)
 # keeps MKL's CSR products in cache: 0.2-0.3x a dense GEMM at 512-1376 wide layers, against 0.7-0.8x for 2048-row
 # chunks (and they waste time in per-call overhead on chunks of a few dozen rows). On CUDA there is no cache to stay
-# in and every chunk costs kernel launches, so chunks are 32x larger (2**24 numbers: 64 MiB in fp32); on an H200 CPU's
-# chunks made the factored layer 1.2-2.2x slower (`factored_cpu_chunks` in benchmarks/results/layer_cuda_fp32.json).
+# in and every chunk costs kernel launches, so chunks are 32x larger (2**24 numbers: 64 MiB in fp32); on an H200, CPU's
+# chunks in forward alone made the factored layer 1.2-2.4x slower (`factored_cpu_chunks` in
+# benchmarks/results/layer_cuda_fp32.json, a run whose backward still took CUDA's chunks).
 CHUNK_NUMBERS = {"cpu": 2**19, "cuda": 2**24}
 
 
@@ -195,7 +196,7 @@ class _FactoredSparseLowRankLinear(torch.autograd.Function):
         if bias is not None:
             y += bias
         ctx.save_for_backward(x, A, B, values, indices, weight)
-        ctx.scaling, ctx.kernels = scaling, kernels  # backward uses the same kernel set
+        ctx.scaling, ctx.kernels, ctx.chunk = scaling, kernels, chunk  # backward uses the same kernels and chunks
         return out
 
     @staticmethod
@@ -218,7 +219,7 @@ class _FactoredSparseLowRankLinear(torch.autograd.Function):
             St = sparse_csr_transposed(values, indices, d_out, d_in) if need_x else None
             # the sampled product writes the nnz entries of dY^T X in S's order, which is the values' order
             pattern = sparse_csr(torch.zeros_like(values), indices, d_out, d_in) if need_values else None
-            chunk = token_chunk(d_in, d_out, x.device.type)
+            chunk = ctx.chunk
 
         for start in range(0, x2.shape[0], chunk):
             xc, dyc = x2[start : start + chunk], dy[start : start + chunk]  # (c, d_in), (c, d_out)

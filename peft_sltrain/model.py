@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from peft.tuners.tuners_utils import (
     BaseTuner,
@@ -174,6 +176,13 @@ class SLTrainModel(BaseTuner):
             # layer's dense weight does not (it is the adapter's own product, and loading rebuilds it)
             merged = {f"{name}.base_layer.weight" for name, module in model.named_modules()
                       if isinstance(module, SLTrainLayer) and module.merged}  # fmt: skip
+            if merged:
+                warnings.warn(
+                    "Saving a merged from-scratch SLTrain model writes its factors, not the merged dense weights: "
+                    "whatever was trained on the merged weights is not saved. `unmerge_adapter()` first, or save "
+                    "`merge_and_unload()` as a plain model.",
+                    stacklevel=2,
+                )
             to_return.update({key: value for key, value in state_dict.items() if key not in merged})
         if not config.save_support:  # a fingerprint instead of each support
             for key in [k for k in to_return if k.endswith(f".sltrain_indices.{adapter_name}")]:
@@ -253,7 +262,7 @@ def _check_tied_parameters(model: nn.Module, state_dict: dict) -> None:
         first, *others = names
         for other in others:
             a, b = state_dict[first], state_dict[other]
-            if a.shape != b.shape or not torch.equal(a, b.to(a.device)):
+            if a.shape != b.shape or not torch.allclose(a, b.to(a.device), rtol=0, atol=0, equal_nan=True):
                 raise ValueError(
                     f"The adapter file holds different tensors for {first!r} and {other!r}, which this model ties "
                     "into one parameter (e.g. `tie_word_embeddings=True`); it was saved from a model that does not "

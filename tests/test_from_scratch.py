@@ -135,11 +135,23 @@ def test_saved_while_merged_the_file_is_the_unmerged_one(tmp_path, input_ids):
     expected = model(input_ids).logits
     model.save_pretrained(tmp_path / "unmerged")
     model.merge_adapter()
-    model.save_pretrained(tmp_path / "merged")
+    with pytest.warns(UserWarning, match="whatever was trained on the merged weights is not saved"):
+        model.save_pretrained(tmp_path / "merged")
     unmerged, merged = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("unmerged", "merged"))
     assert merged.keys() == unmerged.keys() and all(torch.equal(merged[k], unmerged[k]) for k in merged)
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_config(tiny_llama_config()), tmp_path / "merged")
     assert torch.equal(loaded.eval()(input_ids).logits, expected)
+
+
+def test_tied_file_with_a_nan_loads(tmp_path):
+    """The tied check compares the two names' tensors bit for bit, NaN included (a diverged run is still loadable)."""
+    model = get_peft_model(AutoModelForCausalLM.from_config(tiny_llama_config(tie_word_embeddings=True)), CONFIG)
+    with torch.no_grad():
+        model.base_model.model.model.embed_tokens.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path)
+    tied = AutoModelForCausalLM.from_config(tiny_llama_config(tie_word_embeddings=True))
+    loaded = PeftModel.from_pretrained(tied, tmp_path)
+    assert loaded.base_model.model.lm_head.weight[0, 0].isnan()
 
 
 def test_untied_adapter_into_a_tied_model_is_refused(tmp_path):

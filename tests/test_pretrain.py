@@ -443,7 +443,10 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, corpus):
 @needs_cxx
 def test_compile_gives_the_same_losses(tmp_path, corpus):
     run(tmp_path / "eager", corpus, "--method", "sltrain", "--max-steps", "3")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     run(tmp_path / "compiled", corpus, "--method", "sltrain", "--max-steps", "3", "--compile")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it did compile
     eager, compiled = log_rows(tmp_path / "eager"), log_rows(tmp_path / "compiled")
     assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-4)
     ppl = [json.loads((tmp_path / d / "summary.json").read_text())["val_ppl"] for d in ("eager", "compiled")]
