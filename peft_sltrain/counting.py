@@ -61,7 +61,31 @@ def targeted_linear_names(model: nn.Module, config: SLTrainConfig) -> list[str]:
                 raise ValueError(f"`target_modules` matched `{name}`: {error}") from None
             check_rank(config.r, d_in, d_out, name)
             names.append(name)
+    if config.from_scratch:
+        _refuse_shared_weights(model, names)
     return names
+
+
+def _refuse_shared_weights(model: nn.Module, names: list[str]) -> None:
+    """From scratch, replacing a layer drops its weight: refuse a targeted layer whose weight another module shares
+    (a tied vocabulary head), or will share once a meta-built model ties its embeddings."""
+    holders: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(param), []).append(name)
+    untied = _not_yet_tied_output_weight(model)
+    for name in names:
+        weight = getattr(model.get_submodule(name), "weight", None)
+        if weight is None:  # already replaced from scratch (a second adapter is refused elsewhere, with its reason)
+            continue
+        others = [n for n in holders.get(id(weight), []) if not n.startswith(f"{name}.")]  # (incl. base_layer.)
+        if weight is untied:
+            others.append("the input embeddings' weight (`tie_word_embeddings=True`)")
+        if others:
+            raise ValueError(
+                f"`target_modules` matched `{name}`, whose weight the model shares with {others}: from scratch, "
+                "SLTrain replaces the weight, which the other module still needs. Leave the layer out of "
+                "`target_modules`, or untie it (e.g. `tie_word_embeddings=False`)."
+            )
 
 
 def count_parameters(model: nn.Module, config: SLTrainConfig) -> ParameterCounts:
@@ -75,7 +99,7 @@ def count_parameters(model: nn.Module, config: SLTrainConfig) -> ParameterCounts
     targeted = {name: model.get_submodule(name) for name in targeted_linear_names(model, config)}
     if not targeted:
         raise ValueError(f"`target_modules` {config.target_modules!r} matched no layer of the model.")
-    to_save = list(config.modules_to_save or []) + HEADS_PEFT_ADDS.get(config.task_type, [])
+    to_save = config.modules_to_save or []
     saved_modules = [name for name, _ in model.named_modules() if name and any(name.endswith(m) for m in to_save)]
 
     untied = _not_yet_tied_output_weight(model)
@@ -120,7 +144,12 @@ def _not_yet_tied_output_weight(model: nn.Module) -> nn.Parameter | None:
 
 
 def _resolved_config(model: nn.Module, config: SLTrainConfig) -> SLTrainConfig:
+    """`config` as PEFT will apply it: default targets, `"all-linear"` resolved, and the task's head in
+    `modules_to_save` (PEFT's task models add it there, and PEFT never targets a layer inside one)."""
     config = copy.deepcopy(config)
+    heads = [h for h in HEADS_PEFT_ADDS.get(config.task_type, []) if h not in (config.modules_to_save or [])]
+    if heads:
+        config.modules_to_save = list(config.modules_to_save or []) + heads
     if config.target_modules is None:
         config.target_modules = default_target_modules(getattr(getattr(model, "config", None), "model_type", None))
     return _maybe_include_all_linear_layers(config, model)

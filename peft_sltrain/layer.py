@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from transformers.pytorch_utils import Conv1D
 
 from .config import SLTrainConfig
@@ -30,6 +31,12 @@ def layer_features(layer: nn.Module) -> tuple[int, int]:
     including a quantized linear layer (bitsandbytes' `Linear4bit` / `Linear8bitLt` subclass `nn.Linear`)."""
     if isinstance(layer, SLTrainLayer):
         return layer.in_features, layer.out_features
+    if isinstance(layer, NonDynamicallyQuantizableLinear):
+        raise ValueError(
+            "this is the `out_proj` of a `torch.nn.MultiheadAttention`, which reads the layer's weight directly: a "
+            "replacement would be ignored (or, from scratch, leave it without weight). Leave it out of "
+            '`target_modules` (with `"all-linear"`, name it in `exclude_modules`).'
+        )
     if isinstance(layer, REPLACEABLE):
         weight = layer.weight
         quantized = type(weight).__name__ in ("Params4bit", "Int8Params") or (

@@ -295,13 +295,18 @@ def _restore_supports(model: nn.Module, adapter_name: str, state_dict: dict) -> 
 def materialize_meta_parameters(model: nn.Module) -> None:
     """Give the parameters left on the meta device (a model built under `accelerate.init_empty_weights()`) real
     storage on the default device, initialised by the model's own init (`_init_weights` for Transformers models,
-    `reset_parameters` otherwise). The SLTrain layers already hold real tensors: no dense targeted weight is made,
-    and their base layers' biases start at zero (a model's init may not expect a layer without its weight)."""
+    `reset_parameters` otherwise). No dense targeted weight is made, and the SLTrain layers' base layers' biases start
+    at zero (a model's init may not expect a layer without its weight). Adapters that PEFT created on the meta device
+    (`low_cpu_mem_usage=True`) get the SLTrain init (`reset_sltrain_parameters`)."""
     device = torch.get_default_device()
     init_weights = getattr(model, "_init_weights", None)
-    replaced = {id(m.get_base_layer()) for m in model.modules() if isinstance(m, SLTrainLayer)}
+    sltrain_layers = [m for m in model.modules() if isinstance(m, SLTrainLayer)]
+    for layer in sltrain_layers:
+        _materialize_adapters(layer)
+    replaced = {id(m.get_base_layer()) for m in sltrain_layers}
+    inside = {id(d) for m in sltrain_layers for d in (m.sltrain_A, m.sltrain_B, m.sltrain_values)}
     for name, module in model.named_modules():
-        if isinstance(module, SLTrainLayer):
+        if isinstance(module, SLTrainLayer) or id(module) in inside:
             continue
         if id(module) in replaced:
             if getattr(module, "bias", None) is not None and module.bias.device.type == "meta":
@@ -328,3 +333,18 @@ def materialize_meta_parameters(model: nn.Module) -> None:
         )
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+
+
+@torch.no_grad()
+def _materialize_adapters(layer: SLTrainLayer) -> None:
+    """Real storage and the SLTrain init for adapters created on the meta device (`get_peft_model(...,
+    low_cpu_mem_usage=True)`), on the device of their support; a file loaded afterwards overwrites them."""
+    for adapter, A in layer.sltrain_A.items():
+        if A.device.type != "meta":
+            continue
+        device = layer.sltrain_indices[adapter].device
+        for params in (layer.sltrain_A, layer.sltrain_B, layer.sltrain_values):
+            # swapped in place: PEFT runs this in `init_empty_weights()`, which sends a newly registered one to meta
+            old = params[adapter]
+            torch.utils.swap_tensors(old, nn.Parameter(torch.empty_like(old, device=device), old.requires_grad))
+        layer.reset_sltrain_parameters(adapter)

@@ -178,6 +178,45 @@ def test_a_rank_too_large_for_one_layer_replaces_nothing(input_ids):
         count_parameters(base, SLTrainConfig(r=40, target_modules=["k_proj"]))
 
 
+@pytest.mark.parametrize("meta", [True, False])
+def test_a_tied_head_is_not_replaced(meta, input_ids):
+    """From scratch, replacing the vocabulary head drops its weight, which the tied input embeddings still need:
+    refused before any layer is replaced."""
+    config = SLTrainConfig(r=4, sparsity=0.1, from_scratch=True, target_modules=["q_proj", "lm_head"])
+    if meta:
+        with init_empty_weights():
+            base = AutoModelForCausalLM.from_config(tiny_llama_config(tie_word_embeddings=True))
+    else:
+        base = AutoModelForCausalLM.from_config(tiny_llama_config(tie_word_embeddings=True))
+    shares = "the input embeddings' weight" if meta else "model.embed_tokens.weight"
+    for call in (get_peft_model, count_parameters):
+        with pytest.raises(ValueError, match=rf"matched `lm_head`, whose weight the model shares with .*{shares}"):
+            call(base, config)
+    assert not any(isinstance(m, SLTrainLayer) for m in base.modules())
+    assert all(m.weight is not None for m in base.modules() if isinstance(m, torch.nn.Linear))
+
+
+@pytest.mark.parametrize("meta", [True, False])
+def test_low_cpu_mem_usage_gets_the_paper_init(meta, input_ids):
+    """PEFT creates the adapters on the meta device; from scratch they are the model's weights, so they get real
+    storage and the same init as without the flag (the same draws, in the same order)."""
+    torch.manual_seed(0)
+    expected = scratch_model(meta)
+    torch.manual_seed(0)
+    if meta:
+        with init_empty_weights():
+            base = AutoModelForCausalLM.from_config(tiny_llama_config())
+    else:
+        base = AutoModelForCausalLM.from_config(tiny_llama_config())
+    model = get_peft_model(base, CONFIG, low_cpu_mem_usage=True)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    got, want = model.state_dict(), expected.state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert torch.isfinite(model(input_ids=input_ids, labels=input_ids).loss)
+
+
 @pytest.mark.parametrize("tie", [False, True])
 def test_count_parameters_of_a_meta_built_model(tie):
     """A meta-built model ties its embeddings only once materialised; planned from it, the counts are the built

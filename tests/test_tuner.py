@@ -106,6 +106,9 @@ def test_layer_output_and_gradients_match_dense_reference():
         (tiny_roberta, SLTrainConfig(r=2, sparsity=0.03, task_type="SEQ_CLS", bias="sltrain_only")),
         (tiny_roberta_tokens, SLTrainConfig(r=2, sparsity=0.03, task_type="TOKEN_CLS")),
         (tiny_roberta_qa, SLTrainConfig(r=2, sparsity=0.03, task_type="QUESTION_ANS")),
+        # the head's layers match, but PEFT trains the head whole (`modules_to_save`) and never targets inside it
+        (tiny_roberta, SLTrainConfig(r=4, sparsity=0.05, task_type="SEQ_CLS", target_modules=["query", "dense"])),
+        (tiny_roberta, SLTrainConfig(r=4, sparsity=0.05, task_type="SEQ_CLS", target_modules="all-linear")),
     ],
 )
 def test_count_parameters_matches_the_built_model(build, config):
@@ -294,6 +297,23 @@ def test_count_parameters_refuses_what_cannot_be_replaced():
         count_parameters(tiny_llama(), SLTrainConfig(r=2, target_modules=["embed_tokens"]))
     with pytest.raises(ValueError, match=r"`target_modules` \{'nope'\} matched no layer of the model"):
         count_parameters(tiny_llama(), SLTrainConfig(r=2, target_modules=["nope"]))
+
+
+@pytest.mark.parametrize("from_scratch", [False, True])
+def test_multihead_attention_out_proj_is_refused(from_scratch):
+    """`nn.MultiheadAttention` reads `out_proj.weight` itself: a replaced `out_proj` would be ignored (fine-tuning)
+    or leave it without weight (from scratch)."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.fc = nn.MultiheadAttention(16, 2, batch_first=True), nn.Linear(16, 16)
+
+    for target in (["out_proj", "fc"], "all-linear"):
+        with pytest.raises(ValueError, match=r"matched `attn.out_proj`: this is the `out_proj` of a .*MultiheadAtt"):
+            get_peft_model(Block(), SLTrainConfig(r=2, target_modules=target, from_scratch=from_scratch))
+    model = get_peft_model(Block(), SLTrainConfig(r=2, target_modules="all-linear", exclude_modules=["out_proj"]))
+    assert isinstance(model.base_model.model.fc, SLTrainLayer)
 
 
 def test_unknown_architecture_needs_target_modules():
