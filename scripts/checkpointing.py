@@ -2,13 +2,15 @@
 
 A checkpoint is a directory `step_000120/` holding `model.safetensors`, `state.safetensors` (optimizer, scheduler
 and RNG tensors) and `state.json` (the rest, with `{"__tensor__": key}` where a tensor was). It is written under a
-temporary name and renamed into place only when complete, so a kill mid-save leaves no directory that looks done.
+temporary name and renamed into place only when complete, so a kill mid-save leaves no directory that looks done;
+the next save (or resume) deletes what such a kill left.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -51,13 +53,37 @@ def unflatten(obj, tensors: dict[str, torch.Tensor]):
     return obj
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(root: Path) -> list[Path]:
+    """Delete the temporary checkpoints in `root` that killed saves left: this process's own (it saves one at a time)
+    and those of processes no longer running. Only the main process of a run saves; a temporary directory whose
+    process still runs (another run's save, or a reused PID) is kept. Returns what was deleted."""
+    root, stale = Path(root), []
+    pattern = re.compile(rf"\.{re.escape(CHECKPOINT_PREFIX)}\d+\.tmp-(\d+)")
+    for path in sorted(root.glob(f".{CHECKPOINT_PREFIX}*.tmp-*")) if root.is_dir() else []:
+        match = pattern.fullmatch(path.name)
+        if match and path.is_dir() and (int(match[1]) == os.getpid() or not _process_alive(int(match[1]))):
+            shutil.rmtree(path, ignore_errors=True)
+            stale.append(path)
+    return stale
+
+
 def save_checkpoint(directory: Path, model_state: dict[str, torch.Tensor], state: dict) -> Path:
     """Write `directory` atomically; refuses to replace an existing checkpoint."""
     directory = Path(directory)
     if directory.exists():
         raise FileExistsError(f"Checkpoint {directory} already exists; refusing to overwrite it.")
+    remove_stale_temporaries(directory.parent)  # full-size leftovers of killed saves
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     # safetensors refuses shared storage (tied weights): store each tensor once, and its other names as aliases
     first, unique, aliases = {}, {}, {}

@@ -41,7 +41,7 @@ def main(run_dirs: list[str]) -> str:
             f"{r['total_params']:,}",
             f"{r['training_state_bytes'] / 2**20:.1f} MiB",
             f"{r['peak_memory_bytes'] / 2**20:.0f} MiB",
-            f"{r['tokens_per_s']:,.0f}",
+            "unknown" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}",  # resumed from an old checkpoint
             f"{r['tokens']:,}",
         )
         for r in rows

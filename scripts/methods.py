@@ -51,12 +51,16 @@ class Method:
     build: Callable[[LlamaConfig, Hyper], nn.Module]
     to_dense: Callable[[nn.Module], PreTrainedModel]
     make_optimizer: Callable[[nn.Module, Hyper], torch.optim.Optimizer] = adamw
+    # called after each optimizer step with the unwrapped model, the optimizer (a torch optimizer, or under
+    # `--per-layer-updates` an object holding one per parameter in `.optimizers`), the steps done and the settings
     after_step: Callable[[nn.Module, torch.optim.Optimizer, int, Hyper], None] | None = None
     lr_multiplier: Callable[[int, Hyper], float] | None = None  # multiplies the warmup-cosine schedule
     reads: tuple[str, ...] = ("rank",)  # which of `--rank`, `--sparsity`, `--alpha` (or the preset's) it uses
     checkpointable: bool = True  # False when the optimizer state holds objects that safetensors cannot store
     # `--method-arg` settings it reads from `Hyper.extra`: name -> type (int or float); every one must be positive
     options: dict[str, type] = field(default_factory=dict)
+    # refuses settings that `build` would fail on or that would spoil training (ValueError), before data is read
+    check: Callable[[LlamaConfig, Hyper], None] | None = None
     # whether the trained model is saved as a PEFT adapter (SLTrain: the adapter holds every trained tensor); else as
     # its dense Transformers model (`to_dense`), which plain `from_pretrained` loads
     saves_adapter: bool = False
@@ -138,6 +142,11 @@ def _build_sltrain(config: LlamaConfig, hyper: Hyper) -> nn.Module:
     return get_peft_model(base, sltrain_config(hyper))
 
 
+def _check_sltrain(config: LlamaConfig, hyper: Hyper) -> None:
+    check_rank_fits(config, hyper.rank)
+    sltrain_config(hyper)  # its __post_init__ checks the sparsity and alpha
+
+
 register(
     Method(
         "sltrain",
@@ -146,6 +155,7 @@ register(
         lambda model: model.merge_and_unload(),
         reads=("rank", "sparsity", "alpha"),
         saves_adapter=True,
+        check=_check_sltrain,
     )
 )
 
@@ -202,7 +212,19 @@ def _lowrank_to_dense(model: nn.Module) -> PreTrainedModel:
     return model
 
 
-register(Method("lowrank", "W = B A only, no sparse part (low-rank baseline)", _build_lowrank, _lowrank_to_dense))
+def _check_rank(config: LlamaConfig, hyper: Hyper) -> None:
+    check_rank_fits(config, hyper.rank)
+
+
+register(
+    Method(
+        "lowrank",
+        "W = B A only, no sparse part (low-rank baseline)",
+        _build_lowrank,
+        _lowrank_to_dense,
+        check=_check_rank,
+    )
+)
 
 
 # ----------------------------------------------------------------------------------------------------------- lora
@@ -229,6 +251,7 @@ register(
         _build_lora,
         lambda model: model.merge_and_unload(),
         reads=("rank", "alpha"),
+        check=_check_rank,
     )
 )
 
@@ -238,6 +261,27 @@ def _relora_every(hyper: Hyper) -> int:
     return int(hyper.extra.get("relora_every", max(1, hyper.max_steps // 4)))
 
 
+def _relora_warmup(hyper: Hyper) -> int:
+    return int(hyper.extra.get("relora_warmup", max(1, _relora_every(hyper) // 10)))
+
+
+def _relora_check(config: LlamaConfig, hyper: Hyper) -> None:
+    """The rank must fit, and the warmup after each restart must end before the next (a warmup of 1 is none)."""
+    check_rank_fits(config, hyper.rank)
+    every, warmup = _relora_every(hyper), _relora_warmup(hyper)
+    if warmup > 1 and warmup >= every:
+        source = "" if "relora_every" in hyper.extra else " (the default, --max-steps // 4)"
+        raise ValueError(
+            f"`--method-arg relora_warmup={warmup}` must be smaller than relora_every {every}{source}: the learning "
+            "rate warms up again after each restart and would stay below its schedule for (nearly) every step."
+        )
+
+
+def _optimizers(optimizer) -> list[torch.optim.Optimizer]:
+    """The torch optimizers behind `optimizer`: itself, or one per parameter under `--per-layer-updates`."""
+    return list(optimizer.optimizers.values()) if hasattr(optimizer, "optimizers") else [optimizer]
+
+
 def _relora_restart(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, hyper: Hyper) -> None:
     """Every `relora_every` steps: merge B A into W0, restart B = 0 and A at random, and drop the LoRA factors'
     optimizer state (ReLoRA prunes 99% of it by magnitude; a full reset is the simple limit)."""
@@ -245,20 +289,21 @@ def _relora_restart(model: nn.Module, optimizer: torch.optim.Optimizer, step: in
 
     if step % _relora_every(hyper) or step >= hyper.max_steps:
         return
+    optimizers = _optimizers(optimizer)
     for module in model.modules():
         if isinstance(module, LoraLayer):
             module.merge()
             module.merged_adapters.clear()  # the merge is permanent: W0 absorbs the update
-            module.reset_lora_parameters("default", init_lora_weights=True)
+            module.reset_lora_parameters("default", init_lora_weights=True)  # in place: the optimizers keep them
             for param in (module.lora_A["default"].weight, module.lora_B["default"].weight):
-                optimizer.state.pop(param, None)
+                for opt in optimizers:
+                    opt.state.pop(param, None)
 
 
 def _relora_lr(step: int, hyper: Hyper) -> float:
     """The jagged schedule: after each restart the learning rate warms up again over `relora_warmup` steps."""
     every = _relora_every(hyper)
-    warmup = int(hyper.extra.get("relora_warmup", max(1, every // 10)))
-    return 1.0 if step < every else min(1.0, (step % every + 1) / warmup)
+    return 1.0 if step < every else min(1.0, (step % every + 1) / _relora_warmup(hyper))
 
 
 register(
@@ -271,6 +316,7 @@ register(
         lr_multiplier=_relora_lr,
         reads=("rank", "alpha"),
         options={"relora_every": int, "relora_warmup": int},
+        check=_relora_check,
     )
 )
 

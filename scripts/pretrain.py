@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext, suppress
 from pathlib import Path
 
 import torch
@@ -130,6 +132,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill every unset flag from the size preset, then check the combination before anything runs."""
     preset = load_preset(args.model)
     method = get_method(args.method)
+    args.micro_batch_given = args.micro_batch is not None  # a preset's micro-batch may be lowered to fit processes
     for key, value in {**preset["train"], **preset.get("sltrain", {})}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -139,9 +142,15 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         flags = ", ".join(f"--{key.replace('_', '-')}" for key in missing)
         raise ValueError(f"`--model` {args.model!r} sets no {missing}: add them to its preset or pass {flags}.")
     args.method_extra = parse_method_args(method, args.method_arg)
+    for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "sparsity", "alpha"):
+        value = getattr(args, name)  # NaN passes every comparison below, inf turns clipping off like 0
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"`--{name.replace('_', '-')}` must be a finite number, got {value}.")
     for name in ("lr", "max_steps", "global_batch", "micro_batch", "seq_len", "eval_every", "eval_blocks"):
         if getattr(args, name) <= 0:
             raise ValueError(f"`--{name.replace('_', '-')}` must be positive, got {getattr(args, name)}.")
+    if args.seq_len < 2:
+        raise ValueError(f"`--seq-len` must be at least 2 (n tokens give n - 1 targets), got {args.seq_len}.")
     for name in ("weight_decay", "grad_clip", "save_every"):
         if getattr(args, name) < 0:
             raise ValueError(f"`--{name.replace('_', '-')}` must be 0 or more, got {getattr(args, name)}.")
@@ -160,6 +169,10 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"`--warmup-steps` must be in [0, --max-steps), got {args.warmup_steps}.")
     if "rank" in method.reads and args.rank <= 0:
         raise ValueError(f"`--rank` must be positive, got {args.rank}.")
+    if method.check is not None:
+        method.check(LlamaConfig(**args.model_config), hyper_from_args(args))
+    if method.make_optimizer is not adamw and args.optimizer != "adamw":
+        raise ValueError(f"`--method {method.name}` brings its own optimizer; `--optimizer` must stay adamw.")
     if args.per_layer_updates and args.grad_clip > 0:
         raise ValueError(
             "`--per-layer-updates` steps each parameter alone, so it cannot clip the global gradient "
@@ -178,6 +191,40 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
                 "Use `--optimizer adamw` on a CPU."
             )
     return args
+
+
+def hyper_from_args(args: argparse.Namespace) -> Hyper:
+    return Hyper(
+        rank=args.rank,
+        sparsity=args.sparsity,
+        alpha=args.alpha,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        max_steps=args.max_steps,
+        seed=args.seed,
+        extra=args.method_extra,
+    )
+
+
+def fit_micro_batch(args: argparse.Namespace, world: int) -> tuple[int, str | None]:
+    """Gradient accumulation steps for `--global-batch` over `world` processes, and a note when `args.micro_batch`
+    was lowered to the largest that divides it. Only the preset's is lowered, never one passed with `--micro-batch`:
+    the global batch alone fixes the loss curve, the micro-batch only how much of it one forward pass holds."""
+    note = None
+    if args.global_batch % (args.micro_batch * world) and not args.micro_batch_given:
+        fits = [m for m in range(args.micro_batch, 0, -1) if args.global_batch % (m * world) == 0]
+        if fits:
+            note = (
+                f"--micro-batch {fits[0]}: the preset's {args.micro_batch} x {world} processes does not divide "
+                f"--global-batch {args.global_batch}"
+            )
+            args.micro_batch = fits[0]
+    per_step = args.micro_batch * world
+    if args.global_batch % per_step:
+        raise ValueError(
+            f"`--global-batch` {args.global_batch} must be a multiple of --micro-batch x processes = {per_step}."
+        )
+    return args.global_batch // per_step, note
 
 
 def trajectory_config(args: argparse.Namespace, world_size: int) -> dict:
@@ -244,7 +291,8 @@ def init_out_dir(args: argparse.Namespace, config: dict, accelerator: Accelerato
     """Start a fresh run directory (deleting an earlier run only when `--overwrite` asked for it)."""
     out = Path(args.out_dir)
     if accelerator.is_main_process:
-        for name in ("checkpoints", "final", "merged", "tokenizer", "log.jsonl", "summary.json", "loss.png"):
+        run_files = ("checkpoints", "final", "merged", "tokenizer", "log.jsonl", "summary.json", "loss.png")
+        for name in run_files + (".final.tmp", ".merged.tmp", ".summary.json.tmp"):  # and a killed export's
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
@@ -277,9 +325,7 @@ def plain_optimizer(params, hyper: Hyper, optimizer_name: str) -> torch.optim.Op
 
 
 def make_optimizer(model, method, hyper: Hyper, optimizer_name: str) -> torch.optim.Optimizer:
-    if method.make_optimizer is not adamw:  # e.g. GaLore: the method brings its own optimizer
-        if optimizer_name != "adamw":
-            raise ValueError(f"`--method {method.name}` brings its own optimizer; `--optimizer` must stay adamw.")
+    if method.make_optimizer is not adamw:  # e.g. GaLore: the method brings its own optimizer (resolve checked)
         return method.make_optimizer(model, hyper)
     return plain_optimizer([p for p in model.parameters() if p.requires_grad], hyper, optimizer_name)
 
@@ -411,6 +457,42 @@ def plot_losses(log_path: Path, png_path: Path, title: str) -> None:
     plt.close(fig)
 
 
+# -------------------------------------------------------------------------------------------------------- export
+def publish(directory: Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` into a temporary directory, then rename it to `directory` (replacing an earlier one), so that a
+    kill mid-write leaves no `directory` that looks complete."""
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed export
+    write(tmp)
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+
+
+def export(method, model, out: Path, merge: bool, tokenizer: data.Tokenizer) -> None:
+    """OUT/final, and with `merge` a dense OUT/merged, from the whole trained `model` (unwrapped, in one process).
+
+    final is SLTrain's PEFT adapter, which holds every trained tensor, and any other method's dense Transformers
+    model (LoRA merged, low-rank multiplied out), which plain `from_pretrained` loads.
+    """
+    if method.saves_adapter:
+        publish(out / "final", model.save_pretrained)
+        dense = method.to_dense(model) if merge else None
+    else:
+        dense = method.to_dense(model)
+        publish(out / "final", dense.save_pretrained)
+    if merge:
+        publish(out / "merged", lambda tmp: (dense.save_pretrained(tmp), tokenizer.save(tmp)))
+
+
+def whole_model(method, model_config: LlamaConfig, hyper: Hyper, state_dict: dict) -> torch.nn.Module:
+    """The trained model on the CPU, built afresh and loaded from its full `state_dict` (FSDP's, gathered to the main
+    process), so that `export` writes what it writes without FSDP. Holds a second copy of the weights."""
+    model = method.build(model_config, hyper)
+    model.load_state_dict(state_dict)
+    return model
+
+
 # ---------------------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict:
     args = resolve(parse_args(argv))
@@ -421,12 +503,7 @@ def main(argv: list[str] | None = None) -> dict:
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],  # supports are identical per rank
     )
     world, rank = accelerator.num_processes, accelerator.process_index
-    per_step = args.micro_batch * world
-    if args.global_batch % per_step:
-        raise ValueError(
-            f"`--global-batch` {args.global_batch} must be a multiple of --micro-batch x processes = {per_step}."
-        )
-    grad_accum = args.global_batch // per_step
+    grad_accum, micro_note = fit_micro_batch(args, world)
     if args.per_layer_updates and (world > 1 or grad_accum > 1):
         raise ValueError(
             "`--per-layer-updates` needs one process and no gradient accumulation "
@@ -446,44 +523,48 @@ def main(argv: list[str] | None = None) -> dict:
     config = trajectory_config(args, world)
     resume_from = check_out_dir(args, config)
     out = Path(args.out_dir)
+    if micro_note and accelerator.is_main_process:
+        print(f"pretrain.py: {micro_note}")
 
     # ------------------------------------------------------------------------------------------------------ data
-    if args.dataset:
-        train_texts = data.stream_hf_dataset(args.dataset, args.dataset_config, "train")
-        val_text = "\n".join(
-            t for _, t in zip(range(2000), data.stream_hf_dataset(args.dataset, args.dataset_config, "validation"))
-        )
-        tokenizer = data.load_tokenizer(args.tokenizer)
-    else:
-        train_text, val_text = data.local_corpus(args.train_files, args.validation_files)
-        if args.tokenizer == "train":
-            with accelerator.main_process_first():  # one process trains it, the others read the cache
-                tokenizer = data.train_tokenizer(train_text, args.vocab_size, cache_dir=out.parent / ".cache")
-        else:
+    cache = out.parent / ".cache"  # trained tokenizers, by content hash
+    cached_before = set(cache.glob("tokenizer-*.json")) if cache.is_dir() else None
+    try:
+        if args.dataset:
+            train_texts = data.stream_hf_dataset(args.dataset, args.dataset_config, "train")
+            val_text = "\n".join(
+                t for _, t in zip(range(2000), data.stream_hf_dataset(args.dataset, args.dataset_config, "validation"))
+            )
             tokenizer = data.load_tokenizer(args.tokenizer)
-    val_blocks = data.to_blocks(data.tokenize_text(tokenizer, val_text), args.seq_len)[: args.eval_blocks]
-    if len(val_blocks) == 0:
-        raise ValueError(f"The validation text is shorter than one sequence of {args.seq_len} tokens.")
-    if args.dataset:
-        sampler = data.StreamingBlocks(train_texts, tokenizer, args.seq_len, args.micro_batch, grad_accum, world)
-    else:
-        train_blocks = data.to_blocks(data.tokenize_text(tokenizer, train_text), args.seq_len)
-        sampler = data.BlockSampler(train_blocks, args.micro_batch, grad_accum, world, seed=args.seed)
+        else:
+            train_text, val_text = data.local_corpus(args.train_files, args.validation_files)
+            if args.tokenizer == "train":
+                with accelerator.main_process_first():  # one process trains it, the others read the cache
+                    tokenizer = data.train_tokenizer(train_text, args.vocab_size, cache_dir=cache)
+            else:
+                tokenizer = data.load_tokenizer(args.tokenizer)
+        val_blocks = data.to_blocks(data.tokenize_text(tokenizer, val_text), args.seq_len)[: args.eval_blocks]
+        if len(val_blocks) == 0:
+            raise ValueError(f"The validation text is shorter than one sequence of {args.seq_len} tokens.")
+        if args.dataset:
+            sampler = data.StreamingBlocks(train_texts, tokenizer, args.seq_len, args.micro_batch, grad_accum, world)
+        else:
+            train_blocks = data.to_blocks(data.tokenize_text(tokenizer, train_text), args.seq_len)
+            sampler = data.BlockSampler(train_blocks, args.micro_batch, grad_accum, world, seed=args.seed)
+    except ValueError:  # the data checks need the tokenizer: a command that fails them keeps no cache of it
+        if cache.is_dir():  # every process (they all fail alike) removes what was cached since it looked
+            for path in set(cache.glob("tokenizer-*.json")) - (cached_before or set()):
+                path.unlink(missing_ok=True)
+            if cached_before is None:
+                with suppress(OSError):  # not empty, or already removed by another process
+                    cache.rmdir()
+        raise
 
     # ----------------------------------------------------------------------------------------------------- model
     model_config = LlamaConfig(**{**args.model_config, "vocab_size": tokenizer.vocab_size})
     model_config.eos_token_id = model_config.pad_token_id = tokenizer.eos_token_id
     model_config.bos_token_id = None
-    hyper = Hyper(
-        rank=args.rank,
-        sparsity=args.sparsity,
-        alpha=args.alpha,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        max_steps=args.max_steps,
-        seed=args.seed,
-        extra=args.method_extra,
-    )
+    hyper = hyper_from_args(args)
     torch.manual_seed(args.seed)
     model = method.build(model_config, hyper)
     counts = peft_sltrain.module_parameter_counts(model)
@@ -510,8 +591,10 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process:
         tokenizer.save(out / "tokenizer")
 
-    start_step, tokens_seen = 0, 0
+    start_step, tokens_seen, earlier_seconds = 0, 0, 0.0  # earlier_seconds: training time before this command
     if resume_from is not None:
+        if accelerator.is_main_process:
+            checkpointing.remove_stale_temporaries(out / "checkpoints")
         model_state, state = checkpointing.load_checkpoint(resume_from)
         accelerator.unwrap_model(model).load_state_dict(model_state)
         optimizer.load_state_dict(state["optimizer"])
@@ -519,6 +602,7 @@ def main(argv: list[str] | None = None) -> dict:
             scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"][rank], accelerator.device)
         start_step, tokens_seen = state["step"], state["tokens"]
+        earlier_seconds = state.get("train_seconds")  # None: a checkpoint from before it was recorded
         if isinstance(sampler, data.StreamingBlocks):
             sampler = data.StreamingBlocks(
                 train_texts, tokenizer, args.seq_len, args.micro_batch, grad_accum, world, start_step=start_step
@@ -542,6 +626,7 @@ def main(argv: list[str] | None = None) -> dict:
         state = {
             "step": step,
             "tokens": tokens_seen,
+            "train_seconds": None if earlier_seconds is None else earlier_seconds + train_time,
             "optimizer": optimizer.state_dict(),
             "scheduler": None if scheduler is None else scheduler.state_dict(),
             "rng": [rng_state(accelerator.device)],
@@ -612,9 +697,9 @@ def main(argv: list[str] | None = None) -> dict:
     if val_ppl is None:  # resumed at the very end: evaluate what was loaded
         val_ppl = evaluate(model, val_blocks, args.micro_batch, accelerator)
     memory, memory_kind = peak_memory_bytes(accelerator.device)
-    trained = max(1, args.max_steps - start_step)
-    final_state = accelerator.get_state_dict(model)  # gathered from all ranks under FSDP
+    final_state = accelerator.get_state_dict(model) if fsdp else None  # gathered to the main process
     accelerator.wait_for_everyone()
+    seconds = None if earlier_seconds is None else earlier_seconds + train_time  # all steps, over every command
     summary = {
         "method": args.method,
         "model": args.model,
@@ -623,33 +708,32 @@ def main(argv: list[str] | None = None) -> dict:
         "total_params": counts.total,
         "peak_memory_bytes": memory,
         "peak_memory_kind": memory_kind,
-        "tokens_per_s": tokens_per_step * trained / max(train_time, 1e-9),
+        "tokens_per_s": None if seconds is None else tokens_seen / seconds,
         "tokens": tokens_seen,
-        "train_seconds": train_time,
+        "train_seconds": seconds,
         **training_state_bytes(accelerator.unwrap_model(model), optimizer),
         "processes": world,
         "device": str(accelerator.device),
         "torch": torch.__version__,
     }
+    if seconds is None:
+        summary["timing_note"] = f"unknown: resumed from {resume_from}, saved before checkpoints recorded the time"
     if accelerator.is_main_process:
         log.close()
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
         plot_losses(out / "log.jsonl", out / "loss.png", f"{args.method} on LLaMA-{args.model}")
+        (out / "summary.json").unlink(missing_ok=True)  # written last, so that it marks a complete export
         final = accelerator.unwrap_model(model)
-        # SLTrain: a PEFT adapter directory, holding every trained tensor; under FSDP any method's gathered state
-        if method.saves_adapter or fsdp:
-            final.save_pretrained(out / "final", state_dict=final_state)
-            dense = method.to_dense(final) if args.merge else None
-        else:  # the others as plain Transformers models (LoRA merged, low-rank multiplied out)
-            dense = method.to_dense(final)
-            dense.save_pretrained(out / "final")
-        if args.merge:
-            dense.save_pretrained(out / "merged")
-            tokenizer.save(out / "merged")
+        if fsdp:  # each rank holds only its shards of the model
+            final = whole_model(method, model_config, hyper, final_state)
+        export(method, final, out, args.merge, tokenizer)
+        tmp = out / ".summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, out / "summary.json")
+        tokens_per_s = "unknown" if seconds is None else f"{summary['tokens_per_s']:.0f}"
         print(
             f"final {args.method}: val_ppl={val_ppl:.2f} trainable={counts.trainable:,} total={counts.total:,} "
             f"params+grads+optimizer={summary['training_state_bytes'] / 2**20:.1f}MiB "
-            f"peak_mem={memory / 2**20:.0f}MiB ({memory_kind}) tokens/s={summary['tokens_per_s']:.0f}"
+            f"peak_mem={memory / 2**20:.0f}MiB ({memory_kind}) tokens/s={tokens_per_s}"
         )
     accelerator.wait_for_everyone()
     accelerator.end_training()

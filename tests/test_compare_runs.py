@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = str(ROOT / "scripts" / "compare_runs.py")
 
 
-def write_summary(run: Path, method: str, val_ppl: float) -> str:
+def write_summary(run: Path, method: str, val_ppl: float, tokens_per_s: float | None = 1234.7) -> str:
     run.mkdir()
     summary = {
         "method": method,
@@ -21,7 +21,7 @@ def write_summary(run: Path, method: str, val_ppl: float) -> str:
         "training_state_bytes": 3 * 2**20,
         "peak_memory_bytes": 100 * 2**20,
         "peak_memory_kind": "cpu_peak_rss",
-        "tokens_per_s": 1234.7,
+        "tokens_per_s": tokens_per_s,
         "tokens": 4096,
     }  # the keys scripts/pretrain.py writes that the table reads
     (run / "summary.json").write_text(json.dumps(summary))
@@ -45,6 +45,13 @@ def test_table_of_two_runs(tmp_path):
     record = json.loads(saved.read_text())
     assert record["table"] == result.stdout.rstrip("\n").splitlines()
     assert record["summaries"][str(tmp_path / "b")]["val_ppl"] == 127.0
+
+
+def test_a_run_without_timing(tmp_path):
+    """A run resumed from a checkpoint that predates recorded training time has `tokens_per_s: null`."""
+    result = compare(write_summary(tmp_path / "a", "sltrain", 93.5, tokens_per_s=None))
+    assert result.returncode == 0, result.stderr
+    assert "unknown" in result.stdout.splitlines()[1].split()
 
 
 def test_command_line(tmp_path):

@@ -21,7 +21,7 @@ import peft_sltrain  # noqa: E402
 import checkpointing  # noqa: E402
 import data  # noqa: E402
 import pretrain  # noqa: E402
-from conftest import needs_cxx  # noqa: E402
+from conftest import needs_cxx, perturb_trainable  # noqa: E402
 from methods import METHODS, Hyper  # noqa: E402
 
 MICRO = str(ROOT / "tests" / "data" / "llama_micro.json")
@@ -89,32 +89,13 @@ def test_sltrain_counts_come_from_the_library(tmp_path, corpus):
     assert summary["trainable_params"] == summary["total_params"] == expected.trainable
 
 
-def test_per_layer_updates_equal_a_normal_step(tmp_path, corpus):
-    run(
-        tmp_path / "normal",
-        corpus,
-        "--method",
-        "sltrain",
-        "--global-batch",
-        "4",
-        "--max-steps",
-        "3",
-        "--save-every",
-        "3",
-    )
-    run(
-        tmp_path / "per_layer",
-        corpus,
-        "--method",
-        "sltrain",
-        "--global-batch",
-        "4",
-        "--max-steps",
-        "3",
-        "--per-layer-updates",
-        "--save-every",
-        "3",
-    )
+@pytest.mark.parametrize("method", ["sltrain", "relora"])
+def test_per_layer_updates_equal_a_normal_step(tmp_path, corpus, method):
+    # ReLoRA restarts after step 2: the per-parameter optimizers forget the LoRA factors' state as AdamW does
+    extra = ["--method", method, "--global-batch", "4", "--max-steps", "3", "--save-every", "3"]
+    extra += ["--method-arg", "relora_every=2"] if method == "relora" else []
+    run(tmp_path / "normal", corpus, *extra)
+    run(tmp_path / "per_layer", corpus, *extra, "--per-layer-updates")
     a = load_file(tmp_path / "normal" / "checkpoints" / "step_000003" / "model.safetensors")
     b = load_file(tmp_path / "per_layer" / "checkpoints" / "step_000003" / "model.safetensors")
     assert a.keys() == b.keys()
@@ -270,10 +251,14 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus):
         (["--method", "sltrain", "--optimizer", "adam8bit"], "adam8bit"),
         (["--method", "sltrain", "--per-layer-updates", "--grad-clip", "1"], "cannot clip"),
         (["--method", "sltrain", "--per-layer-updates"], "no gradient accumulation"),
-        (["--method", "sltrain", "--global-batch", "6"], "multiple of --micro-batch"),
+        (["--method", "sltrain", "--global-batch", "6", "--micro-batch", "4"], "multiple of --micro-batch"),
         (["--method", "sltrain", "--global-batch", "4000", "--micro-batch", "4000"], "fewer than one global batch"),
         (["--method", "sltrain", "--seq-len", "65"], "`--seq-len` 65 exceeds the model's max_position_embeddings 64"),
         (["--method", "sltrain", "--warmup-steps", "6"], "`--warmup-steps`"),
+        (["--seq-len", "1"], r"`--seq-len` must be at least 2 \(.*\), got 1"),
+        (["--grad-clip", "nan"], "`--grad-clip` must be a finite number, got nan"),
+        (["--grad-clip", "inf"], "`--grad-clip` must be a finite number, got inf"),
+        (["--lr", "nan"], "`--lr` must be a finite number, got nan"),
         (["--eval-every", "0"], "`--eval-every` must be positive, got 0"),
         (["--eval-blocks", "0"], "`--eval-blocks` must be positive, got 0"),
         (["--save-every", "-1"], "`--save-every` must be 0 or more, got -1"),
@@ -283,6 +268,14 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus):
         (["--method-arg", "foo"], "`--method-arg` must be KEY=VALUE, got 'foo'"),
         (["--method", "relora", "--method-arg", "relora_every=abc"], "relora_every must be a positive int, got 'abc'"),
         (["--method", "relora", "--method-arg", "relora_every=0"], "relora_every must be a positive int, got '0'"),
+        (
+            ["--method", "relora", "--method-arg", "relora_every=4", "--method-arg", "relora_warmup=4"],
+            "`--method-arg relora_warmup=4` must be smaller than relora_every 4: ",
+        ),
+        (
+            ["--method", "relora", "--method-arg", "relora_warmup=3"],  # 6 steps: a restart every step
+            r"relora_warmup=3` must be smaller than relora_every 1 \(the default, --max-steps // 4\)",
+        ),
         (
             ["--method", "sltrain", "--method-arg", "relora_every=5"],
             r"has no setting 'relora_every' \(it takes none\)",
@@ -294,8 +287,8 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus):
 )
 def test_bad_input_fails_before_training(tmp_path, corpus, extra, message):
     with pytest.raises(ValueError, match=message):
-        run(tmp_path, corpus, *extra)
-    assert not any(tmp_path.iterdir())  # nothing written
+        run(tmp_path / "out", corpus, *extra)
+    assert not any(tmp_path.iterdir())  # nothing written, not even the tokenizer cache next to --out-dir
 
 
 def test_preset_without_training_settings(tmp_path, corpus):
@@ -337,6 +330,7 @@ def test_missing_empty_and_short_data(tmp_path, corpus, train, validation, messa
     with pytest.raises(ValueError, match=message):
         pretrain.main(args)
     assert not (tmp_path / "out" / "run_config.json").exists()
+    assert not (tmp_path / ".cache").exists()  # the tokenizer trained to find the text short is not kept
 
 
 def test_existing_runs_are_never_overwritten_by_mistake(tmp_path, corpus):
@@ -359,6 +353,79 @@ def test_existing_runs_are_never_overwritten_by_mistake(tmp_path, corpus):
     assert (tmp_path / "final" / "adapter_model.safetensors").is_file() and (tmp_path / "summary.json").is_file()
     with pytest.raises(ValueError, match="holds no run to resume"):
         run(tmp_path / "fresh", corpus, "--method", "sltrain", "--resume")
+
+
+def test_resumed_export_keeps_the_runs_timing(tmp_path, corpus):
+    first = run(tmp_path, corpus, "--method", "sltrain", "--max-steps", "2", "--save-every", "2")
+    shutil.rmtree(tmp_path / "final")  # the export to redo: resuming trains no step
+    again = run(tmp_path, corpus, "--method", "sltrain", "--max-steps", "2", "--save-every", "2", "--resume")
+    assert first["train_seconds"] > 0 and first["tokens_per_s"] == first["tokens"] / first["train_seconds"]
+    assert (again["train_seconds"], again["tokens_per_s"]) == (first["train_seconds"], first["tokens_per_s"])
+    assert json.loads((tmp_path / "summary.json").read_text()) == again
+
+
+def test_killed_export_leaves_the_run_resumable(tmp_path, corpus, monkeypatch):
+    from peft import PeftModel
+
+    def killed(self, directory, **kwargs):  # dies while writing final/
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / "adapter_config.json").write_text("{")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(PeftModel, "save_pretrained", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path, corpus, "--method", "sltrain", "--max-steps", "2", "--save-every", "2")
+    assert not (tmp_path / "summary.json").exists() and not (tmp_path / "final").exists()  # not complete
+    run(tmp_path, corpus, "--method", "sltrain", "--max-steps", "2", "--save-every", "2", "--resume")
+    assert json.loads((tmp_path / "final" / "adapter_config.json").read_text())["peft_type"] == "SLTRAIN"
+    assert (tmp_path / "summary.json").is_file() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_save_removes_temporaries_of_killed_saves(tmp_path):
+    root = tmp_path / "checkpoints"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    # a dead process's and this process's own are leftovers; a live one's (the parent's, here) is another save's
+    for pid in (dead.pid, os.getpid(), os.getppid()):
+        (root / f".step_000003.tmp-{pid}").mkdir(parents=True)
+        (root / f".step_000003.tmp-{pid}" / "model.safetensors").write_bytes(b"partial")
+    checkpointing.save_checkpoint(root / "step_000006", {"w": torch.ones(2)}, {"step": 6})
+    assert sorted(p.name for p in root.iterdir()) == [f".step_000003.tmp-{os.getppid()}", "step_000006"]
+
+
+@pytest.mark.parametrize("method", ["sltrain", "lora", "lowrank"])
+def test_fsdp_export_equals_single_process_export(tmp_path, method):
+    """Under FSDP the main process exports a CPU copy loaded from the gathered state dict. FSDP cannot run on CPUs
+    (Accelerate makes CPU processes DDP), so this checks that branch: the copy writes what the trained model does."""
+    config, hyper = micro_config(), Hyper(rank=4, sparsity=0.05, alpha=1)
+    trained = METHODS[method].build(config, hyper)
+    perturb_trainable(trained)
+    full_state = {key: value.clone() for key, value in trained.state_dict().items()}
+    pretrain.export(METHODS[method], trained, tmp_path / "single", False, None)
+    torch.manual_seed(1)  # another init: every tensor must come from the state dict
+    pretrain.export(METHODS[method], pretrain.whole_model(METHODS[method], config, hyper, full_state),
+                    tmp_path / "fsdp", False, None)  # fmt: skip
+    single, fsdp = tmp_path / "single" / "final", tmp_path / "fsdp" / "final"
+    assert sorted(p.name for p in fsdp.iterdir()) == sorted(p.name for p in single.iterdir())
+    for path in single.glob("*.safetensors"):
+        a, b = load_file(path), load_file(fsdp / path.name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    name = "adapter_config.json" if METHODS[method].saves_adapter else "config.json"
+    assert json.loads((fsdp / name).read_text()) == json.loads((single / name).read_text())
+
+
+def test_a_presets_micro_batch_is_lowered_to_fit_the_processes():
+    """The README's `torchrun --nproc_per_node 2 ... --model tiny`: the preset's micro-batch 32 on each of 2
+    processes is more than its global batch 32, so 16 is used; a micro-batch passed on the command line is kept."""
+    args = pretrain.resolve(pretrain.parse_args(["--model", "tiny", "--out-dir", "unused"]))
+    grad_accum, note = pretrain.fit_micro_batch(args, world=2)
+    assert (grad_accum, args.micro_batch) == (1, 16) and note.startswith("--micro-batch 16: the preset's 32 x 2")
+    args = pretrain.resolve(pretrain.parse_args(["--model", "tiny", "--out-dir", "unused"]))
+    assert pretrain.fit_micro_batch(args, world=1) == (1, None) and args.micro_batch == 32
+    args = pretrain.resolve(pretrain.parse_args(["--model", "tiny", "--out-dir", "unused", "--micro-batch", "32"]))
+    with pytest.raises(ValueError, match="multiple of --micro-batch x processes = 64"):
+        pretrain.fit_micro_batch(args, world=2)
 
 
 def test_meta_build_keeps_no_dense_projection_weights():
