@@ -18,8 +18,9 @@ has a preset (batch size, epochs, learning rate, rank, sparsity, alpha, max leng
 
 `--task_name` and `--output_dir` are required. An output directory that already holds a run (an adapter or model,
 summary.json or `checkpoint-*` folders) is refused, so that two runs never mix: continue it with
-`--resume_from_checkpoint DIR/checkpoint-N` (a checkpoint in it; the Trainer's step, optimizer and schedule carry on),
-or replace it with `--overwrite_output_dir` (its checkpoints and finished-run files are deleted just before training).
+`--resume_from_checkpoint DIR/checkpoint-N` (a checkpoint in it; the Trainer's step, optimizer and schedule carry on,
+and the method and adapter settings must be the checkpoint's), or replace it with `--overwrite_output_dir` (its
+checkpoints and finished-run files are deleted just before training).
 """
 
 from __future__ import annotations
@@ -117,7 +118,10 @@ class ModelArguments:
     )
     target_modules: list[str] = field(
         default_factory=lambda: ["query", "value"],
-        metadata={"help": "Projections SLTrain or LoRA replaces (BERT/RoBERTa: query, value)."},
+        metadata={
+            "help": "Projections SLTrain or LoRA replaces (BERT/RoBERTa: query, value), or `all-linear` alone: every "
+            "linear layer but the classifier."
+        },
     )
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on LoRA's input (LoRA only)."})
     ignore_mismatched_sizes: bool = field(
@@ -216,9 +220,25 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, training_ar
         raise ValueError(f"`--sparsity` must be in (0, 1), got {model_args.sparsity}.")
     if not 0 <= model_args.lora_dropout < 1:
         raise ValueError(f"`--lora_dropout` must be in [0, 1), got {model_args.lora_dropout}.")
+    if "all-linear" in model_args.target_modules and len(model_args.target_modules) > 1:
+        raise ValueError(f"`--target_modules all-linear` stands alone, got {list(model_args.target_modules)}.")
     check_output_dir(
         Path(training_args.output_dir), training_args.resume_from_checkpoint, model_args.overwrite_output_dir
     )
+    if training_args.resume_from_checkpoint is not None:
+        check_resume_config(Path(training_args.resume_from_checkpoint), model_args)
+    if model_args.merge_to:  # Transformers' from_pretrained would apply an adapter found there on top of the merge
+        merge_to = Path(model_args.merge_to)
+        if merge_to.resolve() == Path(training_args.output_dir).resolve():
+            raise ValueError(
+                f"`--merge_to` {model_args.merge_to!r} is `--output_dir`, which gets the adapter; give another "
+                "directory."
+            )
+        if (merge_to / "adapter_config.json").exists():
+            raise ValueError(
+                f"`--merge_to` {model_args.merge_to!r} holds an adapter (adapter_config.json), which Transformers "
+                "would load on top of the merged model; give another directory."
+            )
     if bool(data_args.train_file) != bool(data_args.validation_file):
         raise ValueError("Give both `--train_file` and `--validation_file` (local data), or neither (the Hub's GLUE).")
     if data_args.validation_mismatched_file and data_args.task_name != "mnli":
@@ -276,6 +296,56 @@ def check_output_dir(out: Path, resume_from_checkpoint: str | None, overwrite: b
         )
 
 
+# Adapter config fields that do not come from the arguments: paths, versions, and the modules PEFT and `main` add to
+# `modules_to_save` (the head, and base weights the checkpoint lacks).
+NOT_COMPARED = {
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "peft_version",
+    "auto_mapping",
+    "modules_to_save",
+}
+CONFIG_FLAGS = {"r": "--rank", "alpha": "--alpha", "lora_alpha": "--alpha", "sparsity": "--sparsity",
+                "target_modules": "--target_modules", "lora_dropout": "--lora_dropout"}  # fmt: skip
+
+
+def check_resume_config(checkpoint: Path, model_args: ModelArguments) -> None:
+    """Refuse to resume a checkpoint trained with another method or adapter config than the arguments build."""
+
+    def comparable(value):
+        return sorted(value) if isinstance(value, (list, set, tuple)) else value  # PEFT saves sets as lists
+
+    def flag(key: str) -> str:
+        return f" (`{CONFIG_FLAGS[key]}`)" if key in CONFIG_FLAGS else ""
+
+    saved_file = checkpoint / "adapter_config.json"
+    if not saved_file.is_file() and not (checkpoint / "config.json").is_file():
+        return  # neither an adapter's nor a full model's checkpoint: the Trainer says what is missing
+    saved = json.loads(saved_file.read_text()) if saved_file.is_file() else None
+    current = adapter_config(model_args)
+    saved_method = saved["peft_type"].lower() if saved is not None else "full"  # a full checkpoint has config.json
+    if saved_method != model_args.method:
+        differ = [f"`--method`: checkpoint {saved_method!r}, now {model_args.method!r}"]
+    elif saved is None:
+        return
+    else:
+        current = current.to_dict()
+        keys = (saved.keys() & current.keys()) - NOT_COMPARED
+        if current["target_modules"] == "all-linear":  # saved as what it expanded to; not comparable without the model
+            keys.discard("target_modules")
+        differ = [
+            f"{key}{flag(key)}: checkpoint {comparable(saved[key])!r}, now {comparable(current[key])!r}"
+            for key in sorted(keys)
+            if comparable(saved[key]) != comparable(current[key])
+        ]
+    if differ:
+        raise ValueError(
+            f"`--resume_from_checkpoint` {str(checkpoint)!r} was trained with other settings ({'; '.join(differ)}); "
+            "resume with the same ones, or start a new run."
+        )
+
+
 # ------------------------------------------------------------------------------------------------------------- data
 def file_format(path: str) -> str:
     """The `datasets` builder of a local data file: csv or json (also .jsonl, and gzip-compressed)."""
@@ -298,16 +368,25 @@ def load_raw_data(task: Task, data_args: DataArguments, cache_dir: str | None) -
                 "with `--train_file` and `--validation_file`."
             ) from None
         return DatasetDict({split: raw[split] for split in ("train", *task.validation_splits)})
-    files = {"train": data_args.train_file, task.validation_splits[0]: data_args.validation_file}
+    files = {"train": ("train_file", data_args.train_file)}
+    files[task.validation_splits[0]] = ("validation_file", data_args.validation_file)
     if data_args.validation_mismatched_file:
-        files["validation_mismatched"] = data_args.validation_mismatched_file
+        files["validation_mismatched"] = ("validation_mismatched_file", data_args.validation_mismatched_file)
     # one file at a time: loaded together, files whose columns or label types differ fail deep in `datasets`
-    return DatasetDict(
-        {
-            split: load_dataset(file_format(path), data_files={split: path}, cache_dir=cache_dir)[split]
-            for split, path in files.items()
-        }
-    )
+    return DatasetDict({split: load_data_file(flag, path, cache_dir) for split, (flag, path) in files.items()})
+
+
+def load_data_file(flag: str, path: str, cache_dir: str | None):
+    """One local data file as a `Dataset`; an empty or malformed one is a clear error naming `--flag` and the path."""
+    builder = file_format(path)
+    try:
+        return load_dataset(builder, data_files={"rows": path}, cache_dir=cache_dir)["rows"]
+    except Exception as error:  # `datasets` fails deep inside, often wrapped or without a message
+        cause = error.__cause__ or error  # DatasetGenerationError wraps the parser's error
+        # an empty .jsonl stops the json builder's iteration; a header-only .csv leaves its split without data
+        empty = isinstance(cause, StopIteration) or "corresponds to no data" in str(cause)
+        reason = "no rows" if empty else one_line(cause)
+        raise ValueError(f"`--{flag}` {path!r} cannot be read as {builder.upper()}: {reason}.") from None
 
 
 def label_ids(task: Task, labels: list, where: str) -> list:
@@ -351,7 +430,9 @@ def prepare_split(dataset, task: Task, tokenizer, max_seq_length: int, where: st
 # ------------------------------------------------------------------------------------------------------------ model
 def adapter_config(model_args: ModelArguments):
     """The PEFT config of `--method` (None for full fine-tuning)."""
-    common = dict(r=model_args.rank, target_modules=list(model_args.target_modules), task_type="SEQ_CLS")
+    targets = list(model_args.target_modules)
+    targets = "all-linear" if targets == ["all-linear"] else targets  # PEFT's shorthand is a string, not a name
+    common = dict(r=model_args.rank, target_modules=targets, task_type="SEQ_CLS")
     if model_args.method == "sltrain":
         return peft_sltrain.SLTrainConfig(sparsity=model_args.sparsity, alpha=model_args.alpha, **common)
     if model_args.method == "lora":
@@ -359,16 +440,58 @@ def adapter_config(model_args: ModelArguments):
     return None
 
 
+def max_positions(model) -> int | None:
+    """The longest input `model`'s position embeddings take (None: it has no `max_position_embeddings`)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    embeddings = getattr(model.base_model, "embeddings", None)
+    if limit is not None and hasattr(embeddings, "create_position_ids_from_input_ids"):
+        limit -= embeddings.padding_idx + 1  # RoBERTa family: positions count from pad_token_id + 1 (514 -> 512)
+    return limit
+
+
+def newly_initialised_modules(model, loading_info: dict) -> list[str]:
+    """Modules with weights the checkpoint lacks (randomly initialised), other than the head that PEFT saves anyway.
+
+    Frozen and left out of the adapter, such a module (BERT saved without its pooler, say) would be initialised anew,
+    differently, wherever the adapter is loaded: `main` adds these to the adapter's `modules_to_save`.
+    """
+    parameters = dict(model.named_parameters())
+    keys = set(loading_info["missing_keys"]) | {key for key, *_ in loading_info["mismatched_keys"]}
+    heads = peft_sltrain.config.HEADS_PEFT_ADDS["SEQ_CLS"]
+    modules = set()
+    for key in keys & parameters.keys():
+        module = key.rpartition(".")[0]
+        if not module:
+            raise ValueError(
+                f"`--model_name_or_path` lacks {key!r}, a parameter of no submodule, which an adapter cannot save."
+            )
+        parts = module.split(".")
+        if not any(".".join(parts[:i]).endswith(head) for i in range(1, len(parts) + 1) for head in heads):
+            modules.add(module)  # (PEFT matches `modules_to_save` by suffix, the head at any depth)
+    return sorted(modules)
+
+
 @torch.no_grad()
 def predict_logits(model, dataset, collator, batch_size: int) -> torch.Tensor:
-    """Logits of `model` on `dataset`, in order: what the merged export is checked against."""
+    """Logits of `model` on `dataset`, in order and on the CPU: what the merged export is checked against."""
     model.eval()
+    device = next(model.parameters()).device  # where the Trainer left it; the collator's batches are on the CPU
     rows = [dataset[i] for i in range(len(dataset))]
     outputs = []
     for start in range(0, len(rows), batch_size):
         batch = collator([{k: v for k, v in row.items() if k != "labels"} for row in rows[start : start + batch_size]])
-        outputs.append(model(**batch).logits.float())
+        outputs.append(model(**batch.to(device)).logits.float().cpu())
     return torch.cat(outputs)  # (N, num_labels)
+
+
+def resumed_from(checkpoint: str | None) -> dict | None:
+    """The checkpoint a resumed run continued, and its step: the summary's train time and loss cover what followed."""
+    if checkpoint is None:
+        return None
+    return {
+        "checkpoint": checkpoint,
+        "step": json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"],
+    }
 
 
 def one_line(error: Exception) -> str:
@@ -447,15 +570,28 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         config.id2label = dict(enumerate(task.labels))
         config.label2id = {name: i for i, name in enumerate(task.labels)}
-    model = AutoModelForSequenceClassification.from_pretrained(
+    model, loading_info = AutoModelForSequenceClassification.from_pretrained(
         model_args.model_name_or_path,
         config=config,
         cache_dir=model_args.cache_dir,
         ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+        output_loading_info=True,
     )
+    limit = max_positions(model)  # the tokenizer may not know it; too long an input fails mid-training
+    if limit is not None and data_args.max_seq_length > limit:
+        raise ValueError(
+            f"`--max_seq_length` {data_args.max_seq_length} exceeds {limit}, the longest input the position "
+            f"embeddings of {model_args.model_name_or_path!r} take; pass a smaller `--max_seq_length`."
+        )
     base_params = peft_sltrain.module_parameter_counts(model).total
     peft_config = adapter_config(model_args)
     if peft_config is not None:
+        fresh = newly_initialised_modules(model, loading_info)
+        if fresh:
+            peft_config.modules_to_save = [*(peft_config.modules_to_save or []), *fresh]
+            print(
+                f"not in the checkpoint, so trained and saved with the adapter (modules_to_save): {', '.join(fresh)}"
+            )
         model = get_peft_model(model, peft_config)
     counts = peft_sltrain.module_parameter_counts(model)
     print(
@@ -511,8 +647,9 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_memory_bytes": memory,
         "peak_memory_kind": memory_kind,
         **training_state_bytes(model, trainer.optimizer),
-        "train_seconds": train_seconds,
+        "train_seconds": train_seconds,  # resumed: of this process's steps only, as train_loss
         "train_loss": train_metrics.get("train_loss"),
+        "resumed_from": resumed_from(training_args.resume_from_checkpoint),
         "train_rows": len(splits["train"]),
         "hyperparameters": {
             "learning_rate": training_args.learning_rate,
@@ -567,7 +704,7 @@ def export_merged(model, tokenizer, dataset, collator, model_args: ModelArgument
     dense.save_pretrained(model_args.merge_to)  # safetensors
     tokenizer.save_pretrained(model_args.merge_to)
     reloaded = AutoModelForSequenceClassification.from_pretrained(model_args.merge_to)
-    got = predict_logits(reloaded, rows, collator, batch_size=32)
+    got = predict_logits(reloaded.to(next(dense.parameters()).device), rows, collator, batch_size=32)  # same device
     check = {
         "rows": len(rows),
         "max_abs_logit_diff": (got - expected).abs().max().item(),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +17,17 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from peft import PeftModel
+from peft import PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, RobertaModel
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    RobertaModel,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -27,19 +36,17 @@ import peft_sltrain  # noqa: E402
 import glue_tasks  # noqa: E402
 import model_card  # noqa: E402
 import run_glue  # noqa: E402
-from conftest import tiny_roberta_config  # noqa: E402
+from conftest import tiny_roberta, tiny_roberta_config  # noqa: E402
 
 WORDS = "good bad great awful fine movie film plot actor boring fun dull superb weak the a is was not very".split()
 
 
 # --------------------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    """A directory with a tiny RoBERTa encoder (no classifier, like roberta-base) and a word-level tokenizer."""
+def save_tiny_roberta(root: Path) -> str:
+    """A tiny RoBERTa encoder (no classifier, like roberta-base) and a word-level tokenizer, saved in `root`."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    root = tmp_path_factory.mktemp("tiny-roberta")
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # RoBERTa's ids: bos 0, pad 1, eos 2
     backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -61,6 +68,26 @@ def tiny_model(tmp_path_factory) -> str:
     tokenizer.save_pretrained(root)
     torch.manual_seed(0)
     RobertaModel(tiny_roberta_config(vocab_size=len(tokenizer)), add_pooling_layer=False).save_pretrained(root)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    return save_tiny_roberta(tmp_path_factory.mktemp("tiny-roberta"))
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory, tiny_model) -> str:
+    """A tiny BERT saved without the pooler that BertForSequenceClassification has: loading it initialises one."""
+    root = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.save_pretrained(root)
+    config = BertConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, vocab_size=len(tokenizer),
+        max_position_embeddings=40, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    BertModel(config, add_pooling_layer=False).save_pretrained(root)
     return str(root)
 
 
@@ -213,6 +240,21 @@ def test_full_fine_tuning_trains_everything(tmp_path, tiny_model, data, offline_
     assert summary["hyperparameters"]["learning_rate"] == run_glue.PRESETS["rte"].lr_full
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert ModelCard.load(tmp_path / "out" / "README.md").data.library_name == "transformers"
+
+
+def test_weights_the_base_lacks_are_saved_with_the_adapter(tmp_path, tiny_bert, data, offline_metrics):
+    """BERT saved without its pooler: the pooler is initialised on loading, so the adapter must carry it."""
+    merged = tmp_path / "merged"  # the trained model, checked against it by the run
+    args = (data["pair_train"], data["pair_validation"], "--merge_to", str(merged), "--num_train_epochs", "1")
+    run(tmp_path, tiny_bert, "mrpc", *args)
+    out, rows = tmp_path / "out", read_rows(data["pair_validation"])
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    torch.manual_seed(123)  # a fresh process: loading the base initialises another pooler than the run's
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    reloaded = logits_of(PeftModel.from_pretrained(base, out), tokenizer, rows)
+    trained = logits_of(AutoModelForSequenceClassification.from_pretrained(merged), tokenizer, rows)
+    torch.testing.assert_close(reloaded, trained, rtol=0, atol=1e-5)
+    assert "bert.pooler.dense" in json.loads((out / "adapter_config.json").read_text())["modules_to_save"]
 
 
 # ------------------------------------------------------------------------------------------------------ model card
@@ -419,6 +461,91 @@ def test_unknown_file_format(tmp_path, tiny_model, data):
         run(tmp_path, tiny_model, "sst2", str(tmp_path / "train.tsv"), data["single_validation"])
 
 
+@pytest.mark.parametrize("flag", ["train_file", "validation_file"])
+@pytest.mark.parametrize(
+    "name, text, reason",
+    [
+        ("empty.csv", "", "CSV: EmptyDataError: No columns to parse from file"),
+        ("header.csv", "sentence,label\n", "CSV: no rows"),
+        ("empty.jsonl", "", "JSON: no rows"),
+        ("broken.jsonl", '{"sentence": "good", "label": 1}\n{"sentence": "bad", "label": 0\n', "JSON: .*JSON parse"),
+    ],
+)
+def test_unreadable_data_file_is_one_clear_error(tmp_path, data, flag, name, text, reason):
+    (tmp_path / name).write_text(text)
+    files = {
+        "train_file": data["single_train"],
+        "validation_file": data["single_validation"],
+        flag: str(tmp_path / name),
+    }
+    args = run_glue.DataArguments(task_name="sst2", **files)
+    with pytest.raises(ValueError, match=rf"^`--{flag}` '.*{name}' cannot be read as {reason}"):
+        run_glue.load_raw_data(glue_tasks.TASKS["sst2"], args, str(tmp_path / "cache"))
+
+
+def test_max_seq_length_is_checked_against_the_position_embeddings(tmp_path, tiny_model, data):
+    """Without the tokenizer's model_max_length, a too long `--max_seq_length` failed mid-training."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
+    del tokenizer_config["model_max_length"]
+    (model / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_text(
+        "{}"
+    )  # a previous run, which --overwrite_output_dir deletes only before training
+    with pytest.raises(ValueError, match=r"`--max_seq_length` 39 exceeds 38, the longest input the position"):
+        run(tmp_path, str(model), "mrpc", data["pair_train"], data["pair_validation"], "--max_seq_length", "39",
+            "--overwrite_output_dir")  # fmt: skip
+    assert (out / "summary.json").is_file()
+
+    # RoBERTa's positions count from pad_token_id + 1 = 2, BERT's from 0: 40 embeddings take 38 and 40 tokens
+    bert = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                                    intermediate_size=48, max_position_embeddings=40))  # fmt: skip
+    for model, limit in ((tiny_roberta(), 38), (bert, 40)):
+        assert run_glue.max_positions(model) == limit
+        model(input_ids=torch.full((1, limit), 5))
+        with pytest.raises((IndexError, RuntimeError)):
+            model(input_ids=torch.full((1, limit + 1), 5))
+
+
+def test_merge_to_must_not_hold_an_adapter(tmp_path, monkeypatch):
+    """Transformers would load an adapter found there on top of the merged model, and the check fails falsely."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--task_name", "sst2", "--output_dir", "out"]
+    with pytest.raises(ValueError, match="`--merge_to` '.*out' is `--output_dir`, which gets the adapter"):
+        run_glue.parse_args([*argv, "--merge_to", str(tmp_path / "out")])
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"`--merge_to` 'old' holds an adapter \(adapter_config.json\)"):
+        run_glue.parse_args([*argv, "--merge_to", "old"])
+    run_glue.parse_args([*argv, "--merge_to", "out/merged"])
+
+
+def test_target_modules_all_linear(tmp_path):
+    """`--target_modules all-linear` is PEFT's shorthand for every linear layer, not a module named all-linear."""
+    argv = ["--task_name", "mrpc", "--output_dir", str(tmp_path / "out"), "--target_modules", "all-linear"]
+    model_args, _, _ = run_glue.parse_args(argv)
+    config = run_glue.adapter_config(model_args)
+    assert config.target_modules == "all-linear"
+    model = get_peft_model(tiny_roberta(num_labels=2), config)
+    replaced = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+    assert replaced == {"query", "key", "value", "dense"}  # not the classifier, which PEFT trains whole
+    with pytest.raises(ValueError, match=r"`--target_modules all-linear` stands alone, got \['all-linear', 'query'\]"):
+        run_glue.parse_args([*argv, "query"])
+
+    # resuming: the checkpoint's config holds what all-linear expanded to
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    model.save_pretrained(checkpoint)
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 2}')
+    run_glue.parse_args([*argv, "--resume_from_checkpoint", str(checkpoint)])
+    with pytest.raises(
+        ValueError, match=r"target_modules \(`--target_modules`\): checkpoint \[.*'roberta.*, now \['query', 'value'\]"
+    ):
+        run_glue.parse_args([*argv[:-1], "query", "value", "--resume_from_checkpoint", str(checkpoint)])
+
+
 def test_command_line_errors_are_one_clean_line(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "run_glue.py"), "--task_name", "glue", "--output_dir", str(tmp_path)],
@@ -471,19 +598,51 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path, tiny_model, data, of
 
     monkeypatch.setattr(run_glue, "Trainer", CountingTrainer)
     args = ("mrpc", data["pair_train"], data["pair_validation"], "--save_strategy", "steps", "--save_steps", "4")
-    run(tmp_path, tiny_model, *args)  # 32 rows, batch 8, 2 epochs: 8 steps, checkpoints at 4 and 8
+    summary = run(tmp_path, tiny_model, *args)  # 32 rows, batch 8, 2 epochs: 8 steps, checkpoints at 4 and 8
     out = tmp_path / "out"
-    assert steps == list(range(8))
+    assert steps == list(range(8)) and summary["resumed_from"] is None
     first = load_file(out / "adapter_model.safetensors")
 
     steps.clear()
-    run(tmp_path, tiny_model, *args, "--resume_from_checkpoint", str(out / "checkpoint-4"))
+    summary = run(tmp_path, tiny_model, *args, "--resume_from_checkpoint", str(out / "checkpoint-4"))
     assert steps == [4, 5, 6, 7]  # steps 5 to 8 only: the step, optimizer, schedule and RNG come from checkpoint-4
+    assert summary["resumed_from"] == {"checkpoint": str(out / "checkpoint-4"), "step": 4}  # train_loss: 5 to 8 only
     assert json.loads((out / "checkpoint-8" / "trainer_state.json").read_text())["global_step"] == 8
     resumed = load_file(out / "adapter_model.safetensors")
     assert resumed.keys() == first.keys()
     for key in first:
         torch.testing.assert_close(resumed[key], first[key], rtol=0, atol=1e-6)  # the same run as without a stop
+
+
+@pytest.mark.parametrize(
+    "method, extra, message",
+    [
+        ("sltrain", ["--alpha", "8"], r"\(alpha \(`--alpha`\): checkpoint 16.0, now 8.0\)"),
+        (
+            "sltrain",
+            ["--rank", "4", "--sparsity", "0.1"],
+            r"r \(`--rank`\): checkpoint 8, now 4; sparsity \(`--sparsity",
+        ),
+        ("sltrain", ["--target_modules", "query"], r"checkpoint \['query', 'value'\], now \['query'\]"),
+        ("sltrain", ["--method", "lora"], r"\(`--method`: checkpoint 'sltrain', now 'lora'\)"),
+        ("lora", ["--lora_dropout", "0.1"], r"lora_dropout \(`--lora_dropout`\): checkpoint 0.0, now 0.1"),
+        ("lora", ["--method", "full"], "`--method`: checkpoint 'lora', now 'full'"),
+        ("full", ["--method", "sltrain"], "`--method`: checkpoint 'full', now 'sltrain'"),
+    ],
+    ids=["alpha", "rank-sparsity", "targets", "sltrain-to-lora", "dropout", "lora-to-full", "full-to-sltrain"],
+)
+def test_resume_refuses_other_settings(tmp_path, method, extra, message):
+    argv = ["--task_name", "mrpc", "--output_dir", str(tmp_path / "out"), "--method", method]
+    checkpoint = tmp_path / "out" / "checkpoint-4"
+    model, config = tiny_roberta(num_labels=2), run_glue.adapter_config(run_glue.parse_args(argv)[0])
+    (model if config is None else get_peft_model(model, config)).save_pretrained(checkpoint)
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 4}')
+    argv += ["--resume_from_checkpoint", str(checkpoint)]
+    run_glue.parse_args(argv)  # the same settings: fine
+    with pytest.raises(
+        ValueError, match=rf"`--resume_from_checkpoint` '.*checkpoint-4' was trained with other .*{message}"
+    ):
+        run_glue.parse_args([*argv, *extra])
 
 
 def test_output_dir_with_a_run_is_refused(tmp_path):

@@ -40,3 +40,29 @@ def test_wrapped_model_trains_on_cuda_in_bf16(input_ids):
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_glue_merged_export_with_the_model_on_cuda(tmp_path):
+    """scripts/run_glue.py checks its merged export with the model where the Trainer left it, on CUDA."""
+    import random
+
+    from datasets import Dataset
+    from test_glue import glue_tasks, run_glue, save_tiny_roberta, sentence
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+
+    model_dir = save_tiny_roberta(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    config = SLTrainConfig(r=4, sparsity=0.05, alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
+    model = get_peft_model(base, config).cuda()
+    perturb_trainable(model)
+    rng = random.Random(0)
+    rows = Dataset.from_list([{"sentence": sentence(rng), "label": i % 2} for i in range(12)])
+    dataset = run_glue.prepare_split(rows, glue_tasks.TASKS["sst2"], tokenizer, 24, "rows", None)
+    collator = DataCollatorWithPadding(tokenizer)  # its batches are on the CPU
+
+    logits = run_glue.predict_logits(model, dataset, collator, batch_size=5)
+    assert logits.device.type == "cpu" and logits.shape == (12, 2)
+    merge_to = run_glue.ModelArguments(merge_to=str(tmp_path / "merged"))
+    check = run_glue.export_merged(model, tokenizer, dataset, collator, merge_to)  # reloads the merged model
+    assert check["predictions_equal"] is True and check["max_abs_logit_diff"] <= 1e-4
