@@ -137,6 +137,12 @@ def choose_path(
     has_weight: bool,
 ) -> str:  # fmt: skip
     """The path for one call: `compute` if forced, else the cheaper by the cost model."""
+    if n < 0 or r < 1 or not 0 <= nnz <= d_in * d_out:
+        raise ValueError(
+            f"`choose_path` needs n >= 0, r >= 1 and nnz in [0, d_in * d_out], got n={n}, r={r}, nnz={nnz} for a "
+            f"{d_out} x {d_in} layer."
+        )
+    device = torch.device(device)  # also a string such as "cpu"
     if compute == "dense":
         return "dense"
     supported = factored_supported(device, dtype)

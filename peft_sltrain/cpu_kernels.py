@@ -33,6 +33,7 @@ starts fresh processes).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import operator
@@ -82,17 +83,28 @@ def _numba_works() -> bool:
 
 
 def _threads() -> int:
-    """As many numba threads as torch uses (numba cannot start more than it was configured with). The first call
-    starts numba's thread pool, which under its OpenMP layer resets OpenMP's thread count, torch's too: torch's count
-    is put back, so that `torch.set_num_threads` keeps holding for torch and for these kernels."""
+    """As many threads as torch uses, up to what numba was configured with (it cannot start more)."""
     import numba
 
-    torch_threads = torch.get_num_threads()
-    threads = min(torch_threads, numba.config.NUMBA_NUM_THREADS)
+    return min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+
+
+@contextlib.contextmanager
+def _numba_threads():
+    """Runs the kernels on `_threads()` numba threads, and gives the caller's numba thread count back afterwards.
+    The first call starts numba's thread pool, which under its OpenMP layer resets OpenMP's thread count, torch's
+    too: torch's count is put back, so that `torch.set_num_threads` keeps holding for torch and for these kernels."""
+    import numba
+
+    torch_threads, threads = torch.get_num_threads(), _threads()
+    previous = numba.get_num_threads()
     numba.set_num_threads(threads)
     if torch.get_num_threads() != torch_threads:
         torch.set_num_threads(torch_threads)
-    return threads
+    try:
+        yield threads
+    finally:
+        numba.set_num_threads(previous)
 
 
 # Under torch.compile both entry points run as opaque eager calls (a graph break): traced into, numba's dispatcher
@@ -106,8 +118,7 @@ def sparse_matmul_t(
         raise ValueError("`out` must be an (N, d_out) tensor to write x S^T into, got None.")
     shape = _check(x, indices, values, shape, out=out)
     y = _out(out, "out")
-    with _launch_lock:
-        threads = _threads()
+    with _launch_lock, _numba_threads() as threads:
         crow = _row_starts(indices, *shape)
         forward = _kernels().forward_bf16 if x.dtype == torch.bfloat16 else _kernels().forward
         forward(_np(x), crow, _np(indices), _np(_compute(values)), y, threads)
@@ -125,8 +136,7 @@ def sparse_grads(
     need_x = out_x is not None
     dx = _out(out_x, "out_x") if need_x else _np(torch.empty(0, x.shape[1], dtype=x.dtype))  # unused placeholder
     vals = _compute(values)
-    with _launch_lock:
-        threads = _threads()
+    with _launch_lock, _numba_threads() as threads:
         crow = _row_starts(indices, *shape)
         partial = torch.zeros(threads, values.numel() if need_values else 0, dtype=vals.dtype)  # (threads, nnz)
         backward = _kernels().backward_bf16 if x.dtype == torch.bfloat16 else _kernels().backward

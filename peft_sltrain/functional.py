@@ -41,7 +41,11 @@ def dense_weight(
     scaling: float,
     weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """A new (d_out, d_in) tensor `weight + scaling * B @ A + S` (`weight` may be `None`)."""
+    """A new (d_out, d_in) tensor `weight + scaling * B @ A + S` (`weight` may be `None`), in the tensors' dtype
+    also under autocast (which would make the GEMM's result bf16 and leave `S`'s values fp32)."""
+    if torch.is_autocast_enabled(A.device.type):
+        with torch.autocast(A.device.type, enabled=False):
+            return dense_weight(A, B, values, indices, scaling, weight)
     if weight is None:
         W = _scaled_mm(B, A, scaling)  # (d_out, d_in)
     else:
@@ -253,13 +257,22 @@ class _FactoredSparseLowRankLinear(torch.autograd.Function):
 PATHS = ("dense", "factored")
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype `F.linear` computes in for input `x`: autocast's lower-precision dtype where autocast is on for x's
+    device (it leaves float64 alone), else x's own."""
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def _check_for_csr_kernels(x: torch.Tensor, indices: torch.Tensor, entries: int) -> None:
     """What PyTorch's CSR kernels need and do not check themselves (numba's kernels check the support in their
     row-start pass). CPU only: on CUDA the check would synchronise every call; the layers' supports are valid."""
     if x.dtype not in (torch.float32, torch.float64):
+        numba = "installed" if cpu_kernels.AVAILABLE else "not installed: `pip install peft-sltrain[cpu]`"
         raise ValueError(
-            f"The factored path on CPU computes {x.dtype} only on numba's kernels (bfloat16; `pip install "
-            "peft-sltrain[cpu]`); PyTorch's CSR kernels take float32 and float64. Use `path='dense'`."
+            f"The factored path on CPU has no kernels for {x.dtype}: PyTorch's CSR kernels take float32 and float64, "
+            f"numba's ({numba}) those and bfloat16. Use `path='dense'`."
         )
     if indices.numel() and not (
         int(indices[0]) >= 0 and int(indices[-1]) < entries and bool((indices[1:] > indices[:-1]).all())
@@ -294,11 +307,20 @@ def sltrain_linear(
     """Like `F.linear(x, weight + scaling * B @ A + S, bias)`, but nothing dense is kept for backward: `path="dense"`
     rebuilds the dense weight in backward, `path="factored"` never forms it. All floating-point tensors must share
     one dtype and device; `indices` are sorted flat row-major positions, int32 as the layers keep them (int64 is
-    converted, one copy per call)."""
+    converted, one copy per call). Under autocast it computes in the dtype `F.linear` would (`compute_dtype`)."""
     if x.dim() == 0 or x.shape[-1] != A.shape[1]:
         raise ValueError(
             f"`x` must have d_in = {A.shape[1]} features in its last dimension, got shape {tuple(x.shape)}."
         )
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = compute_dtype(x)
+        cast = {"weight": weight, "bias": bias, "A": A, "B": B, "values": values}
+        cast = {k: None if t is None else t.to(dtype) for k, t in cast.items()}  # grads flow back to the originals
+        with torch.autocast(x.device.type, enabled=False):
+            return sltrain_linear(x.to(dtype), indices=indices, scaling=scaling, path=path, **cast)
+    for name, t in (("A", A), ("B", B), ("values", values), ("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise ValueError(f"`{name}` must have x's dtype {x.dtype}, got {t.dtype} (or call it under autocast).")
     if path == "dense":
         return _SparseLowRankLinear.apply(x, A, B, values, indices, scaling, weight, bias)
     if path == "factored":

@@ -19,7 +19,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import SLTrainConfig
 from .cost import COMPUTE_CHOICES, choose_path
-from .functional import dense_weight, sltrain_linear
+from .functional import compute_dtype, dense_weight, sltrain_linear
 from .support import layer_seed, num_nonzeros, random_support
 
 # the layers SLTrain can replace
@@ -276,11 +276,7 @@ class Linear(nn.Module, SLTrainLayer):
             return self.base_layer(x, *args, **kwargs)
 
         device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
-            # mixed precision: compute in the autocast dtype, like F.linear would; grads flow back to the fp32 params
-            dtype = torch.get_autocast_dtype(device_type)
-        else:
-            dtype = x.dtype
+        dtype = compute_dtype(x)  # under autocast, as F.linear would; grads flow back to the fp32 params
         base = self.get_base_layer()
         bias = None if base.bias is None else base.bias.to(dtype)
         with torch.autocast(device_type, enabled=False):

@@ -56,6 +56,13 @@ def test_forced_paths_and_bad_values():
         pick(dtype=torch.float16, compute="factored")  # no kernel set has fp16 on CPU
     with pytest.raises(ValueError, match="`compute` must be one of"):
         SLTrainConfig(compute="fast")
+    for bad in ({"n": -5}, {"r": 0}, {"nnz": 10**9}):
+        args = {"n": 4096, "r": 8, "nnz": 100} | bad
+        with pytest.raises(ValueError, match=r"`choose_path` needs n >= 0, r >= 1 and nnz in \[0, d_in \* d_out\]"):
+            choose_path("auto", d_in=512, d_out=512, device=torch.device("cpu"), dtype=torch.float32,
+                        has_weight=False, **args)  # fmt: skip
+    args = {"n": 4096, "d_in": 512, "d_out": 512, "r": 8, "nnz": 100, "dtype": torch.float32, "has_weight": False}
+    assert choose_path("auto", device="cpu", **args) == choose_path("auto", device=torch.device("cpu"), **args)
 
 
 def test_narrow_layers_pay_relatively_more_for_transposed_copies(torch_kernels):

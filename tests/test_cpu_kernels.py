@@ -159,6 +159,19 @@ def test_same_bits_every_call_and_across_thread_counts():
     torch.testing.assert_close(first[2], single[2], rtol=1e-5, atol=1e-5)
 
 
+def test_the_callers_numba_thread_count_is_kept():
+    numba = pytest.importorskip("numba")
+    x, dy, values, indices, S = sparse_problem(n=300, d_in=200, d_out=150, nnz=900, dtype=torch.float32)
+    previous = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        cpu_kernels.sparse_matmul_t(x, indices, values, S.shape, out=torch.empty(300, 150))
+        cpu_kernels.sparse_grads(x, dy, indices, values, S.shape, torch.empty_like(x), need_values=True)
+        assert numba.get_num_threads() == 1
+    finally:
+        numba.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("support", [[], [1, 2, 17, 19], [19], [0], [15, 16, 17, 18, 19], [0, 1, 2, 3, 4]])
 def test_empty_rows_and_few_nonzeros(support):
     """Supports of a 4 x 5 `S` with no nonzero at all, empty rows inside (1 and 2), or only the first or the last

@@ -275,7 +275,7 @@ def test_torch_kernels_refuse_what_they_cannot_compute(monkeypatch):
     with pytest.raises(ValueError, match=r"`indices` must be strictly increasing flat indices in \[0, 120\)"):
         sltrain_linear(**(t | {"indices": shuffled}), scaling=1.0, path="factored")
     t16 = make_inputs(dtype=torch.float16)
-    with pytest.raises(ValueError, match="factored path on CPU computes torch.float16 only on numba's kernels"):
+    with pytest.raises(ValueError, match=r"factored path on CPU has no kernels for torch.float16: .*not installed"):
         sltrain_linear(**t16, scaling=1.0, path="factored")
     assert sltrain_linear(**(t | {"indices": shuffled}), scaling=1.0, path="dense").shape == (2, 5, 10)
 
@@ -375,3 +375,40 @@ def test_sparse_csr_transposed_is_s_transposed():
     S = torch.zeros(7 * 9, dtype=torch.float64)
     S[t["indices"].long()] = t["values"].detach()
     torch.testing.assert_close(St.to_dense(), S.view(7, 9).t(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("path", IMPLEMENTATIONS, indirect=True)
+def test_under_autocast_it_computes_as_f_linear_would(path):
+    """Under CPU bf16 autocast, fp32 tensors are computed in bf16 (as `F.linear` would), the same bits as on bf16
+    copies without autocast, with fp32 gradients for the fp32 tensors; fp64 stays fp64, as autocast leaves it."""
+    if path == "factored" and not cpu_kernels.AVAILABLE:
+        pytest.skip("PyTorch's CSR kernels have no bf16")
+    t = make_inputs(dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = sltrain_linear(**t, scaling=0.5, path=path)
+    bf16 = {k: v.detach().to(torch.bfloat16) if v.is_floating_point() else v for k, v in t.items()}
+    assert y.dtype == torch.bfloat16 and torch.equal(y, sltrain_linear(**bf16, scaling=0.5, path=path))
+    y.float().sum().backward()
+    assert all(t[n].grad is not None and t[n].grad.dtype == torch.float32 for n in NAMES)
+    t64 = make_inputs(dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y64 = sltrain_linear(**t64, scaling=0.5, path=path)
+    assert y64.dtype == torch.float64
+    torch.testing.assert_close(y64, reference(**clone_inputs(t64), scaling=0.5))
+
+
+def test_dense_weight_under_autocast_keeps_the_tensors_dtype():
+    t = make_inputs(dtype=torch.float32)
+    args = [t["A"], t["B"], t["values"], t["indices"], 0.5, t["weight"]]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        W = dense_weight(*args)
+    assert W.dtype == torch.float32 and torch.equal(W, dense_weight(*args))
+
+
+@pytest.mark.parametrize("path", IMPLEMENTATIONS, indirect=True)
+@pytest.mark.parametrize("name", ["A", "values", "weight", "bias"])
+def test_tensors_of_another_dtype_are_refused(path, name):
+    t = make_inputs(dtype=torch.float32)
+    t[name] = t[name].detach().double()
+    with pytest.raises(ValueError, match=rf"`{name}` must have x's dtype torch.float32, got torch.float64"):
+        sltrain_linear(**t, scaling=1.0, path=path)

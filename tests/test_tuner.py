@@ -262,6 +262,21 @@ def test_bf16_model_and_cpu_autocast(input_ids):
     torch.testing.assert_close(logits.float(), model32(input_ids).logits, rtol=0.05, atol=0.05)
 
 
+def test_autocast_leaves_float64_alone_and_merging_under_it_works():
+    """Autocast leaves fp64 layers in fp64 (the wrapped layer must too), and merging reads the weights as they are."""
+    base = nn.Sequential(nn.Linear(16, 12)).double()
+    x = torch.randn(3, 16, dtype=torch.float64)
+    model = get_peft_model(base, SLTrainConfig(r=2, sparsity=0.2, target_modules=["0"]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    assert y.dtype == torch.float64 and torch.equal(y, model.base_model.model[0].base_layer(x))  # adapter starts at 0
+    perturb_trainable(model)
+    expected = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.merge_adapter()
+    torch.testing.assert_close(model(x), expected)
+
+
 @pytest.mark.parametrize(
     "config,message",
     [
