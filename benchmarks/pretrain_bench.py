@@ -15,8 +15,12 @@ time, with the command, versions, machine and seeds. On the CPU default two runs
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import io
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -41,6 +45,7 @@ SIZES = {
 }
 
 
+@functools.cache  # one note per invocation
 def corpus_files() -> tuple[list[str], list[str]]:
     """The shared offline corpora (Austen, King James Bible, Brown), or the embedded Austen corpus without them."""
     train = sorted(str(p) for p in SHARED_LM.glob("*_train.txt.gz"))
@@ -51,10 +56,27 @@ def corpus_files() -> tuple[list[str], list[str]]:
     return train, validation
 
 
-def run_method(method: str, size: str, lr: float, seed: int, steps: int, warmup: int, eval_every: int, tag: str,
-               extra: list[str], threads: int | None = None) -> dict:  # fmt: skip
-    """One `scripts/pretrain.py` run in its own process. A finished run with the same command is reused, so an
-    interrupted benchmark only runs what is missing."""
+def schedule(steps: int, warmup: int, eval_every: int, extra: list[str]) -> dict:
+    """The schedule `scripts/pretrain.py` runs with: the benchmark's, with what the flags after `--` override (read
+    by pretrain.py's own parser, as the runs read them: a repeated flag's last value wins, abbreviations too)."""
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(ROOT / "scripts"))
+    from pretrain import parse_args
+
+    flags = ["--max-steps", str(steps), "--warmup-steps", str(warmup), "--eval-every", str(eval_every), *extra]
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            parsed = parse_args(["--out-dir", "unused", *flags])
+    except SystemExit:  # argparse's usage and error: pretrain.py would refuse these flags
+        reason = (errors.getvalue().strip().splitlines() or ["refused"])[-1].split("error: ", 1)[-1]
+        raise ValueError(f"the flags for pretrain.py after `--` ({shlex.join(extra)}): {reason}") from None
+    return {"max_steps": parsed.max_steps, "warmup_steps": parsed.warmup_steps, "eval_every": parsed.eval_every}
+
+
+def pretrain_command(method: str, size: str, lr: float, seed: int, steps: int, warmup: int, eval_every: int, tag: str,
+                     extra: list[str]) -> tuple[Path, list[str]]:  # fmt: skip
+    """The run directory and `scripts/pretrain.py` command line of one run."""
     train, validation = corpus_files()
     out = RUNS / tag / f"{method}-lr{lr:g}-seed{seed}"
     cmd = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), "--model", size, "--method", method,
@@ -65,6 +87,14 @@ def run_method(method: str, size: str, lr: float, seed: int, steps: int, warmup:
         cmd += ["--method-arg", f"relora_every={steps // 4}"]  # 3 restarts, as ReLoRA's short runs
     if method in ("galore", "fira"):
         cmd += ["--method-arg", f"update_proj_gap={max(50, steps // 10)}"]
+    return out, cmd
+
+
+def run_method(method: str, size: str, lr: float, seed: int, steps: int, warmup: int, eval_every: int, tag: str,
+               extra: list[str], threads: int | None = None) -> dict:  # fmt: skip
+    """One `scripts/pretrain.py` run in its own process. A finished run with the same command is reused, so an
+    interrupted benchmark only runs what is missing."""
+    out, cmd = pretrain_command(method, size, lr, seed, steps, warmup, eval_every, tag, extra)
     env = dict(os.environ)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -94,17 +124,28 @@ def run_method(method: str, size: str, lr: float, seed: int, steps: int, warmup:
 
 def sweep(args) -> None:
     """Each method's best learning rate on a short run: the grid, extended by 3x beyond an edge that wins.
-    Runs already in the sweep file are reused, so an interrupted or extended sweep only runs what is missing."""
-    budget = SIZES[args.size]
+    A run in the sweep file is reused only if it records the command this invocation would run (same steps, corpus
+    and flags after `--`); the others run again, so an interrupted or extended sweep only runs what is missing. The
+    file's command and machine are those of the last invocation that measured something; each run has its own."""
+    steps = SIZES[args.size]["sweep_steps"]
+    warmup, eval_every = steps // 10, steps
     path = RESULTS / f"lr_sweep_{args.size}.json"
-    done = json.loads(path.read_text())["runs"] if path.is_file() else []
-    runs = {(r["method"], r["lr"]): r for r in done}
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    runs = {(r["method"], r["lr"]): r for r in old.get("runs", [])}
+    measured = False  # whether this invocation ran anything: only then are its command and machine recorded
 
     def val_ppl(method: str, lr: float) -> float:
-        if (method, lr) not in runs:
-            steps = budget["sweep_steps"]
-            s = run_method(method, args.size, lr, 0, steps, steps // 10, steps, f"sweep-{args.size}", args.extra)
-            runs[(method, lr)] = {"method": method, "lr": lr, "val_ppl": s["val_ppl"]}
+        nonlocal measured
+        tag = f"sweep-{args.size}"
+        _, cmd = pretrain_command(method, args.size, lr, 0, steps, warmup, eval_every, tag, args.extra)
+        entry = runs.get((method, lr))
+        if entry is None or entry.get("cmd") != cmd[1:]:
+            if entry is not None:
+                print(f"sweep {method} lr={lr:g}: recorded with another command; running it with this one")
+            s = run_method(method, args.size, lr, 0, steps, warmup, eval_every, tag, args.extra)
+            runs[(method, lr)] = {"method": method, "lr": lr, "val_ppl": s["val_ppl"], "cmd": s["cmd"],
+                                  "finished_at": s["finished_at"], "commit": s["commit"]}  # fmt: skip
+            measured |= not s["reused"]
             print(f"sweep {method} lr={lr:g}: val_ppl={s['val_ppl']:.2f}")
             save()
         return runs[(method, lr)]["val_ppl"]
@@ -114,12 +155,19 @@ def sweep(args) -> None:
         for method in sorted({m for m, _ in runs}):
             tried = [r for (m, _), r in runs.items() if m == method]
             best[method] = min(tried, key=lambda r: r["val_ppl"])["lr"]
+        if measured or not old:
+            provenance = {"command": " ".join(["python", *sys.argv]), "environment": environment(device)}
+        else:  # runs measured earlier, with this command, came from their run directories: the file's stay
+            provenance = {key: old[key] for key in ("command", "environment") if key in old}
         path.write_text(json.dumps({
-            "command": " ".join(["python", *sys.argv]), "grid": LR_GRID, "steps": budget["sweep_steps"],
+            "command": provenance.get("command"), "grid": LR_GRID, "steps": effective["max_steps"],
             "runs": sorted(runs.values(), key=lambda r: (r["method"], r["lr"])), "best_lr": best,
-            "environment": environment("cuda" if args.size != "tiny" else "cpu"),
+            "environment": provenance.get("environment"),
         }, indent=2))  # fmt: skip
 
+    device = "cuda" if args.size != "tiny" else "cpu"
+    effective = schedule(steps, warmup, eval_every, args.extra)
+    before = dict(runs)
     for method in args.methods:
         grid = list(LR_GRID)
         for lr in grid:
@@ -133,7 +181,9 @@ def sweep(args) -> None:
                 val_ppl(method, round(best * 3, 8))
             else:
                 break
-    save()
+    if runs == before:
+        print(f"nothing to run: every run is in {path} with this command; left it as it was")
+        return
     print(f"wrote {path}: {json.loads(path.read_text())['best_lr']}")
 
 
@@ -219,6 +269,11 @@ def main(argv=None) -> None:
     p.add_argument("--device-note", default="", help="how to name the machine in the plot, e.g. '1x H100'")
     p.add_argument("extra", nargs="*", help="further flags for pretrain.py, after --")
     args = p.parse_args(argv)
+    budget = SIZES[args.size]
+    try:  # bad flags after `--` fail here, not in the first run
+        effective = schedule(budget["max_steps"], budget["warmup_steps"], budget["eval_every"], args.extra)
+    except ValueError as error:
+        p.error(str(error))
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.sweep_lr:
         sweep(args)
@@ -226,7 +281,6 @@ def main(argv=None) -> None:
 
     sweep_file = RESULTS / f"lr_sweep_{args.size}.json"
     best_lr = json.loads(sweep_file.read_text())["best_lr"] if sweep_file.is_file() else {}
-    budget = SIZES[args.size]
     args.jobs = args.jobs or (2 if args.size == "tiny" else 1)
     jobs = [(m, seed) for m in args.methods for seed in args.seeds]
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
@@ -251,7 +305,8 @@ def main(argv=None) -> None:
         "jobs": args.jobs,
         "threads_per_run": threads,
         "lr_source": str(sweep_file.relative_to(ROOT)) if best_lr else "default 3e-3 (no sweep file)",
-        "budget": budget,
+        "budget": effective,  # what the runs got: the size's budget, with what the flags after `--` override
+        "extra_flags": args.extra,
         "methods": rows,
         "runs": runs,
         "table": table(rows),

@@ -9,6 +9,7 @@ turns a missing token or an unreachable Hub into one clear `HubError`; `upload` 
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -21,8 +22,10 @@ from glue_tasks import get_task
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "sltrain_glue.md"
 METHOD_TITLES = {"sltrain": "SLTrain", "lora": "LoRA", "full": "full fine-tuning"}
-# files of an output directory that are uploaded: adapter or model, tokenizer, card, summary (no Trainer checkpoints)
+# files of an output directory that are uploaded: adapter or model, tokenizer, card, summary; top level only (the
+# patterns' `*` also matches `/`): the Trainer's checkpoints and a `--merge_to` dense model inside it stay local
 UPLOADED = ["*.safetensors", "*.json", "*.txt", "README.md"]
+NOT_UPLOADED = ["*/*"]
 
 
 class HubError(RuntimeError):
@@ -152,12 +155,19 @@ def upload(folder: Path, target: HubTarget, private: bool | None = None) -> str:
             folder_path=str(folder),
             repo_id=target.repo_id,
             allow_patterns=UPLOADED,
-            ignore_patterns=["checkpoint-*"],  # the Trainer's intermediate checkpoints stay local
+            ignore_patterns=NOT_UPLOADED,
             commit_message="Upload a scripts/run_glue.py run: adapter (or model), tokenizer, model card",
         )
     except Exception as error:  # network or permission errors, whatever the HTTP client
         raise HubError(
-            f"Uploading {folder} to {target.repo_id} failed ({type(error).__name__}: {error}); everything is saved "
-            f"locally in {folder}: upload it later with `hf upload {target.repo_id} {folder}`."
+            f"Uploading {folder} to {target.repo_id} failed ({type(error).__name__}: {error}); the repository may "
+            f"exist now, empty. Everything is saved locally in {folder}: upload it later with "
+            f"`{upload_command(folder, target.repo_id)}`."
         ) from None
     return str(url)
+
+
+def upload_command(folder: Path, repo_id: str) -> str:
+    """The `hf upload` command that uploads what `upload` would."""
+    patterns = [f"--include={p}" for p in UPLOADED] + [f"--exclude={p}" for p in NOT_UPLOADED]
+    return shlex.join(["hf", "upload", repo_id, str(folder), *patterns])

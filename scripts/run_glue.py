@@ -31,6 +31,7 @@ import shlex
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -171,7 +172,8 @@ class DataArguments:
 
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     """Parse the command line, fill what it leaves unset from the task's preset, and check everything."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    # no abbreviations: `--hub_tok SECRET` would be `--hub_token`, under a name that `redacted_command` might not know
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), allow_abbrev=False)
     parser.set_defaults(**dict.fromkeys(PRESET_TRAINING_FIELDS))  # None = not given: the preset decides
     namespace = vars(parser.parse_args(argv))
     task = get_task(namespace["task_name"])
@@ -509,14 +511,25 @@ def card_dataset_id(data_args: DataArguments) -> str:
     return re.sub(r"[-_.]?train$", "", path.name.split(".")[0]) or path.parent.name  # rt_train.csv.gz -> rt
 
 
-def redacted_command(argv: list[str]) -> str:
-    """The command line that produced this run, for the model card, with any `--hub_token` value hidden."""
-    args = list(argv)
-    for i, arg in enumerate(args):
-        if arg.replace("-", "_").startswith("__hub_token="):
-            args[i] = arg.split("=", 1)[0] + "=***"
-        elif arg.replace("-", "_") == "__hub_token" and i + 1 < len(args):
-            args[i + 1] = "***"
+def redacted_command(argv: list[str], secrets: Sequence[str | None] = ()) -> str:
+    """The command line that produced this run, for summary.json and the model card (both uploaded), with the Hub
+    token hidden: the value of `--hub_token` in any spelling argparse could take for it (`--hub-token`, `--hub_tok`,
+    `--hub_token=...`), and each of `secrets` (the token in use) wherever it appears."""
+    secrets = [s for s in secrets if s]
+    args, hide_next = [], False
+    for arg in argv:
+        flag, eq, _ = arg.partition("=")
+        name = flag.lstrip("-").replace("-", "_")
+        # `--hub_token` or a prefix argparse could expand to it: down to `--hub_t`, where the other `--hub_*` part
+        abbreviation = len(name) >= len("hub_t") and "hub_token".startswith(name)
+        token_flag = arg.startswith("--") and (abbreviation or name.startswith("hub_tok"))
+        if hide_next:
+            arg, hide_next = "***", False
+        elif token_flag:
+            arg, hide_next = (f"{flag}=***", False) if eq else (arg, True)
+        for secret in secrets:
+            arg = arg.replace(secret, "***")
+        args.append(arg)
     return shlex.join(["python", "scripts/run_glue.py", *args])
 
 
@@ -662,7 +675,7 @@ def main(argv: list[str] | None = None) -> dict:
             **({"sparsity": model_args.sparsity} if model_args.method == "sltrain" else {}),
             **({"lora_dropout": model_args.lora_dropout} if model_args.method == "lora" else {}),
         },
-        "command": redacted_command(argv),
+        "command": redacted_command(argv, secrets=[training_args.hub_token, hub.token if hub else None]),
         "versions": model_card.versions(),
         "device": str(training_args.device),
     }

