@@ -142,7 +142,8 @@ def choose_path(
             f"`choose_path` needs n >= 0, r >= 1 and nnz in [0, d_in * d_out], got n={n}, r={r}, nnz={nnz} for a "
             f"{d_out} x {d_in} layer."
         )
-    device = torch.device(device)  # also a string such as "cpu"
+    if not isinstance(device, torch.device):  # a string such as "cpu" (the layers pass devices: no work per call)
+        device = torch.device(device)
     if compute == "dense":
         return "dense"
     supported = factored_supported(device, dtype)

@@ -14,7 +14,7 @@ from peft.tuners.tuners_utils import (
 from torch import nn
 
 from .config import HEADS_PEFT_ADDS, SLTrainConfig
-from .layer import check_rank, layer_features
+from .layer import check_rank, exclude_multihead_out_projections, layer_features
 from .model import default_target_modules
 from .support import num_nonzeros
 
@@ -147,6 +147,7 @@ def _resolved_config(model: nn.Module, config: SLTrainConfig) -> SLTrainConfig:
     """`config` as PEFT will apply it: default targets, `"all-linear"` resolved, and the task's head in
     `modules_to_save` (PEFT's task models add it there, and PEFT never targets a layer inside one)."""
     config = copy.deepcopy(config)
+    exclude_multihead_out_projections(config, model)
     heads = [h for h in HEADS_PEFT_ADDS.get(config.task_type, []) if h not in (config.modules_to_save or [])]
     if heads:
         config.modules_to_save = list(config.modules_to_save or []) + heads

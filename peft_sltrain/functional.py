@@ -43,7 +43,7 @@ def dense_weight(
 ) -> torch.Tensor:
     """A new (d_out, d_in) tensor `weight + scaling * B @ A + S` (`weight` may be `None`), in the tensors' dtype
     also under autocast (which would make the GEMM's result bf16 and leave `S`'s values fp32)."""
-    if torch.is_autocast_enabled(A.device.type):
+    if _autocast_on(A.device.type):
         with torch.autocast(A.device.type, enabled=False):
             return dense_weight(A, B, values, indices, scaling, weight)
     if weight is None:
@@ -260,9 +260,14 @@ PATHS = ("dense", "factored")
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype `F.linear` computes in for input `x`: autocast's lower-precision dtype where autocast is on for x's
     device (it leaves float64 alone), else x's own."""
-    if x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
+    if x.dtype != torch.float64 and _autocast_on(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
+
+
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for the device type; never on meta (where asking raises), so shapes still work there."""
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
 
 
 def _check_for_csr_kernels(x: torch.Tensor, indices: torch.Tensor, entries: int) -> None:
@@ -312,7 +317,7 @@ def sltrain_linear(
         raise ValueError(
             f"`x` must have d_in = {A.shape[1]} features in its last dimension, got shape {tuple(x.shape)}."
         )
-    if torch.is_autocast_enabled(x.device.type):
+    if _autocast_on(x.device.type):
         dtype = compute_dtype(x)
         cast = {"weight": weight, "bias": bias, "A": A, "B": B, "values": values}
         cast = {k: None if t is None else t.to(dtype) for k, t in cast.items()}  # grads flow back to the originals

@@ -7,6 +7,7 @@ is stored transposed, (d_in, d_out)). `A`, `B` and the support of `S` always fol
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import torch
@@ -35,7 +36,7 @@ def layer_features(layer: nn.Module) -> tuple[int, int]:
         raise ValueError(
             "this is the `out_proj` of a `torch.nn.MultiheadAttention`, which reads the layer's weight directly: a "
             "replacement would be ignored (or, from scratch, leave it without weight). Leave it out of "
-            '`target_modules` (with `"all-linear"`, name it in `exclude_modules`).'
+            '`target_modules` (`"all-linear"` leaves it out).'
         )
     if isinstance(layer, REPLACEABLE):
         weight = layer.weight
@@ -52,6 +53,29 @@ def layer_features(layer: nn.Module) -> tuple[int, int]:
         f"SLTrain can only replace `torch.nn.Linear` and Transformers `Conv1D` layers, got {type(layer).__name__}; "
         "check `target_modules`."
     )
+
+
+def multihead_out_projections(model: nn.Module) -> list[str]:
+    """Names of the `out_proj` layers of `torch.nn.MultiheadAttention` modules in `model`, which SLTrain cannot
+    replace (the attention reads their weight directly): `"all-linear"` leaves them out, a name that matches one is
+    refused (`layer_features`)."""
+    return [
+        f"{name}.out_proj" if name else "out_proj"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention) and isinstance(module.out_proj, NonDynamicallyQuantizableLinear)
+    ]
+
+
+def exclude_multihead_out_projections(config: SLTrainConfig, model: nn.Module) -> None:
+    """For `target_modules="all-linear"`, adds the model's `multihead_out_projections` to `config.exclude_modules`
+    (as exact names), so that the shorthand means every linear layer SLTrain can replace."""
+    names = multihead_out_projections(model)
+    if config.target_modules != "all-linear" or not names:
+        return
+    if isinstance(config.exclude_modules, str):  # a regex, matched in full: one more alternative per name
+        config.exclude_modules = "|".join([f"(?:{config.exclude_modules})", *(re.escape(n) for n in names)])
+    else:
+        config.exclude_modules = sorted({*(config.exclude_modules or []), *names})
 
 
 def check_rank(r: int, d_in: int, d_out: int, layer_name: str) -> None:

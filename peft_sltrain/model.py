@@ -13,7 +13,7 @@ from peft.tuners.tuners_utils import (
 from torch import nn
 
 from .config import SLTrainConfig
-from .layer import Linear, SLTrainLayer
+from .layer import Linear, SLTrainLayer, exclude_multihead_out_projections
 from .support import check_support, num_nonzeros, support_fingerprint
 
 _LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -79,6 +79,7 @@ class SLTrainModel(BaseTuner):
         # dense weight, so failing halfway would leave the caller's model without some of its weights.
         from .counting import targeted_linear_names  # (counting imports this module)
 
+        exclude_multihead_out_projections(self.peft_config[adapter_name], model)  # for "all-linear"
         targeted_linear_names(model, self.peft_config[adapter_name])
         super().inject_adapter(model, adapter_name, *args, **kwargs)
 

@@ -443,7 +443,10 @@ def adapter_config(model_args: ModelArguments):
 
 
 def max_positions(model) -> int | None:
-    """The longest input `model`'s position embeddings take (None: it has no `max_position_embeddings`)."""
+    """The longest input `model`'s position embeddings take (None: it has none, as `max_position_embeddings` or as
+    DeBERTa's relative positions, `position_biased_input=False`, which take any length)."""
+    if getattr(model.config, "position_biased_input", True) is False:
+        return None
     limit = getattr(model.config, "max_position_embeddings", None)
     embeddings = getattr(model.base_model, "embeddings", None)
     if limit is not None and hasattr(embeddings, "create_position_ids_from_input_ids"):

@@ -412,3 +412,10 @@ def test_tensors_of_another_dtype_are_refused(path, name):
     t[name] = t[name].detach().double()
     with pytest.raises(ValueError, match=rf"`{name}` must have x's dtype torch.float32, got torch.float64"):
         sltrain_linear(**t, scaling=1.0, path=path)
+
+
+def test_meta_tensors_give_shapes():
+    """Shape inference on the meta device (where asking whether autocast is on raises)."""
+    t = {k: v.detach().to("meta") if torch.is_tensor(v) else v for k, v in make_inputs().items()}
+    assert sltrain_linear(**t, scaling=0.5, path="dense").shape == (2, 5, 10)
+    assert dense_weight(t["A"], t["B"], t["values"], t["indices"], 0.5).shape == (10, 12)

@@ -26,6 +26,8 @@ from transformers import (
     BertConfig,
     BertForSequenceClassification,
     BertModel,
+    DebertaV2Config,
+    DebertaV2ForSequenceClassification,
     RobertaModel,
 )
 
@@ -554,6 +556,12 @@ def test_max_seq_length_is_checked_against_the_position_embeddings(tmp_path, tin
         model(input_ids=torch.full((1, limit), 5))
         with pytest.raises((IndexError, RuntimeError)):
             model(input_ids=torch.full((1, limit + 1), 5))
+    # DeBERTa-v2/v3 with relative positions only: any length
+    deberta = DebertaV2ForSequenceClassification(DebertaV2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48, max_position_embeddings=40,
+        position_biased_input=False, relative_attention=True, pos_att_type=["c2p", "p2c"]))  # fmt: skip
+    assert run_glue.max_positions(deberta) is None
+    deberta(input_ids=torch.full((1, 60), 5))
 
 
 def test_merge_to_must_not_hold_an_adapter(tmp_path, monkeypatch):

@@ -324,11 +324,15 @@ def test_multihead_attention_out_proj_is_refused(from_scratch):
             super().__init__()
             self.attn, self.fc = nn.MultiheadAttention(16, 2, batch_first=True), nn.Linear(16, 16)
 
-    for target in (["out_proj", "fc"], "all-linear"):
-        with pytest.raises(ValueError, match=r"matched `attn.out_proj`: this is the `out_proj` of a .*MultiheadAtt"):
-            get_peft_model(Block(), SLTrainConfig(r=2, target_modules=target, from_scratch=from_scratch))
-    model = get_peft_model(Block(), SLTrainConfig(r=2, target_modules="all-linear", exclude_modules=["out_proj"]))
-    assert isinstance(model.base_model.model.fc, SLTrainLayer)
+    with pytest.raises(ValueError, match=r"matched `attn.out_proj`: this is the `out_proj` of a .*MultiheadAtt"):
+        get_peft_model(Block(), SLTrainConfig(r=2, target_modules=["out_proj", "fc"], from_scratch=from_scratch))
+    for exclude in (None, ["nothing"], "nothing"):  # "all-linear" leaves it out, whatever else is excluded
+        config = SLTrainConfig(r=2, target_modules="all-linear", exclude_modules=exclude, from_scratch=from_scratch)
+        planned = count_parameters(Block(), config)
+        model = get_peft_model(Block(), config)
+        layers = [name for name, m in model.named_modules() if isinstance(m, SLTrainLayer)]
+        assert layers == ["base_model.model.fc"]
+        assert (planned.trainable, planned.total) == model.get_nb_trainable_parameters()
 
 
 def test_unknown_architecture_needs_target_modules():
