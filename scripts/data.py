@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -25,8 +26,11 @@ def read_text(path: str | os.PathLike) -> str:
     if not path.is_file():
         raise ValueError(f"Data file {str(path)!r} does not exist.")
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        return handle.read()
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            return handle.read()
+    except (OSError, EOFError, UnicodeDecodeError) as error:  # a damaged or truncated gzip, not UTF-8 text
+        raise ValueError(f"Data file {str(path)!r} cannot be read as UTF-8 text: {error}") from None
 
 
 def local_corpus(train_files: list[str] | None, validation_files: list[str] | None) -> tuple[str, str]:
@@ -50,12 +54,15 @@ def stream_hf_dataset(name: str, config: str | None, split: str, text_column: st
 
     try:
         examples = iter(load_dataset(name, config, split=split, streaming=True))
+        first = next(examples, None)  # opened now, not at the first training step: errors come before any output
     except OSError as error:  # offline, no such dataset or config (datasets' errors are OSErrors)
         raise ValueError(
             f"`--dataset` {name!r} (config {config!r}, split {split!r}) cannot be opened: {error}"
         ) from None
-    for example in examples:
-        yield example[text_column]
+    if first is None or text_column not in first:
+        found = "no examples" if first is None else f"examples with the columns {sorted(first)}"
+        raise ValueError(f"`--dataset` {name!r} (split {split!r}) needs a {text_column!r} column; it has {found}.")
+    return (example[text_column] for example in itertools.chain([first], examples))
 
 
 class Tokenizer:
@@ -89,9 +96,13 @@ def train_tokenizer(text: str, vocab_size: int, cache_dir: str | os.PathLike | N
         raise ValueError(f"`--vocab-size` must be at least 300 (256 bytes plus merges), got {vocab_size}.")
     key = hashlib.sha256(f"{vocab_size}\0{text}".encode()).hexdigest()[:16]
     cached = Path(cache_dir) / f"tokenizer-{key}.json" if cache_dir else None
+    raw = None
     if cached is not None and cached.is_file():
-        raw = RawTokenizer.from_file(str(cached))
-    else:
+        try:
+            raw = RawTokenizer.from_file(str(cached))
+        except Exception:  # an unreadable entry (a write cut short): trained again and replaced
+            raw = None
+    if raw is None:
         raw = RawTokenizer(models.BPE())
         raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         raw.decoder = decoders.ByteLevel()
@@ -102,9 +113,11 @@ def train_tokenizer(text: str, vocab_size: int, cache_dir: str | os.PathLike | N
             show_progress=False,
         )
         raw.train_from_iterator(_paragraphs(text), trainer=trainer)
-        if cached is not None:
+        if cached is not None:  # written under a temporary name, then renamed: a reader sees all of it or nothing
             cached.parent.mkdir(parents=True, exist_ok=True)
-            raw.save(str(cached))
+            tmp = cached.with_name(f".{cached.name}.tmp-{os.getpid()}")
+            raw.save(str(tmp))
+            os.replace(tmp, cached)
     hf = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     return Tokenizer(hf)
 
@@ -114,9 +127,14 @@ def load_tokenizer(name_or_path: str) -> Tokenizer:
     from transformers import AutoTokenizer
 
     try:
-        return Tokenizer(AutoTokenizer.from_pretrained(name_or_path))
+        tokenizer = Tokenizer(AutoTokenizer.from_pretrained(name_or_path))
     except (OSError, ValueError) as error:  # no such directory, and the Hub unreachable or without that name
         raise ValueError(f"`--tokenizer` {name_or_path!r} cannot be loaded: {error}") from None
+    if tokenizer.eos_token_id is None:
+        raise ValueError(
+            f"`--tokenizer` {name_or_path!r} has no end-of-sequence token, which separates the streamed documents."
+        )
+    return tokenizer
 
 
 def _paragraphs(text: str, lines_per_chunk: int = 200) -> Iterator[str]:

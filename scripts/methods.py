@@ -356,6 +356,7 @@ register(
         make_optimizer=_galore_optimizer,
         checkpointable=False,
         options={"update_proj_gap": int, "scale": float},
+        check=_check_rank,  # a rank as wide as a layer projects nothing and saves no memory
     )
 )
 register(
@@ -367,5 +368,6 @@ register(
         make_optimizer=_fira_optimizer,
         checkpointable=False,
         options={"update_proj_gap": int, "scale": float},
+        check=_check_rank,  # a rank as wide as a layer projects nothing and saves no memory
     )
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -247,6 +248,8 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus):
         (["--method", "magic"], "Unknown `--method` 'magic'"),
         (["--model", "13b"], "Unknown `--model` '13b'"),
         (["--method", "sltrain", "--rank", "33"], r"`--rank` 33 does not fit the model: it must be in \[1, 32\]"),
+        (["--method", "galore", "--rank", "33"], r"`--rank` 33 does not fit the model: it must be in \[1, 32\]"),
+        (["--method", "fira", "--rank", "33"], r"`--rank` 33 does not fit the model: it must be in \[1, 32\]"),
         (["--method", "lowrank", "--rank", "0"], r"`--rank` must be positive, got 0"),
         (["--method", "sltrain", "--optimizer", "adam8bit"], "adam8bit"),
         (["--method", "sltrain", "--per-layer-updates", "--grad-clip", "1"], "cannot clip"),
@@ -308,6 +311,49 @@ def test_preset_without_training_settings(tmp_path, corpus):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ValueError, match="`--out-dir` .*a_file' is a file, not a directory"):
         run(tmp_path / "a_file", corpus)
+
+
+def test_damaged_data_files_are_one_clear_error(tmp_path):
+    """A truncated gzip, a plain file named .gz and text that is not UTF-8: each named, as a ValueError."""
+    good = gzip.compress(b"some text " * 1000)
+    (tmp_path / "cut.txt.gz").write_bytes(good[: len(good) // 2])
+    (tmp_path / "plain.txt.gz").write_text("not gzip")
+    (tmp_path / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
+    for name in ("cut.txt.gz", "plain.txt.gz", "latin.txt"):
+        with pytest.raises(ValueError, match=rf"Data file '.*{name}' cannot be read as UTF-8 text"):
+            data.read_text(tmp_path / name)
+
+
+def test_an_unreadable_tokenizer_cache_entry_is_trained_again(tmp_path, corpus):
+    text = data.read_text(corpus[0])[:20000]
+    expected = data.train_tokenizer(text, 300, cache_dir=tmp_path).encode(["Emma Woodhouse"])
+    (entry,) = tmp_path.glob("tokenizer-*.json")
+    entry.write_text(entry.read_text()[:100])  # a write cut short
+    assert data.train_tokenizer(text, 300, cache_dir=tmp_path).encode(["Emma Woodhouse"]) == expected
+    assert data.train_tokenizer(text, 300, cache_dir=tmp_path).encode(["Emma Woodhouse"]) == expected  # re-cached
+    assert [p.name for p in tmp_path.iterdir()] == [entry.name]  # no temporary file left
+
+
+def test_streamed_dataset_problems_are_found_when_it_is_opened(monkeypatch):
+    """Opened eagerly: a missing text column or an empty split fails before the run writes anything."""
+    import datasets
+
+    rows = {"train": [{"content": "a"}], "validation": [], "test": [{"text": "a"}, {"text": "b"}]}
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split, streaming: rows[split])
+    with pytest.raises(ValueError, match=r"needs a 'text' column; it has examples with the columns \['content'\]"):
+        data.stream_hf_dataset("fake", None, "train")
+    with pytest.raises(ValueError, match=r"split 'validation'\) needs a 'text' column; it has no examples"):
+        data.stream_hf_dataset("fake", None, "validation")
+    assert list(data.stream_hf_dataset("fake", None, "test")) == ["a", "b"]
+
+
+def test_a_tokenizer_without_end_of_sequence_is_refused(tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE())).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="has no end-of-sequence token, which separates the streamed documents"):
+        data.load_tokenizer(str(tmp_path))
 
 
 @pytest.mark.parametrize(
