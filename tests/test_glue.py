@@ -282,8 +282,13 @@ def test_model_card_metadata_and_content(tmp_path, tiny_model, data, offline_met
     assert "hf_secret" not in text and "--hub_token '***'" in summary["command"]
 
 
-def test_card_dataset_id_defaults():
+def test_card_dataset_id_defaults(tmp_path, monkeypatch):
     args = run_glue.DataArguments(task_name="sst2")
+    (tmp_path / "reviews").mkdir()
+    monkeypatch.chdir(tmp_path / "reviews")
+    args.train_file = "train.csv.gz"  # the README's example: named after its directory, never empty
+    assert run_glue.card_dataset_id(args) == "reviews"
+    args.train_file = None
     assert run_glue.card_dataset_id(args) == "nyu-mll/glue"
     args.train_file = "../data/rotten_tomatoes_train.csv.gz"
     assert run_glue.card_dataset_id(args) == "rotten_tomatoes"
