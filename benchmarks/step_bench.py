@@ -158,7 +158,11 @@ def main(argv=None) -> dict:
         help="results file name in benchmarks/results (default: step_<device>[_<dtype>][_batch<N>][_compiled].json)",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile every variant's model (`model.compile()`)")
-    p.add_argument("--no-peak", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--no-peak",
+        action="store_true",
+        help="skip the memory measurement (a fresh run per variant in the first round; compiled, it compiles again)",
+    )
     p.add_argument("--one", nargs=4, metavar=("SIZE", "VARIANT", "BATCH", "SEQ_LEN"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -195,8 +199,9 @@ def main(argv=None) -> dict:
         runs = {v: [] for v in variants}
         for i in range(args.rounds):  # memory is deterministic: measured in the first round only
             for variant in variants:
+                with_peak = i == 0 and not args.no_peak
                 row = measure_in_subprocess(
-                    size, variant, batch, seq_len, args.steps, args.device, dtype_name, i == 0, args.compile
+                    size, variant, batch, seq_len, args.steps, args.device, dtype_name, with_peak, args.compile
                 )
                 runs[variant].append(row)
         full = runs["full"]

@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import glue_rotten_tomatoes as glue_bench  # noqa: E402
 import layer_bench  # noqa: E402
 import pretrain_bench  # noqa: E402
+import step_bench  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ pretrain_bench.py
@@ -201,3 +202,22 @@ def test_glue_bench_failed_run_is_its_log_tail_and_one_line(rotten_tomatoes, tmp
         glue_bench.main(["--data", str(rotten_tomatoes), "--jobs", "1"])
     assert "ValueError: something broke" in capsys.readouterr().err
     assert not (tmp_path / "results").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- step_bench.py
+@pytest.mark.parametrize("flags, peaks", [([], [True, False]), (["--no-peak"], [False, False])])
+def test_step_bench_measures_memory_in_the_first_round_unless_told_not_to(tmp_path, monkeypatch, flags, peaks):
+    asked = []
+
+    def measure_in_subprocess(size, variant, batch, seq_len, steps, device, dtype, with_peak, compile):
+        asked.append(with_peak)
+        return {"size": size, "variant": variant, "tokens": batch * seq_len, "step_s": 1.0, "peak_rss_bytes": 1,
+                "peak_bytes": 1 if with_peak else None}  # fmt: skip
+
+    monkeypatch.setattr(step_bench, "measure_in_subprocess", measure_in_subprocess)
+    monkeypatch.setattr(step_bench, "RESULTS", tmp_path)
+    argv = ["--sizes", "tiny", "--variants", "full", "--rounds", "2", "--out", "step.json", *flags]
+    result = step_bench.main(argv)
+    assert asked == peaks
+    assert result["rows"][0]["peak_bytes"] == (1 if peaks[0] else None)
+    assert json.loads((tmp_path / "step.json").read_text())["command"].endswith(" ".join(argv))
