@@ -11,7 +11,8 @@ the pure low-rank model at the same r, is the floor of any factored step (it doe
 Memory: `peak_bytes`, the most tensor memory alive at once in a fresh run of three steps (model built inside it, so
 parameters and optimizer state count; CUDA: allocator peak; CPU: the profiler's allocation events), measured in the
 first round; `peak_rss_bytes`, the process's peak (RSS on CPU, max allocated on CUDA).
-Results: benchmarks/results/step_<device>[_<dtype>][_batch<N>][_compiled].json unless `--out` names another file.
+Results: benchmarks/results/step_<device>[_<dtype>][_batch<N>][_compiled[_<mode>]].json unless `--out` names
+another file.
 """
 
 from __future__ import annotations
@@ -64,12 +65,15 @@ def build(size: str, variant: str, device: torch.device) -> torch.nn.Module:
     return model.to(device)
 
 
-def training_step(size: str, variant: str, batch: int, seq_len: int, device, autocast_dtype, compile: bool = False):
-    """(model, step): a fresh model and AdamW, and a function that runs one step on a fixed batch; `compile`:
-    the model's forward through `torch.compile` (compiled in the warm-up steps)."""
+def training_step(
+    size: str, variant: str, batch: int, seq_len: int, device, autocast_dtype, compile: str | None = None
+):  # fmt: skip
+    """(model, step): a fresh model and AdamW, and a function that runs one step on a fixed batch; `compile`: a
+    `torch.compile` mode ("default", "reduce-overhead": CUDA graphs, ...) for the model's forward, compiled in the
+    warm-up steps, or None for eager."""
     model = build(size, variant, device).train()
     if compile:
-        model.compile()
+        model.compile(mode=compile)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     vocab = model.config.vocab_size if hasattr(model, "config") else 4096
     ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
@@ -87,7 +91,7 @@ def training_step(size: str, variant: str, batch: int, seq_len: int, device, aut
 
 def measure(
     size: str, variant: str, batch: int, seq_len: int, steps: int, device, autocast_dtype, with_peak: bool = True,
-    compile: bool = False,
+    compile: str | None = None,
 ) -> dict:  # fmt: skip
     model, step = training_step(size, variant, batch, seq_len, device, autocast_dtype, compile)
 
@@ -130,13 +134,13 @@ def measure(
 
 def measure_in_subprocess(
     size: str, variant: str, batch: int, seq_len: int, steps: int, device: str, dtype: str, with_peak: bool,
-    compile: bool,
+    compile: str | None,
 ) -> dict:  # fmt: skip
     """One variant in a fresh process: no allocator state or warm caches carried over from another variant, and
     its own peak RSS. Should the profiler crash the child, the row keeps its time and RSS and `peak_bytes` is None."""
     cmd = [sys.executable, __file__, "--one", size, variant, str(batch), str(seq_len), "--steps", str(steps),
            "--device", device, "--dtype", dtype]  # fmt: skip
-    cmd += ([] if with_peak else ["--no-peak"]) + (["--compile"] if compile else [])
+    cmd += ([] if with_peak else ["--no-peak"]) + (["--compile", compile] if compile else [])
     done = subprocess.run(cmd, capture_output=True, text=True)
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     if not rows:
@@ -155,9 +159,16 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, help="sequences per step, for every size (default: the device's settings)")
     p.add_argument(
         "--out",
-        help="results file name in benchmarks/results (default: step_<device>[_<dtype>][_batch<N>][_compiled].json)",
+        help="results file name in benchmarks/results (default: "
+        "step_<device>[_<dtype>][_batch<N>][_compiled[_<mode>]].json)",
     )
-    p.add_argument("--compile", action="store_true", help="torch.compile every variant's model (`model.compile()`)")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="torch.compile every variant's model (`model.compile(mode=...)`; mode: default if not given)",
+    )
     p.add_argument(
         "--no-peak",
         action="store_true",
@@ -221,12 +232,14 @@ def main(argv=None) -> dict:
         "command": "python " + " ".join(["benchmarks/step_bench.py", *(argv or sys.argv[1:])]),
         "environment": environment(device),
         "autocast": str(autocast_dtype),
-        "compiled": args.compile,
+        "compiled": args.compile is not None,
+        "compile_mode": args.compile,
         "rows": rows,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "" if dtype_name == ("bf16" if device.type == "cuda" else "fp32") else f"_{dtype_name}"
     suffix += (f"_batch{args.batch}" if args.batch else "") + ("_compiled" if args.compile else "")
+    suffix += f"_{args.compile}" if args.compile not in (None, "default") else ""
     path = RESULTS / (args.out or f"step_{device.type}{suffix}.json")
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path}")

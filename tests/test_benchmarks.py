@@ -211,6 +211,7 @@ def test_step_bench_measures_memory_in_the_first_round_unless_told_not_to(tmp_pa
 
     def measure_in_subprocess(size, variant, batch, seq_len, steps, device, dtype, with_peak, compile):
         asked.append(with_peak)
+        assert compile is None
         return {"size": size, "variant": variant, "tokens": batch * seq_len, "step_s": 1.0, "peak_rss_bytes": 1,
                 "peak_bytes": 1 if with_peak else None}  # fmt: skip
 
@@ -221,3 +222,19 @@ def test_step_bench_measures_memory_in_the_first_round_unless_told_not_to(tmp_pa
     assert asked == peaks
     assert result["rows"][0]["peak_bytes"] == (1 if peaks[0] else None)
     assert json.loads((tmp_path / "step.json").read_text())["command"].endswith(" ".join(argv))
+
+
+@pytest.mark.parametrize(
+    "flags, mode", [(["--compile"], "default"), (["--compile", "reduce-overhead"], "reduce-overhead")]
+)
+def test_step_bench_passes_the_compile_mode_on(tmp_path, monkeypatch, flags, mode):
+    def measure_in_subprocess(size, variant, batch, seq_len, steps, device, dtype, with_peak, compile):
+        assert compile == mode
+        return {"size": size, "variant": variant, "tokens": 1, "step_s": 1.0, "peak_rss_bytes": 1, "peak_bytes": 1}
+
+    monkeypatch.setattr(step_bench, "measure_in_subprocess", measure_in_subprocess)
+    monkeypatch.setattr(step_bench, "RESULTS", tmp_path)
+    result = step_bench.main(["--sizes", "tiny", "--variants", "full", "--rounds", "1", *flags])
+    assert result["compile_mode"] == mode
+    suffix = "" if mode == "default" else "_reduce-overhead"
+    assert (tmp_path / f"step_cpu_compiled{suffix}.json").exists()
