@@ -149,6 +149,13 @@ def tokenize_text(tokenizer: Tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int32)
 
 
+def tokenize_documents(tokenizer: Tokenizer, texts: Iterable[str]) -> torch.Tensor:
+    """Documents as one 1-D int32 token tensor, each followed by EOS: packed as `StreamingBlocks` packs training text,
+    so that validation text looks like training text."""
+    ids = [token for document in tokenizer.encode(texts) for token in [*document, tokenizer.eos_token_id]]
+    return torch.tensor(ids, dtype=torch.int32)
+
+
 def to_blocks(tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
     """(n_blocks, seq_len) non-overlapping blocks; the ragged tail is dropped."""
     n_blocks = tokens.numel() // seq_len

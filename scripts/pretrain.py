@@ -15,6 +15,7 @@ architecture, the method's rank/sparsity/alpha and the training schedule, and ev
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -532,10 +533,9 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         if args.dataset:
             train_texts = data.stream_hf_dataset(args.dataset, args.dataset_config, "train")
-            val_text = "\n".join(
-                t for _, t in zip(range(2000), data.stream_hf_dataset(args.dataset, args.dataset_config, "validation"))
-            )
+            val_texts = itertools.islice(data.stream_hf_dataset(args.dataset, args.dataset_config, "validation"), 2000)
             tokenizer = data.load_tokenizer(args.tokenizer)
+            val_tokens = data.tokenize_documents(tokenizer, val_texts)  # joined by EOS, as the training documents
         else:
             train_text, val_text = data.local_corpus(args.train_files, args.validation_files)
             if args.tokenizer == "train":
@@ -543,7 +543,8 @@ def main(argv: list[str] | None = None) -> dict:
                     tokenizer = data.train_tokenizer(train_text, args.vocab_size, cache_dir=cache)
             else:
                 tokenizer = data.load_tokenizer(args.tokenizer)
-        val_blocks = data.to_blocks(data.tokenize_text(tokenizer, val_text), args.seq_len)[: args.eval_blocks]
+            val_tokens = data.tokenize_text(tokenizer, val_text)
+        val_blocks = data.to_blocks(val_tokens, args.seq_len)[: args.eval_blocks]
         if len(val_blocks) == 0:
             raise ValueError(f"The validation text is shorter than one sequence of {args.seq_len} tokens.")
         if args.dataset:

@@ -347,6 +347,29 @@ def test_streamed_dataset_problems_are_found_when_it_is_opened(monkeypatch):
     assert list(data.stream_hf_dataset("fake", None, "test")) == ["a", "b"]
 
 
+def test_streamed_validation_documents_are_joined_by_eos_as_training_documents_are(tmp_path, corpus, monkeypatch):
+    import datasets
+
+    paragraphs = [p for p in Path(corpus[0]).read_text().split("\n\n") if p.strip()]
+    rows = {"train": [{"text": p} for p in paragraphs], "validation": [{"text": p} for p in paragraphs[:40]]}
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split, streaming: rows[split])
+    data.train_tokenizer(Path(corpus[0]).read_text(), 300).save(tmp_path / "tokenizer")
+    tokenizer = data.load_tokenizer(str(tmp_path / "tokenizer"))
+    blocked = []
+    to_blocks = data.to_blocks
+    monkeypatch.setattr(
+        data, "to_blocks", lambda tokens, seq_len: blocked.append(tokens) or to_blocks(tokens, seq_len)
+    )
+    args = ["--model", MICRO, "--out-dir", str(tmp_path / "out"), "--dataset", "fake", "--tokenizer"]
+    pretrain.main([*args, str(tmp_path / "tokenizer"), "--eval-every", "3", "--eval-blocks", "8"])
+    validation = data.tokenize_documents(tokenizer, paragraphs[:40])
+    assert torch.equal(blocked[0], validation)  # each document followed by EOS
+    assert (validation == tokenizer.eos_token_id).sum() == 40
+    training = data.StreamingBlocks(iter(paragraphs[:40]), tokenizer, seq_len=32, micro_batch=1, grad_accum=1,
+                                    world_size=1)  # fmt: skip
+    assert torch.equal(training.micro_batches(0, 0)[0][0], validation[:32].long())  # packed alike
+
+
 def test_a_tokenizer_without_end_of_sequence_is_refused(tmp_path):
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
