@@ -76,17 +76,21 @@ def schedule(steps: int, warmup: int, eval_every: int, extra: list[str]) -> dict
 
 def pretrain_command(method: str, size: str, lr: float, seed: int, steps: int, warmup: int, eval_every: int, tag: str,
                      extra: list[str]) -> tuple[Path, list[str]]:  # fmt: skip
-    """The run directory and `scripts/pretrain.py` command line of one run."""
+    """The run directory and `scripts/pretrain.py` command line of one run. The method's schedule settings follow
+    the steps the run gets (`extra` may override `--max-steps`), and come before `extra`, whose own `--method-arg`
+    entries win (pretrain.py keeps a repeated key's last value)."""
     train, validation = corpus_files()
     out = RUNS / tag / f"{method}-lr{lr:g}-seed{seed}"
+    effective_steps = schedule(steps, warmup, eval_every, extra)["max_steps"]
+    method_args = []
+    if method == "relora":  # 3 restarts, as ReLoRA's short runs
+        method_args = ["--method-arg", f"relora_every={max(1, effective_steps // 4)}"]
+    if method in ("galore", "fira"):
+        method_args = ["--method-arg", f"update_proj_gap={max(50, effective_steps // 10)}"]
     cmd = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), "--model", size, "--method", method,
            "--lr", str(lr), "--seed", str(seed), "--max-steps", str(steps), "--warmup-steps", str(warmup),
            "--eval-every", str(eval_every), "--out-dir", str(out), "--overwrite", "--vocab-size", "8192",
-           "--train-files", *train, "--validation-files", *validation, *extra]  # fmt: skip
-    if method == "relora":
-        cmd += ["--method-arg", f"relora_every={steps // 4}"]  # 3 restarts, as ReLoRA's short runs
-    if method in ("galore", "fira"):
-        cmd += ["--method-arg", f"update_proj_gap={max(50, steps // 10)}"]
+           "--train-files", *train, "--validation-files", *validation, *method_args, *extra]  # fmt: skip
     return out, cmd
 
 

@@ -85,6 +85,18 @@ def test_bench_records_the_budget_its_runs_got(pretrain_in_tmp, monkeypatch):
     assert result["extra_flags"] == ["--max-steps", "4", "--eval-every=2"]
 
 
+def test_method_schedules_follow_the_steps_a_run_gets(pretrain_in_tmp):
+    def method_args(method, extra):
+        _, cmd = pretrain_bench.pretrain_command(method, "tiny", 3e-3, 0, 500, 50, 100, "tag", extra)
+        return [cmd[i + 1] for i, flag in enumerate(cmd) if flag == "--method-arg"]
+
+    assert method_args("relora", []) == ["relora_every=125"]
+    assert method_args("relora", ["--max-steps", "100"]) == ["relora_every=25"]  # not 125: no restart at all
+    assert method_args("galore", ["--max-steps", "2000"]) == ["update_proj_gap=200"]
+    # the flags after `--` come last, so that their own settings win
+    assert method_args("relora", ["--method-arg", "relora_every=7"]) == ["relora_every=125", "relora_every=7"]
+
+
 def test_schedule_reads_the_flags_as_pretrain_does():
     # abbreviations and repeats as pretrain.py's argparse takes them: the last value wins
     assert pretrain_bench.schedule(500, 50, 100, ["--max-st=4", "--warmup", "1", "--max-steps", "8"]) == {
