@@ -167,6 +167,19 @@ class SLTrainConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PEFT_TYPE
+        if isinstance(self.modules_to_save, str):  # one module name, not its letters
+            self.modules_to_save = [self.modules_to_save]
+        self.validate()
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
+
+    def validate(self) -> None:
+        """`ValueError` naming the first field with a bad value. Run at construction and again when an adapter is
+        added, so that a field changed afterwards (`config.alpha = ...`) is checked too."""
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"`r` must be a positive integer, got {self.r!r}.")
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0 < self.sparsity < 1:
@@ -183,7 +196,7 @@ class SLTrainConfig(PeftConfig):
             raise ValueError(f"`compute` must be one of {COMPUTE_CHOICES}, got {self.compute!r}.")
         if self.bias not in ("none", "all", "sltrain_only"):
             raise ValueError(f"`bias` must be 'none', 'all' or 'sltrain_only', got {self.bias!r}.")
-        for name in ("target_modules", "exclude_modules"):
+        for name in ("target_modules", "exclude_modules", "modules_to_save"):
             value = getattr(self, name)
             names = [value] if isinstance(value, str) else value
             if value is not None and not (
@@ -210,8 +223,6 @@ class SLTrainConfig(PeftConfig):
                 f"`layers_to_transform` ({self.layers_to_transform!r}) needs `target_modules` as a list of names, got "
                 f"{self.target_modules!r}."
             )
-        if isinstance(self.modules_to_save, str):  # one module name, not its letters
-            self.modules_to_save = [self.modules_to_save]
         if self.from_scratch and self.task_type in HEADS_PEFT_ADDS:
             raise ValueError(
                 f"`task_type` must not be {str(self.task_type)!r} with `from_scratch=True`: PEFT's model for it keeps "
@@ -223,12 +234,6 @@ class SLTrainConfig(PeftConfig):
                 f"`modules_to_save` must be empty with `from_scratch=True` (every non-replaced parameter is already "
                 f"trained and saved), got {self.modules_to_save!r}."
             )
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
-        if self.modules_to_save is not None:
-            self.modules_to_save = list(self.modules_to_save)
 
     @property
     def scaling(self) -> float:

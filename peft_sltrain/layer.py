@@ -129,8 +129,8 @@ class SLTrainLayer(BaseTunerLayer):
         check_rank(r, d_in, d_out, layer_name)
         if not 0 < sparsity < 1:
             raise ValueError(f"`sparsity` must be in (0, 1), got {sparsity}.")
-        if alpha <= 0:
-            raise ValueError(f"`alpha` must be positive, got {alpha}.")
+        if not 0 < alpha < math.inf:  # also refuses NaN
+            raise ValueError(f"`alpha` must be a positive finite number, got {alpha}.")
         if compute not in COMPUTE_CHOICES:
             raise ValueError(f"`compute` must be one of {COMPUTE_CHOICES}, got {compute!r}.")
 

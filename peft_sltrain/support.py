@@ -36,7 +36,10 @@ def random_support(d_out: int, d_in: int, nnz: int, seed: int) -> torch.Tensor:
 
     `torch.randperm(d_out * d_in)` would cost 8 bytes and ~40 ns per entry of the dense matrix (1.8 s for one
     4096 x 11008 layer). Instead draw about `nnz` uniform positions, deduplicate, and keep a uniform subset of `nnz`
-    of the distinct ones; by symmetry every `nnz`-subset is equally likely, exactly as with `randperm`.
+    of the distinct ones; by symmetry every `nnz`-subset is equally likely, exactly as with `randperm`. Above half
+    density the `n - nnz` left-out entries are drawn that way instead (the complement of a uniform subset is
+    uniform), so that the draws never turn into collecting nearly every entry. Always drawn on the CPU, whatever
+    the default device, so that a seed gives the same support everywhere.
     """
     n = d_out * d_in
     if n > MAX_LAYER_ENTRIES:
@@ -45,15 +48,26 @@ def random_support(d_out: int, d_in: int, nnz: int, seed: int) -> torch.Tensor:
         )
     if not 0 < nnz <= n:
         raise ValueError(f"`nnz` must be in [1, {n}] for a {d_out} x {d_in} layer, got {nnz}.")
+    if nnz == n:
+        return torch.arange(n, dtype=torch.int32, device="cpu")
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    # expected number of draws to see `nnz` distinct values among n: -n * log(1 - nnz / n), plus a small margin
-    draws = n if nnz == n else min(4 * n, int(-n * math.log1p(-nnz / n) * 1.02) + 64)
-    candidates = torch.unique(torch.randint(n, (draws,), generator=generator))
-    while candidates.numel() < nnz:
-        more = torch.randint(n, (draws,), generator=generator)
+    if 2 * nnz > n:
+        kept = torch.ones(n, dtype=torch.bool, device="cpu")
+        kept[_uniform_subset(n, n - nnz, generator)] = False
+        return kept.nonzero().view(-1).to(torch.int32)
+    return _uniform_subset(n, nnz, generator).sort().values.to(torch.int32)
+
+
+def _uniform_subset(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """`k` distinct int64 values of [0, n), each `k`-subset equally likely, in no particular order (`k <= n / 2`)."""
+    # expected number of draws to see `k` distinct values among n: -n * log(1 - k / n), plus a small margin
+    draws = min(4 * n, int(-n * math.log1p(-k / n) * 1.02) + 64)
+    candidates = torch.unique(torch.randint(n, (draws,), generator=generator, device="cpu"))
+    while candidates.numel() < k:
+        more = torch.randint(n, (draws,), generator=generator, device="cpu")
         candidates = torch.unique(torch.cat([candidates, more]))
-    keep = torch.randperm(candidates.numel(), generator=generator)[:nnz]
-    return candidates[keep].sort().values.to(torch.int32)
+    keep = torch.randperm(candidates.numel(), generator=generator, device="cpu")[:k]
+    return candidates[keep]
 
 
 def check_support(indices: torch.Tensor, d_out: int, d_in: int, nnz: int, name: str) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 
 import pytest
-from peft import PeftConfig
+import torch
+from peft import PeftConfig, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType
 
@@ -41,6 +43,8 @@ from peft_sltrain._registration import register
         ({"target_modules": "all-linear", "layers_to_transform": [1]}, "`layers_to_transform`"),
         ({"layers_pattern": "layers"}, "`layers_pattern`"),
         ({"layers_to_transform": [1], "layers_pattern": 3}, "`layers_pattern`"),
+        ({"modules_to_save": 5}, "`modules_to_save`"),
+        ({"modules_to_save": ["classifier", 5]}, "`modules_to_save`"),
     ],
 )
 def test_bad_values_raise_naming_parameter_and_value(kwargs, param):
@@ -49,6 +53,14 @@ def test_bad_values_raise_naming_parameter_and_value(kwargs, param):
     message = str(error.value)
     assert param in message
     assert repr(list(kwargs.values())[-1]) in message
+
+
+@pytest.mark.parametrize("field, value", [("alpha", float("nan")), ("r", True), ("sparsity", 1.5), ("seed", -2)])
+def test_a_field_changed_after_construction_is_checked_when_the_adapter_is_added(field, value):
+    config = SLTrainConfig(r=2, target_modules=["fc"])
+    setattr(config, field, value)
+    with pytest.raises(ValueError, match=f"`{field}` must be .*, got {value!r}"):
+        get_peft_model(torch.nn.Sequential(OrderedDict(fc=torch.nn.Linear(16, 8))), config)
 
 
 def test_defaults_follow_the_paper():

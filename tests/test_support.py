@@ -14,7 +14,10 @@ def test_num_nonzeros_rounds_and_keeps_one():
     assert num_nonzeros(2, 2, 0.01) == 1
 
 
-@pytest.mark.parametrize("shape,nnz", [((7, 9), 1), ((7, 9), 20), ((7, 9), 62), ((7, 9), 63), ((300, 200), 1800)])
+@pytest.mark.parametrize(
+    "shape,nnz", [((7, 9), 1), ((7, 9), 20), ((7, 9), 32), ((7, 9), 62), ((7, 9), 63), ((300, 200), 1800),
+                  ((300, 200), 59_400)],
+)  # fmt: skip
 def test_support_is_sorted_distinct_in_range(shape, nnz):
     idx = random_support(*shape, nnz, seed=3)
     assert idx.dtype == torch.int32 and idx.numel() == nnz
@@ -32,15 +35,26 @@ def test_support_is_reproducible_and_differs_between_layers():
     assert not torch.equal(a, c) and not torch.equal(a, d)
 
 
-def test_support_is_uniform():
+@pytest.mark.parametrize("nnz", [5, 15])  # 15 of 20: above half density, the left-out entries are drawn
+def test_support_is_uniform(nnz):
     """Each of n positions is chosen with probability nnz / n; over 4000 draws the counts stay within 5 sigma."""
-    n, nnz, draws = 20, 5, 4000
+    n, draws = 20, 4000
     counts = torch.zeros(n)
     for seed in range(draws):
         counts[random_support(4, 5, nnz, seed=seed).long()] += 1
     p = nnz / n
     mean, sigma = draws * p, (draws * p * (1 - p)) ** 0.5
     assert (counts - mean).abs().max() < 5 * sigma
+
+
+def test_support_is_drawn_on_the_cpu_whatever_the_default_device():
+    """A model built under `torch.device("cuda")` (or meta) draws the same support as on the CPU, where the seeded
+    generator lives; the layer moves it where it belongs."""
+    expected = random_support(64, 48, 100, seed=7)
+    with torch.device("meta"):
+        drawn = random_support(64, 48, 100, seed=7), random_support(64, 48, 3000, seed=7), random_support(8, 8, 64, 7)
+    assert all(t.device.type == "cpu" for t in drawn)
+    assert torch.equal(drawn[0], expected) and torch.equal(drawn[1], random_support(64, 48, 3000, seed=7))
 
 
 def test_check_support_rejects_corruption():
