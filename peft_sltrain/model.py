@@ -16,6 +16,11 @@ from .config import SLTrainConfig
 from .layer import Linear, SLTrainLayer, exclude_multihead_out_projections
 from .support import check_support, num_nonzeros, support_fingerprint
 
+# `nn.Module.register_parameter` as PyTorch defines it. `accelerate.init_empty_weights()` (in which PEFT injects with
+# `low_cpu_mem_usage=True`) patches it to send each newly registered parameter to the meta device, which would turn a
+# tied head into a new, untied meta parameter.
+_REGISTER_PARAMETER = nn.Module.register_parameter
+
 _LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # Default `target_modules` per `model_type`: the paper's choice (every attention and MLP projection) for decoder LLMs,
@@ -199,6 +204,15 @@ class SLTrainModel(BaseTuner):
             _check_loaded_state_dict(model, config, adapter_name, state_dict, supports=False)
             _restore_supports(model, adapter_name, state_dict)
         _check_loaded_state_dict(model, config, adapter_name, state_dict)
+        if config.from_scratch:
+            # the file holds every tensor of the model: copy each into the model's own, so that the model keeps its
+            # dtype, device and tying also when PEFT loads with `assign=True` (`low_cpu_mem_usage`), which would
+            # otherwise put the file's tensors in place one by one, untied and in the file's dtype
+            live = model.state_dict(keep_vars=True)
+            with torch.no_grad():
+                for key in [k for k in state_dict if k in live and live[k].device.type != "meta"]:
+                    live[key].data.copy_(state_dict[key])
+                    state_dict[key] = live[key]  # loading then sets or copies the same object: a no-op
         return state_dict
 
 
@@ -227,11 +241,14 @@ def _check_loaded_state_dict(
             f"The adapter file lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}; it is truncated, "
             "or was saved from a different model or config."
         )
-    unexpected = sorted(key for key in state_dict if key not in model_state and "sltrain_" in key)
+    # from scratch the file is the whole model: a tensor it holds that the model lacks (a bias, a module) would be lost
+    unexpected = sorted(
+        key for key in state_dict if key not in model_state and (config.from_scratch or "sltrain_" in key)
+    )
     if unexpected:
         raise ValueError(
-            f"The adapter file has SLTrain tensors for layers this model does not have, e.g. {unexpected[:3]}; it was "
-            "saved from a different model or config."
+            f"The adapter file has {len(unexpected)} tensor(s) for parameters this model does not have, e.g. "
+            f"{unexpected[:3]}; it was saved from a different model or config."
         )
     mismatched = [
         f"{key}: file {tuple(value.shape)} vs model {tuple(model_state[key].shape)}"
@@ -279,6 +296,8 @@ def _restore_supports(model: nn.Module, adapter_name: str, state_dict: dict) -> 
         if not (isinstance(module, SLTrainLayer) and adapter_name in module.sltrain_indices):
             continue
         key = f"{name}.sltrain_fingerprint"
+        if key not in state_dict and f"base_model.model.{key}" in state_dict:  # a PeftModel file, injected model
+            key = f"base_model.model.{key}"
         if key not in state_dict:
             raise ValueError(
                 f"The adapter file lacks the support fingerprint of `{name}`; it is truncated or corrupt."
@@ -290,7 +309,7 @@ def _restore_supports(model: nn.Module, adapter_name: str, state_dict: dict) -> 
                 "PyTorch's random generator draws differently, or the seed or layer names changed). Load it where "
                 "it was saved and re-save it with `save_support=True`."
             )
-        state_dict[f"{name}.sltrain_indices.{adapter_name}"] = regenerated
+        state_dict[key.replace(".sltrain_fingerprint", f".sltrain_indices.{adapter_name}")] = regenerated
 
 
 @torch.no_grad()
@@ -334,7 +353,11 @@ def materialize_meta_parameters(model: nn.Module) -> None:
             "`accelerate.init_empty_weights()` (which keeps buffers real) instead of `torch.device('meta')`."
         )
     if hasattr(model, "tie_weights"):
-        model.tie_weights()
+        patched, nn.Module.register_parameter = nn.Module.register_parameter, _REGISTER_PARAMETER
+        try:  # tie the real tensors, also inside `init_empty_weights()`
+            model.tie_weights()
+        finally:
+            nn.Module.register_parameter = patched
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import subprocess
@@ -215,6 +216,49 @@ def test_low_cpu_mem_usage_gets_the_paper_init(meta, input_ids):
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert torch.isfinite(model(input_ids=input_ids, labels=input_ids).loss)
+
+
+@pytest.mark.parametrize("meta", [True, False])
+def test_low_cpu_mem_usage_keeps_a_tied_head_tied(meta, input_ids):
+    """PEFT injects inside `init_empty_weights()`, which sends each newly registered parameter to meta: tying there
+    made the head a new, untied meta parameter, and the logits garbage."""
+
+    def build(**kwargs):
+        torch.manual_seed(0)
+        with init_empty_weights() if meta else contextlib.nullcontext():
+            base = AutoModelForCausalLM.from_config(tiny_llama_config(tie_word_embeddings=True))
+        return get_peft_model(base, CONFIG, **kwargs)
+
+    expected, model = build(), build(low_cpu_mem_usage=True)
+    inner = model.base_model.model
+    assert inner.lm_head.weight is inner.model.embed_tokens.weight and inner.lm_head.weight.device.type == "cpu"
+    assert model.get_nb_trainable_parameters() == expected.get_nb_trainable_parameters()
+    torch.testing.assert_close(model(input_ids).logits, expected(input_ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
+def test_loading_keeps_the_base_models_dtype_and_tying(tmp_path, low_cpu_mem_usage):
+    """From scratch the file holds every tensor; loaded with `assign=True` (`low_cpu_mem_usage`) they used to land
+    one by one: untied, and in the file's dtype instead of the model's."""
+    config = tiny_llama_config(tie_word_embeddings=True)
+    model = get_peft_model(AutoModelForCausalLM.from_config(config), CONFIG)
+    perturb_trainable(model)
+    model.save_pretrained(tmp_path)  # float32
+    base = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    loaded = PeftModel.from_pretrained(base, tmp_path, is_trainable=True, low_cpu_mem_usage=low_cpu_mem_usage)
+    inner = loaded.base_model.model
+    assert inner.lm_head.weight is inner.model.embed_tokens.weight
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    got = loaded.state_dict()
+    assert all(torch.equal(got[k], v.to(got[k].dtype)) for k, v in model.state_dict().items())
+
+
+def test_a_file_with_tensors_the_model_lacks_is_refused(tmp_path):
+    """From scratch the file is the whole model: biases the model has no place for would be dropped silently."""
+    model = get_peft_model(AutoModelForCausalLM.from_config(tiny_llama_config(attention_bias=True)), CONFIG)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"8 tensor\(s\) for parameters this model does not have, e.g. \[.*bias"):
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_config(tiny_llama_config()), tmp_path)
 
 
 @pytest.mark.parametrize("tie", [False, True])

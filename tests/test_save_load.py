@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from peft import PeftConfig, PeftModel, get_peft_model
+from peft import PeftConfig, PeftModel, get_peft_model, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification
 
@@ -107,7 +107,7 @@ def test_shapes_that_do_not_fit_the_base_model(tmp_path, save_support):
 @pytest.mark.parametrize("save_support", [True, False])
 def test_adapter_for_layers_the_model_lacks(tmp_path, save_support):
     save_adapter(tmp_path, save_support=save_support)
-    with pytest.raises(ValueError, match="layers this model does not have"):
+    with pytest.raises(ValueError, match="parameters this model does not have"):
         PeftModel.from_pretrained(tiny_llama(num_hidden_layers=1), tmp_path)
 
 
@@ -116,6 +116,19 @@ def test_adapter_for_fewer_layers_than_the_model_has(tmp_path, save_support):
     save_adapter(tmp_path, save_support=save_support)
     with pytest.raises(ValueError, match=r"lacks 28 tensor.*layers.2.*saved from a different model or config"):
         PeftModel.from_pretrained(tiny_llama(num_hidden_layers=3), tmp_path)
+
+
+@pytest.mark.parametrize("save_support", [True, False])
+def test_a_peft_model_file_loads_into_an_injected_model(tmp_path, input_ids, save_support):
+    """PEFT's low-level API (`inject_adapter_in_model` + `set_peft_model_state_dict`, as Diffusers-style integrations
+    use it) takes a `PeftModel`'s file with its `base_model.model.` prefix; without supports in the file too."""
+    config = SLTrainConfig(r=4, sparsity=0.05, save_support=save_support)
+    model = get_peft_model(tiny_llama(), config)
+    perturb_trainable(model)
+    model.save_pretrained(tmp_path)
+    injected = inject_adapter_in_model(SLTrainConfig(r=4, sparsity=0.05, save_support=save_support), tiny_llama())
+    set_peft_model_state_dict(injected, load_file(tmp_path / "adapter_model.safetensors"))
+    torch.testing.assert_close(injected(input_ids).logits, model(input_ids).logits, rtol=0, atol=0)
 
 
 def test_truncated_file(tmp_path):
