@@ -83,6 +83,9 @@ def build_card(summary: dict, peft_config: dict | None, base_model: str, dataset
     )
     if peft_config is not None:
         peft_config = {k: v for k, v in peft_config.items() if v is not None}
+    # modules trained whole and saved besides the head (weights the base checkpoint lacks, e.g. BERT's pooler)
+    heads = ("classifier", "score")  # what PEFT adds to `modules_to_save` for sequence classification
+    also_saved = [m for m in (peft_config or {}).get("modules_to_save") or [] if m not in heads]
     return ModelCard.from_template(
         data,
         template_path=str(TEMPLATE),
@@ -103,6 +106,8 @@ def build_card(summary: dict, peft_config: dict | None, base_model: str, dataset
         peft_config=json.dumps(peft_config, indent=2, sort_keys=True, default=_jsonable) if peft_config else None,
         hyperparameters=json.dumps(summary["hyperparameters"], indent=2),
         train_seconds=summary["train_seconds"],
+        resumed_from=summary.get("resumed_from"),
+        also_saved=also_saved,
         device=summary["device"],
         command=summary["command"],
         repo_id=repo_id or "path/to/this/directory",

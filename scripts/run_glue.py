@@ -669,8 +669,20 @@ def main(argv: list[str] | None = None) -> dict:
         "train_rows": len(splits["train"]),
         "hyperparameters": {
             "learning_rate": training_args.learning_rate,
-            "num_train_epochs": training_args.num_train_epochs,
+            # --max_steps overrides the epochs (the Trainer ignores them then); optimizer_steps is what ran in all
+            **(
+                {"max_steps": training_args.max_steps}
+                if training_args.max_steps > 0
+                else {"num_train_epochs": training_args.num_train_epochs}
+            ),
+            "optimizer_steps": trainer.state.global_step,
             "per_device_train_batch_size": training_args.per_device_train_batch_size,
+            "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
+            "lr_scheduler_type": str(
+                getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)
+            ),
+            "warmup_steps": training_args.warmup_steps,  # below 1: a fraction of the steps
+            "weight_decay": training_args.weight_decay,
             "max_seq_length": data_args.max_seq_length,
             "seed": training_args.seed,
             **({"target_modules": list(model_args.target_modules)} if peft_config is not None else {}),

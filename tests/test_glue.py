@@ -257,6 +257,8 @@ def test_weights_the_base_lacks_are_saved_with_the_adapter(tmp_path, tiny_bert, 
     trained = logits_of(AutoModelForSequenceClassification.from_pretrained(merged), tokenizer, rows)
     torch.testing.assert_close(reloaded, trained, rtol=0, atol=1e-5)
     assert "bert.pooler.dense" in json.loads((out / "adapter_config.json").read_text())["modules_to_save"]
+    card = (out / "README.md").read_text()  # says so: trained whole and stored, besides the classifier
+    assert "the classifier, and bert.pooler.dense (absent from the base\ncheckpoint) are trained and stored" in card
 
 
 # ------------------------------------------------------------------------------------------------------ model card
@@ -280,6 +282,16 @@ def test_model_card_metadata_and_content(tmp_path, tiny_model, data, offline_met
     assert '"sparsity": 0.03' in text and '"alpha": 8.0' in text and '"r": 8' in text  # the SLTrain config
     assert summary["command"] in text and "--dataset_id rotten_tomatoes" in summary["command"]
     assert "hf_secret" not in text and "--hub_token '***'" in summary["command"]
+    assert "the classifier are trained and stored here" in text and "Produced by this exact command" in text
+    assert summary["hyperparameters"]["num_train_epochs"] == 2 and summary["hyperparameters"]["optimizer_steps"] == 8
+
+
+def test_card_and_summary_give_max_steps_not_the_epochs_it_overrides(tmp_path, tiny_model, data, offline_metrics):
+    summary = run(tmp_path, tiny_model, "sst2", data["single_train"], data["single_validation"], "--max_steps", "3")
+    hyperparameters = summary["hyperparameters"]
+    assert hyperparameters["max_steps"] == 3 == hyperparameters["optimizer_steps"]
+    assert "num_train_epochs" not in hyperparameters
+    assert '"max_steps": 3' in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_card_dataset_id_defaults(tmp_path, monkeypatch):
@@ -666,6 +678,8 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path, tiny_model, data, of
     summary = run(tmp_path, tiny_model, *args, "--resume_from_checkpoint", str(out / "checkpoint-4"))
     assert steps == [4, 5, 6, 7]  # steps 5 to 8 only: the step, optimizer, schedule and RNG come from checkpoint-4
     assert summary["resumed_from"] == {"checkpoint": str(out / "checkpoint-4"), "step": 4}  # train_loss: 5 to 8 only
+    card = (out / "README.md").read_text()  # not "Produced by this exact command"
+    assert f"Resumed from `{out / 'checkpoint-4'}` (step 4) by this command" in card and "exact command" not in card
     assert json.loads((out / "checkpoint-8" / "trainer_state.json").read_text())["global_step"] == 8
     resumed = load_file(out / "adapter_model.safetensors")
     assert resumed.keys() == first.keys()
