@@ -119,5 +119,10 @@ def load_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
 def latest_checkpoint(out_dir: Path) -> Path | None:
     """The newest complete checkpoint in `out_dir/checkpoints` (temporary, incomplete ones are ignored)."""
     root = Path(out_dir) / "checkpoints"
-    done = sorted(p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()) if root.is_dir() else []
-    return done[-1] if done else None
+    pattern = re.compile(rf"{re.escape(CHECKPOINT_PREFIX)}(\d+)")
+    steps = {}  # by step number, not name: step_1000000 comes after step_999999
+    for path in root.glob(f"{CHECKPOINT_PREFIX}*") if root.is_dir() else []:
+        match = pattern.fullmatch(path.name)
+        if match and path.is_dir():
+            steps[int(match[1])] = path
+    return steps[max(steps)] if steps else None

@@ -143,6 +143,12 @@ def test_interrupted_save_leaves_no_complete_looking_checkpoint(tmp_path, monkey
         checkpointing.save_checkpoint(tmp_path / "checkpoints" / "step_000004", {}, {})
 
 
+def test_latest_checkpoint_is_the_highest_step_not_the_last_name(tmp_path):
+    for name in ("step_999999", "step_1000000", "step_000007", "step_notes"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    assert checkpointing.latest_checkpoint(tmp_path).name == "step_1000000"  # as text, step_999999 sorts last
+
+
 def test_checkpoint_state_round_trip_without_pickle(tmp_path):
     state = {
         "step": 3,
