@@ -44,6 +44,7 @@ from peft_sltrain._registration import register
         ({"layers_pattern": "layers"}, "`layers_pattern`"),
         ({"layers_to_transform": [1], "layers_pattern": 3}, "`layers_pattern`"),
         ({"modules_to_save": 5}, "`modules_to_save`"),
+        ({"save_support": "no"}, "`save_support`"),
         ({"modules_to_save": ["classifier", 5]}, "`modules_to_save`"),
     ],
 )

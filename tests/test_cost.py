@@ -6,6 +6,7 @@ import pytest
 import torch
 from peft import get_peft_model
 
+import peft_sltrain.layer as layer_module
 from peft_sltrain import SLTrainConfig, SLTrainLayer, cost, cpu_kernels
 from peft_sltrain.cost import choose_path, dense_cost, factored_cost, sparse_relative_cost
 
@@ -169,3 +170,29 @@ def test_bf16_autocast_models_agree_across_compute_settings(numba_kernels, input
     torch.testing.assert_close(loss_f, loss_d, rtol=0.02, atol=0.0)
     for name, g in grads_d.items():
         torch.testing.assert_close(grads_f[name], g, rtol=0.05, atol=0.05 * g.abs().max().item())
+
+
+def test_layers_price_a_call_by_its_tokens_and_frozen_weight(monkeypatch):
+    """The cost model gets the call's tokens (batch x sequence, not its first dimension) and whether W0 is in it:
+    the outputs agree on both paths, so only this shows that a layer asks about the right call."""
+    seen, real = [], layer_module.choose_path
+
+    def record(*args, **kwargs):
+        seen.append((kwargs["n"], kwargs["has_weight"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(layer_module, "choose_path", record)
+    model = get_peft_model(tiny_llama(), SLTrainConfig(r=4, sparsity=0.05))
+    model(input_ids=torch.zeros(3, 7, dtype=torch.long))
+    assert seen and set(seen) == {(3 * 7, True)}
+
+
+def test_bf16_numba_model_predicts_the_ratios_it_was_fitted_to(numba_kernels):
+    """As cost.py says the fit predicts: factored / dense time 1.47 at 128 x 344 (r 32) and 1.01 at 512 x 512
+    (r 128), at 3% and 2048 tokens."""
+    bf16 = torch.bfloat16
+    for d_in, d_out, r, expected in [(128, 344, 32, 1.47), (512, 512, 128, 1.01)]:
+        nnz = round(0.03 * d_in * d_out)
+        kappa, tau = sparse_relative_cost(CPU, bf16, nnz, d_out), cost.relative_costs(CPU, bf16)[2]
+        ratio = factored_cost(2048, d_in, d_out, r, nnz, kappa, False, tau) / dense_cost(2048, d_in, d_out, r)
+        assert ratio == pytest.approx(expected, abs=0.01)

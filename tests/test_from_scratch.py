@@ -315,3 +315,13 @@ def test_meta_build_of_a_1b_shaped_model_never_allocates_dense_weights():
     assert report["dense_targeted_bytes"] > 4.5e9
     assert report["held_bytes"] < 0.02 * report["dense_targeted_bytes"]
     assert report["peak_rss_bytes"] < 0.25 * report["dense_targeted_bytes"]
+
+
+def test_loaded_for_inference_nothing_trains_merged_or_not(tmp_path):
+    """A from-scratch adapter loaded for inference (`is_trainable=False`) is frozen, its merged weights too."""
+    scratch_model().save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_config(tiny_llama_config()), tmp_path)
+    assert not any(p.requires_grad for p in loaded.parameters())
+    loaded.merge_adapter()
+    layers = [m for m in loaded.modules() if isinstance(m, SLTrainLayer)]
+    assert not any(m.get_base_layer().weight.requires_grad for m in layers)

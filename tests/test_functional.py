@@ -419,3 +419,13 @@ def test_meta_tensors_give_shapes():
     t = {k: v.detach().to("meta") if torch.is_tensor(v) else v for k, v in make_inputs().items()}
     assert sltrain_linear(**t, scaling=0.5, path="dense").shape == (2, 5, 10)
     assert dense_weight(t["A"], t["B"], t["values"], t["indices"], 0.5).shape == (10, 12)
+
+
+def test_torch_kernels_refuse_a_repeated_index(monkeypatch):
+    """A support with a duplicate is sorted but not strictly increasing: refused as a shuffled one is."""
+    monkeypatch.setattr(cpu_kernels, "AVAILABLE", False)
+    t = make_inputs(dtype=torch.float32)
+    repeated = t["indices"].clone()
+    repeated[1] = repeated[0]
+    with pytest.raises(ValueError, match=r"`indices` must be strictly increasing flat indices in \[0, 120\)"):
+        sltrain_linear(**(t | {"indices": repeated}), scaling=1.0, path="factored")

@@ -11,6 +11,7 @@ from peft_sltrain.support import check_support, layer_seed, num_nonzeros, random
 def test_num_nonzeros_rounds_and_keeps_one():
     assert num_nonzeros(4096, 11008, 0.05) == 2254438
     assert num_nonzeros(10, 10, 0.034) == 3
+    assert num_nonzeros(10, 10, 0.036) == 4  # 3.6: rounded, not truncated
     assert num_nonzeros(2, 2, 0.01) == 1
 
 
@@ -61,6 +62,8 @@ def test_check_support_rejects_corruption():
     good = torch.tensor([1, 4, 7], dtype=torch.int32)
     with pytest.raises(ValueError, match="strictly increasing"):
         check_support(torch.tensor([4, 1, 7], dtype=torch.int32), 3, 3, 3, name="s")
+    with pytest.raises(ValueError, match="strictly increasing"):
+        check_support(torch.tensor([1, 4, 4], dtype=torch.int32), 3, 3, 3, name="s")  # sorted, with a repeat
     with pytest.raises(ValueError, match="outside"):
         check_support(torch.tensor([1, 4, 9], dtype=torch.int32), 3, 3, 3, name="s")
     with pytest.raises(ValueError, match="int32"):

@@ -386,3 +386,38 @@ def test_torch_compile_matches_eager(tmp_path):
     done = subprocess.run([sys.executable, str(script), tests], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "factored matches eager" in done.stdout and "dense matches eager" in done.stdout
+
+
+def test_disabling_a_merged_adapter_gives_the_base_model(input_ids):
+    base_logits = tiny_llama()(input_ids).logits
+    model = get_peft_model(tiny_llama(), SLTrainConfig(r=4, sparsity=0.05)).eval()
+    perturb_trainable(model)
+    adapted = model(input_ids).logits
+    model.merge_adapter()
+    with model.disable_adapter():  # PEFT does not unmerge: the layers must, or the base would carry the delta
+        torch.testing.assert_close(model(input_ids).logits, base_logits)
+    model.merge_adapter()
+    torch.testing.assert_close(model(input_ids).logits, adapted, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [{"sparsity": 1.0}, {"sparsity": 0.0}, {"alpha": float("nan")}, {"r": 0}])
+def test_update_layer_checks_its_arguments(kwargs):
+    """`update_layer` is public (PEFT and callers add adapters through it): it checks what the config would."""
+    layer = get_peft_model(tiny_llama(), SLTrainConfig(r=2)).base_model.model.model.layers[0].self_attn.q_proj
+    args = dict(r=2, sparsity=0.05, alpha=8.0, from_scratch=False, seed=0, layer_name="q_proj") | kwargs
+    with pytest.raises(ValueError, match=f"`{next(iter(kwargs))}` must"):
+        layer.update_layer("second", **args)
+
+
+def test_a_layer_under_autocast_computes_as_its_base_layer_would():
+    """CPU bf16 autocast: an fp32 input gives a bf16 output, as `nn.Linear` would, and gradients reach the fp32 A
+    (the logits alone cannot show it: the untargeted head makes them bf16 anyway)."""
+    model = get_peft_model(tiny_llama(), SLTrainConfig(r=4, sparsity=0.05))
+    perturb_trainable(model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, layer.in_features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_base = layer(x), layer.base_layer(x)
+    assert y.dtype == y_base.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.sltrain_A["default"].grad.dtype == torch.float32
