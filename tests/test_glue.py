@@ -258,7 +258,7 @@ def test_weights_the_base_lacks_are_saved_with_the_adapter(tmp_path, tiny_bert, 
     torch.testing.assert_close(reloaded, trained, rtol=0, atol=1e-5)
     assert "bert.pooler.dense" in json.loads((out / "adapter_config.json").read_text())["modules_to_save"]
     card = (out / "README.md").read_text()  # says so: trained whole and stored, besides the classifier
-    assert "the classifier, and bert.pooler.dense (absent from the base\ncheckpoint) are trained and stored" in card
+    assert "the classifier, and bert.pooler.dense (trained whole, since the\nbase checkpoint lacks them) are" in card
 
 
 # ------------------------------------------------------------------------------------------------------ model card
