@@ -217,21 +217,27 @@ def test_glue_bench_failed_run_is_its_log_tail_and_one_line(rotten_tomatoes, tmp
 
 
 # ---------------------------------------------------------------------------------------------------- step_bench.py
-@pytest.mark.parametrize("flags, peaks", [([], [True, False]), (["--no-peak"], [False, False])])
-def test_step_bench_measures_memory_in_the_first_round_unless_told_not_to(tmp_path, monkeypatch, flags, peaks):
+@pytest.fixture
+def step_runs(tmp_path, monkeypatch) -> list[dict]:
+    """step_bench with its results under tmp_path and its runs faked: each call's (with_peak, compile) recorded."""
     asked = []
 
     def measure_in_subprocess(size, variant, batch, seq_len, steps, device, dtype, with_peak, compile):
-        asked.append(with_peak)
-        assert compile is None
+        asked.append({"with_peak": with_peak, "compile": compile})
         return {"size": size, "variant": variant, "tokens": batch * seq_len, "step_s": 1.0, "peak_rss_bytes": 1,
                 "peak_bytes": 1 if with_peak else None}  # fmt: skip
 
     monkeypatch.setattr(step_bench, "measure_in_subprocess", measure_in_subprocess)
     monkeypatch.setattr(step_bench, "RESULTS", tmp_path)
+    return asked
+
+
+@pytest.mark.parametrize("flags, peaks", [([], [True, False]), (["--no-peak"], [False, False])])
+def test_step_bench_measures_memory_in_the_first_round_unless_told_not_to(tmp_path, step_runs, flags, peaks):
     argv = ["--sizes", "tiny", "--variants", "full", "--rounds", "2", "--out", "step.json", *flags]
     result = step_bench.main(argv)
-    assert asked == peaks
+    assert [run["with_peak"] for run in step_runs] == peaks
+    assert all(run["compile"] is None for run in step_runs)
     assert result["rows"][0]["peak_bytes"] == (1 if peaks[0] else None)
     assert json.loads((tmp_path / "step.json").read_text())["command"].endswith(" ".join(argv))
 
@@ -239,14 +245,9 @@ def test_step_bench_measures_memory_in_the_first_round_unless_told_not_to(tmp_pa
 @pytest.mark.parametrize(
     "flags, mode", [(["--compile"], "default"), (["--compile", "reduce-overhead"], "reduce-overhead")]
 )
-def test_step_bench_passes_the_compile_mode_on(tmp_path, monkeypatch, flags, mode):
-    def measure_in_subprocess(size, variant, batch, seq_len, steps, device, dtype, with_peak, compile):
-        assert compile == mode
-        return {"size": size, "variant": variant, "tokens": 1, "step_s": 1.0, "peak_rss_bytes": 1, "peak_bytes": 1}
-
-    monkeypatch.setattr(step_bench, "measure_in_subprocess", measure_in_subprocess)
-    monkeypatch.setattr(step_bench, "RESULTS", tmp_path)
+def test_step_bench_passes_the_compile_mode_on(tmp_path, step_runs, flags, mode):
     result = step_bench.main(["--sizes", "tiny", "--variants", "full", "--rounds", "1", *flags])
+    assert [run["compile"] for run in step_runs] == [mode]
     assert result["compile_mode"] == mode
     suffix = "" if mode == "default" else "_reduce-overhead"
     assert (tmp_path / f"step_cpu_compiled{suffix}.json").exists()
