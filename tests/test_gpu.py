@@ -66,3 +66,17 @@ def test_glue_merged_export_with_the_model_on_cuda(tmp_path):
     merge_to = run_glue.ModelArguments(merge_to=str(tmp_path / "merged"))
     check = run_glue.export_merged(model, tokenizer, dataset, collator, merge_to)  # reloads the merged model
     assert check["predictions_equal"] is True and check["max_abs_logit_diff"] <= 1e-4
+
+
+def test_model_built_under_the_cuda_default_device_draws_the_cpu_support():
+    """Under `torch.device("cuda")` the seeded support is still drawn on the CPU (a CPU generator cannot drive a CUDA
+    draw), so a model built there gets the same supports as one built on the CPU, each kept on the layer's device."""
+    config = dict(r=4, sparsity=0.05, from_scratch=True)
+    on_cpu = get_peft_model(tiny_llama(), SLTrainConfig(**config))
+    with torch.device("cuda"):
+        on_cuda = get_peft_model(tiny_llama(), SLTrainConfig(**config))
+    cpu_supports = {n: b for n, b in on_cpu.named_buffers() if "sltrain_indices" in n}
+    cuda_supports = {n: b for n, b in on_cuda.named_buffers() if "sltrain_indices" in n}
+    assert cpu_supports and cpu_supports.keys() == cuda_supports.keys()
+    for name, support in cuda_supports.items():
+        assert support.device.type == "cuda" and torch.equal(support.cpu(), cpu_supports[name]), name
