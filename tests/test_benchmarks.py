@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import glue_rotten_tomatoes as glue_bench  # noqa: E402
 import layer_bench  # noqa: E402
+import plot_steps  # noqa: E402
 import pretrain_bench  # noqa: E402
 import step_bench  # noqa: E402
 
@@ -251,3 +252,39 @@ def test_step_bench_passes_the_compile_mode_on(tmp_path, step_runs, flags, mode)
     assert result["compile_mode"] == mode
     suffix = "" if mode == "default" else "_reduce-overhead"
     assert (tmp_path / f"step_cpu_compiled{suffix}.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- plot_steps.py
+def test_plot_steps_reads_step_bench_files_and_writes_the_plot(tmp_path, monkeypatch):
+    """What step_bench writes, plot_steps reads: per round, tokens/s over full-rank's and the extra time per step."""
+    monkeypatch.setattr(step_bench, "RESULTS", tmp_path)
+    seconds = {"full": [2.0, 4.0], "sltrain-dense": [2.5, 4.4]}  # per variant, per round
+
+    def measure_in_subprocess(size, variant, batch, seq_len, steps, device, dtype, with_peak, compile):
+        return {"size": size, "variant": variant, "tokens": batch * seq_len, "step_s": seconds[variant].pop(0),
+                "peak_rss_bytes": 1, "peak_bytes": None}  # fmt: skip
+
+    monkeypatch.setattr(step_bench, "measure_in_subprocess", measure_in_subprocess)
+    step_bench.main(["--sizes", "tiny", "--variants", "full,sltrain-dense", "--rounds", "2", "--batch", "3",
+                     "--no-peak", "--out", "step.json"])  # fmt: skip
+    (tmp_path / "only_full.json").write_text(json.dumps({"rows": [{"size": "tiny", "variant": "full"}]}))
+
+    files = [str(tmp_path / "step.json"), str(tmp_path / "only_full.json")]
+    pts = plot_steps.main([*files, "--out", str(tmp_path / "p.png")])
+    assert len(pts) == 1 and (tmp_path / "p.png").stat().st_size > 0
+    (point,) = pts
+    assert (point["size"], point["variant"], point["compile_mode"]) == ("tiny", "sltrain-dense", None)
+    assert point["tokens"] == 3 * 128  # tiny preset: sequences of 128
+    assert point["tokens_per_s_vs_full"] == pytest.approx([0.8, 4.0 / 4.4])
+    assert point["extra_s"] == pytest.approx([0.5, 0.4])
+
+
+def test_plot_steps_refuses_what_it_cannot_plot(tmp_path):
+    with pytest.raises(SystemExit, match="no such results file: .*missing.json"):
+        plot_steps.main([str(tmp_path / "missing.json"), "--out", str(tmp_path / "p.png")])
+    (tmp_path / "no_full.json").write_text(json.dumps({"rows": [{"size": "60m", "variant": "sltrain-dense"}]}))
+    with pytest.raises(ValueError, match="no_full.json: no full-rank row for size '60m'"):
+        plot_steps.main([str(tmp_path / "no_full.json"), "--out", str(tmp_path / "p.png")])
+    (tmp_path / "only_full.json").write_text(json.dumps({"rows": [{"size": "60m", "variant": "full"}]}))
+    with pytest.raises(SystemExit, match="nothing to plot"):
+        plot_steps.main([str(tmp_path / "only_full.json"), "--out", str(tmp_path / "p.png")])
