@@ -40,8 +40,11 @@ def layer_features(layer: nn.Module) -> tuple[int, int]:
         )
     if isinstance(layer, REPLACEABLE):
         weight = layer.weight
-        quantized = type(weight).__name__ in ("Params4bit", "Int8Params") or (
-            weight is not None and weight.device.type != "meta" and not weight.is_floating_point()
+        quantized = (
+            type(weight).__name__ in ("Params4bit", "Int8Params")
+            or (weight is not None and weight.device.type != "meta" and not weight.is_floating_point())
+            or (weight is not None and weight.dtype.itemsize == 1)  # float8: its scale lives beside it
+            or hasattr(layer, "weight_scale_inv")  # Transformers' `FP8Linear`
         )
         if quantized:
             raise ValueError(
@@ -227,6 +230,7 @@ class Linear(nn.Module, SLTrainLayer):
         super().__init__()
         SLTrainLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
+        self._warned_about_hooks = False
         self.update_layer(
             adapter_name,
             r=config.r,
@@ -299,6 +303,8 @@ class Linear(nn.Module, SLTrainLayer):
         if not active:
             return self.base_layer(x, *args, **kwargs)
 
+        if not self._warned_about_hooks:
+            self._warn_about_base_layer_hooks()
         device_type = x.device.type
         dtype = compute_dtype(x)  # under autocast, as F.linear would; grads flow back to the fp32 params
         base = self.get_base_layer()
@@ -317,6 +323,19 @@ class Linear(nn.Module, SLTrainLayer):
                 path = self._path(name, x, dtype, has_weight=False)
                 result = result + sltrain_linear(x, path=path, **self._sltrain_tensors(name, dtype))
             return result
+
+    def _warn_about_base_layer_hooks(self) -> None:
+        """The adapter computes the layer itself and never calls the base layer, so hooks on it would not run: say so
+        once per layer (as PEFT's SHiRA does), rather than skip them silently."""
+        base = self.get_base_layer()
+        if base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks:
+            self._warned_about_hooks = True
+            warnings.warn(
+                f"The {type(base).__name__} under this SLTrain layer has forward or backward hooks, which SLTrain's "
+                "forward does not run (it computes the layer from the weights, without calling the base layer). "
+                "Register them on the SLTrain layer instead (the same module path, after `get_peft_model`).",
+                stacklevel=2,
+            )
 
     def __repr__(self) -> str:
         return "sltrain." + super().__repr__()

@@ -86,6 +86,16 @@ class SLTrainModel(BaseTuner):
 
         exclude_multihead_out_projections(self.peft_config[adapter_name], model)  # for "all-linear"
         targeted_linear_names(model, self.peft_config[adapter_name])
+        if self.peft_config[adapter_name].from_scratch:
+            # the file holds every tensor of the model, and PEFT strips `.<adapter_name>` from each saved key: a name
+            # that is also a module's (`norm`, `lm_head`) would rename that module's tensors, and the file not load
+            for key in ("base_model.model." + k for k in model.state_dict()):  # saved keys carry PEFT's prefix
+                if (saved := self._remove_adapter_name_from_key(key, adapter_name)) != key:
+                    raise ValueError(
+                        f"`adapter_name={adapter_name!r}` is also a module's name: a from-scratch adapter saves every "
+                        f"tensor of the model, and PEFT would save {key!r} as {saved!r}, which would not load back. "
+                        "Choose another adapter name."
+                    )
         super().inject_adapter(model, adapter_name, *args, **kwargs)
 
     def _check_new_adapter_config(self, config: SLTrainConfig) -> None:

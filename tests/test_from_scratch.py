@@ -325,3 +325,11 @@ def test_loaded_for_inference_nothing_trains_merged_or_not(tmp_path):
     loaded.merge_adapter()
     layers = [m for m in loaded.modules() if isinstance(m, SLTrainLayer)]
     assert not any(m.get_base_layer().weight.requires_grad for m in layers)
+
+
+@pytest.mark.parametrize("name", ["norm", "lm_head", "weight"])
+def test_an_adapter_named_like_a_module_is_refused(name):
+    """PEFT strips `.<adapter_name>` from every saved key; from scratch every tensor of the model is saved, so a name
+    like `norm` would save `model.norm.weight` as `model.weight`, a file that does not load back."""
+    with pytest.raises(ValueError, match=rf"`adapter_name='{name}'` is also a module's name.*would not load back"):
+        get_peft_model(tiny_llama(), CONFIG, adapter_name=name)

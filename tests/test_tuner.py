@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -298,6 +299,35 @@ def test_quantized_base_layers_are_refused():
     with pytest.raises(ValueError, match=r"needs a floating-point base weight.*Parameter, torch.int8"):
         get_peft_model(model, SLTrainConfig(r=2))
     assert not any(isinstance(m, SLTrainLayer) for m in model.modules())
+
+
+@pytest.mark.parametrize("fp8_linear", [False, True])
+def test_float8_base_layers_are_refused(fp8_linear):
+    """Float8 weights are floating point, but need their scale: SLTrain, which reads the weight itself, refuses them
+    up front instead of failing in its init (or, worse, ignoring the scale)."""
+    if fp8_linear:
+        fp8 = pytest.importorskip("transformers.integrations.finegrained_fp8")
+        layer, name = fp8.FP8Linear(64, 64, block_size=None), "FP8Linear"
+    else:
+        layer, name = nn.Linear(64, 64, bias=False), "Linear"
+        layer.weight = nn.Parameter(layer.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
+    with pytest.raises(ValueError, match=rf"this {name} holds a quantized one \(.*float8_e4m3fn\)"):
+        get_peft_model(nn.Sequential(layer), SLTrainConfig(r=2, target_modules=["0"]))
+
+
+def test_hooks_on_a_replaced_layer_are_warned_about_once():
+    """SLTrain computes a targeted layer itself, so hooks on the original layer do not run: one warning per layer."""
+    model = tiny_llama()
+    calls = []
+    model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *args: calls.append(1))
+    peft_model = get_peft_model(model, SLTrainConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.warns(UserWarning, match="Linear under this SLTrain layer has forward or backward hooks") as caught:
+        peft_model(input_ids=ids)
+    assert len([w for w in caught if "hooks" in str(w.message)]) == 1 and calls == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not again, and no other layer warns
+        peft_model(input_ids=ids)
 
 
 def test_bitsandbytes_4bit_layers_are_refused():
