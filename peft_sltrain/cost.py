@@ -8,6 +8,11 @@ The model counts multiply-adds of forward + backward (see `functional.py` for wh
                + tau * N (3 d_in + 2 d_out)              (transposed copies of x, y, dY, x again and dX)
                (+ 4 N d_in d_out with a frozen W0)
 
+Where no backward follows (`torch.no_grad()`, inference, or nothing requires a gradient), only the forward's share
+counts: `2 N d_in d_out + 2 r d_in d_out` dense against `2 N r (d_in + d_out) + kappa * 2 N nnz + tau * N (d_in +
+d_out) (+ 2 N d_in d_out)`. With a frozen `W0` the factored forward adds its products to the same GEMM, so it loses
+there: it saves time only in backward, where it skips `dW`.
+
 `kappa` is what one multiply-add of a sparse product (CSR x dense, sampled dense-dense) costs relative to one of a
 dense GEMM on the same device and dtype. Sparse kernels are least efficient on short rows, so it is modelled as
 `kappa = kappa_inf + kappa_row / k`, with `k = nnz / d_out` the nonzeros per row of `S`. `tau` is what moving one
@@ -86,9 +91,9 @@ def sparse_relative_cost(device: torch.device, dtype: torch.dtype, nnz: int, d_o
     return kappa_inf + kappa_row * d_out / max(nnz, 1)
 
 
-def transposed_numbers(n: int, d_in: int, d_out: int) -> int:
-    """Numbers the factored path moves through transposed copies in one forward + backward of n rows."""
-    return n * (3 * d_in + 2 * d_out)
+def transposed_numbers(n: int, d_in: int, d_out: int, backward: bool = True) -> int:
+    """Numbers the factored path moves through transposed copies in one forward (+ backward) of n rows."""
+    return n * (3 * d_in + 2 * d_out) if backward else n * (d_in + d_out)
 
 
 def factored_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -120,23 +125,30 @@ def _sparse_kernels_run(device: torch.device, dtype: torch.dtype) -> bool:
     return _KERNELS_RUN[(device, dtype)]
 
 
-def dense_cost(n: int, d_in: int, d_out: int, r: int) -> float:
+def dense_cost(n: int, d_in: int, d_out: int, r: int, backward: bool = True) -> float:
+    if not backward:
+        return 2.0 * n * d_in * d_out + 2.0 * r * d_in * d_out
     return 6.0 * n * d_in * d_out + 8.0 * r * d_in * d_out
 
 
 def factored_cost(
-    n: int, d_in: int, d_out: int, r: int, nnz: int, kappa: float, has_weight: bool, tau: float = 0.0
+    n: int, d_in: int, d_out: int, r: int, nnz: int, kappa: float, has_weight: bool, tau: float = 0.0,
+    backward: bool = True,
 ) -> float:  # fmt: skip
-    lowrank = 2.0 * n * r * (3 * d_out + 4 * d_in)
-    frozen = 4.0 * n * d_in * d_out if has_weight else 0.0
-    return lowrank + kappa * 6.0 * n * nnz + tau * transposed_numbers(n, d_in, d_out) + frozen
+    if not backward:
+        lowrank, sparse, frozen = 2.0 * n * r * (d_out + d_in), 2.0 * n * nnz, 2.0 * n * d_in * d_out
+    else:
+        lowrank, sparse, frozen = 2.0 * n * r * (3 * d_out + 4 * d_in), 6.0 * n * nnz, 4.0 * n * d_in * d_out
+    copies = transposed_numbers(n, d_in, d_out, backward)
+    return lowrank + kappa * sparse + tau * copies + (frozen if has_weight else 0.0)
 
 
 def choose_path(
     compute: str, n: int, d_in: int, d_out: int, r: int, nnz: int, device: torch.device, dtype: torch.dtype,
-    has_weight: bool,
+    has_weight: bool, backward: bool = True,
 ) -> str:  # fmt: skip
-    """The path for one call: `compute` if forced, else the cheaper by the cost model."""
+    """The path for one call: `compute` if forced, else the cheaper by the cost model, counting the backward only
+    where one will follow (`backward`)."""
     if n < 0 or r < 1 or not 0 <= nnz <= d_in * d_out:
         raise ValueError(
             f"`choose_path` needs n >= 0, r >= 1 and nnz in [0, d_in * d_out], got n={n}, r={r}, nnz={nnz} for a "
@@ -165,5 +177,6 @@ def choose_path(
     if not supported:
         return "dense"
     kappa, tau = sparse_relative_cost(device, dtype, nnz, d_out), relative_costs(device, dtype)[2]
-    cheaper = factored_cost(n, d_in, d_out, r, nnz, kappa, has_weight, tau) < dense_cost(n, d_in, d_out, r)
+    factored = factored_cost(n, d_in, d_out, r, nnz, kappa, has_weight, tau, backward)
+    cheaper = factored < dense_cost(n, d_in, d_out, r, backward)
     return "factored" if cheaper else "dense"

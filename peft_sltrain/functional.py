@@ -313,6 +313,17 @@ def sltrain_linear(
     rebuilds the dense weight in backward, `path="factored"` never forms it. All floating-point tensors must share
     one dtype and device; `indices` are sorted flat row-major positions, int32 as the layers keep them (int64 is
     converted, one copy per call). Under autocast it computes in the dtype `F.linear` would (`compute_dtype`)."""
+    if not x.is_floating_point():  # complex would need conjugates in backward; integers have no gradient
+        raise ValueError(f"`x` must be a real floating-point tensor, got {x.dtype}.")
+    if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
+        raise ValueError(
+            f"`A` (r, d_in) and `B` (d_out, r) must share r, got shapes {tuple(A.shape)} and {tuple(B.shape)}."
+        )
+    if indices.dim() != 1 or values.shape != indices.shape:  # shapes only: free, also on CUDA (no sync)
+        raise ValueError(
+            f"`values` and `indices` must be 1-D and of one length (a value per support entry), got shapes "
+            f"{tuple(values.shape)} and {tuple(indices.shape)}."
+        )
     if x.dim() == 0 or x.shape[-1] != A.shape[1]:
         raise ValueError(
             f"`x` must have d_in = {A.shape[1]} features in its last dimension, got shape {tuple(x.shape)}."
@@ -327,6 +338,8 @@ def sltrain_linear(
         if t is not None and t.dtype != x.dtype:
             raise ValueError(f"`{name}` must have x's dtype {x.dtype}, got {t.dtype} (or call it under autocast).")
     if path == "dense":
+        if indices.dtype not in (torch.int32, torch.int64):  # what `index_add_` / `index_select` take
+            indices = _int32_support(indices, B.shape[0] * A.shape[1])
         return _SparseLowRankLinear.apply(x, A, B, values, indices, scaling, weight, bias)
     if path == "factored":
         indices = _int32_support(indices, B.shape[0] * A.shape[1])

@@ -191,7 +191,11 @@ class SLTrainLayer(BaseTunerLayer):
             nn.init.zeros_(values)
 
     def _path(self, adapter_name: str, x: torch.Tensor, dtype: torch.dtype, has_weight: bool) -> str:
-        """The compute path of one call (see `peft_sltrain.cost`)."""
+        """The compute path of one call (see `peft_sltrain.cost`): forward-only costs where no backward follows."""
+        backward = torch.is_grad_enabled() and (
+            x.requires_grad
+            or any(t[adapter_name].requires_grad for t in (self.sltrain_A, self.sltrain_B, self.sltrain_values))
+        )
         return choose_path(
             self.compute[adapter_name],
             n=x.numel() // self.in_features,
@@ -202,6 +206,7 @@ class SLTrainLayer(BaseTunerLayer):
             device=x.device,
             dtype=dtype,
             has_weight=has_weight,
+            backward=backward,
         )
 
     def _base_weight(self, dtype: torch.dtype) -> torch.Tensor | None:

@@ -178,13 +178,38 @@ def test_layers_price_a_call_by_its_tokens_and_frozen_weight(monkeypatch):
     seen, real = [], layer_module.choose_path
 
     def record(*args, **kwargs):
-        seen.append((kwargs["n"], kwargs["has_weight"]))
+        seen.append((kwargs["n"], kwargs["has_weight"], kwargs["backward"]))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(layer_module, "choose_path", record)
     model = get_peft_model(tiny_llama(), SLTrainConfig(r=4, sparsity=0.05))
     model(input_ids=torch.zeros(3, 7, dtype=torch.long))
-    assert seen and set(seen) == {(3 * 7, True)}
+    assert seen and set(seen) == {(3 * 7, True, True)}
+    seen.clear()
+    with torch.no_grad():  # no backward follows: forward-only costs
+        model(input_ids=torch.zeros(2, 5, dtype=torch.long))
+    assert seen and set(seen) == {(2 * 5, True, False)}
+    seen.clear()
+    model.requires_grad_(False)  # grad mode on, but nothing to differentiate
+    model(input_ids=torch.zeros(2, 5, dtype=torch.long))
+    assert seen and set(seen) == {(2 * 5, True, False)}
+
+
+def test_forward_only_costs(numba_kernels):
+    """Without a backward, the dense path is one GEMM plus B @ A, the factored one its forward products: with a frozen
+    W0 it then loses where it wins a training call (it saves only the backward's dW), from scratch it still wins."""
+    assert dense_cost(10, 4, 6, 2, backward=False) == 2 * 10 * 4 * 6 + 2 * 2 * 4 * 6
+    assert factored_cost(10, 4, 6, 2, 5, 3.0, False, tau=2.0, backward=False) == (
+        2 * 10 * 2 * (6 + 4) + 3.0 * 2 * 10 * 5 + 2.0 * 10 * (4 + 6)
+    )
+    assert factored_cost(10, 4, 6, 2, 5, 3.0, True, backward=False) - factored_cost(
+        10, 4, 6, 2, 5, 3.0, False, backward=False
+    ) == 2 * 10 * 4 * 6
+    wide = (2048, 4096, 4096, 8, round(0.05 * 4096 * 4096), CPU, torch.float32)
+    assert choose_path("auto", *wide, has_weight=True) == "factored"
+    assert choose_path("auto", *wide, has_weight=True, backward=False) == "dense"
+    scratch = (2048, 512, 1376, 128, round(0.03 * 512 * 1376), CPU, torch.float32, False)
+    assert choose_path("auto", *scratch) == choose_path("auto", *scratch, backward=False) == "factored"
 
 
 def test_bf16_numba_model_predicts_the_ratios_it_was_fitted_to(numba_kernels):

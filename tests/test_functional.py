@@ -414,6 +414,33 @@ def test_tensors_of_another_dtype_are_refused(path, name):
         sltrain_linear(**t, scaling=1.0, path=path)
 
 
+@pytest.mark.parametrize("path", IMPLEMENTATIONS, indirect=True)
+def test_inconsistent_shapes_and_complex_inputs_are_refused(path):
+    """A value missing for a support entry would make PyTorch's CSR kernels read past `values` (a wrong result, no
+    error); complex inputs would get unconjugated, wrong gradients from the dense path."""
+    t = make_inputs(dtype=torch.float32)
+    for bad in ({"values": t["values"][:-1]}, {"indices": t["indices"].view(1, -1)}):
+        with pytest.raises(ValueError, match=r"`values` and `indices` must be 1-D and of one length"):
+            sltrain_linear(**(t | bad), scaling=1.0, path=path)
+    with pytest.raises(
+        ValueError, match=r"`A` \(r, d_in\) and `B` \(d_out, r\) must share r, got shapes \(3, 12\) and \(10, 2\)"
+    ):
+        sltrain_linear(**(t | {"B": t["B"][:, :2]}), scaling=1.0, path=path)
+    c = {
+        k: v.detach().to(torch.complex64) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in t.items()
+    }
+    with pytest.raises(ValueError, match=r"`x` must be a real floating-point tensor, got torch.complex64"):
+        sltrain_linear(**c, scaling=1.0, path=path)
+
+
+def test_dense_path_takes_any_integer_support():
+    """The factored path converts an int16 support to int32; the dense path does too, instead of failing in
+    `index_add_`."""
+    t = make_inputs()
+    expected = sltrain_linear(**t, scaling=0.5, path="dense")
+    assert torch.equal(sltrain_linear(**(t | {"indices": t["indices"].to(torch.int16)}), scaling=0.5), expected)
+
+
 def test_meta_tensors_give_shapes():
     """Shape inference on the meta device (where asking whether autocast is on raises)."""
     t = {k: v.detach().to("meta") if torch.is_tensor(v) else v for k, v in make_inputs().items()}
