@@ -2,7 +2,8 @@
 
     python examples/quickstart.py
 
-Everything is built from configs in code, so it runs offline on a CPU in seconds.
+Everything is built from configs in code, so it runs offline on a CPU in under a minute (much of it numba compiling
+its kernels).
 """
 
 import tempfile

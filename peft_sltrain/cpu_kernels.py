@@ -144,6 +144,18 @@ def sparse_grads(
     return partial.sum(0).to(values.dtype) if need_values else None
 
 
+def warm_up(dtypes=DTYPES) -> None:
+    """Compiles the kernels for `dtypes` now (a few seconds each, once per process) by running them on a 2 x 2
+    problem, so that the compile does not land in the first training step and its timing."""
+    if not AVAILABLE:
+        return
+    indices = torch.tensor([0, 3], dtype=torch.int32)
+    for dtype in dtypes:
+        x, values = torch.ones(2, 2, dtype=dtype), torch.ones(2, dtype=dtype)
+        sparse_matmul_t(x, indices, values, (2, 2), out=torch.empty(2, 2, dtype=dtype))
+        sparse_grads(x, x, indices, values, (2, 2), out_x=torch.empty(2, 2, dtype=dtype), need_values=True)
+
+
 def buffer_bytes(d_in: int, d_out: int, dtype: torch.dtype) -> int:
     """Bytes of the per-thread block buffers the backward allocates inside the kernels (the forward's are smaller),
     which PyTorch's memory profiler does not see: threads x (2 d_in + d_out) x TOKEN_BLOCK numbers, fp32 for bf16."""

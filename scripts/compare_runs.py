@@ -32,9 +32,10 @@ def main(run_dirs: list[str]) -> str:
         if "val_ppl" not in row:
             raise SystemExit(f"compare_runs.py: error: {path} is not from scripts/pretrain.py (no val_ppl)")
         rows.append(row)
-    header = ("method", "val ppl", "trainable", "total", "params+grads+opt", "peak mem", "tokens/s", "tokens")
+    header = ("run", "method", "val ppl", "trainable", "total", "params+grads+opt", "peak mem", "tokens/s", "tokens")
     table = [header] + [
         (
+            Path(run).name,  # several runs may share a method
             r["method"],
             f"{r['val_ppl']:.2f}",
             f"{r['trainable_params']:,}",
@@ -44,7 +45,7 @@ def main(run_dirs: list[str]) -> str:
             "unknown" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}",  # resumed from an old checkpoint
             f"{r['tokens']:,}",
         )
-        for r in rows
+        for run, r in zip(run_dirs, rows)
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in table]
@@ -63,4 +64,5 @@ if __name__ == "__main__":
         summaries = {run: json.loads((Path(run) / "summary.json").read_text()) for run in args.run_dirs}
         record = {"command": "python scripts/compare_runs.py " + " ".join(args.run_dirs), "table": text.splitlines(),
                   "summaries": summaries}  # fmt: skip
+        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
         Path(args.save).write_text(json.dumps(record, indent=2) + "\n")

@@ -24,7 +24,9 @@ def read_text(path: str | os.PathLike) -> str:
     """The UTF-8 text of a `.txt` or `.txt.gz` file."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"Data file {str(path)!r} does not exist.")
+        raise ValueError(
+            f"Data file {str(path)!r} " + ("is a directory, not a file." if path.is_dir() else "does not exist.")
+        )
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rt", encoding="utf-8") as handle:

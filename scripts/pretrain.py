@@ -15,6 +15,7 @@ architecture, the method's rank/sparsity/alpha and the training schedule, and ev
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import math
@@ -138,6 +139,11 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.model_config = preset["model"]
+    try:
+        LlamaConfig(**args.model_config)
+    except Exception as error:  # noqa: BLE001 (Transformers' validators raise ValueError, TypeError or their own)
+        reason = " ".join(str(error).split())  # one line
+        raise ValueError(f'`--model` {args.model!r}: its "model" object is no valid LlamaConfig: {reason}') from None
     missing = [key for key in PRESET_TRAIN_KEYS + method.reads if getattr(args, key, None) is None]
     if missing:
         flags = ", ".join(f"--{key.replace('_', '-')}" for key in missing)
@@ -270,22 +276,53 @@ def check_out_dir(args: argparse.Namespace, config: dict) -> Path | None:
         if not run_file.is_file():
             raise ValueError(f"`--resume`: {out} holds no run to resume (no run_config.json).")
         saved = json.loads(run_file.read_text())
-        differ = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+        keys = (set(saved) | set(config)) - {"data_sha256"}  # checked once the data is read (`check_same_data`)
+        differ = sorted(k for k in keys if saved.get(k) != config.get(k))
         if differ:
             detail = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {config.get(k)!r}" for k in differ[:4])
             raise ValueError(f"`--resume`: {out} was trained with a different config or method ({detail}).")
+        if finished_run(out, args):
+            raise ValueError(f"`--resume`: the run in {out} is complete ({args.max_steps} steps); nothing to resume.")
         checkpoint = checkpointing.latest_checkpoint(out)
         if checkpoint is None:
             raise ValueError(f"`--resume`: {out} has no complete checkpoint yet.")
-        finished = checkpoint.name == f"{checkpointing.CHECKPOINT_PREFIX}{args.max_steps:06d}"
-        if finished and (out / "summary.json").is_file() and (out / "final").is_dir():  # else: export it again
-            raise ValueError(f"`--resume`: the run in {out} is complete ({args.max_steps} steps); nothing to resume.")
-        return checkpoint
+        return checkpoint  # where a killed export left no summary, the last step's: only the export runs again
     if (run_file.exists() or (out / "checkpoints").exists()) and not args.overwrite:
         raise ValueError(
             f"{out} already holds a run; pass `--resume` to continue it or `--overwrite` to delete it and start over."
         )
     return None
+
+
+def data_digest(tokenizer: data.Tokenizer, texts: dict[str, str]) -> dict[str, str]:
+    """sha256 (16 hex digits) of each text and of the tokenizer's vocabulary. run_config.json names the data files
+    and the tokenizer; this is what they held, so that a resumed run can tell that it continues on the same."""
+    digest = {name: hashlib.sha256(text.encode()).hexdigest()[:16] for name, text in texts.items()}
+    vocabulary = json.dumps(tokenizer.hf.get_vocab(), sort_keys=True).encode()
+    return {**digest, "vocabulary": hashlib.sha256(vocabulary).hexdigest()[:16]}
+
+
+def check_same_data(out: Path, digest: dict[str, str]) -> None:
+    """Refuses to resume the run in `out` on other text or another vocabulary than it was trained on (the files
+    named the same, their content changed). A run saved before the digest was recorded is not checked."""
+    saved = json.loads((out / "run_config.json").read_text()).get("data_sha256")
+    if saved is not None and saved != digest:
+        changed = sorted(k for k in set(saved) | set(digest) if saved.get(k) != digest.get(k))
+        detail = ", ".join(f"{k}: saved {saved.get(k)} vs now {digest.get(k)}" for k in changed)
+        raise ValueError(
+            f"`--resume`: the data or tokenizer of {out} changed since it was trained ({detail}); a run must "
+            "continue on what it started with."
+        )
+
+
+def finished_run(out: Path, args: argparse.Namespace) -> bool:
+    """Whether the run in `out` trained all its steps and exported them: its summary is written last and counts
+    every token (its newest checkpoint need not be the last step: a resumed command may run without --save-every)."""
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (out / "final").is_dir() and summary.get("tokens") == args.max_steps * args.global_batch * args.seq_len
 
 
 def init_out_dir(args: argparse.Namespace, config: dict, accelerator: Accelerator) -> None:
@@ -422,9 +459,9 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 def evaluate(model, blocks: torch.Tensor, micro_batch: int, accelerator: Accelerator) -> float:
     """Validation perplexity: exp of the mean next-token loss over `blocks`, sharded over processes."""
     model.eval()
-    mine = blocks[accelerator.process_index :: accelerator.num_processes]
+    mine = blocks[accelerator.process_index :: accelerator.num_processes]  # empty where blocks < processes
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (sum of losses, tokens)
-    for batch in mine.split(micro_batch):
+    for batch in mine.split(micro_batch) if len(mine) else []:  # (an empty tensor still splits into one chunk)
         batch = batch.long().to(accelerator.device)
         with accelerator.autocast():
             loss = model(input_ids=batch, labels=batch).loss
@@ -544,6 +581,11 @@ def main(argv: list[str] | None = None) -> dict:
             else:
                 tokenizer = data.load_tokenizer(args.tokenizer)
             val_tokens = data.tokenize_text(tokenizer, val_text)
+        config["data_sha256"] = data_digest(
+            tokenizer, {} if args.dataset else {"train": train_text, "validation": val_text}
+        )
+        if resume_from is not None:
+            check_same_data(out, config["data_sha256"])
         val_blocks = data.to_blocks(val_tokens, args.seq_len)[: args.eval_blocks]
         if len(val_blocks) == 0:
             raise ValueError(f"The validation text is shorter than one sequence of {args.seq_len} tokens.")
@@ -642,6 +684,14 @@ def main(argv: list[str] | None = None) -> dict:
             )
         accelerator.wait_for_everyone()
 
+    # numba compiles its kernels on first use (about 10 s a dtype): now, not inside the first (timed) step
+    kernel_compile_seconds = None
+    sltrain_layers = [m for m in model.modules() if isinstance(m, peft_sltrain.SLTrainLayer)]
+    if accelerator.device.type == "cpu" and any(c != "dense" for m in sltrain_layers for c in m.compute.values()):
+        t0 = time.perf_counter()
+        peft_sltrain.cpu_kernels.warm_up([torch.bfloat16 if args.dtype == "bf16" else torch.float32])
+        kernel_compile_seconds = time.perf_counter() - t0
+
     tokens_per_step = args.global_batch * args.seq_len
     bar = tqdm(
         range(start_step, args.max_steps),
@@ -712,6 +762,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tokens_per_s": None if seconds is None else tokens_seen / seconds,
         "tokens": tokens_seen,
         "train_seconds": seconds,
+        "kernel_compile_seconds": kernel_compile_seconds,  # this command's, not in train_seconds
         **training_state_bytes(accelerator.unwrap_model(model), optimizer),
         "processes": world,
         "device": str(accelerator.device),

@@ -36,11 +36,11 @@ def test_table_of_two_runs(tmp_path):
     result = compare(write_summary(tmp_path / "a", "sltrain", 93.5), write_summary(tmp_path / "b", "full", 127.0))
     assert result.returncode == 0, result.stderr
     header, sltrain, full, note = result.stdout.strip().splitlines()
-    assert header.split()[:3] == ["method", "val", "ppl"]
-    assert sltrain.split()[:2] == ["sltrain", "93.50"] and full.split()[:2] == ["full", "127.00"]
+    assert header.split()[:4] == ["run", "method", "val", "ppl"]
+    assert sltrain.split()[:3] == ["a", "sltrain", "93.50"] and full.split()[:3] == ["b", "full", "127.00"]
     assert "3.0 MiB" in sltrain and "1,235" in sltrain and "cpu_peak_rss" in note
 
-    saved = tmp_path / "record.json"
+    saved = tmp_path / "new" / "record.json"  # its directory is made
     result = compare(str(tmp_path / "a"), str(tmp_path / "b"), "--save", str(saved))
     record = json.loads(saved.read_text())
     assert record["table"] == result.stdout.rstrip("\n").splitlines()

@@ -202,9 +202,11 @@ def test_forward_only_costs(numba_kernels):
     assert factored_cost(10, 4, 6, 2, 5, 3.0, False, tau=2.0, backward=False) == (
         2 * 10 * 2 * (6 + 4) + 3.0 * 2 * 10 * 5 + 2.0 * 10 * (4 + 6)
     )
-    assert factored_cost(10, 4, 6, 2, 5, 3.0, True, backward=False) - factored_cost(
-        10, 4, 6, 2, 5, 3.0, False, backward=False
-    ) == 2 * 10 * 4 * 6
+    assert (
+        factored_cost(10, 4, 6, 2, 5, 3.0, True, backward=False)
+        - factored_cost(10, 4, 6, 2, 5, 3.0, False, backward=False)
+        == 2 * 10 * 4 * 6
+    )
     wide = (2048, 4096, 4096, 8, round(0.05 * 4096 * 4096), CPU, torch.float32)
     assert choose_path("auto", *wide, has_weight=True) == "factored"
     assert choose_path("auto", *wide, has_weight=True, backward=False) == "dense"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import shutil
 import socket
@@ -314,6 +315,9 @@ def test_preset_without_training_settings(tmp_path, corpus):
         (tmp_path / "broken.json").write_text(json.dumps(broken))
         with pytest.raises(ValueError, match='needs a "model" object .*, a "train" object'):
             run(tmp_path / "out", corpus, "--model", str(tmp_path / "broken.json"))
+    (tmp_path / "heads.json").write_text(json.dumps({**preset, "model": {**preset["model"], "hidden_size": 30}}))
+    with pytest.raises(ValueError, match=r'heads.json\': its "model" object is no valid LlamaConfig: .*hidden size'):
+        run(tmp_path / "out", corpus, "--model", str(tmp_path / "heads.json"), "--method", "full")
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ValueError, match="`--out-dir` .*a_file' is a file, not a directory"):
         run(tmp_path / "a_file", corpus)
@@ -389,6 +393,7 @@ def test_a_tokenizer_without_end_of_sequence_is_refused(tmp_path):
     "train,validation,message",
     [
         ("nope.txt", "VAL", "does not exist"),
+        ("/", "VAL", "'/' is a directory, not a file"),
         ("EMPTY", "VAL", "holds no text"),
         ("TRAIN", "SHORT", "validation text is shorter than one sequence"),
         ("TRAIN", None, "Give both"),
@@ -617,3 +622,62 @@ def test_optimizer_state_bytes_count_galore_projectors():
     assert pretrain.optimizer_state_bytes(optimizer) == plain + projectors
     adam_bytes = 2 * sum(p.numel() * 4 for p in model.parameters())
     assert pretrain.optimizer_state_bytes(optimizer) < adam_bytes
+
+
+def test_resume_refuses_changed_data_or_vocabulary(tmp_path, corpus):
+    """run_config.json names the data files; a resumed run checks that they still hold what it was trained on."""
+    train = tmp_path / "train.txt"
+    train.write_text(Path(corpus[0]).read_text())
+    files = (str(train), corpus[1])
+    out = tmp_path / "run"
+    run(out, files, "--method", "sltrain", "--save-every", "3")
+    digest = json.loads((out / "run_config.json").read_text())["data_sha256"]
+    assert sorted(digest) == ["train", "validation", "vocabulary"]
+    shutil.rmtree(out / "checkpoints" / "step_000006")  # killed after step 3
+    shutil.rmtree(out / "final")
+    (out / "summary.json").unlink()
+    train.write_text(Path(corpus[0]).read_text()[::-1])  # the same path, other text
+    cached = sorted((tmp_path / ".cache").iterdir())
+    changed = r"\(train: saved \w+ vs now \w+, vocabulary: saved \w+ vs now \w+\)"
+    with pytest.raises(
+        ValueError, match=r"`--resume`: the data or tokenizer of .* changed since it was trained " + changed
+    ):
+        run(out, files, "--method", "sltrain", "--save-every", "3", "--resume")
+    assert sorted((tmp_path / ".cache").iterdir()) == cached  # the tokenizer of the other text is not kept
+
+
+def test_a_finished_run_is_complete_whatever_its_newest_checkpoint(tmp_path, corpus):
+    """A run resumed without --save-every finishes with an older newest checkpoint; its summary still marks it done."""
+    run(tmp_path, corpus, "--method", "sltrain", "--save-every", "3")
+    shutil.rmtree(tmp_path / "checkpoints" / "step_000006")
+    with pytest.raises(ValueError, match=r"the run in .* is complete \(6 steps\); nothing to resume"):
+        run(tmp_path, corpus, "--method", "sltrain", "--save-every", "3", "--resume")
+
+
+def test_evaluate_on_a_process_without_validation_blocks():
+    """With fewer validation blocks than processes, a process has none: it adds nothing to the sums (and its model
+    never sees an empty batch), the others' sums make the perplexity."""
+
+    class Accelerator:  # process 1 of 2; process 0 contributes a loss sum of 6.0 over 4 tokens
+        process_index, num_processes, device = 1, 2, torch.device("cpu")
+
+        def reduce(self, total, reduction):
+            assert reduction == "sum" and total.tolist() == [0.0, 0.0]
+            return total + torch.tensor([6.0, 4.0], dtype=torch.float64)
+
+    class Model(torch.nn.Module):
+        def forward(self, **batch):
+            raise AssertionError("called on an empty batch")
+
+    blocks = torch.zeros(1, 5, dtype=torch.int32)
+    assert pretrain.evaluate(Model(), blocks, micro_batch=2, accelerator=Accelerator()) == pytest.approx(math.exp(1.5))
+
+
+def test_numba_compiles_before_the_timed_steps(tmp_path, corpus, monkeypatch):
+    """numba's first call compiles for about 10 s: warmed up before the loop, outside train_seconds and tokens/s."""
+    warmed = []
+    monkeypatch.setattr(peft_sltrain.cpu_kernels, "warm_up", lambda dtypes: warmed.append(list(dtypes)))
+    sltrain = run(tmp_path / "sltrain", corpus, "--method", "sltrain", "--max-steps", "2", "--warmup-steps", "1")
+    full = run(tmp_path / "full", corpus, "--method", "full", "--max-steps", "2", "--warmup-steps", "1")
+    assert warmed == [[torch.float32]]  # SLTrain only; bf16 autocast would warm the bf16 kernels
+    assert sltrain["kernel_compile_seconds"] >= 0 and full["kernel_compile_seconds"] is None
