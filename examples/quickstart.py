@@ -39,7 +39,7 @@ for _ in range(20):
     loss.backward()
     optimizer.step()
     optimizer.zero_grad()
-print(f"from scratch: loss after 20 steps {loss.item():.3f}")
+print(f"from scratch: loss of the 20th step {loss.item():.3f}")
 
 with tempfile.TemporaryDirectory() as directory:
     model.eval().save_pretrained(directory)  # safetensors: factors, supports, embeddings, norms, head
@@ -63,6 +63,6 @@ for _ in range(20):
     loss.backward()
     optimizer.step()
     optimizer.zero_grad()
-print(f"fine-tuning: loss after 20 steps {loss.item():.3f}")
+print(f"fine-tuning: loss of the 20th step {loss.item():.3f}")
 merged = model.eval().merge_and_unload()
 print("merged classifier:", type(merged.classifier).__name__)

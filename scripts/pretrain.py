@@ -795,5 +795,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as error:  # bad input: one clear line, no traceback
+    except (ValueError, FloatingPointError) as error:  # bad input, or a diverged loss: one clear line, no traceback
         raise SystemExit(f"pretrain.py: error: {error}") from None
