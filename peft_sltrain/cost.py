@@ -8,9 +8,9 @@ The model counts multiply-adds of forward + backward (see `functional.py` for wh
                + tau * N (3 d_in + 2 d_out)              (transposed copies of x, y, dY, x again and dX)
                (+ 4 N d_in d_out with a frozen W0)
 
-Where no backward follows (`torch.no_grad()`, inference, or nothing requires a gradient), only the forward's share
-counts: `2 N d_in d_out + 2 r d_in d_out` dense against `2 N r (d_in + d_out) + kappa * 2 N nnz + tau * N (d_in +
-d_out) (+ 2 N d_in d_out)`. With a frozen `W0` the factored forward adds its products to the same GEMM, so it loses
+Where no backward follows (the layers tell by grad mode: `torch.no_grad()`, inference mode), only the forward's
+share counts: `2 N d_in d_out + 2 r d_in d_out` dense against `2 N r (d_in + d_out) + kappa * 2 N nnz + tau * N (d_in
++ d_out) (+ 2 N d_in d_out)`. With a frozen `W0` the factored forward adds its products to the same GEMM, so it loses
 there: it saves time only in backward, where it skips `dW`.
 
 `kappa` is what one multiply-add of a sparse product (CSR x dense, sampled dense-dense) costs relative to one of a

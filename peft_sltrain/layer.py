@@ -191,11 +191,9 @@ class SLTrainLayer(BaseTunerLayer):
             nn.init.zeros_(values)
 
     def _path(self, adapter_name: str, x: torch.Tensor, dtype: torch.dtype, has_weight: bool) -> str:
-        """The compute path of one call (see `peft_sltrain.cost`): forward-only costs where no backward follows."""
-        backward = torch.is_grad_enabled() and (
-            x.requires_grad
-            or any(t[adapter_name].requires_grad for t in (self.sltrain_A, self.sltrain_B, self.sltrain_values))
-        )
+        """The compute path of one call (see `peft_sltrain.cost`): forward-only costs under `torch.no_grad()` (and
+        inference mode). Grad mode alone decides, not what requires a gradient, so that a model gives the same bits
+        whether its parameters are frozen (loaded for inference) or not."""
         return choose_path(
             self.compute[adapter_name],
             n=x.numel() // self.in_features,
@@ -206,7 +204,7 @@ class SLTrainLayer(BaseTunerLayer):
             device=x.device,
             dtype=dtype,
             has_weight=has_weight,
-            backward=backward,
+            backward=torch.is_grad_enabled(),
         )
 
     def _base_weight(self, dtype: torch.dtype) -> torch.Tensor | None:

@@ -190,9 +190,9 @@ def test_layers_price_a_call_by_its_tokens_and_frozen_weight(monkeypatch):
         model(input_ids=torch.zeros(2, 5, dtype=torch.long))
     assert seen and set(seen) == {(2 * 5, True, False)}
     seen.clear()
-    model.requires_grad_(False)  # grad mode on, but nothing to differentiate
+    model.requires_grad_(False)  # frozen, as loaded for inference: the same path as trainable (the same bits)
     model(input_ids=torch.zeros(2, 5, dtype=torch.long))
-    assert seen and set(seen) == {(2 * 5, True, False)}
+    assert seen and set(seen) == {(2 * 5, True, True)}
 
 
 def test_forward_only_costs(numba_kernels):

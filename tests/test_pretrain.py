@@ -115,6 +115,8 @@ def test_resume_equals_uninterrupted(tmp_path, corpus):
     killed = tmp_path / "killed"
     shutil.copytree(full, killed)
     shutil.rmtree(killed / "checkpoints" / "step_000006")
+    shutil.rmtree(killed / "final")
+    (killed / "summary.json").unlink()
     rows = [line for line in (killed / "log.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 3]
     (killed / "log.jsonl").write_text("\n".join(rows) + "\n")
     run(killed, corpus, "--method", "sltrain", "--save-every", "3", "--resume")
