@@ -613,7 +613,10 @@ def main(argv: list[str] | None = None) -> dict:
     counts = peft_sltrain.module_parameter_counts(model)
     if args.activation_checkpointing:
         hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
-        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(hf_model, "activation_checkpointing_enable"):  # Transformers' new name (the old one warns)
+            hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(accelerator.device).train()
     if args.compile:
         model.compile()
