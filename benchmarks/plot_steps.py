@@ -1,7 +1,7 @@
 """Plot whole training steps from step_bench results files: SLTrain's tokens/s against full-rank's, by tokens per step.
 
-    python benchmarks/plot_steps.py benchmarks/results/step_cuda.json benchmarks/results/step_cuda_60m_batch*.json \
-        --out benchmarks/results/step_cuda.png
+    cd benchmarks/results && python ../plot_steps.py step_cuda.json step_cuda_launch_bound.json \
+        step_cuda_350m_batch128.json step_cuda_60m_batch*.json step_cuda_compiled_*60m.json --out step_cuda.png
 
 Left: each variant's tokens/s as a fraction of full-rank's in the same file and round (one dot per round, a line
 through the medians of the eager runs of each size). Right: the time each variant adds to full-rank's step, in ms.

@@ -26,7 +26,7 @@ likely because the compiler can then no longer assume that they alias nothing. P
 Deterministic: tokens are split over threads in fixed contiguous ranges and the partial sums of dS added in thread
 order, so the same thread count gives the same bits (x S^T and dY S do not depend on it at all); dS's last bits also
 depend on whether dY S is computed in the same pass (its loop pairs nonzeros, the dS-only loop does not). The
-kernels compile on first use per dtype (a few seconds each; fp32, fp64, bf16). With numba's GNU OpenMP threading
+kernels compile on first use per dtype (about 10 s each; fp32, fp64, bf16). With numba's GNU OpenMP threading
 layer, a process forked after its parent ran them must not run them itself (DataLoader workers do not; torchrun
 starts fresh processes).
 """
@@ -145,12 +145,11 @@ def sparse_grads(
 
 
 def warm_up(dtypes=DTYPES) -> None:
-    """Compiles the kernels for `dtypes` now (a few seconds each, once per process) by running them on a 2 x 2
-    problem, so that the compile does not land in the first training step and its timing."""
-    if not AVAILABLE:
-        return
+    """Compiles the kernels for `dtypes` now (about 10 s each, once per process) by running them on a 2 x 2
+    problem, so that the compile does not land in the first training step and its timing. Does nothing for a dtype
+    the kernels do not run (numba missing or unusable: the factored path then uses PyTorch's kernels)."""
     indices = torch.tensor([0, 3], dtype=torch.int32)
-    for dtype in dtypes:
+    for dtype in (d for d in dtypes if supports(torch.device("cpu"), d)):
         x, values = torch.ones(2, 2, dtype=dtype), torch.ones(2, dtype=dtype)
         sparse_matmul_t(x, indices, values, (2, 2), out=torch.empty(2, 2, dtype=dtype))
         sparse_grads(x, x, indices, values, (2, 2), out_x=torch.empty(2, 2, dtype=dtype), need_values=True)

@@ -306,11 +306,11 @@ class Linear(nn.Module, SLTrainLayer):
         if not active:
             return self.base_layer(x, *args, **kwargs)
 
-        if not self._warned_about_hooks:
-            self._warn_about_base_layer_hooks()
         device_type = x.device.type
         dtype = compute_dtype(x)  # under autocast, as F.linear would; grads flow back to the fp32 params
         base = self.get_base_layer()
+        if not self._warned_about_hooks:
+            self._warn_about_hooks_on(base)
         bias = None if base.bias is None else base.bias.to(dtype)
         with torch.autocast(device_type, enabled=False):
             x = x.to(dtype)
@@ -327,16 +327,19 @@ class Linear(nn.Module, SLTrainLayer):
                 result = result + sltrain_linear(x, path=path, **self._sltrain_tensors(name, dtype))
             return result
 
-    def _warn_about_base_layer_hooks(self) -> None:
+    def _warn_about_hooks_on(self, base: nn.Module) -> None:
         """The adapter computes the layer itself and never calls the base layer, so hooks on it would not run: say so
         once per layer (as PEFT's SHiRA does), rather than skip them silently."""
-        base = self.get_base_layer()
-        if base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks:
+        kinds = {"forward": base._forward_hooks, "forward pre": base._forward_pre_hooks,
+                 "backward": base._backward_hooks, "backward pre": base._backward_pre_hooks}  # fmt: skip
+        hooked = [kind for kind, hooks in kinds.items() if hooks]
+        if hooked:
             self._warned_about_hooks = True
             warnings.warn(
-                f"The {type(base).__name__} under this SLTrain layer has forward or backward hooks, which SLTrain's "
-                "forward does not run (it computes the layer from the weights, without calling the base layer). "
-                "Register them on the SLTrain layer instead (the same module path, after `get_peft_model`).",
+                f"The {type(base).__name__}({self.in_features}, {self.out_features}) under this SLTrain layer has "
+                f"{' and '.join(hooked)} hooks, which SLTrain's forward does not run (it computes the layer from the "
+                "weights, without calling the base layer). Register them on the SLTrain layer instead (the same "
+                "module path, after `get_peft_model`).",
                 stacklevel=2,
             )
 

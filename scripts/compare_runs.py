@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 
@@ -32,10 +33,13 @@ def main(run_dirs: list[str]) -> str:
         if "val_ppl" not in row:
             raise SystemExit(f"compare_runs.py: error: {path} is not from scripts/pretrain.py (no val_ppl)")
         rows.append(row)
+    names = [Path(run).resolve().name for run in run_dirs]  # "." has a name too
+    if len(set(names)) < len(names):  # runs of one name in different places: their paths as given
+        names = [os.path.normpath(run) for run in run_dirs]
     header = ("run", "method", "val ppl", "trainable", "total", "params+grads+opt", "peak mem", "tokens/s", "tokens")
     table = [header] + [
         (
-            Path(run).name,  # several runs may share a method
+            name,  # several runs may share a method
             r["method"],
             f"{r['val_ppl']:.2f}",
             f"{r['trainable_params']:,}",
@@ -45,7 +49,7 @@ def main(run_dirs: list[str]) -> str:
             "unknown" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}",  # resumed from an old checkpoint
             f"{r['tokens']:,}",
         )
-        for run, r in zip(run_dirs, rows)
+        for name, r in zip(names, rows)
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in table]

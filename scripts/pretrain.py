@@ -286,7 +286,7 @@ def check_out_dir(args: argparse.Namespace, config: dict) -> Path | None:
         checkpoint = checkpointing.latest_checkpoint(out)
         if checkpoint is None:
             raise ValueError(f"`--resume`: {out} has no complete checkpoint yet.")
-        return checkpoint  # where a killed export left no summary, the last step's: only the export runs again
+        return checkpoint  # if it is the last step's (an export killed before its summary), only the export runs
     if (run_file.exists() or (out / "checkpoints").exists()) and not args.overwrite:
         raise ValueError(
             f"{out} already holds a run; pass `--resume` to continue it or `--overwrite` to delete it and start over."
@@ -689,10 +689,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     # numba compiles its kernels on first use (about 10 s a dtype): now, not inside the first (timed) step
     kernel_compile_seconds = None
+    kernel_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     sltrain_layers = [m for m in model.modules() if isinstance(m, peft_sltrain.SLTrainLayer)]
-    if accelerator.device.type == "cpu" and any(c != "dense" for m in sltrain_layers for c in m.compute.values()):
+    if peft_sltrain.cpu_kernels.supports(accelerator.device, kernel_dtype) and any(
+        c != "dense" for m in sltrain_layers for c in m.compute.values()
+    ):
         t0 = time.perf_counter()
-        peft_sltrain.cpu_kernels.warm_up([torch.bfloat16 if args.dtype == "bf16" else torch.float32])
+        peft_sltrain.cpu_kernels.warm_up([kernel_dtype])
         kernel_compile_seconds = time.perf_counter() - t0
 
     tokens_per_step = args.global_batch * args.seq_len

@@ -69,3 +69,16 @@ def test_command_line(tmp_path):
     (tmp_path / "glue" / "summary.json").write_text(json.dumps({"method": "sltrain", "metrics": {}}))
     result = compare(str(tmp_path / "glue"))  # a run_glue.py run
     assert result.returncode == 1 and "is not from scripts/pretrain.py (no val_ppl)" in result.stderr
+
+
+def test_runs_are_named_also_when_given_as_dot_or_under_one_name(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    first, second = (
+        write_summary(tmp_path / "x" / "run", "sltrain", 1.0),
+        write_summary(tmp_path / "y" / "run", "full", 2.0),
+    )
+    rows = compare(first, second).stdout.splitlines()[1:3]
+    assert [row.split()[0] for row in rows] == [first, second]  # one name twice: the paths tell them apart
+    result = subprocess.run([sys.executable, SCRIPT, "."], capture_output=True, text=True, cwd=first)
+    assert result.stdout.splitlines()[1].split()[:2] == ["run", "sltrain"]  # ".": the directory's own name

@@ -299,3 +299,16 @@ def test_concurrent_calls_from_python_threads():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "layer workqueue" in done.stdout
+
+
+def test_warm_up_skips_what_the_kernels_do_not_run(monkeypatch):
+    """numba installed but unusable (built for another numpy, say): the factored path falls back to PyTorch's
+    kernels, and warming up must not fail where the layers would not."""
+    monkeypatch.setattr(cpu_kernels, "AVAILABLE", True)
+    monkeypatch.setattr(cpu_kernels, "_NUMBA_WORKS", [False])
+
+    def no_kernels():
+        raise AssertionError("compiled although numba does not work")
+
+    monkeypatch.setattr(cpu_kernels, "_kernels", no_kernels)
+    cpu_kernels.warm_up()  # nothing to compile, nothing raised

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import math
@@ -662,6 +663,9 @@ def test_evaluate_on_a_process_without_validation_blocks():
 
     class Accelerator:  # process 1 of 2; process 0 contributes a loss sum of 6.0 over 4 tokens
         process_index, num_processes, device = 1, 2, torch.device("cpu")
+
+        def autocast(self):
+            return contextlib.nullcontext()
 
         def reduce(self, total, reduction):
             assert reduction == "sum" and total.tolist() == [0.0, 0.0]

@@ -322,7 +322,7 @@ def test_hooks_on_a_replaced_layer_are_warned_about_once():
     model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *args: calls.append(1))
     peft_model = get_peft_model(model, SLTrainConfig(r=2, target_modules=["q_proj", "v_proj"]))
     ids = torch.tensor([[1, 2, 3]])
-    with pytest.warns(UserWarning, match="Linear under this SLTrain layer has forward or backward hooks") as caught:
+    with pytest.warns(UserWarning, match=r"The Linear\(64, 64\) under this SLTrain layer has forward hooks") as caught:
         peft_model(input_ids=ids)
     assert len([w for w in caught if "hooks" in str(w.message)]) == 1 and calls == []
     with warnings.catch_warnings():
