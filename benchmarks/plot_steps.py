@@ -1,4 +1,4 @@
-"""Plot whole training steps from step_bench results files: SLTrain's tokens/s against full-rank's, by tokens per step.
+r"""Plot whole training steps from step_bench results: SLTrain's tokens/s against full-rank's, by tokens per step.
 
     cd benchmarks/results && python ../plot_steps.py step_cuda.json step_cuda_launch_bound.json \
         step_cuda_350m_batch128.json step_cuda_60m_batch*.json step_cuda_compiled_*60m.json --out step_cuda.png

@@ -104,8 +104,8 @@ class SLTrainModel(BaseTuner):
         if len(self.peft_config) > 1 and any(c.from_scratch for c in self.peft_config.values()):
             names = sorted(name for name, c in self.peft_config.items() if c.from_scratch)
             raise ValueError(
-                f"A from-scratch SLTrain adapter ({names}) *is* the model's weights and cannot share the model with "
-                f"another adapter; got adapters {sorted(self.peft_config)}."
+                f"A from-scratch SLTrain adapter *is* the model's weights and cannot share the model with another "
+                f"adapter; the adapters would be {sorted(self.peft_config)}, of which {names} from scratch."
             )
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs) -> None:

@@ -1,4 +1,4 @@
-"""Pretrain a LLaMA-architecture model from scratch with SLTrain (or a baseline), on one CPU or many GPUs.
+r"""Pretrain a LLaMA-architecture model from scratch with SLTrain (or a baseline), on one CPU or many GPUs.
 
     # the README's main job: a tiny LLaMA on the embedded Austen corpus, on a CPU, in a few minutes
     python scripts/pretrain.py --model tiny --method sltrain --out-dir runs/tiny-sltrain
@@ -135,6 +135,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     preset = load_preset(args.model)
     method = get_method(args.method)
     args.micro_batch_given = args.micro_batch is not None  # a preset's micro-batch may be lowered to fit processes
+    warmup_given = args.warmup_steps is not None
     for key, value in {**preset["train"], **preset.get("sltrain", {})}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -173,7 +174,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.seq_len > max_positions:
         raise ValueError(f"`--seq-len` {args.seq_len} exceeds the model's max_position_embeddings {max_positions}.")
     if not 0 <= args.warmup_steps < args.max_steps:
-        raise ValueError(f"`--warmup-steps` must be in [0, --max-steps), got {args.warmup_steps}.")
+        source = "" if warmup_given else f" (the preset's; pass a `--warmup-steps` below --max-steps {args.max_steps})"
+        raise ValueError(f"`--warmup-steps` must be in [0, --max-steps), got {args.warmup_steps}{source}.")
     if "rank" in method.reads and args.rank <= 0:
         raise ValueError(f"`--rank` must be positive, got {args.rank}.")
     if method.check is not None:

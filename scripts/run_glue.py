@@ -1,4 +1,4 @@
-"""Fine-tune a sequence classifier on a GLUE task with SLTrain, LoRA or full fine-tuning, through the HF Trainer.
+r"""Fine-tune a sequence classifier on a GLUE task with SLTrain, LoRA or full fine-tuning, through the HF Trainer.
 
     # RoBERTa-base on MRPC with SLTrain and the task preset (network needed: model, data and metric come from the Hub)
     python scripts/run_glue.py --task_name mrpc --method sltrain --output_dir runs/glue/mrpc-sltrain

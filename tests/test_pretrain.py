@@ -267,7 +267,11 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus):
         (["--method", "sltrain", "--global-batch", "6", "--micro-batch", "4"], "multiple of --micro-batch"),
         (["--method", "sltrain", "--global-batch", "4000", "--micro-batch", "4000"], "fewer than one global batch"),
         (["--method", "sltrain", "--seq-len", "65"], "`--seq-len` 65 exceeds the model's max_position_embeddings 64"),
-        (["--method", "sltrain", "--warmup-steps", "6"], "`--warmup-steps`"),
+        (["--method", "sltrain", "--warmup-steps", "6"], r"`--warmup-steps` must be in \[0, --max-steps\), got 6\.$"),
+        (
+            ["--method", "sltrain", "--max-steps", "1"],
+            r"got 1 \(the preset's; pass a `--warmup-steps` below --max-steps 1\)",
+        ),
         (["--seq-len", "1"], r"`--seq-len` must be at least 2 \(.*\), got 1"),
         (["--grad-clip", "nan"], "`--grad-clip` must be a finite number, got nan"),
         (["--grad-clip", "inf"], "`--grad-clip` must be a finite number, got inf"),
