@@ -141,7 +141,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, key, value)
     args.model_config = preset["model"]
     try:
-        LlamaConfig(**args.model_config)
+        llama_config = LlamaConfig(**args.model_config)
     except Exception as error:  # noqa: BLE001 (Transformers' validators raise ValueError, TypeError or their own)
         reason = " ".join(str(error).split())  # one line
         raise ValueError(f'`--model` {args.model!r}: its "model" object is no valid LlamaConfig: {reason}') from None
@@ -179,7 +179,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if "rank" in method.reads and args.rank <= 0:
         raise ValueError(f"`--rank` must be positive, got {args.rank}.")
     if method.check is not None:
-        method.check(LlamaConfig(**args.model_config), hyper_from_args(args))
+        method.check(llama_config, hyper_from_args(args))
     if method.make_optimizer is not adamw and args.optimizer != "adamw":
         raise ValueError(f"`--method {method.name}` brings its own optimizer; `--optimizer` must stay adamw.")
     if args.per_layer_updates and args.grad_clip > 0:
