@@ -144,15 +144,17 @@ def sparse_grads(
     return partial.sum(0).to(values.dtype) if need_values else None
 
 
-def warm_up(dtypes=DTYPES) -> None:
+def warm_up(dtypes=DTYPES) -> list[torch.dtype]:
     """Compiles the kernels for `dtypes` now (about 10 s each, once per process) by running them on a 2 x 2
-    problem, so that the compile does not land in the first training step and its timing. Does nothing for a dtype
-    the kernels do not run (numba missing or unusable: the factored path then uses PyTorch's kernels)."""
-    indices = torch.tensor([0, 3], dtype=torch.int32)
+    problem, so that the compile does not land in the first training step and its timing. Skips a dtype the kernels
+    do not run (numba missing or unusable: the factored path then uses PyTorch's kernels); returns the others."""
+    indices, compiled = torch.tensor([0, 3], dtype=torch.int32), []
     for dtype in (d for d in dtypes if supports(torch.device("cpu"), d)):
         x, values = torch.ones(2, 2, dtype=dtype), torch.ones(2, dtype=dtype)
         sparse_matmul_t(x, indices, values, (2, 2), out=torch.empty(2, 2, dtype=dtype))
         sparse_grads(x, x, indices, values, (2, 2), out_x=torch.empty(2, 2, dtype=dtype), need_values=True)
+        compiled.append(dtype)
+    return compiled
 
 
 def buffer_bytes(d_in: int, d_out: int, dtype: torch.dtype) -> int:

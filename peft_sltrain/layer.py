@@ -309,7 +309,9 @@ class Linear(nn.Module, SLTrainLayer):
         device_type = x.device.type
         dtype = compute_dtype(x)  # under autocast, as F.linear would; grads flow back to the fp32 params
         base = self.get_base_layer()
-        if not self._warned_about_hooks:
+        if not self._warned_about_hooks and (  # four dict lookups per call; the message only when there are hooks
+            base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
+        ):
             self._warn_about_hooks_on(base)
         bias = None if base.bias is None else base.bias.to(dtype)
         with torch.autocast(device_type, enabled=False):
@@ -333,15 +335,14 @@ class Linear(nn.Module, SLTrainLayer):
         kinds = {"forward": base._forward_hooks, "forward pre": base._forward_pre_hooks,
                  "backward": base._backward_hooks, "backward pre": base._backward_pre_hooks}  # fmt: skip
         hooked = [kind for kind, hooks in kinds.items() if hooks]
-        if hooked:
-            self._warned_about_hooks = True
-            warnings.warn(
-                f"The {type(base).__name__}({self.in_features}, {self.out_features}) under this SLTrain layer has "
-                f"{' and '.join(hooked)} hooks, which SLTrain's forward does not run (it computes the layer from the "
-                "weights, without calling the base layer). Register them on the SLTrain layer instead (the same "
-                "module path, after `get_peft_model`).",
-                stacklevel=2,
-            )
+        self._warned_about_hooks = True
+        warnings.warn(
+            f"The {type(base).__name__}({self.in_features}, {self.out_features}) under this SLTrain layer has "
+            f"{' and '.join(hooked)} hooks, which SLTrain's forward does not run (it computes the layer from the "
+            "weights, without calling the base layer). Register them on the SLTrain layer instead (the same module "
+            "path, after `get_peft_model`).",
+            stacklevel=2,
+        )
 
     def __repr__(self) -> str:
         return "sltrain." + super().__repr__()

@@ -311,4 +311,4 @@ def test_warm_up_skips_what_the_kernels_do_not_run(monkeypatch):
         raise AssertionError("compiled although numba does not work")
 
     monkeypatch.setattr(cpu_kernels, "_kernels", no_kernels)
-    cpu_kernels.warm_up()  # nothing to compile, nothing raised
+    assert cpu_kernels.warm_up() == []  # nothing to compile, nothing raised

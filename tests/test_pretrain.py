@@ -686,7 +686,7 @@ def test_evaluate_on_a_process_without_validation_blocks():
 def test_numba_compiles_before_the_timed_steps(tmp_path, corpus, monkeypatch):
     """numba's first call compiles for about 10 s: warmed up before the loop, outside train_seconds and tokens/s."""
     warmed = []
-    monkeypatch.setattr(peft_sltrain.cpu_kernels, "warm_up", lambda dtypes: warmed.append(list(dtypes)))
+    monkeypatch.setattr(peft_sltrain.cpu_kernels, "warm_up", lambda dtypes: warmed.append(list(dtypes)) or dtypes)
     sltrain = run(tmp_path / "sltrain", corpus, "--method", "sltrain", "--max-steps", "2", "--warmup-steps", "1")
     full = run(tmp_path / "full", corpus, "--method", "full", "--max-steps", "2", "--warmup-steps", "1")
     assert warmed == [[torch.float32]]  # SLTrain only; bf16 autocast would warm the bf16 kernels
