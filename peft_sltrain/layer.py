@@ -25,11 +25,28 @@ from .support import layer_seed, num_nonzeros, random_support
 
 # the layers SLTrain can replace
 REPLACEABLE = (nn.Linear, Conv1D)
+# bitsandbytes' quantized weights (their layers, `Linear4bit` / `Linear8bitLt`, subclass `nn.Linear`), by class name
+BNB_WEIGHTS = {"Params4bit": "4-bit", "Int8Params": "8-bit"}
+
+
+def bnb_quantization(layer: nn.Module) -> str | None:
+    """`"4-bit"` or `"8-bit"` for a bitsandbytes `Linear4bit` / `Linear8bitLt`, else None (without importing it)."""
+    return BNB_WEIGHTS.get(type(getattr(layer, "weight", None)).__name__)
+
+
+def refuse_quantized_from_scratch(layer: nn.Module, layer_name: str) -> None:
+    """From scratch, SLTrain replaces the layer's weight by `B @ A + S`: a quantized base has nothing to offer."""
+    if quantization := bnb_quantization(layer):
+        raise ValueError(
+            f"Layer `{layer_name}` is a bitsandbytes {quantization} {type(layer).__name__}: from scratch "
+            "(`from_scratch=True`), SLTrain replaces its weight by `B @ A + S`, so there is no quantized weight to "
+            "keep. Build the model without quantization, or fine-tune it (`from_scratch=False`)."
+        )
 
 
 def layer_features(layer: nn.Module) -> tuple[int, int]:
-    """(d_in, d_out) of a replaceable layer (or of one already replaced); `ValueError` for any other module,
-    including a quantized linear layer (bitsandbytes' `Linear4bit` / `Linear8bitLt` subclass `nn.Linear`)."""
+    """(d_in, d_out) of a replaceable layer (or of one already replaced), bitsandbytes' 4- and 8-bit layers included;
+    `ValueError` for any other module, including another quantized linear layer (float8)."""
     if isinstance(layer, SLTrainLayer):
         return layer.in_features, layer.out_features
     if isinstance(layer, NonDynamicallyQuantizableLinear):
@@ -40,16 +57,16 @@ def layer_features(layer: nn.Module) -> tuple[int, int]:
         )
     if isinstance(layer, REPLACEABLE):
         weight = layer.weight
-        quantized = (
-            type(weight).__name__ in ("Params4bit", "Int8Params")
-            or (weight is not None and weight.device.type != "meta" and not weight.is_floating_point())
+        quantized = bnb_quantization(layer) is None and (
+            (weight is not None and weight.device.type != "meta" and not weight.is_floating_point())
             or (weight is not None and weight.dtype.itemsize == 1)  # float8: its scale lives beside it
             or hasattr(layer, "weight_scale_inv")  # Transformers' `FP8Linear`
         )
         if quantized:
             raise ValueError(
-                f"SLTrain needs a floating-point base weight, and this {type(layer).__name__} holds a quantized one "
-                f"({type(weight).__name__}, {weight.dtype}); load the model without quantization."
+                f"SLTrain needs a floating-point base weight (or a bitsandbytes 4- or 8-bit layer), and this "
+                f"{type(layer).__name__} holds a quantized one ({type(weight).__name__}, {weight.dtype}); load the "
+                "model without this quantization."
             )
         return (layer.in_features, layer.out_features) if isinstance(layer, nn.Linear) else (layer.nx, layer.nf)
     raise ValueError(
@@ -112,6 +129,8 @@ class SLTrainLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self.in_features, self.out_features = d_in, d_out
+        # "4-bit" / "8-bit": a bitsandbytes base (fine-tuning only), which computes `x W0^T` itself; else None
+        self.quantization = bnb_quantization(base_layer)
         # the base weight is stored (d_in, d_out) (Conv1D), as LoRA's `fan_in_fan_out`: transposed on every use
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
         self.kwargs = kwargs
@@ -139,6 +158,8 @@ class SLTrainLayer(BaseTunerLayer):
 
         base = self.get_base_layer()
         weight = base.weight
+        if from_scratch:
+            refuse_quantized_from_scratch(base, layer_name)
         if weight is None and not from_scratch:
             raise ValueError(
                 f"Layer `{layer_name}` has no dense weight (a from-scratch adapter replaced it), so there is no `W0` "
@@ -153,7 +174,10 @@ class SLTrainLayer(BaseTunerLayer):
             device = weight.device
         else:
             device = torch.get_default_device()  # from scratch on a meta-built model: create on the default device
-        dtype = weight.dtype if weight is not None else torch.get_default_dtype()  # integer weights were refused
+        if self.quantization or weight is None:  # a quantized base's adapter is fp32, as PEFT's LoRA's
+            dtype = torch.get_default_dtype()
+        else:
+            dtype = weight.dtype
         nnz = num_nonzeros(d_out, d_in, sparsity)
         factory = {"device": device, "dtype": dtype}
 
@@ -256,14 +280,18 @@ class Linear(nn.Module, SLTrainLayer):
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the active (or given) adapters into the base weight. From scratch, the merged adapter *becomes* the
-        weight. With `safe_merge`, the result is checked for NaN/inf before anything is written."""
+        weight. A bitsandbytes base is dequantized, summed and quantized again (which rounds: a warning says so).
+        With `safe_merge`, the result is checked for NaN/inf before anything is written."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         base = self.get_base_layer()
         for name in adapter_names:
             if name not in self.sltrain_A:
                 continue
             delta = self.get_delta_weight(name)
-            if base.weight is None:
+            if self.quantization:
+                W0 = self._dequantized_base_weight()
+                merged = W0 + delta.to(W0.dtype)
+            elif base.weight is None:
                 merged = delta
             else:
                 merged = base.weight.data + delta.to(base.weight.dtype)
@@ -272,7 +300,9 @@ class Linear(nn.Module, SLTrainLayer):
                     f"NaN or inf in the merged weight; adapter `{name}` seems broken. This layer was left unmerged; "
                     "layers merged before it stay merged (`unmerge_adapter()` undoes them)."
                 )
-            if base.weight is None:  # from scratch: the weight is as trainable as the adapter was (and the rest)
+            if self.quantization:
+                self._requantize_base_weight(merged)
+            elif base.weight is None:  # from scratch: the weight is as trainable as the adapter was (and the rest)
                 base.weight = nn.Parameter(merged, requires_grad=self.sltrain_A[name].requires_grad)
             else:
                 base.weight.data = merged
@@ -290,8 +320,55 @@ class Linear(nn.Module, SLTrainLayer):
                 continue
             if self.from_scratch[name]:
                 base.weight = None
+            elif self.quantization:
+                W0 = self._dequantized_base_weight()
+                self._requantize_base_weight(W0 - self.get_delta_weight(name).to(W0.dtype))
             else:
                 base.weight.data -= self.get_delta_weight(name).to(base.weight.dtype)
+
+    def _dequantized_base_weight(self) -> torch.Tensor:
+        """A bitsandbytes base's `W0` (d_out, d_in), dequantized as PEFT's LoRA does (4-bit: in the weight's
+        original dtype)."""
+        import bitsandbytes as bnb
+        from peft.utils.integrations import dequantize_bnb_weight
+
+        base = self.get_base_layer()
+        if self.quantization == "4-bit":
+            weight = base.weight
+            if getattr(weight.quant_state, "packing_format_for_cpu", False):
+                # bitsandbytes repacks a 4-bit weight for its CPU kernel at the first inference call on CPUs with
+                # AVX512-BF16, and `dequantize_4bit` would read the packed bytes as plain ones: unpack the layer first,
+                # as bitsandbytes does before saving (its next inference call packs it again)
+                weight.data, weight.quant_state = bnb.functional._convert_weight_packed_for_cpu_inverse(
+                    weight.data, weight.quant_state
+                )
+            return dequantize_bnb_weight(weight, state=weight.quant_state)
+        if base.state.SCB is None:
+            base.state.SCB = base.weight.SCB
+        return dequantize_bnb_weight(base.weight, state=base.state)
+
+    def _requantize_base_weight(self, W: torch.Tensor) -> None:
+        """Quantizes `W` (d_out, d_in) into a new weight of the bitsandbytes base, with the old one's settings, as
+        PEFT's LoRA merges. Quantizing rounds, so a merged (or unmerged) layer is close to, not equal to, the
+        unmerged one."""
+        import bitsandbytes as bnb
+
+        warnings.warn(
+            f"Merging SLTrain into a bitsandbytes {self.quantization} layer quantizes the sum again: the merged "
+            "model's outputs differ from the unmerged one's by that rounding.",
+            stacklevel=3,
+        )
+        base = self.get_base_layer()
+        weight = base.weight
+        if self.quantization == "4-bit":
+            settings = {k: v for k, v in weight.__dict__.items() if not k.startswith("_") and k != "data"}
+            settings.update(bnb_quantized=False, requires_grad=False)  # quantized (again) by the move to the device
+            base.weight = bnb.nn.Params4bit(W.to("cpu"), **settings).to(weight.device)
+        else:
+            base.weight = bnb.nn.Int8Params(
+                W.to("cpu"), requires_grad=False, has_fp16_weights=weight.has_fp16_weights
+            ).to(weight.device)
+            base.state.reset_grads()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters:
@@ -308,6 +385,15 @@ class Linear(nn.Module, SLTrainLayer):
 
         device_type = x.device.type
         dtype = compute_dtype(x)  # under autocast, as F.linear would; grads flow back to the fp32 params
+        if self.quantization:  # bitsandbytes computes x W0^T (+ bias) from its quantized weight; a branch per delta
+            result = self.base_layer(x, *args, **kwargs)
+            with torch.autocast(device_type, enabled=False):
+                x = x.to(dtype)
+                for name in active:
+                    path = self._path(name, x, dtype, has_weight=False)
+                    delta = sltrain_linear(x, path=path, **self._sltrain_tensors(name, dtype))
+                    result = result + delta.to(result.dtype)
+            return result
         base = self.get_base_layer()
         if not self._warned_about_hooks and (  # four dict lookups per call; the message only when there are hooks
             base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks

@@ -330,13 +330,6 @@ def test_hooks_on_a_replaced_layer_are_warned_about_once():
         peft_model(input_ids=ids)
 
 
-def test_bitsandbytes_4bit_layers_are_refused():
-    bnb = pytest.importorskip("bitsandbytes")
-    model = nn.Sequential(bnb.nn.Linear4bit(32, 32, bias=False))
-    with pytest.raises(ValueError, match="this Linear4bit holds a quantized one"):
-        get_peft_model(model, SLTrainConfig(r=2, target_modules=["0"]))
-
-
 def test_count_parameters_refuses_what_cannot_be_replaced():
     with pytest.raises(ValueError, match=r"matched `model.embed_tokens`: SLTrain can only replace .*got Embedding"):
         count_parameters(tiny_llama(), SLTrainConfig(r=2, target_modules=["embed_tokens"]))

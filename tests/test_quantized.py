@@ -1,0 +1,218 @@
+"""Fine-tuning on a bitsandbytes 4- or 8-bit base (QLoRA-style): the frozen `W0` stays quantized, and the layer is
+`base(x) + x (s B A + S)^T`. bitsandbytes runs both on CPU; these tests use its CPU kernels."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import PeftModel, get_peft_model
+from torch import nn
+
+from peft_sltrain import SLTrainConfig, SLTrainLayer, count_parameters
+from peft_sltrain.functional import dense_weight
+
+from conftest import tiny_llama
+
+bnb = pytest.importorskip("bitsandbytes")
+QUANTIZATIONS = ["4-bit", "8-bit"]
+
+
+def quantized_linear(quantization: str, d_in: int = 64, d_out: int = 96, seed: int = 0) -> nn.Module:
+    """A bitsandbytes layer holding the quantized weights of a seeded `nn.Linear(d_in, d_out)`, with bias."""
+    torch.manual_seed(seed)
+    dense = nn.Linear(d_in, d_out)
+    if quantization == "4-bit":
+        layer = bnb.nn.Linear4bit(d_in, d_out, compute_dtype=torch.float32, quant_type="nf4")
+    else:
+        layer = bnb.nn.Linear8bitLt(d_in, d_out, has_fp16_weights=False)
+    layer.load_state_dict(dense.state_dict())
+    return layer.to("cpu")  # quantizes
+
+
+def adapted(quantization: str, compute: str = "auto", **config) -> tuple[nn.Module, SLTrainLayer]:
+    """A one-layer model on a quantized base with a trained-looking (nonzero) adapter, and its SLTrain layer."""
+    model = get_peft_model(
+        nn.Sequential(quantized_linear(quantization)),
+        SLTrainConfig(r=4, sparsity=0.1, alpha=8, target_modules=["0"], compute=compute, **config),
+    )
+    layer = model.base_model.model[0]
+    with torch.no_grad():
+        layer.sltrain_B["default"].normal_(0, 0.1)
+        layer.sltrain_values["default"].normal_(0, 0.1)
+    return model, layer
+
+
+def delta_tensors(layer: SLTrainLayer) -> dict:
+    return {
+        "A": layer.sltrain_A["default"],
+        "B": layer.sltrain_B["default"],
+        "values": layer.sltrain_values["default"],
+        "indices": layer.sltrain_indices["default"],
+        "scaling": layer.scaling["default"],
+    }
+
+
+@pytest.mark.parametrize("quantization", QUANTIZATIONS)
+@pytest.mark.parametrize("compute", ["dense", "factored"])
+def test_output_and_gradients_match_base_plus_a_dense_delta(quantization, compute):
+    model, layer = adapted(quantization, compute=compute)
+    assert layer.quantization == quantization and layer.sltrain_A["default"].dtype == torch.float32
+    assert type(layer.get_base_layer().weight).__name__ in ("Params4bit", "Int8Params")  # W0 stays quantized
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    y = model(x)
+    grads = torch.autograd.grad(y.square().sum(), [x, *(p for p in model.parameters() if p.requires_grad)])
+
+    x_ref = x.detach().clone().requires_grad_(True)
+    params = [p.detach().clone().requires_grad_(True) for p in model.parameters() if p.requires_grad]
+    A, B, values = params
+    tensors = delta_tensors(layer) | {"A": A, "B": B, "values": values}
+    y_ref = layer.get_base_layer()(x_ref) + F.linear(x_ref, dense_weight(**tensors))
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), [x_ref, *params])
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("quantization", QUANTIZATIONS)
+def test_a_fresh_adapter_leaves_the_quantized_layer_unchanged(quantization):
+    base = quantized_linear(quantization)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        before = base(x)
+        model = get_peft_model(nn.Sequential(base), SLTrainConfig(r=4, target_modules=["0"]))
+        assert torch.equal(model(x), before)
+
+
+def half_step(W: torch.Tensor, quantization: str) -> float:
+    """The most an entry of `W` moves when quantized: half the widest gap between quantization levels, which are
+    relative to the block's (4-bit) or row's (8-bit) largest entry: nf4's widest gap, between its two lowest levels,
+    is 0.304 of it (0.32 leaves room for the 8-bit quantized block maxima), int8's 1/127."""
+    return float(W.abs().max()) * (0.32 if quantization == "4-bit" else 1 / 127) / 2
+
+
+def requantized(layer: SLTrainLayer, W: torch.Tensor) -> torch.Tensor:
+    """What bitsandbytes stores for `W` in a fresh layer of the same kind (4-bit: nf4, as `quantized_linear`)."""
+    fresh = quantized_linear(layer.quantization)
+    with torch.no_grad():
+        if layer.quantization == "4-bit":
+            fresh.weight = bnb.nn.Params4bit(W, requires_grad=False, quant_type="nf4").to("cpu")
+        else:
+            fresh.weight = bnb.nn.Int8Params(W, requires_grad=False, has_fp16_weights=False).to("cpu")
+    return fresh.weight.data
+
+
+@pytest.mark.parametrize("quantization", QUANTIZATIONS)
+def test_merge_quantizes_w0_plus_delta_and_unload_keeps_the_quantized_layer(quantization):
+    model, layer = adapted(quantization)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        unmerged = model(x)  # (with grad enabled in training mode: bitsandbytes keeps its plain format)
+        W0 = layer._dequantized_base_weight()
+        W = W0 + layer.get_delta_weight("default").to(W0.dtype)
+        with pytest.warns(UserWarning, match=f"bitsandbytes {quantization} layer quantizes the sum again"):
+            merged = model.merge_and_unload()[0]
+        assert type(merged) is type(layer.get_base_layer())
+        assert torch.equal(merged.weight.data, requantized(layer, W))
+        # the rounding of one more quantization, no more: W's entries move by at most half a quantization step
+        atol = half_step(W, quantization) * float(x.abs().sum(1).max())
+        torch.testing.assert_close(merged(x), unmerged, rtol=0, atol=atol)
+
+
+def test_merge_after_a_cpu_inference_call_reads_w0_right():
+    """In eval mode without grad, bitsandbytes' 4-bit layer repacks its weight for its CPU kernel (on CPUs with
+    AVX512-BF16), and `dequantize_4bit` does not read that format: merging must unpack first."""
+    model, layer = adapted("4-bit")
+    with torch.no_grad():
+        W = layer._dequantized_base_weight() + layer.get_delta_weight("default")  # before any call
+        model.eval()
+        model(torch.randn(4, 64))  # repacks where the CPU has AVX512-BF16
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            layer.merge()
+        # the repacking rounds the block maxima to bf16 (relative 2^-8): within one rounding of W, plus that
+        atol = half_step(W, "4-bit") + float(W.abs().max()) * 2**-8
+        torch.testing.assert_close(layer._dequantized_base_weight(), W, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("quantization", QUANTIZATIONS)
+def test_unmerge_restores_w0_up_to_requantization(quantization):
+    model, layer = adapted(quantization)
+    with torch.no_grad():
+        W0 = layer._dequantized_base_weight().clone()
+        W = W0 + layer.get_delta_weight("default").to(W0.dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        layer.merge()
+        assert layer.merged
+        layer.unmerge()
+    # two roundings: of the merged W, then of W0 again
+    torch.testing.assert_close(layer._dequantized_base_weight(), W0, rtol=0, atol=2 * half_step(W, quantization))
+    assert type(layer.get_base_layer().weight).__name__ in ("Params4bit", "Int8Params")
+
+
+@pytest.mark.parametrize("quantization", QUANTIZATIONS)
+def test_from_scratch_on_a_quantized_base_is_refused_before_any_layer_is_replaced(quantization):
+    model = nn.Sequential(nn.Linear(64, 64), quantized_linear(quantization))
+    with pytest.raises(ValueError, match=rf"`1` is a bitsandbytes {quantization} .*from scratch.*fine-tune it"):
+        get_peft_model(model, SLTrainConfig(r=2, target_modules=["0", "1"], from_scratch=True))
+    assert not any(isinstance(m, SLTrainLayer) for m in model.modules())
+    assert model[0].weight is not None
+
+
+def quantized_llama(path, quantization: str):
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    if quantization == "4-bit":
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bitsandbytes' notes on casting inputs
+        return LlamaForCausalLM.from_pretrained(path, quantization_config=config).eval()
+
+
+@pytest.mark.parametrize("quantization", QUANTIZATIONS)
+def test_transformers_quantized_model_trains_saves_and_loads_back_bit_exact(tmp_path, quantization):
+    tiny_llama(intermediate_size=128).save_pretrained(tmp_path / "base")  # bitsandbytes' CPU kernel: d % 64 == 0
+    config = SLTrainConfig(r=4, sparsity=0.05, alpha=8)
+    assert count_parameters(quantized_llama(tmp_path / "base", quantization), config) == count_parameters(
+        tiny_llama(intermediate_size=128), config
+    )  # a quantized W0 counts as the dense one it stands for
+
+    model = get_peft_model(quantized_llama(tmp_path / "base", quantization), config)
+    ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(4):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "adapter")
+
+    loaded = PeftModel.from_pretrained(quantized_llama(tmp_path / "base", quantization), tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, logits)
+
+
+def test_two_active_adapters_add_two_branches_to_the_quantized_output():
+    model, layer = adapted("4-bit")
+    model.add_adapter("second", SLTrainConfig(r=2, sparsity=0.05, alpha=4, target_modules=["0"], seed=1))
+    with torch.no_grad():
+        layer.sltrain_B["second"].normal_(0, 0.1)
+    model.base_model.set_adapter(["default", "second"])
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        delta = sum(layer.get_delta_weight(name) for name in ("default", "second"))
+        torch.testing.assert_close(model(x), layer.get_base_layer()(x) + F.linear(x, delta), rtol=1e-5, atol=1e-5)
