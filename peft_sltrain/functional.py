@@ -319,6 +319,11 @@ def sltrain_linear(
         raise ValueError(
             f"`A` (r, d_in) and `B` (d_out, r) must share r, got shapes {tuple(A.shape)} and {tuple(B.shape)}."
         )
+    if 0 in (*A.shape, B.shape[0]):  # an empty layer: reshapes to (-1, 0) fail deep inside torch
+        raise ValueError(
+            f"`A` (r, d_in) and `B` (d_out, r) must have r, d_in and d_out of at least 1, got shapes "
+            f"{tuple(A.shape)} and {tuple(B.shape)}."
+        )
     if indices.dim() != 1 or values.shape != indices.shape:  # shapes only: free, also on CUDA (no sync)
         raise ValueError(
             f"`values` and `indices` must be 1-D and of one length (a value per support entry), got shapes "

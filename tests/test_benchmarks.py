@@ -20,6 +20,7 @@ import glue_rotten_tomatoes as glue_bench  # noqa: E402
 import layer_bench  # noqa: E402
 import plot_steps  # noqa: E402
 import pretrain_bench  # noqa: E402
+import sparse_kernels  # noqa: E402
 import step_bench  # noqa: E402
 
 
@@ -288,3 +289,11 @@ def test_plot_steps_refuses_what_it_cannot_plot(tmp_path):
     (tmp_path / "only_full.json").write_text(json.dumps({"rows": [{"size": "60m", "variant": "full"}]}))
     with pytest.raises(SystemExit, match="nothing to plot"):
         plot_steps.main([str(tmp_path / "only_full.json"), "--out", str(tmp_path / "p.png")])
+
+
+def test_sparse_kernels_help_shows_what_it_measures_and_measures_nothing(capsys, monkeypatch):
+    monkeypatch.setattr(sparse_kernels, "measure", lambda *a: pytest.fail("--help must not start measuring"))
+    with pytest.raises(SystemExit) as exit_info:
+        sparse_kernels.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "Which sparse kernels compute the factored path's sparse products fastest" in capsys.readouterr().out

@@ -426,6 +426,9 @@ def test_inconsistent_shapes_and_complex_inputs_are_refused(path):
         ValueError, match=r"`A` \(r, d_in\) and `B` \(d_out, r\) must share r, got shapes \(3, 12\) and \(10, 2\)"
     ):
         sltrain_linear(**(t | {"B": t["B"][:, :2]}), scaling=1.0, path=path)
+    empty = {"x": t["x"][..., :0], "A": t["A"][:, :0], "values": t["values"][:0], "indices": t["indices"][:0]}
+    with pytest.raises(ValueError, match=r"r, d_in and d_out of at least 1, got shapes \(3, 0\) and \(10, 3\)"):
+        sltrain_linear(**(t | empty), scaling=1.0, path=path)
     c = {
         k: v.detach().to(torch.complex64) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in t.items()
     }
