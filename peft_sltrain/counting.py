@@ -15,7 +15,13 @@ from peft.tuners.tuners_utils import (
 from torch import nn
 
 from .config import HEADS_PEFT_ADDS, SLTrainConfig
-from .layer import check_rank, exclude_multihead_out_projections, layer_features, refuse_quantized_from_scratch
+from .layer import (
+    bnb_quantization,
+    check_rank,
+    exclude_multihead_out_projections,
+    layer_features,
+    refuse_quantized_from_scratch,
+)
 from .model import default_target_modules
 from .support import num_nonzeros
 
@@ -61,10 +67,10 @@ def targeted_linear_names(model: nn.Module, config: SLTrainConfig) -> list[str]:
             except ValueError as error:
                 raise ValueError(f"`target_modules` matched `{name}`: {error}") from None
             check_rank(config.r, d_in, d_out, name)
-            if config.from_scratch:
-                refuse_quantized_from_scratch(module, name)
             names.append(name)
     if config.from_scratch:
+        for name, module in model.named_modules():  # targeted or not: from scratch trains every weight
+            refuse_quantized_from_scratch(module, name)
         _refuse_shared_weights(model, names)
     return names
 
@@ -116,8 +122,10 @@ def count_parameters(model: nn.Module, config: SLTrainConfig) -> ParameterCounts
             continue  # it will be the input embedding's weight
         owner, _, attr = name.rpartition(".")
         n = param.numel()
-        if owner in targeted and attr == "weight":  # (d_in x d_out numbers also where bitsandbytes packs them)
-            total += 0 if config.from_scratch else math.prod(layer_features(targeted[owner]))  # frozen W0
+        if attr == "weight" and bnb_quantization(model.get_submodule(owner)):
+            n = math.prod(layer_features(model.get_submodule(owner)))  # its d_in x d_out, which bitsandbytes packs
+        if owner in targeted and attr == "weight":
+            total += 0 if config.from_scratch else n  # dropped from scratch, frozen W0 otherwise
         elif config.from_scratch:
             trainable += n
             total += n

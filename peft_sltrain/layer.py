@@ -35,12 +35,13 @@ def bnb_quantization(layer: nn.Module) -> str | None:
 
 
 def refuse_quantized_from_scratch(layer: nn.Module, layer_name: str) -> None:
-    """From scratch, SLTrain replaces the layer's weight by `B @ A + S`: a quantized base has nothing to offer."""
+    """From scratch every weight is trained (a targeted one as `B @ A + S`): a quantized layer has no place there."""
     if quantization := bnb_quantization(layer):
         raise ValueError(
             f"Layer `{layer_name}` is a bitsandbytes {quantization} {type(layer).__name__}: from scratch "
-            "(`from_scratch=True`), SLTrain replaces its weight by `B @ A + S`, so there is no quantized weight to "
-            "keep. Build the model without quantization, or fine-tune it (`from_scratch=False`)."
+            "(`from_scratch=True`) every weight of the model is trained (a targeted one replaced by `B @ A + S`), "
+            "and a quantized weight can be neither trained nor kept. Build the model without quantization, or "
+            "fine-tune it (`from_scratch=False`)."
         )
 
 
@@ -290,7 +291,7 @@ class Linear(nn.Module, SLTrainLayer):
             delta = self.get_delta_weight(name)
             if self.quantization:
                 W0 = self._dequantized_base_weight()
-                merged = W0 + delta.to(W0.dtype)
+                merged = (W0.float() + delta.float()).to(W0.dtype)  # summed in fp32, rounded once to W0's dtype
             elif base.weight is None:
                 merged = delta
             else:
@@ -322,30 +323,42 @@ class Linear(nn.Module, SLTrainLayer):
                 base.weight = None
             elif self.quantization:
                 W0 = self._dequantized_base_weight()
-                self._requantize_base_weight(W0 - self.get_delta_weight(name).to(W0.dtype))
+                self._requantize_base_weight((W0.float() - self.get_delta_weight(name).float()).to(W0.dtype))
             else:
                 base.weight.data -= self.get_delta_weight(name).to(base.weight.dtype)
 
     def _dequantized_base_weight(self) -> torch.Tensor:
         """A bitsandbytes base's `W0` (d_out, d_in), dequantized as PEFT's LoRA does (4-bit: in the weight's
         original dtype)."""
-        import bitsandbytes as bnb
         from peft.utils.integrations import dequantize_bnb_weight
 
         base = self.get_base_layer()
         if self.quantization == "4-bit":
-            weight = base.weight
-            if getattr(weight.quant_state, "packing_format_for_cpu", False):
-                # bitsandbytes repacks a 4-bit weight for its CPU kernel at the first inference call on CPUs with
-                # AVX512-BF16, and `dequantize_4bit` would read the packed bytes as plain ones: unpack the layer first,
-                # as bitsandbytes does before saving (its next inference call packs it again)
-                weight.data, weight.quant_state = bnb.functional._convert_weight_packed_for_cpu_inverse(
-                    weight.data, weight.quant_state
-                )
-            return dequantize_bnb_weight(weight, state=weight.quant_state)
+            self._unpack_cpu_4bit()  # `dequantize_4bit` reads the plain format only
+            return dequantize_bnb_weight(base.weight, state=base.weight.quant_state)
         if base.state.SCB is None:
             base.state.SCB = base.weight.SCB
         return dequantize_bnb_weight(base.weight, state=base.state)
+
+    def _unpack_cpu_4bit(self) -> None:
+        """Undoes bitsandbytes' CPU repacking of a 4-bit weight, in place (its next inference call packs it again).
+
+        At the first eval-mode call without grad on a CPU with AVX512-BF16, bitsandbytes repacks the weight for a
+        faster kernel, which has no backward to its input, and which it keeps using in training too: gradients
+        through `x W0^T` would silently be lost. `dequantize_4bit` cannot read that format either. bitsandbytes'
+        own inverse (used before it saves) leaves the block maxima of a weight without double quantization
+        transposed, as (d_in / blocksize, d_out) in bf16: they are put back in order here. The packing's bf16
+        rounding of the block maxima (relative 2^-8) stays."""
+        weight = self.get_base_layer().weight
+        state = weight.quant_state
+        if not getattr(state, "packing_format_for_cpu", False):
+            return
+        import bitsandbytes as bnb
+
+        nested = state.original_nested
+        weight.data, weight.quant_state = bnb.functional._convert_weight_packed_for_cpu_inverse(weight.data, state)
+        if not nested:
+            weight.quant_state.absmax = weight.quant_state.absmax.T.reshape(-1).float().contiguous()
 
     def _requantize_base_weight(self, W: torch.Tensor) -> None:
         """Quantizes `W` (d_out, d_in) into a new weight of the bitsandbytes base, with the old one's settings, as
@@ -354,8 +367,8 @@ class Linear(nn.Module, SLTrainLayer):
         import bitsandbytes as bnb
 
         warnings.warn(
-            f"Merging SLTrain into a bitsandbytes {self.quantization} layer quantizes the sum again: the merged "
-            "model's outputs differ from the unmerged one's by that rounding.",
+            f"Merging SLTrain into (or unmerging it from) a bitsandbytes {self.quantization} layer quantizes the sum "
+            "again: the outputs differ from the unmerged layer's (or the original W0's) by that rounding.",
             stacklevel=3,
         )
         base = self.get_base_layer()
@@ -386,6 +399,8 @@ class Linear(nn.Module, SLTrainLayer):
         device_type = x.device.type
         dtype = compute_dtype(x)  # under autocast, as F.linear would; grads flow back to the fp32 params
         if self.quantization:  # bitsandbytes computes x W0^T (+ bias) from its quantized weight; a branch per delta
+            if self.quantization == "4-bit" and torch.is_grad_enabled():
+                self._unpack_cpu_4bit()  # its CPU inference format has no backward (see there)
             result = self.base_layer(x, *args, **kwargs)
             with torch.autocast(device_type, enabled=False):
                 x = x.to(dtype)

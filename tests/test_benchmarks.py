@@ -20,6 +20,7 @@ import glue_rotten_tomatoes as glue_bench  # noqa: E402
 import layer_bench  # noqa: E402
 import plot_steps  # noqa: E402
 import pretrain_bench  # noqa: E402
+import quantized_bench  # noqa: E402
 import sparse_kernels  # noqa: E402
 import step_bench  # noqa: E402
 
@@ -297,3 +298,18 @@ def test_sparse_kernels_help_shows_what_it_measures_and_measures_nothing(capsys,
         sparse_kernels.main(["--help"])
     assert exit_info.value.code == 0
     assert "Which sparse kernels compute the factored path's sparse products fastest" in capsys.readouterr().out
+
+
+def test_quantized_bench_measures_smaller_weights_on_a_4bit_base(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "quantized.json"
+    args = ["--preset", str(ROOT / "tests" / "data" / "llama_micro.json"), "--rounds", "1", "--batch", "1"]
+    args += ["--seq-len", "8", "--variants", "sltrain-fp32,sltrain-4bit", "--out", str(out)]
+    result = quantized_bench.main(args)
+    assert json.loads(out.read_text()) == result
+    fp32, four_bit = result["rows"]
+    assert fp32["trainable"] == four_bit["trainable"] > 0 and fp32["time_vs_sltrain-fp32"] == 1.0
+    # 4 bits per W0 entry, one fp32 constant per 64 and a 16-entry table per layer: 0.152 of fp32's W0 here
+    assert fp32["w0_bytes"] / 8 < four_bit["w0_bytes"] <= fp32["w0_bytes"] * 0.16
+    assert four_bit["weights_bytes"] - four_bit["w0_bytes"] == fp32["weights_bytes"] - fp32["w0_bytes"]
+    assert four_bit["step_s"] > 0 and four_bit["step_peak_bytes"] > 0
