@@ -42,11 +42,17 @@ class ParameterCounts:
 
 
 def module_parameter_counts(model: nn.Module) -> ParameterCounts:
-    """Trainable and total parameters a module holds now (tied parameters counted once), for any method."""
+    """Trainable and total parameters a module holds now (tied parameters counted once), for any method; a
+    bitsandbytes 4-bit weight, which packs two numbers per byte, at the size of the matrix it stands for (as PEFT)."""
     params = list(model.parameters())  # deduplicated by identity
     return ParameterCounts(
-        trainable=sum(p.numel() for p in params if p.requires_grad), total=sum(p.numel() for p in params)
+        trainable=sum(_numbers(p) for p in params if p.requires_grad), total=sum(_numbers(p) for p in params)
     )
+
+
+def _numbers(param: nn.Parameter) -> int:
+    state = getattr(param, "quant_state", None) if type(param).__name__ == "Params4bit" else None
+    return math.prod(state.shape) if state is not None else param.numel()
 
 
 def targeted_linear_names(model: nn.Module, config: SLTrainConfig) -> list[str]:

@@ -45,6 +45,35 @@ def refuse_quantized_from_scratch(layer: nn.Module, layer_name: str) -> None:
         )
 
 
+def unpack_cpu_4bit(layer: nn.Module) -> None:
+    """Undoes bitsandbytes' CPU repacking of a `Linear4bit`'s weight, in place (its next inference call packs it
+    again); nothing for a weight that is not packed.
+
+    At the first eval-mode call without grad on a CPU with AVX512-BF16, bitsandbytes repacks the weight for a faster
+    kernel, which has no backward to its input, and which it keeps using in training too: gradients through
+    `x W0^T` would silently be lost (or, with a bias, fail in place). `dequantize_4bit` cannot read that format
+    either. bitsandbytes' own inverse (used before it saves) leaves the block maxima of a weight without double
+    quantization transposed, as (d_in / blocksize, d_out) in bf16: they are put back in order here. The packing's
+    bf16 rounding of the block maxima (relative 2^-8) stays."""
+    weight = layer.weight
+    state = weight.quant_state
+    if not getattr(state, "packing_format_for_cpu", False):
+        return
+    import bitsandbytes as bnb
+
+    nested = state.original_nested
+    weight.data, weight.quant_state = bnb.functional._convert_weight_packed_for_cpu_inverse(weight.data, state)
+    if not nested:
+        weight.quant_state.absmax = weight.quant_state.absmax.T.reshape(-1).float().contiguous()
+
+
+def unpack_cpu_4bit_with_grad(layer: nn.Module, args) -> None:
+    """A forward pre-hook for the `Linear4bit` layers SLTrain does not replace, which the adapters' gradients flow
+    through: `unpack_cpu_4bit` whenever the layer runs with grad on."""
+    if torch.is_grad_enabled():
+        unpack_cpu_4bit(layer)
+
+
 def layer_features(layer: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of a replaceable layer (or of one already replaced), bitsandbytes' 4- and 8-bit layers included;
     `ValueError` for any other module, including another quantized linear layer (float8)."""
@@ -334,31 +363,11 @@ class Linear(nn.Module, SLTrainLayer):
 
         base = self.get_base_layer()
         if self.quantization == "4-bit":
-            self._unpack_cpu_4bit()  # `dequantize_4bit` reads the plain format only
+            unpack_cpu_4bit(base)  # `dequantize_4bit` reads the plain format only
             return dequantize_bnb_weight(base.weight, state=base.weight.quant_state)
         if base.state.SCB is None:
             base.state.SCB = base.weight.SCB
         return dequantize_bnb_weight(base.weight, state=base.state)
-
-    def _unpack_cpu_4bit(self) -> None:
-        """Undoes bitsandbytes' CPU repacking of a 4-bit weight, in place (its next inference call packs it again).
-
-        At the first eval-mode call without grad on a CPU with AVX512-BF16, bitsandbytes repacks the weight for a
-        faster kernel, which has no backward to its input, and which it keeps using in training too: gradients
-        through `x W0^T` would silently be lost. `dequantize_4bit` cannot read that format either. bitsandbytes'
-        own inverse (used before it saves) leaves the block maxima of a weight without double quantization
-        transposed, as (d_in / blocksize, d_out) in bf16: they are put back in order here. The packing's bf16
-        rounding of the block maxima (relative 2^-8) stays."""
-        weight = self.get_base_layer().weight
-        state = weight.quant_state
-        if not getattr(state, "packing_format_for_cpu", False):
-            return
-        import bitsandbytes as bnb
-
-        nested = state.original_nested
-        weight.data, weight.quant_state = bnb.functional._convert_weight_packed_for_cpu_inverse(weight.data, state)
-        if not nested:
-            weight.quant_state.absmax = weight.quant_state.absmax.T.reshape(-1).float().contiguous()
 
     def _requantize_base_weight(self, W: torch.Tensor) -> None:
         """Quantizes `W` (d_out, d_in) into a new weight of the bitsandbytes base, with the old one's settings, as
@@ -400,7 +409,7 @@ class Linear(nn.Module, SLTrainLayer):
         dtype = compute_dtype(x)  # under autocast, as F.linear would; grads flow back to the fp32 params
         if self.quantization:  # bitsandbytes computes x W0^T (+ bias) from its quantized weight; a branch per delta
             if self.quantization == "4-bit" and torch.is_grad_enabled():
-                self._unpack_cpu_4bit()  # its CPU inference format has no backward (see there)
+                unpack_cpu_4bit(self.get_base_layer())  # its CPU inference kernel has no backward (see there)
             result = self.base_layer(x, *args, **kwargs)
             with torch.autocast(device_type, enabled=False):
                 x = x.to(dtype)

@@ -13,7 +13,13 @@ from peft.tuners.tuners_utils import (
 from torch import nn
 
 from .config import SLTrainConfig
-from .layer import Linear, SLTrainLayer, exclude_multihead_out_projections
+from .layer import (
+    Linear,
+    SLTrainLayer,
+    bnb_quantization,
+    exclude_multihead_out_projections,
+    unpack_cpu_4bit_with_grad,
+)
 from .support import check_support, num_nonzeros, support_fingerprint
 
 # `nn.Module.register_parameter` as PyTorch defines it. `accelerate.init_empty_weights()` (in which PEFT injects with
@@ -152,6 +158,15 @@ class SLTrainModel(BaseTuner):
     def _post_injection_hook(self, model: nn.Module, config: SLTrainConfig, adapter_name: str) -> None:
         if config.from_scratch:
             materialize_meta_parameters(model)
+            return
+        # bitsandbytes' 4-bit layers that SLTrain does not replace (SLTrain's own unpack in their forward) need the
+        # unpacking too: the adapters' gradients flow back through them (see `unpack_cpu_4bit`)
+        replaced = {id(m.get_base_layer()) for m in model.modules() if isinstance(m, SLTrainLayer)}
+        for module in model.modules():
+            if bnb_quantization(module) == "4-bit" and id(module) not in replaced:
+                if not getattr(module, "_sltrain_unpacks_with_grad", False):  # once, also with several adapters
+                    module.register_forward_pre_hook(unpack_cpu_4bit_with_grad)
+                    module._sltrain_unpacks_with_grad = True
 
     def disable_adapter_layers(self) -> None:
         if self._from_scratch():

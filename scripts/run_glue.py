@@ -99,6 +99,14 @@ METHODS = {
     "lora": "frozen W0 + (alpha/r) B A on the targeted projections, classifier trained",
     "full": "every weight trained",
 }
+# --quantize: how bitsandbytes loads the pretrained weights. The task heads (`classifier`: BERT, RoBERTa, DeBERTa,
+# ELECTRA; `score`: decoder models; DistilBERT's `pre_classifier`) stay unquantized: they are trained.
+HEADS = ["classifier", "score", "pre_classifier"]
+QUANTIZE = {
+    "4bit": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "llm_int8_skip_modules": HEADS},
+    "8bit": {"load_in_8bit": True, "llm_int8_skip_modules": HEADS},
+}
+
 # TrainingArguments that the preset fills when they are not given on the command line
 PRESET_TRAINING_FIELDS = {"learning_rate", "num_train_epochs", "per_device_train_batch_size"}
 
@@ -130,6 +138,13 @@ class ModelArguments:
     )
     merge_to: str | None = field(
         default=None, metadata={"help": "After training, write a merged dense model (safetensors) to this directory."}
+    )
+    quantize: str | None = field(
+        default=None,
+        metadata={
+            "help": "Load the pretrained weights quantized by bitsandbytes, `4bit` (nf4) or `8bit`, and train the "
+            "adapter on that frozen base (QLoRA-style; sltrain and lora only; the classifier stays unquantized)."
+        },
     )
     base_model_id: str | None = field(
         default=None,
@@ -222,6 +237,17 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, training_ar
         raise ValueError(f"`--sparsity` must be in (0, 1), got {model_args.sparsity}.")
     if not 0 <= model_args.lora_dropout < 1:
         raise ValueError(f"`--lora_dropout` must be in [0, 1), got {model_args.lora_dropout}.")
+    if model_args.quantize is not None:
+        if model_args.quantize not in QUANTIZE:
+            raise ValueError(f"`--quantize` must be one of {sorted(QUANTIZE)}, got {model_args.quantize!r}.")
+        if model_args.method == "full":
+            raise ValueError("`--quantize` is for adapters (`--method sltrain` or `lora`): a quantized weight cannot "
+                             "be trained, and `--method full` trains every weight.")  # fmt: skip
+        if model_args.merge_to:
+            raise ValueError(
+                "`--merge_to` with `--quantize`: merging into a quantized base quantizes the sum again, so the merged "
+                "model would not predict what the adapter does; keep the adapter, or train without `--quantize`."
+            )
     if "all-linear" in model_args.target_modules and len(model_args.target_modules) > 1:
         raise ValueError(f"`--target_modules all-linear` stands alone, got {list(model_args.target_modules)}.")
     check_output_dir(
@@ -586,12 +612,19 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         config.id2label = dict(enumerate(task.labels))
         config.label2id = {name: i for i, name in enumerate(task.labels)}
+    quantization = None
+    if model_args.quantize is not None:
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+        quantization = BitsAndBytesConfig(**QUANTIZE[model_args.quantize], bnb_4bit_compute_dtype=compute)
     model, loading_info = AutoModelForSequenceClassification.from_pretrained(
         model_args.model_name_or_path,
         config=config,
         cache_dir=model_args.cache_dir,
         ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
         output_loading_info=True,
+        quantization_config=quantization,
     )
     limit = max_positions(model)  # the tokenizer may not know it; too long an input fails mid-training
     if limit is not None and data_args.max_seq_length > limit:
@@ -655,6 +688,7 @@ def main(argv: list[str] | None = None) -> dict:
         "task": task.name,
         "method": model_args.method,
         "model": model_args.model_name_or_path,
+        "quantize": model_args.quantize,
         "metrics": metrics,
         "metric_source": metric_source,
         "trainable_params": counts.trainable,

@@ -44,7 +44,7 @@ WORDS = "good bad great awful fine movie film plot actor boring fun dull superb 
 
 
 # --------------------------------------------------------------------------------------------------------- fixtures
-def save_tiny_roberta(root: Path) -> str:
+def save_tiny_roberta(root: Path, **overrides) -> str:
     """A tiny RoBERTa encoder (no classifier, like roberta-base) and a word-level tokenizer, saved in `root`."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -69,7 +69,8 @@ def save_tiny_roberta(root: Path) -> str:
     )
     tokenizer.save_pretrained(root)
     torch.manual_seed(0)
-    RobertaModel(tiny_roberta_config(vocab_size=len(tokenizer)), add_pooling_layer=False).save_pretrained(root)
+    config = tiny_roberta_config(vocab_size=len(tokenizer), **overrides)
+    RobertaModel(config, add_pooling_layer=False).save_pretrained(root)
     return str(root)
 
 
@@ -198,6 +199,38 @@ def test_classification_end_to_end(tmp_path, tiny_model, data, offline_metrics):
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
     assert summary["merged_check"]["predictions_equal"] is True
     assert dense.config.id2label == {0: "not_equivalent", 1: "equivalent"}
+
+
+@pytest.mark.parametrize("quantize", ["4bit", "8bit"])
+def test_adapter_on_a_quantized_base_trains_evaluates_and_loads_back(tmp_path, data, offline_metrics, quantize):
+    """QLoRA-style: the encoder's weights loaded in 4 or 8 bits and frozen, the classifier unquantized and trained.
+    64 wide: bitsandbytes' 4-bit CPU inference kernel, which evaluation runs, takes no narrower layers."""
+    pytest.importorskip("bitsandbytes")
+    model = save_tiny_roberta(tmp_path / "tiny-64", hidden_size=64, intermediate_size=128)
+    args = (data["pair_train"], data["pair_validation"], "--quantize", quantize, "--eval_strategy", "epoch")
+    summary = run(tmp_path, model, "mrpc", *args)
+    assert summary["quantize"] == quantize and {"eval_accuracy", "eval_f1"} <= set(summary["metrics"])
+    dense = AutoModelForSequenceClassification.from_pretrained(model, num_labels=2)
+    config = peft_sltrain.SLTrainConfig(r=8, sparsity=0.03, alpha=16, target_modules=["query", "value"])
+    config.task_type = "SEQ_CLS"
+    assert summary["trainable_params"] == peft_sltrain.count_parameters(dense, config).trainable
+    assert summary["base_params"] == peft_sltrain.module_parameter_counts(dense).total  # 4-bit at its dense size
+
+    base = run_glue_quantized_base(model, quantize)
+    assert type(base.roberta.encoder.layer[0].attention.self.query).__name__ in ("Linear4bit", "Linear8bitLt")
+    assert type(base.classifier.dense).__name__ == "Linear"  # the head stays trainable
+    loaded = PeftModel.from_pretrained(base, tmp_path / "out")
+    rows = read_rows(data["pair_validation"])
+    logits = logits_of(loaded, AutoTokenizer.from_pretrained(model), rows)
+    labels = torch.tensor([int(row["label"]) for row in rows])
+    assert summary["metrics"]["eval_accuracy"] == pytest.approx((logits.argmax(-1) == labels).float().mean().item())
+
+
+def run_glue_quantized_base(model: str, quantize: str):
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(**run_glue.QUANTIZE[quantize], bnb_4bit_compute_dtype=torch.float32)
+    return AutoModelForSequenceClassification.from_pretrained(model, num_labels=2, quantization_config=config).eval()
 
 
 def test_stsb_regression_end_to_end(tmp_path, tiny_model, data, offline_metrics):
@@ -472,6 +505,9 @@ def test_presets_fill_what_the_command_line_leaves_unset(task):
         (["--lora_dropout", "1"], r"`--lora_dropout` must be in \[0, 1\)"),
         (["--validation_file", "missing.csv"], "`--validation_file` 'missing.csv' does not exist"),
         (["--validation_mismatched_file", "x.csv"], "MNLI only"),
+        (["--quantize", "3bit"], r"`--quantize` must be one of \['4bit', '8bit'\], got '3bit'"),
+        (["--method", "full", "--quantize", "4bit"], "`--quantize` is for adapters"),
+        (["--quantize", "8bit", "--merge_to", "merged"], "`--merge_to` with `--quantize`: merging into a quantized"),
     ],
 )
 def test_bad_settings_fail_before_training(tmp_path, tiny_model, data, extra, message):
