@@ -5,15 +5,16 @@
 A 60M-shaped LLaMA (configs/llama_60m.json, random weights: memory and time do not depend on them) is fine-tuned
 with its attention and MLP projections frozen as `W0` and an adapter on each, on four bases: fp32 (SLTrain and LoRA)
 and bitsandbytes 8-bit and 4-bit nf4 (SLTrain; LoRA on 4-bit is QLoRA). SLTrain: r = 32, delta = 0.03, alpha = 32;
-LoRA's rank gives the same number of trainable parameters per layer on average (r = 39). Embeddings, norms and
+LoRA's rank gives the same number of trainable parameters per layer on average (r = 42). Embeddings, norms and
 head stay fp32 and frozen (bitsandbytes does not quantize them).
 
 Per variant: `weights_bytes`, the bytes the model holds (parameters, buffers and bitsandbytes' quantization
 constants), and `w0_bytes`, those of the targeted layers' frozen weights alone; `step_peak_bytes`, the most tensor
-memory a fresh AdamW run of three steps allocates on top of them (gradients, optimizer state, activations, transient
-dequantized weights; the profiler's allocation events); and the median step time (forward, backward, AdamW) over
-interleaved rounds, as a ratio to SLTrain on the fp32 base. bitsandbytes' CPU kernels are not its CUDA kernels: the
-times say what this CPU does, not what a GPU would.
+memory a fresh AdamW run of three steps allocates on top of them (gradients, optimizer state, activations; the
+profiler's allocation events: bitsandbytes' transient dequantized weights would count, but the peak falls where the
+vocabulary logits are alive, after them); and the median step time (forward, backward, AdamW) over interleaved rounds,
+as a ratio to SLTrain on the fp32 base. bitsandbytes' CPU kernels are not its CUDA kernels: the times say what this
+CPU does, not what a GPU would.
 """
 
 from __future__ import annotations

@@ -49,12 +49,12 @@ def unpack_cpu_4bit(layer: nn.Module) -> None:
     """Undoes bitsandbytes' CPU repacking of a `Linear4bit`'s weight, in place (its next inference call packs it
     again); nothing for a weight that is not packed.
 
-    At the first eval-mode call without grad on a CPU with AVX512-BF16, bitsandbytes repacks the weight for a faster
-    kernel, which has no backward to its input, and which it keeps using in training too: gradients through
-    `x W0^T` would silently be lost (or, with a bias, fail in place). `dequantize_4bit` cannot read that format
+    At the first eval-mode call whose input needs no grad, on a CPU with AVX512-BF16, bitsandbytes repacks the weight
+    for a faster kernel, which has no backward to its input, and which it keeps using in training too: gradients
+    through `x W0^T` would silently be lost (or, with a bias, fail in place). `dequantize_4bit` cannot read that format
     either. bitsandbytes' own inverse (used before it saves) leaves the block maxima of a weight without double
-    quantization transposed, as (d_in / blocksize, d_out) in bf16: they are put back in order here. The packing's
-    bf16 rounding of the block maxima (relative 2^-8) stays."""
+    quantization transposed, as (d_in / blocksize, d_out) in bf16: they are put back in order here. The packing's bf16
+    rounding of the block maxima (relative 2^-8) stays."""
     weight = layer.weight
     state = weight.quant_state
     if not getattr(state, "packing_format_for_cpu", False):
@@ -72,6 +72,13 @@ def unpack_cpu_4bit_with_grad(layer: nn.Module, args) -> None:
     through: `unpack_cpu_4bit` whenever the layer runs with grad on."""
     if torch.is_grad_enabled():
         unpack_cpu_4bit(layer)
+
+
+def unpack_cpu_4bit_before_saving(layer: nn.Module, prefix: str, keep_vars: bool) -> None:
+    """A `state_dict` pre-hook for every `Linear4bit` of an adapted model: bitsandbytes' own save unpacks in place
+    with its incomplete inverse (which leaves the layer unpacked, its block maxima out of order: training would go
+    on with a scrambled `W0`), so `unpack_cpu_4bit` first. PEFT's `save_pretrained` reads `state_dict()` too."""
+    unpack_cpu_4bit(layer)
 
 
 def layer_features(layer: nn.Module) -> tuple[int, int]:

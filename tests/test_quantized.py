@@ -276,3 +276,24 @@ def test_two_active_adapters_add_two_branches_to_the_quantized_output():
     with torch.no_grad():
         delta = sum(layer.get_delta_weight(name) for name in ("default", "second"))
         torch.testing.assert_close(model(x), layer.get_base_layer()(x) + F.linear(x, delta), rtol=1e-5, atol=1e-5)
+
+
+def test_saving_after_an_evaluation_leaves_every_w0_as_it_was(tmp_path):
+    """The HF Trainer evaluates, then saves: bitsandbytes' own save unpacks a CPU-packed 4-bit weight in place with an
+    inverse that leaves the block maxima out of order (without double quantization), and training would go on with
+    that W0. Each 4-bit layer, replaced or not, is unpacked properly before its `state_dict` is read."""
+    torch.manual_seed(0)
+    layers = [quantized_linear("4-bit", d_in=256, d_out=256, seed=seed, double_quant=False) for seed in (0, 1)]
+    model = get_peft_model(nn.Sequential(*layers), SLTrainConfig(r=4, sparsity=0.1, target_modules=["0"]))
+    bases = [model.base_model.model[0].get_base_layer(), model.base_model.model[1]]  # replaced, not replaced
+    before = [dequantize_bnb_weight(base.weight, state=base.weight.quant_state) for base in bases]
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(4, 256))
+    if not repacked(bases[1]):
+        pytest.skip("bitsandbytes repacks only on CPUs with AVX512-BF16")
+    model.save_pretrained(tmp_path)  # PEFT reads the whole state_dict, base layers included
+    for base, W0 in zip(bases, before, strict=True):
+        assert not repacked(base)
+        after = dequantize_bnb_weight(base.weight, state=base.weight.quant_state)
+        torch.testing.assert_close(after, W0, rtol=0, atol=float(W0.abs().max()) * 2**-7)  # bf16 block maxima
