@@ -46,15 +46,11 @@ def refuse_quantized_from_scratch(layer: nn.Module, layer_name: str) -> None:
 
 
 def unpack_cpu_4bit(layer: nn.Module) -> None:
-    """Undoes bitsandbytes' CPU repacking of a `Linear4bit`'s weight, in place (its next inference call packs it
-    again); nothing for a weight that is not packed.
+    """Undoes bitsandbytes' CPU repacking of a `Linear4bit`'s weight, in place; nothing for a weight not packed.
 
-    At the first eval-mode call whose input needs no grad, on a CPU with AVX512-BF16, bitsandbytes repacks the weight
-    for a faster kernel, which has no backward to its input, and which it keeps using in training too: gradients
-    through `x W0^T` would silently be lost (or, with a bias, fail in place). `dequantize_4bit` cannot read that format
-    either. bitsandbytes' own inverse (used before it saves) leaves the block maxima of a weight without double
-    quantization transposed, as (d_in / blocksize, d_out) in bf16: they are put back in order here. The packing's bf16
-    rounding of the block maxima (relative 2^-8) stays."""
+    bitsandbytes' own inverse (used before it saves) leaves the block maxima of a weight without double quantization
+    transposed, as (d_in / blocksize, d_out) in bf16: they are put back in order here. The packing's bf16 rounding
+    of the block maxima (relative 2^-8) stays."""
     weight = layer.weight
     state = weight.quant_state
     if not getattr(state, "packing_format_for_cpu", False):
@@ -67,18 +63,20 @@ def unpack_cpu_4bit(layer: nn.Module) -> None:
         weight.quant_state.absmax = weight.quant_state.absmax.T.reshape(-1).float().contiguous()
 
 
-def unpack_cpu_4bit_with_grad(layer: nn.Module, args) -> None:
-    """A forward pre-hook for the `Linear4bit` layers SLTrain does not replace, which the adapters' gradients flow
-    through: `unpack_cpu_4bit` whenever the layer runs with grad on."""
-    if torch.is_grad_enabled():
-        unpack_cpu_4bit(layer)
+def keep_bnb_4bit_unpacked(model: nn.Module) -> None:
+    """Turns bitsandbytes' CPU repacking off on every `Linear4bit` of `model` (unpacking one already packed).
 
-
-def unpack_cpu_4bit_before_saving(layer: nn.Module, prefix: str, keep_vars: bool) -> None:
-    """A `state_dict` pre-hook for every `Linear4bit` of an adapted model: bitsandbytes' own save unpacks in place
-    with its incomplete inverse (which leaves the layer unpacked, its block maxima out of order: training would go
-    on with a scrambled `W0`), so `unpack_cpu_4bit` first. PEFT's `save_pretrained` reads `state_dict()` too."""
-    unpack_cpu_4bit(layer)
+    At an eval-mode call whose input needs no grad, on a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight
+    for a faster bf16 kernel (about 10% faster there), and keeps using that kernel in training too, although it has
+    no backward to its input: after an evaluation, every gradient through `x W0^T` was lost (or, with a bias, failed
+    in place), and its own save unpacks in place with an inverse that leaves `W0` scrambled (see
+    `unpack_cpu_4bit`). The packing also rounds the block maxima to bf16, so a run that evaluated would not train on
+    the `W0` a resumed run or a loaded adapter sees. Off stays off, also after `unload()`."""
+    for module in model.modules():
+        # (a tuner layer shows its base layer's `.weight`; the base layer itself is visited)
+        if bnb_quantization(module) == "4-bit" and not isinstance(module, BaseTunerLayer):
+            unpack_cpu_4bit(module)
+            module.support_avx512bf16_for_cpu = False  # the instance flag bitsandbytes checks before packing
 
 
 def layer_features(layer: nn.Module) -> tuple[int, int]:
@@ -326,8 +324,7 @@ class Linear(nn.Module, SLTrainLayer):
                 continue
             delta = self.get_delta_weight(name)
             if self.quantization:
-                W0 = self._dequantized_base_weight()
-                merged = (W0.float() + delta.float()).to(W0.dtype)  # summed in fp32, rounded once to W0's dtype
+                merged = self._dequantized_base_weight(plus=delta)
             elif base.weight is None:
                 merged = delta
             else:
@@ -358,23 +355,24 @@ class Linear(nn.Module, SLTrainLayer):
             if self.from_scratch[name]:
                 base.weight = None
             elif self.quantization:
-                W0 = self._dequantized_base_weight()
-                self._requantize_base_weight((W0.float() - self.get_delta_weight(name).float()).to(W0.dtype))
+                self._requantize_base_weight(self._dequantized_base_weight(plus=-self.get_delta_weight(name)))
             else:
                 base.weight.data -= self.get_delta_weight(name).to(base.weight.dtype)
 
-    def _dequantized_base_weight(self) -> torch.Tensor:
+    def _dequantized_base_weight(self, plus: torch.Tensor | None = None) -> torch.Tensor:
         """A bitsandbytes base's `W0` (d_out, d_in), dequantized as PEFT's LoRA does (4-bit: in the weight's
-        original dtype)."""
+        original dtype); with `plus`, `W0 + plus` summed in fp32 and rounded once to that dtype."""
         from peft.utils.integrations import dequantize_bnb_weight
 
         base = self.get_base_layer()
         if self.quantization == "4-bit":
-            unpack_cpu_4bit(base)  # `dequantize_4bit` reads the plain format only
-            return dequantize_bnb_weight(base.weight, state=base.weight.quant_state)
-        if base.state.SCB is None:
-            base.state.SCB = base.weight.SCB
-        return dequantize_bnb_weight(base.weight, state=base.state)
+            unpack_cpu_4bit(base)  # `dequantize_4bit` reads the plain format only (a layer packed before SLTrain)
+            W0 = dequantize_bnb_weight(base.weight, state=base.weight.quant_state)
+        else:
+            if base.state.SCB is None:
+                base.state.SCB = base.weight.SCB
+            W0 = dequantize_bnb_weight(base.weight, state=base.state)
+        return W0 if plus is None else (W0.float() + plus.float()).to(W0.dtype)
 
     def _requantize_base_weight(self, W: torch.Tensor) -> None:
         """Quantizes `W` (d_out, d_in) into a new weight of the bitsandbytes base, with the old one's settings, as
@@ -415,8 +413,6 @@ class Linear(nn.Module, SLTrainLayer):
         device_type = x.device.type
         dtype = compute_dtype(x)  # under autocast, as F.linear would; grads flow back to the fp32 params
         if self.quantization:  # bitsandbytes computes x W0^T (+ bias) from its quantized weight; a branch per delta
-            if self.quantization == "4-bit" and torch.is_grad_enabled():
-                unpack_cpu_4bit(self.get_base_layer())  # its CPU inference kernel has no backward (see there)
             result = self.base_layer(x, *args, **kwargs)
             with torch.autocast(device_type, enabled=False):
                 x = x.to(dtype)

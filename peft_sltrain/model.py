@@ -16,10 +16,8 @@ from .config import SLTrainConfig
 from .layer import (
     Linear,
     SLTrainLayer,
-    bnb_quantization,
     exclude_multihead_out_projections,
-    unpack_cpu_4bit_before_saving,
-    unpack_cpu_4bit_with_grad,
+    keep_bnb_4bit_unpacked,
 )
 from .support import check_support, num_nonzeros, support_fingerprint
 
@@ -160,17 +158,7 @@ class SLTrainModel(BaseTuner):
         if config.from_scratch:
             materialize_meta_parameters(model)
             return
-        # bitsandbytes' CPU-packed 4-bit weights (see `unpack_cpu_4bit`): every 4-bit layer is unpacked before it is
-        # saved, and one that SLTrain does not replace (a replaced one unpacks in its forward) before it runs with
-        # grad, since the adapters' gradients flow back through it
-        replaced = {id(m.get_base_layer()) for m in model.modules() if isinstance(m, SLTrainLayer)}
-        for module in model.modules():
-            if bnb_quantization(module) != "4-bit" or getattr(module, "_sltrain_unpack_hooks", False):
-                continue  # hooked once, also with several adapters
-            module.register_state_dict_pre_hook(unpack_cpu_4bit_before_saving)
-            if id(module) not in replaced:
-                module.register_forward_pre_hook(unpack_cpu_4bit_with_grad)
-            module._sltrain_unpack_hooks = True
+        keep_bnb_4bit_unpacked(model)  # bitsandbytes' CPU repacking breaks training (see there)
 
     def disable_adapter_layers(self) -> None:
         if self._from_scratch():

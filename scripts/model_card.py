@@ -50,6 +50,13 @@ def versions() -> dict[str, str]:
 
 
 # -------------------------------------------------------------------------------------------------------- the card
+# run_glue.py's `--quantize` choices as `BitsAndBytesConfig` arguments (here, so that the card shows how to load the
+# base the same way). The task heads (`classifier`: BERT, RoBERTa, DeBERTa, ELECTRA; `score`: decoder models;
+# DistilBERT's `pre_classifier`) stay unquantized: they are trained.
+QUANTIZE = {"4bit": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}, "8bit": {"load_in_8bit": True}}
+UNQUANTIZED_HEADS = ["classifier", "score", "pre_classifier"]
+
+
 def build_card(summary: dict, peft_config: dict | None, base_model: str, dataset_id: str, repo_id: str | None):
     """The `ModelCard` of a finished run (`summary` is what `run_glue.main` returns)."""
     task, method = get_task(summary["task"]), summary["method"]
@@ -108,6 +115,9 @@ def build_card(summary: dict, peft_config: dict | None, base_model: str, dataset
         train_seconds=summary["train_seconds"],
         resumed_from=summary.get("resumed_from"),
         also_saved=also_saved,
+        quantize=summary.get("quantize"),
+        quantization_config=json.dumps(QUANTIZE.get(summary.get("quantize"))),
+        unquantized_heads=json.dumps(UNQUANTIZED_HEADS),
         device=summary["device"],
         command=summary["command"],
         repo_id=repo_id or "path/to/this/directory",

@@ -25,6 +25,7 @@ checkpoints and finished-run files are deleted just before training).
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shlex
@@ -47,12 +48,14 @@ from transformers import (
     EvalPrediction,
     HfArgumentParser,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     set_seed,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peft_sltrain  # noqa: E402  (registers SLTrain with PEFT)
+from peft_sltrain.layer import keep_bnb_4bit_unpacked  # noqa: E402
 
 import model_card  # noqa: E402
 from glue_tasks import STSB_RANGE, TASKS, Task, get_task, load_metric, text_columns  # noqa: E402
@@ -99,13 +102,7 @@ METHODS = {
     "lora": "frozen W0 + (alpha/r) B A on the targeted projections, classifier trained",
     "full": "every weight trained",
 }
-# --quantize: how bitsandbytes loads the pretrained weights. The task heads (`classifier`: BERT, RoBERTa, DeBERTa,
-# ELECTRA; `score`: decoder models; DistilBERT's `pre_classifier`) stay unquantized: they are trained.
-HEADS = ["classifier", "score", "pre_classifier"]
-QUANTIZE = {
-    "4bit": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "llm_int8_skip_modules": HEADS},
-    "8bit": {"load_in_8bit": True, "llm_int8_skip_modules": HEADS},
-}
+QUANTIZE, HEADS = model_card.QUANTIZE, model_card.UNQUANTIZED_HEADS  # --quantize: bitsandbytes' settings
 
 # TrainingArguments that the preset fills when they are not given on the command line
 PRESET_TRAINING_FIELDS = {"learning_rate", "num_train_epochs", "per_device_train_batch_size"}
@@ -240,6 +237,10 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, training_ar
     if model_args.quantize is not None:
         if model_args.quantize not in QUANTIZE:
             raise ValueError(f"`--quantize` must be one of {sorted(QUANTIZE)}, got {model_args.quantize!r}.")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ValueError("`--quantize` needs bitsandbytes: pip install 'peft-sltrain[quantized]'.") from None
         if model_args.method == "full":
             raise ValueError("`--quantize` is for adapters (`--method sltrain` or `lora`): a quantized weight cannot "
                              "be trained, and `--method full` trains every weight.")  # fmt: skip
@@ -338,6 +339,22 @@ CONFIG_FLAGS = {"r": "--rank", "alpha": "--alpha", "lora_alpha": "--alpha", "spa
                 "target_modules": "--target_modules", "lora_dropout": "--lora_dropout"}  # fmt: skip
 
 
+# What a checkpoint records of the base model's loading, beside the adapter (whose config does not hold it)
+BASE_SETTINGS_FILE = "run_glue_base.json"
+
+
+class RecordBaseSettings(TrainerCallback):
+    """Writes `--quantize` into each checkpoint, so that a resumed run loads the base as the checkpoint's did."""
+
+    def __init__(self, model_args: ModelArguments):
+        self.settings = {"quantize": model_args.quantize}
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if checkpoint.is_dir():
+            (checkpoint / BASE_SETTINGS_FILE).write_text(json.dumps(self.settings))
+
+
 def check_resume_config(checkpoint: Path, model_args: ModelArguments) -> None:
     """Refuse to resume a checkpoint trained with another method or adapter config than the arguments build."""
 
@@ -350,6 +367,14 @@ def check_resume_config(checkpoint: Path, model_args: ModelArguments) -> None:
     saved_file = checkpoint / "adapter_config.json"
     if not saved_file.is_file() and not (checkpoint / "config.json").is_file():
         return  # neither an adapter's nor a full model's checkpoint: the Trainer says what is missing
+    base_file = checkpoint / BASE_SETTINGS_FILE  # (none in a checkpoint of a run from before --quantize: unquantized)
+    base_quantize = json.loads(base_file.read_text())["quantize"] if base_file.is_file() else None
+    if base_quantize != model_args.quantize:
+        raise ValueError(
+            f"`--resume_from_checkpoint` {str(checkpoint)!r} was trained on a base loaded with `--quantize "
+            f"{base_quantize}`, and this run would load it with `--quantize {model_args.quantize}`; resume with the "
+            "same."
+        )
     saved = json.loads(saved_file.read_text()) if saved_file.is_file() else None
     current = adapter_config(model_args)
     saved_method = saved["peft_type"].lower() if saved is not None else "full"  # a full checkpoint has config.json
@@ -612,20 +637,35 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         config.id2label = dict(enumerate(task.labels))
         config.label2id = {name: i for i, name in enumerate(task.labels)}
-    quantization = None
-    if model_args.quantize is not None:
-        from transformers import BitsAndBytesConfig
 
-        compute = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
-        quantization = BitsAndBytesConfig(**QUANTIZE[model_args.quantize], bnb_4bit_compute_dtype=compute)
-    model, loading_info = AutoModelForSequenceClassification.from_pretrained(
-        model_args.model_name_or_path,
-        config=config,
-        cache_dir=model_args.cache_dir,
-        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
-        output_loading_info=True,
-        quantization_config=quantization,
-    )
+    def load(skip_quantizing: list[str]):
+        quantization = None
+        if model_args.quantize is not None:
+            from transformers import BitsAndBytesConfig
+
+            compute = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+            settings = {**QUANTIZE[model_args.quantize], "llm_int8_skip_modules": skip_quantizing}  # trained ones
+            quantization = BitsAndBytesConfig(**settings, bnb_4bit_compute_dtype=compute)
+        return AutoModelForSequenceClassification.from_pretrained(
+            model_args.model_name_or_path,
+            config=copy.deepcopy(config),  # loading quantized records its quantization in the config
+            cache_dir=model_args.cache_dir,
+            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+            output_loading_info=True,
+            quantization_config=quantization,
+        )
+
+    model, loading_info = load(HEADS)
+    if model_args.quantize is not None:
+        # weights the checkpoint lacks are trained (see `newly_initialised_modules`), so their layers must not be
+        # bitsandbytes': known only once loaded (a BERT saved without its pooler, BART's `classification_head`)
+        import bitsandbytes as bnb
+
+        fresh = newly_initialised_modules(model, loading_info)
+        bnb_layers = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+        if any(isinstance(m, bnb_layers) for name in fresh for m in model.get_submodule(name).modules()):
+            model, loading_info = load(HEADS + fresh)
+        keep_bnb_4bit_unpacked(model)  # bitsandbytes' CPU repacking breaks training after an evaluation
     limit = max_positions(model)  # the tokenizer may not know it; too long an input fails mid-training
     if limit is not None and data_args.max_seq_length > limit:
         raise ValueError(
@@ -664,6 +704,7 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=tokenizer,
         data_collator=collator,
         compute_metrics=compute_metrics,
+        callbacks=[RecordBaseSettings(model_args)],
     )
     stale = [] if training_args.resume_from_checkpoint else run_contents(out)
     if stale:  # only with --overwrite_output_dir (check_output_dir), and only now that everything has loaded
