@@ -117,7 +117,7 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=5, help="timing rounds, one step of every variant per round")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
     p.add_argument("--preset", default=str(ROOT / "configs" / "llama_60m.json"), help="its `model` section is built")
-    p.add_argument("--out", default="quantized_cpu.json", help="under benchmarks/results/, unless a path")
+    p.add_argument("--out", default="quantized_cpu.json", help="a file under benchmarks/results/, or an absolute path")
     args = p.parse_args(argv)
     names = args.variants.split(",")
     if unknown := [n for n in names if n not in VARIANTS]:
@@ -160,7 +160,8 @@ def main(argv=None) -> dict:
             rows[name][f"{key}_vs_{baseline}"] = rows[name][f"{key}_bytes"] / rows[baseline][f"{key}_bytes"]
         print(json.dumps(rows[name]), flush=True)
 
-    result = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv or sys.argv[1:])),
+    args_given = sys.argv[1:] if argv is None else argv
+    result = {"command": " ".join(["python benchmarks/quantized_bench.py", *args_given]),
               "environment": environment(torch.device("cpu")), "sltrain": SLTRAIN, "lora_rank": lora_rank(config),
               "tokens_per_step": args.batch * args.seq_len, "rows": list(rows.values())}  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -413,7 +413,8 @@ class PerLayerOptimizer:
 
 
 def training_state_bytes(model, optimizer) -> dict[str, int]:
-    """Exact bytes of parameters, gradients and optimizer states: the memory a method is designed to save."""
+    """Exact bytes of parameters, gradients and optimizer states: the memory a method is designed to save.
+    (bitsandbytes' quantization constants, beside a quantized base's weights, are no parameters: not counted.)"""
     params = list(model.parameters())
     trainable = [p.numel() * p.element_size() for p in params if p.requires_grad]
     per_layer = isinstance(optimizer, PerLayerOptimizer)
