@@ -13,12 +13,7 @@ from peft.tuners.tuners_utils import (
 from torch import nn
 
 from .config import SLTrainConfig
-from .layer import (
-    Linear,
-    SLTrainLayer,
-    exclude_multihead_out_projections,
-    keep_bnb_4bit_unpacked,
-)
+from .layer import Linear, SLTrainLayer, exclude_multihead_out_projections, keep_bnb_4bit_unpacked
 from .support import check_support, num_nonzeros, support_fingerprint
 
 # `nn.Module.register_parameter` as PyTorch defines it. `accelerate.init_empty_weights()` (in which PEFT injects with

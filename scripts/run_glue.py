@@ -10,6 +10,9 @@ r"""Fine-tune a sequence classifier on a GLUE task with SLTrain, LoRA or full fi
     # then: a merged dense model, and the adapter with its model card on the Hub
     python scripts/run_glue.py ... --merge_to runs/mrpc-merged --push_to_hub --hub_model_id me/roberta-mrpc-sltrain
 
+    # QLoRA-style: the pretrained weights loaded in 4 bits (nf4) by bitsandbytes and frozen under the adapter
+    python scripts/run_glue.py --task_name mrpc --method sltrain --quantize 4bit --output_dir runs/mrpc-sltrain-4bit
+
 In the style of transformers' `run_glue.py` (HfArgumentParser, Trainer, TrainingArguments; every Trainer flag works).
 Reads top to bottom: presets and arguments, Hub check, data, model, training, evaluation, export. `--method` picks
 what is trained: `sltrain` (W0 + (alpha/r) B A + S on the targeted projections), `lora` (W0 + (alpha/r) B A) or
@@ -19,8 +22,8 @@ has a preset (batch size, epochs, learning rate, rank, sparsity, alpha, max leng
 `--task_name` and `--output_dir` are required. An output directory that already holds a run (an adapter or model,
 summary.json or `checkpoint-*` folders) is refused, so that two runs never mix: continue it with
 `--resume_from_checkpoint DIR/checkpoint-N` (a checkpoint in it; the Trainer's step, optimizer and schedule carry on,
-and the method and adapter settings must be the checkpoint's), or replace it with `--overwrite_output_dir` (its
-checkpoints and finished-run files are deleted just before training).
+and the method, adapter settings and `--quantize` must be the checkpoint's), or replace it with
+`--overwrite_output_dir` (its checkpoints and finished-run files are deleted just before training).
 """
 
 from __future__ import annotations
