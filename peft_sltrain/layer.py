@@ -66,12 +66,12 @@ def unpack_cpu_4bit(layer: nn.Module) -> None:
 def keep_bnb_4bit_unpacked(model: nn.Module) -> None:
     """Turns bitsandbytes' CPU repacking off on every `Linear4bit` of `model` (unpacking one already packed).
 
-    At an eval-mode call whose input needs no grad, on a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight
-    for a faster bf16 kernel (about 10% faster there), and keeps using that kernel in training too, although it has
-    no backward to its input: after an evaluation, every gradient through `x W0^T` was lost (or, with a bias, failed
-    in place), and its own save unpacks in place with an inverse that leaves `W0` scrambled (see
-    `unpack_cpu_4bit`). The packing also rounds the block maxima to bf16, so a run that evaluated would not train on
-    the `W0` a resumed run or a loaded adapter sees. Off stays off, also after `unload()`."""
+    At an eval-mode call whose input needs no grad, on a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight for
+    a faster bf16 kernel (2-3x on a no-grad call, ad hoc), and keeps using that kernel in training too, although it has
+    no backward to its input: after an evaluation, every gradient through `x W0^T` was lost (or, with a bias, failed in
+    place), and its own save unpacks in place with an inverse that leaves `W0` scrambled (see `unpack_cpu_4bit`). The
+    packing also rounds the block maxima to bf16, so a run that evaluated would not train on the `W0` a resumed run or
+    a loaded adapter sees. Off stays off, also after `unload()`."""
     for module in model.modules():
         # (a tuner layer shows its base layer's `.weight`; the base layer itself is visited)
         if bnb_quantization(module) == "4-bit" and not isinstance(module, BaseTunerLayer):

@@ -116,8 +116,8 @@ def build_card(summary: dict, peft_config: dict | None, base_model: str, dataset
         resumed_from=summary.get("resumed_from"),
         also_saved=also_saved,
         quantize=summary.get("quantize"),
-        quantization_config=json.dumps(QUANTIZE.get(summary.get("quantize"))),
-        unquantized_heads=json.dumps(UNQUANTIZED_HEADS),
+        quantization_config=repr(QUANTIZE.get(summary.get("quantize"))),  # Python literals, for the loading code
+        unquantized_modules=repr(summary.get("unquantized_modules") or UNQUANTIZED_HEADS),
         device=summary["device"],
         command=summary["command"],
         repo_id=repo_id or "path/to/this/directory",

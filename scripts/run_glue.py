@@ -370,8 +370,8 @@ def check_resume_config(checkpoint: Path, model_args: ModelArguments) -> None:
     saved_file = checkpoint / "adapter_config.json"
     if not saved_file.is_file() and not (checkpoint / "config.json").is_file():
         return  # neither an adapter's nor a full model's checkpoint: the Trainer says what is missing
-    base_file = checkpoint / BASE_SETTINGS_FILE  # (none in a checkpoint of a run from before --quantize: unquantized)
-    base_quantize = json.loads(base_file.read_text())["quantize"] if base_file.is_file() else None
+    base_file = checkpoint / BASE_SETTINGS_FILE  # (none in an older checkpoint: then unknown, not checked)
+    base_quantize = json.loads(base_file.read_text())["quantize"] if base_file.is_file() else model_args.quantize
     if base_quantize != model_args.quantize:
         raise ValueError(
             f"`--resume_from_checkpoint` {str(checkpoint)!r} was trained on a base loaded with `--quantize "
@@ -658,7 +658,8 @@ def main(argv: list[str] | None = None) -> dict:
             quantization_config=quantization,
         )
 
-    model, loading_info = load(HEADS)
+    unquantized = HEADS  # with --quantize: the modules loaded unquantized (recorded, so the model card loads them so)
+    model, loading_info = load(unquantized)
     if model_args.quantize is not None:
         # weights the checkpoint lacks are trained (see `newly_initialised_modules`), so their layers must not be
         # bitsandbytes': known only once loaded (a BERT saved without its pooler, BART's `classification_head`)
@@ -667,7 +668,8 @@ def main(argv: list[str] | None = None) -> dict:
         fresh = newly_initialised_modules(model, loading_info)
         bnb_layers = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
         if any(isinstance(m, bnb_layers) for name in fresh for m in model.get_submodule(name).modules()):
-            model, loading_info = load(HEADS + fresh)
+            unquantized = HEADS + fresh
+            model, loading_info = load(unquantized)
         keep_bnb_4bit_unpacked(model)  # bitsandbytes' CPU repacking breaks training after an evaluation
     limit = max_positions(model)  # the tokenizer may not know it; too long an input fails mid-training
     if limit is not None and data_args.max_seq_length > limit:
@@ -733,6 +735,7 @@ def main(argv: list[str] | None = None) -> dict:
         "method": model_args.method,
         "model": model_args.model_name_or_path,
         "quantize": model_args.quantize,
+        "unquantized_modules": unquantized if model_args.quantize else None,
         "metrics": metrics,
         "metric_source": metric_source,
         "trainable_params": counts.trainable,
