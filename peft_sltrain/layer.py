@@ -166,6 +166,7 @@ class SLTrainLayer(BaseTunerLayer):
         self.in_features, self.out_features = d_in, d_out
         # "4-bit" / "8-bit": a bitsandbytes base (fine-tuning only), which computes `x W0^T` itself; else None
         self.quantization = bnb_quantization(base_layer)
+        keep_bnb_4bit_unpacked(base_layer)  # its own base (the model's other 4-bit layers: `SLTrainModel`)
         # the base weight is stored (d_in, d_out) (Conv1D), as LoRA's `fan_in_fan_out`: transposed on every use
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
         self.kwargs = kwargs
@@ -366,7 +367,6 @@ class Linear(nn.Module, SLTrainLayer):
 
         base = self.get_base_layer()
         if self.quantization == "4-bit":
-            unpack_cpu_4bit(base)  # `dequantize_4bit` reads the plain format only (a layer packed before SLTrain)
             W0 = dequantize_bnb_weight(base.weight, state=base.weight.quant_state)
         else:
             if base.state.SCB is None:

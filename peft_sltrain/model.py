@@ -153,7 +153,7 @@ class SLTrainModel(BaseTuner):
         if config.from_scratch:
             materialize_meta_parameters(model)
             return
-        keep_bnb_4bit_unpacked(model)  # bitsandbytes' CPU repacking breaks training (see there)
+        keep_bnb_4bit_unpacked(model)  # also 4-bit layers not replaced: bitsandbytes' CPU repacking breaks training
 
     def disable_adapter_layers(self) -> None:
         if self._from_scratch():

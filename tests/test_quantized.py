@@ -296,3 +296,17 @@ def test_saving_after_an_evaluation_leaves_every_w0_as_it_was(tmp_path):
     model.save_pretrained(tmp_path)  # PEFT reads the whole state_dict, base layers included
     for base, W0 in zip(bases, before, strict=True):
         assert torch.equal(dequantize_bnb_weight(base.weight, state=base.weight.quant_state), W0)
+
+
+def test_a_layer_built_directly_keeps_its_4bit_base_unpacked():
+    """`peft_sltrain.layer.Linear` on its own (no `get_peft_model`) turns its base's repacking off too."""
+    from peft_sltrain.layer import Linear
+
+    base = quantized_linear("4-bit", d_in=256, double_quant=False)
+    with torch.no_grad():
+        base.eval()(torch.randn(4, 256))  # packs, where the CPU has AVX512-BF16
+    layer = Linear(base, "default", SLTrainConfig(r=4, target_modules=["0"]), layer_name="0")
+    assert base.support_avx512bf16_for_cpu is False and not repacked(base)
+    with torch.no_grad():
+        layer.eval()(torch.randn(4, 256))
+    assert not repacked(base)
