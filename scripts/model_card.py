@@ -18,8 +18,6 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_tok
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import HfHubHTTPError
 
-from glue_tasks import get_task
-
 TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "sltrain_glue.md"
 METHOD_TITLES = {"sltrain": "SLTrain", "lora": "LoRA", "full": "full fine-tuning"}
 # files of an output directory that are uploaded: adapter or model, tokenizer, card, summary; top level only (the
@@ -59,6 +57,8 @@ UNQUANTIZED_HEADS = ["classifier", "score", "pre_classifier"]
 
 def build_card(summary: dict, peft_config: dict | None, base_model: str, dataset_id: str, repo_id: str | None):
     """The `ModelCard` of a finished run (`summary` is what `run_glue.main` returns)."""
+    from glue_tasks import get_task  # here: pretrain_card.py imports `versions` without GLUE's metric packages
+
     task, method = get_task(summary["task"]), summary["method"]
     on_glue = dataset_id == "nyu-mll/glue"
     results = {k.removeprefix("eval_"): v for k, v in summary["metrics"].items()}

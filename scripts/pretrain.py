@@ -21,6 +21,7 @@ import json
 import math
 import os
 import resource
+import shlex
 import shutil
 import sys
 import time
@@ -38,6 +39,7 @@ import peft_sltrain  # noqa: E402
 
 import checkpointing  # noqa: E402
 import data  # noqa: E402
+import pretrain_card  # noqa: E402
 from methods import METHODS, Hyper, adamw, get_method, parse_method_args  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -510,19 +512,28 @@ def publish(directory: Path, write: Callable[[Path], object]) -> None:
     os.replace(tmp, directory)
 
 
-def export(method, model, out: Path, merge: bool, tokenizer: data.Tokenizer) -> None:
+def export(method, model, out: Path, merge: bool, tokenizer: data.Tokenizer, card: str) -> None:
     """OUT/final, and with `merge` a dense OUT/merged, from the whole trained `model` (unwrapped, in one process).
 
-    final is SLTrain's PEFT adapter, which holds every trained tensor, and any other method's dense Transformers
-    model (LoRA merged, low-rank multiplied out), which plain `from_pretrained` loads.
+    final is SLTrain's PEFT adapter, which holds every trained tensor, with the architecture (config.json) so that it
+    loads without a base checkpoint, or any other method's dense Transformers model (LoRA merged, low-rank multiplied
+    out), which plain `from_pretrained` loads; both with the tokenizer and `card` as README.md.
     """
-    if method.saves_adapter:
-        publish(out / "final", model.save_pretrained)
-        dense = method.to_dense(model) if merge else None
-    else:
-        dense = method.to_dense(model)
-        publish(out / "final", dense.save_pretrained)
+
+    def write_final(tmp: Path) -> None:
+        if method.saves_adapter:
+            model.save_pretrained(tmp)
+            model.get_base_model().config.save_pretrained(tmp)
+        else:
+            dense.save_pretrained(tmp)
+        tokenizer.save(tmp)
+        (tmp / "README.md").write_text(card)  # replaces PEFT's empty template
+
+    # the adapter is saved before `to_dense`, which merges and unloads it in place
+    dense = None if method.saves_adapter else method.to_dense(model)
+    publish(out / "final", write_final)
     if merge:
+        dense = dense or method.to_dense(model)
         publish(out / "merged", lambda tmp: (dense.save_pretrained(tmp), tokenizer.save(tmp)))
 
 
@@ -783,7 +794,9 @@ def main(argv: list[str] | None = None) -> dict:
         final = accelerator.unwrap_model(model)
         if fsdp:  # each rank holds only its shards of the model
             final = whole_model(method, model_config, hyper, final_state)
-        export(method, final, out, args.merge, tokenizer)
+        command = shlex.join(["python", "scripts/pretrain.py", *(sys.argv[1:] if argv is None else argv)])
+        card = pretrain_card.build(summary, config, command, method.saves_adapter, model_config.vocab_size)
+        export(method, final, out, args.merge, tokenizer, card)
         tmp = out / ".summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2))
         os.replace(tmp, out / "summary.json")

@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ import peft_sltrain  # noqa: E402
 import checkpointing  # noqa: E402
 import data  # noqa: E402
 import pretrain  # noqa: E402
+import sample  # noqa: E402
 from conftest import needs_cxx, perturb_trainable  # noqa: E402
 from methods import METHODS, Hyper  # noqa: E402
 
@@ -182,6 +184,68 @@ def test_merged_export_loads_as_plain_model(tmp_path, corpus):
     torch.testing.assert_close(plain(ids).logits, adapter(ids).logits, rtol=0, atol=1e-5)
 
 
+def card_loading_code(export: Path) -> dict:
+    """Runs the "How to use" code of the model card in `export` (its generation included), for that directory."""
+    card = (export / "README.md").read_text()
+    code = card.split("## How to use")[1].split("```python")[1].split("```")[0]
+    namespace = {}
+    exec(code.replace("path/to/this/directory", str(export)), namespace)
+    return namespace
+
+
+def test_sltrain_final_loads_without_a_base_and_samples(tmp_path, corpus, capsys):
+    """SLTrain's `final/` holds the architecture, the tokenizer and a card whose code loads it: the same model as the
+    dense `merged/`, loaded with nothing but that directory; `sample.py` generates from it."""
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForCausalLM
+
+    run(tmp_path, corpus, "--method", "sltrain", "--merge", "--max-steps", "2")
+    final = tmp_path / "final"
+    card = ModelCard.load(final / "README.md")
+    assert (
+        card.data.library_name == "peft"
+        and "sltrain" in card.data.tags
+        and card.data.model_name == "llama-micro-sltrain"
+    )
+    assert "--max-steps 2" in card.text and "validation perplexity" in card.text
+    loaded = card_loading_code(final)
+    assert isinstance(loaded["model"].base_model.model.model.layers[0].mlp.up_proj, peft_sltrain.SLTrainLayer)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.randint(0, merged.config.vocab_size, (2, 16))
+    torch.testing.assert_close(loaded["model"](ids).logits, merged(ids).logits, rtol=0, atol=1e-5)
+    dense, tokenizer = sample.load(final)  # merged into plain layers
+    assert not any(isinstance(m, peft_sltrain.SLTrainLayer) for m in dense.modules())
+    torch.testing.assert_close(dense(ids).logits, merged(ids).logits, rtol=0, atol=1e-5)
+    assert tokenizer.get_vocab() == loaded["tokenizer"].get_vocab() and len(tokenizer) == merged.config.vocab_size
+
+    capsys.readouterr()
+    greedy = sample.main(
+        [str(tmp_path), "--prompt", "It is", "--temperature", "0", "--num-samples", "2", "--max-new-tokens", "40"]
+    )
+    prompt = [tokenizer.eos_token_id] + tokenizer("It is", add_special_tokens=False)["input_ids"]
+    expected = merged.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, pad_token_id=0)
+    assert greedy == [tokenizer.decode(expected[0, 1:], skip_special_tokens=True)] * 2
+    assert greedy[0].startswith("It is") and greedy[0] in capsys.readouterr().out
+    sampled = sample.main([str(final), "--max-new-tokens", "20", "--seed", "3"])
+    assert sampled == sample.main([str(final), "--max-new-tokens", "20", "--seed", "3"]) and len(set(sampled)) > 1
+
+
+def test_sample_refuses_bad_input(tmp_path, corpus):
+    with pytest.raises(ValueError, match="neither it nor .*final has a config.json"):
+        sample.main([str(tmp_path)])
+    run(tmp_path, corpus, "--method", "sltrain", "--max-steps", "2")
+    for flag, value, message in [
+        ("--temperature", "nan", "`--temperature` must be a finite number >= 0, got nan"),
+        ("--num-samples", "0", "`--num-samples` must be at least 1, got 0"),
+        ("--max-new-tokens", "64", "plus `--max-new-tokens` 64 exceed the model's 63 positions"),
+    ]:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+            sample.main([str(tmp_path), flag, value])
+    (tmp_path / "final" / "config.json").unlink()  # as exported before the architecture was saved with it
+    with pytest.raises(ValueError, match="SLTrain adapter without config.json"):
+        sample.main([str(tmp_path)])
+
+
 @pytest.mark.parametrize("method", ["lowrank", "lora"])
 def test_final_is_the_trained_model_as_plain_transformers(tmp_path, corpus, method):
     """Methods other than SLTrain save `final` as the dense model: every trained tensor, in plain Transformers form
@@ -198,6 +262,9 @@ def test_final_is_the_trained_model_as_plain_transformers(tmp_path, corpus, meth
     dense = METHODS[method].to_dense(trained).eval()
     ids = torch.randint(0, final.config.vocab_size, (2, 16))
     torch.testing.assert_close(final.eval()(ids).logits, dense(ids).logits, rtol=0, atol=1e-5)
+    loaded = card_loading_code(tmp_path / "final")  # with the tokenizer, as the card shows
+    torch.testing.assert_close(loaded["model"](ids).logits, dense(ids).logits, rtol=0, atol=1e-5)
+    assert len(loaded["tokenizer"]) == final.config.vocab_size
 
 
 def test_logged_learning_rate_is_the_one_each_step_trained_at(tmp_path, corpus):
@@ -489,17 +556,18 @@ def test_fsdp_export_equals_single_process_export(tmp_path, method):
     trained = METHODS[method].build(config, hyper)
     perturb_trainable(trained)
     full_state = {key: value.clone() for key, value in trained.state_dict().items()}
-    pretrain.export(METHODS[method], trained, tmp_path / "single", False, None)
+    tokenizer = types.SimpleNamespace(save=lambda directory: (directory / "tokenizer.json").write_text("{}"))
+    pretrain.export(METHODS[method], trained, tmp_path / "single", False, tokenizer, "card")
     torch.manual_seed(1)  # another init: every tensor must come from the state dict
     pretrain.export(METHODS[method], pretrain.whole_model(METHODS[method], config, hyper, full_state),
-                    tmp_path / "fsdp", False, None)  # fmt: skip
+                    tmp_path / "fsdp", False, tokenizer, "card")  # fmt: skip
     single, fsdp = tmp_path / "single" / "final", tmp_path / "fsdp" / "final"
     assert sorted(p.name for p in fsdp.iterdir()) == sorted(p.name for p in single.iterdir())
     for path in single.glob("*.safetensors"):
         a, b = load_file(path), load_file(fsdp / path.name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    name = "adapter_config.json" if METHODS[method].saves_adapter else "config.json"
-    assert json.loads((fsdp / name).read_text()) == json.loads((single / name).read_text())
+    for name in ("adapter_config.json", "config.json") if METHODS[method].saves_adapter else ("config.json",):
+        assert json.loads((fsdp / name).read_text()) == json.loads((single / name).read_text())
 
 
 def test_a_presets_micro_batch_is_lowered_to_fit_the_processes():

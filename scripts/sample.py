@@ -1,0 +1,100 @@
+"""Generate text with a model that `pretrain.py` trained (any method), as nanoGPT's sample.py does.
+
+    python scripts/sample.py runs/tiny-sltrain --prompt "It is a truth universally acknowledged"
+    python scripts/sample.py runs/tiny-full/final --num-samples 1 --temperature 0    # greedy
+
+The path is a run directory (its `final/` export is used) or an export itself (`final/` or `merged/`). An SLTrain
+export is a PEFT adapter holding every trained tensor plus the architecture (`config.json`): it is loaded onto an
+empty model and merged into plain dense weights, which generate faster than the factored layers token by token.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from peft import PeftModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+import peft_sltrain  # noqa: F401  (registers SLTrain with PEFT)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", help="a pretrain.py run directory, or its final/ or merged/ export")
+    p.add_argument("--prompt", default="", help="text to continue (default: none, start a new document)")
+    p.add_argument("--num-samples", type=int, default=3)
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely token (greedy)")
+    p.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens")
+    p.add_argument("--seed", type=int, default=1337)
+    args = p.parse_args(argv)
+    for name in ("num_samples", "max_new_tokens", "top_k"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"`--{name.replace('_', '-')}` must be at least 1, got {getattr(args, name)}.")
+    if not args.temperature >= 0 or args.temperature == float("inf"):  # also NaN
+        raise ValueError(f"`--temperature` must be a finite number >= 0, got {args.temperature}.")
+    return args
+
+
+def find_export(path: str | Path) -> Path:
+    """`path` itself if it holds an export, else the run directory's `final/`."""
+    path = Path(path)
+    for directory in (path, path / "final"):
+        if (directory / "config.json").is_file():
+            return directory
+    if (path / "adapter_config.json").is_file() or (path / "final" / "adapter_config.json").is_file():
+        raise ValueError(f"{path} holds an SLTrain adapter without config.json (the architecture): re-export it.")
+    raise ValueError(f"{path} is no pretrain.py run or export: neither it nor {path / 'final'} has a config.json.")
+
+
+def load(directory: str | Path) -> tuple[torch.nn.Module, AutoTokenizer]:
+    """The model and tokenizer of an export directory, as its README.md shows, SLTrain merged into dense weights."""
+    directory = Path(directory)
+    if (directory / "adapter_config.json").is_file():
+        config = AutoConfig.from_pretrained(directory)
+        with init_empty_weights():  # nothing to initialise: every tensor comes from the adapter file
+            base = AutoModelForCausalLM.from_config(config)
+        model = PeftModel.from_pretrained(base, directory).merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(directory)
+    return model.eval(), AutoTokenizer.from_pretrained(directory)
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    args = parse_args(argv)
+    model, tokenizer = load(find_export(args.path))
+    # documents were joined by EOS in training, so a text starts after one
+    prompt = [tokenizer.eos_token_id] + tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
+    limit = model.config.max_position_embeddings
+    if len(prompt) + args.max_new_tokens > limit:
+        raise ValueError(
+            f"The prompt ({len(prompt) - 1} tokens) plus `--max-new-tokens` {args.max_new_tokens} exceed the model's "
+            f"{limit - 1} positions."
+        )
+    torch.manual_seed(args.seed)
+    greedy = args.temperature == 0
+    sampling = (
+        {"do_sample": False} if greedy else {"do_sample": True, "temperature": args.temperature, "top_k": args.top_k}
+    )
+    samples = []
+    with torch.no_grad():
+        for _ in range(args.num_samples):
+            ids = model.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=args.max_new_tokens,
+                pad_token_id=tokenizer.eos_token_id,
+                **sampling,
+            )
+            samples.append(tokenizer.decode(ids[0, 1:], skip_special_tokens=True))
+            print(samples[-1], end="\n" + "-" * 40 + "\n", flush=True)
+    return samples
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as error:
+        raise SystemExit(f"sample.py: error: {error}") from None
