@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import itertools
 import json
+import logging
 import math
 import os
 import resource
@@ -25,6 +26,7 @@ import shlex
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext, suppress
 from pathlib import Path
@@ -35,6 +37,10 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Noise from dependencies, not about this run: bitsandbytes (imported by PEFT where installed) logs on CPUs with
+# AVX512-BF16 that an optional 4-bit kernel package is missing; PEFT 0.21 reads a property Transformers 5 deprecates
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 import peft_sltrain  # noqa: E402
 
 import checkpointing  # noqa: E402

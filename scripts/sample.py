@@ -11,14 +11,21 @@ empty model and merged into plain dense weights, which generate faster than the 
 from __future__ import annotations
 
 import argparse
+import logging
+import warnings
 from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-import peft_sltrain  # noqa: F401  (registers SLTrain with PEFT)
+# Noise from dependencies, not about this run: bitsandbytes (imported by PEFT where installed) logs on CPUs with
+# AVX512-BF16 that an optional 4-bit kernel package is missing; PEFT 0.21 reads a property Transformers 5 deprecates
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+from peft import PeftModel  # noqa: E402
+
+import peft_sltrain  # noqa: E402, F401  (registers SLTrain with PEFT)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
