@@ -138,6 +138,27 @@ def test_training_reduces_loss(input_ids):
     assert losses[-1] < 0.8 * losses[0]
 
 
+@pytest.mark.parametrize("compute", ["dense", "factored"])
+def test_fine_tuning_under_activation_checkpointing_gives_the_same_gradients(compute):
+    """Transformers' gradient checkpointing on a fine-tuned model (frozen embeddings: reentrant checkpointing gets
+    its input gradients through PEFT) recomputes each layer, the random support included, and changes no gradient."""
+    grads = {}
+    for checkpointing in (None, "reentrant", "non-reentrant"):
+        base = tiny_llama()
+        if checkpointing:
+            base.gradient_checkpointing_enable({"use_reentrant": checkpointing == "reentrant"})
+        model = get_peft_model(base, SLTrainConfig(r=4, sparsity=0.1, compute=compute))
+        perturb_trainable(model)
+        model.train()
+        ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(0))
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads[checkpointing] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        assert all(g is not None and g.abs().sum() > 0 for g in grads[checkpointing].values()), checkpointing
+    for checkpointing in ("reentrant", "non-reentrant"):
+        for name, grad in grads[None].items():
+            torch.testing.assert_close(grads[checkpointing][name], grad, rtol=0, atol=0, msg=name)
+
+
 def test_seq_cls_trains_classifier_fully():
     model = get_peft_model(tiny_roberta(), SLTrainConfig(r=4, task_type="SEQ_CLS"))
     assert isinstance(model.base_model.model.classifier, ModulesToSaveWrapper)
