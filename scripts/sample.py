@@ -53,7 +53,10 @@ def find_export(path: str | Path) -> Path:
         if (directory / "config.json").is_file():
             return directory
     if (path / "adapter_config.json").is_file() or (path / "final" / "adapter_config.json").is_file():
-        raise ValueError(f"{path} holds an SLTrain adapter without config.json (the architecture): re-export it.")
+        raise ValueError(
+            f"{path} holds an SLTrain adapter without config.json (the architecture), from a pretrain.py older than "
+            "that: build the model from the run's LlamaConfig and load the adapter as README.md's Use section shows."
+        )
     raise ValueError(f"{path} is no pretrain.py run or export: neither it nor {path / 'final'} has a config.json.")
 
 
