@@ -65,3 +65,28 @@ def environment(device: torch.device | str = "cpu") -> dict:
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
     return env
+
+
+# -------------------------------------------------------------------------------------- command-line checks
+def positive_int(text: str) -> int:
+    """An argparse `type`: an integer of at least 1 (argparse turns the ValueError into a usage error)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+positive_int.__name__ = "positive integer"  # how argparse names the type in "invalid positive integer value: '0'"
+
+
+def check_device(parser, device: str) -> torch.device:
+    """`device` as a torch.device, or a usage error (not an assertion from deep inside torch) if it is not here."""
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        parser.error(f"--device: {error}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {device}: CUDA is not available here")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {device}: only cpu and cuda are benchmarked")
+    return device

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_env import environment  # noqa: E402
+from bench_env import check_device, environment, positive_int  # noqa: E402
 
 from peft_sltrain import cost, cpu_kernels, functional  # noqa: E402
 from peft_sltrain.functional import dense_weight, sltrain_linear  # noqa: E402
@@ -179,12 +179,14 @@ def peak_bytes(run, device) -> int:
     return max(itertools.accumulate((e.nbytes() for e in events), initial=0))
 
 
-def time_fwd_bwd(fns: dict, x, repeats: int, device, min_seconds: float = 1.0) -> dict[str, float]:
+def time_fwd_bwd(fns: dict, x, repeats: int, device, leaves=(), min_seconds: float = 1.0) -> dict[str, float]:
     """Median forward+backward time of each function, timed in interleaved rounds (one pass of each per round) so
     that drift of the machine's speed hits every variant alike; at least `repeats` rounds and `min_seconds`. Also
-    `"rounds"`, how many were timed."""
+    `"rounds"`, how many were timed. The gradients of `x` and `leaves` are set to None before each pass (untimed), as
+    training's `zero_grad()` does: accumulating into them would cost the dense layer a d_out x d_in add per pass."""
 
     def once(fn) -> float:
+        clear_grads([x, *leaves])
         t0 = time.perf_counter()
         fn(x).sum().backward()
         if device.type == "cuda":
@@ -202,15 +204,22 @@ def time_fwd_bwd(fns: dict, x, repeats: int, device, min_seconds: float = 1.0) -
     return {name: statistics.median(t) for name, t in times.items()} | {"rounds": rounds}
 
 
+def clear_grads(tensors) -> None:
+    for t in tensors:
+        t.grad = None
+
+
 def measure(d_in, d_out, r, sparsity, tokens, repeats, device, dtype) -> dict:
     layer = make_layer(d_in, d_out, r, sparsity, device, dtype)
     x = torch.randn(tokens, d_in, device=device, dtype=dtype, requires_grad=True)
     fns = variants(layer, d_in, d_out, device, dtype)
     row = {"d_in": d_in, "d_out": d_out, "r": r, "sparsity": sparsity, "tokens": tokens}
-    times = time_fwd_bwd({name: fn for name, (fn, _) in fns.items()}, x, repeats, device)
+    leaves = [t for _, existing in fns.values() for t in existing if t.requires_grad]
+    times = time_fwd_bwd({name: fn for name, (fn, _) in fns.items()}, x, repeats, device, leaves)
     row["rounds"] = times["rounds"]
     for name, (fn, existing) in fns.items():
         row[f"{name}_s"] = times[name]
+        clear_grads([x, *leaves])
         row[f"{name}_peak_bytes"] = peak_bytes(lambda fn=fn: fn(x).sum().backward(), device)
         row[f"{name}_saved_bytes"] = saved_bytes(fn, x, existing)
     for name in fns:
@@ -295,15 +304,15 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="default: fp32 on CPU, bf16 on GPU")
-    p.add_argument("--tokens", type=int, help="rows of x (default: 2048 on CPU, 8192 on GPU)")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--tokens", type=positive_int, help="rows of x (default: 2048 on CPU, 8192 on GPU)")
+    p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--max-entries", type=float, default=5e7, help="skip shapes with more weight entries")
     p.add_argument("--out", help="results file stem (default: benchmarks/results/layer_<device>)")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    device = check_device(p, args.device)
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    tokens = args.tokens or (8192 if device.type == "cuda" else 2048)
+    tokens = args.tokens if args.tokens is not None else (8192 if device.type == "cuda" else 2048)
     shapes, sweep_layers = plan(args.max_entries)
     if not shapes:  # refused now, not after the sweeps' minutes
         d_in, d_out = min((shape for shape, _, _ in SHAPES), key=lambda shape: shape[0] * shape[1])

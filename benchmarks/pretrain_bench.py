@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_env import environment, git_commit  # noqa: E402
+from bench_env import environment, git_commit, positive_int  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "benchmarks" / "runs"
@@ -133,7 +133,7 @@ def sweep(args) -> None:
     file's command and machine are those of the last invocation that measured something; each run has its own."""
     steps = SIZES[args.size]["sweep_steps"]
     warmup, eval_every = steps // 10, steps
-    path = RESULTS / f"lr_sweep_{args.size}.json"
+    path = args.results_dir / f"lr_sweep_{args.size}.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     runs = {(r["method"], r["lr"]): r for r in old.get("runs", [])}
     measured = False  # whether this invocation ran anything: only then are its command and machine recorded
@@ -226,12 +226,13 @@ def plot(rows: list[dict], runs: list[dict], stem: Path, title: str) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
     for i, method in enumerate(r["method"] for r in rows):
-        run = next(r for r in runs if r["method"] == method)
+        run = next(r for r in runs if r["method"] == method)  # with several seeds: the first seed's run
+        label = method if len({r.get("seed") for r in runs}) == 1 else f"{method} (seed {run.get('seed')})"
         tokens, loss = zip(*run["train_curve"])
         window = 20
-        smooth = [statistics.mean(loss[max(0, j - window) : j + 1]) for j in range(len(loss))]
-        ax1.plot(tokens, smooth, color=f"C{i}", label=method)
-        ax2.plot(*zip(*run["curve"]), "o-", color=f"C{i}", label=method)
+        smooth = [statistics.mean(loss[max(0, j - window + 1) : j + 1]) for j in range(len(loss))]
+        ax1.plot(tokens, smooth, color=f"C{i}", label=label)
+        ax2.plot(*zip(*run["curve"]), "o-", color=f"C{i}", label=label)
     ax1.set_ylabel("training loss (running mean of 20 steps)")
     ax2.set_ylabel("validation perplexity")
     ax2.set_yscale("log")
@@ -258,6 +259,12 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def relative(path: Path) -> str:
+    """`path` relative to the repository where it lies inside it (as results files name their sources)."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="tiny", choices=sorted(SIZES))
@@ -266,11 +273,18 @@ def main(argv=None) -> None:
     p.add_argument("--sweep-lr", action="store_true", help="measure each method's best lr on short runs first")
     p.add_argument(
         "--jobs",
-        type=int,
+        type=positive_int,
         default=None,
         help="runs side by side, each with cores/jobs threads (default: 2 for the CPU size 'tiny', else 1)",
     )
     p.add_argument("--device-note", default="", help="how to name the machine in the plot, e.g. '1x H100'")
+    p.add_argument(
+        "--results-dir",
+        type=Path,
+        default=RESULTS,
+        help="where the sweep file is read and written and the results land (default: benchmarks/results; a trial "
+        "run with a smaller budget belongs elsewhere, so that it does not replace the committed results)",
+    )
     p.add_argument("extra", nargs="*", help="further flags for pretrain.py, after --")
     args = p.parse_args(argv)
     budget = SIZES[args.size]
@@ -278,12 +292,12 @@ def main(argv=None) -> None:
         effective = schedule(budget["max_steps"], budget["warmup_steps"], budget["eval_every"], args.extra)
     except ValueError as error:
         p.error(str(error))
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.results_dir.mkdir(parents=True, exist_ok=True)
     if args.sweep_lr:
         sweep(args)
         return
 
-    sweep_file = RESULTS / f"lr_sweep_{args.size}.json"
+    sweep_file = args.results_dir / f"lr_sweep_{args.size}.json"
     best_lr = json.loads(sweep_file.read_text())["best_lr"] if sweep_file.is_file() else {}
     args.jobs = args.jobs or (2 if args.size == "tiny" else 1)
     jobs = [(m, seed) for m in args.methods for seed in args.seeds]
@@ -301,14 +315,14 @@ def main(argv=None) -> None:
     device = runs[0]["device"]
     env = environment(device)
     title = f"LLaMA-{args.size}, {rows[0]['tokens'] / 1e6:.1f}M tokens, {args.device_note or env['cpu']}"
-    stem = RESULTS / f"pretrain_{args.size}"
+    stem = args.results_dir / f"pretrain_{args.size}"
     result = {
         "command": " ".join(["python", *sys.argv]),
         "environment": env,
         "seeds": args.seeds,
         "jobs": args.jobs,
         "threads_per_run": threads,
-        "lr_source": str(sweep_file.relative_to(ROOT)) if best_lr else "default 3e-3 (no sweep file)",
+        "lr_source": relative(sweep_file) if best_lr else "default 3e-3 (no sweep file)",
         "budget": effective,  # what the runs got: the size's budget, with what the flags after `--` override
         "extra_flags": args.extra,
         "methods": rows,

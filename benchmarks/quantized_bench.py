@@ -34,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import transformers  # noqa: E402
-from bench_env import environment  # noqa: E402
+from bench_env import environment, positive_int  # noqa: E402
 from layer_bench import peak_bytes  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
@@ -112,9 +112,9 @@ def make_step(model: torch.nn.Module, ids: torch.Tensor):
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--rounds", type=int, default=5, help="timing rounds, one step of every variant per round")
+    p.add_argument("--batch", type=positive_int, default=4)
+    p.add_argument("--seq-len", type=positive_int, default=256)
+    p.add_argument("--rounds", type=positive_int, default=5, help="timing rounds, one step of every variant per round")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
     p.add_argument("--preset", default=str(ROOT / "configs" / "llama_60m.json"), help="its `model` section is built")
     p.add_argument("--out", default="quantized_cpu.json", help="a file under benchmarks/results/, or an absolute path")
@@ -122,6 +122,8 @@ def main(argv=None) -> dict:
     names = args.variants.split(",")
     if unknown := [n for n in names if n not in VARIANTS]:
         raise SystemExit(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}.")
+    if not Path(args.preset).is_file():
+        p.error(f"--preset: no file {args.preset}")
 
     transformers.utils.logging.disable_progress_bar()
     config = LlamaConfig(**json.loads(Path(args.preset).read_text())["model"])

@@ -111,19 +111,20 @@ def measure(d_in: int, d_out: int, sparsity: float) -> dict:
 
 
 def main(argv=None) -> dict:
-    # no options: `--help` shows what it measures and where it writes, before the minutes of measuring
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=RESULTS / "sparse_kernels_cpu.json", help="the results file")
+    args = p.parse_args(argv)
     torch.manual_seed(0)
     rows = []
     for (d_in, d_out), sparsity in SHAPES:
         rows.append(measure(d_in, d_out, sparsity))
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}))
-    result = {"command": "python benchmarks/sparse_kernels.py", "environment": environment(torch.device("cpu")),
+    command = " ".join(["python", "benchmarks/sparse_kernels.py", *(sys.argv[1:] if argv is None else argv)])
+    result = {"command": command, "environment": environment(torch.device("cpu")),
               "rows": rows}  # fmt: skip
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "sparse_kernels_cpu.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
     return result
 
 

@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_env import environment  # noqa: E402
+from bench_env import check_device, environment, positive_int  # noqa: E402
 from layer_bench import peak_bytes  # noqa: E402
 from transformers import LlamaConfig  # noqa: E402
 
@@ -152,11 +152,13 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="autocast dtype (default: fp32 on CPU, bf16 on GPU)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per run (median), after 2 warm-up steps")
-    p.add_argument("--rounds", type=int, default=5, help="runs of every variant, interleaved")
+    p.add_argument("--steps", type=positive_int, default=5, help="timed steps per run (median), after 2 warm-up steps")
+    p.add_argument("--rounds", type=positive_int, default=5, help="runs of every variant, interleaved")
     p.add_argument("--sizes", help="comma-separated subset of the device's sizes (CPU: tiny,60m; GPU: 60m,350m)")
     p.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)}; full is always run")
-    p.add_argument("--batch", type=int, help="sequences per step, for every size (default: the device's settings)")
+    p.add_argument(
+        "--batch", type=positive_int, help="sequences per step, for every size (default: the device's settings)"
+    )
     p.add_argument(
         "--out",
         help="results file name in benchmarks/results (default: "
@@ -176,7 +178,7 @@ def main(argv=None) -> dict:
     )
     p.add_argument("--one", nargs=4, metavar=("SIZE", "VARIANT", "BATCH", "SEQ_LEN"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    device = check_device(p, args.device)
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     autocast_dtype = torch.bfloat16 if dtype_name == "bf16" else None
     if args.one:  # a child process of the loop below
@@ -189,7 +191,7 @@ def main(argv=None) -> dict:
         settings = [("60m", 128, 256), ("350m", 64, 256)]
     else:
         settings = [("tiny", 32, 128), ("60m", 8, 256)]
-    if args.batch:
+    if args.batch is not None:
         settings = [(size, args.batch, seq_len) for size, _, seq_len in settings]
     if args.sizes:
         sizes = args.sizes.split(",")
@@ -218,6 +220,7 @@ def main(argv=None) -> dict:
         full = runs["full"]
         for measured in runs.values():
             row = dict(measured[0])
+            row |= {"batch": batch, "seq_len": seq_len, "timed_steps": args.steps, "rounds": args.rounds}
             row["step_s_rounds"] = [m["step_s"] for m in measured]
             row["step_s"] = statistics.median(row["step_s_rounds"])
             row["tokens_per_s"] = row["tokens"] / row["step_s"]

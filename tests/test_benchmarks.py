@@ -88,6 +88,22 @@ def test_bench_records_the_budget_its_runs_got(pretrain_in_tmp, monkeypatch):
     assert result["extra_flags"] == ["--max-steps", "4", "--eval-every=2"]
 
 
+def test_bench_trial_run_goes_to_its_results_dir(pretrain_in_tmp, tmp_path, monkeypatch):
+    """A trial with a smaller budget, pointed elsewhere, leaves the committed results alone, and reads its learning
+    rates from the sweep file of its own directory."""
+    monkeypatch.setattr(pretrain_bench, "run_method", fake_run_method([]))
+    (pretrain_in_tmp / "pretrain_tiny.json").parent.mkdir(parents=True)
+    (pretrain_in_tmp / "pretrain_tiny.json").write_text("committed")
+    (tmp_path / "trial").mkdir()
+    (tmp_path / "trial" / "lr_sweep_tiny.json").write_text(json.dumps({"best_lr": {"full": 1e-2}}))
+    pretrain_bench.main(
+        ["--methods", "full", "--jobs", "1", "--results-dir", str(tmp_path / "trial"), "--", "--max-steps", "4"]
+    )
+    assert (pretrain_in_tmp / "pretrain_tiny.json").read_text() == "committed"
+    trial = json.loads((tmp_path / "trial" / "pretrain_tiny.json").read_text())
+    assert trial["runs"][0]["lr"] == 1e-2 and trial["lr_source"] == str(tmp_path / "trial" / "lr_sweep_tiny.json")
+
+
 def test_method_schedules_follow_the_steps_a_run_gets(pretrain_in_tmp):
     def method_args(method, extra):
         _, cmd = pretrain_bench.pretrain_command(method, "tiny", 3e-3, 0, 500, 50, 100, "tag", extra)
@@ -254,6 +270,34 @@ def test_step_bench_passes_the_compile_mode_on(tmp_path, step_runs, flags, mode)
     assert result["compile_mode"] == mode
     suffix = "" if mode == "default" else "_reduce-overhead"
     assert (tmp_path / f"step_cpu_compiled{suffix}.json").exists()
+
+
+def test_step_bench_records_the_settings_each_row_ran_with(tmp_path, step_runs):
+    result = step_bench.main(
+        ["--sizes", "tiny", "--variants", "full", "--rounds", "2", "--steps", "3", "--batch", "4"]
+    )
+    row = result["rows"][0]
+    assert (row["batch"], row["seq_len"], row["timed_steps"], row["rounds"], row["tokens"]) == (4, 128, 3, 2, 512)
+
+
+@pytest.mark.parametrize(
+    "bench, argv, message",
+    [
+        (step_bench, ["--rounds", "0"], "argument --rounds: invalid positive integer value: '0'"),
+        (step_bench, ["--batch", "0"], "argument --batch: invalid positive integer value: '0'"),
+        (step_bench, ["--device", "cuda:0"], "--device cuda:0: CUDA is not available here"),
+        (layer_bench, ["--tokens", "0"], "argument --tokens: invalid positive integer value: '0'"),
+        (layer_bench, ["--device", "mps"], "--device mps: only cpu and cuda are benchmarked"),
+        (quantized_bench, ["--preset", "no/such.json"], "--preset: no file no/such.json"),
+        (pretrain_bench, ["--jobs", "0"], "argument --jobs: invalid positive integer value: '0'"),
+    ],
+)
+def test_bench_scripts_refuse_bad_flags_before_measuring(bench, argv, message, capsys, monkeypatch):
+    if bench is step_bench and "cuda" in argv[1]:
+        monkeypatch.setattr(step_bench.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------- plot_steps.py
