@@ -18,9 +18,10 @@ from .config import HEADS_PEFT_ADDS, SLTrainConfig
 from .layer import (
     bnb_quantization,
     check_rank,
-    exclude_multihead_out_projections,
+    exclude_unreplaceable_linears,
     layer_features,
     refuse_quantized_from_scratch,
+    weight_read_directly,
 )
 from .model import default_target_modules
 from .support import num_nonzeros
@@ -59,7 +60,7 @@ def targeted_linear_names(model: nn.Module, config: SLTrainConfig) -> list[str]:
     """Names of the modules of `model` that `config` would replace (resolving defaults and `"all-linear"`).
     `ValueError` if one of them cannot be: not a linear layer, or narrower than `config.r`."""
     config = _resolved_config(model, config)
-    names = []
+    names, read_directly = [], set(weight_read_directly(model))
     adapted = []  # prefixes of layers that already carry an adapter: their insides are not candidates (as in PEFT)
     for name, module in model.named_modules():
         if any(name.startswith(prefix) for prefix in adapted):
@@ -72,6 +73,12 @@ def targeted_linear_names(model: nn.Module, config: SLTrainConfig) -> list[str]:
                 d_in, d_out = layer_features(module)
             except ValueError as error:
                 raise ValueError(f"`target_modules` matched `{name}`: {error}") from None
+            if name in read_directly:
+                raise ValueError(
+                    f"`target_modules` matched `{name}`, whose weight this {model.config.model_type} model reads "
+                    "directly instead of calling the layer: a replacement would be ignored (or, from scratch, leave "
+                    'it without weight). Leave it out of `target_modules` (`"all-linear"` leaves it out).'
+                )
             check_rank(config.r, d_in, d_out, name)
             names.append(name)
     if config.from_scratch:
@@ -164,7 +171,7 @@ def _resolved_config(model: nn.Module, config: SLTrainConfig) -> SLTrainConfig:
     """`config` as PEFT will apply it: default targets, `"all-linear"` resolved, and the task's head in
     `modules_to_save` (PEFT's task models add it there, and PEFT never targets a layer inside one)."""
     config = copy.deepcopy(config)
-    exclude_multihead_out_projections(config, model)
+    exclude_unreplaceable_linears(config, model)
     heads = [h for h in HEADS_PEFT_ADDS.get(config.task_type, []) if h not in (config.modules_to_save or [])]
     if heads:
         config.modules_to_save = list(config.modules_to_save or []) + heads

@@ -25,6 +25,16 @@ from .support import layer_seed, num_nonzeros, random_support
 
 # the layers SLTrain can replace
 REPLACEABLE = (nn.Linear, Conv1D)
+# `nn.Linear` subclasses with a forward of their own that computes exactly `x W^T + b` (SLTrain replaces a layer by one
+# that computes that from the weights; any other forward of its own would be silently dropped)
+SAME_AS_LINEAR = {"transformers.models.falcon.modeling_falcon.FalconLinear"}
+# layers whose weight the model reads directly instead of calling them (a replacement would be ignored, or from
+# scratch leave nothing to read), by the model's `model_type`: Mamba's fused kernels and its `dt_proj` product (PEFT
+# refuses LoRA on Mamba's `out_proj` for the same reason)
+WEIGHT_READ_DIRECTLY = {
+    **dict.fromkeys(("mamba", "falcon_mamba"), ("x_proj", "dt_proj", "out_proj")),
+    **dict.fromkeys(("mamba2", "nemotron_h", "falcon_h1"), ("out_proj",)),
+}
 # bitsandbytes' quantized weights (their layers, `Linear4bit` / `Linear8bitLt`, subclass `nn.Linear`), by class name
 BNB_WEIGHTS = {"Params4bit": "4-bit", "Int8Params": "8-bit"}
 
@@ -103,6 +113,12 @@ def layer_features(layer: nn.Module) -> tuple[int, int]:
                 f"{type(layer).__name__} holds a quantized one ({type(weight).__name__}, {weight.dtype}); load the "
                 "model without this quantization."
             )
+        if has_own_forward(layer):
+            raise ValueError(
+                f"this {type(layer).__name__} subclasses `torch.nn.Linear` with a forward of its own, which an "
+                "SLTrain layer would not call (it computes `x W^T + b` from the weights): the model would silently "
+                'change. Leave it out of `target_modules` (`"all-linear"` leaves it out).'
+            )
         return (layer.in_features, layer.out_features) if isinstance(layer, nn.Linear) else (layer.nx, layer.nf)
     raise ValueError(
         f"SLTrain can only replace `torch.nn.Linear` and Transformers `Conv1D` layers, got {type(layer).__name__}; "
@@ -110,21 +126,43 @@ def layer_features(layer: nn.Module) -> tuple[int, int]:
     )
 
 
-def multihead_out_projections(model: nn.Module) -> list[str]:
-    """Names of the `out_proj` layers of `torch.nn.MultiheadAttention` modules in `model`, which SLTrain cannot
-    replace (the attention reads their weight directly): `"all-linear"` leaves them out, a name that matches one is
-    refused (`layer_features`)."""
-    return [
+def has_own_forward(layer: nn.Module) -> bool:
+    """Whether `layer` subclasses `nn.Linear` with a forward that is not `x W^T + b` (bitsandbytes' layers aside: a
+    quantized base's forward is what an SLTrain layer calls for `x W0^T`)."""
+    cls = type(layer)
+    return (
+        isinstance(layer, nn.Linear)
+        and cls.forward is not nn.Linear.forward
+        and bnb_quantization(layer) is None
+        and f"{cls.__module__}.{cls.__qualname__}" not in SAME_AS_LINEAR
+    )
+
+
+def weight_read_directly(model: nn.Module) -> list[str]:
+    """Names of the linear layers of `model` whose weight the model reads directly (`WEIGHT_READ_DIRECTLY`)."""
+    leaf_names = WEIGHT_READ_DIRECTLY.get(getattr(getattr(model, "config", None), "model_type", None), ())
+    modules = model.named_modules()
+    return [name for name, m in modules if isinstance(m, nn.Linear) and name.split(".")[-1] in leaf_names]
+
+
+def unreplaceable_linears(model: nn.Module) -> list[str]:
+    """Names of the linear layers of `model` that SLTrain cannot replace: the `out_proj` of a
+    `torch.nn.MultiheadAttention` (which reads its weight directly), `nn.Linear` subclasses with a forward of their
+    own (`has_own_forward`) and `weight_read_directly`. `"all-linear"` leaves them out; a name that matches one is
+    refused."""
+    names = [
         f"{name}.out_proj" if name else "out_proj"
         for name, module in model.named_modules()
         if isinstance(module, nn.MultiheadAttention) and isinstance(module.out_proj, NonDynamicallyQuantizableLinear)
     ]
+    names += [name for name, module in model.named_modules() if has_own_forward(module)]
+    return list(dict.fromkeys(names + weight_read_directly(model)))
 
 
-def exclude_multihead_out_projections(config: SLTrainConfig, model: nn.Module) -> None:
-    """For `target_modules="all-linear"`, adds the model's `multihead_out_projections` to `config.exclude_modules`
-    (as exact names), so that the shorthand means every linear layer SLTrain can replace."""
-    names = multihead_out_projections(model)
+def exclude_unreplaceable_linears(config: SLTrainConfig, model: nn.Module) -> None:
+    """For `target_modules="all-linear"`, adds the model's `unreplaceable_linears` to `config.exclude_modules` (as
+    exact names), so that the shorthand means every linear layer SLTrain can replace."""
+    names = unreplaceable_linears(model)
     if config.target_modules != "all-linear" or not names:
         return
     if isinstance(config.exclude_modules, str):  # a regex, matched in full: one more alternative per name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -13,7 +14,7 @@ from peft.tuners.tuners_utils import (
 from torch import nn
 
 from .config import SLTrainConfig
-from .layer import Linear, SLTrainLayer, exclude_multihead_out_projections, keep_bnb_4bit_unpacked
+from .layer import Linear, SLTrainLayer, exclude_unreplaceable_linears, keep_bnb_4bit_unpacked
 from .support import check_support, num_nonzeros, support_fingerprint
 
 # `nn.Module.register_parameter` as PyTorch defines it. `accelerate.init_empty_weights()` (in which PEFT injects with
@@ -84,7 +85,7 @@ class SLTrainModel(BaseTuner):
         # dense weight, so failing halfway would leave the caller's model without some of its weights.
         from .counting import targeted_linear_names  # (counting imports this module)
 
-        exclude_multihead_out_projections(self.peft_config[adapter_name], model)  # for "all-linear"
+        exclude_unreplaceable_linears(self.peft_config[adapter_name], model)  # for "all-linear"
         targeted_linear_names(model, self.peft_config[adapter_name])
         if self.peft_config[adapter_name].from_scratch:
             # the file holds every tensor of the model, and PEFT strips `.<adapter_name>` from each saved key: a name
@@ -143,11 +144,13 @@ class SLTrainModel(BaseTuner):
             super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        frozen = {id(p) for p in model.parameters() if not p.requires_grad}  # by the model (Whisper's sinusoids)
         super()._mark_only_adapters_as_trainable(model)
         if self._from_scratch() and not self.peft_config[self.active_adapters[0]].inference_mode:
-            # pretraining: embeddings, norms, head and biases are trained along with the SLTrain factors
+            # pretraining: embeddings, norms, head and biases are trained along with the SLTrain factors, but for
+            # what the model itself keeps fixed
             for parameter in model.parameters():
-                parameter.requires_grad_(True)
+                parameter.requires_grad_(id(parameter) not in frozen)
 
     def _post_injection_hook(self, model: nn.Module, config: SLTrainConfig, adapter_name: str) -> None:
         if config.from_scratch:
@@ -327,17 +330,18 @@ def _restore_supports(model: nn.Module, adapter_name: str, state_dict: dict) -> 
 @torch.no_grad()
 def materialize_meta_parameters(model: nn.Module) -> None:
     """Give the parameters left on the meta device (a model built under `accelerate.init_empty_weights()`) real
-    storage on the default device, initialised by the model's own init (`_init_weights` for Transformers models,
-    `reset_parameters` otherwise). No dense targeted weight is made, and the SLTrain layers' base layers' biases start
-    at zero (a model's init may not expect a layer without its weight). Adapters that PEFT created on the meta device
-    (`low_cpu_mem_usage=True`) get the SLTrain init (`reset_sltrain_parameters`)."""
+    storage on the default device, initialised by the model's own init: for Transformers models its
+    `initialize_weights()` (whose walk lets a parent module set its children's weights, as T5's attention and CLIP's
+    embeddings do) restricted to those parameters, otherwise each module's `reset_parameters()`. No dense targeted
+    weight is made, and the SLTrain layers' base layers' biases start at zero. Adapters that PEFT created on the meta
+    device (`low_cpu_mem_usage=True`) get the SLTrain init (`reset_sltrain_parameters`)."""
     device = torch.get_default_device()
-    init_weights = getattr(model, "_init_weights", None)
     sltrain_layers = [m for m in model.modules() if isinstance(m, SLTrainLayer)]
     for layer in sltrain_layers:
         _materialize_adapters(layer)
     replaced = {id(m.get_base_layer()) for m in sltrain_layers}
     inside = {id(d) for m in sltrain_layers for d in (m.sltrain_A, m.sltrain_B, m.sltrain_values)}
+    fresh, by_module = [], []  # the parameters given storage here, for the init; (name, module) owning them
     for name, module in model.named_modules():
         if isinstance(module, SLTrainLayer) or id(module) in inside:
             continue
@@ -346,18 +350,34 @@ def materialize_meta_parameters(model: nn.Module) -> None:
                 module.to_empty(device=device, recurse=False)
                 nn.init.zeros_(module.bias)
             continue
-        if not any(p.device.type == "meta" for p in module.parameters(recurse=False)):
+        meta = [key for key, p in module.named_parameters(recurse=False) if p.device.type == "meta"]
+        if not meta:
             continue
-        module.to_empty(device=device, recurse=False)
-        if init_weights is not None:
-            init_weights(module)
-        elif hasattr(module, "reset_parameters"):
+        buffers = dict(module._buffers)  # real already (the model was built under `init_empty_weights()`)
+        module.to_empty(device=device, recurse=False)  # (which also swaps the buffers for uninitialised memory)
+        module._buffers.update(buffers)
+        fresh += [module.get_parameter(key) for key in meta]
+        by_module.append((name, module))
+    for parameter in fresh:  # NaN until an init sets it: what none sets is found below, not trained as garbage
+        parameter.fill_(math.nan if parameter.is_floating_point() else 0)
+    if fresh and hasattr(model, "initialize_weights"):
+        _initialize_only(model, fresh, sltrain_layers)
+    else:
+        for name, module in by_module:
+            if not hasattr(module, "reset_parameters"):
+                raise ValueError(
+                    f"Module `{name}` ({type(module).__name__}) was built on the meta device and has no known init; "
+                    "build the model on a real device, or give it `reset_parameters()`."
+                )
             module.reset_parameters()
-        else:
-            raise ValueError(
-                f"Module `{name}` ({type(module).__name__}) was built on the meta device and has no known init; build "
-                "the model on a real device, or give it `reset_parameters()`."
-            )
+    names = {id(p): n for n, p in model.named_parameters()}
+    unset = [names[id(p)] for p in fresh if p.is_floating_point() and p.isnan().any()]
+    if unset:
+        raise ValueError(
+            f"The model's own init leaves {len(unset)} parameter(s) unset, e.g. {unset[:3]}: their values come from "
+            f"the constructor, which ran on the meta device. Build the {type(model).__name__} on a real device "
+            "instead (from scratch, its targeted dense weights are then dropped when the layers are replaced)."
+        )
     meta_buffers = [name for name, b in model.named_buffers() if b.device.type == "meta"]
     if meta_buffers:
         raise ValueError(
@@ -370,6 +390,43 @@ def materialize_meta_parameters(model: nn.Module) -> None:
             model.tie_weights()
         finally:
             nn.Module.register_parameter = patched
+
+
+_FLAG = "_is_hf_initialized"  # what Transformers' init functions and `initialize_weights` skip, on tensors and modules
+
+
+def _initialize_only(model: nn.Module, fresh: list[torch.Tensor], sltrain_layers: list[SLTrainLayer]) -> None:
+    """Transformers' `model.initialize_weights()` on the `fresh` parameters alone: every other tensor (trained,
+    loaded or already initialised, the adapters included) is flagged as initialised meanwhile, and each replaced
+    layer from scratch shows a meta weight of its shape, so that an init reaching it (a parent's) does nothing."""
+    fresh_ids = {id(t) for t in fresh}
+    saved = [
+        (obj, obj.__dict__.get(_FLAG, _FLAG)) for obj in [*model.parameters(), *model.buffers(), *model.modules()]
+    ]
+    placeholders = []
+    for layer in sltrain_layers:
+        base = layer.get_base_layer()
+        if "weight" in base._parameters and base._parameters["weight"] is None:
+            shape = (layer.out_features, layer.in_features)
+            shape = shape if isinstance(base, nn.Linear) else shape[::-1]  # Conv1D stores its weight transposed
+            dtype = next(iter(layer.sltrain_A.values())).dtype
+            base._parameters["weight"] = nn.Parameter(torch.empty(shape, device="meta", dtype=dtype), False)
+            placeholders.append(base)
+    try:
+        for obj, _ in saved:
+            if isinstance(obj, nn.Module):
+                obj.__dict__.pop(_FLAG, None)  # `initialize_weights` skips a module flagged by the model's own init
+            elif id(obj) not in fresh_ids:
+                setattr(obj, _FLAG, True)
+        model.initialize_weights()
+    finally:
+        for base in placeholders:
+            base._parameters["weight"] = None
+        for obj, flag in saved:
+            if flag is _FLAG:
+                obj.__dict__.pop(_FLAG, None)
+            else:
+                setattr(obj, _FLAG, flag)
 
 
 @torch.no_grad()

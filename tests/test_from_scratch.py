@@ -335,3 +335,100 @@ def test_an_adapter_named_like_a_module_is_refused(name):
     like `norm` would save `model.norm.weight` as `model.weight`, a file that does not load back."""
     with pytest.raises(ValueError, match=rf"`adapter_name='{name}'` is also a module's name.*would not load back"):
         get_peft_model(tiny_llama(), CONFIG, adapter_name=name)
+
+
+# -------------------------------------------------------------- the model's own init, on other architectures
+def meta_built(build, config):
+    with init_empty_weights():
+        return build(config)
+
+
+def test_parent_module_inits_apply_from_scratch():
+    """Transformers lets a parent module's init set its children's weights (T5's attention sets `k`, `o` and its
+    relative position bias; its feed-forward sets `wi`, `wo`); from scratch they get that init, not a generic one."""
+    import transformers
+
+    config = transformers.T5Config(
+        d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, vocab_size=128, decoder_start_token_id=0
+    )
+    torch.manual_seed(0)
+    normal = dict(transformers.AutoModelForSeq2SeqLM.from_config(config).named_parameters())
+    model = get_peft_model(
+        meta_built(transformers.AutoModelForSeq2SeqLM.from_config, config), SLTrainConfig(r=4, from_scratch=True)
+    )
+    scratch = dict(model.base_model.model.named_parameters())
+    block = "encoder.block.0.layer"
+    for name in (
+        "0.SelfAttention.k",
+        "0.SelfAttention.o",
+        "0.SelfAttention.relative_attention_bias",
+        "1.DenseReluDense.wo",
+    ):
+        a, b = scratch[f"{block}.{name}.weight"], normal[f"{block}.{name}.weight"]
+        assert 0.8 < a.std() / b.std() < 1.25, name  # was 8-11x too large: a generic std-1 init
+
+
+def test_fixed_parameters_keep_their_values_and_stay_frozen_from_scratch():
+    """Whisper's encoder positions are sinusoids that the model freezes: from scratch they are the sinusoids (set by
+    the encoder's init) and stay frozen, while everything else trains."""
+    import transformers
+
+    config = transformers.WhisperConfig(
+        d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=128, num_mel_bins=16, max_source_positions=16,
+        max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+    )  # fmt: skip
+    auto = transformers.AutoModelForSpeechSeq2Seq
+    normal = auto.from_config(config).model.encoder.embed_positions.weight
+    model = get_peft_model(
+        meta_built(auto.from_config, config), SLTrainConfig(r=4, from_scratch=True, target_modules="all-linear")
+    )
+    positions = model.base_model.model.model.encoder.embed_positions.weight
+    assert torch.equal(positions, normal) and not positions.requires_grad
+    assert [n for n, p in model.named_parameters() if not p.requires_grad] == [
+        "base_model.model.model.encoder.embed_positions.weight"
+    ]
+
+
+def test_a_parameter_no_init_sets_is_refused_from_scratch():
+    """CLIP's `logit_scale` gets its value in the constructor only, which ran on the meta device: refused by name,
+    not trained from uninitialised memory."""
+    import transformers
+
+    config = transformers.CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=64, max_position_embeddings=16),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=8),
+        projection_dim=16,
+    )  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"leaves 1 parameter\(s\) unset, e.g. \['logit_scale'\].*CLIPModel on a real"
+    ):
+        get_peft_model(
+            meta_built(transformers.CLIPModel, config),
+            SLTrainConfig(r=4, from_scratch=True, target_modules="all-linear"),
+        )
+
+
+def test_real_buffers_of_a_materialized_module_are_kept():
+    """A module that owns both a meta parameter and a real buffer (CLIP's vision embeddings: `class_embedding` and
+    `position_ids`) gets storage for the parameter and keeps the buffer's values."""
+
+    class Embeddings(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(4))
+            self.register_buffer("positions", torch.arange(4), persistent=False)
+
+        def reset_parameters(self):
+            torch.nn.init.ones_(self.scale)
+
+        def forward(self, x):
+            return self.scale * x[..., self.positions]
+
+    with init_empty_weights():
+        base = torch.nn.Sequential(Embeddings(), torch.nn.Linear(4, 8), torch.nn.LayerNorm(8))
+    model = get_peft_model(base, SLTrainConfig(r=2, from_scratch=True, target_modules=["1"]))
+    embeddings = model.base_model.model[0]
+    assert torch.equal(embeddings.positions, torch.arange(4)) and torch.equal(embeddings.scale, torch.ones(4))

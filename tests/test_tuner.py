@@ -379,6 +379,66 @@ def test_multihead_attention_out_proj_is_refused(from_scratch):
         assert (planned.trainable, planned.total) == model.get_nb_trainable_parameters()
 
 
+@pytest.mark.parametrize("from_scratch", [False, True])
+def test_a_linear_subclass_with_its_own_forward_is_refused(from_scratch):
+    """An SLTrain layer computes `x W^T + b` from the weights and never calls the replaced layer: a subclass whose
+    forward does something else (a router returning a tuple, a scaled output) would silently change the model.
+    Refused by name, left out of "all-linear"; Falcon's `FalconLinear`, the same product written out, is replaced."""
+    from transformers.models.falcon.modeling_falcon import FalconLinear
+
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scaled, self.falcon, self.fc = Scaled(16, 16), FalconLinear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.fc(self.falcon(self.scaled(x)))
+
+    with pytest.raises(ValueError, match=r"matched `scaled`: this Scaled subclasses `torch.nn.Linear` with a forward"):
+        get_peft_model(Block(), SLTrainConfig(r=2, target_modules=["scaled"], from_scratch=from_scratch))
+    config = SLTrainConfig(r=2, target_modules="all-linear", from_scratch=from_scratch)
+    planned = count_parameters(Block(), config)
+    torch.manual_seed(0)
+    base = Block()
+    x = torch.randn(3, 16)
+    expected = base(x)
+    model = get_peft_model(base, config)
+    assert [n for n, m in model.named_modules() if isinstance(m, SLTrainLayer)] == [
+        "base_model.model.falcon",
+        "base_model.model.fc",
+    ]
+    assert (planned.trainable, planned.total) == model.get_nb_trainable_parameters()
+    if not from_scratch:
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)  # starts equal to the base model
+
+
+@pytest.mark.parametrize("from_scratch", [False, True])
+def test_layers_whose_weight_mamba_reads_directly_are_left_out(from_scratch):
+    """Mamba reads `x_proj`, `dt_proj` and `out_proj`'s weights itself (its fused kernels, its `dt_proj` product): a
+    named one is refused, "all-linear" replaces only `in_proj`."""
+    from accelerate import init_empty_weights
+
+    config = transformers.MambaConfig(hidden_size=32, num_hidden_layers=1, vocab_size=64, state_size=4, expand=2)
+
+    def build():
+        if not from_scratch:
+            torch.manual_seed(0)
+            return transformers.MambaForCausalLM(config)
+        with init_empty_weights():
+            return transformers.MambaForCausalLM(config)
+
+    with pytest.raises(ValueError, match=r"matched `backbone.layers.0.mixer.dt_proj`, whose weight this mamba model"):
+        get_peft_model(build(), SLTrainConfig(r=2, target_modules=["in_proj", "dt_proj"], from_scratch=from_scratch))
+    model = get_peft_model(build(), SLTrainConfig(r=2, target_modules="all-linear", from_scratch=from_scratch))
+    assert [n for n, m in model.named_modules() if isinstance(m, SLTrainLayer)] == [
+        "base_model.model.backbone.layers.0.mixer.in_proj"
+    ]
+
+
 def test_unknown_architecture_needs_target_modules():
     class Tiny(nn.Module):
         def __init__(self):
