@@ -283,7 +283,8 @@ def main(argv=None) -> None:
         type=Path,
         default=RESULTS,
         help="where the sweep file is read and written and the results land (default: benchmarks/results; a trial "
-        "run with a smaller budget belongs elsewhere, so that it does not replace the committed results)",
+        "run with a smaller budget belongs elsewhere, so that it does not replace the committed results; the runs "
+        "themselves stay in benchmarks/runs, where a later run with other settings replaces them)",
     )
     p.add_argument("extra", nargs="*", help="further flags for pretrain.py, after --")
     args = p.parse_args(argv)

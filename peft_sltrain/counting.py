@@ -140,7 +140,7 @@ def count_parameters(model: nn.Module, config: SLTrainConfig) -> ParameterCounts
         if owner in targeted and attr == "weight":
             total += 0 if config.from_scratch else n  # dropped from scratch, frozen W0 otherwise
         elif config.from_scratch:
-            trainable += n
+            trainable += n if param.requires_grad else 0  # what is frozen before stays frozen (Whisper's positions)
             total += n
         elif any(owner == m or owner.startswith(m + ".") for m in saved_modules):
             trainable += n

@@ -29,11 +29,13 @@ REPLACEABLE = (nn.Linear, Conv1D)
 # that computes that from the weights; any other forward of its own would be silently dropped)
 SAME_AS_LINEAR = {"transformers.models.falcon.modeling_falcon.FalconLinear"}
 # layers whose weight the model reads directly instead of calling them (a replacement would be ignored, or from
-# scratch leave nothing to read), by the model's `model_type`: Mamba's fused kernels and its `dt_proj` product (PEFT
-# refuses LoRA on Mamba's `out_proj` for the same reason)
+# scratch leave nothing to read), by the model's `model_type`, as found in Transformers 5.24: the Mamba family's fused
+# kernels and `dt_proj` products (PEFT refuses LoRA on Mamba's `out_proj` for the same reason), WavLM's attention
 WEIGHT_READ_DIRECTLY = {
     **dict.fromkeys(("mamba", "falcon_mamba"), ("x_proj", "dt_proj", "out_proj")),
-    **dict.fromkeys(("mamba2", "nemotron_h", "falcon_h1"), ("out_proj",)),
+    **dict.fromkeys(("mamba2", "nemotron_h", "falcon_h1", "bamba", "granitemoehybrid", "zamba2"), ("out_proj",)),
+    "jamba": ("dt_proj",),
+    "wavlm": ("q_proj", "k_proj", "v_proj", "out_proj"),
 }
 # bitsandbytes' quantized weights (their layers, `Linear4bit` / `Linear8bitLt`, subclass `nn.Linear`), by class name
 BNB_WEIGHTS = {"Params4bit": "4-bit", "Int8Params": "8-bit"}

@@ -12,6 +12,7 @@ from peft.tuners.tuners_utils import (
     _is_key_under_prefixes,
 )
 from torch import nn
+from transformers import PreTrainedModel
 
 from .config import SLTrainConfig
 from .layer import Linear, SLTrainLayer, exclude_unreplaceable_linears, keep_bnb_4bit_unpacked
@@ -144,13 +145,21 @@ class SLTrainModel(BaseTuner):
             super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        frozen = {id(p) for p in model.parameters() if not p.requires_grad}  # by the model (Whisper's sinusoids)
+        frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}  # Whisper's fixed positions
         super()._mark_only_adapters_as_trainable(model)
         if self._from_scratch() and not self.peft_config[self.active_adapters[0]].inference_mode:
             # pretraining: embeddings, norms, head and biases are trained along with the SLTrain factors, but for
-            # what the model itself keeps fixed
+            # what was frozen before (by the model, or by the caller)
+            frozen_ids = {id(p) for p in frozen.values()}
             for parameter in model.parameters():
-                parameter.requires_grad_(id(parameter) not in frozen)
+                parameter.requires_grad_(id(parameter) not in frozen_ids)
+            if frozen and not getattr(self, "_warned_frozen", False):
+                self._warned_frozen = True
+                warnings.warn(
+                    f"From scratch, {len(frozen)} parameter(s) frozen before `get_peft_model` stay frozen, e.g. "
+                    f"{list(frozen)[:3]}; call `requires_grad_(True)` on them to train them.",
+                    stacklevel=2,
+                )
 
     def _post_injection_hook(self, model: nn.Module, config: SLTrainConfig, adapter_name: str) -> None:
         if config.from_scratch:
@@ -358,9 +367,9 @@ def materialize_meta_parameters(model: nn.Module) -> None:
         module._buffers.update(buffers)
         fresh += [module.get_parameter(key) for key in meta]
         by_module.append((name, module))
-    for parameter in fresh:  # NaN until an init sets it: what none sets is found below, not trained as garbage
-        parameter.fill_(math.nan if parameter.is_floating_point() else 0)
-    if fresh and hasattr(model, "initialize_weights"):
+    for parameter in fresh:  # a sentinel until an init sets it: what none sets is found below, not used as garbage
+        parameter.fill_(_unset_value(parameter))
+    if fresh and isinstance(model, PreTrainedModel):
         _initialize_only(model, fresh, sltrain_layers)
     else:
         for name, module in by_module:
@@ -370,14 +379,24 @@ def materialize_meta_parameters(model: nn.Module) -> None:
                     "build the model on a real device, or give it `reset_parameters()`."
                 )
             module.reset_parameters()
-    names = {id(p): n for n, p in model.named_parameters()}
-    unset = [names[id(p)] for p in fresh if p.is_floating_point() and p.isnan().any()]
-    if unset:
-        raise ValueError(
-            f"The model's own init leaves {len(unset)} parameter(s) unset, e.g. {unset[:3]}: their values come from "
-            f"the constructor, which ran on the meta device. Build the {type(model).__name__} on a real device "
-            "instead (from scratch, its targeted dense weights are then dropped when the layers are replaced)."
-        )
+    unset = {name: p for name, p in model.named_parameters() if any(p is f for f in fresh) and _is_unset(p)}
+    if unset:  # checked at the first forward: loading an adapter (which holds every tensor) sets them before it
+        handles = []
+
+        def refuse_unset(*_):
+            still = [name for name, p in unset.items() if _is_unset(p)]
+            if still:
+                raise ValueError(
+                    f"The model's own init leaves {len(still)} parameter(s) unset, e.g. {still[:3]}: their values "
+                    f"come from the constructor, which ran on the meta device. Build the {type(model).__name__} on a "
+                    "real device instead (from scratch, its targeted dense weights are then dropped when the layers "
+                    "are replaced), or load an adapter that holds them."
+                )
+            for handle in handles:
+                handle.remove()
+
+        # on its children too: PEFT calls the model's `forward` itself, which runs no hooks
+        handles += [m.register_forward_pre_hook(refuse_unset) for m in (model, *model.children())]
     meta_buffers = [name for name, b in model.named_buffers() if b.device.type == "meta"]
     if meta_buffers:
         raise ValueError(
@@ -390,6 +409,21 @@ def materialize_meta_parameters(model: nn.Module) -> None:
             model.tie_weights()
         finally:
             nn.Module.register_parameter = patched
+
+
+def _unset_value(parameter: torch.Tensor):
+    """What a parameter holds until an init sets it: NaN, or the dtype's lowest value for integers."""
+    if parameter.is_floating_point() or parameter.is_complex():
+        return math.nan
+    return False if parameter.dtype == torch.bool else torch.iinfo(parameter.dtype).min
+
+
+def _is_unset(parameter: torch.Tensor) -> bool:
+    if parameter.dtype == torch.bool:
+        return False  # no value left to mark it with
+    if parameter.is_floating_point() or parameter.is_complex():
+        return bool(parameter.isnan().any())
+    return bool((parameter == torch.iinfo(parameter.dtype).min).any())
 
 
 _FLAG = "_is_hf_initialized"  # what Transformers' init functions and `initialize_weights` skip, on tensors and modules

@@ -801,7 +801,8 @@ def main(argv: list[str] | None = None) -> dict:
         if fsdp:  # each rank holds only its shards of the model
             final = whole_model(method, model_config, hyper, final_state)
         command = shlex.join(["python", "scripts/pretrain.py", *(sys.argv[1:] if argv is None else argv)])
-        card = pretrain_card.build(summary, config, command, method.saves_adapter, model_config.vocab_size)
+        resumed = resume_from is not None
+        card = pretrain_card.build(summary, config, command, method.saves_adapter, model_config.vocab_size, resumed)
         export(method, final, out, args.merge, tokenizer, card)
         tmp = out / ".summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2))

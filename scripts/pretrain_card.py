@@ -43,10 +43,13 @@ print(tokenizer.decode(model.generate(ids, max_new_tokens=40, do_sample=True, to
 """
 
 
-def build(summary: dict, run_config: dict, command: str, adapter: bool, vocab_size: int) -> str:
+def build(
+    summary: dict, run_config: dict, command: str, adapter: bool, vocab_size: int, resumed: bool = False
+) -> str:  # fmt: skip
     """README.md for `final/`: `summary` and `run_config` are what the run writes as summary.json and
     run_config.json, `adapter` whether `final/` is an SLTrain adapter rather than a plain model, `vocab_size` the
-    model's (the tokenizer's; run_config's `model_config` holds the preset's)."""
+    model's (the tokenizer's; run_config's `model_config` holds the preset's), `resumed` whether `command` resumed
+    the run from a checkpoint."""
     method, arch = summary["method"], run_config["model_config"]
     name = f"llama-{Path(str(summary['model'])).stem.removeprefix('llama_')}-{method}"  # a size or a preset file
     data = ModelCardData(
@@ -99,7 +102,16 @@ def build(summary: dict, run_config: dict, command: str, adapter: bool, vocab_si
         json.dumps({k: v for k, v in run_config.items() if k != "data_sha256"}, indent=2),
         "```",
         "",
-        "Produced by this command:",
+        (
+            "Finished by this command, resuming from a checkpoint (the settings above held from the start):"
+            if resumed
+            else "Produced by this command:"
+        )
+        + (
+            f" (on {summary['processes']} processes: `torchrun` or `accelerate launch`)"
+            if summary["processes"] > 1
+            else ""
+        ),
         "",
         "```bash",
         command,

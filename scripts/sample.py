@@ -55,7 +55,9 @@ def find_export(path: str | Path) -> Path:
     if (path / "adapter_config.json").is_file() or (path / "final" / "adapter_config.json").is_file():
         raise ValueError(
             f"{path} holds an SLTrain adapter without config.json (the architecture), from a pretrain.py older than "
-            "that: build the model from the run's LlamaConfig and load the adapter as README.md's Use section shows."
+            "that: build the model under `init_empty_weights()` from a LlamaConfig of the run's `model_config` "
+            "(run_config.json) with the tokenizer's vocabulary size, and load the adapter with "
+            "`PeftModel.from_pretrained`."
         )
     raise ValueError(f"{path} is no pretrain.py run or export: neither it nor {path / 'final'} has a config.json.")
 

@@ -380,9 +380,11 @@ def test_fixed_parameters_keep_their_values_and_stay_frozen_from_scratch():
     )  # fmt: skip
     auto = transformers.AutoModelForSpeechSeq2Seq
     normal = auto.from_config(config).model.encoder.embed_positions.weight
-    model = get_peft_model(
-        meta_built(auto.from_config, config), SLTrainConfig(r=4, from_scratch=True, target_modules="all-linear")
-    )
+    scratch = SLTrainConfig(r=4, from_scratch=True, target_modules="all-linear")
+    planned = count_parameters(meta_built(auto.from_config, config), scratch)
+    with pytest.warns(UserWarning, match=r"1 parameter\(s\) frozen before `get_peft_model` stay frozen"):
+        model = get_peft_model(meta_built(auto.from_config, config), scratch)
+    assert (planned.trainable, planned.total) == model.get_nb_trainable_parameters()
     positions = model.base_model.model.model.encoder.embed_positions.weight
     assert torch.equal(positions, normal) and not positions.requires_grad
     assert [n for n, p in model.named_parameters() if not p.requires_grad] == [
@@ -390,9 +392,9 @@ def test_fixed_parameters_keep_their_values_and_stay_frozen_from_scratch():
     ]
 
 
-def test_a_parameter_no_init_sets_is_refused_from_scratch():
-    """CLIP's `logit_scale` gets its value in the constructor only, which ran on the meta device: refused by name,
-    not trained from uninitialised memory."""
+def test_a_parameter_no_init_sets_is_refused_from_scratch(tmp_path):
+    """CLIP's `logit_scale` gets its value in the constructor only, which ran on the meta device: the first forward
+    refuses it by name, rather than compute with uninitialised memory; an adapter file that holds it sets it first."""
     import transformers
 
     config = transformers.CLIPConfig(
@@ -402,13 +404,20 @@ def test_a_parameter_no_init_sets_is_refused_from_scratch():
                            image_size=16, patch_size=8),
         projection_dim=16,
     )  # fmt: skip
+    inputs = {"input_ids": torch.randint(0, 64, (2, 5)), "pixel_values": torch.randn(2, 3, 16, 16)}
+    scratch = SLTrainConfig(r=4, from_scratch=True, target_modules="all-linear")
+    model = get_peft_model(meta_built(transformers.CLIPModel, config), scratch)
     with pytest.raises(
         ValueError, match=r"leaves 1 parameter\(s\) unset, e.g. \['logit_scale'\].*CLIPModel on a real"
     ):
-        get_peft_model(
-            meta_built(transformers.CLIPModel, config),
-            SLTrainConfig(r=4, from_scratch=True, target_modules="all-linear"),
-        )
+        model(**inputs)
+
+    torch.manual_seed(0)
+    trained = get_peft_model(transformers.CLIPModel(config), scratch)  # built on a real device: constructor values
+    trained.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(meta_built(transformers.CLIPModel, config), tmp_path)
+    assert loaded.base_model.model.logit_scale == trained.base_model.model.logit_scale
+    torch.testing.assert_close(loaded(**inputs).logits_per_text, trained(**inputs).logits_per_text, rtol=0, atol=0)
 
 
 def test_real_buffers_of_a_materialized_module_are_kept():
@@ -432,3 +441,25 @@ def test_real_buffers_of_a_materialized_module_are_kept():
     model = get_peft_model(base, SLTrainConfig(r=2, from_scratch=True, target_modules=["1"]))
     embeddings = model.base_model.model[0]
     assert torch.equal(embeddings.positions, torch.arange(4)) and torch.equal(embeddings.scale, torch.ones(4))
+
+
+def test_a_models_own_initialize_weights_is_not_taken_for_transformers():
+    """Only a Transformers model's `initialize_weights` knows to skip what is already initialised: another model's
+    method of that name is not called, so it cannot re-initialise the adapters (`B` starts at zero)."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.out = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+        def initialize_weights(self):
+            for parameter in self.parameters():
+                torch.nn.init.normal_(parameter)
+
+    with init_empty_weights():
+        base = Net()
+    model = get_peft_model(base, SLTrainConfig(r=2, from_scratch=True, target_modules=["fc"]))
+    layer = model.base_model.model.fc
+    assert (
+        torch.equal(layer.sltrain_B["default"], torch.zeros(8, 2)) and layer.sltrain_values["default"].abs().sum() > 0
+    )

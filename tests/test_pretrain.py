@@ -533,6 +533,7 @@ def test_killed_export_leaves_the_run_resumable(tmp_path, corpus, monkeypatch):
     assert not (tmp_path / "summary.json").exists() and not (tmp_path / "final").exists()  # not complete
     run(tmp_path, corpus, "--method", "sltrain", "--max-steps", "2", "--save-every", "2", "--resume")
     assert json.loads((tmp_path / "final" / "adapter_config.json").read_text())["peft_type"] == "SLTRAIN"
+    assert "Finished by this command, resuming from a checkpoint" in (tmp_path / "final" / "README.md").read_text()
     assert (tmp_path / "summary.json").is_file() and not list(tmp_path.glob(".*.tmp"))
 
 
