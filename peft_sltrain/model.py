@@ -379,7 +379,8 @@ def materialize_meta_parameters(model: nn.Module) -> None:
                     "build the model on a real device, or give it `reset_parameters()`."
                 )
             module.reset_parameters()
-    unset = {name: p for name, p in model.named_parameters() if any(p is f for f in fresh) and _is_unset(p)}
+    fresh_ids = {id(p) for p in fresh}
+    unset = {name: p for name, p in model.named_parameters() if id(p) in fresh_ids and _is_unset(p)}
     if unset:  # checked at the first forward: loading an adapter (which holds every tensor) sets them before it
         handles = []
 

@@ -525,6 +525,8 @@ def export(method, model, out: Path, merge: bool, tokenizer: data.Tokenizer, car
     loads without a base checkpoint, or any other method's dense Transformers model (LoRA merged, low-rank multiplied
     out), which plain `from_pretrained` loads; both with the tokenizer and `card` as README.md.
     """
+    # the adapter is saved before `to_dense`, which merges and unloads it in place
+    dense = None if method.saves_adapter else method.to_dense(model)
 
     def write_final(tmp: Path) -> None:
         if method.saves_adapter:
@@ -535,11 +537,10 @@ def export(method, model, out: Path, merge: bool, tokenizer: data.Tokenizer, car
         tokenizer.save(tmp)
         (tmp / "README.md").write_text(card)  # replaces PEFT's empty template
 
-    # the adapter is saved before `to_dense`, which merges and unloads it in place
-    dense = None if method.saves_adapter else method.to_dense(model)
     publish(out / "final", write_final)
     if merge:
-        dense = dense or method.to_dense(model)
+        if dense is None:
+            dense = method.to_dense(model)
         publish(out / "merged", lambda tmp: (dense.save_pretrained(tmp), tokenizer.save(tmp)))
 
 
