@@ -463,3 +463,31 @@ def test_a_models_own_initialize_weights_is_not_taken_for_transformers():
     assert (
         torch.equal(layer.sltrain_B["default"], torch.zeros(8, 2)) and layer.sltrain_values["default"].abs().sum() > 0
     )
+
+
+def test_an_integer_parameter_no_init_sets_is_refused_at_the_first_forward():
+    """An integer parameter that only the constructor sets (here a permutation) cannot be NaN: it holds the dtype's
+    lowest value until an init sets it, and the first forward refuses it by name."""
+    import transformers
+
+    class Config(transformers.PretrainedConfig):
+        model_type = "sltrain-test-permuted"
+
+    class Permuted(transformers.PreTrainedModel):
+        config_class = Config
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.fc = torch.nn.Linear(8, 8)
+            self.perm = torch.nn.Parameter(torch.arange(7, -1, -1), requires_grad=False)
+            self.post_init()
+
+        def forward(self, x):
+            return self.fc(x)[..., self.perm]
+
+    with init_empty_weights():
+        base = Permuted(Config())
+    with pytest.warns(UserWarning, match="stay frozen"):  # `perm` was built frozen
+        model = get_peft_model(base, SLTrainConfig(r=2, from_scratch=True, target_modules=["fc"]))
+    with pytest.raises(ValueError, match=r"leaves 1 parameter\(s\) unset, e.g. \['perm'\]"):
+        model(torch.randn(2, 8))
