@@ -525,3 +525,20 @@ def test_a_layer_under_autocast_computes_as_its_base_layer_would():
     assert y.dtype == y_base.dtype == torch.bfloat16
     y.float().sum().backward()
     assert layer.sltrain_A["default"].grad.dtype == torch.float32
+
+
+def test_jambas_dt_proj_is_left_out():
+    """Jamba's Mamba layers read `dt_proj.weight` themselves (the rest of the layer is called as usual)."""
+    config = transformers.JambaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64, mamba_d_state=4, mamba_expand=2, mamba_dt_rank=4, num_experts=1, attn_layer_period=2,
+        attn_layer_offset=1,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"matched `model.layers.0.mamba.dt_proj`, whose weight this jamba model"):
+        get_peft_model(transformers.JambaForCausalLM(config), SLTrainConfig(r=2, target_modules=["dt_proj"]))
+    model = get_peft_model(transformers.JambaForCausalLM(config), SLTrainConfig(r=2, target_modules="all-linear"))
+    mamba = {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, SLTrainLayer) and ".mamba." in n}
+    assert mamba == {"in_proj", "x_proj", "out_proj"}
+    ids = torch.randint(0, 64, (1, 6))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "sltrain_B" in n)  # every adapter is used
