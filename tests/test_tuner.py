@@ -527,6 +527,21 @@ def test_a_layer_under_autocast_computes_as_its_base_layer_would():
     assert layer.sltrain_A["default"].grad.dtype == torch.float32
 
 
+def test_wavlms_attention_projections_are_left_out():
+    """WavLM hands its attention projections' weights to `F.multi_head_attention_forward`: "all-linear" leaves them
+    out, and every adapter it places gets a gradient."""
+    config = transformers.WavLMConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, conv_dim=(16, 16),
+        conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+        num_buckets=16, max_bucket_distance=64,
+    )  # fmt: skip
+    model = get_peft_model(transformers.WavLMModel(config), SLTrainConfig(r=2, target_modules="all-linear"))
+    replaced = {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, SLTrainLayer)}
+    assert replaced.isdisjoint({"q_proj", "k_proj", "v_proj", "out_proj"}) and "intermediate_dense" in replaced
+    model(torch.randn(1, 400)).last_hidden_state.sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "sltrain_B" in n)
+
+
 def test_jambas_dt_proj_is_left_out():
     """Jamba's Mamba layers read `dt_proj.weight` themselves (the rest of the layer is called as usual)."""
     config = transformers.JambaConfig(
