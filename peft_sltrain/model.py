@@ -164,6 +164,7 @@ class SLTrainModel(BaseTuner):
     def _post_injection_hook(self, model: nn.Module, config: SLTrainConfig, adapter_name: str) -> None:
         if config.from_scratch:
             materialize_meta_parameters(model)
+            warn_dense_experts(model)
             return
         keep_bnb_4bit_unpacked(model)  # also 4-bit layers not replaced: bitsandbytes' CPU repacking breaks training
 
@@ -334,6 +335,20 @@ def _restore_supports(model: nn.Module, adapter_name: str, state_dict: dict) -> 
                 "it was saved and re-save it with `save_support=True`."
             )
         state_dict[key.replace(".sltrain_fingerprint", f".sltrain_indices.{adapter_name}")] = regenerated
+
+
+def warn_dense_experts(model: nn.Module) -> None:
+    """From scratch, warns that fused MoE experts (Transformers 5 keeps each MoE layer's experts as 3-D parameters of
+    one `...Experts` module, no linear layers) train dense: often most of such a model's weights."""
+    experts = {name: module for name, module in model.named_modules() if type(module).__name__.endswith("Experts")}
+    dense = sum(p.numel() for m in experts.values() for p in m.parameters() if p.dim() >= 3)
+    if dense:
+        total = sum(p.numel() for p in model.parameters())
+        warnings.warn(
+            f"From scratch, the fused MoE experts ({len(experts)} modules, e.g. `{next(iter(experts))}`: {dense:,} of "
+            f"the model's {total:,} parameters) are no linear layers SLTrain can replace, and train dense.",
+            stacklevel=3,
+        )
 
 
 @torch.no_grad()

@@ -491,3 +491,22 @@ def test_an_integer_parameter_no_init_sets_is_refused_at_the_first_forward():
         model = get_peft_model(base, SLTrainConfig(r=2, from_scratch=True, target_modules=["fc"]))
     with pytest.raises(ValueError, match=r"leaves 1 parameter\(s\) unset, e.g. \['perm'\]"):
         model(torch.randn(2, 8))
+
+
+def test_fused_moe_experts_are_said_to_train_dense():
+    """Transformers 5 keeps a MoE layer's experts as 3-D parameters, which no target reaches: from scratch a warning
+    says how much of the model they are, since they train dense."""
+    import transformers
+
+    config = transformers.MixtralConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64, num_local_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    with pytest.warns(
+        UserWarning, match=r"fused MoE experts \(1 modules, e.g. `model.layers.0.mlp.experts`: 24,576 of"
+    ):
+        model = get_peft_model(
+            meta_built(transformers.MixtralForCausalLM, config),
+            SLTrainConfig(r=4, from_scratch=True, target_modules="all-linear"),
+        )
+    assert model.base_model.model.model.layers[0].mlp.experts.gate_up_proj.requires_grad
