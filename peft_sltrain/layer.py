@@ -152,13 +152,13 @@ def unreplaceable_linears(model: nn.Module) -> list[str]:
     `torch.nn.MultiheadAttention` (which reads its weight directly), `nn.Linear` subclasses with a forward of their
     own (`has_own_forward`) and `weight_read_directly`. `"all-linear"` leaves them out; a name that matches one is
     refused."""
-    names = [
-        f"{name}.out_proj" if name else "out_proj"
-        for name, module in model.named_modules()
-        if isinstance(module, nn.MultiheadAttention) and isinstance(module.out_proj, NonDynamicallyQuantizableLinear)
-    ]
-    names += [name for name, module in model.named_modules() if has_own_forward(module)]
-    return list(dict.fromkeys(names + weight_read_directly(model)))
+    read_directly, names = set(weight_read_directly(model)), []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention) and isinstance(module.out_proj, NonDynamicallyQuantizableLinear):
+            names.append(f"{name}.out_proj" if name else "out_proj")
+        elif name in read_directly or has_own_forward(module):
+            names.append(name)
+    return list(dict.fromkeys(names))  # (a MultiheadAttention's `out_proj` in a model that reads its own ones)
 
 
 def exclude_unreplaceable_linears(config: SLTrainConfig, model: nn.Module) -> None:

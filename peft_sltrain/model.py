@@ -340,8 +340,13 @@ def _restore_supports(model: nn.Module, adapter_name: str, state_dict: dict) -> 
 def warn_dense_experts(model: nn.Module) -> None:
     """From scratch, warns that fused MoE experts (Transformers 5 keeps each MoE layer's experts as 3-D parameters of
     one `...Experts` module, no linear layers) train dense: often most of such a model's weights."""
-    experts = {name: module for name, module in model.named_modules() if type(module).__name__.endswith("Experts")}
-    dense = sum(p.numel() for m in experts.values() for p in m.parameters() if p.dim() >= 3)
+    experts = {
+        name: sum(p.numel() for p in module.parameters() if p.dim() >= 3)
+        for name, module in model.named_modules()
+        if type(module).__name__.endswith("Experts")
+    }
+    experts = {name: n for name, n in experts.items() if n}
+    dense = sum(experts.values())
     if dense:
         total = sum(p.numel() for p in model.parameters())
         warnings.warn(
@@ -384,8 +389,9 @@ def materialize_meta_parameters(model: nn.Module) -> None:
         by_module.append((name, module))
     for parameter in fresh:  # a sentinel until an init sets it: what none sets is found below, not used as garbage
         parameter.fill_(_unset_value(parameter))
+    fresh_ids = {id(p) for p in fresh}
     if fresh and isinstance(model, PreTrainedModel):
-        _initialize_only(model, fresh, sltrain_layers)
+        _initialize_only(model, fresh_ids, sltrain_layers)
     else:
         for name, module in by_module:
             if not hasattr(module, "reset_parameters"):
@@ -394,7 +400,6 @@ def materialize_meta_parameters(model: nn.Module) -> None:
                     "build the model on a real device, or give it `reset_parameters()`."
                 )
             module.reset_parameters()
-    fresh_ids = {id(p) for p in fresh}
     unset = {name: p for name, p in model.named_parameters() if id(p) in fresh_ids and _is_unset(p)}
     if unset:  # checked at the first forward: loading an adapter (which holds every tensor) sets them before it
         handles = []
@@ -445,11 +450,11 @@ def _is_unset(parameter: torch.Tensor) -> bool:
 _FLAG = "_is_hf_initialized"  # what Transformers' init functions and `initialize_weights` skip, on tensors and modules
 
 
-def _initialize_only(model: nn.Module, fresh: list[torch.Tensor], sltrain_layers: list[SLTrainLayer]) -> None:
-    """Transformers' `model.initialize_weights()` on the `fresh` parameters alone: every other tensor (trained,
-    loaded or already initialised, the adapters included) is flagged as initialised meanwhile, and each replaced
-    layer from scratch shows a meta weight of its shape, so that an init reaching it (a parent's) does nothing."""
-    fresh_ids = {id(t) for t in fresh}
+def _initialize_only(model: nn.Module, fresh_ids: set[int], sltrain_layers: list[SLTrainLayer]) -> None:
+    """Transformers' `model.initialize_weights()` on the fresh parameters alone (their ids: `fresh_ids`): every other
+    tensor (trained, loaded or already initialised, the adapters included) is flagged as initialised meanwhile, and
+    each replaced layer from scratch shows a meta weight of its shape, so that an init reaching it (a parent's) does
+    nothing."""
     saved = [
         (obj, obj.__dict__.get(_FLAG, _FLAG)) for obj in [*model.parameters(), *model.buffers(), *model.modules()]
     ]
