@@ -61,10 +61,19 @@ def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor
 
 
 class _SparseLowRankLinear(torch.autograd.Function):
-    """Like `F.linear(x, dense_weight(A, B, values, indices, scaling, weight), bias)`, but saves no dense weight."""
+    """Like `F.linear(x, dense_weight(A, B, values, indices, scaling, weight), bias)`, but saves no dense weight.
+
+    `x` comes in the compute dtype; the other floating-point tensors may come in another (autocast's fp32 master
+    weights): they are cast to x's dtype here, and autograd's engine casts their gradients back to their own dtype.
+    The same bits as casting them before the call, without three cast nodes per layer in the autograd graph: on a GPU,
+    60M-shaped steps on 32k tokens are bound by the CPU's work per op (README, "On a GPU")."""
 
     @staticmethod
     def forward(ctx, x, A, B, values, indices, scaling, weight, bias):
+        dtype = x.dtype
+        A, B, values = A.to(dtype), B.to(dtype), values.to(dtype)  # copies (kept for backward) only where cast
+        weight = None if weight is None else weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
         W = dense_weight(A, B, values, indices, scaling, weight)  # (d_out, d_in), transient
         y = _output(x, W.shape[0])
         if bias is None:
@@ -333,20 +342,29 @@ def sltrain_linear(
         raise ValueError(
             f"`x` must have d_in = {A.shape[1]} features in its last dimension, got shape {tuple(x.shape)}."
         )
+    if path not in PATHS:
+        raise ValueError(f"`path` must be one of {PATHS}, got {path!r}.")
     if _autocast_on(x.device.type):
-        dtype = compute_dtype(x)
-        cast = {"weight": weight, "bias": bias, "A": A, "B": B, "values": values}
-        cast = {k: None if t is None else t.to(dtype) for k, t in cast.items()}  # grads flow back to the originals
-        with torch.autocast(x.device.type, enabled=False):
-            return sltrain_linear(x.to(dtype), indices=indices, scaling=scaling, path=path, **cast)
+        x = x.to(compute_dtype(x))
+        with torch.autocast(x.device.type, enabled=False):  # grads flow back to the originals, in their dtypes
+            return sltrain_linear_unchecked(x, A, B, values, indices, scaling, weight, bias, path)
     for name, t in (("A", A), ("B", B), ("values", values), ("weight", weight), ("bias", bias)):
         if t is not None and t.dtype != x.dtype:
             raise ValueError(f"`{name}` must have x's dtype {x.dtype}, got {t.dtype} (or call it under autocast).")
+    return sltrain_linear_unchecked(x, A, B, values, indices, scaling, weight, bias, path)
+
+
+def sltrain_linear_unchecked(x, A, B, values, indices, scaling, weight, bias, path):
+    """`sltrain_linear` after its shape checks, with autocast off and `x` in the compute dtype. The dense path takes
+    the other floating-point tensors in any dtype (it casts them itself); the factored path casts them first."""
     if path == "dense":
         if indices.dtype not in (torch.int32, torch.int64):  # what `index_add_` / `index_select` take
             indices = _int32_support(indices, B.shape[0] * A.shape[1])
         return _SparseLowRankLinear.apply(x, A, B, values, indices, scaling, weight, bias)
     if path == "factored":
+        A, B, values = A.to(x.dtype), B.to(x.dtype), values.to(x.dtype)
+        weight = None if weight is None else weight.to(x.dtype)
+        bias = None if bias is None else bias.to(x.dtype)
         indices = _int32_support(indices, B.shape[0] * A.shape[1])
         if x.device.type == "cpu" and not cpu_kernels.supports(x.device, x.dtype):
             _check_for_csr_kernels(x, indices, B.shape[0] * A.shape[1])

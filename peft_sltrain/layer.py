@@ -20,7 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import SLTrainConfig
 from .cost import COMPUTE_CHOICES, choose_path
-from .functional import compute_dtype, dense_weight, sltrain_linear
+from .functional import compute_dtype, dense_weight, sltrain_linear, sltrain_linear_unchecked
 from .support import layer_seed, num_nonzeros, random_support
 
 # the layers SLTrain can replace
@@ -307,12 +307,13 @@ class SLTrainLayer(BaseTunerLayer):
             backward=torch.is_grad_enabled(),
         )
 
-    def _base_weight(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """The frozen `W0` as (d_out, d_in) in `dtype` (a transposed view for Conv1D), or None from scratch."""
+    def _base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """The frozen `W0` as (d_out, d_in) in `dtype` (its own if None; a transposed view for Conv1D), or None from
+        scratch."""
         weight = self.get_base_layer().weight
         if weight is None:
             return None
-        weight = weight.to(dtype)
+        weight = weight if dtype is None else weight.to(dtype)
         return weight.t() if self.fan_in_fan_out else weight
 
     def _sltrain_tensors(self, adapter_name: str, dtype: torch.dtype) -> dict:
@@ -466,16 +467,18 @@ class Linear(nn.Module, SLTrainLayer):
             base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
         ):
             self._warn_about_hooks_on(base)
-        bias = None if base.bias is None else base.bias.to(dtype)
         with torch.autocast(device_type, enabled=False):
             x = x.to(dtype)
             if len(active) == 1:
-                # one fused map: W0 + delta is rebuilt inside, so the dense weight is multiplied only once
-                weight = self._base_weight(dtype)
-                path = self._path(active[0], x, dtype, has_weight=weight is not None)
-                return sltrain_linear(
-                    x, weight=weight, bias=bias, path=path, **self._sltrain_tensors(active[0], dtype)
-                )
+                # one fused map: W0 + delta is rebuilt inside, so the dense weight is multiplied only once; the
+                # tensors go in their own dtype (the map casts them), and the layer's are valid: no checks per call
+                name, weight = active[0], self._base_weight()
+                path = self._path(name, x, dtype, has_weight=weight is not None)
+                return sltrain_linear_unchecked(
+                    x, self.sltrain_A[name], self.sltrain_B[name], self.sltrain_values[name],
+                    self.sltrain_indices[name], self.scaling[name], weight, base.bias, path,
+                )  # fmt: skip
+            bias = None if base.bias is None else base.bias.to(dtype)
             result = F.linear(x, self._base_weight(dtype), bias)  # autocast is off here: W0 cast to x's dtype
             for name in active:
                 path = self._path(name, x, dtype, has_weight=False)
