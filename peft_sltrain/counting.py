@@ -18,6 +18,7 @@ from .config import HEADS_PEFT_ADDS, SLTrainConfig
 from .layer import (
     bnb_quantization,
     check_rank,
+    exclude_exactly,
     exclude_unreplaceable_linears,
     layer_features,
     refuse_quantized_from_scratch,
@@ -67,8 +68,7 @@ def targeted_linear_names(model: nn.Module, config: SLTrainConfig) -> list[str]:
             continue
         if isinstance(module, BaseTunerLayer):
             adapted.append(name + ".")
-        found = check_target_module_exists(config, name) if name else False
-        if found and not isinstance(found, _ExcludedModule):
+        if _matches(config, name):
             try:
                 d_in, d_out = layer_features(module)
             except ValueError as error:
@@ -167,11 +167,36 @@ def _not_yet_tied_output_weight(model: nn.Module) -> nn.Parameter | None:
     return outputs.weight
 
 
-def _resolved_config(model: nn.Module, config: SLTrainConfig) -> SLTrainConfig:
-    """`config` as PEFT will apply it: default targets, `"all-linear"` resolved, and the task's head in
-    `modules_to_save` (PEFT's task models add it there, and PEFT never targets a layer inside one)."""
+def _matches(config: SLTrainConfig, name: str) -> bool:
+    """Whether PEFT replaces module `name` under the resolved `config` (not the root; not inside `modules_to_save`)."""
+    found = check_target_module_exists(config, name) if name else False
+    return bool(found) and not isinstance(found, _ExcludedModule)
+
+
+def exclude_narrow_linears(config: SLTrainConfig, model: nn.Module) -> list[str]:
+    """For `target_modules="all-linear"`: the layers it would replace that are narrower than `config.r` (a 1-wide
+    gate, a classifier's 2-label output), which a rank-r factorization cannot fit. They are added to
+    `config.exclude_modules` (exact names) and returned, for `get_peft_model` to warn. Where every layer is that
+    narrow none is left out, and the rank check names them."""
+    if config.target_modules != "all-linear":
+        return []
+    resolved = _resolved_config(model, config, leave_out_narrow=False)
+    found = [name for name, _ in model.named_modules() if _matches(resolved, name)]
+    narrow = [name for name in found if min(layer_features(model.get_submodule(name))) < config.r]
+    if len(narrow) == len(found):
+        return []
+    exclude_exactly(config, narrow)
+    return narrow
+
+
+def _resolved_config(model: nn.Module, config: SLTrainConfig, leave_out_narrow: bool = True) -> SLTrainConfig:
+    """`config` as PEFT will apply it: default targets, `"all-linear"` resolved (`exclude_narrow_linears` too, unless
+    `leave_out_narrow` is False), and the task's head in `modules_to_save` (PEFT's task models add it there, and PEFT
+    never targets a layer inside one)."""
     config = copy.deepcopy(config)
     exclude_unreplaceable_linears(config, model)
+    if leave_out_narrow:
+        exclude_narrow_linears(config, model)
     heads = [h for h in HEADS_PEFT_ADDS.get(config.task_type, []) if h not in (config.modules_to_save or [])]
     if heads:
         config.modules_to_save = list(config.modules_to_save or []) + heads

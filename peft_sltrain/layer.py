@@ -164,8 +164,13 @@ def unreplaceable_linears(model: nn.Module) -> list[str]:
 def exclude_unreplaceable_linears(config: SLTrainConfig, model: nn.Module) -> None:
     """For `target_modules="all-linear"`, adds the model's `unreplaceable_linears` to `config.exclude_modules` (as
     exact names), so that the shorthand means every linear layer SLTrain can replace."""
-    names = unreplaceable_linears(model)
-    if config.target_modules != "all-linear" or not names:
+    if config.target_modules == "all-linear":
+        exclude_exactly(config, unreplaceable_linears(model))
+
+
+def exclude_exactly(config: SLTrainConfig, names: list[str]) -> None:
+    """Adds `names` to `config.exclude_modules`, each matching that module alone."""
+    if not names:
         return
     if isinstance(config.exclude_modules, str):  # a regex, matched in full: one more alternative per name
         config.exclude_modules = "|".join([f"(?:{config.exclude_modules})", *(re.escape(n) for n in names)])

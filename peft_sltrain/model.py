@@ -84,9 +84,11 @@ class SLTrainModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         # Every targeted layer is checked before the first is replaced: from scratch, replacing a layer drops its
         # dense weight, so failing halfway would leave the caller's model without some of its weights.
-        from .counting import targeted_linear_names  # (counting imports this module)
+        from .counting import exclude_narrow_linears, targeted_linear_names  # (counting imports this module)
 
-        exclude_unreplaceable_linears(self.peft_config[adapter_name], model)  # for "all-linear"
+        config = self.peft_config[adapter_name]
+        exclude_unreplaceable_linears(config, model)  # for "all-linear"
+        _warn_left_out_narrow(exclude_narrow_linears(config, model), config)
         targeted_linear_names(model, self.peft_config[adapter_name])
         if self.peft_config[adapter_name].from_scratch:
             # the file holds every tensor of the model, and PEFT strips `.<adapter_name>` from each saved key: a name
@@ -497,3 +499,17 @@ def _materialize_adapters(layer: SLTrainLayer) -> None:
             old = params[adapter]
             torch.utils.swap_tensors(old, nn.Parameter(torch.empty_like(old, device=device), old.requires_grad))
         layer.reset_sltrain_parameters(adapter)
+
+
+def _warn_left_out_narrow(names: list[str], config: SLTrainConfig) -> None:
+    """Says which layers `"all-linear"` left out for being narrower than `r` (`exclude_narrow_linears`), if any."""
+    if not names:
+        return
+    listed = ", ".join(f"`{n}`" for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    kept = "train dense from scratch" if config.from_scratch else "stay frozen"
+    warnings.warn(
+        f'`target_modules="all-linear"` leaves out {len(names)} linear layer(s) narrower than r={config.r}, which a '
+        f"rank-{config.r} factorization cannot fit: {listed}. They keep their dense weight and {kept}; a smaller `r` "
+        "includes them.",
+        stacklevel=3,
+    )

@@ -380,6 +380,33 @@ def test_multihead_attention_out_proj_is_refused(from_scratch):
 
 
 @pytest.mark.parametrize("from_scratch", [False, True])
+def test_all_linear_leaves_out_layers_narrower_than_r_with_a_warning(from_scratch):
+    """A 1-wide gate (Qwen2-MoE's `shared_expert_gate`) or a 2-label classifier cannot hold a rank-r factorization:
+    "all-linear" leaves them out and says so; named explicitly, they are refused; where every layer is that narrow,
+    the refusal names one (leaving out all of them would leave nothing to train)."""
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 1))
+
+    config = SLTrainConfig(r=4, target_modules="all-linear", from_scratch=from_scratch)
+    planned = count_parameters(build(), config)
+    with pytest.warns(UserWarning, match=r'"all-linear"` leaves out 1 linear layer\(s\) narrower than r=4.*`2`'):
+        model = get_peft_model(build(), config)
+    layers = {name: type(m).__name__ for name, m in model.named_modules() if name.count(".") == 2}
+    assert layers == {"base_model.model.0": "Linear", "base_model.model.1": "ReLU", "base_model.model.2": "Linear"}
+    assert isinstance(model.base_model.model[0], SLTrainLayer) and not isinstance(
+        model.base_model.model[2], SLTrainLayer
+    )
+    assert (planned.trainable, planned.total) == model.get_nb_trainable_parameters()
+    assert model.base_model.model[2].weight.requires_grad == from_scratch  # dense: trained from scratch, else frozen
+    with pytest.raises(ValueError, match=r"`r` must be in \[1, min\(d_in, d_out\)\] = \[1, 1\] for layer `2`"):
+        get_peft_model(build(), SLTrainConfig(r=4, target_modules=["0", "2"], from_scratch=from_scratch))
+    with pytest.raises(ValueError, match=r"= \[1, 12\] for layer `0` \(12 x 16\), got 13"):
+        get_peft_model(build(), SLTrainConfig(r=13, target_modules="all-linear", from_scratch=from_scratch))
+
+
+@pytest.mark.parametrize("from_scratch", [False, True])
 def test_a_linear_subclass_with_its_own_forward_is_refused(from_scratch):
     """An SLTrain layer computes `x W^T + b` from the weights and never calls the replaced layer: a subclass whose
     forward does something else (a router returning a tuple, a scaled output) would silently change the model.
