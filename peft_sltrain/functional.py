@@ -322,8 +322,7 @@ def sltrain_linear(
     rebuilds the dense weight in backward, `path="factored"` never forms it. All floating-point tensors must share
     one dtype and device; `indices` are sorted flat row-major positions, int32 as the layers keep them (int64 is
     converted, one copy per call). Under autocast it computes in the dtype `F.linear` would (`compute_dtype`)."""
-    if not x.is_floating_point():  # complex would need conjugates in backward; integers have no gradient
-        raise ValueError(f"`x` must be a real floating-point tensor, got {x.dtype}.")
+    check_input(x, None)
     if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
         raise ValueError(
             f"`A` (r, d_in) and `B` (d_out, r) must share r, got shapes {tuple(A.shape)} and {tuple(B.shape)}."
@@ -338,10 +337,7 @@ def sltrain_linear(
             f"`values` and `indices` must be 1-D and of one length (a value per support entry), got shapes "
             f"{tuple(values.shape)} and {tuple(indices.shape)}."
         )
-    if x.dim() == 0 or x.shape[-1] != A.shape[1]:
-        raise ValueError(
-            f"`x` must have d_in = {A.shape[1]} features in its last dimension, got shape {tuple(x.shape)}."
-        )
+    check_input(x, A.shape[1])
     if path not in PATHS:
         raise ValueError(f"`path` must be one of {PATHS}, got {path!r}.")
     if _autocast_on(x.device.type):
@@ -354,9 +350,19 @@ def sltrain_linear(
     return sltrain_linear_unchecked(x, A, B, values, indices, scaling, weight, bias, path)
 
 
+def check_input(x: torch.Tensor, d_in: int | None) -> None:
+    """`ValueError` unless `x` is a real floating-point tensor with `d_in` features in its last dimension (any number
+    if `d_in` is None). Integers would be computed on truncated weights; complex would need conjugates in backward."""
+    if not x.is_floating_point():
+        raise ValueError(f"`x` must be a real floating-point tensor, got {x.dtype}.")
+    if d_in is not None and (x.dim() == 0 or x.shape[-1] != d_in):
+        raise ValueError(f"`x` must have d_in = {d_in} features in its last dimension, got shape {tuple(x.shape)}.")
+
+
 def sltrain_linear_unchecked(x, A, B, values, indices, scaling, weight, bias, path):
-    """`sltrain_linear` after its shape checks, with autocast off and `x` in the compute dtype. The dense path takes
-    the other floating-point tensors in any dtype (it casts them itself); the factored path casts them first."""
+    """`sltrain_linear` after its checks (the layers run `check_input` alone: their tensors are valid), with autocast
+    off and `x` in the compute dtype. The dense path takes the other floating-point tensors in any dtype (it casts them
+    itself); the factored path casts them first."""
     if path == "dense":
         if indices.dtype not in (torch.int32, torch.int64):  # what `index_add_` / `index_select` take
             indices = _int32_support(indices, B.shape[0] * A.shape[1])

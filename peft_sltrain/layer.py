@@ -20,7 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import SLTrainConfig
 from .cost import COMPUTE_CHOICES, choose_path
-from .functional import compute_dtype, dense_weight, sltrain_linear, sltrain_linear_unchecked
+from .functional import check_input, compute_dtype, dense_weight, sltrain_linear, sltrain_linear_unchecked
 from .support import layer_seed, num_nonzeros, random_support
 
 # the layers SLTrain can replace
@@ -475,6 +475,7 @@ class Linear(nn.Module, SLTrainLayer):
         with torch.autocast(device_type, enabled=False):
             x = x.to(dtype)
             if len(active) == 1:
+                check_input(x, self.in_features)
                 # one fused map: W0 + delta is rebuilt inside, so the dense weight is multiplied only once; the
                 # tensors go in their own dtype (the map casts them), and the layer's are valid: no checks per call
                 name, weight = active[0], self._base_weight()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import warnings
@@ -476,6 +477,21 @@ def test_unknown_architecture_needs_target_modules():
         get_peft_model(Tiny(), SLTrainConfig(r=2))
     model = get_peft_model(Tiny(), SLTrainConfig(r=2, sparsity=0.25, target_modules=["lin"]))
     assert isinstance(model.base_model.model.lin, SLTrainLayer)
+
+
+@pytest.mark.parametrize("from_scratch", [False, True])
+def test_a_layer_refuses_inputs_it_cannot_compute(from_scratch):
+    """Integers would be multiplied by truncated weights (silently wrong), a wrong width fails deep inside torch: the
+    layer names the problem, as `sltrain_linear` does."""
+    model = get_peft_model(
+        nn.Sequential(nn.Linear(8, 6)), SLTrainConfig(r=2, target_modules=["0"], from_scratch=from_scratch)
+    )
+    with pytest.raises(ValueError, match=r"`x` must be a real floating-point tensor, got torch.int64"):
+        model(torch.randint(0, 3, (3, 8)))
+    for x in (torch.randn(3, 7), torch.tensor(1.0)):
+        shape = re.escape(str(tuple(x.shape)))
+        with pytest.raises(ValueError, match=rf"`x` must have d_in = 8 features .* got shape {shape}"):
+            model(x)
 
 
 def test_add_weighted_adapter_is_refused_with_the_reason():
