@@ -169,6 +169,8 @@ class SLTrainConfig(PeftConfig):
         self.peft_type = PEFT_TYPE
         if isinstance(self.modules_to_save, str):  # one module name, not its letters
             self.modules_to_save = [self.modules_to_save]
+        if isinstance(self.target_modules, str) and self.target_modules.lower() == "all-linear":
+            self.target_modules = "all-linear"  # PEFT takes it in any case; the checks here compare it as written
         self.validate()
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)

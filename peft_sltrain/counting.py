@@ -182,11 +182,19 @@ def exclude_narrow_linears(config: SLTrainConfig, model: nn.Module) -> list[str]
         return []
     resolved = _resolved_config(model, config, leave_out_narrow=False)
     found = [name for name, _ in model.named_modules() if _matches(resolved, name)]
-    narrow = [name for name in found if min(layer_features(model.get_submodule(name))) < config.r]
+    narrow = [name for name in found if min(_features(model.get_submodule(name)), default=config.r) < config.r]
     if len(narrow) == len(found):
         return []
     exclude_exactly(config, narrow)
     return narrow
+
+
+def _features(module: nn.Module) -> tuple[int, ...]:
+    """(d_in, d_out), or () for a layer that cannot be replaced (`targeted_linear_names` refuses it by name)."""
+    try:
+        return layer_features(module)
+    except ValueError:
+        return ()
 
 
 def _resolved_config(model: nn.Module, config: SLTrainConfig, leave_out_narrow: bool = True) -> SLTrainConfig:

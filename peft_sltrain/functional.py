@@ -66,10 +66,12 @@ class _SparseLowRankLinear(torch.autograd.Function):
     `x` comes in the compute dtype; the other floating-point tensors may come in another (autocast's fp32 master
     weights): they are cast to x's dtype here, and autograd's engine casts their gradients back to their own dtype.
     The same bits as casting them before the call, without three cast nodes per layer in the autograd graph: on a GPU,
-    60M-shaped steps on 32k tokens are bound by the CPU's work per op (README, "On a GPU")."""
+    60M-shaped steps on 32k tokens are bound by the CPU's work per op (README, "On a GPU"). A double backward
+    (`create_graph=True`, gradient penalties) casts them again, recorded, so that its terms reach the originals."""
 
     @staticmethod
     def forward(ctx, x, A, B, values, indices, scaling, weight, bias):
+        ctx.originals = (A, B, values, weight)  # references, for a double backward (not packed: no copies)
         dtype = x.dtype
         A, B, values = A.to(dtype), B.to(dtype), values.to(dtype)  # copies (kept for backward) only where cast
         weight = None if weight is None else weight.to(dtype)
@@ -87,6 +89,8 @@ class _SparseLowRankLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, A, B, values, indices, weight = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the casts go into the graph, or the originals get no terms
+            A, B, values, weight = (None if t is None else t.to(x.dtype) for t in ctx.originals)
         need_x, need_A, need_B, need_values, _, _, need_weight, need_bias = ctx.needs_input_grad
         scaling = ctx.scaling
         grad_x = grad_A = grad_B = grad_values = grad_weight = grad_bias = None
@@ -343,11 +347,11 @@ def sltrain_linear(
     if _autocast_on(x.device.type):
         x = x.to(compute_dtype(x))
         with torch.autocast(x.device.type, enabled=False):  # grads flow back to the originals, in their dtypes
-            return sltrain_linear_unchecked(x, A, B, values, indices, scaling, weight, bias, path)
+            return _sltrain_linear_unchecked(x, A, B, values, indices, scaling, weight, bias, path)
     for name, t in (("A", A), ("B", B), ("values", values), ("weight", weight), ("bias", bias)):
         if t is not None and t.dtype != x.dtype:
             raise ValueError(f"`{name}` must have x's dtype {x.dtype}, got {t.dtype} (or call it under autocast).")
-    return sltrain_linear_unchecked(x, A, B, values, indices, scaling, weight, bias, path)
+    return _sltrain_linear_unchecked(x, A, B, values, indices, scaling, weight, bias, path)
 
 
 def check_input(x: torch.Tensor, d_in: int | None) -> None:
@@ -359,7 +363,7 @@ def check_input(x: torch.Tensor, d_in: int | None) -> None:
         raise ValueError(f"`x` must have d_in = {d_in} features in its last dimension, got shape {tuple(x.shape)}.")
 
 
-def sltrain_linear_unchecked(x, A, B, values, indices, scaling, weight, bias, path):
+def _sltrain_linear_unchecked(x, A, B, values, indices, scaling, weight, bias, path):
     """`sltrain_linear` after its checks (the layers run `check_input` alone: their tensors are valid), with autocast
     off and `x` in the compute dtype. The dense path takes the other floating-point tensors in any dtype (it casts them
     itself); the factored path casts them first."""

@@ -20,7 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import SLTrainConfig
 from .cost import COMPUTE_CHOICES, choose_path
-from .functional import check_input, compute_dtype, dense_weight, sltrain_linear, sltrain_linear_unchecked
+from .functional import _sltrain_linear_unchecked, check_input, compute_dtype, dense_weight, sltrain_linear
 from .support import layer_seed, num_nonzeros, random_support
 
 # the layers SLTrain can replace
@@ -169,13 +169,16 @@ def exclude_unreplaceable_linears(config: SLTrainConfig, model: nn.Module) -> No
 
 
 def exclude_exactly(config: SLTrainConfig, names: list[str]) -> None:
-    """Adds `names` to `config.exclude_modules`, each matching that module alone."""
+    """Adds `names` to `config.exclude_modules`, each matching that module alone. PEFT matches a list's entries as
+    suffixes (`2` would also exclude `0.2`), so the result is a regex, which PEFT matches in full: the list's entries
+    become alternatives with their suffix meaning, each name an exact one."""
     if not names:
         return
-    if isinstance(config.exclude_modules, str):  # a regex, matched in full: one more alternative per name
-        config.exclude_modules = "|".join([f"(?:{config.exclude_modules})", *(re.escape(n) for n in names)])
-    else:
-        config.exclude_modules = sorted({*(config.exclude_modules or []), *names})
+    if isinstance(config.exclude_modules, str):
+        kept = [f"(?:{config.exclude_modules})"]
+    else:  # PEFT: an entry matches that name, or any path ending in "." + it
+        kept = [rf"(?:.*\.)?{re.escape(m)}" for m in sorted(config.exclude_modules or [])]
+    config.exclude_modules = "|".join([*kept, *(re.escape(n) for n in names)])
 
 
 def check_rank(r: int, d_in: int, d_out: int, layer_name: str) -> None:
@@ -480,7 +483,7 @@ class Linear(nn.Module, SLTrainLayer):
                 # tensors go in their own dtype (the map casts them), and the layer's are valid: no checks per call
                 name, weight = active[0], self._base_weight()
                 path = self._path(name, x, dtype, has_weight=weight is not None)
-                return sltrain_linear_unchecked(
+                return _sltrain_linear_unchecked(
                     x, self.sltrain_A[name], self.sltrain_B[name], self.sltrain_values[name],
                     self.sltrain_indices[name], self.scaling[name], weight, base.bias, path,
                 )  # fmt: skip

@@ -14,7 +14,7 @@ from peft.tuners.tuners_utils import (
 from torch import nn
 from transformers import PreTrainedModel
 
-from .config import SLTrainConfig
+from .config import HEADS_PEFT_ADDS, SLTrainConfig
 from .layer import Linear, SLTrainLayer, exclude_unreplaceable_linears, keep_bnb_4bit_unpacked
 from .support import check_support, num_nonzeros, support_fingerprint
 
@@ -79,6 +79,14 @@ class SLTrainModel(BaseTuner):
     def _prepare_adapter_config(self, peft_config: SLTrainConfig, model_config: dict) -> SLTrainConfig:
         if peft_config.target_modules is None:
             peft_config.target_modules = default_target_modules(model_config.get("model_type"))
+        # PEFT's token-classification and question-answering models add their head to `modules_to_save` only after
+        # injecting the adapter, so that "all-linear" would target it first (a 2-wide `qa_outputs`: refused halfway
+        # through the model). Listed now, as PEFT's sequence-classification model does, no target reaches it.
+        heads = [
+            h for h in HEADS_PEFT_ADDS.get(peft_config.task_type, []) if h not in (peft_config.modules_to_save or [])
+        ]
+        if heads:
+            peft_config.modules_to_save = [*(peft_config.modules_to_save or []), *heads]
         return peft_config
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
@@ -506,10 +514,12 @@ def _warn_left_out_narrow(names: list[str], config: SLTrainConfig) -> None:
     if not names:
         return
     listed = ", ".join(f"`{n}`" for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    kept = "train dense from scratch" if config.from_scratch else "stay frozen"
+    if config.from_scratch:
+        kept = "train dense"
+    else:
+        kept = "stay frozen: for a task head, set `task_type` or list it in `modules_to_save`"
     warnings.warn(
         f'`target_modules="all-linear"` leaves out {len(names)} linear layer(s) narrower than r={config.r}, which a '
-        f"rank-{config.r} factorization cannot fit: {listed}. They keep their dense weight and {kept}; a smaller `r` "
-        "includes them.",
+        f"rank-{config.r} factorization cannot fit: {listed}. They keep their dense weight and {kept}.",
         stacklevel=3,
     )

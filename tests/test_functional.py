@@ -254,6 +254,27 @@ def test_factored_path_refuses_double_backward(path, loss):
         torch.autograd.grad(out, t["A"], create_graph=True)
 
 
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_dense_path_double_backward_under_autocast(with_weight):
+    """Gradient penalties (`create_graph=True`) under bf16 autocast: the dense path casts its fp32 inputs itself and
+    casts them again, recorded, in a double backward, so the second-order terms reach them (without that, the
+    penalty's gradients were 40-50% off). Against plain autograd on the dense weight, to bf16's rounding."""
+
+    def penalty_grads(fn, inputs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(inputs)
+        (gx,) = torch.autograd.grad(y.float().pow(2).mean(), inputs["x"], create_graph=True)
+        return torch.autograd.grad(
+            gx.pow(2).sum(), [inputs[n] for n in ("A", "B", "values", "weight") if inputs[n] is not None]
+        )
+
+    t = make_inputs(dtype=torch.float32, with_weight=with_weight, d_in=16, d_out=16, r=4, nnz=20, batch=(8,))
+    ref = penalty_grads(lambda i: reference(**i, scaling=0.5), clone_inputs(t))
+    ours = penalty_grads(lambda i: sltrain_linear(**i, scaling=0.5, path="dense"), t)
+    for o, r in zip(ours, ref, strict=True):
+        assert o.dtype == torch.float32 and ((o - r).norm() / r.norm()).item() < 0.03
+
+
 @pytest.mark.parametrize("path", IMPLEMENTATIONS, indirect=True)
 @pytest.mark.parametrize("batch", [(7,), (2, 5)])
 def test_output_may_be_modified_in_place(path, batch):

@@ -407,6 +407,72 @@ def test_all_linear_leaves_out_layers_narrower_than_r_with_a_warning(from_scratc
         get_peft_model(build(), SLTrainConfig(r=13, target_modules="all-linear", from_scratch=from_scratch))
 
 
+def test_all_linear_leaves_out_exactly_the_narrow_layers():
+    """PEFT matches a list of `exclude_modules` as name suffixes: leaving out a narrow `2` must not also leave out a
+    wide `0.2`, nor a narrow root `proj` a wide `block.proj`; a user's own list keeps its suffix meaning. The shorthand
+    is taken in any case, as PEFT takes it."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Module()
+            self.block.proj, self.block.fc, self.block.skip = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+            self.proj = nn.Linear(16, 2)  # a 2-label head at the root
+
+    def nested():
+        return nn.Sequential(
+            nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16)), nn.ReLU(), nn.Linear(16, 1)
+        )
+
+    for build, exclude, expected in (
+        (Model, ["skip"], ["block.fc", "block.proj"]),
+        (nested, None, ["0.0", "0.2"]),
+    ):
+        for shorthand in ("all-linear", "ALL-Linear"):
+            config = SLTrainConfig(r=4, target_modules=shorthand, exclude_modules=exclude)
+            planned = count_parameters(build(), config)
+            with pytest.warns(UserWarning, match="leaves out 1 linear layer"):
+                model = get_peft_model(build(), config)
+            replaced = sorted(
+                n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, SLTrainLayer)
+            )
+            assert replaced == expected
+            assert (planned.trainable, planned.total) == model.get_nb_trainable_parameters()
+
+
+@pytest.mark.parametrize(
+    "model_class, task_type, head",
+    [
+        ("BertForTokenClassification", "TOKEN_CLS", "classifier"),
+        ("BertForQuestionAnswering", "QUESTION_ANS", "qa_outputs"),
+    ],
+)
+def test_all_linear_leaves_the_task_head_to_modules_to_save(model_class, task_type, head):
+    """PEFT's token-classification and question-answering models wrap their head only after injection: listed up front,
+    "all-linear" does not reach it (a 2-wide `qa_outputs` was refused after the other layers had been replaced)."""
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_labels=2)  # fmt: skip
+    torch.manual_seed(0)
+    base = getattr(transformers, model_class)(config)
+    sl_config = SLTrainConfig(r=4, target_modules="all-linear", task_type=task_type)
+    planned = count_parameters(base, sl_config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the head is not "left out": it is the task's
+        model = get_peft_model(base, sl_config)
+    assert isinstance(model.base_model.model.get_submodule(head), ModulesToSaveWrapper)
+    assert sum(isinstance(m, SLTrainLayer) for m in model.modules()) == 12
+    assert (planned.trainable, planned.total) == model.get_nb_trainable_parameters()
+
+
+def test_all_linear_names_an_unreplaceable_layer_it_matches():
+    layer = nn.Linear(16, 16)
+    layer.weight = nn.Parameter(layer.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
+    with pytest.raises(ValueError, match=r"`target_modules` matched `2`: .*float8_e4m3fn"):
+        get_peft_model(
+            nn.Sequential(nn.Linear(16, 16), nn.ReLU(), layer), SLTrainConfig(r=4, target_modules="all-linear")
+        )
+
+
 @pytest.mark.parametrize("from_scratch", [False, True])
 def test_a_linear_subclass_with_its_own_forward_is_refused(from_scratch):
     """An SLTrain layer computes `x W^T + b` from the weights and never calls the replaced layer: a subclass whose
