@@ -17,6 +17,11 @@ HEADS_PEFT_ADDS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier
                    "QUESTION_ANS": ["qa_outputs"]}  # fmt: skip
 
 
+def is_all_linear(target_modules) -> bool:
+    """Whether `target_modules` is PEFT's shorthand for every linear layer, which PEFT takes in any case."""
+    return isinstance(target_modules, str) and target_modules.lower() == "all-linear"
+
+
 @dataclass
 class SLTrainConfig(PeftConfig):
     """
@@ -169,15 +174,23 @@ class SLTrainConfig(PeftConfig):
         self.peft_type = PEFT_TYPE
         if isinstance(self.modules_to_save, str):  # one module name, not its letters
             self.modules_to_save = [self.modules_to_save]
-        if isinstance(self.target_modules, str) and self.target_modules.lower() == "all-linear":
-            self.target_modules = "all-linear"  # PEFT takes it in any case; the checks here compare it as written
+        if is_all_linear(self.target_modules):
+            self.target_modules = "all-linear"  # PEFT takes it in any case; saved as written here
         self.validate()
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
-        if self.modules_to_save is not None:
-            self.modules_to_save = list(self.modules_to_save)
+        if self.modules_to_save is not None:  # once each (PEFT's task models add their head again on every load)
+            self.modules_to_save = list(dict.fromkeys(self.modules_to_save))
+
+    def to_dict(self) -> dict:
+        """As PEFT's, with `modules_to_save` listed once: PEFT's token-classification and question-answering models
+        append their head to it on every load, already listed or not."""
+        out = super().to_dict()
+        if out.get("modules_to_save") is not None:
+            out["modules_to_save"] = list(dict.fromkeys(out["modules_to_save"]))
+        return out
 
     def validate(self) -> None:
         """`ValueError` naming the first field with a bad value. Run at construction and again when an adapter is

@@ -14,7 +14,7 @@ from peft.tuners.tuners_utils import (
 )
 from torch import nn
 
-from .config import HEADS_PEFT_ADDS, SLTrainConfig
+from .config import HEADS_PEFT_ADDS, SLTrainConfig, is_all_linear
 from .layer import (
     bnb_quantization,
     check_rank,
@@ -178,7 +178,7 @@ def exclude_narrow_linears(config: SLTrainConfig, model: nn.Module) -> list[str]
     gate, a classifier's 2-label output), which a rank-r factorization cannot fit. They are added to
     `config.exclude_modules` (exact names) and returned, for `get_peft_model` to warn. Where every layer is that
     narrow none is left out, and the rank check names them."""
-    if config.target_modules != "all-linear":
+    if not is_all_linear(config.target_modules):
         return []
     resolved = _resolved_config(model, config, leave_out_narrow=False)
     found = [name for name, _ in model.named_modules() if _matches(resolved, name)]

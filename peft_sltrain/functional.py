@@ -71,8 +71,12 @@ class _SparseLowRankLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, A, B, values, indices, scaling, weight, bias):
-        ctx.originals = (A, B, values, weight)  # references, for a double backward (not packed: no copies)
         dtype = x.dtype
+        # the inputs cast below, with their versions, for a double backward to cast again (references, not packed: no
+        # copies); those not cast are the saved tensors themselves, and a caller's pre-cast copy must not outlive them
+        ctx.originals = tuple(
+            None if t is None or t.dtype == dtype else (t, t._version) for t in (A, B, values, weight)
+        )
         A, B, values = A.to(dtype), B.to(dtype), values.to(dtype)  # copies (kept for backward) only where cast
         weight = None if weight is None else weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
@@ -90,7 +94,9 @@ class _SparseLowRankLinear(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, A, B, values, indices, weight = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the casts go into the graph, or the originals get no terms
-            A, B, values, weight = (None if t is None else t.to(x.dtype) for t in ctx.originals)
+            A, B, values, weight = (
+                _recast(t, original, x.dtype) for t, original in zip((A, B, values, weight), ctx.originals)
+            )
         need_x, need_A, need_B, need_values, _, _, need_weight, need_bias = ctx.needs_input_grad
         scaling = ctx.scaling
         grad_x = grad_A = grad_B = grad_values = grad_weight = grad_bias = None
@@ -113,6 +119,20 @@ class _SparseLowRankLinear(torch.autograd.Function):
         if need_bias:
             grad_bias = dy.sum(0)
         return grad_x, grad_A, grad_B, grad_values, None, None, grad_weight, grad_bias
+
+
+def _recast(saved: torch.Tensor | None, original: tuple | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """`saved` where it was not cast; else its original cast again, recorded, after autograd's own check that it was
+    not modified in place since forward (which a cast copy no longer shows)."""
+    if original is None:
+        return saved
+    tensor, version = original
+    if tensor._version != version:
+        raise RuntimeError(
+            "An input of the SLTrain linear map was modified in place between its forward and a double backward "
+            "(create_graph=True), which would use the new values; modify it after the backward."
+        )
+    return tensor.to(dtype)
 
 
 def _output(x: torch.Tensor, d_out: int) -> torch.Tensor:
@@ -325,7 +345,9 @@ def sltrain_linear(
     """Like `F.linear(x, weight + scaling * B @ A + S, bias)`, but nothing dense is kept for backward: `path="dense"`
     rebuilds the dense weight in backward, `path="factored"` never forms it. All floating-point tensors must share
     one dtype and device; `indices` are sorted flat row-major positions, int32 as the layers keep them (int64 is
-    converted, one copy per call). Under autocast it computes in the dtype `F.linear` would (`compute_dtype`)."""
+    converted, one copy per call). Under autocast it computes in the dtype `F.linear` would (`compute_dtype`); the
+    dense path then keeps the inputs it casts referenced until the graph is freed, for a double backward (in a
+    layer these are its parameters)."""
     check_input(x, None)
     if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
         raise ValueError(

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from transformers.pytorch_utils import Conv1D
 
-from .config import SLTrainConfig
+from .config import SLTrainConfig, is_all_linear
 from .cost import COMPUTE_CHOICES, choose_path
 from .functional import _sltrain_linear_unchecked, check_input, compute_dtype, dense_weight, sltrain_linear
 from .support import layer_seed, num_nonzeros, random_support
@@ -164,7 +164,7 @@ def unreplaceable_linears(model: nn.Module) -> list[str]:
 def exclude_unreplaceable_linears(config: SLTrainConfig, model: nn.Module) -> None:
     """For `target_modules="all-linear"`, adds the model's `unreplaceable_linears` to `config.exclude_modules` (as
     exact names), so that the shorthand means every linear layer SLTrain can replace."""
-    if config.target_modules == "all-linear":
+    if is_all_linear(config.target_modules):
         exclude_exactly(config, unreplaceable_linears(model))
 
 
@@ -174,8 +174,11 @@ def exclude_exactly(config: SLTrainConfig, names: list[str]) -> None:
     become alternatives with their suffix meaning, each name an exact one."""
     if not names:
         return
-    if isinstance(config.exclude_modules, str):
-        kept = [f"(?:{config.exclude_modules})"]
+    if isinstance(config.exclude_modules, str):  # leading global flags (`(?i)`) scoped to it: allowed only first
+        user = config.exclude_modules
+        found = re.match(r"\(\?([aiLmsux]+)\)", user)
+        flags, rest = (found.group(1), user[found.end() :]) if found else ("", user)
+        kept = [f"(?{flags}:{rest}{chr(10) if 'x' in flags else ''})"]  # (a newline ends a trailing `(?x)` comment)
     else:  # PEFT: an entry matches that name, or any path ending in "." + it
         kept = [rf"(?:.*\.)?{re.escape(m)}" for m in sorted(config.exclude_modules or [])]
     config.exclude_modules = "|".join([*kept, *(re.escape(n) for n in names)])

@@ -390,6 +390,7 @@ def check_resume_config(checkpoint: Path, model_args: ModelArguments) -> None:
         keys = (saved.keys() & current.keys()) - NOT_COMPARED
         if current["target_modules"] == "all-linear":  # saved as what it expanded to; not comparable without the model
             keys.discard("target_modules")
+            keys.discard("exclude_modules")  # what "all-linear" left out (narrow or unreplaceable layers), by name
         differ = [
             f"{key}{flag(key)}: checkpoint {comparable(saved[key])!r}, now {comparable(current[key])!r}"
             for key in sorted(keys)

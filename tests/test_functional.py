@@ -275,6 +275,26 @@ def test_dense_path_double_backward_under_autocast(with_weight):
         assert o.dtype == torch.float32 and ((o - r).norm() / r.norm()).item() < 0.03
 
 
+def test_dense_path_keeps_only_the_inputs_it_cast_and_checks_them_in_a_double_backward():
+    """For a double backward the map keeps its cast inputs (parameters, in a layer) and nothing else: a caller's own
+    bf16 copies are freed with the graph's saved tensors. One modified in place before a double backward is refused,
+    as autograd refuses a modified saved tensor, instead of differentiating the new values."""
+    t = make_inputs(dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = sltrain_linear(**t, scaling=0.5, path="dense")
+    kept = y.grad_fn.originals
+    assert [o[0] is t[n] for n, o in zip(("A", "B", "values", "weight"), kept)] == [True] * 4
+    bf16 = {k: v.detach().to(torch.bfloat16).requires_grad_() if v.is_floating_point() else v for k, v in t.items()}
+    assert sltrain_linear(**bf16, scaling=0.5, path="dense").grad_fn.originals == (None,) * 4
+    (gx,) = torch.autograd.grad(y.float().square().sum(), t["x"], create_graph=True)  # before any change: fine
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = sltrain_linear(**t, scaling=0.5, path="dense")
+    with torch.no_grad():
+        t["A"].mul_(2)
+    with pytest.raises(RuntimeError, match="modified in place between its forward and a double backward"):
+        torch.autograd.grad(y.float().square().sum(), t["x"], create_graph=True)
+
+
 @pytest.mark.parametrize("path", IMPLEMENTATIONS, indirect=True)
 @pytest.mark.parametrize("batch", [(7,), (2, 5)])
 def test_output_may_be_modified_in_place(path, batch):

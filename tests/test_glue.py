@@ -687,6 +687,28 @@ def test_target_modules_all_linear(tmp_path):
         run_glue.parse_args([*argv[:-1], "query", "value", "--resume_from_checkpoint", str(checkpoint)])
 
 
+def test_resume_all_linear_with_layers_it_left_out(tmp_path):
+    """What "all-linear" left out (here RoBERTa's 8-wide FFN layers, narrower than `--rank 16`) is saved in
+    `exclude_modules`, which the command line never sets: the run resumes its own checkpoint."""
+    argv = [
+        "--task_name",
+        "mrpc",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--target_modules",
+        "all-linear",
+        "--rank",
+        "16",
+    ]
+    model_args, _, _ = run_glue.parse_args(argv)
+    with pytest.warns(UserWarning, match="leaves out 4 linear layer"):
+        model = get_peft_model(tiny_roberta(num_labels=2, intermediate_size=8), run_glue.adapter_config(model_args))
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    model.save_pretrained(checkpoint)
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 2}')
+    run_glue.parse_args([*argv, "--resume_from_checkpoint", str(checkpoint)])
+
+
 def test_command_line_errors_are_one_clean_line(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "run_glue.py"), "--task_name", "glue", "--output_dir", str(tmp_path)],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
@@ -22,6 +23,7 @@ from peft_sltrain import (
     count_parameters,
     sltrain_layer_parameters,
 )
+from peft_sltrain.config import HEADS_PEFT_ADDS
 from peft_sltrain.support import num_nonzeros
 
 from conftest import needs_cxx, perturb_trainable, tiny_llama, tiny_roberta, tiny_roberta_config, train_losses
@@ -426,6 +428,8 @@ def test_all_linear_leaves_out_exactly_the_narrow_layers():
 
     for build, exclude, expected in (
         (Model, ["skip"], ["block.fc", "block.proj"]),
+        (Model, "(?i).*SKIP", ["block.fc", "block.proj"]),  # a user's regex, with its global flags
+        (Model, "(?x) .*skip  # a comment", ["block.fc", "block.proj"]),
         (nested, None, ["0.0", "0.2"]),
     ):
         for shorthand in ("all-linear", "ALL-Linear"):
@@ -447,7 +451,7 @@ def test_all_linear_leaves_out_exactly_the_narrow_layers():
         ("BertForQuestionAnswering", "QUESTION_ANS", "qa_outputs"),
     ],
 )
-def test_all_linear_leaves_the_task_head_to_modules_to_save(model_class, task_type, head):
+def test_all_linear_leaves_the_task_head_to_modules_to_save(model_class, task_type, head, tmp_path):
     """PEFT's token-classification and question-answering models wrap their head only after injection: listed up front,
     "all-linear" does not reach it (a 2-wide `qa_outputs` was refused after the other layers had been replaced)."""
     config = transformers.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -462,6 +466,20 @@ def test_all_linear_leaves_the_task_head_to_modules_to_save(model_class, task_ty
     assert isinstance(model.base_model.model.get_submodule(head), ModulesToSaveWrapper)
     assert sum(isinstance(m, SLTrainLayer) for m in model.modules()) == 12
     assert (planned.trainable, planned.total) == model.get_nb_trainable_parameters()
+    for cycle in range(2):  # PEFT's task model adds its head to the list again on each load: saved once
+        model.save_pretrained(tmp_path / str(cycle))
+        saved = json.loads((tmp_path / str(cycle) / "adapter_config.json").read_text())["modules_to_save"]
+        assert sorted(saved) == sorted(HEADS_PEFT_ADDS[task_type])
+        torch.manual_seed(0)
+        model = PeftModel.from_pretrained(getattr(transformers, model_class)(config), tmp_path / str(cycle))
+
+
+def test_all_linear_set_after_construction_in_any_case():
+    config = SLTrainConfig(r=4)
+    config.target_modules = "ALL-LINEAR"  # PEFT takes it so; what it leaves out must follow
+    with pytest.warns(UserWarning, match="leaves out 1 linear layer"):
+        model = get_peft_model(nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1)), config)
+    assert isinstance(model.base_model.model[0], SLTrainLayer)
 
 
 def test_all_linear_names_an_unreplaceable_layer_it_matches():
