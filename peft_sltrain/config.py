@@ -17,6 +17,15 @@ HEADS_PEFT_ADDS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier
                    "QUESTION_ANS": ["qa_outputs"]}  # fmt: skip
 
 
+def add_task_heads(config) -> None:
+    """Lists the heads of `config.task_type` (`HEADS_PEFT_ADDS`) in `config.modules_to_save`, where PEFT's task model
+    puts them: its token-classification and question-answering models do so only after injecting the adapter, so that
+    "all-linear" would target the head first (a 2-wide `qa_outputs`: refused halfway through the model)."""
+    heads = [h for h in HEADS_PEFT_ADDS.get(config.task_type, []) if h not in (config.modules_to_save or [])]
+    if heads:
+        config.modules_to_save = [*(config.modules_to_save or []), *heads]
+
+
 def is_all_linear(target_modules) -> bool:
     """Whether `target_modules` is PEFT's shorthand for every linear layer, which PEFT takes in any case."""
     return isinstance(target_modules, str) and target_modules.lower() == "all-linear"

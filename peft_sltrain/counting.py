@@ -14,7 +14,7 @@ from peft.tuners.tuners_utils import (
 )
 from torch import nn
 
-from .config import HEADS_PEFT_ADDS, SLTrainConfig, is_all_linear
+from .config import SLTrainConfig, add_task_heads, is_all_linear
 from .layer import (
     bnb_quantization,
     check_rank,
@@ -205,9 +205,7 @@ def _resolved_config(model: nn.Module, config: SLTrainConfig, leave_out_narrow: 
     exclude_unreplaceable_linears(config, model)
     if leave_out_narrow:
         exclude_narrow_linears(config, model)
-    heads = [h for h in HEADS_PEFT_ADDS.get(config.task_type, []) if h not in (config.modules_to_save or [])]
-    if heads:
-        config.modules_to_save = list(config.modules_to_save or []) + heads
+    add_task_heads(config)
     if config.target_modules is None:
         config.target_modules = default_target_modules(getattr(getattr(model, "config", None), "model_type", None))
     return _maybe_include_all_linear_layers(config, model)

@@ -14,7 +14,7 @@ from peft.tuners.tuners_utils import (
 from torch import nn
 from transformers import PreTrainedModel
 
-from .config import HEADS_PEFT_ADDS, SLTrainConfig
+from .config import SLTrainConfig, add_task_heads
 from .layer import Linear, SLTrainLayer, exclude_unreplaceable_linears, keep_bnb_4bit_unpacked
 from .support import check_support, num_nonzeros, support_fingerprint
 
@@ -79,14 +79,7 @@ class SLTrainModel(BaseTuner):
     def _prepare_adapter_config(self, peft_config: SLTrainConfig, model_config: dict) -> SLTrainConfig:
         if peft_config.target_modules is None:
             peft_config.target_modules = default_target_modules(model_config.get("model_type"))
-        # PEFT's token-classification and question-answering models add their head to `modules_to_save` only after
-        # injecting the adapter, so that "all-linear" would target it first (a 2-wide `qa_outputs`: refused halfway
-        # through the model). Listed now, as PEFT's sequence-classification model does, no target reaches it.
-        heads = [
-            h for h in HEADS_PEFT_ADDS.get(peft_config.task_type, []) if h not in (peft_config.modules_to_save or [])
-        ]
-        if heads:
-            peft_config.modules_to_save = [*(peft_config.modules_to_save or []), *heads]
+        add_task_heads(peft_config)  # before injection, so that no target reaches them
         return peft_config
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
@@ -97,8 +90,8 @@ class SLTrainModel(BaseTuner):
         config = self.peft_config[adapter_name]
         exclude_unreplaceable_linears(config, model)  # for "all-linear"
         _warn_left_out_narrow(exclude_narrow_linears(config, model), config)
-        targeted_linear_names(model, self.peft_config[adapter_name])
-        if self.peft_config[adapter_name].from_scratch:
+        targeted_linear_names(model, config)
+        if config.from_scratch:
             # the file holds every tensor of the model, and PEFT strips `.<adapter_name>` from each saved key: a name
             # that is also a module's (`norm`, `lm_head`) would rename that module's tensors, and the file not load
             for key in ("base_model.model." + k for k in model.state_dict()):  # saved keys carry PEFT's prefix
