@@ -190,8 +190,8 @@ class SLTrainConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
-        if self.modules_to_save is not None:  # once each (PEFT's task models add their head again on every load)
-            self.modules_to_save = list(dict.fromkeys(self.modules_to_save))
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
 
     def to_dict(self) -> dict:
         """As PEFT's, with `modules_to_save` listed once: PEFT's token-classification and question-answering models

@@ -20,7 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import SLTrainConfig, is_all_linear
 from .cost import COMPUTE_CHOICES, choose_path
-from .functional import _sltrain_linear_unchecked, check_input, compute_dtype, dense_weight, sltrain_linear
+from .functional import _sltrain_linear_unchecked, check_input, compute_dtype, dense_weight
 from .support import layer_seed, num_nonzeros, random_support
 
 # the layers SLTrain can replace
@@ -327,15 +327,11 @@ class SLTrainLayer(BaseTunerLayer):
         weight = weight if dtype is None else weight.to(dtype)
         return weight.t() if self.fan_in_fan_out else weight
 
-    def _sltrain_tensors(self, adapter_name: str, dtype: torch.dtype) -> dict:
-        """The adapter's tensors in `dtype`, as keyword arguments of `sltrain_linear` / `dense_weight`."""
-        return {
-            "A": self.sltrain_A[adapter_name].to(dtype),
-            "B": self.sltrain_B[adapter_name].to(dtype),
-            "values": self.sltrain_values[adapter_name].to(dtype),
-            "indices": self.sltrain_indices[adapter_name],
-            "scaling": self.scaling[adapter_name],
-        }
+    def _sltrain(self, name: str, x: torch.Tensor, path: str, weight=None, bias=None) -> torch.Tensor:
+        """Adapter `name`'s map on `x` (in the compute dtype, autocast off), plus `weight` and `bias` if given. Its
+        tensors go in their own dtype (the map casts them), and are valid by construction: no checks per call."""
+        tensors = (self.sltrain_A[name], self.sltrain_B[name], self.sltrain_values[name], self.sltrain_indices[name])
+        return _sltrain_linear_unchecked(x, *tensors, self.scaling[name], weight, bias, path)
 
 
 class Linear(nn.Module, SLTrainLayer):
@@ -361,8 +357,8 @@ class Linear(nn.Module, SLTrainLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The dense `(alpha / r) * B @ A + S` of one adapter in the adapter's dtype, laid out as the base layer's
         weight: (d_out, d_in) for `nn.Linear`, (d_in, d_out) for `Conv1D` (contiguous either way)."""
-        A = self.sltrain_A[adapter_name]
-        delta = dense_weight(**self._sltrain_tensors(adapter_name, A.dtype))
+        tensors = (self.sltrain_A, self.sltrain_B, self.sltrain_values, self.sltrain_indices)
+        delta = dense_weight(*(t[adapter_name] for t in tensors), self.scaling[adapter_name])
         return delta.t().contiguous() if self.fan_in_fan_out else delta
 
     @torch.no_grad()
@@ -462,6 +458,7 @@ class Linear(nn.Module, SLTrainLayer):
         if not active:
             return self.base_layer(x, *args, **kwargs)
 
+        check_input(x, self.in_features)
         device_type = x.device.type
         dtype = compute_dtype(x)  # under autocast, as F.linear would; grads flow back to the fp32 params
         if self.quantization:  # bitsandbytes computes x W0^T (+ bias) from its quantized weight; a branch per delta
@@ -469,8 +466,7 @@ class Linear(nn.Module, SLTrainLayer):
             with torch.autocast(device_type, enabled=False):
                 x = x.to(dtype)
                 for name in active:
-                    path = self._path(name, x, dtype, has_weight=False)
-                    delta = sltrain_linear(x, path=path, **self._sltrain_tensors(name, dtype))
+                    delta = self._sltrain(name, x, self._path(name, x, dtype, has_weight=False))
                     result = result + delta.to(result.dtype)
             return result
         base = self.get_base_layer()
@@ -480,21 +476,13 @@ class Linear(nn.Module, SLTrainLayer):
             self._warn_about_hooks_on(base)
         with torch.autocast(device_type, enabled=False):
             x = x.to(dtype)
-            if len(active) == 1:
-                check_input(x, self.in_features)
-                # one fused map: W0 + delta is rebuilt inside, so the dense weight is multiplied only once; the
-                # tensors go in their own dtype (the map casts them), and the layer's are valid: no checks per call
+            if len(active) == 1:  # one fused map: W0 + delta is rebuilt inside, so W0 is multiplied only once
                 name, weight = active[0], self._base_weight()
-                path = self._path(name, x, dtype, has_weight=weight is not None)
-                return _sltrain_linear_unchecked(
-                    x, self.sltrain_A[name], self.sltrain_B[name], self.sltrain_values[name],
-                    self.sltrain_indices[name], self.scaling[name], weight, base.bias, path,
-                )  # fmt: skip
+                return self._sltrain(name, x, self._path(name, x, dtype, weight is not None), weight, base.bias)
             bias = None if base.bias is None else base.bias.to(dtype)
             result = F.linear(x, self._base_weight(dtype), bias)  # autocast is off here: W0 cast to x's dtype
             for name in active:
-                path = self._path(name, x, dtype, has_weight=False)
-                result = result + sltrain_linear(x, path=path, **self._sltrain_tensors(name, dtype))
+                result = result + self._sltrain(name, x, self._path(name, x, dtype, has_weight=False))
             return result
 
     def _warn_about_hooks_on(self, base: nn.Module) -> None:
