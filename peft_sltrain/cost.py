@@ -111,6 +111,22 @@ def factored_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return (device.type, dtype) in SPARSE_RELATIVE_COST and _sparse_kernels_run(device, dtype)
 
 
+def check_factored_supported(device: torch.device, dtype: torch.dtype) -> None:
+    """`ValueError` naming what to do unless the factored path runs on this device and dtype (`factored_supported`)."""
+    if factored_supported(device, dtype):
+        return
+    if device.type == "cpu" and dtype in cpu_kernels.DTYPES:
+        hint = "numba's CPU kernels would cover it: `pip install 'peft-sltrain[cpu]'`, or"
+    elif device.type == "cpu":
+        hint = "numba's CPU kernels cover only float32, float64 and bfloat16;"
+    else:
+        hint = "numba's kernels run on CPU only;"
+    raise ValueError(
+        f"`compute='factored'` needs sparse kernels for {dtype} on {device.type}, which PyTorch lacks ({hint} use "
+        "compute='auto' or 'dense'; `path='dense'` in `sltrain_linear`)."
+    )
+
+
 _KERNELS_RUN: dict[tuple[torch.device, torch.dtype], bool] = {}  # `_sparse_kernels_run`'s answers (see cpu_kernels)
 
 
@@ -164,23 +180,12 @@ def choose_path(
         device = torch.device(device)
     if compute == "dense":
         return "dense"
-    supported = factored_supported(device, dtype)
     if compute == "factored":
-        if not supported:
-            if device.type == "cpu" and dtype in cpu_kernels.DTYPES:
-                hint = "numba's CPU kernels would cover it: `pip install 'peft-sltrain[cpu]'`, or"
-            elif device.type == "cpu":
-                hint = "numba's CPU kernels cover only float32, float64 and bfloat16;"
-            else:
-                hint = "numba's kernels run on CPU only;"
-            raise ValueError(
-                f"`compute='factored'` needs sparse kernels for {dtype} on {device.type}, which PyTorch lacks ({hint} "
-                "use compute='auto' or 'dense')."
-            )
+        check_factored_supported(device, dtype)
         return "factored"
     if compute != "auto":
         raise ValueError(f"`compute` must be one of {COMPUTE_CHOICES}, got {compute!r}.")
-    if not supported:
+    if not factored_supported(device, dtype):
         return "dense"
     kappa, tau = sparse_relative_cost(device, dtype, nnz, d_out), relative_costs(device, dtype)[2]
     factored = factored_cost(n, d_in, d_out, r, nnz, kappa, has_weight, tau, backward)

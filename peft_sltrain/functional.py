@@ -21,11 +21,13 @@ Two exact ways to compute it (`path`):
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
 
 from . import cpu_kernels
+from .cost import check_factored_supported
 from .support import MAX_LAYER_ENTRIES
 
 # PyTorch warns once per process that CSR support is "in beta"; the factored path uses only its stable core
@@ -67,26 +69,27 @@ class _SparseLowRankLinear(torch.autograd.Function):
     weights): they are cast to x's dtype here, and autograd's engine casts their gradients back to their own dtype.
     The same bits as casting them before the call, without three cast nodes per layer in the autograd graph: on a GPU,
     60M-shaped steps on 32k tokens are bound by the CPU's work per op (README, "On a GPU"). A double backward
-    (`create_graph=True`, gradient penalties) casts them again, recorded, so that its terms reach the originals."""
+    (`create_graph=True`, gradient penalties) casts them again, recorded, so that its terms reach the originals.
+    The frozen `W0` (d_out x d_in) is saved as it is, not as its cast copy, and cast again in backward: under autocast
+    `nn.Linear` keeps that copy alive until backward, one more dense matrix per layer."""
 
     @staticmethod
     def forward(ctx, x, A, B, values, indices, scaling, weight, bias):
         dtype = x.dtype
-        # the inputs cast below, with their versions, for a double backward to cast again (references, not packed: no
-        # copies); those not cast are the saved tensors themselves, and a caller's pre-cast copy must not outlive them
-        ctx.originals = tuple(
-            None if t is None or t.dtype == dtype else (t, t._version) for t in (A, B, values, weight)
-        )
+        # the factors cast below, with their versions, for a double backward to cast again (references, not packed:
+        # no copies); those not cast are the saved tensors themselves, and a caller's pre-cast copy must not outlive
+        # them. No version where there is none to read: an inference tensor's, or one traced by torch.compile (which
+        # has no double backward)
+        ctx.originals = tuple(None if t.dtype == dtype else (t, _version(t)) for t in (A, B, values))
         A, B, values = A.to(dtype), B.to(dtype), values.to(dtype)  # copies (kept for backward) only where cast
-        weight = None if weight is None else weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-        W = dense_weight(A, B, values, indices, scaling, weight)  # (d_out, d_in), transient
+        W = dense_weight(A, B, values, indices, scaling, None if weight is None else weight.to(dtype))  # transient
         y = _output(x, W.shape[0])
         if bias is None:
             torch.mm(x.reshape(-1, x.shape[-1]), W.t(), out=y.view(-1, W.shape[0]))
         else:
             torch.addmm(bias, x.reshape(-1, x.shape[-1]), W.t(), out=y.view(-1, W.shape[0]))
-        ctx.save_for_backward(x, A, B, values, indices, weight)
+        ctx.save_for_backward(x, A, B, values, indices, weight)  # `weight` uncast (autograd checks its version)
         ctx.scaling = scaling
         return y
 
@@ -94,9 +97,7 @@ class _SparseLowRankLinear(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, A, B, values, indices, weight = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the casts go into the graph, or the originals get no terms
-            A, B, values, weight = (
-                _recast(t, original, x.dtype) for t, original in zip((A, B, values, weight), ctx.originals)
-            )
+            A, B, values = (_recast(t, original, x.dtype) for t, original in zip((A, B, values), ctx.originals))
         need_x, need_A, need_B, need_values, _, _, need_weight, need_bias = ctx.needs_input_grad
         scaling = ctx.scaling
         grad_x = grad_A = grad_B = grad_values = grad_weight = grad_bias = None
@@ -114,8 +115,9 @@ class _SparseLowRankLinear(torch.autograd.Function):
                 grad_weight = dW
             del dW  # free before the next dense matrix is built
 
-        if need_x:
-            grad_x = dy.mm(dense_weight(A, B, values, indices, scaling, weight)).view(x.shape)  # also for N = 0
+        if need_x:  # (W0's cast is recorded in a double backward)
+            W0 = None if weight is None else weight.to(x.dtype)
+            grad_x = dy.mm(dense_weight(A, B, values, indices, scaling, W0)).view(x.shape)  # also for N = 0
         if need_bias:
             grad_bias = dy.sum(0)
         return grad_x, grad_A, grad_B, grad_values, None, None, grad_weight, grad_bias
@@ -127,12 +129,20 @@ def _recast(saved: torch.Tensor | None, original: tuple | None, dtype: torch.dty
     if original is None:
         return saved
     tensor, version = original
-    if tensor._version != version:
+    if version is not None and tensor._version != version:
         raise RuntimeError(
             "An input of the SLTrain linear map was modified in place between its forward and a double backward "
             "(create_graph=True), which would use the new values; modify it after the backward."
         )
     return tensor.to(dtype)
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """`tensor._version`, or None for an inference tensor (which has none) or under torch.compile's tracing (where
+    reading it makes a symbol that never reaches an output, which torch 2.13's Dynamo refuses)."""
+    if torch.compiler.is_compiling() or tensor.is_inference():
+        return None
+    return tensor._version
 
 
 def _output(x: torch.Tensor, d_out: int) -> torch.Tensor:
@@ -215,6 +225,7 @@ class _FactoredSparseLowRankLinear(torch.autograd.Function):
         x2 = x.reshape(-1, d_in)  # (N, d_in)
         out = _output(x, d_out)  # (..., d_out)
         y = out.view(-1, d_out)  # (N, d_out)
+        W0 = None if weight is None else weight.to(x.dtype)  # transient; `weight` itself is saved (see backward)
         kernels = cpu_kernels.supports(x.device, x.dtype)
         if kernels:  # they block the tokens themselves and need no transposed copies: one chunk (chunks of
             # 2**19 numbers saved 0.4-3 MiB of a layer's peak and cost up to 35% of its time, measured at 2048 tokens)
@@ -228,8 +239,8 @@ class _FactoredSparseLowRankLinear(torch.autograd.Function):
             else:
                 yc.copy_(torch.sparse.mm(S, xc.t().contiguous()).t())  # x S^T
             yc.addmm_(xc.mm(A.t()), B.t(), alpha=scaling)  # + s (x A^T) B^T
-            if weight is not None:
-                yc.addmm_(xc, weight.t())
+            if W0 is not None:
+                yc.addmm_(xc, W0.t())
         if bias is not None:
             y += bias
         ctx.save_for_backward(x, A, B, values, indices, weight)
@@ -249,6 +260,8 @@ class _FactoredSparseLowRankLinear(torch.autograd.Function):
         grad_A = torch.zeros_like(A) if need_A else None
         grad_B = torch.zeros_like(B) if need_B else None
         grad_values = torch.zeros_like(values) if need_values else None
+        # W0 cast again rather than its cast copy kept from forward: one dense matrix per layer less until backward
+        W0 = None if weight is None or not need_x else weight.to(x.dtype)
         kernels = ctx.kernels
         if kernels:
             x2, dy, chunk = x2.contiguous(), dy.contiguous(), max(len(x2), 1)  # one chunk, as in forward
@@ -275,8 +288,8 @@ class _FactoredSparseLowRankLinear(torch.autograd.Function):
             dycB = dyc.mm(B) if (need_x or need_A) else None  # (c, r)
             if need_x:
                 gx.addmm_(dycB, A, alpha=scaling)  # + s (dY B) A
-                if weight is not None:
-                    gx.addmm_(dyc, weight)
+                if W0 is not None:
+                    gx.addmm_(dyc, W0)
             if need_A:
                 grad_A.addmm_(dycB.t(), xc, alpha=scaling)  # s (dY B)^T X
             if need_B:
@@ -298,20 +311,20 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def autocast_off(device_type: str):
+    """A context with autocast off for the device type (nothing to turn off on meta, where asking raises)."""
+    return contextlib.nullcontext() if device_type == "meta" else torch.autocast(device_type, enabled=False)
+
+
 def _autocast_on(device_type: str) -> bool:
     """Whether autocast is on for the device type; never on meta (where asking raises), so shapes still work there."""
     return device_type != "meta" and torch.is_autocast_enabled(device_type)
 
 
-def _check_for_csr_kernels(x: torch.Tensor, indices: torch.Tensor, entries: int) -> None:
-    """What PyTorch's CSR kernels need and do not check themselves (numba's kernels check the support in their
-    row-start pass). CPU only: on CUDA the check would synchronise every call; the layers' supports are valid."""
-    if x.dtype not in (torch.float32, torch.float64):
-        numba = "installed" if cpu_kernels.AVAILABLE else "not installed: `pip install peft-sltrain[cpu]`"
-        raise ValueError(
-            f"The factored path on CPU has no kernels for {x.dtype}: PyTorch's CSR kernels take float32 and float64, "
-            f"numba's ({numba}) those and bfloat16. Use `path='dense'`."
-        )
+def _check_for_csr_kernels(indices: torch.Tensor, entries: int) -> None:
+    """What PyTorch's CSR kernels need and do not check themselves: a sorted support in range (numba's kernels check
+    it in their row-start pass; the dtype is checked by `cost.check_factored_supported`). CPU only: on CUDA the check
+    would synchronise every call; the layers' supports are valid."""
     if indices.numel() and not (
         int(indices[0]) >= 0 and int(indices[-1]) < entries and bool((indices[1:] > indices[:-1]).all())
     ):
@@ -364,8 +377,17 @@ def sltrain_linear(
             f"{tuple(values.shape)} and {tuple(indices.shape)}."
         )
     check_input(x, A.shape[1])
+    d_out, d_in = B.shape[0], A.shape[1]
+    if weight is not None and tuple(weight.shape) != (d_out, d_in):
+        raise ValueError(f"`weight` must be (d_out, d_in) = {(d_out, d_in)}, got shape {tuple(weight.shape)}.")
+    if bias is not None and tuple(bias.shape) != (d_out,):
+        raise ValueError(f"`bias` must be (d_out,) = ({d_out},), got shape {tuple(bias.shape)}.")
+    if indices.device != values.device:
+        raise ValueError(f"`indices` must be on the values' device {values.device}, got {indices.device}.")
     if path not in PATHS:
         raise ValueError(f"`path` must be one of {PATHS}, got {path!r}.")
+    if path == "factored":  # also on CUDA, where a missing kernel would only show in backward
+        check_factored_supported(x.device, compute_dtype(x))
     if _autocast_on(x.device.type):
         x = x.to(compute_dtype(x))
         with torch.autocast(x.device.type, enabled=False):  # grads flow back to the originals, in their dtypes
@@ -388,17 +410,17 @@ def check_input(x: torch.Tensor, d_in: int | None) -> None:
 def _sltrain_linear_unchecked(x, A, B, values, indices, scaling, weight, bias, path):
     """`sltrain_linear` after its checks (the layers run `check_input` alone: their tensors are valid), with autocast
     off and `x` in the compute dtype. The dense path takes the other floating-point tensors in any dtype (it casts them
-    itself); the factored path casts them first."""
+    itself); the factored path casts the factors and the bias first, and `W0` inside (it saves `W0` uncast)."""
     if path == "dense":
         if indices.dtype not in (torch.int32, torch.int64):  # what `index_add_` / `index_select` take
             indices = _int32_support(indices, B.shape[0] * A.shape[1])
         return _SparseLowRankLinear.apply(x, A, B, values, indices, scaling, weight, bias)
     if path == "factored":
         A, B, values = A.to(x.dtype), B.to(x.dtype), values.to(x.dtype)
-        weight = None if weight is None else weight.to(x.dtype)
+        # W0 goes in uncast: a cast copy would be saved for backward, one more dense matrix per layer
         bias = None if bias is None else bias.to(x.dtype)
         indices = _int32_support(indices, B.shape[0] * A.shape[1])
         if x.device.type == "cpu" and not cpu_kernels.supports(x.device, x.dtype):
-            _check_for_csr_kernels(x, indices, B.shape[0] * A.shape[1])
+            _check_for_csr_kernels(indices, B.shape[0] * A.shape[1])
         return _FactoredSparseLowRankLinear.apply(x, A, B, values, indices, scaling, weight, bias)
     raise ValueError(f"`path` must be one of {PATHS}, got {path!r}.")

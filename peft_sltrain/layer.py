@@ -20,7 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import SLTrainConfig, is_all_linear
 from .cost import COMPUTE_CHOICES, choose_path
-from .functional import _sltrain_linear_unchecked, check_input, compute_dtype, dense_weight
+from .functional import _sltrain_linear_unchecked, autocast_off, check_input, compute_dtype, dense_weight
 from .support import layer_seed, num_nonzeros, random_support
 
 # the layers SLTrain can replace
@@ -302,9 +302,11 @@ class SLTrainLayer(BaseTunerLayer):
             nn.init.zeros_(values)
 
     def _path(self, adapter_name: str, x: torch.Tensor, dtype: torch.dtype, has_weight: bool) -> str:
-        """The compute path of one call (see `peft_sltrain.cost`): forward-only costs under `torch.no_grad()` (and
-        inference mode). Grad mode alone decides, not what requires a gradient, so that a model gives the same bits
-        whether its parameters are frozen (loaded for inference) or not."""
+        """The compute path of one call (see `peft_sltrain.cost`): forward-only costs where no backward can follow,
+        under `torch.no_grad()` (and inference mode) in eval mode. In training mode the backward counts also without
+        grad: reentrant activation checkpointing runs its first forward there and recomputes it with grad, and both
+        must take one path for the checkpointed model to give the same bits. What requires a gradient does not count,
+        so that a model gives the same bits whether its parameters are frozen (loaded for inference) or not."""
         return choose_path(
             self.compute[adapter_name],
             n=x.numel() // self.in_features,
@@ -315,7 +317,7 @@ class SLTrainLayer(BaseTunerLayer):
             device=x.device,
             dtype=dtype,
             has_weight=has_weight,
-            backward=torch.is_grad_enabled(),
+            backward=torch.is_grad_enabled() or self.training,
         )
 
     def _base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor | None:
@@ -463,7 +465,7 @@ class Linear(nn.Module, SLTrainLayer):
         dtype = compute_dtype(x)  # under autocast, as F.linear would; grads flow back to the fp32 params
         if self.quantization:  # bitsandbytes computes x W0^T (+ bias) from its quantized weight; a branch per delta
             result = self.base_layer(x, *args, **kwargs)
-            with torch.autocast(device_type, enabled=False):
+            with autocast_off(device_type):
                 x = x.to(dtype)
                 for name in active:
                     delta = self._sltrain(name, x, self._path(name, x, dtype, has_weight=False))
@@ -474,7 +476,7 @@ class Linear(nn.Module, SLTrainLayer):
             base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
         ):
             self._warn_about_hooks_on(base)
-        with torch.autocast(device_type, enabled=False):
+        with autocast_off(device_type):
             x = x.to(dtype)
             if len(active) == 1:  # one fused map: W0 + delta is rebuilt inside, so W0 is multiplied only once
                 name, weight = active[0], self._base_weight()

@@ -137,6 +137,7 @@ class SLTrainModel(BaseTuner):
         # Our layers are created on the right device and dtype, so a plain swap suffices. PEFT's generic version also
         # copies `child.weight` across, which trips over modules without one: a from-scratch layer, or the
         # `ModulesToSaveWrapper` around RoBERTa's classification head during `merge_and_unload`.
+        new_module.train(target.training)  # a layer of an eval-mode model stays in eval mode (`Linear._path` asks)
         setattr(parent, child_name, new_module)
 
     def _from_scratch(self) -> bool:

@@ -190,6 +190,11 @@ def test_layers_price_a_call_by_its_tokens_and_frozen_weight(monkeypatch):
         model(input_ids=torch.zeros(2, 5, dtype=torch.long))
     assert seen and set(seen) == {(2 * 5, True, False)}
     seen.clear()
+    with torch.no_grad():  # in training mode one may (reentrant checkpointing's first forward): the same path as later
+        model.train()(input_ids=torch.zeros(2, 5, dtype=torch.long))
+    assert seen and set(seen) == {(2 * 5, True, True)}
+    model.eval()
+    seen.clear()
     model.requires_grad_(False)  # frozen, as loaded for inference: the same path as trainable (the same bits)
     model(input_ids=torch.zeros(2, 5, dtype=torch.long))
     assert seen and set(seen) == {(2 * 5, True, True)}

@@ -135,14 +135,56 @@ def test_saves_no_dense_weight_for_backward():
     assert all(tuple(s.shape) != (20, 24) for s in saved)
 
 
-def test_fine_tuning_saves_only_the_frozen_weight_itself():
+@pytest.mark.parametrize("path", IMPLEMENTATIONS, indirect=True)
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fine_tuning_saves_only_the_frozen_weight_itself(path, autocast):
+    """Of shape (d_out, d_in) only W0 itself is saved, also under autocast, where `nn.Linear` saves W0's bf16 copy: the
+    map casts W0 again in backward instead."""
+    if autocast and path == "factored" and not cpu_kernels.AVAILABLE:
+        pytest.skip("PyTorch's CSR kernels have no bf16")
     t = make_inputs(dtype=torch.float32, d_in=24, d_out=20, r=4, nnz=30)
     t["weight"].requires_grad_(False)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda x: (saved.append(x), x)[1], lambda x: x):
-        sltrain_linear(**t, scaling=1.0)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = sltrain_linear(**t, scaling=1.0, path=path)
     dense = [s for s in saved if tuple(s.shape) == (20, 24)]
     assert len(dense) == 1 and dense[0].data_ptr() == t["weight"].data_ptr()  # a reference, not a copy
+    ref = clone_inputs(t)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y_ref = reference(**ref, scaling=1.0)
+    assert y.dtype == y_ref.dtype
+    for g, g_ref in zip(grads(y.float(), [t[n] for n in ("x", "A", "B", "values")]),
+                        grads(y_ref.float(), [ref[n] for n in ("x", "A", "B", "values")])):  # fmt: skip
+        assert g.dtype == g_ref.dtype and ((g - g_ref).norm() / g_ref.norm()).item() < (0.02 if autocast else 1e-6)
+
+
+def test_inference_tensors_are_cast_without_a_version():
+    """Parameters made under `torch.inference_mode()` (an adapter loaded there) have no version counter: the dense
+    path, which casts them for a bf16 input (fp32 adapter), must not read one."""
+    with torch.inference_mode():
+        t = make_inputs(dtype=torch.float32)
+    with torch.no_grad():
+        expected = reference(**t, scaling=0.5)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            y = sltrain_linear(**t, scaling=0.5, path="dense")
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), expected, rtol=0.05, atol=0.05)
+
+
+def test_direct_calls_check_what_layers_guarantee():
+    """`sltrain_linear` is public: shapes of `weight` and `bias`, the support's device and the factored path's dtype
+    are checked up front, with the value, rather than failing in torch (some only in backward)."""
+    t = make_inputs(dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"`bias` must be \(d_out,\) = \(10,\), got shape \(1, 10\)"):
+        sltrain_linear(**(t | {"bias": t["bias"].detach()[None]}), scaling=0.5)
+    with pytest.raises(ValueError, match=r"`weight` must be \(d_out, d_in\) = \(10, 12\), got shape \(12, 10\)"):
+        sltrain_linear(**(t | {"weight": t["weight"].detach().t()}), scaling=0.5)
+    with pytest.raises(ValueError, match="`indices` must be on the values' device cpu, got meta"):
+        sltrain_linear(**(t | {"indices": t["indices"].to("meta")}), scaling=0.5)
+    with pytest.raises(ValueError, match=r"sparse kernels for torch.float16 on cpu"):
+        sltrain_linear(**make_inputs(dtype=torch.float16), scaling=0.5, path="factored")
 
 
 class _DenseMatrices(TorchDispatchMode):
@@ -282,10 +324,10 @@ def test_dense_path_keeps_only_the_inputs_it_cast_and_checks_them_in_a_double_ba
     t = make_inputs(dtype=torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = sltrain_linear(**t, scaling=0.5, path="dense")
-    kept = y.grad_fn.originals
-    assert [o[0] is t[n] for n, o in zip(("A", "B", "values", "weight"), kept)] == [True] * 4
+    kept = y.grad_fn.originals  # (W0 is saved uncast, and autograd checks it)
+    assert [o[0] is t[n] for n, o in zip(("A", "B", "values"), kept, strict=True)] == [True] * 3
     bf16 = {k: v.detach().to(torch.bfloat16).requires_grad_() if v.is_floating_point() else v for k, v in t.items()}
-    assert sltrain_linear(**bf16, scaling=0.5, path="dense").grad_fn.originals == (None,) * 4
+    assert sltrain_linear(**bf16, scaling=0.5, path="dense").grad_fn.originals == (None,) * 3
     (gx,) = torch.autograd.grad(y.float().square().sum(), t["x"], create_graph=True)  # before any change: fine
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = sltrain_linear(**t, scaling=0.5, path="dense")
@@ -316,8 +358,11 @@ def test_torch_kernels_refuse_what_they_cannot_compute(monkeypatch):
     with pytest.raises(ValueError, match=r"`indices` must be strictly increasing flat indices in \[0, 120\)"):
         sltrain_linear(**(t | {"indices": shuffled}), scaling=1.0, path="factored")
     t16 = make_inputs(dtype=torch.float16)
-    with pytest.raises(ValueError, match=r"factored path on CPU has no kernels for torch.float16: .*not installed"):
+    with pytest.raises(ValueError, match=r"kernels for torch.float16 on cpu.*cover only float32, float64 and bf"):
         sltrain_linear(**t16, scaling=1.0, path="factored")
+    bf16 = make_inputs(dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"kernels for torch.bfloat16 on cpu.*pip install 'peft-sltrain\[cpu\]'"):
+        sltrain_linear(**bf16, scaling=1.0, path="factored")
     assert sltrain_linear(**(t | {"indices": shuffled}), scaling=1.0, path="dense").shape == (2, 5, 10)
 
 

@@ -15,15 +15,18 @@ import transformers
 from peft import PeftModel, get_peft_model
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from peft_sltrain import (
     TARGET_MODULES_MAPPING,
     SLTrainConfig,
     SLTrainLayer,
     count_parameters,
+    cpu_kernels,
     sltrain_layer_parameters,
 )
 from peft_sltrain.config import HEADS_PEFT_ADDS
+from peft_sltrain.cost import choose_path
 from peft_sltrain.support import num_nonzeros
 
 from conftest import needs_cxx, perturb_trainable, tiny_llama, tiny_roberta, tiny_roberta_config, train_losses
@@ -165,6 +168,35 @@ def test_fine_tuning_under_activation_checkpointing_gives_the_same_gradients(com
 def test_seq_cls_trains_classifier_fully():
     model = get_peft_model(tiny_roberta(), SLTrainConfig(r=4, task_type="SEQ_CLS"))
     assert isinstance(model.base_model.model.classifier, ModulesToSaveWrapper)
+@pytest.mark.skipif(not cpu_kernels.AVAILABLE, reason="the paths below are numba's cost model's")
+def test_auto_takes_one_path_in_a_checkpointed_forward_and_its_recompute():
+    """Reentrant checkpointing runs a layer's first forward without grad and recomputes it with grad: in training mode
+    both price the backward, so `compute="auto"` takes one path (the factored one here, where a forward-only price
+    picks the dense one) and the gradients are those of the run without checkpointing, to the bit."""
+    layer = (100, 768, 768, 8, round(0.03 * 768 * 768), torch.device("cpu"), torch.float32, True)
+    assert [choose_path("auto", *layer, backward=b) for b in (False, True)] == ["dense", "factored"]
+    model = get_peft_model(nn.Sequential(nn.Linear(768, 768)), SLTrainConfig(r=8, target_modules=["0"])).train()
+    perturb_trainable(model)
+    x = torch.randn(100, 768, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    grads = []
+    for checkpointed in (False, True):
+        run = (lambda t: checkpoint(model, t, use_reentrant=True)) if checkpointed else model
+        model.zero_grad()
+        run(x).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    for plain, checkpointed in zip(*grads, strict=True):
+        assert torch.equal(plain, checkpointed)
+
+
+@pytest.mark.parametrize("compute", ["dense", "auto"])
+def test_a_layer_on_the_meta_device_gives_shapes(compute):
+    """Shape inference through a wrapped model on the meta device, as `nn.Linear` allows (autocast cannot be asked
+    about, or turned off, there; `auto` goes dense: the sparse kernels have no meta version)."""
+    config = SLTrainConfig(r=2, target_modules=["0"], compute=compute)
+    model = get_peft_model(nn.Sequential(nn.Linear(24, 20)), config).to("meta")
+    assert model(torch.randn(3, 24, device="meta")).shape == (3, 20)
+
+
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("classifier.modules_to_save.default.out_proj.weight" in n for n in trainable)
     assert all(".sltrain_" in n or ".classifier." in n for n in trainable)
@@ -636,6 +668,20 @@ def test_update_layer_checks_its_arguments(kwargs):
     """`update_layer` is public (PEFT and callers add adapters through it): it checks what the config would."""
     layer = get_peft_model(tiny_llama(), SLTrainConfig(r=2)).base_model.model.model.layers[0].self_attn.q_proj
     args = dict(r=2, sparsity=0.05, alpha=8.0, from_scratch=False, seed=0, layer_name="q_proj") | kwargs
+
+# under bf16 autocast the dense path casts the fp32 factors inside its autograd function (torch 2.13's Dynamo refused
+# reading their versions there); the same losses, and gradients as close as bf16 allows
+results = []
+for compiled in (True, False):
+    model = get_peft_model(tiny_llama(), SLTrainConfig(r=4, sparsity=0.05, compute="dense"))
+    perturb_trainable(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = (torch.compile(model) if compiled else model)(input_ids=ids, labels=ids).loss
+    loss.backward()
+    results.append([loss.detach()] + [p.grad for p in model.parameters() if p.requires_grad])
+for got, expected in zip(*results):
+    assert ((got - expected).norm() / expected.norm()).item() < 0.05
+print("bf16 autocast matches eager over", len(results[0]) - 1, "gradients")
     with pytest.raises(ValueError, match=f"`{next(iter(kwargs))}` must"):
         layer.update_layer("second", **args)
 
@@ -649,6 +695,7 @@ def test_a_layer_under_autocast_computes_as_its_base_layer_would():
     x = torch.randn(3, layer.in_features)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, y_base = layer(x), layer.base_layer(x)
+    assert "bf16 autocast matches eager" in done.stdout
     assert y.dtype == y_base.dtype == torch.bfloat16
     y.float().sum().backward()
     assert layer.sltrain_A["default"].grad.dtype == torch.float32
