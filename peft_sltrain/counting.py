@@ -130,11 +130,16 @@ def count_parameters(model: nn.Module, config: SLTrainConfig) -> ParameterCounts
         adapter = sltrain_layer_parameters(*layer_features(module), config.r, config.sparsity)
         trainable += adapter
         total += adapter
-    for name, param in model.named_parameters():
-        if param is untied:
-            continue  # it will be the input embedding's weight
+    seen = set()
+    for name, param in model.named_parameters(remove_duplicate=False):  # a tied weight under each of its names
         owner, _, attr = name.rpartition(".")
         n = param.numel()
+        if param is untied or id(param) in seen:  # (untied: it will be the input embedding's weight)
+            if any(owner == m or owner.startswith(m + ".") for m in saved_modules):
+                trainable += n  # PEFT's trainable copy of a module in `modules_to_save`, untied from the original
+                total += n
+            continue
+        seen.add(id(param))
         if attr == "weight" and bnb_quantization(model.get_submodule(owner)):
             n = math.prod(layer_features(model.get_submodule(owner)))  # its d_in x d_out, which bitsandbytes packs
         if owner in targeted and attr == "weight":

@@ -379,7 +379,8 @@ class Linear(nn.Module, SLTrainLayer):
             elif base.weight is None:
                 merged = delta
             else:
-                merged = base.weight.data + delta.to(base.weight.dtype)
+                # summed in the wider dtype and rounded once (a bf16 W0 and its fp32 adapter: in fp32), as LoRA does
+                merged = (base.weight.data + delta).to(base.weight.dtype)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(
                     f"NaN or inf in the merged weight; adapter `{name}` seems broken. This layer was left unmerged; "
@@ -408,7 +409,7 @@ class Linear(nn.Module, SLTrainLayer):
             elif self.quantization:
                 self._requantize_base_weight(self._dequantized_base_weight(plus=-self.get_delta_weight(name)))
             else:
-                base.weight.data -= self.get_delta_weight(name).to(base.weight.dtype)
+                base.weight.data -= self.get_delta_weight(name)  # in the wider dtype, rounded once
 
     def _dequantized_base_weight(self, plus: torch.Tensor | None = None) -> torch.Tensor:
         """A bitsandbytes base's `W0` (d_out, d_in), dequantized as PEFT's LoRA does (4-bit: in the weight's

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import contextmanager
 
 import torch
 from peft.tuners.tuners_utils import (
@@ -90,11 +91,18 @@ class SLTrainModel(BaseTuner):
         config = self.peft_config[adapter_name]
         exclude_unreplaceable_linears(config, model)  # for "all-linear"
         _warn_left_out_narrow(exclude_narrow_linears(config, model), config)
-        targeted_linear_names(model, config)
+        targeted = targeted_linear_names(model, config)
+        if "_frozen_before" not in self.__dict__:  # the first adapter: what the model (Whisper's fixed positions) or
+            # the caller froze, which stays frozen from scratch (names as before injection, without `.base_layer`)
+            self._frozen_before = {name for name, p in model.named_parameters() if not p.requires_grad}
         if config.from_scratch:
             # the file holds every tensor of the model, and PEFT strips `.<adapter_name>` from each saved key: a name
-            # that is also a module's (`norm`, `lm_head`) would rename that module's tensors, and the file not load
-            for key in ("base_model.model." + k for k in model.state_dict()):  # saved keys carry PEFT's prefix
+            # that is also a module's (`norm`, `lm_head`, or `base_layer`, under which injection puts a replaced
+            # layer's bias) would rename that module's tensors, and the file not load
+            keys = list(model.state_dict())
+            keys += [f"{name}.base_layer.{key[len(name) + 1 :]}" for name in targeted for key in keys
+                     if key.startswith(name + ".")]  # fmt: skip
+            for key in ("base_model.model." + k for k in keys):  # saved keys carry PEFT's prefix
                 if (saved := self._remove_adapter_name_from_key(key, adapter_name)) != key:
                     raise ValueError(
                         f"`adapter_name={adapter_name!r}` is also a module's name: a from-scratch adapter saves every "
@@ -129,6 +137,7 @@ class SLTrainModel(BaseTuner):
             return
         # what cannot be replaced was refused by `inject_adapter`'s check (and `Linear` refuses it again)
         new_module = Linear(target, adapter_name, config, layer_name=current_key)
+        new_module.train(target.training)  # a layer of an eval-mode model stays in eval mode (`Linear._path` asks)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added, inactive adapter starts frozen
         setattr(parent, target_name, new_module)
@@ -137,7 +146,6 @@ class SLTrainModel(BaseTuner):
         # Our layers are created on the right device and dtype, so a plain swap suffices. PEFT's generic version also
         # copies `child.weight` across, which trips over modules without one: a from-scratch layer, or the
         # `ModulesToSaveWrapper` around RoBERTa's classification head during `merge_and_unload`.
-        new_module.train(target.training)  # a layer of an eval-mode model stays in eval mode (`Linear._path` asks)
         setattr(parent, child_name, new_module)
 
     def _from_scratch(self) -> bool:
@@ -149,21 +157,49 @@ class SLTrainModel(BaseTuner):
             super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}  # Whisper's fixed positions
         super()._mark_only_adapters_as_trainable(model)
-        if self._from_scratch() and not self.peft_config[self.active_adapters[0]].inference_mode:
-            # pretraining: embeddings, norms, head and biases are trained along with the SLTrain factors, but for
-            # what was frozen before (by the model, or by the caller)
-            frozen_ids = {id(p) for p in frozen.values()}
-            for parameter in model.parameters():
-                parameter.requires_grad_(id(parameter) not in frozen_ids)
+        if self._from_scratch():
+            # pretraining: embeddings, norms, head and biases are trained along with the SLTrain factors
+            self._set_rest_requires_grad(not self.peft_config[self.active_adapters[0]].inference_mode)
+            frozen = sorted(self._frozen_before)
             if frozen and not getattr(self, "_warned_frozen", False):
                 self._warned_frozen = True
                 warnings.warn(
                     f"From scratch, {len(frozen)} parameter(s) frozen before `get_peft_model` stay frozen, e.g. "
-                    f"{list(frozen)[:3]}; call `requires_grad_(True)` on them to train them.",
+                    f"{frozen[:3]}; call `requires_grad_(True)` on them to train them.",
                     stacklevel=2,
                 )
+
+    def _set_rest_requires_grad(self, requires_grad: bool) -> None:
+        """From scratch, the adapter is the whole model: sets `requires_grad` on its parameters besides the SLTrain
+        factors (embeddings, norms, head, biases) as on the factors, but for those frozen before injection."""
+        adapter_ids = {id(p) for p in _adapter_parameters(self.model)}
+        for name, parameter in self.model.named_parameters():
+            if id(parameter) not in adapter_ids and name.replace(".base_layer.", ".") not in self._frozen_before:
+                parameter.requires_grad_(requires_grad)
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        if self._from_scratch():
+            self._set_rest_requires_grad(not inference_mode)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        super().set_requires_grad(adapter_names, requires_grad=requires_grad)
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        if any(self.peft_config[name].from_scratch for name in names if name in self.peft_config):
+            self._set_rest_requires_grad(requires_grad)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        # PEFT hands a call's special arguments to this method and then drops them: `adapter_names` (LoRA runs each
+        # row of a batch through its own adapter) and LoRA's `alora_offsets` would otherwise be ignored silently
+        for key in ("adapter_names", "alora_offsets"):
+            if kwargs.get(key) is not None:
+                raise ValueError(
+                    f"SLTrain has no `{key}` (LoRA's per-row adapters), got `{key}={kwargs[key]!r}`; activate one "
+                    "adapter with `set_adapter(name)` and run each adapter's rows in a call of their own."
+                )
+        yield
 
     def _post_injection_hook(self, model: nn.Module, config: SLTrainConfig, adapter_name: str) -> None:
         if config.from_scratch:
@@ -501,6 +537,12 @@ def _materialize_adapters(layer: SLTrainLayer) -> None:
             old = params[adapter]
             torch.utils.swap_tensors(old, nn.Parameter(torch.empty_like(old, device=device), old.requires_grad))
         layer.reset_sltrain_parameters(adapter)
+
+
+def _adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The SLTrain factors (`A`, `B` and the sparse values) of every adapter in `model`."""
+    return [p for m in model.modules() if isinstance(m, SLTrainLayer)
+            for d in (m.sltrain_A, m.sltrain_B, m.sltrain_values) for p in d.values()]  # fmt: skip
 
 
 def _warn_left_out_narrow(names: list[str], config: SLTrainConfig) -> None:

@@ -329,12 +329,46 @@ def test_loaded_for_inference_nothing_trains_merged_or_not(tmp_path):
     assert not any(m.get_base_layer().weight.requires_grad for m in layers)
 
 
-@pytest.mark.parametrize("name", ["norm", "lm_head", "weight"])
+def test_set_adapter_and_set_requires_grad_switch_the_whole_model(tmp_path):
+    """From scratch the adapter is the whole model: freezing or unfreezing it (`set_adapter(inference_mode=...)`,
+    `set_requires_grad`, loading with `is_trainable=False` and then `set_adapter`) switches embeddings, norms and head
+    with the factors, as LoRA switches its `modules_to_save`."""
+    model = scratch_model(meta=False)
+    total = model.get_nb_trainable_parameters()[1]
+    model.set_adapter("default", inference_mode=True)
+    assert model.get_nb_trainable_parameters() == (0, total)
+    model.set_adapter("default")
+    assert model.get_nb_trainable_parameters() == (total, total)
+    model.base_model.set_requires_grad("default", requires_grad=False)
+    assert model.get_nb_trainable_parameters() == (0, total)
+    model.base_model.set_requires_grad("default")
+    assert model.get_nb_trainable_parameters() == (total, total)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_config(tiny_llama_config()), tmp_path)
+    assert loaded.get_nb_trainable_parameters() == (0, total)
+    loaded.set_adapter("default")
+    assert loaded.get_nb_trainable_parameters() == (total, total)
+
+
+def test_set_adapter_keeps_what_the_model_froze_frozen():
+    """What was frozen before `get_peft_model` stays frozen when the adapter is switched on again."""
+    base = AutoModelForCausalLM.from_config(tiny_llama_config())
+    base.model.norm.weight.requires_grad_(False)
+    with pytest.warns(UserWarning, match="frozen before `get_peft_model` stay frozen"):
+        model = get_peft_model(base, CONFIG)
+    model.set_adapter("default", inference_mode=True)
+    model.set_adapter("default")
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    assert frozen == ["base_model.model.model.norm.weight"]
+
+
+@pytest.mark.parametrize("name", ["norm", "lm_head", "weight", "base_layer"])
 def test_an_adapter_named_like_a_module_is_refused(name):
     """PEFT strips `.<adapter_name>` from every saved key; from scratch every tensor of the model is saved, so a name
-    like `norm` would save `model.norm.weight` as `model.weight`, a file that does not load back."""
+    like `norm` would save `model.norm.weight` as `model.weight`, a file that does not load back (`base_layer`: the
+    module injection puts a replaced layer's bias under)."""
     with pytest.raises(ValueError, match=rf"`adapter_name='{name}'` is also a module's name.*would not load back"):
-        get_peft_model(tiny_llama(), CONFIG, adapter_name=name)
+        get_peft_model(tiny_llama(attention_bias=True), CONFIG, adapter_name=name)
 
 
 # -------------------------------------------------------------- the model's own init, on other architectures
