@@ -64,6 +64,8 @@ class Method:
     # whether the trained model is saved as a PEFT adapter (SLTrain: the adapter holds every trained tensor); else as
     # its dense Transformers model (`to_dense`), which plain `from_pretrained` loads
     saves_adapter: bool = False
+    # a package its optimizer imports that is not a core dependency (checked before anything runs)
+    requires: str | None = None
 
 
 METHODS: dict[str, Method] = {}
@@ -355,6 +357,7 @@ register(
         lambda m: m,
         make_optimizer=_galore_optimizer,
         checkpointable=False,
+        requires="galore_torch",
         options={"update_proj_gap": int, "scale": float},
         check=_check_rank,  # a rank as wide as a layer projects nothing and saves no memory
     )
@@ -367,6 +370,7 @@ register(
         lambda m: m,
         make_optimizer=_fira_optimizer,
         checkpointable=False,
+        requires="fira",
         options={"update_proj_gap": int, "scale": float},
         check=_check_rank,  # a rank as wide as a layer projects nothing and saves no memory
     )

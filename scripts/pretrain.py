@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import itertools
 import json
 import logging
@@ -49,6 +50,8 @@ import pretrain_card  # noqa: E402
 from methods import METHODS, Hyper, adamw, get_method, parse_method_args  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+OPTIMIZERS = ("adamw", "adam8bit")
+DTYPES = ("fp32", "bf16")
 SIZES = sorted(p.stem.removeprefix("llama_") for p in CONFIGS.glob("llama_*.json"))
 
 
@@ -88,13 +91,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, help="sequences per forward pass per process")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--grad-clip", type=float, help="max global gradient norm; 0 disables")
-    p.add_argument("--optimizer", choices=["adamw", "adam8bit"])
+    p.add_argument("--optimizer", choices=OPTIMIZERS)
     p.add_argument(
         "--per-layer-updates",
         action="store_true",
         help="step each parameter's optimizer in its gradient hook: gradients are never all resident",
     )
-    p.add_argument("--dtype", choices=["fp32", "bf16"], help="bf16 = autocast mixed precision, fp32 master weights")
+    p.add_argument("--dtype", choices=DTYPES, help="bf16 = autocast mixed precision, fp32 master weights")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument(
         "--compile",
@@ -102,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch.compile the model's forward, in place (parameter names, checkpoints and exports are unchanged); "
         "compiling takes a while at the first step and at the first evaluation",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="in [0, 2**32)")
     # evaluation, checkpoints, output
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-blocks", type=int, default=256, help="validation sequences per evaluation")
@@ -114,9 +117,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-# what a preset's "train" section must give (a flag may override each); "model" is the LlamaConfig
-PRESET_TRAIN_KEYS = ("lr", "min_lr_ratio", "warmup_steps", "max_steps", "global_batch", "micro_batch", "seq_len",
-                     "weight_decay", "grad_clip", "optimizer", "dtype")  # fmt: skip
+# what a preset's "train" section must give (a flag may override each), with the type or choices its flag takes;
+# "sltrain" may give the method's settings; "model" is the LlamaConfig
+PRESET_TRAIN_KEYS = {"lr": float, "min_lr_ratio": float, "warmup_steps": int, "max_steps": int, "global_batch": int,
+                     "micro_batch": int, "seq_len": int, "weight_decay": float, "grad_clip": float,
+                     "optimizer": OPTIMIZERS, "dtype": DTYPES}  # fmt: skip
+PRESET_SLTRAIN_KEYS = {"rank": int, "sparsity": float, "alpha": float}
 
 
 def load_preset(model: str) -> dict:
@@ -135,7 +141,28 @@ def load_preset(model: str) -> dict:
             f'`--model` {model!r} needs a "model" object (the LlamaConfig), a "train" object and optionally an '
             '"sltrain" one (see configs/).'
         )
+    for section, kinds in (("train", PRESET_TRAIN_KEYS), ("sltrain", PRESET_SLTRAIN_KEYS)):
+        for key, value in preset.get(section, {}).items():
+            preset[section][key] = preset_value(model, section, kinds, key, value)
     return preset
+
+
+def preset_value(model: str, section: str, kinds: dict, key: str, value):
+    """A preset's value checked as its flag's would be (argparse checks only flags): its type, or its choices."""
+    where = f'`--model` {model!r}: its "{section}" object'
+    if key not in kinds:
+        raise ValueError(
+            f"{where} sets {key!r}, which a preset cannot set; it may set {sorted(kinds)} (pass other settings as "
+            f"flags, e.g. --{key.replace('_', '-')})."
+        )
+    kind = kinds[key]
+    if isinstance(kind, tuple):
+        if value not in kind:
+            raise ValueError(f"{where} sets {key!r} to {value!r}; choose one of {list(kind)}.")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
+        raise ValueError(f"{where} sets {key!r} to {value!r}, which is no {kind.__name__}.")
+    return kind(value)
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
@@ -153,7 +180,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     except Exception as error:  # noqa: BLE001 (Transformers' validators raise ValueError, TypeError or their own)
         reason = " ".join(str(error).split())  # one line
         raise ValueError(f'`--model` {args.model!r}: its "model" object is no valid LlamaConfig: {reason}') from None
-    missing = [key for key in PRESET_TRAIN_KEYS + method.reads if getattr(args, key, None) is None]
+    missing = [key for key in (*PRESET_TRAIN_KEYS, *method.reads) if getattr(args, key, None) is None]
     if missing:
         flags = ", ".join(f"--{key.replace('_', '-')}" for key in missing)
         raise ValueError(f"`--model` {args.model!r} sets no {missing}: add them to its preset or pass {flags}.")
@@ -170,6 +197,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("weight_decay", "grad_clip", "save_every"):
         if getattr(args, name) < 0:
             raise ValueError(f"`--{name.replace('_', '-')}` must be 0 or more, got {getattr(args, name)}.")
+    if not 0 <= args.seed < 2**32:  # (the data order seeds `seed * 100_003 + epoch`, which must fit in 64 bits)
+        raise ValueError(f"`--seed` must be in [0, 2**32), got {args.seed}.")
     if not 0 <= args.min_lr_ratio <= 1:
         raise ValueError(f"`--min-lr-ratio` must be in [0, 1], got {args.min_lr_ratio}.")
     if args.resume and args.overwrite:
@@ -186,6 +215,15 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"`--warmup-steps` must be in [0, --max-steps), got {args.warmup_steps}{source}.")
     if "rank" in method.reads and args.rank <= 0:
         raise ValueError(f"`--rank` must be positive, got {args.rank}.")
+    if method.requires and importlib.util.find_spec(method.requires) is None:
+        raise ValueError(
+            f"`--method {method.name}` needs the {method.requires} package: pip install 'peft-sltrain[bench]'."
+        )
+    if args.compile and not torch.cuda.is_available() and shutil.which(os.environ.get("CXX", "g++")) is None:
+        raise ValueError(
+            "`--compile` on a CPU needs a C++ compiler (torch.compile builds C++ with `$CXX`, else g++), and none is "
+            "found: install one, or leave out --compile."
+        )
     if method.check is not None:
         method.check(llama_config, hyper_from_args(args))
     if method.make_optimizer is not adamw and args.optimizer != "adamw":
@@ -276,6 +314,11 @@ def trajectory_config(args: argparse.Namespace, world_size: int) -> dict:
     return {**{k: getattr(args, k) for k in keys}, "world_size": world_size}
 
 
+# what a run writes in --out-dir (and a killed export's temporaries), all deleted by `--overwrite`
+RUN_FILES = ("run_config.json", "checkpoints", "final", "merged", "tokenizer", "log.jsonl", "summary.json", "loss.png",
+             ".run_config.json.tmp", ".final.tmp", ".merged.tmp", ".summary.json.tmp")  # fmt: skip
+
+
 def check_out_dir(args: argparse.Namespace, config: dict) -> Path | None:
     """The checkpoint to resume from (or None), after making sure nothing saved is overwritten by mistake."""
     out = Path(args.out_dir)
@@ -285,7 +328,10 @@ def check_out_dir(args: argparse.Namespace, config: dict) -> Path | None:
     if args.resume:
         if not run_file.is_file():
             raise ValueError(f"`--resume`: {out} holds no run to resume (no run_config.json).")
-        saved = json.loads(run_file.read_text())
+        try:
+            saved = json.loads(run_file.read_text())
+        except ValueError as error:
+            raise ValueError(f"`--resume`: {run_file} is damaged ({error}); it cannot be resumed.") from None
         keys = (set(saved) | set(config)) - {"data_sha256"}  # checked once the data is read (`check_same_data`)
         differ = sorted(k for k in keys if saved.get(k) != config.get(k))
         if differ:
@@ -297,9 +343,11 @@ def check_out_dir(args: argparse.Namespace, config: dict) -> Path | None:
         if checkpoint is None:
             raise ValueError(f"`--resume`: {out} has no complete checkpoint yet.")
         return checkpoint  # if it is the last step's (an export killed before its summary), only the export runs
-    if (run_file.exists() or (out / "checkpoints").exists()) and not args.overwrite:
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not args.overwrite:
         raise ValueError(
-            f"{out} already holds a run; pass `--resume` to continue it or `--overwrite` to delete it and start over."
+            f"{out} already holds a run ({', '.join(found[:3])}); pass `--resume` to continue it or `--overwrite` to "
+            "delete it and start over."
         )
     return None
 
@@ -325,6 +373,15 @@ def check_same_data(out: Path, digest: dict[str, str]) -> None:
         )
 
 
+def logged_step(line: str) -> float:
+    """The step of one line of log.jsonl; infinity for a line cut off by a kill (dropped, as rows after a checkpoint
+    are)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def finished_run(out: Path, args: argparse.Namespace) -> bool:
     """Whether the run in `out` trained all its steps and exported them: its summary is written last and counts
     every token (its newest checkpoint need not be the last step: a resumed command may run without --save-every)."""
@@ -339,12 +396,13 @@ def init_out_dir(args: argparse.Namespace, config: dict, accelerator: Accelerato
     """Start a fresh run directory (deleting an earlier run only when `--overwrite` asked for it)."""
     out = Path(args.out_dir)
     if accelerator.is_main_process:
-        run_files = ("checkpoints", "final", "merged", "tokenizer", "log.jsonl", "summary.json", "loss.png")
-        for name in run_files + (".final.tmp", ".merged.tmp", ".summary.json.tmp"):  # and a killed export's
+        for name in RUN_FILES:
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "run_config.json").write_text(json.dumps(config, indent=2))
+        temporary = out / ".run_config.json.tmp"  # written whole, then renamed: a kill leaves no half of it
+        temporary.write_text(json.dumps(config, indent=2))
+        os.replace(temporary, out / "run_config.json")
     accelerator.wait_for_everyone()
 
 
@@ -659,6 +717,7 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer.save(out / "tokenizer")
 
     start_step, tokens_seen, earlier_seconds = 0, 0, 0.0  # earlier_seconds: training time before this command
+    timed_tokens = 0  # the tokens of the steps in the training time (all but a compiling first step, see below)
     if resume_from is not None:
         if accelerator.is_main_process:
             checkpointing.remove_stale_temporaries(out / "checkpoints")
@@ -669,6 +728,7 @@ def main(argv: list[str] | None = None) -> dict:
             scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"][rank], accelerator.device)
         start_step, tokens_seen = state["step"], state["tokens"]
+        timed_tokens = state.get("timed_tokens", tokens_seen)  # (not in a checkpoint from before it was recorded)
         earlier_seconds = state.get("train_seconds")  # None: a checkpoint from before it was recorded
         if isinstance(sampler, data.StreamingBlocks):
             sampler = data.StreamingBlocks(
@@ -680,7 +740,7 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process:
         log_path = out / "log.jsonl"
         if resume_from is not None and log_path.exists():  # drop rows logged after the checkpoint we resume from
-            rows = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+            rows = [line for line in log_path.read_text().splitlines() if logged_step(line) <= start_step]
             log_path.write_text("".join(row + "\n" for row in rows))
         log = open(log_path, "a")
 
@@ -694,6 +754,7 @@ def main(argv: list[str] | None = None) -> dict:
             "step": step,
             "tokens": tokens_seen,
             "train_seconds": None if earlier_seconds is None else earlier_seconds + train_time,
+            "timed_tokens": timed_tokens,
             "optimizer": optimizer.state_dict(),
             "scheduler": None if scheduler is None else scheduler.state_dict(),
             "rng": [rng_state(accelerator.device)],
@@ -725,7 +786,7 @@ def main(argv: list[str] | None = None) -> dict:
         desc=f"{args.method}",
         dynamic_ncols=True,
     )
-    train_time, val_ppl = 0.0, None
+    train_time, val_ppl, compile_step_seconds, timed_at_start = 0.0, None, None, timed_tokens
     for step in bar:
         t0 = time.perf_counter()
         batches = sampler.micro_batches(step, rank)
@@ -750,7 +811,11 @@ def main(argv: list[str] | None = None) -> dict:
         if method.after_step is not None:
             method.after_step(accelerator.unwrap_model(model), optimizer, step + 1, hyper)
         loss_value = accelerator.reduce(loss_sum / len(batches), reduction="mean").item()
-        train_time += time.perf_counter() - t0
+        if args.compile and step == start_step:  # torch.compile compiles in this command's first step: not timed
+            compile_step_seconds = time.perf_counter() - t0
+        else:
+            train_time += time.perf_counter() - t0
+            timed_tokens += tokens_per_step
         tokens_seen += tokens_per_step
         done = step + 1
         if not math.isfinite(loss_value):
@@ -758,7 +823,7 @@ def main(argv: list[str] | None = None) -> dict:
         memory, _ = peak_memory_bytes(accelerator.device)
         bar.set_postfix(
             loss=f"{loss_value:.3f}",
-            tok_s=f"{tokens_per_step * (done - start_step) / train_time:.0f}",
+            tok_s=f"{(timed_tokens - timed_at_start) / train_time:.0f}" if train_time else "-",
             mem=f"{memory / 2**30:.2f}G",
         )
         write_log({"step": done, "tokens": tokens_seen, "loss": loss_value, "lr": lr})
@@ -783,10 +848,11 @@ def main(argv: list[str] | None = None) -> dict:
         "total_params": counts.total,
         "peak_memory_bytes": memory,
         "peak_memory_kind": memory_kind,
-        "tokens_per_s": None if seconds is None else tokens_seen / seconds,
+        "tokens_per_s": timed_tokens / seconds if seconds else None,
         "tokens": tokens_seen,
         "train_seconds": seconds,
         "kernel_compile_seconds": kernel_compile_seconds,  # this command's, not in train_seconds
+        "compile_step_seconds": compile_step_seconds,  # this command's first step under --compile, not in them either
         **training_state_bytes(accelerator.unwrap_model(model), optimizer),
         "processes": world,
         "device": str(accelerator.device),

@@ -11,6 +11,7 @@ empty model and merged into plain dense weights, which generate faster than the 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -75,16 +76,27 @@ def load(directory: str | Path) -> tuple[torch.nn.Module, AutoTokenizer]:
     return model.eval(), AutoTokenizer.from_pretrained(directory)
 
 
+def streamed(export: Path) -> bool:
+    """Whether the run of an export trained on a streamed `--dataset` (whose documents it joined by EOS; local text is
+    tokenised as it is), by its run_config.json; False where there is none (an export copied elsewhere)."""
+    try:
+        return bool(json.loads((export.parent / "run_config.json").read_text()).get("dataset"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> list[str]:
     args = parse_args(argv)
-    model, tokenizer = load(find_export(args.path))
-    # documents were joined by EOS in training, so a text starts after one
-    prompt = [tokenizer.eos_token_id] + tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
+    export = find_export(args.path)
+    model, tokenizer = load(export)
+    prompt = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
+    if not prompt or streamed(export):  # a streamed dataset's documents were joined by EOS: a text starts after one
+        prompt = [tokenizer.eos_token_id, *prompt]  # (and generation needs a first token)
     limit = model.config.max_position_embeddings
     if len(prompt) + args.max_new_tokens > limit:
         raise ValueError(
-            f"The prompt ({len(prompt) - 1} tokens) plus `--max-new-tokens` {args.max_new_tokens} exceed the model's "
-            f"{limit - 1} positions."
+            f"The prompt ({len(prompt)} tokens) plus `--max-new-tokens` {args.max_new_tokens} exceed the model's "
+            f"{limit} positions."
         )
     torch.manual_seed(args.seed)
     greedy = args.temperature == 0
@@ -100,7 +112,7 @@ def main(argv: list[str] | None = None) -> list[str]:
                 pad_token_id=tokenizer.eos_token_id,
                 **sampling,
             )
-            samples.append(tokenizer.decode(ids[0, 1:], skip_special_tokens=True))
+            samples.append(tokenizer.decode(ids[0], skip_special_tokens=True))  # (a leading EOS is special)
             print(samples[-1], end="\n" + "-" * 40 + "\n", flush=True)
     return samples
 
