@@ -12,6 +12,8 @@ Forward variants, all computing the same (N, d_out) product x S^T for 2048 rows 
 Backward variants, both computing dY S and dS (the nnz entries of dY^T X):
 - `numba_bwd`:  cpu_kernels.sparse_grads, one pass over the nonzeros per token block for both
 - `csr_bwd`:    S^T's CSR layout (a sort), then per chunk torch.sparse.mm(S^T, dY_c^T) and sampled_addmm
+And `regenerate`: `random_support` from the layer's seed, what keeping no support at all (0 bytes per nonzero in
+memory) would add to every forward and every backward.
 Times are medians of interleaved rounds (each variant and the dense GEMM once per round, every one allocating its
 output), reported as ratios to the dense GEMM of the same shape.
 """
@@ -94,10 +96,14 @@ def measure(d_in: int, d_out: int, sparsity: float) -> dict:
     def numba_bwd():
         cpu_kernels.sparse_grads(x, dy, indices, values, (d_out, d_in), torch.empty(TOKENS, d_in), need_values=True)
 
+    def regenerate():
+        random_support(d_out, d_in, nnz, seed=0)
+
     def dense_gemm():  # allocates its output, as every variant does
         torch.mm(x, W.t())
 
-    variants = {"dense_gemm": dense_gemm, "csr": csr, "gather": gather, "gather_xT": gather_xT, "csr_bwd": csr_bwd}
+    variants = {"dense_gemm": dense_gemm, "csr": csr, "gather": gather, "gather_xT": gather_xT, "csr_bwd": csr_bwd,
+                "regenerate": regenerate}  # fmt: skip
     if cpu_kernels.AVAILABLE:
         variants |= {"numba": numba, "numba_bwd": numba_bwd}
     row = {"d_in": d_in, "d_out": d_out, "sparsity": sparsity, "nnz": nnz, "tokens": TOKENS, "chunk": chunk,
