@@ -111,8 +111,9 @@ def factored_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return (device.type, dtype) in SPARSE_RELATIVE_COST and _sparse_kernels_run(device, dtype)
 
 
-def check_factored_supported(device: torch.device, dtype: torch.dtype) -> None:
-    """`ValueError` naming what to do unless the factored path runs on this device and dtype (`factored_supported`)."""
+def check_factored_supported(device: torch.device, dtype: torch.dtype, setting: str = "compute='factored'") -> None:
+    """`ValueError` naming what to do unless the factored path runs on this device and dtype (`factored_supported`);
+    `setting`: what asked for it (a config's `compute='factored'`, `sltrain_linear`'s `path='factored'`)."""
     if factored_supported(device, dtype):
         return
     if device.type == "cpu" and dtype in cpu_kernels.DTYPES:
@@ -121,9 +122,9 @@ def check_factored_supported(device: torch.device, dtype: torch.dtype) -> None:
         hint = "numba's CPU kernels cover only float32, float64 and bfloat16;"
     else:
         hint = "numba's kernels run on CPU only;"
+    instead = "path='dense'" if setting.startswith("path") else "compute='auto' or 'dense'"
     raise ValueError(
-        f"`compute='factored'` needs sparse kernels for {dtype} on {device.type}, which PyTorch lacks ({hint} use "
-        "compute='auto' or 'dense'; `path='dense'` in `sltrain_linear`)."
+        f"`{setting}` needs sparse kernels for {dtype} on {device.type}, which PyTorch lacks ({hint} use {instead})."
     )
 
 

@@ -387,7 +387,7 @@ def sltrain_linear(
     if path not in PATHS:
         raise ValueError(f"`path` must be one of {PATHS}, got {path!r}.")
     if path == "factored":  # also on CUDA, where a missing kernel would only show in backward
-        check_factored_supported(x.device, compute_dtype(x))
+        check_factored_supported(x.device, compute_dtype(x), setting="path='factored'")
     if _autocast_on(x.device.type):
         x = x.to(compute_dtype(x))
         with torch.autocast(x.device.type, enabled=False):  # grads flow back to the originals, in their dtypes

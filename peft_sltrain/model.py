@@ -160,9 +160,11 @@ class SLTrainModel(BaseTuner):
         super()._mark_only_adapters_as_trainable(model)
         if self._from_scratch():
             # pretraining: embeddings, norms, head and biases are trained along with the SLTrain factors
-            self._set_rest_requires_grad(not self.peft_config[self.active_adapters[0]].inference_mode)
-            frozen = sorted(self._frozen_before)
-            if frozen and not getattr(self, "_warned_frozen", False):
+            inference = self.peft_config[self.active_adapters[0]].inference_mode
+            self._set_rest_requires_grad(not inference)
+            names = {name.replace(".base_layer.", "."): name for name, _ in model.named_parameters()}
+            frozen = sorted(names[n] for n in self._frozen_before if n in names)  # (not a dropped targeted weight)
+            if frozen and not inference and not getattr(self, "_warned_frozen", False):
                 self._warned_frozen = True
                 warnings.warn(
                     f"From scratch, {len(frozen)} parameter(s) frozen before `get_peft_model` stay frozen, e.g. "

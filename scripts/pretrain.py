@@ -860,6 +860,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if seconds is None:
         summary["timing_note"] = f"unknown: resumed from {resume_from}, saved before checkpoints recorded the time"
+    elif seconds == 0:
+        summary["timing_note"] = "no timed step: with --compile each command's first step compiles and is not timed"
     if accelerator.is_main_process:
         log.close()
         plot_losses(out / "log.jsonl", out / "loss.png", f"{args.method} on LLaMA-{args.model}")
@@ -874,7 +876,7 @@ def main(argv: list[str] | None = None) -> dict:
         tmp = out / ".summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2))
         os.replace(tmp, out / "summary.json")
-        tokens_per_s = "unknown" if seconds is None else f"{summary['tokens_per_s']:.0f}"
+        tokens_per_s = "unknown" if summary["tokens_per_s"] is None else f"{summary['tokens_per_s']:.0f}"
         print(
             f"final {args.method}: val_ppl={val_ppl:.2f} trainable={counts.trainable:,} total={counts.total:,} "
             f"params+grads+optimizer={summary['training_state_bytes'] / 2**20:.1f}MiB "

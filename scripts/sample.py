@@ -90,13 +90,14 @@ def main(argv: list[str] | None = None) -> list[str]:
     export = find_export(args.path)
     model, tokenizer = load(export)
     prompt = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
+    given, limit = len(prompt), model.config.max_position_embeddings
     if not prompt or streamed(export):  # a streamed dataset's documents were joined by EOS: a text starts after one
         prompt = [tokenizer.eos_token_id, *prompt]  # (and generation needs a first token)
-    limit = model.config.max_position_embeddings
     if len(prompt) + args.max_new_tokens > limit:
+        room = limit - (len(prompt) - given)  # positions left after the EOS put in front
         raise ValueError(
-            f"The prompt ({len(prompt)} tokens) plus `--max-new-tokens` {args.max_new_tokens} exceed the model's "
-            f"{limit} positions."
+            f"The prompt ({given} tokens) plus `--max-new-tokens` {args.max_new_tokens} exceed the model's {room} "
+            "positions."
         )
     torch.manual_seed(args.seed)
     greedy = args.temperature == 0

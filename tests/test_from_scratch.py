@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -348,6 +349,23 @@ def test_set_adapter_and_set_requires_grad_switch_the_whole_model(tmp_path):
     assert loaded.get_nb_trainable_parameters() == (0, total)
     loaded.set_adapter("default")
     assert loaded.get_nb_trainable_parameters() == (total, total)
+
+
+def test_the_frozen_warning_names_what_stays_frozen_and_only_when_training(tmp_path):
+    """A frozen targeted weight is dropped, not kept frozen: the warning names only the rest; loading for inference
+    freezes everything anyway, so it says nothing there."""
+    base = AutoModelForCausalLM.from_config(tiny_llama_config())
+    base.model.norm.weight.requires_grad_(False)
+    base.model.layers[0].self_attn.q_proj.weight.requires_grad_(False)
+    with pytest.warns(UserWarning, match=r"1 parameter\(s\) frozen .* \['model.norm.weight'\]"):
+        model = get_peft_model(base, CONFIG)
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        frozen = AutoModelForCausalLM.from_config(tiny_llama_config())
+        frozen.model.norm.weight.requires_grad_(False)
+        PeftModel.from_pretrained(frozen, tmp_path)
+    assert not [w for w in caught if "frozen before" in str(w.message)]
 
 
 def test_set_adapter_keeps_what_the_model_froze_frozen():
