@@ -195,11 +195,11 @@ class SLTrainModel(BaseTuner):
     def _enable_peft_forward_hooks(self, *args, **kwargs):
         # PEFT hands a call's special arguments to this method and then drops them: `adapter_names` (LoRA runs each
         # row of a batch through its own adapter) and LoRA's `alora_offsets` would otherwise be ignored silently
-        for key in ("adapter_names", "alora_offsets"):
+        for key, what in (("adapter_names", "per-row adapters"), ("alora_offsets", "activated-LoRA offsets")):
             if kwargs.get(key) is not None:
                 raise ValueError(
-                    f"SLTrain has no `{key}` (LoRA's per-row adapters), got `{key}={kwargs[key]!r}`; activate one "
-                    "adapter with `set_adapter(name)` and run each adapter's rows in a call of their own."
+                    f"SLTrain has no `{key}` (LoRA's {what}), got `{key}={kwargs[key]!r}`; activate one adapter with "
+                    "`set_adapter(name)` and run each adapter's rows in a call of their own."
                 )
         yield
 
