@@ -16,7 +16,8 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub import constants as hub_constants
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "sltrain_glue.md"
 METHOD_TITLES = {"sltrain": "SLTrain", "lora": "LoRA", "full": "full fine-tuning"}
@@ -77,6 +78,7 @@ def build_card(summary: dict, peft_config: dict | None, base_model: str, dataset
         for name, value in results
     ]
     name = repo_id.split("/")[-1] if repo_id else f"{base_model.rstrip('/').split('/')[-1]}-{task.name}-{method}"
+    subset = summary.get("max_eval_samples") is not None  # the first rows of each split only: no model-index claim
     data = ModelCardData(
         model_name=name,
         base_model=base_model,
@@ -86,7 +88,7 @@ def build_card(summary: dict, peft_config: dict | None, base_model: str, dataset
         + (["sltrain", "sparse-plus-low-rank"] if method == "sltrain" else []),
         datasets=[dataset_id],
         metrics=sorted({n.removesuffix("_mm") for n, _ in results}),
-        eval_results=eval_results,
+        eval_results=None if subset else eval_results,
     )
     if peft_config is not None:
         peft_config = {k: v for k, v in peft_config.items() if v is not None}
@@ -101,7 +103,8 @@ def build_card(summary: dict, peft_config: dict | None, base_model: str, dataset
         method_title=METHOD_TITLES[method],
         task_title=f"GLUE {task.name.upper()}" if on_glue else f"{dataset_id} (as GLUE {task.name.upper()})",
         dataset_id=dataset_id,
-        eval_split_names=", ".join(dict.fromkeys(r.dataset_split for r in eval_results)),
+        eval_split_names=", ".join(dict.fromkeys(r.dataset_split for r in eval_results))
+        + (f"; the first {max(summary['eval_rows'].values())} rows only, `--max_eval_samples`" if subset else ""),
         results=results,
         metric_source=summary["metric_source"],
         trainable_params=summary["trainable_params"],
@@ -122,6 +125,7 @@ def build_card(summary: dict, peft_config: dict | None, base_model: str, dataset
         command=summary["command"],
         repo_id=repo_id or "path/to/this/directory",
         num_labels=task.num_labels,
+        mismatched=", ignore_mismatched_sizes=True" if summary.get("ignore_mismatched_sizes") else "",
         versions=summary["versions"],
     )
 
@@ -158,7 +162,12 @@ def check_hub_access(token: str | None, repo_id: str | None, default_name: str) 
             f"`--push_to_hub`: cannot reach the Hugging Face Hub at {api.endpoint} ({type(error).__name__}: "
             f"{error}); check the network, or drop the flag and upload later."
         ) from None
-    return HubTarget(user=user, repo_id=repo_id or f"{user}/{default_name}", token=token)
+    repo_id = repo_id or f"{user}/{default_name}"
+    try:  # a bad name would otherwise fail only at the upload, after training
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise HubError(f"`--push_to_hub`: `--hub_model_id` {repo_id!r} is no valid repository id: {error}") from None
+    return HubTarget(user=user, repo_id=repo_id, token=token)
 
 
 def upload(folder: Path, target: HubTarget, private: bool | None = None) -> str:

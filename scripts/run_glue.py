@@ -13,7 +13,8 @@ r"""Fine-tune a sequence classifier on a GLUE task with SLTrain, LoRA or full fi
     # QLoRA-style: the pretrained weights loaded in 4 bits (nf4) by bitsandbytes and frozen under the adapter
     python scripts/run_glue.py --task_name mrpc --method sltrain --quantize 4bit --output_dir runs/mrpc-sltrain-4bit
 
-In the style of transformers' `run_glue.py` (HfArgumentParser, Trainer, TrainingArguments; every Trainer flag works).
+In the style of transformers' `run_glue.py` (HfArgumentParser, Trainer, TrainingArguments; the Trainer's flags work,
+but `--do_predict` and `--bf16_full_eval` / `--fp16_full_eval`, refused).
 Reads top to bottom: presets and arguments, Hub check, data, model, training, evaluation, export. `--method` picks
 what is trained: `sltrain` (W0 + (alpha/r) B A + S on the targeted projections), `lora` (W0 + (alpha/r) B A) or
 `full` (every weight); the adapters also train the classifier, which PEFT saves through `modules_to_save`. Each task
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 import shlex
 import shutil
@@ -254,11 +256,32 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, training_ar
             )
     if "all-linear" in model_args.target_modules and len(model_args.target_modules) > 1:
         raise ValueError(f"`--target_modules all-linear` stands alone, got {list(model_args.target_modules)}.")
+    for flag, path in (("--output_dir", training_args.output_dir), ("--merge_to", model_args.merge_to)):
+        if path is not None and Path(path).exists() and not Path(path).is_dir():
+            raise ValueError(f"`{flag}` {path!r} is a file, not a directory.")
+    if Path(model_args.model_name_or_path).is_dir() and (
+        Path(model_args.model_name_or_path).resolve() == Path(training_args.output_dir).resolve()
+    ):
+        raise ValueError(
+            f"`--output_dir` {training_args.output_dir!r} is the base model's directory (`--model_name_or_path`): the "
+            "run would write over the base; give another directory."
+        )
+    for flag in ("bf16_full_eval", "fp16_full_eval"):  # the Trainer casts the model itself for them, in place
+        if getattr(training_args, flag):
+            raise ValueError(
+                f"`--{flag}` casts the model in place at the final evaluation, so the adapter (and a merged export, "
+                "W0 included) would be saved in half precision; evaluate under autocast with `--bf16` / `--fp16`."
+            )
+    if training_args.do_predict:  # (`--do_train` and `--do_eval` are implied: every run trains, then evaluates)
+        raise ValueError(
+            "`--do_predict` is not supported: this script trains and then evaluates on the validation split(s); "
+            "GLUE's test labels are hidden, so predict with the saved adapter or `--merge_to` model instead."
+        )
     check_output_dir(
         Path(training_args.output_dir), training_args.resume_from_checkpoint, model_args.overwrite_output_dir
     )
     if training_args.resume_from_checkpoint is not None:
-        check_resume_config(Path(training_args.resume_from_checkpoint), model_args)
+        check_resume_config(Path(training_args.resume_from_checkpoint), model_args, training_args)
     if model_args.merge_to:  # Transformers' from_pretrained would apply an adapter found there on top of the merge
         merge_to = Path(model_args.merge_to)
         if merge_to.resolve() == Path(training_args.output_dir).resolve():
@@ -275,6 +298,11 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, training_ar
         raise ValueError("Give both `--train_file` and `--validation_file` (local data), or neither (the Hub's GLUE).")
     if data_args.validation_mismatched_file and data_args.task_name != "mnli":
         raise ValueError(f"`--validation_mismatched_file` is for MNLI only, not `--task_name {data_args.task_name}`.")
+    if data_args.validation_mismatched_file and not data_args.train_file:
+        raise ValueError(
+            "`--validation_mismatched_file` goes with local data (`--train_file` and `--validation_file`); without "
+            "them MNLI comes from the Hub, with its own mismatched split."
+        )
     for flag in ("train_file", "validation_file", "validation_mismatched_file"):
         path = getattr(data_args, flag)
         if path is not None:
@@ -288,8 +316,11 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, training_ar
         )
 
 
-# These files, or a `checkpoint-N` folder, mean an output directory already holds a run.
-RUN_FILES = ("summary.json", "adapter_model.safetensors", "adapter_config.json", "model.safetensors")
+# These files (a run's, or a model's: a full run saves one), or a `checkpoint-N` folder, mean an output directory
+# already holds a run; `--overwrite_output_dir` deletes them, so that two runs never mix.
+RUN_FILES = ("summary.json", "adapter_model.safetensors", "adapter_config.json", "model.safetensors", "config.json",
+             "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")  # fmt: skip
+WEIGHT_SHARDS = r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)"
 
 
 def run_contents(out: Path) -> list[Path]:
@@ -297,7 +328,8 @@ def run_contents(out: Path) -> list[Path]:
     if not out.is_dir():
         return []
     checkpoints = [p for p in out.iterdir() if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
-    return sorted(checkpoints) + [out / name for name in RUN_FILES if (out / name).is_file()]
+    shards = [p for p in out.iterdir() if p.is_file() and re.fullmatch(WEIGHT_SHARDS, p.name)]
+    return sorted(checkpoints) + [out / name for name in RUN_FILES if (out / name).is_file()] + sorted(shards)
 
 
 def check_output_dir(out: Path, resume_from_checkpoint: str | None, overwrite: bool) -> None:
@@ -347,10 +379,12 @@ BASE_SETTINGS_FILE = "run_glue_base.json"
 
 
 class RecordBaseSettings(TrainerCallback):
-    """Writes `--quantize` into each checkpoint, so that a resumed run loads the base as the checkpoint's did."""
+    """Writes into each checkpoint what a resumed run must repeat and the adapter's config does not hold: the base
+    (`--model_name_or_path`, `--quantize`) and the optimizer's settings, which the Trainer restores from the checkpoint
+    whatever the flags say (a new `--learning_rate` would be recorded but not used)."""
 
-    def __init__(self, model_args: ModelArguments):
-        self.settings = {"quantize": model_args.quantize}
+    def __init__(self, model_args: ModelArguments, training_args: TrainingArguments):
+        self.settings = base_settings(model_args, training_args)
 
     def on_save(self, args, state, control, **kwargs):
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -358,8 +392,21 @@ class RecordBaseSettings(TrainerCallback):
             (checkpoint / BASE_SETTINGS_FILE).write_text(json.dumps(self.settings))
 
 
-def check_resume_config(checkpoint: Path, model_args: ModelArguments) -> None:
-    """Refuse to resume a checkpoint trained with another method or adapter config than the arguments build."""
+def base_settings(model_args: ModelArguments, training_args: TrainingArguments) -> dict:
+    """What `RecordBaseSettings` writes into a checkpoint (a local base by its resolved path)."""
+    base = model_args.model_name_or_path
+    return {"quantize": model_args.quantize, "learning_rate": training_args.learning_rate,
+            "weight_decay": training_args.weight_decay,
+            "model_name_or_path": str(Path(base).resolve()) if Path(base).is_dir() else base}  # fmt: skip
+
+
+SETTING_FLAGS = {"quantize": "--quantize", "learning_rate": "--learning_rate", "weight_decay": "--weight_decay",
+                 "model_name_or_path": "--model_name_or_path"}  # fmt: skip
+
+
+def check_resume_config(checkpoint: Path, model_args: ModelArguments, training_args: TrainingArguments) -> None:
+    """Refuse to resume a checkpoint trained with another method, adapter config, base or optimizer settings than the
+    arguments give."""
 
     def comparable(value):
         return sorted(value) if isinstance(value, (list, set, tuple)) else value  # PEFT saves sets as lists
@@ -370,13 +417,16 @@ def check_resume_config(checkpoint: Path, model_args: ModelArguments) -> None:
     saved_file = checkpoint / "adapter_config.json"
     if not saved_file.is_file() and not (checkpoint / "config.json").is_file():
         return  # neither an adapter's nor a full model's checkpoint: the Trainer says what is missing
-    base_file = checkpoint / BASE_SETTINGS_FILE  # (none in an older checkpoint: then unknown, not checked)
-    base_quantize = json.loads(base_file.read_text())["quantize"] if base_file.is_file() else model_args.quantize
-    if base_quantize != model_args.quantize:
+    base_file = checkpoint / BASE_SETTINGS_FILE  # (none in an older checkpoint, fewer keys in some: not checked)
+    recorded = json.loads(base_file.read_text()) if base_file.is_file() else {}
+    now = base_settings(model_args, training_args)
+    differ = [key for key in SETTING_FLAGS if key in recorded and recorded[key] != now[key]]
+    if differ:
+        key = differ[0]
         raise ValueError(
-            f"`--resume_from_checkpoint` {str(checkpoint)!r} was trained on a base loaded with `--quantize "
-            f"{base_quantize}`, and this run would load it with `--quantize {model_args.quantize}`; resume with the "
-            "same."
+            f"`--resume_from_checkpoint` {str(checkpoint)!r} was trained with `{SETTING_FLAGS[key]} {recorded[key]}`, "
+            f"and this run gives `{SETTING_FLAGS[key]} {now[key]}`; resume with the same (the Trainer restores the "
+            "optimizer's settings from the checkpoint), or start a new run."
         )
     saved = json.loads(saved_file.read_text()) if saved_file.is_file() else None
     current = adapter_config(model_args)
@@ -454,6 +504,10 @@ def label_ids(task: Task, labels: list, where: str) -> list:
         if bad:
             raise ValueError(f"stsb labels must be scores in [{low}, {high}]; {where} has {bad[:5]}.")
         return [float(x) for x in labels]
+    missing = [row for row, x in enumerate(labels) if x is None or (isinstance(x, float) and math.isnan(x))]
+    if missing:  # (pandas reads a CSV column with an empty cell as floats, NaN there)
+        raise ValueError(f"{where} has rows without a label: rows {missing[:5]} (counted from 0, after the header).")
+    labels = [int(x) if isinstance(x, float) and x.is_integer() else x for x in labels]  # 1.0 from such a column
     names = {name: i for i, name in enumerate(task.labels)}
     ids = [names.get(x, x) if isinstance(x, str) else x for x in labels]  # class names, e.g. "entailment", allowed
     bad = [x for x in ids if isinstance(x, (str, bool, float)) or x is None or not 0 <= x < task.num_labels]
@@ -613,6 +667,11 @@ def main(argv: list[str] | None = None) -> dict:
             f"Cannot load `--model_name_or_path` {model_args.model_name_or_path!r} ({one_line(error)}); offline, give "
             "a local model directory."
         ) from None
+    if len(tokenizer) <= len(tokenizer.all_special_ids):  # Transformers 5 builds an empty one where none is saved
+        raise ValueError(
+            f"`--model_name_or_path` {model_args.model_name_or_path!r} holds no tokenizer: the one loaded knows only "
+            f"its {len(tokenizer)} special tokens and would drop every word; save the model's tokenizer beside it."
+        )
     max_length = tokenizer.model_max_length
     if max_length < 1e9 and data_args.max_seq_length > max_length:
         raise ValueError(
@@ -639,6 +698,15 @@ def main(argv: list[str] | None = None) -> dict:
     if task.is_regression:
         config.problem_type = "regression"
     else:
+        saved = [str(config.id2label[i]).lower() for i in sorted(config.id2label)] if config.id2label else []
+        glue_order = [name.lower() for name in task.labels]
+        if sorted(saved) == sorted(glue_order) and saved != glue_order:
+            raise ValueError(
+                f"`--model_name_or_path` {model_args.model_name_or_path!r} has a classifier for {task.name}'s labels "
+                f"in another order ({saved}, GLUE's is {list(task.labels)}): its rows would be read in GLUE's order "
+                "and every prediction relabelled. Fine-tune its encoder with a fresh head (a checkpoint without the "
+                "classifier), or reorder the classifier's rows and `id2label` to GLUE's order first."
+            )
         config.id2label = dict(enumerate(task.labels))
         config.label2id = {name: i for i, name in enumerate(task.labels)}
 
@@ -710,7 +778,7 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=tokenizer,
         data_collator=collator,
         compute_metrics=compute_metrics,
-        callbacks=[RecordBaseSettings(model_args)],
+        callbacks=[RecordBaseSettings(model_args, training_args)],
     )
     stale = [] if training_args.resume_from_checkpoint else run_contents(out)
     if stale:  # only with --overwrite_output_dir (check_output_dir), and only now that everything has loaded
@@ -749,6 +817,9 @@ def main(argv: list[str] | None = None) -> dict:
         "train_loss": train_metrics.get("train_loss"),
         "resumed_from": resumed_from(training_args.resume_from_checkpoint),
         "train_rows": len(splits["train"]),
+        "eval_rows": {split: len(splits[split]) for split in eval_splits},
+        "max_eval_samples": data_args.max_eval_samples,  # set: the metrics are of a subset of each split
+        "ignore_mismatched_sizes": model_args.ignore_mismatched_sizes,  # the card's loading code repeats it
         "hyperparameters": {
             "learning_rate": training_args.learning_rate,
             # --max_steps overrides the epochs (the Trainer ignores them then); optimizer_steps is what ran in all

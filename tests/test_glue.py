@@ -255,6 +255,23 @@ def test_quantized_base_keeps_weights_the_checkpoint_lacks_unquantized(tmp_path,
     assert summary["metrics"]["eval_loss"] == pytest.approx(loss, rel=1e-4)
 
 
+def test_card_of_a_run_on_a_subset_from_another_head(tmp_path, tiny_model, data, offline_metrics):
+    """From a checkpoint with a 3-label head (`--ignore_mismatched_sizes`), evaluated on `--max_eval_samples` rows: the
+    card's loading code starts the same fresh head, and its results say they are of the first rows only (no
+    model-index entry claims the whole split)."""
+    head = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=3)
+    head.save_pretrained(tmp_path / "three")
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "three")
+    extra = ("--ignore_mismatched_sizes", "true", "--max_eval_samples", "4", "--num_train_epochs", "1")
+    summary = run(tmp_path, str(tmp_path / "three"), "mrpc", data["pair_train"], data["pair_validation"], *extra)
+    assert summary["eval_rows"] == {"validation": 4} and summary["max_eval_samples"] == 4
+    loaded = model_card_loading_code(tmp_path / "out")["model"]
+    assert loaded.base_model.model.config.num_labels == 2
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert "## Results (validation; the first 4 rows only, `--max_eval_samples`)" in card.text
+    assert not card.data.eval_results
+
+
 def model_card_loading_code(out: Path) -> dict:
     """Runs the "How to use" code of the model card in `out` (up to its merge), for the adapter saved in `out`."""
     card = (out / "README.md").read_text()
@@ -440,6 +457,14 @@ def test_push_with_unreachable_hub_fails_before_anything(tmp_path, tiny_model, d
         hub_run(tmp_path, tiny_model, data, "--hub_token", "hf_fake")
 
 
+def test_push_to_an_invalid_repository_id_fails_before_anything(tmp_path, tiny_model, data, monkeypatch, no_upload):
+    monkeypatch.setattr(model_card.hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(model_card, "HfApi", FakeHfApi)
+    with pytest.raises(model_card.HubError, match=r"`--hub_model_id` 'alice/bad id!' is no valid repository id"):
+        hub_run(tmp_path, tiny_model, data, "--hub_token", "hf_fake", "--hub_model_id", "alice/bad id!")
+    assert not (tmp_path / "out").exists()
+
+
 def test_push_uploads_the_adapter_and_card(tmp_path, tiny_model, data, monkeypatch, offline_metrics):
     FakeHfApi.calls = []
     monkeypatch.setattr(model_card.hub_constants, "HF_HUB_OFFLINE", False)
@@ -568,6 +593,11 @@ def test_bad_settings_fail_before_training(tmp_path, tiny_model, data, extra, me
         ("mrpc", [{"sentence": "good", "label": 1}], "mrpc needs the text column.*`sentence1` and `sentence2`"),
         ("qnli", [{"text": "good", "sentence": "a", "label": 1}], "or GLUE's `question` and `sentence`"),
         ("sst2", [{"sentence": "good", "score": 1}], "needs a `label` column"),
+        (
+            "sst2",
+            [{"sentence": "good", "label": 1}, {"sentence": "bad", "label": ""}],
+            r"has rows without a label: rows \[1\]",
+        ),
     ],
 )
 def test_bad_data_fails_before_training(tmp_path, tiny_model, task, rows, message):
@@ -581,6 +611,20 @@ def test_bad_validation_labels_are_caught_too(tmp_path, tiny_model, data):
     bad = write_rows(tmp_path / "bad.jsonl", [{"sentence": "good", "label": -1}])
     with pytest.raises(ValueError, match=r"validation \(.*bad.jsonl\) has \[-1\]"):
         run(tmp_path, tiny_model, "sst2", data["single_train"], bad)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_classifier_with_the_labels_in_another_order_is_refused(tmp_path, tiny_model, data):
+    """An MNLI checkpoint whose head lists contradiction first (roberta-large-mnli does): GLUE's order would relabel
+    its every prediction, silently."""
+    head = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model, num_labels=3, id2label={0: "CONTRADICTION", 1: "NEUTRAL", 2: "ENTAILMENT"}
+    )
+    head.save_pretrained(tmp_path / "mnli-head")
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "mnli-head")
+    rows = write_rows(tmp_path / "mnli.csv", [{"premise": "good", "hypothesis": "bad", "label": 0}] * 4)
+    with pytest.raises(ValueError, match=r"has a classifier for mnli's labels in another order \(\['contradiction'"):
+        run(tmp_path, str(tmp_path / "mnli-head"), "mnli", rows, rows)
     assert not (tmp_path / "out").exists()
 
 
@@ -769,7 +813,9 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path, tiny_model, data, of
     out = tmp_path / "out"
     assert steps == list(range(8)) and summary["resumed_from"] is None
     first = load_file(out / "adapter_model.safetensors")
-    assert json.loads((out / "checkpoint-4" / run_glue.BASE_SETTINGS_FILE).read_text()) == {"quantize": quantize}
+    recorded = json.loads((out / "checkpoint-4" / run_glue.BASE_SETTINGS_FILE).read_text())
+    assert recorded == {"quantize": quantize, "learning_rate": 4e-4, "weight_decay": 0.0,
+                        "model_name_or_path": str(Path(tiny_model).resolve())}  # fmt: skip
 
     steps.clear()
     summary = run(tmp_path, tiny_model, *args, "--resume_from_checkpoint", str(out / "checkpoint-4"))
@@ -815,21 +861,33 @@ def test_resume_refuses_other_settings(tmp_path, method, extra, message):
         run_glue.parse_args([*argv, *extra])
 
 
-def test_resume_refuses_another_base_quantization(tmp_path):
-    argv = ["--task_name", "mrpc", "--output_dir", str(tmp_path / "out")]
+@pytest.mark.parametrize(
+    "recorded, now, message",
+    [
+        ({"quantize": "4bit"}, [], "trained with `--quantize 4bit`, and this run gives `--quantize None`"),
+        ({"learning_rate": 4e-4}, ["--learning_rate", "0.1"], "`--learning_rate 0.0004`, and this run gives .* 0.1`"),
+        ({"weight_decay": 0.0}, ["--weight_decay", "0.5"], "`--weight_decay 0.0`, and this run gives `--weight_decay"),
+        ({"model_name_or_path": "/models/other"}, [], "`--model_name_or_path /models/other`, and this run gives"),
+    ],
+    ids=["quantize", "learning_rate", "weight_decay", "base"],
+)
+def test_resume_refuses_another_base_or_optimizer_setting(tmp_path, recorded, now, message):
+    """What the adapter's config does not hold: the base and the optimizer's settings, which the Trainer would restore
+    from the checkpoint whatever the flags say (a new learning rate recorded in the card, the old one used)."""
+    argv = ["--task_name", "mrpc", "--output_dir", str(tmp_path / "out"), "--model_name_or_path", "roberta-base"]
     checkpoint = tmp_path / "out" / "checkpoint-4"
-    config = run_glue.adapter_config(run_glue.parse_args(argv)[0])
-    get_peft_model(tiny_roberta(num_labels=2), config).save_pretrained(checkpoint)
+    model_args, _, training_args = run_glue.parse_args(argv)
+    get_peft_model(tiny_roberta(num_labels=2), run_glue.adapter_config(model_args)).save_pretrained(checkpoint)
     (checkpoint / "trainer_state.json").write_text('{"global_step": 4}')
-    (checkpoint / run_glue.BASE_SETTINGS_FILE).write_text('{"quantize": "4bit"}')  # as RecordBaseSettings writes it
+    settings = run_glue.base_settings(model_args, training_args)  # as RecordBaseSettings writes it, but for one value
+    (checkpoint / run_glue.BASE_SETTINGS_FILE).write_text(json.dumps({**settings, **recorded}))
     argv += ["--resume_from_checkpoint", str(checkpoint)]
-    run_glue.parse_args([*argv, "--quantize", "4bit"])  # the same: fine
-    message = r"trained on a base loaded with `--quantize 4bit`, and this run would load it with `--quantize None`"
+    if "quantize" in recorded:
+        run_glue.parse_args([*argv, "--quantize", "4bit"])  # the same: fine
     with pytest.raises(ValueError, match=message):
-        run_glue.parse_args(argv)
+        run_glue.parse_args([*argv, *now])
     (checkpoint / run_glue.BASE_SETTINGS_FILE).unlink()  # an older checkpoint: unknown, so either is taken
-    run_glue.parse_args(argv)
-    run_glue.parse_args([*argv, "--quantize", "4bit"])
+    run_glue.parse_args([*argv, *now])
 
 
 def test_output_dir_with_a_run_is_refused(tmp_path):
@@ -859,15 +917,62 @@ def test_output_dir_with_a_run_is_refused(tmp_path):
         run_glue.parse_args([*argv, "--overwrite_output_dir", "--resume_from_checkpoint", str(out / "checkpoint-4")])
 
 
+def test_output_dir_that_is_a_model_or_a_file_is_refused(tmp_path):
+    """A directory holding a model (its config and weights, sharded too) is a run's output or a base: not written over
+    without `--overwrite_output_dir`, and never when it is the base itself; a file is no directory."""
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json"):
+        (model / name).write_text("{}")
+    argv = ["--task_name", "sst2", "--model_name_or_path", "roberta-base"]
+    with pytest.raises(ValueError, match=r"holds a run \(config.json, pytorch_model.bin.index.json, pytorch_model-0"):
+        run_glue.parse_args([*argv, "--output_dir", str(model)])
+    with pytest.raises(ValueError, match=r"`--output_dir` '.*model' is the base model's directory"):
+        run_glue.parse_args([*argv, "--output_dir", str(model), "--model_name_or_path", str(model)])
+    (tmp_path / "a_file").write_text("")
+    for flag in ("--output_dir", "--merge_to"):
+        with pytest.raises(ValueError, match=rf"`{flag}` '.*a_file' is a file, not a directory"):
+            run_glue.parse_args([*argv, "--output_dir", str(tmp_path / "out"), flag, str(tmp_path / "a_file")])
+
+
+def test_a_model_directory_without_its_tokenizer_is_refused(tmp_path, tiny_model, data):
+    """Transformers 5 builds a tokenizer of special tokens alone for a directory that holds none, which drops every
+    word: training on it would run on empty inputs and report metrics."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(Path(tiny_model) / name, bare / name)
+    with pytest.raises(ValueError, match=r"`--model_name_or_path` '.*bare' holds no tokenizer: .* only its 5 special"):
+        run(tmp_path, str(bare), "mrpc", data["pair_train"], data["pair_validation"])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--bf16_full_eval", "--use_cpu", "true"], "`--bf16_full_eval` casts the model in place"),
+        (["--fp16_full_eval", "--use_cpu", "true"], "`--fp16_full_eval` casts the model in place"),
+        (["--do_predict"], "`--do_predict` is not supported"),
+        (["--task_name", "mnli", "--validation_mismatched_file", "mm.csv"], "goes with local data"),
+    ],
+)
+def test_training_arguments_this_script_cannot_honour_are_refused(tmp_path, extra, message):
+    (tmp_path / "mm.csv").write_text("premise,hypothesis,label\na,b,0\n")
+    extra = [str(tmp_path / e) if e == "mm.csv" else e for e in extra]
+    with pytest.raises(ValueError, match=message):
+        run_glue.parse_args(["--task_name", "sst2", "--output_dir", str(tmp_path / "out"), *extra])
+
+
 def test_overwrite_output_dir_replaces_the_run(tmp_path, tiny_model, data, offline_metrics):
     run(tmp_path, tiny_model, "rte", data["pair_train"], data["pair_validation"], "--method", "full")
     out = tmp_path / "out"
     (out / "checkpoint-99").mkdir()  # a stale checkpoint of the first run
-    with pytest.raises(ValueError, match=r"already holds a run \(checkpoint-99, summary.json, model.safetensors\)"):
+    with pytest.raises(ValueError, match=r"already holds a run \(checkpoint-99, summary.json, model.safetensors, c"):
         run(tmp_path, tiny_model, "rte", data["pair_train"], data["pair_validation"])
     summary = run(tmp_path, tiny_model, "rte", data["pair_train"], data["pair_validation"], "--overwrite_output_dir")
     assert json.loads((out / "summary.json").read_text())["method"] == summary["method"] == "sltrain"
     assert not (out / "checkpoint-99").exists() and not (out / "model.safetensors").exists()  # nothing of run one
+    assert not (out / "config.json").exists()  # the full run's, which a push would upload beside the adapter
     assert (out / "adapter_model.safetensors").is_file()
 
 
