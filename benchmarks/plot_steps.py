@@ -1,7 +1,11 @@
 r"""Plot whole training steps from step_bench results: SLTrain's tokens/s against full-rank's, by tokens per step.
 
     cd benchmarks/results && python ../plot_steps.py step_cuda.json step_cuda_launch_bound.json \
-        step_cuda_350m_batch128.json step_cuda_60m_batch*.json step_cuda_compiled_*60m.json --out step_cuda.png
+        step_cuda_350m_batch128.json step_cuda_60m_batch256.json step_cuda_60m_batch512.json \
+        step_cuda_60m_batch128_rerun.json step_cuda_compiled_*60m.json --out step_cuda.png
+
+(the H200 runs of one machine; the H100's and the fifth run's files are left out: other machines, and the H100's
+holds several runs in another layout)
 
 Left: each variant's tokens/s as a fraction of full-rank's in the same file and round (one dot per round, a line
 through the medians of the eager runs of each size). Right: the time each variant adds to full-rank's step, in ms.

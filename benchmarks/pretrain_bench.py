@@ -9,7 +9,7 @@ learning rate from the sweep file, and the results land in `benchmarks/results/p
 `..._curves.png`: validation perplexity at equal tokens, trainable and total parameters, the exact bytes of
 parameters + gradients + optimizer states, peak process memory (RSS on CPU, max allocated on GPU), tokens/s and wall
 time, with the command, versions, machine and seeds. On the CPU default two runs go side by side with one thread each
-(all methods share that setting, so their tokens/s compare; logs land next to each run directory).
+(logs land next to each run directory): runs made together share the CPU, so tokens/s compare only between them.
 """
 
 from __future__ import annotations
@@ -137,9 +137,10 @@ def sweep(args) -> None:
     old = json.loads(path.read_text()) if path.is_file() else {}
     runs = {(r["method"], r["lr"]): r for r in old.get("runs", [])}
     measured = False  # whether this invocation ran anything: only then are its command and machine recorded
+    device = "cpu"  # where this invocation's runs trained (each run's summary says), for the recorded environment
 
     def val_ppl(method: str, lr: float) -> float:
-        nonlocal measured
+        nonlocal measured, device
         tag = f"sweep-{args.size}"
         _, cmd = pretrain_command(method, args.size, lr, 0, steps, warmup, eval_every, tag, args.extra)
         entry = runs.get((method, lr))
@@ -150,6 +151,7 @@ def sweep(args) -> None:
             runs[(method, lr)] = {"method": method, "lr": lr, "val_ppl": s["val_ppl"], "cmd": s["cmd"],
                                   "finished_at": s["finished_at"], "commit": s["commit"]}  # fmt: skip
             measured |= not s["reused"]
+            device = s["device"] if not s["reused"] else device
             print(f"sweep {method} lr={lr:g}: val_ppl={s['val_ppl']:.2f}")
             save()
         return runs[(method, lr)]["val_ppl"]
@@ -169,7 +171,6 @@ def sweep(args) -> None:
             "environment": provenance.get("environment"),
         }, indent=2))  # fmt: skip
 
-    device = "cuda" if args.size != "tiny" else "cpu"
     effective = schedule(steps, warmup, eval_every, args.extra)
     before = dict(runs)
     for method in args.methods:
