@@ -6,7 +6,8 @@ CSR product (its fallback, on the token chunks it uses), or an index-based gathe
 
 Forward variants, all computing the same (N, d_out) product x S^T for 2048 rows of x:
 - `numba`:      cpu_kernels.sparse_matmul_t on all rows at once (blocks of 64 tokens inside)
-- `csr`:        torch.sparse.mm(S, x_c^T) per chunk, S a CSR tensor (the factored path's forward without numba)
+- `csr`:        torch.sparse.mm(S, x_c^T) per chunk, S a CSR tensor built per call (the factored path's forward
+                without numba)
 - `gather`:     y_c.index_add_(1, rows, x_c[:, cols] * values): one gathered column of x per nonzero
 - `gather_xT`:  the same on x^T, so that each gathered row is contiguous in the token dimension
 Backward variants, both computing dY S and dS (the nnz entries of dY^T X):
@@ -61,12 +62,12 @@ def measure(d_in: int, d_out: int, sparsity: float) -> dict:
     indices = random_support(d_out, d_in, nnz, seed=0)
     values = torch.randn(nnz)
     rows, cols = indices.div(d_in, rounding_mode="floor").long(), indices.remainder(d_in).long()
-    S, W = sparse_csr(values, indices, d_out, d_in), torch.randn(d_out, d_in)
+    W = torch.randn(d_out, d_in)
     x, chunk = torch.randn(TOKENS, d_in), token_chunk(d_in, d_out)
     starts = range(0, TOKENS, chunk)
 
-    def csr():
-        y = torch.empty(TOKENS, d_out)
+    def csr():  # S's CSR layout derived per call, as the factored path does
+        S, y = sparse_csr(values, indices, d_out, d_in), torch.empty(TOKENS, d_out)
         for s in starts:
             y[s : s + chunk].copy_(torch.sparse.mm(S, x[s : s + chunk].t().contiguous()).t())
 
