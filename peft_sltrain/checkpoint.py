@@ -35,3 +35,25 @@ def check_adapter_file(directory: str) -> None:
         raise ValueError(f"The adapter file {path!r} is truncated or corrupt: {error}") from error
     if not keys:
         raise ValueError(f"The adapter file {path!r} holds no tensors.")
+
+
+def check_hub_adapter_file(repo_id: str, subfolder: str | None, download: dict) -> None:
+    """`check_adapter_file` for an adapter on the Hub: fetches `adapter_model.safetensors` as PEFT would (into the
+    same cache; `download`: its `revision`, `cache_dir`, `token`, `local_files_only`) and checks it. A repository
+    without it (a pickled `adapter_model.bin` only) is refused; where the Hub cannot be asked (offline and not
+    cached, unreachable, no such repository), nothing is checked here and PEFT reports it when it loads."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        path = hf_hub_download(repo_id, ADAPTER_WEIGHTS_NAME, subfolder=subfolder or None, **download)
+    except LocalEntryNotFoundError:
+        return
+    except EntryNotFoundError:
+        raise ValueError(
+            f"The Hub repository {repo_id!r} holds no {ADAPTER_WEIGHTS_NAME!r}; SLTrain adapters load from "
+            f"safetensors only (a pickled {PICKLED_WEIGHTS_NAME!r} is refused: unpickling can run code)."
+        ) from None
+    except Exception:  # noqa: BLE001 (the Hub client's network and repository errors differ between versions)
+        return
+    check_adapter_file(os.path.dirname(path))

@@ -266,13 +266,18 @@ class SLTrainConfig(PeftConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
-        """Load the config, and for a local adapter directory check its weights file before any model is touched
-        (`PeftModel.from_pretrained` reads the config first; without this check a missing file would fail only after
-        the model was wrapped, with a hub error). A directory with the config alone: `PeftConfig.from_pretrained`."""
+        """Load the config, and check the adapter's weights file (in a local directory, or fetched from the Hub as
+        PEFT would) before any model is touched (`PeftModel.from_pretrained` reads the config first; without this
+        check a missing file would fail only after the model was wrapped, with a hub error). A directory with the
+        config alone: `PeftConfig.from_pretrained`."""
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         directory = os.path.join(pretrained_model_name_or_path, subfolder or "")
-        if os.path.isdir(directory):
-            from .checkpoint import check_adapter_file
+        from .checkpoint import check_adapter_file, check_hub_adapter_file
 
+        if os.path.isdir(directory):
             check_adapter_file(directory)
+        elif not os.path.isdir(pretrained_model_name_or_path):  # a Hub repository id
+            keys = ("revision", "cache_dir", "token", "local_files_only")
+            download = {key: kwargs[key] for key in keys if kwargs.get(key) is not None}
+            check_hub_adapter_file(pretrained_model_name_or_path, subfolder, download)
         return config

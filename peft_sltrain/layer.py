@@ -123,7 +123,8 @@ def layer_features(layer: nn.Module) -> tuple[int, int]:
             )
         return (layer.in_features, layer.out_features) if isinstance(layer, nn.Linear) else (layer.nx, layer.nf)
     raise ValueError(
-        f"SLTrain can only replace `torch.nn.Linear` and Transformers `Conv1D` layers, got {type(layer).__name__}; "
+        "SLTrain can only replace `torch.nn.Linear` and Transformers `Conv1D` layers (and bitsandbytes' 4- and 8-bit "
+        f"ones), got {type(layer).__module__}.{type(layer).__qualname__}; "
         "check `target_modules`."
     )
 
@@ -419,6 +420,8 @@ class Linear(nn.Module, SLTrainLayer):
         base = self.get_base_layer()
         if self.quantization == "4-bit":
             W0 = dequantize_bnb_weight(base.weight, state=base.weight.quant_state)
+        elif base.weight.has_fp16_weights:  # bitsandbytes' mixed mode keeps W0 in floats (the row scales belong to
+            W0 = base.weight.data.clone()  # its int8 copy for the forward): dequantizing would scale it twice
         else:
             if base.state.SCB is None:
                 base.state.SCB = base.weight.SCB

@@ -310,3 +310,21 @@ def test_a_layer_built_directly_keeps_its_4bit_base_unpacked():
     with torch.no_grad():
         layer.eval()(torch.randn(4, 256))
     assert not repacked(base)
+
+
+def test_merging_into_an_8bit_base_with_fp16_weights_keeps_w0():
+    """bitsandbytes' mixed mode (`has_fp16_weights=True`) keeps W0 in floats: merging an adapter that is still zero
+    leaves every output as it was (dequantizing those floats as int8 scaled W0 twice), and unmerging restores it."""
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 96)
+    layer = bnb.nn.Linear8bitLt(64, 96, has_fp16_weights=True)
+    layer.load_state_dict(dense.state_dict())
+    model = get_peft_model(nn.Sequential(layer.to("cpu")), SLTrainConfig(r=4, sparsity=0.1, target_modules=["0"]))
+    x = torch.randn(5, 64)
+    before = model(x)
+    with pytest.warns(UserWarning, match="quantizes the sum again"):
+        model.merge_adapter()
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+    with pytest.warns(UserWarning, match="quantizes the sum again"):
+        model.unmerge_adapter()
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)

@@ -146,6 +146,39 @@ def test_pickled_adapter_is_refused_with_the_reason(tmp_path):
         PeftModel.from_pretrained(tiny_llama(), tmp_path)
 
 
+@pytest.mark.parametrize("hub_holds", ["safetensors", "pickle", "truncated", "offline"])
+def test_an_adapter_from_the_hub_is_checked_as_a_local_one(tmp_path, monkeypatch, hub_holds):
+    """A Hub repository id: its `adapter_model.safetensors` is fetched as PEFT would and checked (a repository with a
+    pickle only, or a damaged file, is refused before any model is touched); offline and not cached, PEFT reports."""
+    import huggingface_hub
+    import peft.config
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    model = get_peft_model(tiny_llama(), SLTrainConfig(r=4, sparsity=0.05))
+    model.save_pretrained(tmp_path, safe_serialization=hub_holds != "pickle")
+    weights = tmp_path / "adapter_model.safetensors"
+    if hub_holds == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-100])
+
+    def fetch(repo_id, filename, subfolder=None, **kwargs):  # the Hub, as a local directory
+        assert repo_id == "alice/tiny-adapter" and subfolder is None
+        if hub_holds == "offline" and filename == "adapter_model.safetensors":  # (its config in the cache)
+            raise LocalEntryNotFoundError("offline, not in the cache")
+        if not (tmp_path / filename).is_file():
+            raise EntryNotFoundError(f"404: {filename}")
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(peft.config, "hf_hub_download", fetch)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fetch)
+    messages = {"pickle": r"'alice/tiny-adapter' holds no 'adapter_model.safetensors'; .* 'adapter_model.bin' is",
+                "truncated": "truncated or corrupt"}  # fmt: skip
+    if hub_holds in messages:
+        with pytest.raises(ValueError, match=messages[hub_holds]):
+            SLTrainConfig.from_pretrained("alice/tiny-adapter")
+    else:
+        assert SLTrainConfig.from_pretrained("alice/tiny-adapter").r == 4
+
+
 def test_file_missing_tensors(tmp_path):
     weights = save_adapter(tmp_path)
     tensors = load_file(weights)

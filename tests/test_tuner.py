@@ -370,7 +370,10 @@ def test_autocast_leaves_float64_alone_and_merging_under_it_works():
     "config,message",
     [
         (SLTrainConfig(r=65), r"`r` must be in \[1, min\(d_in, d_out\)\] = \[1, 64\].*got 65"),
-        (SLTrainConfig(r=2, target_modules=["embed_tokens"]), r"matched `model.embed_tokens`: .*got Embedding"),
+        (
+            SLTrainConfig(r=2, target_modules=["embed_tokens"]),
+            r"matched `model.embed_tokens`: .*got torch.nn.modules.sparse.Embedding",
+        ),
         (SLTrainConfig(r=2, target_modules=["nope"]), r"Target modules \{'nope'\} not found"),
     ],
 )
@@ -419,7 +422,9 @@ def test_hooks_on_a_replaced_layer_are_warned_about_once():
 
 
 def test_count_parameters_refuses_what_cannot_be_replaced():
-    with pytest.raises(ValueError, match=r"matched `model.embed_tokens`: SLTrain can only replace .*got Embedding"):
+    with pytest.raises(
+        ValueError, match=r"embed_tokens`: SLTrain can only replace .*got torch.nn.modules.sparse.Embedding"
+    ):
         count_parameters(tiny_llama(), SLTrainConfig(r=2, target_modules=["embed_tokens"]))
     with pytest.raises(ValueError, match=r"`target_modules` \{'nope'\} matched no layer of the model"):
         count_parameters(tiny_llama(), SLTrainConfig(r=2, target_modules=["nope"]))
