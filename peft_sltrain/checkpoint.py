@@ -39,7 +39,7 @@ def check_adapter_file(directory: str) -> None:
 
 def check_hub_adapter_file(repo_id: str, subfolder: str | None, download: dict) -> None:
     """`check_adapter_file` for an adapter on the Hub: fetches `adapter_model.safetensors` as PEFT would (into the
-    same cache; `download`: its `revision`, `cache_dir`, `token`, `local_files_only`) and checks it. A repository
+    same cache, with the download options PEFT passes it: `download`) and checks it. A repository
     without it (a pickled `adapter_model.bin` only) is refused; where the Hub cannot be asked (offline and not
     cached, unreachable, no such repository), nothing is checked here and PEFT reports it when it loads."""
     from huggingface_hub import hf_hub_download
@@ -47,8 +47,15 @@ def check_hub_adapter_file(repo_id: str, subfolder: str | None, download: dict) 
 
     try:
         path = hf_hub_download(repo_id, ADAPTER_WEIGHTS_NAME, subfolder=subfolder or None, **download)
-    except LocalEntryNotFoundError:
-        return
+    except LocalEntryNotFoundError:  # offline and not cached; a pickle alone in the cache is refused as online
+        try:
+            hf_hub_download(repo_id, PICKLED_WEIGHTS_NAME, subfolder=subfolder or None, **download)
+        except Exception:  # noqa: BLE001 (not cached either: nothing to check)
+            return
+        raise ValueError(
+            f"The Hub repository {repo_id!r} holds no {ADAPTER_WEIGHTS_NAME!r} in the cache but a pickled "
+            f"{PICKLED_WEIGHTS_NAME!r}; SLTrain adapters load from safetensors only (unpickling can run code)."
+        ) from None
     except EntryNotFoundError:
         raise ValueError(
             f"The Hub repository {repo_id!r} holds no {ADAPTER_WEIGHTS_NAME!r}; SLTrain adapters load from "

@@ -276,8 +276,7 @@ class SLTrainConfig(PeftConfig):
 
         if os.path.isdir(directory):
             check_adapter_file(directory)
-        elif not os.path.isdir(pretrained_model_name_or_path):  # a Hub repository id
-            keys = ("revision", "cache_dir", "token", "local_files_only")
-            download = {key: kwargs[key] for key in keys if kwargs.get(key) is not None}
+        elif not os.path.isdir(pretrained_model_name_or_path):  # a Hub repository id: downloaded as PEFT does
+            download = {k: v for k, v in cls._split_kwargs(kwargs)[0].items() if k != "subfolder"}
             check_hub_adapter_file(pretrained_model_name_or_path, subfolder, download)
         return config

@@ -78,7 +78,7 @@ def build_card(summary: dict, peft_config: dict | None, base_model: str, dataset
         for name, value in results
     ]
     name = repo_id.split("/")[-1] if repo_id else f"{base_model.rstrip('/').split('/')[-1]}-{task.name}-{method}"
-    subset = summary.get("max_eval_samples") is not None  # the first rows of each split only: no model-index claim
+    subset = summary.get("eval_subset")  # `--max_eval_samples` cut a split: no model-index claim on the whole split
     data = ModelCardData(
         model_name=name,
         base_model=base_model,
@@ -162,11 +162,14 @@ def check_hub_access(token: str | None, repo_id: str | None, default_name: str) 
             f"`--push_to_hub`: cannot reach the Hugging Face Hub at {api.endpoint} ({type(error).__name__}: "
             f"{error}); check the network, or drop the flag and upload later."
         ) from None
-    repo_id = repo_id or f"{user}/{default_name}"
+    given, repo_id = repo_id is not None, repo_id or f"{user}/{default_name}"
     try:  # a bad name would otherwise fail only at the upload, after training
         validate_repo_id(repo_id)
     except HFValidationError as error:
-        raise HubError(f"`--push_to_hub`: `--hub_model_id` {repo_id!r} is no valid repository id: {error}") from None
+        named = f"`--hub_model_id` {repo_id!r}" if given else f"{repo_id!r} (from `--output_dir`'s name)"
+        raise HubError(
+            f"`--push_to_hub`: {named} is no valid repository id: {error} Pass a valid `--hub_model_id`."
+        ) from None
     return HubTarget(user=user, repo_id=repo_id, token=token)
 
 

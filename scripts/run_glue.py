@@ -259,13 +259,13 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, training_ar
     for flag, path in (("--output_dir", training_args.output_dir), ("--merge_to", model_args.merge_to)):
         if path is not None and Path(path).exists() and not Path(path).is_dir():
             raise ValueError(f"`{flag}` {path!r} is a file, not a directory.")
-    if Path(model_args.model_name_or_path).is_dir() and (
-        Path(model_args.model_name_or_path).resolve() == Path(training_args.output_dir).resolve()
-    ):
-        raise ValueError(
-            f"`--output_dir` {training_args.output_dir!r} is the base model's directory (`--model_name_or_path`): the "
-            "run would write over the base; give another directory."
-        )
+    base = Path(model_args.model_name_or_path)
+    for flag, path in (("--output_dir", training_args.output_dir), ("--merge_to", model_args.merge_to)):
+        if path is not None and base.is_dir() and Path(path).resolve() in (base.resolve(), *base.resolve().parents):
+            raise ValueError(
+                f"`{flag}` {path!r} holds the base model (`--model_name_or_path` {model_args.model_name_or_path!r}): "
+                "the run would write over it, or delete it; give another directory."
+            )
     for flag in ("bf16_full_eval", "fp16_full_eval"):  # the Trainer casts the model itself for them, in place
         if getattr(training_args, flag):
             raise ValueError(
@@ -400,6 +400,7 @@ def base_settings(model_args: ModelArguments, training_args: TrainingArguments) 
             "model_name_or_path": str(Path(base).resolve()) if Path(base).is_dir() else base}  # fmt: skip
 
 
+OPTIMIZER_SETTINGS = ("learning_rate", "weight_decay")
 SETTING_FLAGS = {"quantize": "--quantize", "learning_rate": "--learning_rate", "weight_decay": "--weight_decay",
                  "model_name_or_path": "--model_name_or_path"}  # fmt: skip
 
@@ -417,24 +418,13 @@ def check_resume_config(checkpoint: Path, model_args: ModelArguments, training_a
     saved_file = checkpoint / "adapter_config.json"
     if not saved_file.is_file() and not (checkpoint / "config.json").is_file():
         return  # neither an adapter's nor a full model's checkpoint: the Trainer says what is missing
-    base_file = checkpoint / BASE_SETTINGS_FILE  # (none in an older checkpoint, fewer keys in some: not checked)
-    recorded = json.loads(base_file.read_text()) if base_file.is_file() else {}
-    now = base_settings(model_args, training_args)
-    differ = [key for key in SETTING_FLAGS if key in recorded and recorded[key] != now[key]]
-    if differ:
-        key = differ[0]
-        raise ValueError(
-            f"`--resume_from_checkpoint` {str(checkpoint)!r} was trained with `{SETTING_FLAGS[key]} {recorded[key]}`, "
-            f"and this run gives `{SETTING_FLAGS[key]} {now[key]}`; resume with the same (the Trainer restores the "
-            "optimizer's settings from the checkpoint), or start a new run."
-        )
     saved = json.loads(saved_file.read_text()) if saved_file.is_file() else None
     current = adapter_config(model_args)
     saved_method = saved["peft_type"].lower() if saved is not None else "full"  # a full checkpoint has config.json
     if saved_method != model_args.method:
         differ = [f"`--method`: checkpoint {saved_method!r}, now {model_args.method!r}"]
-    elif saved is None:
-        return
+    elif saved is None:  # a full model's checkpoint, resumed as one: no adapter config to compare
+        differ = []
     else:
         current = current.to_dict()
         keys = (saved.keys() & current.keys()) - NOT_COMPARED
@@ -450,6 +440,22 @@ def check_resume_config(checkpoint: Path, model_args: ModelArguments, training_a
         raise ValueError(
             f"`--resume_from_checkpoint` {str(checkpoint)!r} was trained with other settings ({'; '.join(differ)}); "
             "resume with the same ones, or start a new run."
+        )
+    check_resumed_base_settings(checkpoint, base_settings(model_args, training_args))
+
+
+def check_resumed_base_settings(checkpoint: Path, now: dict) -> None:
+    """Refuse another base or optimizer setting than the checkpoint's `RecordBaseSettings` file records (none in an
+    older checkpoint, fewer keys in some: not checked)."""
+    base_file = checkpoint / BASE_SETTINGS_FILE
+    recorded = json.loads(base_file.read_text()) if base_file.is_file() else {}
+    differ = [key for key in SETTING_FLAGS if key in recorded and recorded[key] != now[key]]
+    if differ:
+        key = differ[0]
+        why = " (the Trainer would restore the checkpoint's optimizer settings)" if key in OPTIMIZER_SETTINGS else ""
+        raise ValueError(
+            f"`--resume_from_checkpoint` {str(checkpoint)!r} was trained with `{SETTING_FLAGS[key]} {recorded[key]}`, "
+            f"and this run gives `{SETTING_FLAGS[key]} {now[key]}`; resume with the same{why}, or start a new run."
         )
 
 
@@ -563,6 +569,11 @@ def max_positions(model) -> int | None:
     return limit
 
 
+def fresh_keys(loading_info: dict) -> set[str]:
+    """The weights the checkpoint did not give: missing, or of another shape (`--ignore_mismatched_sizes`)."""
+    return set(loading_info["missing_keys"]) | {key for key, *_ in loading_info["mismatched_keys"]}
+
+
 def newly_initialised_modules(model, loading_info: dict) -> list[str]:
     """Modules with weights the checkpoint lacks (randomly initialised), other than the head that PEFT saves anyway.
 
@@ -570,7 +581,7 @@ def newly_initialised_modules(model, loading_info: dict) -> list[str]:
     differently, wherever the adapter is loaded: `main` adds these to the adapter's `modules_to_save`.
     """
     parameters = dict(model.named_parameters())
-    keys = set(loading_info["missing_keys"]) | {key for key, *_ in loading_info["mismatched_keys"]}
+    keys = fresh_keys(loading_info)
     heads = peft_sltrain.config.HEADS_PEFT_ADDS["SEQ_CLS"]
     modules = set()
     for key in keys & parameters.keys():
@@ -685,6 +696,8 @@ def main(argv: list[str] | None = None) -> dict:
         limit = data_args.max_train_samples if split == "train" else data_args.max_eval_samples
         splits[split] = prepare_split(raw[split], task, tokenizer, data_args.max_seq_length, where, limit)
     eval_splits = [s for s in task.validation_splits if s in splits]
+    cut = data_args.max_eval_samples
+    eval_subset = cut is not None and any(len(raw[s]) > cut for s in eval_splits)  # metrics of the first rows only
     metric, metric_source = load_metric(task.name)
 
     # ----------------------------------------------------------------------------------------------------- model
@@ -695,18 +708,11 @@ def main(argv: list[str] | None = None) -> dict:
         finetuning_task=task.name,
         cache_dir=model_args.cache_dir,
     )
+    saved_labels = []  # the checkpoint's label names, in its order (checked once we know whether its head loads)
     if task.is_regression:
         config.problem_type = "regression"
     else:
-        saved = [str(config.id2label[i]).lower() for i in sorted(config.id2label)] if config.id2label else []
-        glue_order = [name.lower() for name in task.labels]
-        if sorted(saved) == sorted(glue_order) and saved != glue_order:
-            raise ValueError(
-                f"`--model_name_or_path` {model_args.model_name_or_path!r} has a classifier for {task.name}'s labels "
-                f"in another order ({saved}, GLUE's is {list(task.labels)}): its rows would be read in GLUE's order "
-                "and every prediction relabelled. Fine-tune its encoder with a fresh head (a checkpoint without the "
-                "classifier), or reorder the classifier's rows and `id2label` to GLUE's order first."
-            )
+        saved_labels = [str(config.id2label[i]).lower() for i in sorted(config.id2label)] if config.id2label else []
         config.id2label = dict(enumerate(task.labels))
         config.label2id = {name: i for i, name in enumerate(task.labels)}
 
@@ -740,6 +746,15 @@ def main(argv: list[str] | None = None) -> dict:
             unquantized = HEADS + fresh
             model, loading_info = load(unquantized)
         keep_bnb_4bit_unpacked(model)  # bitsandbytes' CPU repacking breaks training after an evaluation
+    glue_order = [name.lower() for name in task.labels]
+    head_loaded = not any(key.split(".")[0] in HEADS for key in fresh_keys(loading_info))
+    if not task.is_regression and head_loaded and sorted(saved_labels) == sorted(glue_order) != saved_labels:
+        raise ValueError(
+            f"`--model_name_or_path` {model_args.model_name_or_path!r} has a classifier for {task.name}'s labels in "
+            f"another order ({saved_labels}, GLUE's is {list(task.labels)}): its rows would be read in GLUE's order "
+            "and every prediction relabelled. Fine-tune its encoder with a fresh head (a checkpoint without the "
+            "classifier), or reorder the classifier's rows and `id2label` to GLUE's order first."
+        )
     limit = max_positions(model)  # the tokenizer may not know it; too long an input fails mid-training
     if limit is not None and data_args.max_seq_length > limit:
         raise ValueError(
@@ -818,7 +833,7 @@ def main(argv: list[str] | None = None) -> dict:
         "resumed_from": resumed_from(training_args.resume_from_checkpoint),
         "train_rows": len(splits["train"]),
         "eval_rows": {split: len(splits[split]) for split in eval_splits},
-        "max_eval_samples": data_args.max_eval_samples,  # set: the metrics are of a subset of each split
+        "eval_subset": eval_subset,  # --max_eval_samples cut a split: its metrics are of the first rows only
         "ignore_mismatched_sizes": model_args.ignore_mismatched_sizes,  # the card's loading code repeats it
         "hyperparameters": {
             "learning_rate": training_args.learning_rate,

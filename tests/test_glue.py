@@ -264,12 +264,15 @@ def test_card_of_a_run_on_a_subset_from_another_head(tmp_path, tiny_model, data,
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "three")
     extra = ("--ignore_mismatched_sizes", "true", "--max_eval_samples", "4", "--num_train_epochs", "1")
     summary = run(tmp_path, str(tmp_path / "three"), "mrpc", data["pair_train"], data["pair_validation"], *extra)
-    assert summary["eval_rows"] == {"validation": 4} and summary["max_eval_samples"] == 4
+    assert summary["eval_rows"] == {"validation": 4} and summary["eval_subset"]
     loaded = model_card_loading_code(tmp_path / "out")["model"]
     assert loaded.base_model.model.config.num_labels == 2
     card = ModelCard.load(tmp_path / "out" / "README.md")
     assert "## Results (validation; the first 4 rows only, `--max_eval_samples`)" in card.text
     assert not card.data.eval_results
+    extra = (*extra[:-4], "--max_eval_samples", "1000", "--overwrite_output_dir")  # more than the split has: all rows
+    summary = run(tmp_path, str(tmp_path / "three"), "mrpc", data["pair_train"], data["pair_validation"], *extra)
+    assert not summary["eval_subset"] and ModelCard.load(tmp_path / "out" / "README.md").data.eval_results
 
 
 def model_card_loading_code(out: Path) -> dict:
@@ -462,7 +465,10 @@ def test_push_to_an_invalid_repository_id_fails_before_anything(tmp_path, tiny_m
     monkeypatch.setattr(model_card, "HfApi", FakeHfApi)
     with pytest.raises(model_card.HubError, match=r"`--hub_model_id` 'alice/bad id!' is no valid repository id"):
         hub_run(tmp_path, tiny_model, data, "--hub_token", "hf_fake", "--hub_model_id", "alice/bad id!")
-    assert not (tmp_path / "out").exists()
+    out = str(tmp_path / "lr=4e-4")  # the repository's name, without --hub_model_id
+    with pytest.raises(model_card.HubError, match=r"'alice/lr=4e-4' \(from `--output_dir`'s name\) is no valid"):
+        hub_run(tmp_path, tiny_model, data, "--hub_token", "hf_fake", "--output_dir", out)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "lr=4e-4").exists()
 
 
 def test_push_uploads_the_adapter_and_card(tmp_path, tiny_model, data, monkeypatch, offline_metrics):
@@ -626,6 +632,10 @@ def test_a_classifier_with_the_labels_in_another_order_is_refused(tmp_path, tiny
     with pytest.raises(ValueError, match=r"has a classifier for mnli's labels in another order \(\['contradiction'"):
         run(tmp_path, str(tmp_path / "mnli-head"), "mnli", rows, rows)
     assert not (tmp_path / "out").exists()
+    head.roberta.save_pretrained(tmp_path / "encoder")  # the encoder alone, the labels in its config: a fresh head
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "encoder")
+    assert "CONTRADICTION" in (tmp_path / "encoder" / "config.json").read_text()
+    run(tmp_path, str(tmp_path / "encoder"), "mnli", rows, rows, "--max_steps", "1")
 
 
 def test_unloadable_model_is_one_clear_error(tmp_path, data):
@@ -850,10 +860,16 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path, tiny_model, data, of
 def test_resume_refuses_other_settings(tmp_path, method, extra, message):
     argv = ["--task_name", "mrpc", "--output_dir", str(tmp_path / "out"), "--method", method]
     checkpoint = tmp_path / "out" / "checkpoint-4"
-    model, config = tiny_roberta(num_labels=2), run_glue.adapter_config(run_glue.parse_args(argv)[0])
+    model_args, _, training_args = run_glue.parse_args(argv)
+    model, config = tiny_roberta(num_labels=2), run_glue.adapter_config(model_args)
     (model if config is None else get_peft_model(model, config)).save_pretrained(checkpoint)
     (checkpoint / "trainer_state.json").write_text('{"global_step": 4}')
+    settings = run_glue.base_settings(model_args, training_args)
+    (checkpoint / run_glue.BASE_SETTINGS_FILE).write_text(json.dumps({**settings, "learning_rate": 1.0}))
     argv += ["--resume_from_checkpoint", str(checkpoint)]
+    with pytest.raises(ValueError, match="`--learning_rate 1.0`"):  # checked after the method and the adapter
+        run_glue.parse_args(argv)
+    (checkpoint / run_glue.BASE_SETTINGS_FILE).write_text(json.dumps(settings))
     run_glue.parse_args(argv)  # the same settings: fine
     with pytest.raises(
         ValueError, match=rf"`--resume_from_checkpoint` '.*checkpoint-4' was trained with other .*{message}"
@@ -927,9 +943,16 @@ def test_output_dir_that_is_a_model_or_a_file_is_refused(tmp_path):
     argv = ["--task_name", "sst2", "--model_name_or_path", "roberta-base"]
     with pytest.raises(ValueError, match=r"holds a run \(config.json, pytorch_model.bin.index.json, pytorch_model-0"):
         run_glue.parse_args([*argv, "--output_dir", str(model)])
-    with pytest.raises(ValueError, match=r"`--output_dir` '.*model' is the base model's directory"):
+    with pytest.raises(ValueError, match=r"`--output_dir` '.*model' holds the base model"):
         run_glue.parse_args([*argv, "--output_dir", str(model), "--model_name_or_path", str(model)])
     (tmp_path / "a_file").write_text("")
+    (model / "checkpoint-1").mkdir()
+    inside = ["--model_name_or_path", str(model / "checkpoint-1"), "--overwrite_output_dir"]
+    with pytest.raises(ValueError, match=r"`--output_dir` ..*model. holds the base model"):  # --overwrite: deleted
+        run_glue.parse_args([*argv, "--output_dir", str(model), *inside])
+    with pytest.raises(ValueError, match=r"`--merge_to` '.*model' holds the base model"):
+        run_glue.parse_args([*argv, "--output_dir", str(tmp_path / "o"), "--model_name_or_path", str(model),
+                             "--merge_to", str(model)])  # fmt: skip
     for flag in ("--output_dir", "--merge_to"):
         with pytest.raises(ValueError, match=rf"`{flag}` '.*a_file' is a file, not a directory"):
             run_glue.parse_args([*argv, "--output_dir", str(tmp_path / "out"), flag, str(tmp_path / "a_file")])

@@ -146,7 +146,7 @@ def test_pickled_adapter_is_refused_with_the_reason(tmp_path):
         PeftModel.from_pretrained(tiny_llama(), tmp_path)
 
 
-@pytest.mark.parametrize("hub_holds", ["safetensors", "pickle", "truncated", "offline"])
+@pytest.mark.parametrize("hub_holds", ["safetensors", "pickle", "truncated", "offline", "cached pickle"])
 def test_an_adapter_from_the_hub_is_checked_as_a_local_one(tmp_path, monkeypatch, hub_holds):
     """A Hub repository id: its `adapter_model.safetensors` is fetched as PEFT would and checked (a repository with a
     pickle only, or a damaged file, is refused before any model is touched); offline and not cached, PEFT reports."""
@@ -155,14 +155,16 @@ def test_an_adapter_from_the_hub_is_checked_as_a_local_one(tmp_path, monkeypatch
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     model = get_peft_model(tiny_llama(), SLTrainConfig(r=4, sparsity=0.05))
-    model.save_pretrained(tmp_path, safe_serialization=hub_holds != "pickle")
+    model.save_pretrained(tmp_path, safe_serialization="pickle" not in hub_holds)
     weights = tmp_path / "adapter_model.safetensors"
     if hub_holds == "truncated":
         weights.write_bytes(weights.read_bytes()[:-100])
 
-    def fetch(repo_id, filename, subfolder=None, **kwargs):  # the Hub, as a local directory
-        assert repo_id == "alice/tiny-adapter" and subfolder is None
-        if hub_holds == "offline" and filename == "adapter_model.safetensors":  # (its config in the cache)
+    # the Hub, as a local directory (PEFT tells download options from its parameters: they are named here)
+    def fetch(repo_id, filename, subfolder=None, revision=None, cache_dir=None, token=None, user_agent=None):
+        assert repo_id == "alice/tiny-adapter" and subfolder is None and revision == "v1"
+        offline = hub_holds in ("offline", "cached pickle") and filename != "adapter_config.json"  # (config cached)
+        if offline and not (hub_holds == "cached pickle" and (tmp_path / filename).is_file()):
             raise LocalEntryNotFoundError("offline, not in the cache")
         if not (tmp_path / filename).is_file():
             raise EntryNotFoundError(f"404: {filename}")
@@ -171,12 +173,13 @@ def test_an_adapter_from_the_hub_is_checked_as_a_local_one(tmp_path, monkeypatch
     monkeypatch.setattr(peft.config, "hf_hub_download", fetch)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fetch)
     messages = {"pickle": r"'alice/tiny-adapter' holds no 'adapter_model.safetensors'; .* 'adapter_model.bin' is",
+                "cached pickle": r"no 'adapter_model.safetensors' in the cache but a pickled 'adapter_model.bin'",
                 "truncated": "truncated or corrupt"}  # fmt: skip
     if hub_holds in messages:
         with pytest.raises(ValueError, match=messages[hub_holds]):
-            SLTrainConfig.from_pretrained("alice/tiny-adapter")
+            SLTrainConfig.from_pretrained("alice/tiny-adapter", revision="v1")
     else:
-        assert SLTrainConfig.from_pretrained("alice/tiny-adapter").r == 4
+        assert SLTrainConfig.from_pretrained("alice/tiny-adapter", revision="v1").r == 4
 
 
 def test_file_missing_tensors(tmp_path):
