@@ -45,7 +45,7 @@ class SLTrainConfig(PeftConfig):
             every targeted layer. The paper uses 128 for LLaMA-60M, 256 for 130M/350M, 512 for 1B, 1024 for 7B.
         sparsity (`float`, defaults to `0.03`):
             Fraction `delta` of the entries of each targeted weight that the sparse factor `S` may change, in (0, 1).
-            Each layer trains `round(sparsity * d_out * d_in)` values. The paper uses 0.03 (0.05 at 7B).
+            Each layer trains `round(sparsity * d_out * d_in)` values, at least 1. The paper uses 0.03 (0.05 at 7B).
         alpha (`float`, defaults to `32.0`):
             The low-rank product is scaled by `alpha / r`. The scale matters a great deal for pretraining: the
             paper's settings give 0.25 at 60M and 0.0625 at 130M/350M.
