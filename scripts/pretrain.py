@@ -50,13 +50,15 @@ import pretrain_card  # noqa: E402
 from methods import METHODS, Hyper, adamw, get_method, parse_method_args  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-OPTIMIZERS = ("adamw", "adam8bit")
-DTYPES = ("fp32", "bf16")
 SIZES = sorted(p.stem.removeprefix("llama_") for p in CONFIGS.glob("llama_*.json"))
 
 
 # ------------------------------------------------------------------------------------------------- configuration
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help=f"size preset ({', '.join(SIZES)}) or a preset JSON file")
     p.add_argument("--method", default="sltrain", help=f"one of: {', '.join(sorted(METHODS))}")
@@ -91,13 +93,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, help="sequences per forward pass per process")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--grad-clip", type=float, help="max global gradient norm; 0 disables")
-    p.add_argument("--optimizer", choices=OPTIMIZERS)
+    p.add_argument("--optimizer", choices=["adamw", "adam8bit"])
     p.add_argument(
         "--per-layer-updates",
         action="store_true",
         help="step each parameter's optimizer in its gradient hook: gradients are never all resident",
     )
-    p.add_argument("--dtype", choices=DTYPES, help="bf16 = autocast mixed precision, fp32 master weights")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="bf16 = autocast mixed precision, fp32 master weights")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument(
         "--compile",
@@ -114,15 +116,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
     p.add_argument("--overwrite", action="store_true", help="delete an earlier run in --out-dir and start over")
     p.add_argument("--merge", action="store_true", help="also write a merged dense model to OUT/merged")
-    return p.parse_args(argv)
+    return p
 
 
-# what a preset's "train" section must give (a flag may override each), with the type or choices its flag takes;
-# "sltrain" may give the method's settings; "model" is the LlamaConfig
-PRESET_TRAIN_KEYS = {"lr": float, "min_lr_ratio": float, "warmup_steps": int, "max_steps": int, "global_batch": int,
-                     "micro_batch": int, "seq_len": int, "weight_decay": float, "grad_clip": float,
-                     "optimizer": OPTIMIZERS, "dtype": DTYPES}  # fmt: skip
-PRESET_SLTRAIN_KEYS = {"rank": int, "sparsity": float, "alpha": float}
+# what a preset's "train" section must give and its "sltrain" section may (a flag may override each, and each value
+# gets its flag's check); "model" is the LlamaConfig
+PRESET_TRAIN_KEYS = ("lr", "min_lr_ratio", "warmup_steps", "max_steps", "global_batch", "micro_batch", "seq_len",
+                     "weight_decay", "grad_clip", "optimizer", "dtype")  # fmt: skip
+PRESET_SLTRAIN_KEYS = ("rank", "sparsity", "alpha")
 
 
 def load_preset(model: str) -> dict:
@@ -141,25 +142,26 @@ def load_preset(model: str) -> dict:
             f'`--model` {model!r} needs a "model" object (the LlamaConfig), a "train" object and optionally an '
             '"sltrain" one (see configs/).'
         )
-    for section, kinds in (("train", PRESET_TRAIN_KEYS), ("sltrain", PRESET_SLTRAIN_KEYS)):
+    flags = {action.dest: action for action in build_parser()._actions}
+    for section, keys in (("train", PRESET_TRAIN_KEYS), ("sltrain", PRESET_SLTRAIN_KEYS)):
         for key, value in preset.get(section, {}).items():
-            preset[section][key] = preset_value(model, section, kinds, key, value)
+            where = f'`--model` {model!r}: its "{section}" object'
+            if key not in keys:
+                raise ValueError(
+                    f"{where} sets {key!r}, which a preset cannot set; it may set {sorted(keys)} (pass other settings "
+                    f"as flags, e.g. --{key.replace('_', '-')})."
+                )
+            preset[section][key] = preset_value(where, key, value, flags[key])
     return preset
 
 
-def preset_value(model: str, section: str, kinds: dict, key: str, value):
-    """A preset's value checked as its flag's would be (argparse checks only flags): its type, or its choices."""
-    where = f'`--model` {model!r}: its "{section}" object'
-    if key not in kinds:
-        raise ValueError(
-            f"{where} sets {key!r}, which a preset cannot set; it may set {sorted(kinds)} (pass other settings as "
-            f"flags, e.g. --{key.replace('_', '-')})."
-        )
-    kind = kinds[key]
-    if isinstance(kind, tuple):
-        if value not in kind:
-            raise ValueError(f"{where} sets {key!r} to {value!r}; choose one of {list(kind)}.")
+def preset_value(where: str, key: str, value, flag: argparse.Action):
+    """A preset's value checked as its flag's would be (argparse checks only flags): its choices, or its type."""
+    if flag.choices is not None:
+        if value not in flag.choices:
+            raise ValueError(f"{where} sets {key!r} to {value!r}; choose one of {list(flag.choices)}.")
         return value
+    kind = flag.type  # int or float
     if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
         raise ValueError(f"{where} sets {key!r} to {value!r}, which is no {kind.__name__}.")
     return kind(value)
