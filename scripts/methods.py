@@ -35,6 +35,7 @@ class Hyper:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     max_steps: int = 1000
+    warmup_steps: int = 0  # of the whole run's schedule (ReLoRA's restarts warm up again only after it)
     seed: int = 0
     extra: dict = field(default_factory=dict)  # method-specific knobs, e.g. ReLoRA's restart interval
 
@@ -164,18 +165,22 @@ register(
 
 # -------------------------------------------------------------------------------------------------------- lowrank
 class LowRankLinear(nn.Module):
-    """`y = x @ (B @ A).T + bias` with no dense weight: the pure low-rank baseline (the paper's "low-rank")."""
+    """`y = x @ ((alpha / r) B @ A).T + bias` with no dense weight: the pure low-rank baseline (the paper's "low-rank",
+    whose rows come from GaLore's runs of ReLoRA's code: both factors Kaiming-uniform, as `nn.Linear`'s, and the
+    product scaled by `lora_alpha / r`). The scale is SLTrain's, so that this is SLTrain without `S` (and with a
+    random rather than zero `B`)."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool):
+    def __init__(self, in_features: int, out_features: int, rank: int, scaling: float, bias: bool):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features, self.out_features, self.scaling = in_features, out_features, scaling
         bound_a, bound_b = 1 / math.sqrt(in_features), 1 / math.sqrt(rank)
         self.A = nn.Parameter(torch.empty(rank, in_features).uniform_(-bound_a, bound_a))  # (r, d_in)
         self.B = nn.Parameter(torch.empty(out_features, rank).uniform_(-bound_b, bound_b))  # (d_out, r)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = (x @ self.A.t()) @ self.B.t()  # (..., r) then (..., d_out): 2 N r (d_in + d_out) FLOPs
+        # (..., r), scaled there (r numbers per token, not d_out), then (..., d_out): 2 N r (d_in + d_out) FLOPs
+        y = ((x @ self.A.t()) * self.scaling) @ self.B.t()
         return y if self.bias is None else y + self.bias
 
 
@@ -191,8 +196,9 @@ def _build_lowrank(config: LlamaConfig, hyper: Hyper) -> nn.Module:
     check_rank_fits(config, hyper.rank)
     with init_empty_weights():
         base = AutoModelForCausalLM.from_config(config)
+    scaling = hyper.alpha / hyper.rank
     model = replace_projections(
-        base, lambda lin: LowRankLinear(lin.in_features, lin.out_features, hyper.rank, lin.bias is not None)
+        base, lambda lin: LowRankLinear(lin.in_features, lin.out_features, hyper.rank, scaling, lin.bias is not None)
     )
     peft_sltrain.materialize_meta_parameters(model)
     return model
@@ -202,7 +208,7 @@ def _lowrank_to_dense(model: nn.Module) -> PreTrainedModel:
     def dense(module: nn.Module) -> nn.Module:
         linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
         with torch.no_grad():
-            linear.weight.copy_(module.B @ module.A)
+            linear.weight.copy_(module.scaling * module.B @ module.A)
             if module.bias is not None:
                 linear.bias.copy_(module.bias)
         return linear
@@ -218,13 +224,20 @@ def _check_rank(config: LlamaConfig, hyper: Hyper) -> None:
     check_rank_fits(config, hyper.rank)
 
 
+def _check_rank_and_alpha(config: LlamaConfig, hyper: Hyper) -> None:
+    check_rank_fits(config, hyper.rank)
+    if not hyper.alpha > 0:
+        raise ValueError(f"`--alpha` must be positive (B A is scaled by alpha / r), got {hyper.alpha}.")
+
+
 register(
     Method(
         "lowrank",
-        "W = B A only, no sparse part (low-rank baseline)",
+        "W = (alpha/r) B A only, no sparse part (low-rank baseline)",
         _build_lowrank,
         _lowrank_to_dense,
-        check=_check_rank,
+        reads=("rank", "alpha"),
+        check=_check_rank_and_alpha,
     )
 )
 
@@ -253,7 +266,7 @@ register(
         _build_lora,
         lambda model: model.merge_and_unload(),
         reads=("rank", "alpha"),
-        check=_check_rank,
+        check=_check_rank_and_alpha,
     )
 )
 
@@ -268,11 +281,17 @@ def _relora_warmup(hyper: Hyper) -> int:
 
 
 def _relora_check(config: LlamaConfig, hyper: Hyper) -> None:
-    """The rank must fit, and the warmup after each restart must end before the next (a warmup of 1 is none)."""
-    check_rank_fits(config, hyper.rank)
+    """The rank must fit, a restart must happen, and the warmup after each restart must end before the next (a warmup
+    of 1 is none)."""
+    _check_rank_and_alpha(config, hyper)
     every, warmup = _relora_every(hyper), _relora_warmup(hyper)
+    source = "" if "relora_every" in hyper.extra else " (the default, --max-steps // 4)"
+    if every >= hyper.max_steps:
+        raise ValueError(
+            f"`--method-arg relora_every={every}`{source} must be below --max-steps {hyper.max_steps}: no restart "
+            "would happen, and the run would be plain LoRA (`--method lora`)."
+        )
     if warmup > 1 and warmup >= every:
-        source = "" if "relora_every" in hyper.extra else " (the default, --max-steps // 4)"
         raise ValueError(
             f"`--method-arg relora_warmup={warmup}` must be smaller than relora_every {every}{source}: the learning "
             "rate warms up again after each restart and would stay below its schedule for (nearly) every step."
@@ -286,7 +305,9 @@ def _optimizers(optimizer) -> list[torch.optim.Optimizer]:
 
 def _relora_restart(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, hyper: Hyper) -> None:
     """Every `relora_every` steps: merge B A into W0, restart B = 0 and A at random, and drop the LoRA factors'
-    optimizer state (ReLoRA prunes 99% of it by magnitude; a full reset is the simple limit)."""
+    optimizer state, step count included (ReLoRA prunes 99% of the moments by magnitude and its code zeroes them,
+    keeping the count; a full reset is the simple limit, and with the count restarted Adam's bias correction makes
+    the first update after a restart about lr rather than the reference's ~3 lr)."""
     from peft.tuners.lora import LoraLayer
 
     if step % _relora_every(hyper) or step >= hyper.max_steps:
@@ -303,9 +324,12 @@ def _relora_restart(model: nn.Module, optimizer: torch.optim.Optimizer, step: in
 
 
 def _relora_lr(step: int, hyper: Hyper) -> float:
-    """The jagged schedule: after each restart the learning rate warms up again over `relora_warmup` steps."""
+    """The jagged schedule: after each restart the learning rate warms up again over `relora_warmup` steps; during
+    the run's own warmup only that one applies (as in ReLoRA's scheduler), so the two never multiply."""
     every = _relora_every(hyper)
-    return 1.0 if step < every else min(1.0, (step % every + 1) / _relora_warmup(hyper))
+    if step < every or step < hyper.warmup_steps:
+        return 1.0
+    return min(1.0, (step % every + 1) / _relora_warmup(hyper))
 
 
 register(
@@ -359,7 +383,7 @@ register(
         checkpointable=False,
         requires="galore_torch",
         options={"update_proj_gap": int, "scale": float},
-        check=_check_rank,  # a rank as wide as a layer projects nothing and saves no memory
+        check=_check_rank,
     )
 )
 register(
@@ -372,6 +396,6 @@ register(
         checkpointable=False,
         requires="fira",
         options={"update_proj_gap": int, "scale": float},
-        check=_check_rank,  # a rank as wide as a layer projects nothing and saves no memory
+        check=_check_rank,
     )
 )

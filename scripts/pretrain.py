@@ -172,9 +172,14 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     preset = load_preset(args.model)
     method = get_method(args.method)
     args.micro_batch_given = args.micro_batch is not None  # a preset's micro-batch may be lowered to fit processes
-    warmup_given = args.warmup_steps is not None
+    warmup_given, optimizer_given = args.warmup_steps is not None, args.optimizer is not None
+    unused = [key for key in PRESET_SLTRAIN_KEYS if key not in method.reads]
+    passed = [f"--{key}" for key in unused if getattr(args, key) is not None]
+    if passed:  # it would train as if they were not given, yet the run's config and card would record them
+        reads = ", ".join(f"--{key}" for key in method.reads) or "none of them"
+        raise ValueError(f"`--method {method.name}` does not use {', '.join(passed)} (it reads {reads}).")
     for key, value in {**preset["train"], **preset.get("sltrain", {})}.items():
-        if getattr(args, key, None) is None:
+        if getattr(args, key, None) is None and key not in unused:
             setattr(args, key, value)
     args.model_config = preset["model"]
     try:
@@ -229,7 +234,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if method.check is not None:
         method.check(llama_config, hyper_from_args(args))
     if method.make_optimizer is not adamw and args.optimizer != "adamw":
-        raise ValueError(f"`--method {method.name}` brings its own optimizer; `--optimizer` must stay adamw.")
+        preset_sets = f"the preset {args.model!r} sets {args.optimizer}"
+        source = "" if optimizer_given else f" ({preset_sets}: pass --optimizer adamw)"
+        raise ValueError(f"`--method {method.name}` brings its own optimizer; `--optimizer` must stay adamw{source}.")
     if args.per_layer_updates and args.grad_clip > 0:
         raise ValueError(
             "`--per-layer-updates` steps each parameter alone, so it cannot clip the global gradient "
@@ -258,6 +265,7 @@ def hyper_from_args(args: argparse.Namespace) -> Hyper:
         lr=args.lr,
         weight_decay=args.weight_decay,
         max_steps=args.max_steps,
+        warmup_steps=args.warmup_steps,
         seed=args.seed,
         extra=args.method_extra,
     )

@@ -371,6 +371,15 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus):
             r"has no setting 'relora_every' \(it takes none\)",
         ),
         (["--method", "galore", "--per-layer-updates"], "works with AdamW-trained methods, not `--method galore`"),
+        (["--method", "full", "--alpha", "8"], r"`--method full` does not use --alpha \(it reads none of them\)"),
+        (["--method", "lowrank", "--sparsity", "0.1"], r"does not use --sparsity \(it reads --rank, --alpha\)"),
+        (["--method", "galore", "--alpha", "2", "--sparsity", "0.1"], "does not use --sparsity, --alpha"),
+        (["--method", "lowrank", "--alpha", "0"], r"`--alpha` must be positive \(B A is scaled by alpha / r\), got 0"),
+        (["--method", "relora", "--alpha", "-1"], "`--alpha` must be positive"),
+        (
+            ["--method", "relora", "--method-arg", "relora_every=6"],  # 6 steps
+            r"relora_every=6` must be below --max-steps 6: no restart would happen, .* plain LoRA",
+        ),
         (["--dataset", "allenai/c4"], "With `--dataset`, give a hub tokenizer"),
         (["--seed", "1000000000000000"], r"`--seed` must be in \[0, 2\*\*32\), got 1000000000000000"),
         (["--method", "full", "--seed", "-1"], r"`--seed` must be in \[0, 2\*\*32\), got -1"),
@@ -705,6 +714,44 @@ def test_relora_merges_restarts_and_resets_optimizer_state():
     assert not layer.lora_B["default"].weight.any() and not layer.merged
     assert layer.lora_A["default"].weight not in optimizer.state
     assert [method.lr_multiplier(s, hyper) for s in (5, 10, 11, 14, 15)] == [1.0, 0.2, 0.4, 1.0, 1.0]
+    # during the run's own warmup only it applies: restarts inside it warm up with it, not on top of it
+    hyper.warmup_steps = 25
+    assert [method.lr_multiplier(s, hyper) for s in (10, 11, 24, 30, 31)] == [1.0, 1.0, 1.0, 0.2, 0.4]
+
+
+def test_lowrank_is_scaled_like_sltrain():
+    """The low-rank baseline computes (alpha / r) B A, SLTrain's scale (the reference's lora_alpha / r), and its
+    dense export holds the scaled product."""
+    from methods import LowRankLinear
+
+    hyper = Hyper(rank=4, alpha=1)
+    model = METHODS["lowrank"].build(micro_config(), hyper)
+    layer = next(m for m in model.modules() if isinstance(m, LowRankLinear))
+    assert layer.scaling == 0.25
+    x = torch.randn(3, layer.in_features)
+    torch.testing.assert_close(layer(x), x @ (0.25 * layer.B @ layer.A).t())
+    ids = torch.randint(0, micro_config().vocab_size, (2, 8))
+    logits = model.eval()(ids).logits
+    torch.testing.assert_close(METHODS["lowrank"].to_dense(model)(ids).logits, logits, rtol=0, atol=1e-5)
+
+
+def test_settings_a_method_does_not_read_are_not_recorded(tmp_path, corpus):
+    """The preset's SLTrain settings fill only what a method reads: a full-rank run records no rank, sparsity or
+    alpha, a low-rank run no sparsity."""
+    run(tmp_path / "full", corpus, "--method", "full", "--max-steps", "2")
+    run(tmp_path / "lowrank", corpus, "--method", "lowrank", "--max-steps", "2")
+    full = json.loads((tmp_path / "full" / "run_config.json").read_text())
+    lowrank = json.loads((tmp_path / "lowrank" / "run_config.json").read_text())
+    assert (full["rank"], full["sparsity"], full["alpha"]) == (None, None, None)
+    assert lowrank["sparsity"] is None and (lowrank["rank"], lowrank["alpha"]) == (4, 1.0)
+
+
+def test_galore_names_the_presets_optimizer(tmp_path, corpus):
+    preset = json.loads(Path(MICRO).read_text())
+    preset["train"]["optimizer"] = "adam8bit"  # as the 7b preset
+    (tmp_path / "p.json").write_text(json.dumps(preset))
+    with pytest.raises(ValueError, match="stay adamw .the preset '.*p.json' sets adam8bit: pass --optimizer adamw"):
+        run(tmp_path / "out", corpus, "--model", str(tmp_path / "p.json"), "--method", "galore")
 
 
 @pytest.mark.parametrize("method", ["galore", "fira"])
