@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 from pathlib import Path
 
 
@@ -57,7 +58,36 @@ def main(run_dirs: list[str]) -> str:
     lines.append(
         f"(peak mem: {', '.join(kinds)}; params+grads+opt: exact bytes of parameters, gradients and optimizer states)"
     )
+    differ = validation_differences(run_dirs)
+    if differ:
+        lines.append(f"note: the runs' val ppl are not on the same footing: their {', '.join(differ)} differ")
     return "\n".join(lines)
+
+
+# what a perplexity is measured on: per-token perplexities compare only on the same text, blocks and vocabulary
+VALIDATION_SETTINGS = {
+    "seq_len": lambda c: c.get("seq_len"),
+    "eval_blocks": lambda c: c.get("eval_blocks"),
+    "validation text": lambda c: (c.get("data_sha256") or {}).get("validation") or c.get("dataset"),
+    "vocabulary": lambda c: (c.get("data_sha256") or {}).get("vocabulary"),
+}
+
+
+def validation_differences(run_dirs: list[str]) -> list[str]:
+    """Which of `VALIDATION_SETTINGS` differ between the runs, by their run_config.json (runs without one, or a
+    setting an older run did not record, are left out of that comparison)."""
+    configs = []
+    for run in run_dirs:
+        try:
+            configs.append(json.loads((Path(run) / "run_config.json").read_text()))
+        except (OSError, ValueError):
+            continue
+    differ = []
+    for name, read in VALIDATION_SETTINGS.items():
+        values = {json.dumps(read(c)) for c in configs if read(c) is not None}
+        if len(values) > 1:
+            differ.append(name)
+    return differ
 
 
 if __name__ == "__main__":
@@ -66,7 +96,7 @@ if __name__ == "__main__":
     print(text)
     if args.save:  # a record to commit: what the table was made from
         summaries = {run: json.loads((Path(run) / "summary.json").read_text()) for run in args.run_dirs}
-        record = {"command": "python scripts/compare_runs.py " + " ".join(args.run_dirs), "table": text.splitlines(),
-                  "summaries": summaries}  # fmt: skip
+        command = shlex.join(["python", "scripts/compare_runs.py", *args.run_dirs])
+        record = {"command": command, "table": text.splitlines(), "summaries": summaries}
         Path(args.save).parent.mkdir(parents=True, exist_ok=True)
         Path(args.save).write_text(json.dumps(record, indent=2) + "\n")

@@ -42,6 +42,10 @@ def local_corpus(train_files: list[str] | None, validation_files: list[str] | No
         validation_files = [str(EMBEDDED_CORPUS / "validation.txt.gz")]
     if not train_files or not validation_files:
         raise ValueError("Give both `--train-files` and `--validation-files` (held-out text), or neither.")
+    for path in validation_files:
+        same = [t for t in train_files if Path(t).is_file() and Path(path).is_file() and Path(t).samefile(path)]
+        if same:
+            raise ValueError(f"`--validation-files` {path!r} is also a training file ({same[0]!r}): hold text out.")
     train = "\n".join(read_text(path) for path in train_files)
     validation = "\n".join(read_text(path) for path in validation_files)
     for name, text in (("--train-files", train), ("--validation-files", validation)):
@@ -51,20 +55,28 @@ def local_corpus(train_files: list[str] | None, validation_files: list[str] | No
 
 
 def stream_hf_dataset(name: str, config: str | None, split: str, text_column: str = "text") -> Iterator[str]:
-    """Texts of a Hugging Face dataset, streamed (e.g. `allenai/c4`, config `en`, as the paper uses)."""
+    """Texts of a Hugging Face dataset, streamed (e.g. `allenai/c4`, config `en`, as the paper uses). A document
+    whose text is not a string (a null) stops the run with its position, rather than deep inside the tokenizer."""
     from datasets import load_dataset
 
+    where = f"`--dataset` {name!r} (`--dataset-config` {config!r}, split {split!r})"
     try:
         examples = iter(load_dataset(name, config, split=split, streaming=True))
         first = next(examples, None)  # opened now, not at the first training step: errors come before any output
-    except OSError as error:  # offline, no such dataset or config (datasets' errors are OSErrors)
-        raise ValueError(
-            f"`--dataset` {name!r} (config {config!r}, split {split!r}) cannot be opened: {error}"
-        ) from None
+    except (OSError, ValueError) as error:  # offline, no such dataset, config or split (OSError, ValueError)
+        raise ValueError(f"{where} cannot be opened: {' '.join(str(error).split())}") from None
     if first is None or text_column not in first:
         found = "no examples" if first is None else f"examples with the columns {sorted(first)}"
-        raise ValueError(f"`--dataset` {name!r} (split {split!r}) needs a {text_column!r} column; it has {found}.")
-    return (example[text_column] for example in itertools.chain([first], examples))
+        raise ValueError(f"{where} needs a {text_column!r} column; it has {found}.")
+
+    def texts() -> Iterator[str]:
+        for i, example in enumerate(itertools.chain([first], examples)):
+            text = example[text_column]
+            if not isinstance(text, str):
+                raise ValueError(f"{where}: document {i} has a {type(text).__name__} {text_column!r}, not text.")
+            yield text
+
+    return texts()
 
 
 class Tokenizer:
@@ -134,7 +146,8 @@ def load_tokenizer(name_or_path: str) -> Tokenizer:
         raise ValueError(f"`--tokenizer` {name_or_path!r} cannot be loaded: {error}") from None
     if tokenizer.eos_token_id is None:
         raise ValueError(
-            f"`--tokenizer` {name_or_path!r} has no end-of-sequence token, which separates the streamed documents."
+            f"`--tokenizer` {name_or_path!r} has no end-of-sequence token, which the model's config, streamed "
+            "documents and `sample.py` use."
         )
     return tokenizer
 

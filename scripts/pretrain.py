@@ -210,6 +210,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"`--min-lr-ratio` must be in [0, 1], got {args.min_lr_ratio}.")
     if args.resume and args.overwrite:
         raise ValueError("`--resume` continues the run in --out-dir and `--overwrite` deletes it: pass one of them.")
+    if args.dataset and args.train_files:
+        raise ValueError("`--dataset` and `--train-files` both name the training text: pass one of them.")
     if args.dataset and args.tokenizer == "train":
         raise ValueError("With `--dataset`, give a hub tokenizer (e.g. `--tokenizer t5-base`, the paper's).")
     if args.per_layer_updates and method.make_optimizer is not adamw:
@@ -320,6 +322,7 @@ def trajectory_config(args: argparse.Namespace, world_size: int) -> dict:
         "per_layer_updates",
         "dtype",
         "seed",
+        "eval_blocks",  # what val_ppl measures: a resume must log the same
     ]
     return {**{k: getattr(args, k) for k in keys}, "world_size": world_size}
 
@@ -343,6 +346,9 @@ def check_out_dir(args: argparse.Namespace, config: dict) -> Path | None:
         except ValueError as error:
             raise ValueError(f"`--resume`: {run_file} is damaged ({error}); it cannot be resumed.") from None
         keys = (set(saved) | set(config)) - {"data_sha256"}  # checked once the data is read (`check_same_data`)
+        # not compared: a setting the method does not read (older runs recorded the preset's), and what older runs
+        # did not record (`eval_blocks`)
+        keys -= {k for k in PRESET_SLTRAIN_KEYS if config.get(k) is None} | ({"eval_blocks"} - set(saved))
         differ = sorted(k for k in keys if saved.get(k) != config.get(k))
         if differ:
             detail = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {config.get(k)!r}" for k in differ[:4])
@@ -548,7 +554,10 @@ def evaluate(model, blocks: torch.Tensor, micro_batch: int, accelerator: Acceler
         total += torch.tensor([loss.item() * n, n], dtype=torch.float64, device=accelerator.device)
     total = accelerator.reduce(total, reduction="sum")
     model.train()
-    return math.exp(total[0].item() / total[1].item())
+    mean = total[0].item() / total[1].item()
+    if not math.isfinite(mean):
+        raise FloatingPointError(f"Validation loss became {mean}; lower `--lr` or use `--grad-clip`.")
+    return math.exp(mean) if mean < 709 else math.inf  # (math.exp overflows past 709.78)
 
 
 def plot_losses(log_path: Path, png_path: Path, title: str) -> None:
@@ -659,9 +668,13 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         if args.dataset:
             train_texts = data.stream_hf_dataset(args.dataset, args.dataset_config, "train")
-            val_texts = itertools.islice(data.stream_hf_dataset(args.dataset, args.dataset_config, "validation"), 2000)
             tokenizer = data.load_tokenizer(args.tokenizer)
-            val_tokens = data.tokenize_documents(tokenizer, val_texts)  # joined by EOS, as the training documents
+            if args.validation_files:  # for a dataset without a validation split: local held-out text
+                val_text = "\n".join(data.read_text(path) for path in args.validation_files)
+                val_tokens = data.tokenize_text(tokenizer, val_text)
+            else:  # its first 2000 validation documents, joined by EOS as the training documents are
+                val_split = data.stream_hf_dataset(args.dataset, args.dataset_config, "validation")
+                val_tokens = data.tokenize_documents(tokenizer, itertools.islice(val_split, 2000))
         else:
             train_text, val_text = data.local_corpus(args.train_files, args.validation_files)
             if args.tokenizer == "train":
@@ -670,9 +683,10 @@ def main(argv: list[str] | None = None) -> dict:
             else:
                 tokenizer = data.load_tokenizer(args.tokenizer)
             val_tokens = data.tokenize_text(tokenizer, val_text)
-        config["data_sha256"] = data_digest(
-            tokenizer, {} if args.dataset else {"train": train_text, "validation": val_text}
-        )
+        texts = {} if args.dataset else {"train": train_text}
+        if not args.dataset or args.validation_files:
+            texts["validation"] = val_text
+        config["data_sha256"] = data_digest(tokenizer, texts)
         if resume_from is not None:
             check_same_data(out, config["data_sha256"])
         val_blocks = data.to_blocks(val_tokens, args.seq_len)[: args.eval_blocks]
@@ -854,6 +868,7 @@ def main(argv: list[str] | None = None) -> dict:
         "method": args.method,
         "model": args.model,
         "val_ppl": val_ppl,
+        "val_tokens": val_blocks.numel() - len(val_blocks),  # the predicted tokens it averages over
         "trainable_params": counts.trainable,
         "total_params": counts.total,
         "peak_memory_bytes": memory,

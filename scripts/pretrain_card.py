@@ -10,7 +10,7 @@ from huggingface_hub import ModelCardData
 
 from model_card import versions
 
-TITLES = {"sltrain": "SLTrain", "full": "full-rank training", "lowrank": "a low-rank factorisation (B A)"}
+TITLES = {"sltrain": "SLTrain", "full": "full-rank training", "lowrank": "a low-rank factorisation ((alpha / r) B A)"}
 ABOUT_SLTRAIN = """\
 Every attention and MLP projection computes `W = (alpha / r) * B @ A + S` (r = {rank}, alpha = {alpha}): a rank-r
 product plus a sparse `S` on a fixed random support of density {sparsity}. No dense weight of those projections was
@@ -37,9 +37,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained("{path}").eval()
 tokenizer = AutoTokenizer.from_pretrained("{path}")
 """
+# the prompt is tokenised as training text was: without special tokens (a hub tokenizer would add its own)
 GENERATE = """\
-ids = tokenizer("It is a truth universally acknowledged", return_tensors="pt").input_ids
+ids = tokenizer("It is a truth universally acknowledged", add_special_tokens=False, return_tensors="pt").input_ids
 print(tokenizer.decode(model.generate(ids, max_new_tokens=40, do_sample=True, top_k=50)[0]))
+"""
+# a streamed dataset's documents each followed an EOS, so a text starts after one (as `sample.py` does)
+GENERATE_STREAMED = """\
+import torch
+
+ids = tokenizer("It is a truth universally acknowledged", add_special_tokens=False, return_tensors="pt").input_ids
+ids = torch.cat([torch.tensor([[tokenizer.eos_token_id]]), ids], dim=1)  # documents were joined by EOS in training
+print(tokenizer.decode(model.generate(ids, max_new_tokens=40, do_sample=True, top_k=50)[0], skip_special_tokens=True))
 """
 
 
@@ -71,6 +80,13 @@ def build(
         if run_config.get("dataset")
         else ", ".join(f"`{f}`" for f in run_config.get("train_files") or []) or "the embedded corpus (Jane Austen)"
     )
+    validation = "on held-out text"
+    if "val_tokens" in summary:  # (a run resumed from an older version's checkpoint may lack it)
+        sequences = summary["val_tokens"] // (run_config["seq_len"] - 1)
+        validation = (
+            f"over {summary['val_tokens']:,} predicted tokens of held-out text: its first {sequences} sequences of "
+            f"{run_config['seq_len']}"
+        )
     seconds = summary.get("train_seconds")
     processes = f"{summary['processes']} processes" if summary["processes"] > 1 else "one process"
     timing = f" in {seconds:.0f} s ({processes} on {summary['device']})" if seconds is not None else ""
@@ -91,7 +107,7 @@ def build(
         "",
         "## Results",
         "",
-        f"- validation perplexity: **{summary['val_ppl']:.2f}** (held-out text, never trained on)",
+        f"- validation perplexity: **{summary['val_ppl']:.2f}** ({validation})",
         f"- trained on {summary['tokens']:,} tokens of {data_source}{timing}",
         f"- parameters: {summary['trainable_params']:,} trained of {summary['total_params']:,}; parameters + "
         f"gradients + optimizer states: {summary['training_state_bytes'] / 2**20:.1f} MiB",
@@ -120,7 +136,7 @@ def build(
         "## How to use",
         "",
         "```python",
-        load + "\n" + GENERATE + "```",
+        load + "\n" + (GENERATE_STREAMED if run_config.get("dataset") else GENERATE) + "```",
         "",
         "`python scripts/sample.py path/to/this/directory` (in peft-sltrain) does the same from the command line."
         + ("\nLoading needs the `peft-sltrain` package installed." if adapter else ""),

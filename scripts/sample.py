@@ -80,7 +80,7 @@ def streamed(export: Path) -> bool:
     """Whether the run of an export trained on a streamed `--dataset` (whose documents it joined by EOS; local text is
     tokenised as it is), by its run_config.json; False where there is none (an export copied elsewhere)."""
     try:
-        return bool(json.loads((export.parent / "run_config.json").read_text()).get("dataset"))
+        return bool(json.loads((export.resolve().parent / "run_config.json").read_text()).get("dataset"))
     except (OSError, ValueError, AttributeError):
         return False
 

@@ -82,3 +82,16 @@ def test_runs_are_named_also_when_given_as_dot_or_under_one_name(tmp_path):
     assert [row.split()[0] for row in rows] == [first, second]  # one name twice: the paths tell them apart
     result = subprocess.run([sys.executable, SCRIPT, "."], capture_output=True, text=True, cwd=first)
     assert result.stdout.splitlines()[1].split()[:2] == ["run", "sltrain"]  # ".": the directory's own name
+
+
+def test_runs_validated_on_different_text_are_flagged(tmp_path):
+    """Per-token perplexities compare only over the same validation text, sequences and vocabulary: runs that differ
+    there get a note (from their run_config.json), runs that do not get none."""
+    runs = [write_summary(tmp_path / name, "sltrain", 90.0) for name in ("a", "b", "c")]
+    config = {"seq_len": 128, "eval_blocks": 256, "data_sha256": {"validation": "v1", "vocabulary": "w1"}}
+    other = {"eval_blocks": 8, "data_sha256": {"validation": "v2", "vocabulary": "w1"}}
+    for run, change in zip(runs, ({}, {}, other)):
+        (Path(run) / "run_config.json").write_text(json.dumps({**config, **change}))
+    assert "note:" not in compare(runs[0], runs[1]).stdout
+    note = compare(*runs).stdout.strip().splitlines()[-1]
+    assert note == "note: the runs' val ppl are not on the same footing: their eval_blocks, validation text differ"

@@ -131,6 +131,8 @@ def test_resume_equals_uninterrupted(tmp_path, corpus):
     b = load_file(killed / "checkpoints" / "step_000006" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     (killed / "summary.json").unlink()
+    with pytest.raises(ValueError, match=r"different config or method \(eval_blocks: saved 8 vs now 5\)"):
+        run(killed, corpus, "--method", "sltrain", "--save-every", "3", "--resume", "--eval-blocks", "5")
     (killed / "run_config.json").write_text((killed / "run_config.json").read_text()[:100])
     with pytest.raises(ValueError, match=r"`--resume`: .*run_config.json is damaged \(.*\); it cannot be resumed"):
         run(killed, corpus, "--method", "sltrain", "--save-every", "3", "--resume")
@@ -380,7 +382,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus):
             ["--method", "relora", "--method-arg", "relora_every=6"],  # 6 steps
             r"relora_every=6` must be below --max-steps 6: no restart would happen, .* plain LoRA",
         ),
-        (["--dataset", "allenai/c4"], "With `--dataset`, give a hub tokenizer"),
+        (["--dataset", "allenai/c4"], "`--dataset` and `--train-files` both name the training text: pass one"),
         (["--seed", "1000000000000000"], r"`--seed` must be in \[0, 2\*\*32\), got 1000000000000000"),
         (["--method", "full", "--seed", "-1"], r"`--seed` must be in \[0, 2\*\*32\), got -1"),
         (["--tokenizer", "/nonexistent/tokenizer"], "`--tokenizer` '/nonexistent/tokenizer' cannot be loaded"),
@@ -495,6 +497,69 @@ def test_streamed_dataset_problems_are_found_when_it_is_opened(monkeypatch):
     with pytest.raises(ValueError, match=r"split 'validation'\) needs a 'text' column; it has no examples"):
         data.stream_hf_dataset("fake", None, "validation")
     assert list(data.stream_hf_dataset("fake", None, "test")) == ["a", "b"]
+    rows["test"].append({"text": None})  # a null document: its position, not a tokenizer's error mid-training
+    with pytest.raises(ValueError, match=r"split 'test'\): document 2 has a NoneType 'text', not text"):
+        list(data.stream_hf_dataset("fake", None, "test"))
+
+    def no_such_split(name, config, split, streaming):
+        raise ValueError(f"Bad split: {split}. Available splits: ['train']")  # as datasets says it
+
+    monkeypatch.setattr(datasets, "load_dataset", no_such_split)
+    with pytest.raises(ValueError, match=r"`--dataset` 'fake' \(`--dataset-config` 'en', split 'validation'\) cannot"):
+        data.stream_hf_dataset("fake", "en", "validation")
+
+
+def test_a_dataset_without_validation_split_validates_on_local_files(tmp_path, corpus, monkeypatch):
+    """`--validation-files` with `--dataset` replace its validation split (which many corpora lack); the dataset
+    has none here, so any read of it fails."""
+    import datasets
+
+    paragraphs = [p for p in Path(corpus[0]).read_text().split("\n\n") if p.strip()]
+
+    def load_dataset(name, config, split, streaming):
+        if split != "train":
+            raise ValueError(f"Bad split: {split}. Available splits: ['train']")
+        return [{"text": p} for p in paragraphs]
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    data.train_tokenizer(Path(corpus[0]).read_text(), 300).save(tmp_path / "tokenizer")
+    args = ["--model", MICRO, "--out-dir", str(tmp_path / "out"), "--dataset", "fake", "--max-steps", "2"]
+    summary = pretrain.main([*args, "--tokenizer", str(tmp_path / "tokenizer"), "--validation-files", corpus[1]])
+    tokenizer = data.load_tokenizer(str(tmp_path / "tokenizer"))
+    blocks = data.to_blocks(data.tokenize_text(tokenizer, Path(corpus[1]).read_text()), 32)[:256]
+    assert summary["val_tokens"] == blocks.numel() - len(blocks)  # the local text, tokenised as local text is
+    config = json.loads((tmp_path / "out" / "run_config.json").read_text())
+    assert set(config["data_sha256"]) == {"validation", "vocabulary"}
+    card = (tmp_path / "out" / "final" / "README.md").read_text()
+    scored = f"over {summary['val_tokens']:,} predicted tokens of held-out text: its first {len(blocks)} sequences"
+    assert scored + " of 32" in card
+    ids = card_loading_code(tmp_path / "out" / "final")["ids"]  # the card's prompt, as training saw documents
+    prompt = tokenizer.hf("It is a truth universally acknowledged", add_special_tokens=False)["input_ids"]
+    assert ids.tolist() == [[tokenizer.eos_token_id, *prompt]]
+
+
+def test_evaluate_refuses_a_non_finite_loss_and_does_not_overflow():
+    class Accelerator:
+        process_index, num_processes, device = 0, 1, torch.device("cpu")
+
+        def autocast(self):
+            return contextlib.nullcontext()
+
+        def reduce(self, total, reduction):
+            return total
+
+    class Model(torch.nn.Module):
+        def __init__(self, loss):
+            super().__init__()
+            self.loss = loss
+
+        def forward(self, **batch):
+            return types.SimpleNamespace(loss=torch.tensor(self.loss))
+
+    blocks = torch.zeros(2, 5, dtype=torch.int32)
+    assert pretrain.evaluate(Model(800.0), blocks, 2, Accelerator()) == math.inf  # exp(800) overflows a float
+    with pytest.raises(FloatingPointError, match="Validation loss became nan; lower `--lr`"):
+        pretrain.evaluate(Model(math.nan), blocks, 2, Accelerator())
 
 
 def test_streamed_validation_documents_are_joined_by_eos_as_training_documents_are(tmp_path, corpus, monkeypatch):
@@ -525,7 +590,7 @@ def test_a_tokenizer_without_end_of_sequence_is_refused(tmp_path):
     from transformers import PreTrainedTokenizerFast
 
     PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE())).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="has no end-of-sequence token, which separates the streamed documents"):
+    with pytest.raises(ValueError, match="has no end-of-sequence token, which the model's config, streamed"):
         data.load_tokenizer(str(tmp_path))
 
 
@@ -537,6 +602,7 @@ def test_a_tokenizer_without_end_of_sequence_is_refused(tmp_path):
         ("EMPTY", "VAL", "holds no text"),
         ("TRAIN", "SHORT", "validation text is shorter than one sequence"),
         ("TRAIN", None, "Give both"),
+        ("TRAIN", "TRAIN", r"`--validation-files` '.*' is also a training file \('.*'\): hold text out"),
     ],
 )
 def test_missing_empty_and_short_data(tmp_path, corpus, train, validation, message):
