@@ -494,9 +494,10 @@ class PerLayerOptimizer:
         return next(iter(self.schedulers.values())).get_last_lr()[0]
 
 
-def training_state_bytes(model, optimizer) -> dict[str, int]:
+def training_state_bytes(model, optimizer, shards: Accelerator | None = None) -> dict[str, int]:
     """Exact bytes of parameters, gradients and optimizer states: the memory a method is designed to save.
-    (bitsandbytes' quantization constants, beside a quantized base's weights, are no parameters: not counted.)"""
+    (bitsandbytes' quantization constants, beside a quantized base's weights, are no parameters: not counted.)
+    With `shards` (under FSDP, where each process holds a shard of each) they are summed over its processes."""
     params = list(model.parameters())
     trainable = [p.numel() * p.element_size() for p in params if p.requires_grad]
     per_layer = isinstance(optimizer, PerLayerOptimizer)
@@ -505,6 +506,9 @@ def training_state_bytes(model, optimizer) -> dict[str, int]:
         "grad_bytes": max(trainable, default=0) if per_layer else sum(trainable),  # per-layer: one gradient at a time
         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
     }
+    if shards is not None:
+        summed = shards.reduce(torch.tensor(list(counts.values()), device=shards.device), reduction="sum")
+        counts = dict(zip(counts, map(int, summed.tolist())))
     return {**counts, "training_state_bytes": sum(counts.values())}
 
 
@@ -542,16 +546,23 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 @torch.no_grad()
 def evaluate(model, blocks: torch.Tensor, micro_batch: int, accelerator: Accelerator) -> float:
-    """Validation perplexity: exp of the mean next-token loss over `blocks`, sharded over processes."""
+    """Validation perplexity: exp of the mean next-token loss over `blocks`, sharded over processes. Every process
+    runs the same number of forwards (a shorter shard is padded with ignored rows): under FSDP each forward gathers
+    the weights with all processes, and under DDP a forward may broadcast buffers, so uneven counts would hang."""
     model.eval()
-    mine = blocks[accelerator.process_index :: accelerator.num_processes]  # empty where blocks < processes
+    processes = accelerator.num_processes
+    mine = blocks[accelerator.process_index :: processes]  # (rows, seq_len); empty where blocks < processes
+    rows = -(-len(blocks) // processes)  # the longest shard's
+    padding = blocks[:1].expand(rows - len(mine), -1)  # any real block: its labels are ignored
+    labels = torch.cat([mine, torch.full_like(padding, -100)]).long()
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (sum of losses, tokens)
-    for batch in mine.split(micro_batch) if len(mine) else []:  # (an empty tensor still splits into one chunk)
-        batch = batch.long().to(accelerator.device)
+    for batch, target in zip(torch.cat([mine, padding]).long().split(micro_batch), labels.split(micro_batch)):
+        batch, target = batch.to(accelerator.device), target.to(accelerator.device)
         with accelerator.autocast():
-            loss = model(input_ids=batch, labels=batch).loss
-        n = batch.numel() - batch.shape[0]  # each sequence predicts seq_len - 1 tokens
-        total += torch.tensor([loss.item() * n, n], dtype=torch.float64, device=accelerator.device)
+            loss = model(input_ids=batch, labels=target).loss  # the mean over the predicted, not ignored, tokens
+        n = int((target[:, 1:] != -100).sum())  # each real sequence predicts seq_len - 1 tokens
+        if n:  # (a batch of padding alone has a NaN mean)
+            total += torch.tensor([loss.item() * n, n], dtype=torch.float64, device=accelerator.device)
     total = accelerator.reduce(total, reduction="sum")
     model.train()
     mean = total[0].item() / total[1].item()
@@ -655,6 +666,11 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(
             "Under FSDP the optimizer state is sharded; `--save-every`, `--resume` and "
             "`--per-layer-updates` are not supported there yet (the final model is still saved)."
+        )
+    if fsdp and (method.after_step is not None or method.make_optimizer is not adamw):
+        raise ValueError(  # ReLoRA merges whole weights; GaLore and Fira project whole 2-D gradients
+            f"`--method {args.method}` needs each weight whole on every process, and FSDP shards them: run it with "
+            "DDP (`accelerate launch --multi_gpu`, or torchrun)."
         )
     config = trajectory_config(args, world)
     resume_from = check_out_dir(args, config)
@@ -878,7 +894,7 @@ def main(argv: list[str] | None = None) -> dict:
         "train_seconds": seconds,
         "kernel_compile_seconds": kernel_compile_seconds,  # this command's, not in train_seconds
         "compile_step_seconds": compile_step_seconds,  # this command's first step under --compile, not in them either
-        **training_state_bytes(accelerator.unwrap_model(model), optimizer),
+        **training_state_bytes(accelerator.unwrap_model(model), optimizer, accelerator if fsdp else None),
         "processes": world,
         "device": str(accelerator.device),
         "torch": torch.__version__,

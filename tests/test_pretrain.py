@@ -906,26 +906,84 @@ def test_a_finished_run_is_complete_whatever_its_newest_checkpoint(tmp_path, cor
         run(tmp_path, corpus, "--method", "sltrain", "--save-every", "3", "--resume")
 
 
-def test_evaluate_on_a_process_without_validation_blocks():
-    """With fewer validation blocks than processes, a process has none: it adds nothing to the sums (and its model
-    never sees an empty batch), the others' sums make the perplexity."""
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--method", "relora"], "`--method relora` needs each weight whole on every process, and FSDP shards them"),
+        (["--method", "galore"], "`--method galore` needs each weight whole"),
+        (["--method", "sltrain", "--save-every", "2"], "Under FSDP the optimizer state is sharded"),
+    ],
+)
+def test_fsdp_refuses_what_needs_whole_weights(tmp_path, corpus, monkeypatch, extra, message):
+    """FSDP needs GPUs (accelerate runs CPU processes as DDP): its checks are reached with an Accelerator that says
+    FSDP. ReLoRA's merges and GaLore/Fira's projections crashed mid-run on sharded weights."""
+    from accelerate import Accelerator, DistributedType
 
-    class Accelerator:  # process 1 of 2; process 0 contributes a loss sum of 6.0 over 4 tokens
-        process_index, num_processes, device = 1, 2, torch.device("cpu")
+    class FSDPAccelerator(Accelerator):
+        distributed_type = DistributedType.FSDP
+
+    monkeypatch.setattr(pretrain, "Accelerator", FSDPAccelerator)
+    with pytest.raises(ValueError, match=message):
+        run(tmp_path / "out", corpus, *extra)
+    assert not (tmp_path / "out").exists()
+
+
+def test_training_state_bytes_under_fsdp_sum_the_shards():
+    class Shards:  # two processes holding equal shards
+        device = torch.device("cpu")
+
+        def reduce(self, tensor, reduction):
+            return tensor * 2
+
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    one = pretrain.training_state_bytes(model, optimizer)
+    assert one["param_bytes"] == one["grad_bytes"] == 15 * 4 and one["optimizer_state_bytes"] == 2 * 15 * 4 + 2 * 4
+    summed = pretrain.training_state_bytes(model, optimizer, Shards())
+    assert summed == {key: 2 * value for key, value in one.items()}
+
+
+def test_evaluate_runs_as_many_forwards_on_every_process():
+    """Every process runs the same forwards (under FSDP each gathers weights with all processes, so uneven counts
+    hang): a shorter shard is padded with ignored rows, which add nothing. 3 blocks over 2 processes, micro-batch 2:
+    process 0 scores blocks 0 and 2, process 1 block 1 and a padding row; with 1 block, process 1 has only padding."""
+
+    class Accelerator:
+        num_processes, device = 2, torch.device("cpu")
+
+        def __init__(self, rank, others):
+            self.process_index, self.others = rank, torch.tensor(others, dtype=torch.float64)
 
         def autocast(self):
             return contextlib.nullcontext()
 
         def reduce(self, total, reduction):
-            assert reduction == "sum" and total.tolist() == [0.0, 0.0]
-            return total + torch.tensor([6.0, 4.0], dtype=torch.float64)
+            self.sent = total.tolist()
+            return total + self.others
 
-    class Model(torch.nn.Module):
-        def forward(self, **batch):
-            raise AssertionError("called on an empty batch")
+    class Model(torch.nn.Module):  # the mean loss over the tokens not ignored: each token's loss is its block's id
+        def __init__(self):
+            super().__init__()
+            self.labels = []
 
-    blocks = torch.zeros(1, 5, dtype=torch.int32)
-    assert pretrain.evaluate(Model(), blocks, micro_batch=2, accelerator=Accelerator()) == pytest.approx(math.exp(1.5))
+        def forward(self, input_ids, labels):
+            self.labels.append(labels)
+            kept = labels[:, 1:] != -100
+            per_token = input_ids[:, 1:].double()
+            return types.SimpleNamespace(loss=(per_token * kept).sum() / kept.sum())  # NaN when all ignored
+
+    blocks = torch.arange(3).repeat_interleave(5).view(3, 5).int()  # block b is all b
+    for rank, expected_sent, expected_rows in ((0, [0 * 4 + 2 * 4, 8], [[0, 2]]), (1, [1 * 4, 4], [[1, -100]])):
+        accelerator, model = Accelerator(rank, [0.0, 0.0]), Model()
+        pretrain.evaluate(model, blocks, micro_batch=2, accelerator=accelerator)
+        assert accelerator.sent == expected_sent
+        assert [label[:, 0].tolist() for label in model.labels] == expected_rows
+    accelerator, model = Accelerator(1, [6.0, 4.0]), Model()  # process 0 contributes 6.0 over 4 tokens
+    ppl = pretrain.evaluate(model, blocks[:1], micro_batch=2, accelerator=accelerator)
+    assert ppl == pytest.approx(math.exp(1.5)) and accelerator.sent == [0.0, 0.0]
+    assert len(model.labels) == 1 and (model.labels[0] == -100).all()  # one forward, all of it ignored
 
 
 def test_numba_compiles_before_the_timed_steps(tmp_path, corpus, monkeypatch):
