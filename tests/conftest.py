@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 
+# before torch loads, inherited by subprocesses: libgomp spin-waiting made tiny tests up to 100x slower on 2 busy cores
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 import torch
 import transformers
