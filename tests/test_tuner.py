@@ -243,6 +243,48 @@ def test_multiple_adapters_set_disable_delete(input_ids):
     torch.testing.assert_close(model(input_ids).logits, default_logits)
 
 
+def dense_delta(layer, name):
+    """`(alpha / r) B A + S` of adapter `name`, assembled here from its tensors, as (d_out, d_in)."""
+    A, B, values = layer.sltrain_A[name], layer.sltrain_B[name], layer.sltrain_values[name]
+    S = torch.zeros(layer.out_features * layer.in_features, dtype=values.dtype)
+    S = S.index_put((layer.sltrain_indices[name].long(),), values).view(layer.out_features, layer.in_features)
+    return layer.scaling[name] * B @ A + S
+
+
+def test_two_active_adapters_on_a_layer_with_a_bias():
+    """With several adapters active, the layer computes `x W0^T + b` and adds each adapter's branch: the bias is kept
+    (GPT-2, OPT and RoBERTa layers have one), and gradients reach x, both adapters and the bias; under CPU bf16
+    autocast too (bf16 output, fp32 gradients)."""
+    torch.manual_seed(0)
+    config = dict(target_modules=["0"], compute="dense")
+    model = get_peft_model(nn.Sequential(nn.Linear(16, 12)), SLTrainConfig(r=2, sparsity=0.2, **config))
+    model.add_adapter("other", SLTrainConfig(r=3, sparsity=0.1, seed=1, **config))
+    model.base_model.set_adapter(["default", "other"])
+    layer = model.base_model.model[0]
+    layer.base_layer.bias.requires_grad_(True)
+    with torch.no_grad():
+        layer.base_layer.bias.add_(1.0)  # a bias as large as the output: dropping it cannot hide in the tolerance
+    perturb_trainable(model, scale=0.2)
+    factors = [getattr(layer, kind)[name] for name in ("default", "other") for kind in layer.adapter_layer_names]
+    params = [*factors, layer.base_layer.bias]
+    assert all(p.requires_grad for p in params)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    W = layer.base_layer.weight + dense_delta(layer, "default") + dense_delta(layer, "other")
+    y_ref = nn.functional.linear(x, W, layer.base_layer.bias)
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), [x, *params])
+    y = layer(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for g, g_ref in zip(torch.autograd.grad(y.square().sum(), [x, *params]), grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert ((y.float() - y_ref).norm() / y_ref.norm()).item() < 0.02
+    for g, g_ref in zip(torch.autograd.grad(y.float().square().sum(), [x, *params]), grads_ref, strict=True):
+        assert g.dtype == torch.float32 and ((g - g_ref).norm() / g_ref.norm()).item() < 0.05
+
+
 @pytest.mark.parametrize("target,exclude", [(r".*proj.*", None), (r".*_proj.*", r".*\.0\..*")])
 def test_second_adapter_with_a_regex_target(target, exclude):
     """A regex also matches the insides of layers that already carry an adapter (`q_proj.sltrain_A`); those are not
