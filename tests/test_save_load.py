@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification
 
 from peft_sltrain import SLTrainConfig
+from peft_sltrain.support import random_support
 
 from conftest import perturb_trainable, tiny_llama, tiny_roberta
 
@@ -129,6 +130,36 @@ def test_a_peft_model_file_loads_into_an_injected_model(tmp_path, input_ids, sav
     injected = inject_adapter_in_model(SLTrainConfig(r=4, sparsity=0.05, save_support=save_support), tiny_llama())
     set_peft_model_state_dict(injected, load_file(tmp_path / "adapter_model.safetensors"))
     torch.testing.assert_close(injected(input_ids).logits, model(input_ids).logits, rtol=0, atol=0)
+
+
+def test_the_files_supports_are_the_ones_loaded(tmp_path, input_ids):
+    """`save_support=True` keeps each layer's support in the file, so that an adapter stays right where the seed, the
+    layer names or the random generator would give another one: loading takes the file's, not the regenerated ones."""
+    weights = save_adapter(tmp_path)
+    tensors = load_file(weights)
+    reference = tiny_llama()  # the base's W0 plus each layer's delta, built here from the file's tensors
+    layers = {k.removeprefix("base_model.model.").removesuffix(".sltrain_indices"): k.removesuffix("indices")
+              for k in tensors if k.endswith(".sltrain_indices")}  # fmt: skip
+    assert len(layers) == 14
+    for name, key in layers.items():
+        d_out, d_in = reference.get_submodule(name).weight.shape
+        support = random_support(d_out, d_in, tensors[key + "indices"].numel(), seed=12345)
+        assert not torch.equal(support, tensors[key + "indices"])
+        tensors[key + "indices"] = support
+        S = torch.zeros(d_out * d_in).index_put((support.long(),), tensors[key + "values"]).view(d_out, d_in)
+        with torch.no_grad():
+            reference.get_submodule(name).weight += (32 / 4) * tensors[key + "B"] @ tensors[key + "A"] + S
+    save_file(tensors, weights)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    assert not [w for w in caught if "missing adapter keys" in str(w.message)]
+    for name, key in layers.items():
+        assert torch.equal(
+            loaded.base_model.model.get_submodule(name).sltrain_indices["default"], tensors[key + "indices"]
+        )
+    torch.testing.assert_close(loaded(input_ids).logits, reference(input_ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_truncated_file(tmp_path):
