@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peft_sltrain.support import check_support, layer_seed, num_nonzeros, random_support
+from peft_sltrain.support import check_support, layer_seed, num_nonzeros, random_support, support_fingerprint
 
 
 def test_num_nonzeros_rounds_and_keeps_one():
@@ -34,6 +34,21 @@ def test_support_is_reproducible_and_differs_between_layers():
     d = random_support(64, 64, 100, seed=layer_seed(1, "model.layers.0.q_proj"))
     assert torch.equal(a, b)
     assert not torch.equal(a, c) and not torch.equal(a, d)
+
+
+def test_supports_seeds_and_fingerprints_are_pinned():
+    """Golden values, from torch 2.13's CPU generator. An adapter saved with `save_support=False` holds only each
+    layer's fingerprint and is loaded by regenerating its supports from the seed and the layer names: changing any of
+    these values (the draw, the seed derivation, the hash) makes every such saved adapter unloadable, and changes which
+    support a given `seed` means. Change them only with a way to read the old adapters."""
+    seed = layer_seed(0, "model.layers.0.self_attn.q_proj")
+    assert seed == 9201505447314264167
+    sparse = random_support(64, 48, 100, seed=seed)  # below half density: the kept entries are drawn
+    assert sparse[:6].tolist() == [47, 67, 78, 143, 203, 218] and sparse[-3:].tolist() == [2870, 2907, 2914]
+    assert support_fingerprint(sparse).tolist() == [-2660016408135476878]
+    dense = random_support(7, 9, 50, seed=3)  # above half density: the 13 left-out entries are drawn
+    assert dense[:6].tolist() == [0, 2, 3, 5, 6, 7]
+    assert support_fingerprint(dense).tolist() == [-3133237623409584014]
 
 
 @pytest.mark.parametrize("nnz", [5, 15])  # 15 of 20: above half density, the left-out entries are drawn
