@@ -169,6 +169,20 @@ def test_truncated_file(tmp_path):
         PeftModel.from_pretrained(tiny_llama(), tmp_path)
 
 
+def test_an_adapter_in_a_subfolder(tmp_path, input_ids):
+    """`from_pretrained(directory, subfolder=...)`, as PEFT takes it: the file in the subfolder is the one checked
+    (and refused when truncated) and loaded, bit-exact."""
+    model = get_peft_model(tiny_llama(), SLTrainConfig(r=4, sparsity=0.05)).eval()
+    perturb_trainable(model)
+    model.save_pretrained(tmp_path / "sub")
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path, subfolder="sub").eval()
+    assert torch.equal(loaded(input_ids).logits, model(input_ids).logits)
+    weights = tmp_path / "sub" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"sub.adapter_model\.safetensors' is truncated or corrupt"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path, subfolder="sub")
+
+
 def test_pickled_adapter_is_refused_with_the_reason(tmp_path):
     model = get_peft_model(tiny_llama(), SLTrainConfig(r=4, sparsity=0.05))
     model.save_pretrained(tmp_path, safe_serialization=False)
