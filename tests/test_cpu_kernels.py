@@ -176,6 +176,28 @@ def test_the_callers_numba_thread_count_is_kept():
         torch.set_num_threads(torch_threads)
 
 
+def test_the_kernels_follow_torch_set_num_threads(monkeypatch):
+    """`torch.set_num_threads` sets the kernels' thread count too, up to numba's own limit: dS adds one partial sum
+    per thread, so its bits follow the count, which a resumed run must be able to fix. The per-thread buffers the
+    backward allocates scale with it."""
+    numba = pytest.importorskip("numba")
+    x, dy, values, indices, S = sparse_problem()
+    used, set_num_threads = [], numba.set_num_threads
+    monkeypatch.setattr(numba, "set_num_threads", lambda n: (used.append(n), set_num_threads(n))[1])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert cpu_kernels._threads() == 1
+        for dtype in (torch.float32, torch.bfloat16):  # bf16 is buffered as fp32
+            assert cpu_kernels.buffer_bytes(37, 23, dtype) == (2 * 37 + 23) * cpu_kernels.TOKEN_BLOCK * 4
+        cpu_kernels.sparse_grads(x, dy, indices, values, S.shape, torch.empty_like(x), need_values=True)
+        assert used[0] == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert cpu_kernels._threads() == min(threads, numba.config.NUMBA_NUM_THREADS)
+    assert cpu_kernels.buffer_bytes(37, 23, torch.float64) == cpu_kernels._threads() * 97 * cpu_kernels.TOKEN_BLOCK * 8
+
+
 @pytest.mark.parametrize("support", [[], [1, 2, 17, 19], [19], [0], [15, 16, 17, 18, 19], [0, 1, 2, 3, 4]])
 def test_empty_rows_and_few_nonzeros(support):
     """Supports of a 4 x 5 `S` with no nonzero at all, empty rows inside (1 and 2), or only the first or the last
