@@ -424,6 +424,16 @@ def test_bad_layer_arguments(config, message):
         get_peft_model(tiny_llama(), config)
 
 
+def test_full_rank_is_allowed():
+    """`r` may be as large as `min(d_in, d_out)`, as documented (r = 64 on a 64-wide model), and no larger."""
+    model = get_peft_model(nn.Sequential(nn.Linear(8, 6)), SLTrainConfig(r=6, target_modules=["0"]))
+    layer = model.base_model.model[0]
+    assert layer.sltrain_A["default"].shape == (6, 8) and layer.sltrain_B["default"].shape == (6, 6)
+    assert model(torch.randn(3, 8)).shape == (3, 6)
+    with pytest.raises(ValueError, match=r"= \[1, 6\] for layer `0` \(6 x 8\), got 7"):
+        get_peft_model(nn.Sequential(nn.Linear(8, 6)), SLTrainConfig(r=7, target_modules=["0"]))
+
+
 def test_quantized_base_layers_are_refused():
     """An nn.Linear holding integer weights (as quantized layers do) has no W0 to add a delta to."""
     model = tiny_llama()
