@@ -27,6 +27,8 @@ from peft_sltrain._registration import register
         ({"alpha": 0}, "`alpha`"),
         ({"alpha": -1.0}, "`alpha`"),
         ({"seed": -1}, "`seed`"),
+        ({"seed": True}, "`seed`"),  # a bool is an int to Python, not a seed
+        ({"alpha": True}, "`alpha`"),
         ({"bias": "lora_only"}, "`bias`"),
         ({"from_scratch": "yes"}, "`from_scratch`"),
         ({"from_scratch": True, "modules_to_save": ["lm_head"]}, "`modules_to_save`"),
