@@ -767,7 +767,9 @@ def test_disabling_a_merged_adapter_gives_the_base_model(input_ids):
     torch.testing.assert_close(model(input_ids).logits, adapted, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs", [{"sparsity": 1.0}, {"sparsity": 0.0}, {"alpha": float("nan")}, {"r": 0}])
+@pytest.mark.parametrize(
+    "kwargs", [{"sparsity": 1.0}, {"sparsity": 0.0}, {"alpha": float("nan")}, {"r": 0}, {"compute": "fast"}]
+)
 def test_update_layer_checks_its_arguments(kwargs):
     """`update_layer` is public (PEFT and callers add adapters through it): it checks what the config would."""
     layer = get_peft_model(tiny_llama(), SLTrainConfig(r=2)).base_model.model.model.layers[0].self_attn.q_proj
