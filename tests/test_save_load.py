@@ -169,6 +169,13 @@ def test_truncated_file(tmp_path):
         PeftModel.from_pretrained(tiny_llama(), tmp_path)
 
 
+def test_a_file_without_tensors(tmp_path):
+    weights = save_adapter(tmp_path)
+    save_file({}, weights)
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors' holds no tensors"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
 def test_an_adapter_in_a_subfolder(tmp_path, input_ids):
     """`from_pretrained(directory, subfolder=...)`, as PEFT takes it: the file in the subfolder is the one checked
     (and refused when truncated) and loaded, bit-exact."""
