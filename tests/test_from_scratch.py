@@ -127,6 +127,9 @@ def test_what_from_scratch_cannot_do():
         model.delete_adapter("default")
     layers = [m for m in model.modules() if isinstance(m, SLTrainLayer)]
     assert all("default" in m.sltrain_A and m.get_base_layer().weight is None for m in layers)  # nothing was removed
+    layers[0].enable_adapters(False)  # a layer disabled by itself (not through the model) refuses too
+    with pytest.raises(ValueError, match="A from-scratch SLTrain layer has no base weight to fall back to"):
+        layers[0](torch.randn(2, layers[0].in_features))
     fine_tuned = get_peft_model(AutoModelForCausalLM.from_config(tiny_llama_config()), SLTrainConfig(r=2))
     with pytest.raises(ValueError, match="cannot share the model with another adapter"):
         fine_tuned.add_adapter("scratch", SLTrainConfig(r=2, from_scratch=True))
@@ -289,6 +292,15 @@ def test_fine_tuning_a_meta_model_is_refused():
         base = AutoModelForCausalLM.from_config(tiny_llama_config())
     with pytest.raises(ValueError, match="meta device; fine-tuning"):
         get_peft_model(base, SLTrainConfig(r=2))
+
+
+def test_a_model_built_on_the_meta_device_is_refused():
+    """`torch.device("meta")` also puts the buffers (rotary frequencies) on meta, where nothing can rebuild them;
+    `init_empty_weights()` keeps them real."""
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(tiny_llama_config())
+    with pytest.raises(ValueError, match=r"Buffers \['model.rotary_emb.inv_freq', .* are on the meta device"):
+        get_peft_model(base, SLTrainConfig(r=2, from_scratch=True))
 
 
 BUILD_1B = """
