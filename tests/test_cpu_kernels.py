@@ -281,12 +281,15 @@ def test_nan_and_inf_propagate():
 
 
 def test_non_contiguous_input_and_bad_output():
-    x, _, values, indices, S = sparse_problem()
+    x, dy, values, indices, S = sparse_problem()
     x_t = x.t().contiguous().t()  # same values, column-major
     y = cpu_kernels.sparse_matmul_t(x_t, indices, values, S.shape, out=torch.empty(150, S.shape[0], dtype=x.dtype))
     torch.testing.assert_close(y, x @ S.t(), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match=r"`out` must be row-major \(contiguous\)"):
         cpu_kernels.sparse_matmul_t(x, indices, values, S.shape, out=torch.empty(S.shape[0], 150, dtype=x.dtype).t())
+    out_x = torch.empty(S.shape[1], 150, dtype=x.dtype).t()  # written into a copy, it would come back unchanged
+    with pytest.raises(ValueError, match=r"`out_x` must be row-major \(contiguous\), got strides \(1, 150\)"):
+        cpu_kernels.sparse_grads(x, dy, indices, values, S.shape, out_x=out_x, need_values=False)
 
 
 def test_concurrent_calls_from_python_threads():
