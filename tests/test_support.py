@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
+from peft_sltrain import support
 from peft_sltrain.support import check_support, layer_seed, num_nonzeros, random_support, support_fingerprint
 
 
@@ -61,6 +64,18 @@ def test_support_is_uniform(nnz):
     p = nnz / n
     mean, sigma = draws * p, (draws * p * (1 - p)) ** 0.5
     assert (counts - mean).abs().max() < 5 * sigma
+
+
+def test_the_draw_tops_up_when_too_few_distinct_positions_came(monkeypatch):
+    """`_uniform_subset` draws about as many positions as `k` distinct ones need, and more while it has too few:
+    rare at real shapes (never at the test shapes), forced here by leaving out the expected count (64 draws only)."""
+    monkeypatch.setattr(support, "math", types.SimpleNamespace(log1p=lambda v: 0.0))
+    for n, k in [(200, 100), (10_000, 3_000)]:
+        subset = support._uniform_subset(n, k, torch.Generator().manual_seed(0))
+        assert subset.numel() == k and subset.unique().numel() == k
+        assert int(subset.min()) >= 0 and int(subset.max()) < n
+        assert abs((subset < n // 2).double().mean().item() - 0.5) < 0.15  # both halves (4 sigma at k = 100; seeded)
+    check_support(random_support(100, 100, 3_000, seed=1), 100, 100, 3_000, name="s")
 
 
 def test_support_is_drawn_on_the_cpu_whatever_the_default_device():
