@@ -176,6 +176,15 @@ def test_the_callers_numba_thread_count_is_kept():
         torch.set_num_threads(torch_threads)
 
 
+def test_numba_without_its_jit_is_not_used(monkeypatch):
+    """`NUMBA_DISABLE_JIT=1` would run the kernels as Python loops: the factored path then takes PyTorch's kernels."""
+    numba = pytest.importorskip("numba")
+    assert cpu_kernels.supports(torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(cpu_kernels, "_NUMBA_WORKS", [])  # asked again, with the JIT off
+    monkeypatch.setattr(numba.config, "DISABLE_JIT", True)
+    assert not cpu_kernels.supports(torch.device("cpu"), torch.float32)
+
+
 def test_the_kernels_follow_torch_set_num_threads(monkeypatch):
     """`torch.set_num_threads` sets the kernels' thread count too, up to numba's own limit: dS adds one partial sum
     per thread, so its bits follow the count, which a resumed run must be able to fix. The per-thread buffers the
