@@ -41,10 +41,11 @@ save_file({{"logits": model(ids).logits.contiguous()}}, out)
 
 @pytest.mark.parametrize("kind", ["llama", "roberta", "scratch"])
 def test_fresh_process_reload_is_bit_identical(tmp_path, input_ids, kind):
-    if kind == "roberta":
-        model = get_peft_model(tiny_roberta(seed=0), SLTrainConfig(r=4, sparsity=0.05, task_type="SEQ_CLS"))
+    if kind == "roberta":  # with its biases (RoBERTa has them, the tiny LLaMA none): trained, perturbed and saved
+        config = SLTrainConfig(r=4, sparsity=0.05, task_type="SEQ_CLS", bias="all")
+        model = get_peft_model(tiny_roberta(seed=0), config)
     elif kind == "llama":
-        model = get_peft_model(tiny_llama(seed=0), SLTrainConfig(r=4, sparsity=0.05, bias="all"))
+        model = get_peft_model(tiny_llama(seed=0), SLTrainConfig(r=4, sparsity=0.05))
     else:
         model = get_peft_model(tiny_llama(seed=5), SLTrainConfig(r=4, sparsity=0.05, from_scratch=True))
     model.eval()
@@ -53,6 +54,9 @@ def test_fresh_process_reload_is_bit_identical(tmp_path, input_ids, kind):
     model.save_pretrained(tmp_path / "adapter")
     save_file({"ids": input_ids}, tmp_path / "ids.safetensors")
     assert not list((tmp_path / "adapter").glob("*.bin")) and not list((tmp_path / "adapter").glob("*.pt"))
+    if kind == "roberta":  # every bias, the 17 of the encoder and the head's 2, is in the file
+        biases = {n for n, p in model.named_parameters() if p.requires_grad and n.endswith(".bias")}
+        assert len(biases) == 19 and biases <= load_file(tmp_path / "adapter" / "adapter_model.safetensors").keys()
 
     script = FRESH_PROCESS.format(tests=str(__import__("pathlib").Path(__file__).parent))
     out = tmp_path / "logits.safetensors"
