@@ -86,6 +86,28 @@ def train_losses(model: torch.nn.Module, input_ids: torch.Tensor, steps: int, lr
     return losses
 
 
+def sltrain_factors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every SLTrain factor (`sltrain_A`, `sltrain_B`, `sltrain_values`) of `model`, by name."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if ".sltrain_" in name}
+
+
+def assert_factors_trained(model: torch.nn.Module, before: dict[str, torch.Tensor], input_ids: torch.Tensor) -> None:
+    """Every SLTrain factor of `model` moved from `before` (`sltrain_factors` before training) by more than AdamW's
+    weight decay could move it alone (at `train_losses`' lr, 0.01% of a value per step; the factors start below 0.2),
+    and gets a nonzero gradient from the loss on `input_ids` now (at init, `B = 0` gives `A` none). A loss that drops
+    tells neither: embeddings and head alone can fit one fixed batch."""
+    assert before
+    params = {name: p for name, p in model.named_parameters() if name in before}
+    assert params.keys() == before.keys()
+    for name, param in params.items():
+        assert (param.detach() - before[name]).abs().max() > 1e-3, name
+    model.zero_grad()
+    model(input_ids=input_ids, labels=input_ids).loss.backward()
+    for name, param in params.items():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    model.zero_grad()
+
+
 @pytest.fixture
 def input_ids() -> torch.Tensor:
     return torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))

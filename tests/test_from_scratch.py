@@ -18,7 +18,14 @@ from transformers import AutoModelForCausalLM
 
 from peft_sltrain import SLTrainConfig, SLTrainLayer, count_parameters
 
-from conftest import perturb_trainable, tiny_llama, tiny_llama_config, train_losses
+from conftest import (
+    assert_factors_trained,
+    perturb_trainable,
+    sltrain_factors,
+    tiny_llama,
+    tiny_llama_config,
+    train_losses,
+)
 
 CONFIG = SLTrainConfig(r=8, sparsity=0.05, alpha=2, from_scratch=True)
 
@@ -61,9 +68,12 @@ def test_paper_init():
 def test_trains(input_ids):
     model = scratch_model()
     assert all(p.requires_grad for p in model.parameters())  # so the helper's optimizer takes every parameter
+    before = sltrain_factors(model)
     losses = train_losses(model, input_ids, steps=15)
     assert losses[-1] < 0.7 * losses[0]
     assert model.base_model.model.model.embed_tokens.weight.grad is None  # zero_grad(set_to_none)
+    assert len(before) == 3 * 14
+    assert_factors_trained(model, before, input_ids)
 
 
 @pytest.mark.parametrize("base_on_meta", [False, True])

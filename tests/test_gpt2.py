@@ -12,7 +12,7 @@ from transformers.pytorch_utils import Conv1D
 
 from peft_sltrain import SLTrainConfig, SLTrainLayer, count_parameters
 
-from conftest import perturb_trainable, train_losses
+from conftest import assert_factors_trained, perturb_trainable, sltrain_factors, train_losses
 
 GPT2_TARGETS = {"c_attn", "c_proj", "c_fc"}
 
@@ -98,8 +98,11 @@ def test_fine_tuning_merge_unmerge_and_unload(tmp_path, input_ids):
 def test_from_scratch_trains_merges_and_reloads_bit_identical(tmp_path, input_ids):
     model = get_peft_model(tiny_gpt2(), SLTrainConfig(r=4, sparsity=0.05, from_scratch=True))
     assert all(m.get_base_layer().weight is None for m in sltrain_layers(model).values())
+    before = sltrain_factors(model)
     losses = train_losses(model, input_ids, steps=10)
     assert losses[-1] < 0.8 * losses[0]
+    assert len(before) == 3 * 8
+    assert_factors_trained(model, before, input_ids)
 
     model.eval()
     expected = model(input_ids).logits
