@@ -135,13 +135,15 @@ def test_saves_no_dense_weight_for_backward():
     assert all(tuple(s.shape) != (20, 24) for s in saved)
 
 
-@pytest.mark.parametrize("path", IMPLEMENTATIONS, indirect=True)
-@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize(
+    "path, autocast",  # under bf16 autocast: BF16_IMPLEMENTATIONS (PyTorch's CSR kernels have no bf16)
+    [*((p, False) for p in ("dense", "factored-torch")), ("dense", True),
+     *(pytest.param("factored-numba", a, marks=NEEDS_NUMBA) for a in (False, True))],
+    indirect=["path"],
+)  # fmt: skip
 def test_fine_tuning_saves_only_the_frozen_weight_itself(path, autocast):
     """Of shape (d_out, d_in) only W0 itself is saved, also under autocast, where `nn.Linear` saves W0's bf16 copy: the
     map casts W0 again in backward instead."""
-    if autocast and path == "factored" and not cpu_kernels.AVAILABLE:
-        pytest.skip("PyTorch's CSR kernels have no bf16")
     t = make_inputs(dtype=torch.float32, d_in=24, d_out=20, r=4, nnz=30)
     t["weight"].requires_grad_(False)
     saved = []
@@ -463,12 +465,10 @@ def test_sparse_csr_transposed_is_s_transposed():
     torch.testing.assert_close(St.to_dense(), S.view(7, 9).t(), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("path", IMPLEMENTATIONS, indirect=True)
+@pytest.mark.parametrize("path", BF16_IMPLEMENTATIONS, indirect=True)
 def test_under_autocast_it_computes_as_f_linear_would(path):
     """Under CPU bf16 autocast, fp32 tensors are computed in bf16 (as `F.linear` would), the same bits as on bf16
     copies without autocast, with fp32 gradients for the fp32 tensors; fp64 stays fp64, as autocast leaves it."""
-    if path == "factored" and not cpu_kernels.AVAILABLE:
-        pytest.skip("PyTorch's CSR kernels have no bf16")
     t = make_inputs(dtype=torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = sltrain_linear(**t, scaling=0.5, path=path)
