@@ -355,6 +355,11 @@ def test_bf16_model_and_cpu_autocast(input_ids):
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.sltrain_A["default"].dtype == torch.float32  # PEFT keeps fine-tuning adapters in fp32
     assert layer.sltrain_A["default"].grad is not None and torch.isfinite(loss)
+    x = torch.randn(3, layer.in_features).to(torch.bfloat16)  # no autocast: W0 + delta, within bf16 rounding
+    y_ref = nn.functional.linear(x.float(), layer.base_layer.weight.float() + dense_delta(layer, "default"))
+    y = layer(x)
+    assert y.dtype == torch.bfloat16 and ((y.float() - y_ref).norm() / y_ref.norm()).item() < 0.02
+    assert ((layer.base_layer(x).float() - y_ref).norm() / y_ref.norm()).item() > 0.2  # (the delta is no rounding)
 
     model32 = get_peft_model(tiny_llama(), SLTrainConfig(r=4, sparsity=0.05))
     perturb_trainable(model32)
