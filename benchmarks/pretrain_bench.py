@@ -56,11 +56,39 @@ def corpus_files() -> tuple[list[str], list[str]]:
     return train, validation
 
 
+def _scripts_importable() -> None:
+    """`scripts/` on the import path, for pretrain.py's parser and methods.py's registry (imported when needed)."""
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def method_version(method: str) -> int:
+    """What a run of `method` computes (methods.py's `Method.version`); runs recorded none while it was 1."""
+    _scripts_importable()
+    from methods import METHODS
+
+    return METHODS[method].version
+
+
+def check_runs(methods: list[str], size: str, budget: dict, extra: list[str]) -> None:
+    """Every method's run is checked as `scripts/pretrain.py` would check it (`resolve`), before the first starts: a
+    flag after `--` that one method refuses (`--rank` for full-rank) fails now, not after the others have run."""
+    _scripts_importable()
+    from pretrain import parse_args, resolve
+
+    for method in methods:
+        _, cmd = pretrain_command(method, size, 3e-3, 0, budget["max_steps"], budget["warmup_steps"],
+                                  budget["eval_every"], "check", extra)  # fmt: skip
+        try:
+            resolve(parse_args(cmd[2:]))
+        except ValueError as error:
+            raise ValueError(f"--method {method} with the flags after `--` ({shlex.join(extra)}): {error}") from None
+
+
 def schedule(steps: int, warmup: int, eval_every: int, extra: list[str]) -> dict:
     """The schedule `scripts/pretrain.py` runs with: the benchmark's, with what the flags after `--` override (read
     by pretrain.py's own parser, as the runs read them: a repeated flag's last value wins, abbreviations too)."""
-    if str(ROOT / "scripts") not in sys.path:
-        sys.path.insert(0, str(ROOT / "scripts"))
+    _scripts_importable()
     from pretrain import parse_args
 
     flags = ["--max-steps", str(steps), "--warmup-steps", str(warmup), "--eval-every", str(eval_every), *extra]
@@ -104,7 +132,8 @@ def run_method(method: str, size: str, lr: float, seed: int, steps: int, warmup:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     record = out / "bench.json"
     saved = json.loads(record.read_text()) if record.is_file() else {}
-    if saved.get("cmd") == cmd[1:] and saved.get("threads") == threads:
+    version = method_version(method)
+    if saved.get("cmd") == cmd[1:] and saved.get("threads") == threads and saved.get("method_version", 1) == version:
         return {**saved, "reused": True}  # measured by an earlier invocation (see its finished_at and commit)
     t0 = time.perf_counter()
     if threads:  # parallel runs: keep their progress bars out of each other's way
@@ -144,12 +173,14 @@ def sweep(args) -> None:
         tag = f"sweep-{args.size}"
         _, cmd = pretrain_command(method, args.size, lr, 0, steps, warmup, eval_every, tag, args.extra)
         entry = runs.get((method, lr))
-        if entry is None or entry.get("cmd") != cmd[1:]:
+        version = method_version(method)
+        if entry is None or entry.get("cmd") != cmd[1:] or entry.get("method_version", 1) != version:
             if entry is not None:
                 print(f"sweep {method} lr={lr:g}: recorded with another command; running it with this one")
             s = run_method(method, args.size, lr, 0, steps, warmup, eval_every, tag, args.extra)
             runs[(method, lr)] = {"method": method, "lr": lr, "val_ppl": s["val_ppl"], "cmd": s["cmd"],
-                                  "finished_at": s["finished_at"], "commit": s["commit"]}  # fmt: skip
+                                  "finished_at": s["finished_at"], "commit": s["commit"],
+                                  "method_version": version}  # fmt: skip
             measured |= not s["reused"]
             device = s["device"] if not s["reused"] else device
             print(f"sweep {method} lr={lr:g}: val_ppl={s['val_ppl']:.2f}")
@@ -290,8 +321,9 @@ def main(argv=None) -> None:
     p.add_argument("extra", nargs="*", help="further flags for pretrain.py, after --")
     args = p.parse_args(argv)
     budget = SIZES[args.size]
-    try:  # bad flags after `--` fail here, not in the first run
+    try:  # bad flags after `--` fail here, not in the first run (nor after some runs)
         effective = schedule(budget["max_steps"], budget["warmup_steps"], budget["eval_every"], args.extra)
+        check_runs(args.methods, args.size, budget, args.extra)
     except ValueError as error:
         p.error(str(error))
     args.results_dir.mkdir(parents=True, exist_ok=True)

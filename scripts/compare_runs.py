@@ -58,33 +58,36 @@ def main(run_dirs: list[str]) -> str:
     lines.append(
         f"(peak mem: {', '.join(kinds)}; params+grads+opt: exact bytes of parameters, gradients and optimizer states)"
     )
-    differ = validation_differences(run_dirs)
+    differ = validation_differences(run_dirs, rows)
     if differ:
         lines.append(f"note: the runs' val ppl are not on the same footing: their {', '.join(differ)} differ")
     return "\n".join(lines)
 
 
-# what a perplexity is measured on: per-token perplexities compare only on the same text, blocks and vocabulary
+# what a perplexity is measured on, read from (run_config.json, summary.json): per-token perplexities compare only
+# over the same tokens of the same text, cut into the same sequences by the same vocabulary
 VALIDATION_SETTINGS = {
-    "seq_len": lambda c: c.get("seq_len"),
-    "eval_blocks": lambda c: c.get("eval_blocks"),
-    "validation text": lambda c: (c.get("data_sha256") or {}).get("validation") or c.get("dataset"),
-    "vocabulary": lambda c: (c.get("data_sha256") or {}).get("vocabulary"),
+    "seq_len": lambda config, summary: config.get("seq_len"),
+    "scored tokens": lambda config, summary: summary.get("val_tokens"),
+    "validation text": lambda config, summary: (
+        (config.get("data_sha256") or {}).get("validation") or (config.get("dataset"), config.get("dataset_config"))
+    ),
+    "vocabulary": lambda config, summary: (config.get("data_sha256") or {}).get("vocabulary"),
 }
 
 
-def validation_differences(run_dirs: list[str]) -> list[str]:
-    """Which of `VALIDATION_SETTINGS` differ between the runs, by their run_config.json (runs without one, or a
-    setting an older run did not record, are left out of that comparison)."""
-    configs = []
-    for run in run_dirs:
+def validation_differences(run_dirs: list[str], summaries: list[dict]) -> list[str]:
+    """Which of `VALIDATION_SETTINGS` differ between the runs (runs without a run_config.json, or a setting an older
+    run did not record, are left out of that comparison)."""
+    runs = []
+    for run, summary in zip(run_dirs, summaries):
         try:
-            configs.append(json.loads((Path(run) / "run_config.json").read_text()))
+            runs.append((json.loads((Path(run) / "run_config.json").read_text()), summary))
         except (OSError, ValueError):
             continue
     differ = []
     for name, read in VALIDATION_SETTINGS.items():
-        values = {json.dumps(read(c)) for c in configs if read(c) is not None}
+        values = {json.dumps(read(*run)) for run in runs if read(*run) not in (None, (None, None))}
         if len(values) > 1:
             differ.append(name)
     return differ

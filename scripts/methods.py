@@ -67,6 +67,9 @@ class Method:
     saves_adapter: bool = False
     # a package its optimizer imports that is not a core dependency (checked before anything runs)
     requires: str | None = None
+    # raised when what a run of it computes changes: a run saved by another version does not resume (runs recorded
+    # none before, which reads as 1)
+    version: int = 1
 
 
 METHODS: dict[str, Method] = {}
@@ -238,6 +241,7 @@ register(
         _lowrank_to_dense,
         reads=("rank", "alpha"),
         check=_check_rank_and_alpha,
+        version=2,  # 2: B A scaled by alpha / r (1 had it unscaled)
     )
 )
 

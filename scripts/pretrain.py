@@ -324,7 +324,8 @@ def trajectory_config(args: argparse.Namespace, world_size: int) -> dict:
         "seed",
         "eval_blocks",  # what val_ppl measures: a resume must log the same
     ]
-    return {**{k: getattr(args, k) for k in keys}, "world_size": world_size}
+    version = get_method(args.method).version
+    return {**{k: getattr(args, k) for k in keys}, "method_version": version, "world_size": world_size}
 
 
 # what a run writes in --out-dir (and a killed export's temporaries), all deleted by `--overwrite`
@@ -345,6 +346,7 @@ def check_out_dir(args: argparse.Namespace, config: dict) -> Path | None:
             saved = json.loads(run_file.read_text())
         except ValueError as error:
             raise ValueError(f"`--resume`: {run_file} is damaged ({error}); it cannot be resumed.") from None
+        saved.setdefault("method_version", 1)  # (not recorded before there was a second)
         keys = (set(saved) | set(config)) - {"data_sha256"}  # checked once the data is read (`check_same_data`)
         # not compared: a setting the method does not read (older runs recorded the preset's), and what older runs
         # did not record (`eval_blocks`)
@@ -885,6 +887,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model": args.model,
         "val_ppl": val_ppl,
         "val_tokens": val_blocks.numel() - len(val_blocks),  # the predicted tokens it averages over
+        "method_version": method.version,
         "trainable_params": counts.trainable,
         "total_params": counts.total,
         "peak_memory_bytes": memory,

@@ -79,13 +79,38 @@ def test_sweep_reuses_only_runs_made_with_the_same_command(pretrain_in_tmp, monk
     assert saved["environment"] == {"cpu": "another machine"}  # this invocation measured them
 
 
+def test_sweep_runs_again_what_another_version_of_a_method_made(pretrain_in_tmp, monkeypatch):
+    """Low-rank's runs before its `B A` was scaled (none recorded, read as version 1) are not reused."""
+    ran = []
+    monkeypatch.setattr(pretrain_bench, "run_method", fake_run_method(ran))
+    pretrain_bench.main(["--sweep-lr", "--methods", "lowrank"])
+    path = pretrain_in_tmp / "lr_sweep_tiny.json"
+    saved = json.loads(path.read_text())
+    assert {run["method_version"] for run in saved["runs"]} == {2}
+    ran.clear()
+    for run in saved["runs"]:
+        del run["method_version"]  # as recorded by the unscaled low-rank
+    path.write_text(json.dumps(saved))
+    pretrain_bench.main(["--sweep-lr", "--methods", "lowrank"])
+    assert sorted(ran) == [("lowrank", lr) for lr in pretrain_bench.LR_GRID]
+
+
+def test_flags_one_method_refuses_fail_before_any_run(pretrain_in_tmp, monkeypatch, capsys):
+    ran = []
+    monkeypatch.setattr(pretrain_bench, "run_method", fake_run_method(ran))
+    with pytest.raises(SystemExit):
+        pretrain_bench.main(["--methods", "lowrank", "full", "--jobs", "1", "--", "--rank", "16"])
+    assert ran == [] and "--method full with the flags after `--` (--rank 16)" in capsys.readouterr().err
+
+
 def test_bench_records_the_budget_its_runs_got(pretrain_in_tmp, monkeypatch):
     ran = []
     monkeypatch.setattr(pretrain_bench, "run_method", fake_run_method(ran))
-    pretrain_bench.main(["--methods", "full", "--jobs", "1", "--", "--max-steps", "4", "--eval-every=2"])
+    extra = ["--max-steps", "4", "--eval-every=2", "--warmup-steps", "1"]  # (pretrain.py refuses warmup >= steps)
+    pretrain_bench.main(["--methods", "full", "--jobs", "1", "--", *extra])
     result = json.loads((pretrain_in_tmp / "pretrain_tiny.json").read_text())
-    assert result["budget"] == {"max_steps": 4, "warmup_steps": 50, "eval_every": 2}  # not the preset's 500 / 100
-    assert result["extra_flags"] == ["--max-steps", "4", "--eval-every=2"]
+    assert result["budget"] == {"max_steps": 4, "warmup_steps": 1, "eval_every": 2}  # not the bench's 500 / 50 / 100
+    assert result["extra_flags"] == extra
 
 
 def test_bench_trial_run_goes_to_its_results_dir(pretrain_in_tmp, tmp_path, monkeypatch):
@@ -97,7 +122,19 @@ def test_bench_trial_run_goes_to_its_results_dir(pretrain_in_tmp, tmp_path, monk
     (tmp_path / "trial").mkdir()
     (tmp_path / "trial" / "lr_sweep_tiny.json").write_text(json.dumps({"best_lr": {"full": 1e-2}}))
     pretrain_bench.main(
-        ["--methods", "full", "--jobs", "1", "--results-dir", str(tmp_path / "trial"), "--", "--max-steps", "4"]
+        [
+            "--methods",
+            "full",
+            "--jobs",
+            "1",
+            "--results-dir",
+            str(tmp_path / "trial"),
+            "--",
+            "--max-steps",
+            "4",
+            "--warmup-steps",
+            "1",
+        ]  # fmt: skip
     )
     assert (pretrain_in_tmp / "pretrain_tiny.json").read_text() == "committed"
     trial = json.loads((tmp_path / "trial" / "pretrain_tiny.json").read_text())

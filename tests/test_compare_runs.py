@@ -85,13 +85,20 @@ def test_runs_are_named_also_when_given_as_dot_or_under_one_name(tmp_path):
 
 
 def test_runs_validated_on_different_text_are_flagged(tmp_path):
-    """Per-token perplexities compare only over the same validation text, sequences and vocabulary: runs that differ
-    there get a note (from their run_config.json), runs that do not get none."""
-    runs = [write_summary(tmp_path / name, "sltrain", 90.0) for name in ("a", "b", "c")]
+    """Per-token perplexities compare only over the same tokens of the same text and vocabulary: runs that differ
+    there get a note (from their run_config.json and summary.json), runs that do not get none; a different
+    --eval-blocks that scored the same tokens (a validation text shorter than both) is no difference."""
+    runs = [write_summary(tmp_path / name, "sltrain", 90.0) for name in ("a", "b", "c", "d")]
     config = {"seq_len": 128, "eval_blocks": 256, "data_sha256": {"validation": "v1", "vocabulary": "w1"}}
-    other = {"eval_blocks": 8, "data_sha256": {"validation": "v2", "vocabulary": "w1"}}
-    for run, change in zip(runs, ({}, {}, other)):
+    changes = ({}, {"eval_blocks": 512}, {"data_sha256": {"validation": "v2", "vocabulary": "w1"}}, {})
+    for run, change, tokens in zip(runs, changes, (1000, 1000, 1000, 500)):
         (Path(run) / "run_config.json").write_text(json.dumps({**config, **change}))
+        summary = json.loads((Path(run) / "summary.json").read_text())
+        (Path(run) / "summary.json").write_text(json.dumps({**summary, "val_tokens": tokens}))
     assert "note:" not in compare(runs[0], runs[1]).stdout
     note = compare(*runs).stdout.strip().splitlines()[-1]
-    assert note == "note: the runs' val ppl are not on the same footing: their eval_blocks, validation text differ"
+    assert note == "note: the runs' val ppl are not on the same footing: their scored tokens, validation text differ"
+    streamed = {"seq_len": 128, "dataset": "allenai/c4", "data_sha256": {"vocabulary": "w1"}}
+    for run, dataset_config in zip(runs[:2], ("en", "realnewslike")):
+        (Path(run) / "run_config.json").write_text(json.dumps({**streamed, "dataset_config": dataset_config}))
+    assert compare(*runs[:2]).stdout.strip().endswith("their validation text differ")

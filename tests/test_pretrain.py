@@ -801,6 +801,19 @@ def test_lowrank_is_scaled_like_sltrain():
     torch.testing.assert_close(METHODS["lowrank"].to_dense(model)(ids).logits, logits, rtol=0, atol=1e-5)
 
 
+def test_a_run_of_another_version_of_its_method_does_not_resume(tmp_path, corpus):
+    """A low-rank run saved before its `B A` was scaled (no method_version recorded) would resume computing another
+    model: refused."""
+    run(tmp_path, corpus, "--method", "lowrank", "--save-every", "3")
+    shutil.rmtree(tmp_path / "checkpoints" / "step_000006")
+    (tmp_path / "summary.json").unlink()
+    config = json.loads((tmp_path / "run_config.json").read_text())
+    assert config.pop("method_version") == 2
+    (tmp_path / "run_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"different config or method \(method_version: saved 1 vs now 2\)"):
+        run(tmp_path, corpus, "--method", "lowrank", "--save-every", "3", "--resume")
+
+
 def test_settings_a_method_does_not_read_are_not_recorded(tmp_path, corpus):
     """The preset's SLTrain settings fill only what a method reads: a full-rank run records no rank, sparsity or
     alpha, a low-rank run no sparsity."""
