@@ -176,7 +176,7 @@ def sweep(args) -> None:
         version = method_version(method)
         if entry is None or entry.get("cmd") != cmd[1:] or entry.get("method_version", 1) != version:
             if entry is not None:
-                print(f"sweep {method} lr={lr:g}: recorded with another command; running it with this one")
+                print(f"sweep {method} lr={lr:g}: recorded with another command or method version; running it again")
             s = run_method(method, args.size, lr, 0, steps, warmup, eval_every, tag, args.extra)
             runs[(method, lr)] = {"method": method, "lr": lr, "val_ppl": s["val_ppl"], "cmd": s["cmd"],
                                   "finished_at": s["finished_at"], "commit": s["commit"],
