@@ -70,7 +70,8 @@ VALIDATION_SETTINGS = {
     "seq_len": lambda config, summary: config.get("seq_len"),
     "scored tokens": lambda config, summary: summary.get("val_tokens"),
     "validation text": lambda config, summary: (
-        (config.get("data_sha256") or {}).get("validation") or (config.get("dataset"), config.get("dataset_config"))
+        (config.get("data_sha256") or {}).get("validation")
+        or (config.get("dataset") and [config["dataset"], config.get("dataset_config")])
     ),
     "vocabulary": lambda config, summary: (config.get("data_sha256") or {}).get("vocabulary"),
 }
@@ -87,7 +88,7 @@ def validation_differences(run_dirs: list[str], summaries: list[dict]) -> list[s
             continue
     differ = []
     for name, read in VALIDATION_SETTINGS.items():
-        values = {json.dumps(read(*run)) for run in runs if read(*run) not in (None, (None, None))}
+        values = {json.dumps(read(*run)) for run in runs if read(*run) is not None}
         if len(values) > 1:
             differ.append(name)
     return differ

@@ -46,12 +46,15 @@ def local_corpus(train_files: list[str] | None, validation_files: list[str] | No
         same = [t for t in train_files if Path(t).is_file() and Path(path).is_file() and Path(t).samefile(path)]
         if same:
             raise ValueError(f"`--validation-files` {path!r} is also a training file ({same[0]!r}): hold text out.")
-    train = "\n".join(read_text(path) for path in train_files)
-    validation = "\n".join(read_text(path) for path in validation_files)
-    for name, text in (("--train-files", train), ("--validation-files", validation)):
-        if not text.strip():
-            raise ValueError(f"`{name}` holds no text.")
-    return train, validation
+    return read_texts(train_files, "--train-files"), read_texts(validation_files, "--validation-files")
+
+
+def read_texts(paths: list[str], flag: str) -> str:
+    """The texts of the files `flag` names, joined by newlines; refused if they hold none."""
+    text = "\n".join(read_text(path) for path in paths)
+    if not text.strip():
+        raise ValueError(f"`{flag}` holds no text.")
+    return text
 
 
 def stream_hf_dataset(name: str, config: str | None, split: str, text_column: str = "text") -> Iterator[str]:

@@ -688,7 +688,7 @@ def main(argv: list[str] | None = None) -> dict:
             train_texts = data.stream_hf_dataset(args.dataset, args.dataset_config, "train")
             tokenizer = data.load_tokenizer(args.tokenizer)
             if args.validation_files:  # for a dataset without a validation split: local held-out text
-                val_text = "\n".join(data.read_text(path) for path in args.validation_files)
+                val_text = data.read_texts(args.validation_files, "--validation-files")
                 val_tokens = data.tokenize_text(tokenizer, val_text)
             else:  # its first 2000 validation documents, joined by EOS as the training documents are
                 val_split = data.stream_hf_dataset(args.dataset, args.dataset_config, "validation")

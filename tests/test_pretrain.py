@@ -538,16 +538,26 @@ def test_a_dataset_without_validation_split_validates_on_local_files(tmp_path, c
     assert ids.tolist() == [[tokenizer.eos_token_id, *prompt]]
 
 
+class FakeAccelerator:
+    """What `pretrain.evaluate` uses of an Accelerator, as process `rank` of `processes` on CPU: `reduce` records
+    what this process sent and adds what the others would (`others`, as (sum of losses, tokens))."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, rank: int = 0, processes: int = 1, others=(0.0, 0.0)):
+        self.process_index, self.num_processes = rank, processes
+        self.others = torch.tensor(others, dtype=torch.float64)
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def reduce(self, total, reduction):
+        assert reduction == "sum"
+        self.sent = total.tolist()
+        return total + self.others
+
+
 def test_evaluate_refuses_a_non_finite_loss_and_does_not_overflow():
-    class Accelerator:
-        process_index, num_processes, device = 0, 1, torch.device("cpu")
-
-        def autocast(self):
-            return contextlib.nullcontext()
-
-        def reduce(self, total, reduction):
-            return total
-
     class Model(torch.nn.Module):
         def __init__(self, loss):
             super().__init__()
@@ -557,9 +567,9 @@ def test_evaluate_refuses_a_non_finite_loss_and_does_not_overflow():
             return types.SimpleNamespace(loss=torch.tensor(self.loss))
 
     blocks = torch.zeros(2, 5, dtype=torch.int32)
-    assert pretrain.evaluate(Model(800.0), blocks, 2, Accelerator()) == math.inf  # exp(800) overflows a float
+    assert pretrain.evaluate(Model(800.0), blocks, 2, FakeAccelerator()) == math.inf  # exp(800) overflows a float
     with pytest.raises(FloatingPointError, match="Validation loss became nan; lower `--lr`"):
-        pretrain.evaluate(Model(math.nan), blocks, 2, Accelerator())
+        pretrain.evaluate(Model(math.nan), blocks, 2, FakeAccelerator())
 
 
 def test_streamed_validation_documents_are_joined_by_eos_as_training_documents_are(tmp_path, corpus, monkeypatch):
@@ -963,19 +973,6 @@ def test_evaluate_runs_as_many_forwards_on_every_process():
     hang): a shorter shard is padded with ignored rows, which add nothing. 3 blocks over 2 processes, micro-batch 2:
     process 0 scores blocks 0 and 2, process 1 block 1 and a padding row; with 1 block, process 1 has only padding."""
 
-    class Accelerator:
-        num_processes, device = 2, torch.device("cpu")
-
-        def __init__(self, rank, others):
-            self.process_index, self.others = rank, torch.tensor(others, dtype=torch.float64)
-
-        def autocast(self):
-            return contextlib.nullcontext()
-
-        def reduce(self, total, reduction):
-            self.sent = total.tolist()
-            return total + self.others
-
     class Model(torch.nn.Module):  # the mean loss over the tokens not ignored: each token's loss is its block's id
         def __init__(self):
             super().__init__()
@@ -989,11 +986,11 @@ def test_evaluate_runs_as_many_forwards_on_every_process():
 
     blocks = torch.arange(3).repeat_interleave(5).view(3, 5).int()  # block b is all b
     for rank, expected_sent, expected_rows in ((0, [0 * 4 + 2 * 4, 8], [[0, 2]]), (1, [1 * 4, 4], [[1, -100]])):
-        accelerator, model = Accelerator(rank, [0.0, 0.0]), Model()
+        accelerator, model = FakeAccelerator(rank, 2), Model()
         pretrain.evaluate(model, blocks, micro_batch=2, accelerator=accelerator)
         assert accelerator.sent == expected_sent
         assert [label[:, 0].tolist() for label in model.labels] == expected_rows
-    accelerator, model = Accelerator(1, [6.0, 4.0]), Model()  # process 0 contributes 6.0 over 4 tokens
+    accelerator, model = FakeAccelerator(1, 2, (6.0, 4.0)), Model()  # process 0 contributes 6.0 over 4 tokens
     ppl = pretrain.evaluate(model, blocks[:1], micro_batch=2, accelerator=accelerator)
     assert ppl == pytest.approx(math.exp(1.5)) and accelerator.sent == [0.0, 0.0]
     assert len(model.labels) == 1 and (model.labels[0] == -100).all()  # one forward, all of it ignored
