@@ -19,6 +19,7 @@ import contextlib
 import functools
 import io
 import json
+import math
 import os
 import shlex
 import statistics
@@ -60,6 +61,18 @@ def _scripts_importable() -> None:
     """`scripts/` on the import path, for pretrain.py's parser and methods.py's registry (imported when needed)."""
     if str(ROOT / "scripts") not in sys.path:
         sys.path.insert(0, str(ROOT / "scripts"))
+
+
+class Diverged(RuntimeError):
+    """A run stopped because its loss became NaN or infinite (pretrain.py's exit status `DIVERGED`)."""
+
+
+def diverged_status() -> int:
+    """The exit status with which `scripts/pretrain.py` stops a diverged run."""
+    _scripts_importable()
+    from pretrain import DIVERGED
+
+    return DIVERGED
 
 
 def method_version(method: str) -> int:
@@ -136,12 +149,17 @@ def run_method(method: str, size: str, lr: float, seed: int, steps: int, warmup:
     if saved.get("cmd") == cmd[1:] and saved.get("threads") == threads and saved.get("method_version", 1) == version:
         return {**saved, "reused": True}  # measured by an earlier invocation (see its finished_at and commit)
     t0 = time.perf_counter()
-    if threads:  # parallel runs: keep their progress bars out of each other's way
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out.with_name(out.name + ".log"), "w") as log:
-            subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
-    else:
-        subprocess.run(cmd, check=True, env=env)
+    try:
+        if threads:  # parallel runs: keep their progress bars out of each other's way
+            out.mkdir(parents=True, exist_ok=True)
+            with open(out.with_name(out.name + ".log"), "w") as log:
+                subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
+        else:
+            subprocess.run(cmd, check=True, env=env)
+    except subprocess.CalledProcessError as error:
+        if error.returncode == diverged_status():
+            raise Diverged(f"{method} at lr={lr:g}, seed {seed} diverged (its loss became NaN or infinite)") from None
+        raise
     summary = json.loads((out / "summary.json").read_text())
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     summary.update(lr=lr, seed=seed, wall_seconds=time.perf_counter() - t0, threads=threads,
@@ -177,21 +195,29 @@ def sweep(args) -> None:
         if entry is None or entry.get("cmd") != cmd[1:] or entry.get("method_version", 1) != version:
             if entry is not None:
                 print(f"sweep {method} lr={lr:g}: recorded with another command or method version; running it again")
-            s = run_method(method, args.size, lr, 0, steps, warmup, eval_every, tag, args.extra)
+            try:
+                s = run_method(method, args.size, lr, 0, steps, warmup, eval_every, tag, args.extra)
+            except Diverged:  # recorded as such (val_ppl null): a rate too high for the method, never its best
+                s = {"val_ppl": None, "diverged": True, "cmd": cmd[1:], "reused": False, "device": device,
+                     "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": git_commit()}  # fmt: skip
             runs[(method, lr)] = {"method": method, "lr": lr, "val_ppl": s["val_ppl"], "cmd": s["cmd"],
                                   "finished_at": s["finished_at"], "commit": s["commit"],
-                                  "method_version": version}  # fmt: skip
+                                  "method_version": version,
+                                  **({"diverged": True} if s.get("diverged") else {})}  # fmt: skip
             measured |= not s["reused"]
             device = s["device"] if not s["reused"] else device
-            print(f"sweep {method} lr={lr:g}: val_ppl={s['val_ppl']:.2f}")
+            result = "diverged" if s.get("diverged") else f"val_ppl={s['val_ppl']:.2f}"
+            print(f"sweep {method} lr={lr:g}: {result}")
             save()
-        return runs[(method, lr)]["val_ppl"]
+        ppl = runs[(method, lr)]["val_ppl"]
+        return math.inf if ppl is None else ppl
 
     def save() -> None:
         best = {}
         for method in sorted({m for m, _ in runs}):
-            tried = [r for (m, _), r in runs.items() if m == method]
-            best[method] = min(tried, key=lambda r: r["val_ppl"])["lr"]
+            trained = [r for (m, _), r in runs.items() if m == method and r["val_ppl"] is not None]
+            if trained:  # a method that diverged at every rate tried has none
+                best[method] = min(trained, key=lambda r: r["val_ppl"])["lr"]
         if measured or not old:
             provenance = {"command": " ".join(["python", *sys.argv]), "environment": environment(device)}
         else:  # runs measured earlier, with this command, came from their run directories: the file's stay
@@ -344,7 +370,11 @@ def main(argv=None) -> None:
         return run_method(method, args.size, lr, seed, steps, warmup, every, f"bench-{args.size}", args.extra, threads)
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        runs = list(pool.map(one, jobs))
+        try:
+            runs = list(pool.map(one, jobs))
+        except Diverged as error:  # no table with a hole in it: say which run, and where its rate came from
+            source = f"from {relative(sweep_file)}" if best_lr else "the default: no sweep file"
+            raise SystemExit(f"pretrain_bench.py: {error}; its rate is {source}") from None
     rows = [aggregate([r for r in runs if r["method"] == m]) for m in args.methods]
     device = runs[0]["device"]
     env = environment(device)

@@ -51,6 +51,7 @@ from methods import METHODS, Hyper, adamw, get_method, parse_method_args  # noqa
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SIZES = sorted(p.stem.removeprefix("llama_") for p in CONFIGS.glob("llama_*.json"))
+DIVERGED = 3  # exit status of a run whose loss became NaN or infinite (`cli`)
 
 
 # ------------------------------------------------------------------------------------------------- configuration
@@ -931,8 +932,17 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> None:
+    """`main` as a command: bad input or a diverged loss stops with one clear line on stderr, no traceback, and exit
+    status 1 for bad input, `DIVERGED` for a diverged loss (so that a learning-rate sweep can tell them apart)."""
     try:
-        main()
-    except (ValueError, FloatingPointError) as error:  # bad input, or a diverged loss: one clear line, no traceback
+        main(argv)
+    except FloatingPointError as error:
+        print(f"pretrain.py: error: {error}", file=sys.stderr)
+        raise SystemExit(DIVERGED) from None
+    except ValueError as error:
         raise SystemExit(f"pretrain.py: error: {error}") from None
+
+
+if __name__ == "__main__":
+    cli()

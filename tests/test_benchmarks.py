@@ -95,6 +95,58 @@ def test_sweep_runs_again_what_another_version_of_a_method_made(pretrain_in_tmp,
     assert sorted(ran) == [("lowrank", lr) for lr in pretrain_bench.LR_GRID]
 
 
+def test_sweep_records_a_diverged_rate_and_never_picks_it(pretrain_in_tmp, monkeypatch, capsys):
+    """A rate at which the loss became NaN is a result of the sweep (val_ppl null), not the end of it; the grid goes on
+    where such a rate is the edge, and a method that diverged at every rate has no best."""
+    ran = []
+    fake = fake_run_method(ran)
+
+    def run_method(method, size, lr, *args, **kwargs):
+        if lr >= {"full": 3e-3, "lowrank": 0.0}[method]:  # lowrank diverges everywhere (down to the grid's floor)
+            ran.append((method, lr))
+            raise pretrain_bench.Diverged(f"{method} at lr={lr:g} diverged")
+        return fake(method, size, lr, *args, **kwargs)
+
+    monkeypatch.setattr(pretrain_bench, "run_method", run_method)
+    pretrain_bench.main(["--sweep-lr", "--methods", "full", "lowrank"])
+    saved = json.loads((pretrain_in_tmp / "lr_sweep_tiny.json").read_text())
+    full = {r["lr"]: r for r in saved["runs"] if r["method"] == "full"}
+    assert sorted(full) == [0.00033333, 1e-3, 3e-3, 1e-2]  # 1e-3 won at the lower edge: 1e-3 / 3 tried (worse)
+    assert full[3e-3]["val_ppl"] is None and full[3e-3]["diverged"] and full[3e-3]["cmd"][0].endswith("pretrain.py")
+    assert "diverged" not in full[1e-3] and saved["best_lr"] == {"full": 1e-3}
+    assert min(r["lr"] for r in saved["runs"] if r["method"] == "lowrank") < 3e-5  # down to the floor, no best
+    assert "sweep full lr=0.003: diverged" in capsys.readouterr().out
+
+    ran.clear()  # the diverged runs are reused like any other with the same command
+    pretrain_bench.main(["--sweep-lr", "--methods", "full"])
+    assert ran == []
+
+
+def test_run_method_tells_a_diverged_run_from_a_failed_one(pretrain_in_tmp, monkeypatch):
+    status = {}
+
+    def fake_run(cmd, check, env, **kwargs):
+        raise subprocess.CalledProcessError(status["code"], cmd)
+
+    monkeypatch.setattr(pretrain_bench.subprocess, "run", fake_run)
+    args = ("full", "tiny", 1e-3, 0, 4, 1, 2, "t", [])
+    status["code"] = pretrain_bench.diverged_status()
+    with pytest.raises(pretrain_bench.Diverged, match="full at lr=0.001, seed 0 diverged"):
+        pretrain_bench.run_method(*args)
+    status["code"] = 1  # bad input, a crash: not a result
+    with pytest.raises(subprocess.CalledProcessError):
+        pretrain_bench.run_method(*args)
+
+
+def test_bench_stops_with_one_line_on_a_diverged_run(pretrain_in_tmp, monkeypatch):
+    def run_method(method, size, lr, seed, *args, **kwargs):
+        raise pretrain_bench.Diverged(f"{method} at lr={lr:g}, seed {seed} diverged")
+
+    monkeypatch.setattr(pretrain_bench, "run_method", run_method)
+    with pytest.raises(SystemExit, match=r"full at lr=0.003, seed 0 diverged.*the default: no sweep file"):
+        pretrain_bench.main(["--methods", "full", "--jobs", "1"])
+
+
 def test_flags_one_method_refuses_fail_before_any_run(pretrain_in_tmp, monkeypatch, capsys):
     ran = []
     monkeypatch.setattr(pretrain_bench, "run_method", fake_run_method(ran))

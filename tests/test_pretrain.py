@@ -572,6 +572,22 @@ def test_evaluate_refuses_a_non_finite_loss_and_does_not_overflow():
         pretrain.evaluate(Model(math.nan), blocks, 2, FakeAccelerator())
 
 
+@pytest.mark.parametrize(
+    "error, status", [(FloatingPointError("Loss became nan at step 3"), pretrain.DIVERGED), (ValueError("bad"), 1)]
+)
+def test_cli_stops_with_one_line_and_tells_a_diverged_loss_from_bad_input(monkeypatch, capsys, error, status):
+    def main(argv):
+        raise error
+
+    monkeypatch.setattr(pretrain, "main", main)
+    with pytest.raises(SystemExit) as stop:
+        pretrain.cli([])
+    code = stop.value.code  # SystemExit("message") prints the message and exits with status 1
+    assert (code if isinstance(code, int) else 1) == status
+    message = capsys.readouterr().err if isinstance(code, int) else code
+    assert message.strip() == f"pretrain.py: error: {error}"
+
+
 def test_streamed_validation_documents_are_joined_by_eos_as_training_documents_are(tmp_path, corpus, monkeypatch):
     import datasets
 
