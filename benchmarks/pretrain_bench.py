@@ -273,9 +273,12 @@ def plot(rows: list[dict], runs: list[dict], stem: Path, title: str) -> None:
     for i, r in enumerate(rows):
         mem = r["training_state_bytes"] / 2**20
         ax.scatter(mem, r["val_ppl"], s=2000 * r["total_params"] / biggest, alpha=0.45, color=f"C{i}")
+        if r.get("val_ppl_std"):  # several seeds: their spread, which may be wider than the gaps between methods
+            ax.errorbar(mem, r["val_ppl"], yerr=r["val_ppl_std"], fmt="none", ecolor=f"C{i}", capsize=5)
         ax.annotate(r["method"], (mem, r["val_ppl"]), ha="center", va="center", fontsize=9)
     ax.set_xlabel("parameters + gradients + optimizer states (MiB)")
-    ax.set_ylabel("validation perplexity")
+    seeds = len(runs) > len(rows)
+    ax.set_ylabel("validation perplexity (mean ± std over seeds)" if seeds else "validation perplexity")
     ax.set_title(f"{title}\n(circle area = total parameters)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -284,13 +287,14 @@ def plot(rows: list[dict], runs: list[dict], stem: Path, title: str) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
     for i, method in enumerate(r["method"] for r in rows):
-        run = next(r for r in runs if r["method"] == method)  # with several seeds: the first seed's run
-        label = method if len({r.get("seed") for r in runs}) == 1 else f"{method} (seed {run.get('seed')})"
-        tokens, loss = zip(*run["train_curve"])
-        window = 20
-        smooth = [statistics.mean(loss[max(0, j - window + 1) : j + 1]) for j in range(len(loss))]
-        ax1.plot(tokens, smooth, color=f"C{i}", label=label)
-        ax2.plot(*zip(*run["curve"]), "o-", color=f"C{i}", label=label)
+        own = [r for r in runs if r["method"] == method]  # every seed: one seed alone can mislead (README)
+        for k, run in enumerate(own):
+            label = None if k else (method if len(own) == 1 else f"{method} ({len(own)} seeds)")
+            tokens, loss = zip(*run["train_curve"])
+            window = 20
+            smooth = [statistics.mean(loss[max(0, j - window + 1) : j + 1]) for j in range(len(loss))]
+            ax1.plot(tokens, smooth, color=f"C{i}", label=label, alpha=0.8, linewidth=1.2)
+            ax2.plot(*zip(*run["curve"]), "o-", color=f"C{i}", label=label, alpha=0.8, markersize=4)
     ax1.set_ylabel("training loss (running mean of 20 steps)")
     ax2.set_ylabel("validation perplexity")
     ax2.set_yscale("log")
@@ -302,6 +306,10 @@ def plot(rows: list[dict], runs: list[dict], stem: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(stem.with_name(stem.name + "_curves.png"), dpi=120)
     plt.close(fig)
+
+
+def plot_title(size: str, rows: list[dict], device_note: str, env: dict) -> str:
+    return f"LLaMA-{size}, {rows[0]['tokens'] / 1e6:.1f}M tokens, {device_note or env['cpu']}"
 
 
 def table(rows: list[dict]) -> str:
@@ -344,8 +352,23 @@ def main(argv=None) -> None:
         "run with a smaller budget belongs elsewhere, so that it does not replace the committed results; the runs "
         "themselves stay in benchmarks/runs, where a later run with other settings replaces them)",
     )
+    p.add_argument(
+        "--replot",
+        action="store_true",
+        help="draw the plots again from the results file (pretrain_<size>.json in --results-dir; pass the "
+        "--device-note it was made with), running nothing",
+    )
     p.add_argument("extra", nargs="*", help="further flags for pretrain.py, after --")
     args = p.parse_args(argv)
+    stem = args.results_dir / f"pretrain_{args.size}"
+    if args.replot:
+        if not stem.with_suffix(".json").is_file():
+            p.error(f"--replot: no results file {stem.with_suffix('.json')}")
+        result = json.loads(stem.with_suffix(".json").read_text())
+        plot(result["methods"], result["runs"], stem, plot_title(args.size, result["methods"], args.device_note,
+                                                                 result["environment"]))  # fmt: skip
+        print(f"wrote {stem.with_suffix('.png')}, {stem.name}_curves.png")
+        return
     budget = SIZES[args.size]
     try:  # bad flags after `--` fail here, not in the first run (nor after some runs)
         effective = schedule(budget["max_steps"], budget["warmup_steps"], budget["eval_every"], args.extra)
@@ -378,8 +401,6 @@ def main(argv=None) -> None:
     rows = [aggregate([r for r in runs if r["method"] == m]) for m in args.methods]
     device = runs[0]["device"]
     env = environment(device)
-    title = f"LLaMA-{args.size}, {rows[0]['tokens'] / 1e6:.1f}M tokens, {args.device_note or env['cpu']}"
-    stem = args.results_dir / f"pretrain_{args.size}"
     result = {
         "command": " ".join(["python", *sys.argv]),
         "environment": env,
@@ -394,7 +415,7 @@ def main(argv=None) -> None:
         "table": table(rows),
     }
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    plot(rows, runs, stem, title)
+    plot(rows, runs, stem, plot_title(args.size, rows, args.device_note, env))
     print(table(rows))
     print(f"wrote {stem.with_suffix('.json')}, {stem.with_suffix('.png')}, {stem.name}_curves.png")
 

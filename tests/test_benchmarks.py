@@ -193,6 +193,45 @@ def test_bench_trial_run_goes_to_its_results_dir(pretrain_in_tmp, tmp_path, monk
     assert trial["runs"][0]["lr"] == 1e-2 and trial["lr_source"] == str(tmp_path / "trial" / "lr_sweep_tiny.json")
 
 
+def test_replot_draws_the_results_file_again_and_runs_nothing(pretrain_in_tmp, monkeypatch, capsys):
+    ran, drawn = [], []
+    monkeypatch.setattr(pretrain_bench, "run_method", fake_run_method(ran))
+    pretrain_bench.main(["--methods", "full", "lowrank", "--seeds", "0", "1", "--jobs", "1"])
+    ran.clear()
+    monkeypatch.setattr(pretrain_bench, "plot", lambda rows, runs, stem, title: drawn.append((rows, runs, title)))
+    pretrain_bench.main(["--replot", "--device-note", "1x GPU"])
+    result = json.loads((pretrain_in_tmp / "pretrain_tiny.json").read_text())
+    assert ran == [] and drawn == [(result["methods"], result["runs"], "LLaMA-tiny, 0.0M tokens, 1x GPU")]
+    with pytest.raises(SystemExit):
+        pretrain_bench.main(["--replot", "--size", "60m"])
+    assert "--replot: no results file" in capsys.readouterr().err
+
+
+def test_plots_show_every_seed_and_the_spread(tmp_path, monkeypatch):
+    """Two methods, two seeds each: both files are written, with an error bar per method and a curve per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [{"method": m, "seed": seed, "train_curve": [(i, 9.0 - i - seed) for i in range(5)],
+             "curve": [(2, 50.0 + seed), (4, 40.0 + seed)]}
+            for m in ("full", "sltrain") for seed in (0, 1)]  # fmt: skip
+    rows = [{"method": m, "val_ppl": 40.5, "val_ppl_std": 0.7, "training_state_bytes": 2**20 * k, "total_params": k}
+            for k, m in ((2, "full"), (1, "sltrain"))]  # fmt: skip
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figures to look at them
+    pretrain_bench.plot(rows, runs, tmp_path / "pretrain_x", "title")
+    monkeypatch.undo()
+    assert (tmp_path / "pretrain_x.png").is_file() and (tmp_path / "pretrain_x_curves.png").is_file()
+    scatter, curves = figures
+    assert len(scatter.axes[0].containers) == 2  # one error bar per method
+    assert [len(ax.lines) for ax in curves.axes] == [4, 4]  # every run, not one seed per method
+    assert [t.get_text() for t in curves.axes[0].get_legend().get_texts()] == ["full (2 seeds)", "sltrain (2 seeds)"]
+    for figure in figures:
+        plt.close(figure)
+
+
 def test_method_schedules_follow_the_steps_a_run_gets(pretrain_in_tmp):
     def method_args(method, extra):
         _, cmd = pretrain_bench.pretrain_command(method, "tiny", 3e-3, 0, 500, 50, 100, "tag", extra)
