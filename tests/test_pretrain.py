@@ -572,6 +572,12 @@ def test_evaluate_refuses_a_non_finite_loss_and_does_not_overflow():
         pretrain.evaluate(Model(math.nan), blocks, 2, FakeAccelerator())
 
 
+def test_a_training_loss_that_becomes_nan_stops_the_run(tmp_path, corpus):
+    with pytest.raises(FloatingPointError, match=r"Loss became nan at step \d+; lower `--lr`"):
+        run(tmp_path / "out", corpus, "--lr", "1e8", "--max-steps", "6", "--warmup-steps", "1")
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
 @pytest.mark.parametrize(
     "error, status", [(FloatingPointError("Loss became nan at step 3"), pretrain.DIVERGED), (ValueError("bad"), 1)]
 )
