@@ -61,7 +61,7 @@ def targeted_linear_names(model: nn.Module, config: SLTrainConfig) -> list[str]:
     """Names of the modules of `model` that `config` would replace (resolving defaults and `"all-linear"`).
     `ValueError` if one of them cannot be: not a linear layer, or narrower than `config.r`."""
     config = _resolved_config(model, config)
-    names, read_directly = [], set(weight_read_directly(model))
+    names, read_directly = [], weight_read_directly(model)
     adapted = []  # prefixes of layers that already carry an adapter: their insides are not candidates (as in PEFT)
     for name, module in model.named_modules():
         if any(name.startswith(prefix) for prefix in adapted):
@@ -74,10 +74,12 @@ def targeted_linear_names(model: nn.Module, config: SLTrainConfig) -> list[str]:
             except ValueError as error:
                 raise ValueError(f"`target_modules` matched `{name}`: {error}") from None
             if name in read_directly:
+                setting = f" ({read_directly[name]})" if read_directly[name] else ""
+                model_type = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
                 raise ValueError(
-                    f"`target_modules` matched `{name}`, whose weight this {model.config.model_type} model reads "
-                    "directly instead of calling the layer: a replacement would be ignored (or, from scratch, leave "
-                    'it without weight). Leave it out of `target_modules` (`"all-linear"` leaves it out).'
+                    f"`target_modules` matched `{name}`, whose weight this {model_type} model{setting} "
+                    "reads directly instead of calling the layer: a replacement would be ignored (or, from scratch, "
+                    'leave it without weight). Leave it out of `target_modules` (`"all-linear"` leaves it out).'
                 )
             check_rank(config.r, d_in, d_out, name)
             names.append(name)

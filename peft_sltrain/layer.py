@@ -29,13 +29,20 @@ REPLACEABLE = (nn.Linear, Conv1D)
 # that computes that from the weights; any other forward of its own would be silently dropped)
 SAME_AS_LINEAR = {"transformers.models.falcon.modeling_falcon.FalconLinear"}
 # layers whose weight the model reads directly instead of calling them (a replacement would be ignored, or from
-# scratch leave nothing to read), by the model's `model_type`, as found in Transformers 5.24: the Mamba family's fused
-# kernels and `dt_proj` products (PEFT refuses LoRA on Mamba's `out_proj` for the same reason), WavLM's attention
+# scratch leave nothing to read), by the model's `model_type`, as found in Transformers 5.24 (each entry the end of a
+# module name: a layer's own name, or a longer dotted suffix where that name alone would catch other layers): the
+# Mamba family's fused kernels and `dt_proj` products (PEFT refuses LoRA on Mamba's `out_proj` for the same reason),
+# WavLM's attention, MobileBERT's MLM head (multiplies by [decoder W^T; dense W]), the DETR mask head's key (a 1 x 1
+# convolution with its weight), LongCat-Flash's router (an fp32 `F.linear`). `settings_read_directly` adds those
+# that depend on a model's settings.
 WEIGHT_READ_DIRECTLY = {
     **dict.fromkeys(("mamba", "falcon_mamba"), ("x_proj", "dt_proj", "out_proj")),
     **dict.fromkeys(("mamba2", "nemotron_h", "falcon_h1", "bamba", "granitemoehybrid", "zamba2"), ("out_proj",)),
     "jamba": ("dt_proj",),
     "wavlm": ("q_proj", "k_proj", "v_proj", "out_proj"),
+    "mobilebert": ("cls.predictions.dense",),
+    **dict.fromkeys(("detr", "conditional_detr"), ("bbox_attention.k_proj",)),
+    "longcat_flash": ("router.classifier",),
 }
 # bitsandbytes' quantized weights (their layers, `Linear4bit` / `Linear8bitLt`, subclass `nn.Linear`), by class name
 BNB_WEIGHTS = {"Params4bit": "4-bit", "Int8Params": "8-bit"}
@@ -141,11 +148,37 @@ def has_own_forward(layer: nn.Module) -> bool:
     )
 
 
-def weight_read_directly(model: nn.Module) -> list[str]:
-    """Names of the linear layers of `model` whose weight the model reads directly (`WEIGHT_READ_DIRECTLY`)."""
-    leaf_names = WEIGHT_READ_DIRECTLY.get(getattr(getattr(model, "config", None), "model_type", None), ())
-    modules = model.named_modules()
-    return [name for name, m in modules if isinstance(m, nn.Linear) and name.split(".")[-1] in leaf_names]
+def weight_read_directly(model: nn.Module) -> dict[str, str]:
+    """The linear layers of `model` whose weight the model reads directly (`WEIGHT_READ_DIRECTLY` and
+    `settings_read_directly`), by name, each with the setting that makes it so ("" where it always is)."""
+    config = getattr(model, "config", None)
+    ends = WEIGHT_READ_DIRECTLY.get(getattr(config, "model_type", None), ())
+    found = {
+        name: ""
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and any(name == end or name.endswith("." + end) for end in ends)
+    }
+    return {**found, **settings_read_directly(model)}
+
+
+def settings_read_directly(model: nn.Module) -> dict[str, str]:
+    """Layers read directly only under some settings: BLOOM's `dense` and `dense_4h_to_h` where its attention and MLP
+    run `pretraining_tp > 1` with `slow_but_exact` (they slice those weights; PEFT resets the config's
+    `pretraining_tp`, which the modules copied when built), and DeBERTa's last `in_proj` with `z_steps > 1` (its
+    last layer is run again on query states, with the weight read in chunks)."""
+    found = {}
+    for name, module in model.named_modules():
+        if getattr(module, "slow_but_exact", False) is True and getattr(module, "pretraining_tp", 1) > 1:
+            for child in ("dense", "dense_4h_to_h"):
+                if isinstance(getattr(module, child, None), nn.Linear):
+                    found[f"{name}.{child}" if name else child] = "with `pretraining_tp > 1` and `slow_but_exact`"
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) == "deberta" and (getattr(config, "z_steps", 0) or 0) > 1:
+        last = f"encoder.layer.{config.num_hidden_layers - 1}.attention.self.in_proj"
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and (name == last or name.endswith("." + last)):
+                found[name] = "with `z_steps > 1`"
+    return found
 
 
 def unreplaceable_linears(model: nn.Module) -> list[str]:

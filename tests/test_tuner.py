@@ -812,6 +812,47 @@ def test_wavlms_attention_projections_are_left_out():
     assert all(p.grad is not None for n, p in model.named_parameters() if "sltrain_B" in n)
 
 
+def _mobilebert():
+    config = transformers.MobileBertConfig(
+        vocab_size=64, hidden_size=32, embedding_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, intra_bottleneck_size=16, true_hidden_size=16, num_feedforward_networks=1,
+    )  # fmt: skip
+    return transformers.MobileBertForMaskedLM(config), "cls.predictions.dense", ""
+
+
+def _bloom_slow_but_exact():
+    config = transformers.BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=4, pretraining_tp=2,
+                                      slow_but_exact=True)  # fmt: skip
+    return transformers.BloomForCausalLM(config), "transformer.h.0.mlp.dense_4h_to_h", " (with `pretraining_tp > 1`"
+
+
+def _deberta_z_steps():
+    config = transformers.DebertaConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, z_steps=2)  # fmt: skip
+    return transformers.DebertaForMaskedLM(config), "deberta.encoder.layer.1.attention.self.in_proj", " (with `z_steps"
+
+
+@pytest.mark.parametrize("build", [_mobilebert, _bloom_slow_but_exact, _deberta_z_steps])
+def test_layers_read_directly_by_a_head_or_a_setting_are_left_out(build):
+    """MobileBERT's MLM head multiplies by its `dense` weight; BLOOM with `pretraining_tp > 1` and `slow_but_exact`
+    slices its output projections' weights; DeBERTa with `z_steps > 1` reads its last `in_proj` in chunks. An adapter
+    there would be ignored: "all-linear" leaves the layer out (and every adapter it places is used), a name is refused
+    saying which setting does it."""
+    torch.manual_seed(0)
+    model, name, setting = build()
+    message = rf"matched `{re.escape(name)}`, whose weight this \w+ model{re.escape(setting)}"
+    with pytest.raises(ValueError, match=message):
+        get_peft_model(model, SLTrainConfig(r=2, target_modules=[name]))
+    model, _, _ = build()
+    peft_model = get_peft_model(model, SLTrainConfig(r=2, target_modules="all-linear"))
+    replaced = [n for n, m in peft_model.named_modules() if isinstance(m, SLTrainLayer)]
+    assert replaced and not any(n.endswith(name) for n in replaced)
+    ids = torch.randint(0, 64, (1, 6))
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for n, p in peft_model.named_parameters() if "sltrain_B" in n]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
 def test_jambas_dt_proj_is_left_out():
     """Jamba's Mamba layers read `dt_proj.weight` themselves (the rest of the layer is called as usual)."""
     config = transformers.JambaConfig(
