@@ -24,7 +24,7 @@ from .layer import (
     refuse_quantized_from_scratch,
     weight_read_directly,
 )
-from .model import default_target_modules
+from .model import default_target_modules, tie_weights
 from .support import num_nonzeros
 
 
@@ -123,10 +123,10 @@ def count_parameters(model: nn.Module, config: SLTrainConfig) -> ParameterCounts
     targeted = {name: model.get_submodule(name) for name in targeted_linear_names(model, config)}
     if not targeted:
         raise ValueError(f"`target_modules` {config.target_modules!r} matched no layer of the model.")
+    model = _tied_if_meta(model)
     to_save = config.modules_to_save or []
     saved_modules = [name for name, _ in model.named_modules() if name and any(name.endswith(m) for m in to_save)]
 
-    untied = _not_yet_tied_output_weight(model)
     trainable = total = 0
     for module in targeted.values():
         adapter = sltrain_layer_parameters(*layer_features(module), config.r, config.sparsity)
@@ -136,7 +136,7 @@ def count_parameters(model: nn.Module, config: SLTrainConfig) -> ParameterCounts
     for name, param in model.named_parameters(remove_duplicate=False):  # a tied weight under each of its names
         owner, _, attr = name.rpartition(".")
         n = param.numel()
-        if param is untied or id(param) in seen:  # (untied: it will be the input embedding's weight)
+        if id(param) in seen:
             if any(owner == m or owner.startswith(m + ".") for m in saved_modules):
                 trainable += n  # PEFT's trainable copy of a module in `modules_to_save`, untied from the original
                 total += n
@@ -160,9 +160,21 @@ def count_parameters(model: nn.Module, config: SLTrainConfig) -> ParameterCounts
     return ParameterCounts(trainable=trainable, total=total)
 
 
+def _tied_if_meta(model: nn.Module) -> nn.Module:
+    """`model`, or where some of its parameters are on the meta device a copy with its weights tied, as the built
+    model will have them (`materialize_meta_parameters` ties them): a meta-built model has not tied its embeddings
+    yet (an encoder-decoder's encoder, decoder and shared ones are three tensors until then). Copying meta tensors
+    costs nothing."""
+    if not hasattr(model, "tie_weights") or all(p.device.type != "meta" for p in model.parameters()):
+        return model
+    tied = copy.deepcopy(model)
+    tie_weights(tied)
+    return tied
+
+
 def _not_yet_tied_output_weight(model: nn.Module) -> nn.Parameter | None:
     """The output embedding's weight if the model's config ties it to the input embedding's but a meta-built model
-    has not tied them yet (`materialize_meta_parameters` does): counted once, as in the built model."""
+    has not tied them yet (`materialize_meta_parameters` does): targeting it from scratch is refused."""
     if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         return None
     try:

@@ -227,6 +227,11 @@ class SLTrainModel(BaseTuner):
             )
         return super().unload()
 
+    def merge_and_unload(self, *args, **kwargs) -> nn.Module:
+        if self._from_scratch():
+            refuse_unset_parameters(self.model, "merging it into a plain model")
+        return super().merge_and_unload(*args, **kwargs)
+
     def delete_adapter(self, adapter_name: str) -> None:
         config = self.peft_config.get(adapter_name)
         if config is not None and config.from_scratch:
@@ -246,6 +251,7 @@ class SLTrainModel(BaseTuner):
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         if config.from_scratch:
+            refuse_unset_parameters(model, "saving it")
             # every parameter that is not replaced (embeddings, norms, head, biases) belongs to the adapter; a merged
             # layer's dense weight does not (it is the adapter's own product, and loading rebuilds it)
             merged = {f"{name}.base_layer.weight" for name, module in model.named_modules()
@@ -445,16 +451,10 @@ def materialize_meta_parameters(model: nn.Module) -> None:
     unset = {name: p for name, p in model.named_parameters() if id(p) in fresh_ids and _is_unset(p)}
     if unset:  # checked at the first forward: loading an adapter (which holds every tensor) sets them before it
         handles = []
+        model.__dict__[_UNSET] = unset  # for saving and merging, which must not write the placeholders either
 
         def refuse_unset(*_):
-            still = [name for name, p in unset.items() if _is_unset(p)]
-            if still:
-                raise ValueError(
-                    f"The model's own init leaves {len(still)} parameter(s) unset, e.g. {still[:3]}: their values "
-                    f"come from the constructor, which ran on the meta device. Build the {type(model).__name__} on a "
-                    "real device instead (from scratch, its targeted dense weights are then dropped when the layers "
-                    "are replaced), or load an adapter that holds them."
-                )
+            refuse_unset_parameters(model, "running it")
             for handle in handles:
                 handle.remove()
 
@@ -466,12 +466,35 @@ def materialize_meta_parameters(model: nn.Module) -> None:
             f"Buffers {meta_buffers[:3]} are on the meta device and cannot be rebuilt; build the model under "
             "`accelerate.init_empty_weights()` (which keeps buffers real) instead of `torch.device('meta')`."
         )
+    tie_weights(model)  # the real tensors
+
+
+def tie_weights(model: nn.Module) -> None:
+    """`model.tie_weights()` where it has one, with PyTorch's own `register_parameter`, so that it ties also inside
+    `accelerate.init_empty_weights()` (see `_REGISTER_PARAMETER`)."""
     if hasattr(model, "tie_weights"):
         patched, nn.Module.register_parameter = nn.Module.register_parameter, _REGISTER_PARAMETER
-        try:  # tie the real tensors, also inside `init_empty_weights()`
+        try:
             model.tie_weights()
         finally:
             nn.Module.register_parameter = patched
+
+
+_UNSET = "_sltrain_unset_parameters"  # on a model built from scratch: the parameters no init set, by name
+
+
+def refuse_unset_parameters(model: nn.Module, doing: str) -> None:
+    """`ValueError` if a parameter of `model` (or of a module in it) that no init set is still unset: its placeholder
+    (NaN) would be computed with, saved or merged (`doing` says which)."""
+    for module in model.modules():
+        still = [name for name, p in module.__dict__.get(_UNSET, {}).items() if _is_unset(p)]
+        if still:
+            raise ValueError(
+                f"The model's own init leaves {len(still)} parameter(s) unset, e.g. {still[:3]}: their values come "
+                f"from the constructor, which ran on the meta device, and {doing} would use a placeholder (NaN). "
+                f"Build the {type(module).__name__} on a real device instead (from scratch, its targeted dense "
+                "weights are then dropped when the layers are replaced), or load an adapter that holds them."
+            )
 
 
 def _unset_value(parameter: torch.Tensor):

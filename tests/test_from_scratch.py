@@ -290,6 +290,27 @@ def test_count_parameters_of_a_meta_built_model(tie):
     assert (built.base_model.model.lm_head.weight is embed) == tie
 
 
+@pytest.mark.parametrize("from_scratch", [True, False])
+@pytest.mark.parametrize("model_type", ["t5", "bart"])
+def test_count_parameters_of_a_meta_built_encoder_decoder(model_type, from_scratch):
+    """An encoder-decoder built on meta has three embedding tensors (encoder, decoder, shared) until it ties them:
+    planned from it, the counts are still the built model's."""
+    import transformers
+
+    config = {
+        "t5": transformers.T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8, vocab_size=100,
+                                    decoder_start_token_id=0),
+        "bart": transformers.BartConfig(d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_layers=1,
+                                        decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+                                        vocab_size=100, max_position_embeddings=64),
+    }[model_type]  # fmt: skip
+    sltrain = SLTrainConfig(r=4, sparsity=0.1, from_scratch=from_scratch, target_modules="all-linear")
+    meta = meta_built(transformers.AutoModelForSeq2SeqLM.from_config, config)
+    planned = count_parameters(meta, sltrain)
+    base = meta if from_scratch else transformers.AutoModelForSeq2SeqLM.from_config(config)  # fine-tuned: real W0
+    assert (planned.trainable, planned.total) == get_peft_model(base, sltrain).get_nb_trainable_parameters()
+
+
 def test_fine_tuning_a_layer_without_weight_is_refused():
     model = get_peft_model(tiny_llama(), SLTrainConfig(r=2, from_scratch=True))
     layer = model.base_model.model.model.layers[0].self_attn.q_proj  # its W0 was dropped
@@ -468,7 +489,8 @@ def test_fixed_parameters_keep_their_values_and_stay_frozen_from_scratch():
 
 def test_a_parameter_no_init_sets_is_refused_from_scratch(tmp_path):
     """CLIP's `logit_scale` gets its value in the constructor only, which ran on the meta device: the first forward
-    refuses it by name, rather than compute with uninitialised memory; an adapter file that holds it sets it first."""
+    refuses it by name, rather than compute with uninitialised memory, and so do saving and merging, which would write
+    its placeholder (NaN) into a file that then loads as NaN; an adapter file that holds it sets it first."""
     import transformers
 
     config = transformers.CLIPConfig(
@@ -485,6 +507,14 @@ def test_a_parameter_no_init_sets_is_refused_from_scratch(tmp_path):
         ValueError, match=r"leaves 1 parameter\(s\) unset, e.g. \['logit_scale'\].*CLIPModel on a real"
     ):
         model(**inputs)
+    with pytest.raises(ValueError, match=r"\['logit_scale'\].*and saving it would use a placeholder \(NaN\)"):
+        model.save_pretrained(tmp_path / "unset")
+    assert not (tmp_path / "unset" / "adapter_model.safetensors").exists()
+    with pytest.raises(ValueError, match=r"\['logit_scale'\].*and merging it into a plain model would use"):
+        model.merge_and_unload()
+    model.base_model.model.logit_scale.data.fill_(2.0)  # set by hand: saved, merged and run as any other
+    model.save_pretrained(tmp_path / "set")
+    assert model.merge_and_unload().logit_scale == 2.0
 
     torch.manual_seed(0)
     trained = get_peft_model(transformers.CLIPModel(config), scratch)  # built on a real device: constructor values
