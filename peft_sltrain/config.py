@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -181,8 +182,6 @@ class SLTrainConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PEFT_TYPE
-        if isinstance(self.modules_to_save, str):  # one module name, not its letters
-            self.modules_to_save = [self.modules_to_save]
         if is_all_linear(self.target_modules):
             self.target_modules = "all-linear"  # PEFT takes it in any case; saved as written here
         self.validate()
@@ -203,7 +202,17 @@ class SLTrainConfig(PeftConfig):
 
     def validate(self) -> None:
         """`ValueError` naming the first field with a bad value. Run at construction and again when an adapter is
-        added, so that a field changed afterwards (`config.alpha = ...`) is checked too."""
+        added, so that a field changed afterwards (`config.alpha = ...`) is checked too. Normalises what it accepts
+        in another form: numpy numbers (a sweep's ranks) become Python's (PEFT saves the config as JSON), and a single
+        `modules_to_save` name a list (PEFT would take its letters for module names)."""
+        for name in ("r", "seed", "sparsity", "alpha"):
+            value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+                setattr(self, name, int(value))
+            elif isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+                setattr(self, name, float(value))
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"`r` must be a positive integer, got {self.r!r}.")
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0 < self.sparsity < 1:

@@ -287,6 +287,12 @@ class SLTrainLayer(BaseTunerLayer):
                 "to fine-tune; start from a model with its weights."
             )
         if weight is not None and weight.device.type == "meta" and not from_scratch:
+            if hasattr(base, "_hf_hook"):  # accelerate's offloading (`device_map` with "cpu"/"disk", `cpu_offload`)
+                raise ValueError(
+                    f"Layer `{layer_name}` has its weight offloaded by accelerate (on the meta device until its hook "
+                    "loads it for a call of the layer); SLTrain computes the layer from its weights and never calls "
+                    "it, so fine-tuning needs the weights in place. Load the model without offloading."
+                )
             raise ValueError(
                 f"Layer `{layer_name}` has its weight on the meta device; fine-tuning (`from_scratch=False`) needs "
                 "the real pretrained weight. Load the model with its weights, or use `from_scratch=True`."

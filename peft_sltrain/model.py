@@ -89,6 +89,7 @@ class SLTrainModel(BaseTuner):
         from .counting import exclude_narrow_linears, targeted_linear_names  # (counting imports this module)
 
         config = self.peft_config[adapter_name]
+        config.validate()  # (again: a field changed since construction) before anything reads the config
         exclude_unreplaceable_linears(config, model)  # for "all-linear"
         _warn_left_out_narrow(exclude_narrow_linears(config, model), config)
         targeted = targeted_linear_names(model, config)

@@ -58,12 +58,40 @@ def test_bad_values_raise_naming_parameter_and_value(kwargs, param):
     assert repr(list(kwargs.values())[-1]) in message
 
 
-@pytest.mark.parametrize("field, value", [("alpha", float("nan")), ("r", True), ("sparsity", 1.5), ("seed", -2)])
+@pytest.mark.parametrize(
+    "field, value",
+    [("alpha", float("nan")), ("r", True), ("sparsity", 1.5), ("seed", -2), ("target_modules", 5)],
+)
 def test_a_field_changed_after_construction_is_checked_when_the_adapter_is_added(field, value):
     config = SLTrainConfig(r=2, target_modules=["fc"])
     setattr(config, field, value)
     with pytest.raises(ValueError, match=f"`{field}` must be .*, got {value!r}"):
         get_peft_model(torch.nn.Sequential(OrderedDict(fc=torch.nn.Linear(16, 8))), config)
+
+
+def test_a_modules_to_save_name_set_after_construction_is_one_name():
+    """PEFT would take a string's letters for module names (`"l"` matches a whole LLaMA's `model`)."""
+    config = SLTrainConfig(r=2, target_modules=["fc"])
+    config.modules_to_save = "head"
+    model = get_peft_model(
+        torch.nn.Sequential(OrderedDict(fc=torch.nn.Linear(16, 8), head=torch.nn.Linear(8, 2))), config
+    )
+    assert config.modules_to_save == ["head"]
+    assert [n for n, p in model.named_parameters() if p.requires_grad and "sltrain" not in n] == [
+        "base_model.model.head.modules_to_save.default.weight", "base_model.model.head.modules_to_save.default.bias"
+    ]  # fmt: skip
+
+
+def test_numpy_numbers_are_taken_as_python_numbers(tmp_path):
+    """A sweep's ranks often come from numpy; the config stays JSON-serialisable."""
+    np = pytest.importorskip("numpy")
+    config = SLTrainConfig(r=np.int64(4), sparsity=np.float32(0.25), alpha=np.int32(8), seed=np.uint8(3))
+    assert (config.r, config.sparsity, config.alpha, config.seed) == (4, 0.25, 8, 3)
+    assert [type(v) for v in (config.r, config.sparsity, config.alpha, config.seed)] == [int, float, int, int]
+    config.save_pretrained(tmp_path)
+    assert PeftConfig.from_pretrained(tmp_path).r == 4
+    with pytest.raises(ValueError, match=r"`r` must be a positive integer, got np.True_"):
+        SLTrainConfig(r=np.bool_(True))
 
 
 def test_defaults_follow_the_paper():

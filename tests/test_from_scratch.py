@@ -325,6 +325,17 @@ def test_fine_tuning_a_meta_model_is_refused():
         get_peft_model(base, SLTrainConfig(r=2))
 
 
+def test_fine_tuning_a_model_offloaded_by_accelerate_is_refused_as_such():
+    """accelerate's offloading leaves the weights on meta until a hook loads them for a call of the layer, which
+    SLTrain never makes: refused, naming the offloading (not suggesting `from_scratch=True`)."""
+    from accelerate import cpu_offload
+
+    base = AutoModelForCausalLM.from_config(tiny_llama_config())
+    cpu_offload(base, execution_device="cpu")
+    with pytest.raises(ValueError, match=r"q_proj` has its weight offloaded by accelerate.*without offloading"):
+        get_peft_model(base, SLTrainConfig(r=2))
+
+
 def test_a_model_built_on_the_meta_device_is_refused():
     """`torch.device("meta")` also puts the buffers (rotary frequencies) on meta, where nothing can rebuild them;
     `init_empty_weights()` keeps them real."""
