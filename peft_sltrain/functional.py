@@ -58,7 +58,8 @@ def dense_weight(
 
 def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """`scaling * a @ b` in one kernel: the scaling rides in the GEMM (`beta=0` ignores the unset 0-d input). On a
-    GPU, layer calls at the 60M-350M shapes are launch-bound (README, "On a GPU"): every kernel saved counts."""
+    GPU, layer calls at the 60M-350M shapes are launch-bound (docs/compute_paths.md, "On a GPU"): every kernel
+    saved counts."""
     return torch.addmm(a.new_empty(()), a, b, beta=0.0, alpha=scaling)
 
 
@@ -68,10 +69,10 @@ class _SparseLowRankLinear(torch.autograd.Function):
     `x` comes in the compute dtype; the other floating-point tensors may come in another (autocast's fp32 master
     weights): they are cast to x's dtype here, and autograd's engine casts their gradients back to their own dtype.
     The same bits as casting them before the call, without three cast nodes per layer in the autograd graph: on a GPU,
-    60M-shaped steps on 32k tokens are bound by the CPU's work per op (README, "On a GPU"). A double backward
-    (`create_graph=True`, gradient penalties) casts them again, recorded, so that its terms reach the originals.
-    The frozen `W0` (d_out x d_in) is saved as it is, not as its cast copy, and cast again in backward: under autocast
-    `nn.Linear` keeps that copy alive until backward, one more dense matrix per layer."""
+    60M-shaped steps on 32k tokens are bound by the CPU's work per op (docs/compute_paths.md, "On a GPU"). A double
+    backward (`create_graph=True`, gradient penalties) casts them again, recorded, so that its terms reach the
+    originals. The frozen `W0` (d_out x d_in) is saved as it is, not as its cast copy, and cast again in backward:
+    under autocast `nn.Linear` keeps that copy alive until backward, one more dense matrix per layer."""
 
     @staticmethod
     def forward(ctx, x, A, B, values, indices, scaling, weight, bias):
