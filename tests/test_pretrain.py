@@ -282,6 +282,31 @@ def test_logged_learning_rate_is_the_one_each_step_trained_at(tmp_path, corpus):
     assert lrs[2] == pytest.approx(0.003) and lrs[3] < lrs[2]  # then the cosine decay starts
 
 
+def test_schedule_is_warmup_then_cosine_to_the_min_lr_ratio_over_the_steps_after_warmup():
+    """The whole curve, not only its direction: linear warmup over --warmup-steps, then a half cosine over the
+    remaining max_steps - warmup_steps steps, from the peak down to --min-lr-ratio of it (and no lower)."""
+    args = pretrain.resolve(
+        pretrain.parse_args(["--model", MICRO, "--out-dir", "x", "--max-steps", "10", "--warmup-steps", "2"])
+    )
+    factor = pretrain.lr_lambda(args, METHODS["sltrain"], pretrain.hyper_from_args(args))
+    cosine = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(2, 11)]
+    assert [factor(s) for s in range(11)] == pytest.approx([0.5, 1.0, *cosine])
+    assert factor(6) == pytest.approx(0.55) and factor(10) == pytest.approx(0.1) == factor(12)
+    # ReLoRA's jagged warmup multiplies it, and reads the run's warmup from the flags: inside the run's own warmup
+    # (steps 0-3) only that one applies; its default warmup after a restart is a tenth of relora_every
+    argv = ["--model", MICRO, "--out-dir", "x", "--method", "relora", "--max-steps", "60", "--warmup-steps", "4"]
+    args = pretrain.resolve(pretrain.parse_args([*argv, "--method-arg", "relora_every=20"]))
+    hyper = pretrain.hyper_from_args(args)
+    assert (hyper.warmup_steps, hyper.max_steps, hyper.extra) == (4, 60, {"relora_every": 20})
+    factor = pretrain.lr_lambda(args, METHODS["relora"], hyper)
+    base = pretrain.lr_lambda(args, METHODS["sltrain"], hyper)
+    assert [factor(s) / base(s) for s in (0, 3, 19, 20, 21, 22, 40, 41)] == pytest.approx([1, 1, 1, 0.5, 1, 1, 0.5, 1])
+    args = pretrain.resolve(pretrain.parse_args([*argv, "--method-arg", "relora_every=3", "--method-arg",
+                                                 "relora_warmup=2"]))  # fmt: skip
+    factor, base = (pretrain.lr_lambda(args, METHODS[m], pretrain.hyper_from_args(args)) for m in ("relora", "full"))
+    assert [factor(s) / base(s) for s in (3, 6, 7)] == pytest.approx([1.0, 0.5, 1.0])  # step 3: in the run's warmup
+
+
 def test_two_process_ddp_matches_one_process(tmp_path, corpus):
     """2 CPU processes (gloo) x micro-batch 4 follow the same loss trajectory as 1 process x 2 accumulation steps."""
     run(tmp_path / "single", corpus, "--method", "sltrain", "--eval-every", "100")
