@@ -307,6 +307,33 @@ def test_schedule_is_warmup_then_cosine_to_the_min_lr_ratio_over_the_steps_after
     assert [factor(s) / base(s) for s in (3, 6, 7)] == pytest.approx([1.0, 0.5, 1.0])  # step 3: in the run's warmup
 
 
+def test_accumulated_gradient_is_the_global_batch_mean_and_is_clipped(tmp_path, corpus, monkeypatch):
+    """2 micro-batches of 4 give the gradient of one batch of 8 (the mean, not the sum: AdamW would hide a factor 2,
+    `--grad-clip` would not), and `--grad-clip` bounds the norm the optimizer steps with."""
+    from accelerate import Accelerator
+
+    norms = []  # (norm before clipping, norm after), each step
+    clip = Accelerator.clip_grad_norm_
+
+    def recording_clip(self, parameters, max_norm, norm_type=2):
+        parameters = [p for p in parameters if p.grad is not None]
+        before = clip(self, parameters, max_norm, norm_type)
+        after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters]))
+        norms.append((float(before), float(after)))
+        return before
+
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", recording_clip)
+    extra = ("--method", "sltrain", "--max-steps", "2", "--eval-every", "100", "--grad-clip", "0.5")
+    run(tmp_path / "accumulated", corpus, *extra)  # the preset's micro-batch 4: 2 accumulation steps
+    run(tmp_path / "whole", corpus, *extra, "--micro-batch", "8")
+    assert len(norms) == 4
+    (accumulated, _), (whole, _) = norms[0], norms[2]  # step 1: the same weights, the same 8 sequences
+    assert accumulated == pytest.approx(whole, rel=1e-4) and whole > 0.5
+    assert all(after == pytest.approx(0.5, rel=1e-4) for before, after in norms if before > 0.5)
+    losses = [[r["loss"] for r in log_rows(tmp_path / name)] for name in ("accumulated", "whole")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
 def test_two_process_ddp_matches_one_process(tmp_path, corpus):
     """2 CPU processes (gloo) x micro-batch 4 follow the same loss trajectory as 1 process x 2 accumulation steps."""
     run(tmp_path / "single", corpus, "--method", "sltrain", "--eval-every", "100")
