@@ -138,6 +138,40 @@ def test_resume_equals_uninterrupted(tmp_path, corpus):
         run(killed, corpus, "--method", "sltrain", "--save-every", "3", "--resume")
 
 
+def killed_after(run_dir: Path, to: Path, step: int) -> Path:
+    """A copy of the finished run in `run_dir` as a kill right after its step-`step` checkpoint would have left it."""
+    shutil.copytree(run_dir, to)
+    for checkpoint in (to / "checkpoints").iterdir():
+        if int(checkpoint.name.removeprefix(checkpointing.CHECKPOINT_PREFIX)) > step:
+            shutil.rmtree(checkpoint)
+    shutil.rmtree(to / "final")
+    (to / "summary.json").unlink()
+    rows = [line for line in (to / "log.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step]
+    (to / "log.jsonl").write_text("".join(row + "\n" for row in rows))
+    return to
+
+
+def test_resume_with_per_layer_updates_across_a_relora_restart_equals_uninterrupted(tmp_path, corpus):
+    """What the sltrain resume test does not reach: the per-parameter optimizers' schedules, ReLoRA's restart after
+    the resume (its new A is drawn from the restored RNG state) and the optimizer settings saved with them."""
+    extra = ["--method", "relora", "--per-layer-updates", "--global-batch", "4", "--save-every", "3"]
+    extra += ["--method-arg", "relora_every=2", "--weight-decay", "0.1"]  # restarts after steps 2 and 4
+    summary = run(tmp_path / "full", corpus, *extra)
+    killed = killed_after(tmp_path / "full", tmp_path / "killed", 3)
+    run(killed, corpus, *extra, "--resume")
+    assert log_rows(killed) == log_rows(tmp_path / "full")  # losses and learning rates, steps 4-6 included
+    assert log_rows(killed, "val_ppl") == log_rows(tmp_path / "full", "val_ppl")
+    a, state = checkpointing.load_checkpoint(tmp_path / "full" / "checkpoints" / "step_000006")
+    b = load_file(killed / "checkpoints" / "step_000006" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    groups = [group for entry in state["optimizer"].values() for group in entry["optimizer"]["param_groups"]]
+    assert {(g["weight_decay"], g["betas"]) for g in groups} == {(0.1, (0.9, 0.999))}  # --weight-decay reached AdamW
+    # one gradient resident at a time: the largest parameter's (all of them fp32 here)
+    assert summary["grad_bytes"] == max(v.numel() * 4 for v in a.values() if v.is_floating_point())
+    with pytest.raises(ValueError, match=r"different config or method \(seed: saved 0 vs now 1\)"):
+        run(killed, corpus, *extra, "--resume", "--seed", "1")  # another seed draws other supports and data
+
+
 def test_interrupted_save_leaves_no_complete_looking_checkpoint(tmp_path, monkeypatch):
     calls = []
 
