@@ -703,6 +703,24 @@ def test_streamed_validation_documents_are_joined_by_eos_as_training_documents_a
     assert torch.equal(training.micro_batches(0, 0)[0][0], validation[:32].long())  # packed alike
 
 
+def test_a_streamed_run_resumes_where_it_stopped(tmp_path, corpus, monkeypatch):
+    """A streamed dataset has no random access: the resumed run streams past the blocks of the steps it did, and
+    then trains on what the uninterrupted run trained on."""
+    import datasets
+
+    paragraphs = [p for p in Path(corpus[0]).read_text().split("\n\n") if p.strip()]
+    rows = {"train": [{"text": p} for p in paragraphs], "validation": [{"text": p} for p in paragraphs[:40]]}
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split, streaming: rows[split])
+    data.train_tokenizer(Path(corpus[0]).read_text(), 300).save(tmp_path / "tokenizer")
+    args = ["--model", MICRO, "--dataset", "fake", "--tokenizer", str(tmp_path / "tokenizer"), "--eval-blocks", "8"]
+    args += ["--eval-every", "3", "--save-every", "3"]
+    pretrain.main([*args, "--out-dir", str(tmp_path / "full")])
+    killed = killed_after(tmp_path / "full", tmp_path / "killed", 3)
+    pretrain.main([*args, "--out-dir", str(killed), "--resume"])
+    assert log_rows(killed) == log_rows(tmp_path / "full")
+    assert log_rows(killed, "val_ppl") == log_rows(tmp_path / "full", "val_ppl")
+
+
 def test_a_tokenizer_without_end_of_sequence_is_refused(tmp_path):
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
