@@ -172,6 +172,16 @@ def test_resume_with_per_layer_updates_across_a_relora_restart_equals_uninterrup
         run(killed, corpus, *extra, "--resume", "--seed", "1")  # another seed draws other supports and data
 
 
+def test_the_last_step_is_evaluated_and_checkpointed_off_the_cadence(tmp_path, corpus):
+    """5 steps, every 3: steps 3 and 5 are evaluated and saved (--save-every "and at the end"); each evaluation scores
+    the first --eval-blocks sequences, and the summary's val_ppl is the last one logged."""
+    summary = run(tmp_path, corpus, "--method", "sltrain", "--max-steps", "5", "--save-every", "3")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000003", "step_000005"]
+    val = log_rows(tmp_path, "val_ppl")
+    assert [r["step"] for r in val] == [3, 5] and summary["val_ppl"] == val[-1]["val_ppl"]
+    assert summary["val_tokens"] == 8 * (32 - 1)  # --eval-blocks 8 of the validation text's more than 8 blocks
+
+
 def test_interrupted_save_leaves_no_complete_looking_checkpoint(tmp_path, monkeypatch):
     calls = []
 
