@@ -452,6 +452,8 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus):
         (["--save-every", "-1"], "`--save-every` must be 0 or more, got -1"),
         (["--weight-decay", "-1"], "`--weight-decay` must be 0 or more, got -1.0"),
         (["--min-lr-ratio", "-1"], r"`--min-lr-ratio` must be in \[0, 1\], got -1.0"),
+        (["--min-lr-ratio", "1.5"], r"`--min-lr-ratio` must be in \[0, 1\], got 1.5"),
+        (["--global-batch", "0"], "`--global-batch` must be positive, got 0"),
         (["--resume", "--overwrite"], "pass one of them"),
         (["--method-arg", "foo"], "`--method-arg` must be KEY=VALUE, got 'foo'"),
         (["--method", "relora", "--method-arg", "relora_every=abc"], "relora_every must be a positive int, got 'abc'"),
@@ -488,6 +490,41 @@ def test_bad_input_fails_before_training(tmp_path, corpus, extra, message):
     with pytest.raises(ValueError, match=message):
         run(tmp_path / "out", corpus, *extra)
     assert not any(tmp_path.iterdir())  # nothing written, not even the tokenizer cache next to --out-dir
+
+
+def test_flag_checks_at_their_edges(tmp_path):
+    """What the bad-input list does not reach: a sequence as long as the position embeddings is fine; a streamed
+    dataset needs a hub tokenizer; a rank must fit the k/v projections, narrower than hidden under grouped-query
+    attention (1 k/v head of 8 here), as a clear error before anything runs."""
+
+    def resolve(*extra: str):
+        return pretrain.resolve(pretrain.parse_args(["--model", MICRO, "--out-dir", str(tmp_path / "out"), *extra]))
+
+    assert resolve("--seq-len", "64").seq_len == 64
+    with pytest.raises(ValueError, match=r"With `--dataset`, give a hub tokenizer \(e.g. `--tokenizer t5-base`"):
+        resolve("--dataset", "allenai/c4")
+    preset = json.loads(Path(MICRO).read_text())
+    preset["model"]["num_key_value_heads"] = 1
+    (tmp_path / "gqa.json").write_text(json.dumps(preset))
+    for method in ("sltrain", "lowrank"):
+        assert resolve("--model", str(tmp_path / "gqa.json"), "--method", method, "--rank", "8").rank == 8
+        with pytest.raises(ValueError, match=r"`--rank` 9 does not fit the model: it must be in \[1, 8\]"):
+            resolve("--model", str(tmp_path / "gqa.json"), "--method", method, "--rank", "9")
+    assert not any(tmp_path.glob("out*"))
+
+
+def test_the_seed_draws_the_sparse_supports():
+    """`--seed` reaches SLTrain's config: the same seed draws the same supports, another seed others."""
+
+    def supports(seed: int) -> list[torch.Tensor]:
+        args = pretrain.resolve(pretrain.parse_args(["--model", MICRO, "--out-dir", "x", "--seed", str(seed)]))
+        model = METHODS["sltrain"].build(micro_config(), pretrain.hyper_from_args(args))
+        assert model.peft_config["default"].seed == seed
+        return [m.sltrain_indices["default"] for m in model.modules() if isinstance(m, peft_sltrain.SLTrainLayer)]
+
+    seven, again, zero = supports(7), supports(7), supports(0)
+    assert len(seven) == 14 and all(torch.equal(a, b) for a, b in zip(seven, again))
+    assert not any(torch.equal(a, b) for a, b in zip(seven, zero))
 
 
 def test_preset_without_training_settings(tmp_path, corpus):
