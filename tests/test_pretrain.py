@@ -1059,6 +1059,34 @@ def test_bf16_autocast_trains(tmp_path, corpus):
     assert len(losses) == 3 and all(map(torch.isfinite, torch.tensor(losses))) and summary["val_ppl"] < 400
 
 
+@pytest.mark.parametrize("method, scale_key", [("galore", "scale"), ("fira", "alpha")])
+def test_galore_and_fira_take_their_method_args(method, scale_key):
+    """`--method-arg update_proj_gap=7 --method-arg scale=0.5` reach every projector the optimizer builds (Fira calls
+    the scale alpha), with the rank of `--rank`."""
+    argv = ["--model", MICRO, "--out-dir", "x", "--method", method, "--rank", "3"]
+    args = pretrain.resolve(
+        pretrain.parse_args([*argv, "--method-arg", "update_proj_gap=7", "--method-arg", "scale=0.5"])
+    )
+    hyper = pretrain.hyper_from_args(args)
+    model = METHODS[method].build(micro_config(), hyper)
+    optimizer = METHODS[method].make_optimizer(model, hyper)
+    ids = torch.ones(2, 8, dtype=torch.long)
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    projectors = [state["projector"] for state in optimizer.state.values() if "projector" in state]
+    assert len(projectors) == 14  # the 7 projections of each of 2 layers
+    assert {(p.rank, p.update_proj_gap, getattr(p, scale_key)) for p in projectors} == {(3, 7, 0.5)}
+
+
+@pytest.mark.parametrize("method", ["lora", "relora"])
+def test_lora_baselines_train_without_dropout(method):
+    """LoRA dropout 0 (README; ReLoRA's code has 0.1): in training mode, two forwards of a perturbed adapter agree."""
+    model = METHODS[method].build(micro_config(), Hyper(rank=4, alpha=1, max_steps=10)).train()
+    perturb_trainable(model)  # B = 0 would hide a dropout on the adapter's input
+    ids = torch.randint(0, micro_config().vocab_size, (2, 8))
+    torch.testing.assert_close(model(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
 def test_optimizer_state_bytes_count_galore_projectors():
     model = METHODS["galore"].build(micro_config(), Hyper(rank=4))
     optimizer = METHODS["galore"].make_optimizer(model, Hyper(rank=4))
