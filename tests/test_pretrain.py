@@ -221,6 +221,10 @@ def test_checkpoint_state_round_trip_without_pickle(tmp_path):
     assert loaded["opt"]["param_groups"][0]["betas"] == (0.9, 0.99)
     assert torch.equal(loaded["opt"]["state"][0]["exp_avg"], torch.arange(3.0))
     assert set(model_state) == {"a.weight", "b.weight"} and len(load_file(tmp_path / "c" / "model.safetensors")) == 1
+    rows = torch.arange(8.0).view(2, 4)  # two views of one storage, of one shape, at other offsets: not tied
+    checkpointing.save_checkpoint(tmp_path / "d", {"a": rows[0], "b": rows[1]}, {})
+    model_state, _ = checkpointing.load_checkpoint(tmp_path / "d")
+    assert model_state["a"].tolist() == [0, 1, 2, 3] and model_state["b"].tolist() == [4, 5, 6, 7]
 
 
 def test_merged_export_loads_as_plain_model(tmp_path, corpus):
@@ -617,6 +621,38 @@ def test_an_unreadable_tokenizer_cache_entry_is_trained_again(tmp_path, corpus):
     assert data.train_tokenizer(text, 300, cache_dir=tmp_path).encode(["Emma Woodhouse"]) == expected
     assert data.train_tokenizer(text, 300, cache_dir=tmp_path).encode(["Emma Woodhouse"]) == expected  # re-cached
     assert [p.name for p in tmp_path.iterdir()] == [entry.name]  # no temporary file left
+
+
+def test_the_tokenizer_cache_tells_vocabulary_sizes_apart(tmp_path, corpus):
+    text = data.read_text(corpus[0])[:20000]
+    small = data.train_tokenizer(text, 300, cache_dir=tmp_path)
+    large = data.train_tokenizer(text, 400, cache_dir=tmp_path)  # the same text: not the 300-token one from the cache
+    assert (small.vocab_size, large.vocab_size) == (300, 400) and len(list(tmp_path.iterdir())) == 2
+
+
+def test_samplers_give_each_process_its_slice_of_one_global_batch():
+    """BlockSampler: each epoch visits every block once, in a new order; the batch of step t depends on (seed, t)
+    only (a fresh sampler, as after a resume, gives it too); process k of 2 takes its slice of the global batch one
+    process would take. StreamingBlocks: the same slices of the packed stream."""
+    blocks = torch.arange(10).view(10, 1)
+    one = data.BlockSampler(blocks, micro_batch=2, grad_accum=1, world_size=1, seed=3)
+    batches = [torch.cat(one.micro_batches(step, 0)).flatten().tolist() for step in range(10)]
+    first, second = sum(batches[:5], []), sum(batches[5:], [])  # 5 steps of 2 blocks an epoch
+    assert sorted(first) == sorted(second) == list(range(10)) and first != second
+    assert torch.cat(data.BlockSampler(blocks, 2, 1, 1, seed=3).micro_batches(7, 0)).flatten().tolist() == batches[7]
+    two = data.BlockSampler(blocks, micro_batch=1, grad_accum=1, world_size=2, seed=3)
+    assert [[int(two.micro_batches(step, rank)[0]) for rank in (0, 1)] for step in range(10)] == batches
+
+    tokenizer = types.SimpleNamespace(encode=lambda texts: [[ord(c) for c in text] for text in texts], eos_token_id=0)
+    texts = ["abcde", "fg", "hijklmn", "o", "pqrstu", "vwxyz"] * 3
+
+    def streamed(micro_batch: int, world_size: int, rank: int) -> list[list[int]]:
+        sampler = data.StreamingBlocks(iter(texts), tokenizer, 3, micro_batch, 2, world_size)  # 2 accumulation steps
+        return [torch.cat(sampler.micro_batches(step, rank)).tolist() for step in range(2)]
+
+    whole, ranks = streamed(2, 1, 0), [streamed(1, 2, rank) for rank in (0, 1)]
+    assert [ranks[0][step] + ranks[1][step] for step in range(2)] == whole
+    assert whole[0][:2] == [[97, 98, 99], [100, 101, 0]]  # documents packed in order, each followed by EOS
 
 
 def test_streamed_dataset_problems_are_found_when_it_is_opened(monkeypatch):
