@@ -102,3 +102,16 @@ def test_runs_validated_on_different_text_are_flagged(tmp_path):
     for run, dataset_config in zip(runs[:2], ("en", "realnewslike")):
         (Path(run) / "run_config.json").write_text(json.dumps({**streamed, "dataset_config": dataset_config}))
     assert compare(*runs[:2]).stdout.strip().endswith("their validation text differ")
+
+
+def test_each_validation_setting_is_compared_alone_and_an_unrecorded_one_is_left_out(tmp_path):
+    """Another seq_len, another vocabulary: each flagged by itself; a run that recorded no data digest (an older
+    run) is left out of the comparisons it cannot take part in, not flagged as different."""
+    runs = [write_summary(tmp_path / name, "sltrain", 90.0) for name in ("a", "b", "c", "old")]
+    config = {"seq_len": 128, "data_sha256": {"validation": "v1", "vocabulary": "w1"}}
+    configs = (config, {**config, "seq_len": 256}, {**config, "data_sha256": {"validation": "v1", "vocabulary": "w2"}})
+    for run, run_config in zip(runs, (*configs, {"seq_len": 128})):
+        (Path(run) / "run_config.json").write_text(json.dumps(run_config))
+    assert compare(runs[0], runs[1]).stdout.strip().endswith("not on the same footing: their seq_len differ")
+    assert compare(runs[0], runs[2]).stdout.strip().endswith("not on the same footing: their vocabulary differ")
+    assert "note:" not in compare(runs[0], runs[3]).stdout
