@@ -297,6 +297,8 @@ def test_sample_refuses_bad_input(tmp_path, corpus):
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             sample.main([str(tmp_path), flag, value])
+    # an EOS and up to 63 new tokens fill the 64 positions: allowed (greedy may stop early, at an EOS)
+    assert len(sample.main([str(tmp_path), "--max-new-tokens", "63", "--num-samples", "1", "--temperature", "0"])) == 1
     (tmp_path / "final" / "config.json").unlink()  # as exported before the architecture was saved with it
     with pytest.raises(ValueError, match="SLTrain adapter without config.json"):
         sample.main([str(tmp_path)])
@@ -705,6 +707,15 @@ def test_a_dataset_without_validation_split_validates_on_local_files(tmp_path, c
     ids = card_loading_code(tmp_path / "out" / "final")["ids"]  # the card's prompt, as training saw documents
     prompt = tokenizer.hf("It is a truth universally acknowledged", add_special_tokens=False)["input_ids"]
     assert ids.tolist() == [[tokenizer.eos_token_id, *prompt]]
+    loaded = sample.load(tmp_path / "out" / "final")  # sample.py prompts the model as the card does
+    generate, prompts = loaded[0].generate, []
+    monkeypatch.setattr(
+        loaded[0], "generate", lambda ids, **kwargs: prompts.append(ids.tolist()) or generate(ids, **kwargs)
+    )
+    monkeypatch.setattr(sample, "load", lambda directory: loaded)
+    argv = [str(tmp_path / "out"), "--prompt", "It is a truth universally acknowledged", "--max-new-tokens", "2"]
+    sample.main([*argv, "--num-samples", "1"])
+    assert prompts == [ids.tolist()]
 
 
 class FakeAccelerator:
