@@ -27,6 +27,7 @@ from transformers import (
     BertConfig,
     BertForSequenceClassification,
     BertModel,
+    DataCollatorWithPadding,
     DebertaV2Config,
     DebertaV2ForSequenceClassification,
     RobertaModel,
@@ -262,9 +263,10 @@ def test_card_of_a_run_on_a_subset_from_another_head(tmp_path, tiny_model, data,
     head = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=3)
     head.save_pretrained(tmp_path / "three")
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "three")
-    extra = ("--ignore_mismatched_sizes", "true", "--max_eval_samples", "4", "--num_train_epochs", "1")
+    extra = ("--max_train_samples", "12", "--ignore_mismatched_sizes", "true", "--max_eval_samples", "4")
+    extra += ("--num_train_epochs", "1")
     summary = run(tmp_path, str(tmp_path / "three"), "mrpc", data["pair_train"], data["pair_validation"], *extra)
-    assert summary["eval_rows"] == {"validation": 4} and summary["eval_subset"]
+    assert summary["eval_rows"] == {"validation": 4} and summary["eval_subset"] and summary["train_rows"] == 12
     loaded = model_card_loading_code(tmp_path / "out")["model"]
     assert loaded.base_model.model.config.num_labels == 2
     card = ModelCard.load(tmp_path / "out" / "README.md")
@@ -565,6 +567,7 @@ def test_presets_fill_what_the_command_line_leaves_unset(task):
         (["--learning_rate", "-0.1"], "`--learning_rate` must be positive"),
         (["--num_train_epochs", "0"], "`--num_train_epochs` must be positive"),
         (["--per_device_train_batch_size", "0"], "`--per_device_train_batch_size` must be positive"),
+        (["--per_device_eval_batch_size", "0"], "`--per_device_eval_batch_size` must be positive"),
         (["--max_seq_length", "0"], "`--max_seq_length` must be positive"),
         (["--max_seq_length", "100"], "exceeds the tokenizer's model_max_length 32"),
         (["--lora_dropout", "1"], r"`--lora_dropout` must be in \[0, 1\)"),
@@ -703,6 +706,39 @@ def test_max_seq_length_is_checked_against_the_position_embeddings(tmp_path, tin
         position_biased_input=False, relative_attention=True, pos_att_type=["c2p", "p2c"]))  # fmt: skip
     assert run_glue.max_positions(deberta) is None
     deberta(input_ids=torch.full((1, 60), 5))
+
+
+def test_whole_number_float_labels_are_class_ids():
+    """pandas reads a label column holding a float as floats: 1.0 is class 1, while 0.5 is no class."""
+    sst2 = glue_tasks.get_task("sst2")
+    assert run_glue.label_ids(sst2, [1.0, 0.0, 1], "train") == [1, 0, 1]
+    with pytest.raises(ValueError, match=r"sst2 labels must be class ids in \[0, 1\] .*; train has \[0.5\]"):
+        run_glue.label_ids(sst2, [1.0, 0.5], "train")
+
+
+def test_a_merged_model_that_predicts_otherwise_is_refused(tmp_path, tiny_model, monkeypatch):
+    """`--merge_to` reloads what it wrote and compares its logits with the adapter's: a dense model that does not
+    predict what the adapter does (here its reload perturbed) stops the run, rather than being left as the result."""
+    from datasets import Dataset
+
+    argv = ["--task_name", "mrpc", "--output_dir", str(tmp_path / "out"), "--merge_to", str(tmp_path / "merged")]
+    model_args, _, _ = run_glue.parse_args([*argv, "--model_name_or_path", tiny_model])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
+    model = get_peft_model(base, run_glue.adapter_config(model_args))
+    rows = Dataset.from_dict({**tokenizer(["the cat sat", "a dog ran far"], ["on a mat", "home"]), "labels": [0, 1]})
+    load = run_glue.AutoModelForSequenceClassification.from_pretrained
+
+    def perturbed(directory):
+        reloaded = load(directory)
+        with torch.no_grad():
+            reloaded.classifier.out_proj.bias.add_(1.0)  # every logit 1.0 above the adapter's
+        return reloaded
+
+    monkeypatch.setattr(run_glue.AutoModelForSequenceClassification, "from_pretrained", perturbed)
+    collator = DataCollatorWithPadding(tokenizer)
+    with pytest.raises(RuntimeError, match="does not predict what the adapter does: .*'max_abs_logit_diff'"):
+        run_glue.export_merged(model, tokenizer, rows, collator, model_args)
 
 
 def test_merge_to_must_not_hold_an_adapter(tmp_path, monkeypatch):
