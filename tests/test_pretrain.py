@@ -871,6 +871,23 @@ def test_existing_runs_are_never_overwritten_by_mistake(tmp_path, corpus):
         run(tmp_path / "fresh", corpus, "--method", "sltrain", "--resume")
 
 
+def test_overwrite_starts_afresh_and_resume_needs_a_checkpoint(tmp_path, corpus):
+    """`--overwrite` deletes the earlier run: none of its checkpoints, log rows or export is mixed into the new one.
+    `--resume` of a run that saved no checkpoint (killed while exporting) is refused, not started over in place."""
+    run(tmp_path, corpus, "--method", "sltrain", "--save-every", "3")
+    run(tmp_path, corpus, "--method", "full", "--max-steps", "2", "--save-every", "2", "--overwrite")
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_000002"]
+    assert [r["step"] for r in log_rows(tmp_path)] == [1, 2]
+    assert not (tmp_path / "final" / "adapter_config.json").exists()  # full-rank: a plain model, no adapter
+    assert json.loads((tmp_path / "run_config.json").read_text())["method"] == "full"
+    run(tmp_path / "unsaved", corpus, "--method", "sltrain", "--max-steps", "2")  # no --save-every
+    shutil.rmtree(tmp_path / "unsaved" / "final")
+    (tmp_path / "unsaved" / "summary.json").unlink()
+    with pytest.raises(ValueError, match="`--resume`: .*unsaved has no complete checkpoint yet"):
+        run(tmp_path / "unsaved", corpus, "--method", "sltrain", "--max-steps", "2", "--resume")
+    assert [r["step"] for r in log_rows(tmp_path / "unsaved")] == [1, 2]
+
+
 def test_resumed_export_keeps_the_runs_timing(tmp_path, corpus):
     first = run(tmp_path, corpus, "--method", "sltrain", "--max-steps", "2", "--save-every", "2")
     shutil.rmtree(tmp_path / "final")  # the export to redo: resuming trains no step
@@ -886,6 +903,7 @@ def test_killed_export_leaves_the_run_resumable(tmp_path, corpus, monkeypatch):
     def killed(self, directory, **kwargs):  # dies while writing final/
         Path(directory).mkdir(parents=True, exist_ok=True)
         (Path(directory) / "adapter_config.json").write_text("{")
+        (Path(directory) / "model.safetensors").write_bytes(b"partial")  # no adapter writes this name
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
@@ -897,6 +915,7 @@ def test_killed_export_leaves_the_run_resumable(tmp_path, corpus, monkeypatch):
     assert json.loads((tmp_path / "final" / "adapter_config.json").read_text())["peft_type"] == "SLTRAIN"
     assert "Finished by this command, resuming from a checkpoint" in (tmp_path / "final" / "README.md").read_text()
     assert (tmp_path / "summary.json").is_file() and not list(tmp_path.glob(".*.tmp"))
+    assert not (tmp_path / "final" / "model.safetensors").exists()  # the killed export's leftovers are not kept
 
 
 def test_save_removes_temporaries_of_killed_saves(tmp_path):
