@@ -462,6 +462,8 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus):
         (["--global-batch", "0"], "`--global-batch` must be positive, got 0"),
         (["--resume", "--overwrite"], "pass one of them"),
         (["--method-arg", "foo"], "`--method-arg` must be KEY=VALUE, got 'foo'"),
+        (["--method", "galore", "--method-arg", "scale=inf"], "scale must be a positive float, got 'inf'"),
+        (["--vocab-size", "299"], r"`--vocab-size` must be at least 300 \(256 bytes plus merges\), got 299"),
         (["--method", "relora", "--method-arg", "relora_every=abc"], "relora_every must be a positive int, got 'abc'"),
         (["--method", "relora", "--method-arg", "relora_every=0"], "relora_every must be a positive int, got '0'"),
         (
@@ -1046,6 +1048,20 @@ def test_lowrank_is_scaled_like_sltrain():
     x = torch.randn(3, layer.in_features)
     torch.testing.assert_close(layer(x), x @ (0.25 * layer.B @ layer.A).t())
     ids = torch.randint(0, micro_config().vocab_size, (2, 8))
+    logits = model.eval()(ids).logits
+    torch.testing.assert_close(METHODS["lowrank"].to_dense(model)(ids).logits, logits, rtol=0, atol=1e-5)
+
+
+def test_lowrank_dense_export_keeps_the_projection_biases():
+    """A preset may give LLaMA biased projections (`attention_bias`, `mlp_bias`): the dense export carries them."""
+    from methods import LowRankLinear
+
+    config = micro_config()
+    config.attention_bias = config.mlp_bias = True
+    model = METHODS["lowrank"].build(config, Hyper(rank=4, alpha=1))
+    perturb_trainable(model)  # biases start at 0
+    assert sum(isinstance(m, LowRankLinear) and m.bias is not None for m in model.modules()) == 14
+    ids = torch.randint(0, config.vocab_size, (2, 8))
     logits = model.eval()(ids).logits
     torch.testing.assert_close(METHODS["lowrank"].to_dense(model)(ids).logits, logits, rtol=0, atol=1e-5)
 
