@@ -264,6 +264,7 @@ def test_sltrain_final_loads_without_a_base_and_samples(tmp_path, corpus, capsys
         and card.data.model_name == "llama-micro-sltrain"
     )
     assert "--max-steps 2" in card.text and "validation perplexity" in card.text
+    assert re.search(r"trained on [\d,]+ tokens of `.*train.txt` in \d+ s \(one process on cpu\)", card.text)
     loaded = card_loading_code(final)
     assert isinstance(loaded["model"].base_model.model.model.layers[0].mlp.up_proj, peft_sltrain.SLTrainLayer)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
@@ -686,6 +687,7 @@ def test_a_dataset_without_validation_split_validates_on_local_files(tmp_path, c
     """`--validation-files` with `--dataset` replace its validation split (which many corpora lack); the dataset
     has none here, so any read of it fails."""
     import datasets
+    from huggingface_hub import ModelCard
 
     paragraphs = [p for p in Path(corpus[0]).read_text().split("\n\n") if p.strip()]
 
@@ -704,6 +706,7 @@ def test_a_dataset_without_validation_split_validates_on_local_files(tmp_path, c
     config = json.loads((tmp_path / "out" / "run_config.json").read_text())
     assert set(config["data_sha256"]) == {"validation", "vocabulary"}
     card = (tmp_path / "out" / "final" / "README.md").read_text()
+    assert ModelCard.load(tmp_path / "out" / "final" / "README.md").data.datasets == ["fake"]
     scored = f"over {summary['val_tokens']:,} predicted tokens of held-out text: its first {len(blocks)} sequences"
     assert scored + " of 32" in card
     ids = card_loading_code(tmp_path / "out" / "final")["ids"]  # the card's prompt, as training saw documents
