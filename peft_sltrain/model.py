@@ -113,8 +113,7 @@ class SLTrainModel(BaseTuner):
         super().inject_adapter(model, adapter_name, *args, **kwargs)
 
     def _check_new_adapter_config(self, config: SLTrainConfig) -> None:
-        super()._check_new_adapter_config(config)
-        config.validate()  # again: a field may have been changed since the config was built
+        super()._check_new_adapter_config(config)  # (`inject_adapter` validated the config before reading it)
         if len(self.peft_config) > 1 and any(c.from_scratch for c in self.peft_config.values()):
             names = sorted(name for name, c in self.peft_config.items() if c.from_scratch)
             raise ValueError(
