@@ -2,7 +2,9 @@
 
     python benchmarks/pretrain_bench.py                 # CPU default: tiny LLaMA, shared corpora, < 30 min on 2 cores
     python benchmarks/pretrain_bench.py --sweep-lr      # first: each method's best learning rate (short runs)
-    python benchmarks/pretrain_bench.py --size 60m --device-note "1x H100"   # the paper's 60M setting, on a GPU
+    python benchmarks/pretrain_bench.py --size 60m --device-note "1x H100"   # the 60M preset (its 512 x 256-token
+                                        # steps: 2000 of them are 80 passes over the shared corpora; the README's 60M
+                                        # table passes a one-pass budget after `--`)
 
 Every method runs `scripts/pretrain.py` in its own process (so that peak memory is its own), at its own best
 learning rate from the sweep file, and the results land in `benchmarks/results/pretrain_<size>.{json,png}` plus
