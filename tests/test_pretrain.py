@@ -779,13 +779,20 @@ def test_cli_stops_with_one_line_and_tells_a_diverged_loss_from_bad_input(monkey
     assert message.strip() == f"pretrain.py: error: {error}"
 
 
-def test_streamed_validation_documents_are_joined_by_eos_as_training_documents_are(tmp_path, corpus, monkeypatch):
+def fake_streamed_dataset(corpus, tokenizer_dir: Path, monkeypatch) -> list[str]:
+    """`datasets.load_dataset` streaming the corpus's paragraphs as a "train" split (its first 40 as "validation"),
+    and a tokenizer trained on the corpus saved in `tokenizer_dir` (a streamed run needs one given); the paragraphs."""
     import datasets
 
     paragraphs = [p for p in Path(corpus[0]).read_text().split("\n\n") if p.strip()]
     rows = {"train": [{"text": p} for p in paragraphs], "validation": [{"text": p} for p in paragraphs[:40]]}
     monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split, streaming: rows[split])
-    data.train_tokenizer(Path(corpus[0]).read_text(), 300).save(tmp_path / "tokenizer")
+    data.train_tokenizer(Path(corpus[0]).read_text(), 300).save(tokenizer_dir)
+    return paragraphs
+
+
+def test_streamed_validation_documents_are_joined_by_eos_as_training_documents_are(tmp_path, corpus, monkeypatch):
+    paragraphs = fake_streamed_dataset(corpus, tmp_path / "tokenizer", monkeypatch)
     tokenizer = data.load_tokenizer(str(tmp_path / "tokenizer"))
     blocked = []
     to_blocks = data.to_blocks
@@ -805,12 +812,7 @@ def test_streamed_validation_documents_are_joined_by_eos_as_training_documents_a
 def test_a_streamed_run_resumes_where_it_stopped(tmp_path, corpus, monkeypatch):
     """A streamed dataset has no random access: the resumed run streams past the blocks of the steps it did, and
     then trains on what the uninterrupted run trained on."""
-    import datasets
-
-    paragraphs = [p for p in Path(corpus[0]).read_text().split("\n\n") if p.strip()]
-    rows = {"train": [{"text": p} for p in paragraphs], "validation": [{"text": p} for p in paragraphs[:40]]}
-    monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split, streaming: rows[split])
-    data.train_tokenizer(Path(corpus[0]).read_text(), 300).save(tmp_path / "tokenizer")
+    fake_streamed_dataset(corpus, tmp_path / "tokenizer", monkeypatch)
     args = ["--model", MICRO, "--dataset", "fake", "--tokenizer", str(tmp_path / "tokenizer"), "--eval-blocks", "8"]
     args += ["--eval-every", "3", "--save-every", "3"]
     pretrain.main([*args, "--out-dir", str(tmp_path / "full")])
