@@ -45,7 +45,7 @@ def dense_weight(
 ) -> torch.Tensor:
     """A new (d_out, d_in) tensor `weight + scaling * B @ A + S` (`weight` may be `None`), in the tensors' dtype
     also under autocast (which would make the GEMM's result bf16 and leave `S`'s values fp32)."""
-    if _autocast_on(A.device.type):
+    if autocast_on(A.device.type):
         with torch.autocast(A.device.type, enabled=False):
             return dense_weight(A, B, values, indices, scaling, weight)
     if weight is None:
@@ -307,7 +307,7 @@ PATHS = ("dense", "factored")
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype `F.linear` computes in for input `x`: autocast's lower-precision dtype where autocast is on for x's
     device (it leaves float64 alone), else x's own."""
-    if x.dtype != torch.float64 and _autocast_on(x.device.type):
+    if x.dtype != torch.float64 and autocast_on(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
@@ -317,7 +317,7 @@ def autocast_off(device_type: str):
     return contextlib.nullcontext() if device_type == "meta" else torch.autocast(device_type, enabled=False)
 
 
-def _autocast_on(device_type: str) -> bool:
+def autocast_on(device_type: str) -> bool:
     """Whether autocast is on for the device type; never on meta (where asking raises), so shapes still work there."""
     return device_type != "meta" and torch.is_autocast_enabled(device_type)
 
@@ -389,7 +389,7 @@ def sltrain_linear(
         raise ValueError(f"`path` must be one of {PATHS}, got {path!r}.")
     if path == "factored":  # also on CUDA, where a missing kernel would only show in backward
         check_factored_supported(x.device, compute_dtype(x), setting="path='factored'")
-    if _autocast_on(x.device.type):
+    if autocast_on(x.device.type):
         x = x.to(compute_dtype(x))
         with torch.autocast(x.device.type, enabled=False):  # grads flow back to the originals, in their dtypes
             return _sltrain_linear_unchecked(x, A, B, values, indices, scaling, weight, bias, path)

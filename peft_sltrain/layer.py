@@ -20,7 +20,14 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import SLTrainConfig, is_all_linear
 from .cost import COMPUTE_CHOICES, choose_path
-from .functional import _sltrain_linear_unchecked, autocast_off, check_input, compute_dtype, dense_weight
+from .functional import (
+    _sltrain_linear_unchecked,
+    autocast_off,
+    autocast_on,
+    check_input,
+    compute_dtype,
+    dense_weight,
+)
 from .support import layer_seed, num_nonzeros, random_support
 
 # the layers SLTrain can replace
@@ -506,6 +513,8 @@ class Linear(nn.Module, SLTrainLayer):
         check_input(x, self.in_features)
         device_type = x.device.type
         dtype = compute_dtype(x)  # under autocast, as F.linear would; grads flow back to the fp32 params
+        if not self.quantization and not autocast_on(device_type):
+            self._check_input_dtype(x, active[0])
         if self.quantization:  # bitsandbytes computes x W0^T (+ bias) from its quantized weight; a branch per delta
             result = self.base_layer(x, *args, **kwargs)
             with autocast_off(device_type):
@@ -529,6 +538,18 @@ class Linear(nn.Module, SLTrainLayer):
             for name in active:
                 result = result + self._sltrain(name, x, self._path(name, x, dtype, has_weight=False))
             return result
+
+    def _check_input_dtype(self, x: torch.Tensor, adapter_name: str) -> None:
+        """Outside autocast, `nn.Linear` refuses an input whose dtype is not its weight's; so does an SLTrain layer
+        (its weight: `W0`, or the factors from scratch), rather than silently round the weights to a bf16 input."""
+        weight = self.get_base_layer().weight
+        weight = self.sltrain_A[adapter_name] if weight is None else weight
+        if x.dtype != weight.dtype:
+            raise ValueError(
+                f"The input of an SLTrain layer ({self.in_features} -> {self.out_features}) has dtype {x.dtype} but "
+                f"the layer's weights are {weight.dtype} (nn.Linear refuses this too): cast the input to "
+                f"{weight.dtype}, the model to {x.dtype}, or run under `torch.autocast`."
+            )
 
     def _warn_about_hooks_on(self, base: nn.Module) -> None:
         """The adapter computes the layer itself and never calls the base layer, so hooks on it would not run: say so

@@ -398,6 +398,25 @@ def test_adapter_names_per_row_are_refused(input_ids):
     assert model(input_ids[:2]).logits.shape[0] == 2  # without it, as before
 
 
+@pytest.mark.parametrize("from_scratch", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_an_input_of_another_dtype_is_refused_outside_autocast_as_nn_linear_does(dtype, from_scratch):
+    """An fp32 layer given a bf16 or fp64 input: nn.Linear raises, and so does the SLTrain layer (it used to round
+    its weights to the input's dtype silently); under autocast the same input runs."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 12))
+    x = torch.randn(3, 16, dtype=dtype)
+    with pytest.raises(RuntimeError, match="dtype"):
+        base(x)
+    model = get_peft_model(base, SLTrainConfig(r=2, sparsity=0.2, target_modules=["0"], from_scratch=from_scratch))
+    with pytest.raises(ValueError, match=f"has dtype {dtype} but the layer's weights are torch.float32"):
+        model(x)
+    assert model(x.float()).dtype == torch.float32
+    if dtype == torch.bfloat16:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model(x).dtype == torch.bfloat16
+
+
 def test_autocast_leaves_float64_alone_and_merging_under_it_works():
     """Autocast leaves fp64 layers in fp64 (the wrapped layer must too), and merging reads the weights as they are."""
     base = nn.Sequential(nn.Linear(16, 12)).double()
