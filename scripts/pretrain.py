@@ -571,7 +571,12 @@ def evaluate(model, blocks: torch.Tensor, micro_batch: int, accelerator: Acceler
     mean = total[0].item() / total[1].item()
     if not math.isfinite(mean):
         raise FloatingPointError(f"Validation loss became {mean}; lower `--lr` or use `--grad-clip`.")
-    return math.exp(mean) if mean < 709 else math.inf  # (math.exp overflows past 709.78)
+    if mean >= 709:  # exp overflows past 709.78 nats (uniform guessing is ln(vocab), about 10): a diverged model, and
+        raise FloatingPointError(  # an infinite perplexity would make summary.json invalid JSON (`Infinity`)
+            f"Validation loss became {mean:.1f} nats per token, a perplexity beyond a float's range; lower `--lr` or "
+            "use `--grad-clip`."
+        )
+    return math.exp(mean)
 
 
 def plot_losses(log_path: Path, png_path: Path, title: str) -> None:

@@ -752,7 +752,9 @@ def test_evaluate_refuses_a_non_finite_loss_and_does_not_overflow():
             return types.SimpleNamespace(loss=torch.tensor(self.loss))
 
     blocks = torch.zeros(2, 5, dtype=torch.int32)
-    assert pretrain.evaluate(Model(800.0), blocks, 2, FakeAccelerator()) == math.inf  # exp(800) overflows a float
+    assert pretrain.evaluate(Model(708.0), blocks, 2, FakeAccelerator()) == pytest.approx(math.exp(708.0))
+    with pytest.raises(FloatingPointError, match="Validation loss became 800.0 nats per token, a perplexity beyond"):
+        pretrain.evaluate(Model(800.0), blocks, 2, FakeAccelerator())  # exp(800) overflows: never `Infinity` in JSON
     with pytest.raises(FloatingPointError, match="Validation loss became nan; lower `--lr`"):
         pretrain.evaluate(Model(math.nan), blocks, 2, FakeAccelerator())
 
