@@ -137,6 +137,18 @@ def test_a_peft_model_file_loads_into_an_injected_model(tmp_path, input_ids, sav
     torch.testing.assert_close(injected(input_ids).logits, model(input_ids).logits, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("from_scratch", [False, True])
+def test_transformers_load_adapter_loads_a_saved_adapter_bit_exactly(tmp_path, input_ids, from_scratch):
+    """Transformers' own `model.load_adapter(path)` (its PEFT integration, no PeftModel) gives the saved model's
+    logits to the bit; from scratch into a base with other random weights, which the file's tensors replace."""
+    model = get_peft_model(tiny_llama(seed=1), SLTrainConfig(r=4, sparsity=0.05, from_scratch=from_scratch))
+    perturb_trainable(model)
+    model.save_pretrained(tmp_path)
+    base = tiny_llama(seed=1 if not from_scratch else 2)
+    base.load_adapter(str(tmp_path))
+    torch.testing.assert_close(base(input_ids).logits, model(input_ids).logits, rtol=0, atol=0)
+
+
 def test_the_files_supports_are_the_ones_loaded(tmp_path, input_ids):
     """`save_support=True` keeps each layer's support in the file, so that an adapter stays right where the seed, the
     layer names or the random generator would give another one: loading takes the file's, not the regenerated ones."""
