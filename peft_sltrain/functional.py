@@ -59,8 +59,23 @@ def dense_weight(
 def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """`scaling * a @ b` in one kernel: the scaling rides in the GEMM (`beta=0` ignores the unset 0-d input). On a
     GPU, layer calls at the 60M-350M shapes are launch-bound (docs/compute_paths.md, "On a GPU"): every kernel
-    saved counts."""
-    return torch.addmm(a.new_empty(()), a, b, beta=0.0, alpha=scaling)
+    saved counts, and so does every op dispatched (the 0-d input is made once per device and dtype)."""
+    return torch.addmm(_unused_input(a), a, b, beta=0.0, alpha=scaling)
+
+
+_UNUSED_INPUTS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _unused_input(like: torch.Tensor) -> torch.Tensor:
+    """A 0-d tensor of `like`'s device and dtype for `addmm`'s input where `beta=0` (never read, never written)."""
+    if torch.compiler.is_compiling():  # a fresh one in the graph, rather than a global tensor captured in it
+        return like.new_empty(())
+    key = (like.device, like.dtype)
+    unused = _UNUSED_INPUTS.get(key)
+    if unused is None:
+        with torch.inference_mode(False), torch.no_grad():  # a normal tensor, whatever mode the first call ran in
+            unused = _UNUSED_INPUTS[key] = torch.empty((), device=like.device, dtype=like.dtype)
+    return unused
 
 
 class _SparseLowRankLinear(torch.autograd.Function):

@@ -25,7 +25,6 @@ from .functional import (
     autocast_off,
     autocast_on,
     check_input,
-    compute_dtype,
     dense_weight,
 )
 from .support import layer_seed, num_nonzeros, random_support
@@ -50,6 +49,13 @@ WEIGHT_READ_DIRECTLY = {
     "mobilebert": ("cls.predictions.dense",),
     **dict.fromkeys(("detr", "conditional_detr"), ("bbox_attention.k_proj",)),
     "longcat_flash": ("router.classifier",),
+    # LayoutLMv2/v3's relative-position biases index their weight (`bias.weight[:, buckets]`)
+    **dict.fromkeys(("layoutlmv2", "layoutlmv3"), ("rel_pos_bias", "rel_pos_x_bias", "rel_pos_y_bias")),
+}
+# The same where a class reads some of its layers under some mode: {class name: (layer names, when)}
+WEIGHT_READ_DIRECTLY_BY_CLASS = {
+    "LSHSelfAttention": (("query_key", "value"), "in cached generation"),  # Reformer: einsum with the weights
+    "Gemma3nTextAltUp": (("correction_coefs", "prediction_coefs"), "in training mode"),  # clamps them, F.linear
 }
 # bitsandbytes' quantized weights (their layers, `Linear4bit` / `Linear8bitLt`, subclass `nn.Linear`), by class name
 BNB_WEIGHTS = {"Params4bit": "4-bit", "Int8Params": "8-bit"}
@@ -158,33 +164,36 @@ def has_own_forward(layer: nn.Module) -> bool:
 def weight_read_directly(model: nn.Module) -> dict[str, str]:
     """The linear layers of `model` whose weight the model reads directly (`WEIGHT_READ_DIRECTLY` and
     `settings_read_directly`), by name, each with the setting that makes it so ("" where it always is)."""
-    config = getattr(model, "config", None)
-    ends = WEIGHT_READ_DIRECTLY.get(getattr(config, "model_type", None), ())
-    found = {
-        name: ""
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and any(name == end or name.endswith("." + end) for end in ends)
-    }
+    found = {}
+    for prefix, sub in model.named_modules():  # each (sub-)model by its own type: a WavLM encoder in a composite too
+        ends = WEIGHT_READ_DIRECTLY.get(getattr(getattr(sub, "config", None), "model_type", None), ())
+        for name, m in sub.named_modules() if ends else ():
+            if isinstance(m, nn.Linear) and any(name == end or name.endswith("." + end) for end in ends):
+                found[f"{prefix}.{name}" if prefix else name] = ""
+        children, when = WEIGHT_READ_DIRECTLY_BY_CLASS.get(type(sub).__name__, ((), ""))
+        for child in children:
+            if isinstance(getattr(sub, child, None), nn.Linear):
+                found[f"{prefix}.{child}" if prefix else child] = f"{when}"
     return {**found, **settings_read_directly(model)}
 
 
 def settings_read_directly(model: nn.Module) -> dict[str, str]:
     """Layers read directly only under some settings: BLOOM's `dense` and `dense_4h_to_h` where its attention and MLP
     run `pretraining_tp > 1` with `slow_but_exact` (they slice those weights; PEFT resets the config's
-    `pretraining_tp`, which the modules copied when built), and DeBERTa's last `in_proj` with `z_steps > 1` (its
-    last layer is run again on query states, with the weight read in chunks)."""
+    `pretraining_tp`, which the modules copied when built), and DeBERTa's last `in_proj` where the `DebertaModel`'s
+    `z_steps` is above 1 (its last layer is run again on query states, with the weight read in chunks)."""
     found = {}
     for name, module in model.named_modules():
         if getattr(module, "slow_but_exact", False) is True and getattr(module, "pretraining_tp", 1) > 1:
             for child in ("dense", "dense_4h_to_h"):
                 if isinstance(getattr(module, child, None), nn.Linear):
                     found[f"{name}.{child}" if name else child] = "with `pretraining_tp > 1` and `slow_but_exact`"
-    config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) == "deberta" and (getattr(config, "z_steps", 0) or 0) > 1:
-        last = f"encoder.layer.{config.num_hidden_layers - 1}.attention.self.in_proj"
-        for name, module in model.named_modules():
-            if isinstance(module, nn.Linear) and (name == last or name.endswith("." + last)):
-                found[name] = "with `z_steps > 1`"
+        # DeBERTa: the module's own `z_steps` (its config has none; DebertaModel sets 0, which a user may change)
+        layers = getattr(getattr(module, "encoder", None), "layer", None)
+        if isinstance(getattr(module, "z_steps", None), int) and module.z_steps > 1 and isinstance(layers, nn.Module):
+            last = f"encoder.layer.{len(layers) - 1}.attention.self.in_proj"
+            if isinstance(getattr(layers[-1].attention.self, "in_proj", None), nn.Linear):
+                found[f"{name}.{last}" if name else last] = "with `z_steps > 1`"
     return found
 
 
@@ -348,39 +357,31 @@ class SLTrainLayer(BaseTunerLayer):
         else:
             nn.init.zeros_(values)
 
-    def _path(self, adapter_name: str, x: torch.Tensor, dtype: torch.dtype, has_weight: bool) -> str:
-        """The compute path of one call (see `peft_sltrain.cost`): forward-only costs where no backward can follow,
-        under `torch.no_grad()` (and inference mode) in eval mode. In training mode the backward counts also without
-        grad: reentrant activation checkpointing runs its first forward there and recomputes it with grad, and both
-        must take one path for the checkpointed model to give the same bits. What requires a gradient does not count,
-        so that a model gives the same bits whether its parameters are frozen (loaded for inference) or not."""
-        return choose_path(
-            self.compute[adapter_name],
+    def _sltrain(self, name: str, x: torch.Tensor, weight=None, bias=None) -> torch.Tensor:
+        """Adapter `name`'s map on `x` (in the compute dtype, autocast off), plus `weight` and `bias` if given, on the
+        path the cost model picks for this call (`peft_sltrain.cost`). Its tensors go in their own dtype (the map
+        casts them), and are valid by construction: no checks per call.
+
+        The path counts forward-only costs where no backward can follow, under `torch.no_grad()` (and inference mode)
+        in eval mode. In training mode the backward counts also without grad: reentrant activation checkpointing runs
+        its first forward there and recomputes it with grad, and both must take one path for the checkpointed model to
+        give the same bits. What requires a gradient does not count, so that a model gives the same bits whether its
+        parameters are frozen (loaded for inference) or not."""
+        A, B, values = self.sltrain_A[name], self.sltrain_B[name], self.sltrain_values[name]
+        path = choose_path(
+            self.compute[name],
             n=x.numel() // self.in_features,
             d_in=self.in_features,
             d_out=self.out_features,
-            r=self.r[adapter_name],
-            nnz=self.sltrain_values[adapter_name].numel(),
+            r=self.r[name],
+            nnz=values.numel(),
             device=x.device,
-            dtype=dtype,
-            has_weight=has_weight,
+            dtype=x.dtype,
+            has_weight=weight is not None,
             backward=torch.is_grad_enabled() or self.training,
         )
-
-    def _base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor | None:
-        """The frozen `W0` as (d_out, d_in) in `dtype` (its own if None; a transposed view for Conv1D), or None from
-        scratch."""
-        weight = self.get_base_layer().weight
-        if weight is None:
-            return None
-        weight = weight if dtype is None else weight.to(dtype)
-        return weight.t() if self.fan_in_fan_out else weight
-
-    def _sltrain(self, name: str, x: torch.Tensor, path: str, weight=None, bias=None) -> torch.Tensor:
-        """Adapter `name`'s map on `x` (in the compute dtype, autocast off), plus `weight` and `bias` if given. Its
-        tensors go in their own dtype (the map casts them), and are valid by construction: no checks per call."""
-        tensors = (self.sltrain_A[name], self.sltrain_B[name], self.sltrain_values[name], self.sltrain_indices[name])
-        return _sltrain_linear_unchecked(x, *tensors, self.scaling[name], weight, bias, path)
+        indices = self.sltrain_indices[name]
+        return _sltrain_linear_unchecked(x, A, B, values, indices, self.scaling[name], weight, bias, path)
 
 
 class Linear(nn.Module, SLTrainLayer):
@@ -512,38 +513,47 @@ class Linear(nn.Module, SLTrainLayer):
 
         check_input(x, self.in_features)
         device_type = x.device.type
-        dtype = compute_dtype(x)  # under autocast, as F.linear would; grads flow back to the fp32 params
-        if not self.quantization and not autocast_on(device_type):
-            self._check_input_dtype(x, active[0])
+        autocast = autocast_on(device_type)
+        # under autocast, autocast's dtype as F.linear would (grads flow back to the fp32 params); fp64 it leaves alone
+        dtype = torch.get_autocast_dtype(device_type) if autocast and x.dtype != torch.float64 else x.dtype
         if self.quantization:  # bitsandbytes computes x W0^T (+ bias) from its quantized weight; a branch per delta
             result = self.base_layer(x, *args, **kwargs)
             with autocast_off(device_type):
                 x = x.to(dtype)
                 for name in active:
-                    delta = self._sltrain(name, x, self._path(name, x, dtype, has_weight=False))
+                    delta = self._sltrain(name, x)
                     result = result + delta.to(result.dtype)
             return result
+        # On a GPU a layer call at the 60M-350M shapes is bound by this Python and the ops it dispatches
+        # (docs/compute_paths.md, "On a GPU"): the base layer is looked up once per call
+        # (`benchmarks/layer_call_overhead.py` measures the work per call).
         base = self.get_base_layer()
+        weight = base.weight  # W0 (d_out, d_in), or (d_in, d_out) for Conv1D; None from scratch
+        if not autocast or x.dtype == torch.float64:  # no autocast cast applies
+            if weight is None:  # from scratch: the factors' dtype. Models that keep a layer in fp32 (T5's `wo` under
+                dtype = self.sltrain_A[active[0]].dtype  # fp16) cast its input to its `.weight`'s, None from scratch
+            else:  # nn.Linear refuses an input of another dtype than its weight's
+                self._check_input_dtype(x, weight)
         if not self._warned_about_hooks and (  # four dict lookups per call; the message only when there are hooks
             base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
         ):
             self._warn_about_hooks_on(base)
+        if weight is not None and self.fan_in_fan_out:
+            weight = weight.t()
         with autocast_off(device_type):
             x = x.to(dtype)
             if len(active) == 1:  # one fused map: W0 + delta is rebuilt inside, so W0 is multiplied only once
-                name, weight = active[0], self._base_weight()
-                return self._sltrain(name, x, self._path(name, x, dtype, weight is not None), weight, base.bias)
+                name = active[0]
+                return self._sltrain(name, x, weight, base.bias)
             bias = None if base.bias is None else base.bias.to(dtype)
-            result = F.linear(x, self._base_weight(dtype), bias)  # autocast is off here: W0 cast to x's dtype
+            result = F.linear(x, weight.to(dtype), bias)  # autocast is off here: W0 cast to x's dtype
             for name in active:
-                result = result + self._sltrain(name, x, self._path(name, x, dtype, has_weight=False))
+                result = result + self._sltrain(name, x)
             return result
 
-    def _check_input_dtype(self, x: torch.Tensor, adapter_name: str) -> None:
-        """Outside autocast, `nn.Linear` refuses an input whose dtype is not its weight's; so does an SLTrain layer
-        (its weight: `W0`, or the factors from scratch), rather than silently round the weights to a bf16 input."""
-        weight = self.get_base_layer().weight
-        weight = self.sltrain_A[adapter_name] if weight is None else weight
+    def _check_input_dtype(self, x: torch.Tensor, weight: torch.Tensor) -> None:
+        """Outside autocast (and for fp64, which autocast leaves alone), `nn.Linear` refuses an input whose dtype is
+        not its weight's; so does a fine-tuned SLTrain layer, rather than silently round `W0` to a bf16 input."""
         if x.dtype != weight.dtype:
             raise ValueError(
                 f"The input of an SLTrain layer ({self.in_features} -> {self.out_features}) has dtype {x.dtype} but "

@@ -448,10 +448,12 @@ def materialize_meta_parameters(model: nn.Module) -> None:
                     "build the model on a real device, or give it `reset_parameters()`."
                 )
             module.reset_parameters()
-    unset = {name: p for name, p in model.named_parameters() if id(p) in fresh_ids and _is_unset(p)}
+    unset = [name for name, p in model.named_parameters() if id(p) in fresh_ids and _is_unset(p)]
     if unset:  # checked at the first forward: loading an adapter (which holds every tensor) sets them before it
         handles = []
-        model.__dict__[_UNSET] = unset  # for saving and merging, which must not write the placeholders either
+        # by name, for saving and merging too (which must not write the placeholders either); looked up when checked,
+        # so that a parameter replaced since (a new nn.Parameter assigned, `load_state_dict(assign=True)`) counts
+        model.__dict__[_UNSET] = unset
 
         def refuse_unset(*_):
             refuse_unset_parameters(model, "running it")
@@ -487,7 +489,7 @@ def refuse_unset_parameters(model: nn.Module, doing: str) -> None:
     """`ValueError` if a parameter of `model` (or of a module in it) that no init set is still unset: its placeholder
     (NaN) would be computed with, saved or merged (`doing` says which)."""
     for module in model.modules():
-        still = [name for name, p in module.__dict__.get(_UNSET, {}).items() if _is_unset(p)]
+        still = [name for name in module.__dict__.get(_UNSET, ()) if _is_unset(_parameter_or_none(module, name))]
         if still:
             raise ValueError(
                 f"The model's own init leaves {len(still)} parameter(s) unset, e.g. {still[:3]}: their values come "
@@ -497,6 +499,13 @@ def refuse_unset_parameters(model: nn.Module, doing: str) -> None:
             )
 
 
+def _parameter_or_none(module: nn.Module, name: str) -> torch.Tensor | None:
+    try:
+        return module.get_parameter(name)
+    except AttributeError:  # gone since (its module replaced, or the parameter deleted): nothing unset is left there
+        return None
+
+
 def _unset_value(parameter: torch.Tensor):
     """What a parameter holds until an init sets it: NaN, or the dtype's lowest value for integers."""
     if parameter.is_floating_point() or parameter.is_complex():
@@ -504,8 +513,8 @@ def _unset_value(parameter: torch.Tensor):
     return False if parameter.dtype == torch.bool else torch.iinfo(parameter.dtype).min
 
 
-def _is_unset(parameter: torch.Tensor) -> bool:
-    if parameter.dtype == torch.bool:
+def _is_unset(parameter: torch.Tensor | None) -> bool:
+    if parameter is None or parameter.dtype == torch.bool:
         return False  # no value left to mark it with
     if parameter.is_floating_point() or parameter.is_complex():
         return bool(parameter.isnan().any())

@@ -523,7 +523,9 @@ def test_a_parameter_no_init_sets_is_refused_from_scratch(tmp_path):
     assert not (tmp_path / "unset" / "adapter_model.safetensors").exists()
     with pytest.raises(ValueError, match=r"\['logit_scale'\].*and merging it into a plain model would use"):
         model.merge_and_unload()
-    model.base_model.model.logit_scale.data.fill_(2.0)  # set by hand: saved, merged and run as any other
+    # set by hand, here by assigning a new parameter (the NaN one is gone): saved, merged and run as any other
+    model.base_model.model.logit_scale = torch.nn.Parameter(torch.tensor(2.0))
+    model(**inputs)
     model.save_pretrained(tmp_path / "set")
     assert model.merge_and_unload().logit_scale == 2.0
 
