@@ -1,0 +1,118 @@
+"""The CPU's work per layer call: what bounds SLTrain's GPU steps at 60M on 32k tokens (issue 6, docs/compute_paths.md
+"On a GPU"). A GPU waits on the CPU to launch each op, so the Python and dispatcher time of one layer's forward +
+backward, measured here on layers too small for their arithmetic to count (16 x 16, 32 tokens), is the time a GPU step
+loses per layer where it is launch-bound. Ratios to `nn.Linear` in the same run, interleaved rounds.
+
+    python benchmarks/layer_call_overhead.py                       # -> benchmarks/results/layer_call_overhead_cpu.json
+    python benchmarks/layer_call_overhead.py --lib ../old/tree     # another checkout's peft_sltrain (a before/after)
+
+Variants: `nn.Linear`; SLTrain's layer from scratch and fine-tuned (a frozen `W0`), on the dense path (the one CUDA
+bf16 runs) and, in fp32, the factored path; each under bf16 autocast (as GPU training runs) and in fp32. Also counted:
+the ops each forward + backward dispatches (views included; the second call, so that gradients accumulate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lib", type=Path, default=ROOT, help="the checkout whose peft_sltrain to measure")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--calls", type=int, default=2000, help="forward + backward calls per variant and round")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "layer_call_overhead_cpu.json")
+    args = p.parse_args()
+    sys.path.insert(0, str(args.lib.resolve()))
+    sys.path.insert(1, str(ROOT / "benchmarks"))
+    warnings.simplefilter("ignore")
+
+    import torch
+    from bench_env import environment, git_commit
+    from peft import get_peft_model
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import peft_sltrain
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)  # one thread: the work per call, not a thread pool's wake-up
+    d, tokens = 16, 32
+
+    def sltrain(from_scratch: bool, compute: str) -> torch.nn.Module:
+        config = peft_sltrain.SLTrainConfig(
+            r=4, sparsity=0.1, alpha=1, target_modules=["0"], from_scratch=from_scratch, compute=compute
+        )
+        return get_peft_model(torch.nn.Sequential(torch.nn.Linear(d, d)), config).base_model.model[0]
+
+    variants = {
+        "nn.Linear": lambda: torch.nn.Linear(d, d),
+        "sltrain scratch dense": lambda: sltrain(True, "dense"),
+        "sltrain fine-tune dense": lambda: sltrain(False, "dense"),
+        "sltrain scratch factored": lambda: sltrain(True, "factored"),
+    }
+    settings = {"bf16 autocast": torch.bfloat16, "fp32": None}
+    x = torch.randn(tokens, d, requires_grad=True)
+
+    def call(layer, autocast_dtype):
+        with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            y = layer(x)
+        y.backward(torch.ones_like(y))
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    cases = [(v, s) for s in settings for v in variants if not (s != "fp32" and "factored" in v)]
+    layers = {v: variants[v]() for v in variants}
+    ops = {}
+    for v, s in cases:
+        call(layers[v], settings[s])
+        with Count() as counted:
+            call(layers[v], settings[s])
+        ops[f"{v}, {s}"] = dict(collections.Counter(counted.ops).most_common())
+    seconds = collections.defaultdict(list)
+    for _ in range(args.rounds):
+        for v, s in cases:
+            layer, dtype = layers[v], settings[s]
+            for _ in range(100):
+                call(layer, dtype)
+            start = time.perf_counter()
+            for _ in range(args.calls):
+                call(layer, dtype)
+            seconds[(v, s)].append((time.perf_counter() - start) / args.calls)
+
+    rows = []
+    for v, s in cases:
+        us = statistics.median(seconds[(v, s)]) * 1e6
+        base = statistics.median(seconds[("nn.Linear", s)]) * 1e6
+        rows.append({"variant": v, "setting": s, "us_per_call": round(us, 2), "vs_nn_linear": round(us / base, 3),
+                     "extra_us": round(us - base, 2), "ops": sum(ops[f"{v}, {s}"].values()),
+                     "us_rounds": [round(t * 1e6, 2) for t in seconds[(v, s)]]})  # fmt: skip
+        print(f"{s:14s} {v:26s} {us:7.1f} us  {us / base:5.2f}x nn.Linear  {rows[-1]['ops']:3d} ops")
+    result = {
+        "command": "python benchmarks/layer_call_overhead.py " + " ".join(sys.argv[1:]),
+        "library_commit": git_commit() if args.lib.resolve() == ROOT else str(args.lib),
+        "shape": {"d_in": d, "d_out": d, "tokens": tokens, "r": 4, "sparsity": 0.1},
+        "environment": environment(),
+        "rows": rows,
+        "ops_by_name": ops,
+    }
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
