@@ -105,13 +105,21 @@ def main() -> None:
         print(f"{s:14s} {v:26s} {us:7.1f} us  {us / base:5.2f}x nn.Linear  {rows[-1]['ops']:3d} ops")
     result = {
         "command": "python benchmarks/layer_call_overhead.py " + " ".join(sys.argv[1:]),
-        "library_commit": git_commit() if args.lib.resolve() == ROOT else str(args.lib),
+        "library_commit": git_commit() if args.lib.resolve() == ROOT else _commit_of(args.lib),
         "shape": {"d_in": d, "d_out": d, "tokens": tokens, "r": 4, "sparsity": 0.1},
         "environment": environment(),
         "rows": rows,
         "ops_by_name": ops,
     }
     args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def _commit_of(checkout: Path) -> str:
+    """The commit another checkout (`--lib`) is at, else its path."""
+    import subprocess
+
+    done = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else str(checkout)
 
 
 if __name__ == "__main__":
