@@ -485,3 +485,19 @@ def test_quantized_bench_measures_smaller_weights_on_a_4bit_base(tmp_path):
     assert fp32["w0_bytes"] / 8 < four_bit["w0_bytes"] <= fp32["w0_bytes"] * 0.16
     assert four_bit["weights_bytes"] - four_bit["w0_bytes"] == fp32["weights_bytes"] - fp32["w0_bytes"]
     assert four_bit["step_s"] > 0 and four_bit["step_peak_bytes"] > 0
+
+
+def test_layer_call_overhead_measures_each_variant_against_nn_linear(tmp_path):
+    """A short run of the per-call benchmark (a fresh process: it sets torch to one thread): every variant and setting
+    gets a time, a ratio to nn.Linear's in the same run and its ops; SLTrain's layer dispatches more than nn.Linear."""
+    out = tmp_path / "overhead.json"
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "layer_call_overhead.py"
+    subprocess.run([sys.executable, str(script), "--rounds", "1", "--calls", "3", "--out", str(out)], check=True,
+                   capture_output=True)  # fmt: skip
+    result = json.loads(out.read_text())
+    rows = {(r["variant"], r["setting"]): r for r in result["rows"]}
+    assert len(rows) == 7 and ("sltrain scratch factored", "bf16 autocast") not in rows
+    for setting in ("bf16 autocast", "fp32"):
+        assert rows[("nn.Linear", setting)]["vs_nn_linear"] == 1.0
+        assert rows[("sltrain scratch dense", setting)]["ops"] > rows[("nn.Linear", setting)]["ops"] > 0
+    assert result["ops_by_name"]["sltrain scratch dense, bf16 autocast"]["index_add_"] == 2  # rebuilt twice
