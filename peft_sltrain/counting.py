@@ -74,8 +74,8 @@ def targeted_linear_names(model: nn.Module, config: SLTrainConfig) -> list[str]:
             except ValueError as error:
                 raise ValueError(f"`target_modules` matched `{name}`: {error}") from None
             if name in read_directly:
-                setting = f" ({read_directly[name]})" if read_directly[name] else ""
-                model_type = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+                model_type, setting = read_directly[name]
+                setting = f" ({setting})" if setting else ""
                 raise ValueError(
                     f"`target_modules` matched `{name}`, whose weight this {model_type} model{setting} "
                     "reads directly instead of calling the layer: a replacement would be ignored (or, from scratch, "

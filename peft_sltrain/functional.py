@@ -68,13 +68,16 @@ _UNUSED_INPUTS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 def _unused_input(like: torch.Tensor) -> torch.Tensor:
     """A 0-d tensor of `like`'s device and dtype for `addmm`'s input where `beta=0` (never read, never written)."""
-    if torch.compiler.is_compiling():  # a fresh one in the graph, rather than a global tensor captured in it
-        return like.new_empty(())
+    if torch.compiler.is_compiling() or type(like) not in (torch.Tensor, torch.nn.Parameter):
+        return like.new_empty(())  # in a traced graph, or a tensor subclass's own (FakeTensor, DTensor)
     key = (like.device, like.dtype)
     unused = _UNUSED_INPUTS.get(key)
     if unused is None:
         with torch.inference_mode(False), torch.no_grad():  # a normal tensor, whatever mode the first call ran in
-            unused = _UNUSED_INPUTS[key] = torch.empty((), device=like.device, dtype=like.dtype)
+            unused = torch.empty((), device=like.device, dtype=like.dtype)
+        if type(unused) is not torch.Tensor:  # made under a mode (FakeTensorMode's): this call's only, never kept
+            return unused
+        _UNUSED_INPUTS[key] = unused
     return unused
 
 

@@ -161,20 +161,23 @@ def has_own_forward(layer: nn.Module) -> bool:
     )
 
 
-def weight_read_directly(model: nn.Module) -> dict[str, str]:
-    """The linear layers of `model` whose weight the model reads directly (`WEIGHT_READ_DIRECTLY` and
-    `settings_read_directly`), by name, each with the setting that makes it so ("" where it always is)."""
+def weight_read_directly(model: nn.Module) -> dict[str, tuple[str, str]]:
+    """The linear layers of `model` whose weight the model reads directly (`WEIGHT_READ_DIRECTLY` by each (sub-)model's
+    type, `WEIGHT_READ_DIRECTLY_BY_CLASS`, `settings_read_directly`), by name, each with the model type that reads it
+    and the setting that makes it do so ("" where it always does)."""
+    top = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
     found = {}
     for prefix, sub in model.named_modules():  # each (sub-)model by its own type: a WavLM encoder in a composite too
-        ends = WEIGHT_READ_DIRECTLY.get(getattr(getattr(sub, "config", None), "model_type", None), ())
+        model_type = getattr(getattr(sub, "config", None), "model_type", None)
+        ends = WEIGHT_READ_DIRECTLY.get(model_type, ())
         for name, m in sub.named_modules() if ends else ():
             if isinstance(m, nn.Linear) and any(name == end or name.endswith("." + end) for end in ends):
-                found[f"{prefix}.{name}" if prefix else name] = ""
+                found[f"{prefix}.{name}" if prefix else name] = (model_type, "")
         children, when = WEIGHT_READ_DIRECTLY_BY_CLASS.get(type(sub).__name__, ((), ""))
         for child in children:
             if isinstance(getattr(sub, child, None), nn.Linear):
-                found[f"{prefix}.{child}" if prefix else child] = f"{when}"
-    return {**found, **settings_read_directly(model)}
+                found[f"{prefix}.{child}" if prefix else child] = (model_type or top, when)
+    return {**found, **{name: (top, setting) for name, setting in settings_read_directly(model).items()}}
 
 
 def settings_read_directly(model: nn.Module) -> dict[str, str]:
@@ -530,10 +533,11 @@ class Linear(nn.Module, SLTrainLayer):
         base = self.get_base_layer()
         weight = base.weight  # W0 (d_out, d_in), or (d_in, d_out) for Conv1D; None from scratch
         if not autocast or x.dtype == torch.float64:  # no autocast cast applies
-            if weight is None:  # from scratch: the factors' dtype. Models that keep a layer in fp32 (T5's `wo` under
-                dtype = self.sltrain_A[active[0]].dtype  # fp16) cast its input to its `.weight`'s, None from scratch
+            if weight is None:  # from scratch: the wider of the input's and the factors' dtypes. Models that keep a
+                # layer in fp32 (T5's `wo` loaded in fp16) cast its input to its `.weight`'s, None from scratch
+                dtype = torch.promote_types(x.dtype, self.sltrain_A[active[0]].dtype)
             else:  # nn.Linear refuses an input of another dtype than its weight's
-                self._check_input_dtype(x, weight)
+                self._check_input_dtype(x, weight, autocast)
         if not self._warned_about_hooks and (  # four dict lookups per call; the message only when there are hooks
             base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
         ):
@@ -551,14 +555,15 @@ class Linear(nn.Module, SLTrainLayer):
                 result = result + self._sltrain(name, x)
             return result
 
-    def _check_input_dtype(self, x: torch.Tensor, weight: torch.Tensor) -> None:
+    def _check_input_dtype(self, x: torch.Tensor, weight: torch.Tensor, autocast: bool) -> None:
         """Outside autocast (and for fp64, which autocast leaves alone), `nn.Linear` refuses an input whose dtype is
         not its weight's; so does a fine-tuned SLTrain layer, rather than silently round `W0` to a bf16 input."""
         if x.dtype != weight.dtype:
+            way = "(autocast leaves float64 alone)" if autocast else "or run under `torch.autocast`"
             raise ValueError(
                 f"The input of an SLTrain layer ({self.in_features} -> {self.out_features}) has dtype {x.dtype} but "
                 f"the layer's weights are {weight.dtype} (nn.Linear refuses this too): cast the input to "
-                f"{weight.dtype}, the model to {x.dtype}, or run under `torch.autocast`."
+                f"{weight.dtype} or the model to {x.dtype} {way}."
             )
 
     def _warn_about_hooks_on(self, base: nn.Module) -> None:

@@ -492,8 +492,9 @@ def test_layer_call_overhead_measures_each_variant_against_nn_linear(tmp_path):
     gets a time, a ratio to nn.Linear's in the same run and its ops; SLTrain's layer dispatches more than nn.Linear."""
     out = tmp_path / "overhead.json"
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "layer_call_overhead.py"
-    subprocess.run([sys.executable, str(script), "--rounds", "1", "--calls", "3", "--out", str(out)], check=True,
-                   capture_output=True)  # fmt: skip
+    done = subprocess.run([sys.executable, str(script), "--rounds", "1", "--calls", "3", "--out", str(out)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     rows = {(r["variant"], r["setting"]): r for r in result["rows"]}
     assert len(rows) == 7 and ("sltrain scratch factored", "bf16 autocast") not in rows

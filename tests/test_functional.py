@@ -560,3 +560,19 @@ def test_torch_kernels_refuse_a_repeated_index(monkeypatch):
     repeated[1] = repeated[0]
     with pytest.raises(ValueError, match=r"`indices` must be strictly increasing flat indices in \[0, 120\)"):
         sltrain_linear(**(t | {"indices": repeated}), scaling=1.0, path="factored")
+
+
+def test_a_call_under_fake_tensor_mode_leaves_later_eager_calls_right():
+    """The dense path keeps one unset 0-d input per device and dtype for its scaled GEMMs: a first call traced with
+    fake tensors (a memory or shape estimate, no torch.compile) must not leave a fake one there for eager calls."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from peft_sltrain import functional
+
+    functional._UNUSED_INPUTS.clear()
+    ours = make_inputs(batch=(3,), with_weight=False)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = sltrain_linear(**ours, scaling=0.5, path="dense")  # real inputs, fake results
+        assert tuple(fake.shape) == (3, 10) and type(fake) is not torch.Tensor
+    assert all(type(t) is torch.Tensor for t in functional._UNUSED_INPUTS.values())
+    torch.testing.assert_close(sltrain_linear(**ours, scaling=0.5, path="dense"), reference(**ours, scaling=0.5))
