@@ -535,7 +535,8 @@ class Linear(nn.Module, SLTrainLayer):
         if not autocast or x.dtype == torch.float64:  # no autocast cast applies
             if weight is None:  # from scratch: the wider of the input's and the factors' dtypes. Models that keep a
                 # layer in fp32 (T5's `wo` loaded in fp16) cast its input to its `.weight`'s, None from scratch
-                dtype = torch.promote_types(x.dtype, self.sltrain_A[active[0]].dtype)
+                factors = self.sltrain_A[active[0]].dtype
+                dtype = dtype if factors == dtype else torch.promote_types(dtype, factors)  # (a dispatched op)
             else:  # nn.Linear refuses an input of another dtype than its weight's
                 self._check_input_dtype(x, weight, autocast)
         if not self._warned_about_hooks and (  # four dict lookups per call; the message only when there are hooks
