@@ -867,6 +867,21 @@ def test_wavlms_attention_projections_are_left_out():
     assert all(p.grad is not None for n, p in model.named_parameters() if "sltrain_B" in n)
 
 
+def assert_refused_and_left_out(build, model_type: str = r"\w+") -> nn.Module:
+    """For `build()` = (model, the name of a layer whose weight the model reads directly, the setting that makes it do
+    so): the name is refused saying which model (and setting) reads it, and "all-linear" leaves the layer out. Returns
+    the all-linear model."""
+    torch.manual_seed(0)
+    model, name, setting = build()
+    message = rf"matched `{re.escape(name)}`, whose weight this {model_type} model{re.escape(setting)}"
+    with pytest.raises(ValueError, match=message):
+        get_peft_model(model, SLTrainConfig(r=2, target_modules=[name]))
+    peft_model = get_peft_model(build()[0], SLTrainConfig(r=2, target_modules="all-linear"))
+    replaced = [n for n, m in peft_model.named_modules() if isinstance(m, SLTrainLayer)]
+    assert replaced and not any(n.endswith(name) for n in replaced)
+    return peft_model
+
+
 def _mobilebert():
     config = transformers.MobileBertConfig(
         vocab_size=64, hidden_size=32, embedding_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -897,14 +912,7 @@ def test_debertas_last_in_proj_is_left_out_only_where_its_model_sets_z_steps():
     name = "deberta.encoder.layer.1.attention.self.in_proj"
     model = get_peft_model(transformers.DebertaForMaskedLM(config), SLTrainConfig(r=2, target_modules=[name]))
     assert isinstance(model.get_submodule("base_model.model." + name), SLTrainLayer)
-    model, name, setting = _deberta_z_steps()
-    with pytest.raises(
-        ValueError, match=rf"matched `{re.escape(name)}`, whose weight this deberta model{re.escape(setting)}"
-    ):
-        get_peft_model(model, SLTrainConfig(r=2, target_modules=[name]))
-    model = get_peft_model(_deberta_z_steps()[0], SLTrainConfig(r=2, target_modules="all-linear"))
-    replaced = [n for n, m in model.named_modules() if isinstance(m, SLTrainLayer)]
-    assert replaced and not any(n.endswith(name) for n in replaced)  # (Transformers 5.24's z_steps path crashes)
+    assert_refused_and_left_out(_deberta_z_steps, "deberta")  # (Transformers 5.24's z_steps path crashes)
 
 
 @pytest.mark.parametrize("build", [_mobilebert, _bloom_slow_but_exact])
@@ -913,15 +921,7 @@ def test_layers_read_directly_by_a_head_or_a_setting_are_left_out(build):
     slices its output projections' weights (DeBERTa's case is tested below). An adapter
     there would be ignored: "all-linear" leaves the layer out (and every adapter it places is used), a name is refused
     saying which setting does it."""
-    torch.manual_seed(0)
-    model, name, setting = build()
-    message = rf"matched `{re.escape(name)}`, whose weight this \w+ model{re.escape(setting)}"
-    with pytest.raises(ValueError, match=message):
-        get_peft_model(model, SLTrainConfig(r=2, target_modules=[name]))
-    model, _, _ = build()
-    peft_model = get_peft_model(model, SLTrainConfig(r=2, target_modules="all-linear"))
-    replaced = [n for n, m in peft_model.named_modules() if isinstance(m, SLTrainLayer)]
-    assert replaced and not any(n.endswith(name) for n in replaced)
+    peft_model = assert_refused_and_left_out(build)
     ids = torch.randint(0, 64, (1, 6))
     peft_model(input_ids=ids, labels=ids).loss.backward()
     grads = [p.grad for n, p in peft_model.named_parameters() if "sltrain_B" in n]
@@ -979,15 +979,7 @@ def test_layers_read_directly_by_a_class_or_a_sub_model_are_refused_and_left_out
     a WavLM encoder inside a speech encoder-decoder hands its attention weights to `multi_head_attention_forward` (the
     message names the sub-model's type). An adapter there would be ignored (from scratch, the model would crash): a
     name is refused, "all-linear" leaves the layer out (with r = 2, also the narrow ones)."""
-    torch.manual_seed(0)
-    model, name, setting = build()
-    with pytest.raises(
-        ValueError, match=rf"matched `{re.escape(name)}`, whose weight this \w+ model{re.escape(setting)}"
-    ):
-        get_peft_model(model, SLTrainConfig(r=2, target_modules=[name]))
-    peft_model = get_peft_model(build()[0], SLTrainConfig(r=2, target_modules="all-linear"))
-    replaced = [n for n, m in peft_model.named_modules() if isinstance(m, SLTrainLayer)]
-    assert replaced and not any(n.endswith(name) for n in replaced)
+    assert_refused_and_left_out(build)
 
 
 def test_jambas_dt_proj_is_left_out():
