@@ -918,7 +918,7 @@ def test_debertas_last_in_proj_is_left_out_only_where_its_model_sets_z_steps():
 @pytest.mark.parametrize("build", [_mobilebert, _bloom_slow_but_exact])
 def test_layers_read_directly_by_a_head_or_a_setting_are_left_out(build):
     """MobileBERT's MLM head multiplies by its `dense` weight; BLOOM with `pretraining_tp > 1` and `slow_but_exact`
-    slices its output projections' weights (DeBERTa's case is tested below). An adapter
+    slices its output projections' weights (DeBERTa's case has a test of its own). An adapter
     there would be ignored: "all-linear" leaves the layer out (and every adapter it places is used), a name is refused
     saying which setting does it."""
     peft_model = assert_refused_and_left_out(build)
@@ -972,14 +972,22 @@ def _wavlm_in_a_composite():
     return transformers.SpeechEncoderDecoderModel(config), "encoder.encoder.layers.0.attention.k_proj", ""
 
 
-@pytest.mark.parametrize("build", [_layoutlmv3, _reformer_lsh, _gemma3n_altup, _wavlm_in_a_composite])
-def test_layers_read_directly_by_a_class_or_a_sub_model_are_refused_and_left_out(build):
+@pytest.mark.parametrize(
+    "build, model_type",
+    [
+        (_layoutlmv3, "layoutlmv3"),
+        (_reformer_lsh, "reformer"),
+        (_gemma3n_altup, "gemma3n_text"),
+        (_wavlm_in_a_composite, "wavlm"),
+    ],
+)
+def test_layers_read_directly_by_a_class_or_a_sub_model_are_refused_and_left_out(build, model_type):
     """LayoutLMv3 indexes its relative-position biases' weights; Reformer's LSH attention multiplies by its `value`
     and `query_key` weights in cached generation; Gemma3n's AltUp clamps its coefficient layers' weights in training;
     a WavLM encoder inside a speech encoder-decoder hands its attention weights to `multi_head_attention_forward` (the
     message names the sub-model's type). An adapter there would be ignored (from scratch, the model would crash): a
     name is refused, "all-linear" leaves the layer out (with r = 2, also the narrow ones)."""
-    assert_refused_and_left_out(build)
+    assert_refused_and_left_out(build, model_type)
 
 
 def test_jambas_dt_proj_is_left_out():
