@@ -17,6 +17,7 @@ import argparse
 import collections
 import json
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -116,8 +117,6 @@ def main() -> None:
 
 def _commit_of(checkout: Path) -> str:
     """The commit another checkout (`--lib`) is at, else its path."""
-    import subprocess
-
     done = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
     return done.stdout.strip() if done.returncode == 0 else str(checkout)
 

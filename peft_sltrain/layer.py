@@ -25,6 +25,7 @@ from .functional import (
     autocast_off,
     autocast_on,
     check_input,
+    compute_dtype,
     dense_weight,
 )
 from .support import layer_seed, num_nonzeros, random_support
@@ -193,9 +194,11 @@ def settings_read_directly(model: nn.Module) -> dict[str, str]:
                     found[f"{name}.{child}" if name else child] = "with `pretraining_tp > 1` and `slow_but_exact`"
         # DeBERTa: the module's own `z_steps` (its config has none; DebertaModel sets 0, which a user may change)
         layers = getattr(getattr(module, "encoder", None), "layer", None)
-        if isinstance(getattr(module, "z_steps", None), int) and module.z_steps > 1 and isinstance(layers, nn.Module):
-            last = f"encoder.layer.{len(layers) - 1}.attention.self.in_proj"
-            if isinstance(getattr(layers[-1].attention.self, "in_proj", None), nn.Linear):
+        z_steps = getattr(module, "z_steps", None)
+        if isinstance(z_steps, int) and z_steps > 1 and isinstance(layers, nn.ModuleList) and len(layers):
+            attention = getattr(getattr(layers[-1], "attention", None), "self", None)
+            if isinstance(getattr(attention, "in_proj", None), nn.Linear):
+                last = f"encoder.layer.{len(layers) - 1}.attention.self.in_proj"
                 found[f"{name}.{last}" if name else last] = "with `z_steps > 1`"
     return found
 
@@ -517,8 +520,7 @@ class Linear(nn.Module, SLTrainLayer):
         check_input(x, self.in_features)
         device_type = x.device.type
         autocast = autocast_on(device_type)
-        # under autocast, autocast's dtype as F.linear would (grads flow back to the fp32 params); fp64 it leaves alone
-        dtype = torch.get_autocast_dtype(device_type) if autocast and x.dtype != torch.float64 else x.dtype
+        dtype = compute_dtype(x)  # under autocast, as F.linear would; grads flow back to the fp32 params
         if self.quantization:  # bitsandbytes computes x W0^T (+ bias) from its quantized weight; a branch per delta
             result = self.base_layer(x, *args, **kwargs)
             with autocast_off(device_type):
@@ -548,8 +550,7 @@ class Linear(nn.Module, SLTrainLayer):
         with autocast_off(device_type):
             x = x.to(dtype)
             if len(active) == 1:  # one fused map: W0 + delta is rebuilt inside, so W0 is multiplied only once
-                name = active[0]
-                return self._sltrain(name, x, weight, base.bias)
+                return self._sltrain(active[0], x, weight, base.bias)
             bias = None if base.bias is None else base.bias.to(dtype)
             result = F.linear(x, weight.to(dtype), bias)  # autocast is off here: W0 cast to x's dtype
             for name in active:
