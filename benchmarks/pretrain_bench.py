@@ -66,7 +66,8 @@ def _scripts_importable() -> None:
 
 
 class Diverged(RuntimeError):
-    """A run stopped because its loss became NaN or infinite (pretrain.py's exit status `DIVERGED`)."""
+    """A run stopped because its loss diverged: NaN, infinite, or past 709 nats in validation (pretrain.py's exit
+    status `DIVERGED`)."""
 
 
 def diverged_status() -> int:

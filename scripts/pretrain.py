@@ -51,7 +51,7 @@ from methods import METHODS, Hyper, adamw, get_method, parse_method_args  # noqa
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SIZES = sorted(p.stem.removeprefix("llama_") for p in CONFIGS.glob("llama_*.json"))
-DIVERGED = 3  # exit status of a run whose loss became NaN or infinite (`cli`)
+DIVERGED = 3  # exit status of a run whose loss became NaN or infinite, or validation past 709 nats (`cli`)
 
 
 # ------------------------------------------------------------------------------------------------- configuration
