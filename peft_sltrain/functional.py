@@ -293,10 +293,10 @@ class _FactoredSparseLowRankLinear(torch.autograd.Function):
         for start in range(0, x2.shape[0], chunk):
             xc, dyc = x2[start : start + chunk], dy[start : start + chunk]  # (c, d_in), (c, d_out)
             gx = grad_x[start : start + chunk] if need_x else None
-            if kernels and (need_x or need_values):  # dY S into gx, and dS
-                grad_values_c = cpu_kernels.sparse_grads(xc, dyc, indices, values, (d_out, d_in), gx, need_values)
-                if need_values:
-                    grad_values += grad_values_c
+            if kernels and need_values:  # dY S into gx (unless it is None), and dS (added, not kept alive)
+                grad_values += cpu_kernels.sparse_grads(xc, dyc, indices, values, (d_out, d_in), gx, True)
+            elif kernels and need_x:
+                cpu_kernels.sparse_grads(xc, dyc, indices, values, (d_out, d_in), gx, False)
             elif need_x or need_values:
                 dycT = dyc.t().contiguous()  # (d_out, c), shared by both products
                 if need_x:
@@ -311,6 +311,7 @@ class _FactoredSparseLowRankLinear(torch.autograd.Function):
                     gx.addmm_(dyc, W0)
             if need_A:
                 grad_A.addmm_(dycB.t(), xc, alpha=scaling)  # s (dY B)^T X
+            dycB = None  # freed before X A^T is made: one (c, r) intermediate alive at a time, not two
             if need_B:
                 grad_B.addmm_(dyc.t(), xc.mm(A.t()), alpha=scaling)  # s dY^T (X A^T), recomputed, not saved
         grad_weight = dy.t().mm(x2) if need_weight else None

@@ -576,3 +576,33 @@ def test_a_call_under_fake_tensor_mode_leaves_later_eager_calls_right():
         assert tuple(fake.shape) == (3, 10) and type(fake) is not torch.Tensor
     assert all(type(t) is torch.Tensor for t in functional._UNUSED_INPUTS.values())
     torch.testing.assert_close(sltrain_linear(**ours, scaling=0.5, path="dense"), reference(**ours, scaling=0.5))
+
+
+def _backward_peak_bytes(y: torch.Tensor, grad: torch.Tensor) -> int:
+    """Most tensor memory allocated at once during `y.backward(grad)`, above what existed before (the profiler's
+    allocation and free events, summed in order, as benchmarks/layer_bench.py measures it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        y.backward(grad)
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    running = peak = 0
+    for event in events:
+        running += event.nbytes()
+        peak = max(peak, running)
+    return peak
+
+
+@NEEDS_NUMBA
+def test_factored_backward_peaks_no_higher_than_the_dense_path():
+    """Where an (N, r) intermediate is no larger than W (N r <= d_out d_in), the factored backward on numba's kernels
+    holds no more tensor memory at once than the dense path's, which holds one transient (d_out, d_in) matrix: `dY B`
+    is freed before `X A^T` is made, and dS is added into its gradient without its own copy staying alive."""
+    peaks = {}
+    for path in ("dense", "factored"):
+        t = make_inputs(dtype=torch.float32, with_weight=False, with_bias=False, d_in=256, d_out=256, r=64, nnz=2000,
+                        batch=(768,))  # fmt: skip
+        y = sltrain_linear(**t, scaling=0.5, path=path)
+        peaks[path] = _backward_peak_bytes(y, torch.ones_like(y))
+    assert peaks["factored"] <= peaks["dense"], peaks
