@@ -180,7 +180,8 @@ def sweep(args) -> None:
     """Each method's best learning rate on a short run: the grid, extended by 3x beyond an edge that wins.
     A run in the sweep file is reused only if it records the command this invocation would run (same steps, corpus
     and flags after `--`); the others run again, so an interrupted or extended sweep only runs what is missing. The
-    file's command and machine are those of the last invocation that measured something; each run has its own."""
+    file's command and machine are those of the last invocation that measured something; each run made since runs
+    began to record their own (`cmd`, `commit`, `finished_at`) has its own."""
     steps = SIZES[args.size]["sweep_steps"]
     warmup, eval_every = steps // 10, steps
     path = args.results_dir / f"lr_sweep_{args.size}.json"

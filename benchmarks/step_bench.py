@@ -1,8 +1,9 @@
-"""Whole training steps: SLTrain's dense and factored compute paths against full-rank, at the paper's r and sparsity.
+r"""Whole training steps: SLTrain's dense and factored compute paths against full-rank, at the paper's r and sparsity.
 
     python benchmarks/step_bench.py                   # CPU, fp32: tiny and 60M-shaped LLaMA
     python benchmarks/step_bench.py --dtype bf16      # CPU, bf16 autocast: step_cpu_bf16.json
-    python benchmarks/step_bench.py --sizes 60m --variants full,sltrain-auto --rounds 11 --out step_cpu_60m.json
+    python benchmarks/step_bench.py --sizes 60m --variants full,sltrain-dense,sltrain-auto --rounds 11 \
+        --out step_cpu_60m.json
     python benchmarks/step_bench.py --device cuda     # GPU, bf16 autocast: 60M and 350M shapes
 
 One step = forward + backward + AdamW update on one batch. Each variant is timed over several steps after a warm-up

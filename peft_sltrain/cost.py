@@ -53,8 +53,9 @@ SPARSE_RELATIVE_COST: dict[tuple[str, torch.dtype], tuple[float, float, float]] 
     # sample, predicted / measured factored-to-dense ratio): 0.79 / 1.06 at delta = 0.01 and 0.97 / 1.04 at r = 32
     # (sent factored, slower), 1.10 / 0.94 and 1.38 / 0.97 at the 1B and 7B shapes (sent dense, slightly slower),
     # 7.36 / 3.16 at delta = 0.3. On 8192-token calls it picks dense at every paper shape, where factored measured
-    # 1.27-2.31x up to 350M. It picks factored for calls of at most 1024 tokens from 1024 x 2736 up (at most 16 to 256
-    # below): unmeasured, launch-bound ground.
+    # 1.27-2.31x up to 350M. It picks factored on smaller calls, from scratch in training up to 1.5k-3.6k tokens at
+    # the 1B and 7B shapes, 172-1137 at the 60M-350M ones and 13-23 at the tiny preset's (fewer with a frozen W0 or
+    # without grad): unmeasured, launch-bound ground.
     # bf16 and fp16 have no entry, so no factored path: torch 2.11's CUDA `sampled_addmm` lacks them.
     ("cuda", torch.float32): (23.6, 0.0, 427.4),
 }

@@ -29,6 +29,9 @@ depend on whether dY S is computed in the same pass (its loop pairs nonzeros, th
 kernels compile on first use per dtype (about 10 s each; fp32, fp64, bf16). With numba's GNU OpenMP threading
 layer, a process forked after its parent ran them must not run them itself (DataLoader workers do not; torchrun
 starts fresh processes).
+
+Timings in this module's comments without a results file named are development measurements (this project's 2-core
+CPU, fp32, 2 threads, 2048 tokens unless they say otherwise), not kept; `benchmarks/results/` holds the kept ones.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ Two exact ways to compute it (`path`):
   `dA = s (dY B)^T X`, `dB = s dY^T (X A^T)` (recomputed, not saved) and `dS` as a sampled dense-dense product: only
   the nnz entries of `dY^T X`. It costs `2 N r (3 d_out + 4 d_in)` dense and `6 N nnz` sparse multiply-adds
   against `6 N d_in d_out + 8 r d_in d_out` for the dense path; `peft_sltrain.cost` picks between them.
+
+Timings in this module's comments without a results file named are development measurements (this project's 2-core
+CPU, fp32, 2 threads, 2048 tokens unless they say otherwise), not kept; `benchmarks/results/` holds the kept ones.
 """
 
 from __future__ import annotations
@@ -211,8 +214,9 @@ def sparse_csr_transposed(values: torch.Tensor, indices: torch.Tensor, d_out: in
 
 # Transient numbers per chunk of the factored path, per device type: a chunk of c rows of x takes about c (d_in +
 # d_out) of them (the transposed copies of x and dY and the sparse product's output). On CPU, 2**19 (2 MiB in fp32)
-# keeps MKL's CSR products in cache: 0.2-0.3x a dense GEMM at 512-1376 wide layers, against 0.7-0.8x for 2048-row
-# chunks (and they waste time in per-call overhead on chunks of a few dozen rows). On CUDA there is no cache to stay
+# keeps MKL's CSR products in cache: 0.35x and 0.22x a dense GEMM at 512 x 1376 and 1024 x 2736 (`x S^T` in
+# benchmarks/results/sparse_kernels_cpu.json), against 0.7-0.8x for 2048-row chunks in development measurements (and
+# they waste time in per-call overhead on chunks of a few dozen rows). On CUDA there is no cache to stay
 # in and every chunk costs kernel launches, so chunks are 32x larger (2**24 numbers: 64 MiB in fp32); on an H200, CPU's
 # chunks in forward alone made the factored layer 1.2-2.4x slower (`factored_cpu_chunks` in
 # benchmarks/results/layer_cuda_fp32.json, a run whose backward still took CUDA's chunks).
@@ -246,8 +250,8 @@ class _FactoredSparseLowRankLinear(torch.autograd.Function):
         y = out.view(-1, d_out)  # (N, d_out)
         W0 = None if weight is None else weight.to(x.dtype)  # transient; `weight` itself is saved (see backward)
         kernels = cpu_kernels.supports(x.device, x.dtype)
-        if kernels:  # they block the tokens themselves and need no transposed copies: one chunk (chunks of
-            # 2**19 numbers saved 0.4-3 MiB of a layer's peak and cost up to 35% of its time, measured at 2048 tokens)
+        if kernels:  # they block the tokens themselves and need no transposed copies: one chunk (chunks of 2**19
+            # numbers would bound the (N, r) intermediates, but cost up to 35% of the layer's time at 2048 tokens)
             x2, chunk = x2.contiguous(), max(len(x2), 1)
         else:
             S, chunk = sparse_csr(values, indices, d_out, d_in), token_chunk(d_in, d_out, x.device.type)
