@@ -251,6 +251,46 @@ def test_an_adapter_from_the_hub_is_checked_as_a_local_one(tmp_path, monkeypatch
         assert SLTrainConfig.from_pretrained("alice/tiny-adapter", revision="v1").r == 4
 
 
+@pytest.mark.parametrize("from_scratch", [False, True])
+def test_push_to_hub_uploads_what_from_pretrained_loads_bit_exactly(tmp_path, monkeypatch, input_ids, from_scratch):
+    """PEFT's `push_to_hub` (Transformers' mixin: `save_pretrained` into a temporary folder, then one commit) with the
+    Hub replaced at `HfApi`'s level: the commit holds safetensors and the config, no pickle, and those files, as a
+    folder, load bit-exactly."""
+    import huggingface_hub
+    import transformers.utils.hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    commits = []
+
+    def create_repo(self, repo_id, **kwargs):
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        commits.append((repo_id, {op.path_in_repo: open(op.path_or_fileobj, "rb").read() for op in operations}))
+
+    def no_card(*args, **kwargs):  # a new repository: the mixin then writes its own card
+        raise EntryNotFoundError("404: README.md")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(transformers.utils.hub.ModelCard, "load", no_card)
+    torch.manual_seed(3)
+    model = get_peft_model(tiny_llama(seed=1), SLTrainConfig(r=4, sparsity=0.05, from_scratch=from_scratch)).eval()
+    perturb_trainable(model)
+    expected = model(input_ids).logits
+    model.push_to_hub("alice/tiny-sltrain")
+
+    [(repo_id, files)] = commits
+    assert repo_id == "alice/tiny-sltrain"
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files.keys()
+    assert not [name for name in files if name.endswith((".bin", ".pt", ".pth", ".pkl"))]
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    base = tiny_llama(seed=7)  # other weights: from scratch, nothing of the base may survive
+    loaded = PeftModel.from_pretrained(base if from_scratch else tiny_llama(seed=1), tmp_path).eval()
+    assert torch.equal(loaded(input_ids).logits, expected)
+
+
 def test_file_missing_tensors(tmp_path):
     weights = save_adapter(tmp_path)
     tensors = load_file(weights)
