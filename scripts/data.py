@@ -146,7 +146,7 @@ def load_tokenizer(name_or_path: str) -> Tokenizer:
     try:
         tokenizer = Tokenizer(AutoTokenizer.from_pretrained(name_or_path))
     except (OSError, ValueError) as error:  # no such directory, and the Hub unreachable or without that name
-        raise ValueError(f"`--tokenizer` {name_or_path!r} cannot be loaded: {error}") from None
+        raise ValueError(f"`--tokenizer` {name_or_path!r} cannot be loaded: {' '.join(str(error).split())}") from None
     if tokenizer.eos_token_id is None:
         raise ValueError(
             f"`--tokenizer` {name_or_path!r} has no end-of-sequence token, which the model's config, streamed "

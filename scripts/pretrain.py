@@ -61,8 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", help=f"size preset ({', '.join(SIZES)}) or a preset JSON file")
-    p.add_argument("--method", default="sltrain", help=f"one of: {', '.join(sorted(METHODS))}")
+    presets = ", ".join(SIZES)
+    p.add_argument("--model", default="tiny", help=f"size preset ({presets}) or a preset JSON (default: %(default)s)")
+    p.add_argument("--method", default="sltrain", help=f"one of: {', '.join(sorted(METHODS))} (default: %(default)s)")
     p.add_argument("--rank", type=int, help="rank r (default: the size preset's)")
     p.add_argument("--sparsity", type=float, help="SLTrain's delta (default: the size preset's)")
     p.add_argument("--alpha", type=float, help="SLTrain's alpha; B A is scaled by alpha / r (default: preset)")
@@ -81,18 +82,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tokenizer",
         default="train",
-        help="'train' (byte-level BPE on the training text) or a hub name / directory, e.g. t5-base",
+        help="'train' (byte-level BPE on the training text) or a hub name / directory, e.g. t5-base (default: "
+        "%(default)s)",
     )
-    p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of a trained tokenizer")
-    p.add_argument("--seq-len", type=int)
-    # optimisation
-    p.add_argument("--lr", type=float)
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        help="vocabulary of the tokenizer trained with `--tokenizer train` (default: the preset's model.vocab_size: "
+        "4096 for tiny, 32000 for 60m-7b); a hub tokenizer brings its own",
+    )
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's)")
+    # optimisation (every default: the size preset's, see configs/)
+    p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--min-lr-ratio", type=float, help="the cosine schedule ends at this fraction of --lr")
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--max-steps", type=int)
+    p.add_argument("--warmup-steps", type=int, help="linear warmup steps")
+    p.add_argument("--max-steps", type=int, help="optimizer steps")
     p.add_argument("--global-batch", type=int, help="sequences per optimizer step, over all processes")
     p.add_argument("--micro-batch", type=int, help="sequences per forward pass per process")
-    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--weight-decay", type=float, help="AdamW's decoupled weight decay")
     p.add_argument("--grad-clip", type=float, help="max global gradient norm; 0 disables")
     p.add_argument("--optimizer", choices=["adamw", "adam8bit"])
     p.add_argument(
@@ -108,10 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.compile the model's forward, in place (parameter names, checkpoints and exports are unchanged); "
         "compiling takes a while at the first step and at the first evaluation",
     )
-    p.add_argument("--seed", type=int, default=0, help="in [0, 2**32)")
+    p.add_argument("--seed", type=int, default=0, help="in [0, 2**32) (default: %(default)s)")
     # evaluation, checkpoints, output
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--eval-blocks", type=int, default=256, help="validation sequences per evaluation")
+    p.add_argument("--eval-every", type=int, default=100, help="validate every N steps and at the end (default: "
+                   "%(default)s)")  # fmt: skip
+    p.add_argument(
+        "--eval-blocks", type=int, default=256, help="validation sequences per evaluation (default: %(default)s)"
+    )
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps and at the end (0: never)")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
@@ -215,6 +225,13 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError("`--dataset` and `--train-files` both name the training text: pass one of them.")
     if args.dataset and args.tokenizer == "train":
         raise ValueError("With `--dataset`, give a hub tokenizer (e.g. `--tokenizer t5-base`, the paper's).")
+    if args.tokenizer == "train" and args.vocab_size is None:  # the preset's (LlamaConfig's default if it has none)
+        args.vocab_size = llama_config.vocab_size
+    elif args.tokenizer != "train" and args.vocab_size is not None:  # it would be ignored, yet recorded
+        raise ValueError(
+            f"`--vocab-size` is the size of a tokenizer trained here (`--tokenizer train`); `--tokenizer "
+            f"{args.tokenizer!r}` brings its own vocabulary: leave out --vocab-size."
+        )
     if args.per_layer_updates and method.make_optimizer is not adamw:
         raise ValueError(f"`--per-layer-updates` works with AdamW-trained methods, not `--method {method.name}`.")
     max_positions = args.model_config.get("max_position_embeddings", args.seq_len)
@@ -225,6 +242,10 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"`--warmup-steps` must be in [0, --max-steps), got {args.warmup_steps}{source}.")
     if "rank" in method.reads and args.rank <= 0:
         raise ValueError(f"`--rank` must be positive, got {args.rank}.")
+    if "sparsity" in method.reads and not 0 < args.sparsity < 1:  # (named as the flag, not as SLTrainConfig's field)
+        raise ValueError(f"`--sparsity` must be in (0, 1), got {args.sparsity}.")
+    if "alpha" in method.reads and not args.alpha > 0:
+        raise ValueError(f"`--alpha` must be positive (B A is scaled by alpha / r), got {args.alpha}.")
     if method.requires and importlib.util.find_spec(method.requires) is None:
         raise ValueError(
             f"`--method {method.name}` needs the {method.requires} package: pip install 'peft-sltrain[bench]'."
@@ -349,9 +370,11 @@ def check_out_dir(args: argparse.Namespace, config: dict) -> Path | None:
             raise ValueError(f"`--resume`: {run_file} is damaged ({error}); it cannot be resumed.") from None
         saved.setdefault("method_version", 1)  # (not recorded before there was a second)
         keys = (set(saved) | set(config)) - {"data_sha256"}  # checked once the data is read (`check_same_data`)
-        # not compared: a setting the method does not read (older runs recorded the preset's), and what older runs
-        # did not record (`eval_blocks`)
+        # not compared: a setting the method does not read (older runs recorded the preset's), what older runs did
+        # not record (`eval_blocks`), and the vocabulary size of a hub tokenizer (older runs recorded the unused
+        # flag; the vocabulary itself is compared with the data)
         keys -= {k for k in PRESET_SLTRAIN_KEYS if config.get(k) is None} | ({"eval_blocks"} - set(saved))
+        keys -= {"vocab_size"} if config["tokenizer"] != "train" else set()
         differ = sorted(k for k in keys if saved.get(k) != config.get(k))
         if differ:
             detail = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {config.get(k)!r}" for k in differ[:4])

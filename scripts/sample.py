@@ -33,11 +33,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="a pretrain.py run directory, or its final/ or merged/ export")
     p.add_argument("--prompt", default="", help="text to continue (default: none, start a new document)")
-    p.add_argument("--num-samples", type=int, default=3)
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely token (greedy)")
-    p.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens")
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--num-samples", type=int, default=3, help="texts to write (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens per text (default: %(default)s)")
+    p.add_argument(
+        "--temperature", type=float, default=0.8, help="0 picks the most likely token (greedy) (default: %(default)s)"
+    )
+    p.add_argument(
+        "--top-k", type=int, default=200, help="sample among the k most likely tokens (default: %(default)s)"
+    )
+    p.add_argument("--seed", type=int, default=1337, help="(default: %(default)s)")
     args = p.parse_args(argv)
     for name in ("num_samples", "max_new_tokens", "top_k"):
         if getattr(args, name) < 1:

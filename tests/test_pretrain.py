@@ -53,9 +53,7 @@ def run(out: Path, corpus, *extra: str) -> dict:
         corpus[0],
         "--validation-files",
         corpus[1],
-        "--vocab-size",
-        "300",
-        "--eval-every",
+        "--eval-every",  # (the tokenizer's size: the micro preset's vocab_size, 300)
         "3",
         "--eval-blocks",
         "8",
@@ -333,6 +331,24 @@ def test_logged_learning_rate_is_the_one_each_step_trained_at(tmp_path, corpus):
     assert lrs[2] == pytest.approx(0.003) and lrs[3] < lrs[2]  # then the cosine decay starts
 
 
+def test_vocab_size_defaults_to_the_presets_and_is_refused_with_a_hub_tokenizer(tmp_path):
+    """A trained tokenizer gets the preset's model.vocab_size unless --vocab-size is given (`--model 60m` is the 60M
+    shape); a hub tokenizer brings its own, so a --vocab-size beside it, which would be ignored, is refused."""
+    preset = json.loads(Path(MICRO).read_text())
+    preset["model"]["vocab_size"] = 320
+    (tmp_path / "preset.json").write_text(json.dumps(preset))
+
+    def resolved(*flags):
+        return pretrain.resolve(pretrain.parse_args(["--out-dir", "x", *flags]))
+
+    assert resolved("--model", str(tmp_path / "preset.json")).vocab_size == 320
+    assert resolved("--model", str(tmp_path / "preset.json"), "--vocab-size", "400").vocab_size == 400
+    assert (resolved().vocab_size, resolved("--model", "60m").vocab_size) == (4096, 32000)  # tiny, 60m
+    assert resolved("--tokenizer", "t5-base").vocab_size is None  # not loaded here: resolve checks flags only
+    with pytest.raises(ValueError, match=r"`--vocab-size` is the size of a tokenizer trained here .*'t5-base'"):
+        resolved("--tokenizer", "t5-base", "--vocab-size", "400")
+
+
 def test_schedule_is_warmup_then_cosine_to_the_min_lr_ratio_over_the_steps_after_warmup():
     """The whole curve, not only its direction: linear warmup over --warmup-steps, then a half cosine over the
     remaining max_steps - warmup_steps steps, from the peak down to --min-lr-ratio of it (and no lower)."""
@@ -484,6 +500,8 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus):
         (["--method", "lowrank", "--sparsity", "0.1"], r"does not use --sparsity \(it reads --rank, --alpha\)"),
         (["--method", "galore", "--alpha", "2", "--sparsity", "0.1"], "does not use --sparsity, --alpha"),
         (["--method", "lowrank", "--alpha", "0"], r"`--alpha` must be positive \(B A is scaled by alpha / r\), got 0"),
+        (["--alpha", "0"], r"`--alpha` must be positive \(B A is scaled by alpha / r\), got 0.0"),  # the flag's name
+        (["--sparsity", "1.5"], r"`--sparsity` must be in \(0, 1\), got 1.5"),
         (["--method", "relora", "--alpha", "-1"], "`--alpha` must be positive"),
         (
             ["--method", "relora", "--method-arg", "relora_every=6"],  # 6 steps
@@ -496,8 +514,9 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus):
     ],
 )
 def test_bad_input_fails_before_training(tmp_path, corpus, extra, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as refused:
         run(tmp_path / "out", corpus, *extra)
+    assert "\n" not in str(refused.value)  # one line, also where it quotes a library's error
     assert not any(tmp_path.iterdir())  # nothing written, not even the tokenizer cache next to --out-dir
 
 
