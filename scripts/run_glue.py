@@ -29,6 +29,7 @@ and the method, adapter settings and `--quantize` must be the checkpoint's), or 
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import math
@@ -109,8 +110,9 @@ METHODS = {
 }
 QUANTIZE, HEADS = model_card.QUANTIZE, model_card.UNQUANTIZED_HEADS  # --quantize: bitsandbytes' settings
 
-# TrainingArguments that the preset fills when they are not given on the command line
+# TrainingArguments that the preset fills when they are not given on the command line, and all it fills
 PRESET_TRAINING_FIELDS = {"learning_rate", "num_train_epochs", "per_device_train_batch_size"}
+PRESET_FIELDS = PRESET_TRAINING_FIELDS | {"rank", "sparsity", "alpha", "max_seq_length"}
 
 
 # -------------------------------------------------------------------------------------------------------- arguments
@@ -191,7 +193,11 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Training
     """Parse the command line, fill what it leaves unset from the task's preset, and check everything."""
     # no abbreviations: `--hub_tok SECRET` would be `--hub_token`, under a name that `redacted_command` might not know
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), allow_abbrev=False)
-    parser.set_defaults(**dict.fromkeys(PRESET_TRAINING_FIELDS))  # None = not given: the preset decides
+    for action in parser._actions:  # not given: the preset decides, and --help says so rather than "(default: None)"
+        if action.dest in PRESET_FIELDS:
+            action.default = argparse.SUPPRESS
+            if action.dest in PRESET_TRAINING_FIELDS:  # Transformers' help text, which names its own default
+                action.help = f"{action.help.split(' (default')[0].rstrip('. ')} (default: task preset)."
     namespace = vars(parser.parse_args(argv))
     task = get_task(namespace["task_name"])
     if not namespace["output_dir"]:  # TrainingArguments would fall back to ./trainer_output
@@ -209,8 +215,16 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Training
         "max_seq_length": preset.max_seq_length,
     }
     for key, value in from_preset.items():
-        if namespace[key] is None:
+        if namespace.get(key) is None:
             namespace[key] = value
+    for flag in ("bf16_full_eval", "fp16_full_eval"):  # the Trainer casts the model itself for them, in place
+        if namespace[flag]:  # (refused here, before TrainingArguments' own device checks could refuse it otherwise)
+            raise ValueError(
+                f"`--{flag}` casts the model in place at the final evaluation, so the adapter (and a merged export, "
+                "W0 included) would be saved in half precision; evaluate under autocast with `--bf16` / `--fp16`."
+            )
+    if namespace["bf16"] and not torch.accelerator.is_available():  # only a CPU: bf16 autocast there, which
+        namespace["use_cpu"] = True  # TrainingArguments refuses unless told `--use_cpu` ("doesn't support bf16/gpu")
     model_args, data_args, training_args = (
         cls(**{f.name: namespace[f.name] for f in fields(cls) if f.init and f.name in namespace})
         for cls in (ModelArguments, DataArguments, TrainingArguments)
@@ -265,12 +279,6 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, training_ar
             raise ValueError(
                 f"`{flag}` {path!r} holds the base model (`--model_name_or_path` {model_args.model_name_or_path!r}): "
                 "the run would write over it, or delete it; give another directory."
-            )
-    for flag in ("bf16_full_eval", "fp16_full_eval"):  # the Trainer casts the model itself for them, in place
-        if getattr(training_args, flag):
-            raise ValueError(
-                f"`--{flag}` casts the model in place at the final evaluation, so the adapter (and a merged export, "
-                "W0 included) would be saved in half precision; evaluate under autocast with `--bf16` / `--fp16`."
             )
     if training_args.do_predict:  # (`--do_train` and `--do_eval` are implied: every run trains, then evaluates)
         raise ValueError(
@@ -624,6 +632,12 @@ def one_line(error: Exception) -> str:
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
+def card_base_model(name_or_path: str) -> str:
+    """What the model card names as the base: a Hub id as given, a local directory as an absolute path, so that the
+    card's loading code works from any working directory (a card for the Hub gets `--base_model_id` instead)."""
+    return str(Path(name_or_path).resolve()) if Path(name_or_path).is_dir() else name_or_path
+
+
 def card_dataset_id(data_args: DataArguments) -> str:
     """What the model card names as the data set: `--dataset_id`, the Hub's GLUE, or the local train file's name."""
     if data_args.dataset_id:
@@ -724,14 +738,28 @@ def main(argv: list[str] | None = None) -> dict:
             compute = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
             settings = {**QUANTIZE[model_args.quantize], "llm_int8_skip_modules": skip_quantizing}  # trained ones
             quantization = BitsAndBytesConfig(**settings, bnb_4bit_compute_dtype=compute)
-        return AutoModelForSequenceClassification.from_pretrained(
-            model_args.model_name_or_path,
-            config=copy.deepcopy(config),  # loading quantized records its quantization in the config
-            cache_dir=model_args.cache_dir,
-            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
-            output_loading_info=True,
-            quantization_config=quantization,
-        )
+        try:
+            return AutoModelForSequenceClassification.from_pretrained(
+                model_args.model_name_or_path,
+                config=copy.deepcopy(config),  # loading quantized records its quantization in the config
+                cache_dir=model_args.cache_dir,
+                ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+                output_loading_info=True,
+                quantization_config=quantization,
+            )
+        except OSError as error:  # its config and tokenizer loaded: no weights there (or none reachable)
+            where = Path(model_args.model_name_or_path)
+            adapter = (where / "adapter_config.json").is_file()
+            hint = (
+                "it holds an adapter (adapter_config.json), not a base model: fine-tune its merged model instead "
+                "(`pretrain.py --merge` writes one to merged/; PEFT's `merge_and_unload()` makes one)"
+                if adapter
+                else "give a directory with the model's weights (model.safetensors), or a Hub id"
+            )
+            raise ValueError(
+                f"Cannot load the weights of `--model_name_or_path` {model_args.model_name_or_path!r} "
+                f"({one_line(error)}); {hint}."
+            ) from None
 
     unquantized = HEADS  # with --quantize: the modules loaded unquantized (recorded, so the model card loads them so)
     model, loading_info = load(unquantized)
@@ -770,7 +798,13 @@ def main(argv: list[str] | None = None) -> dict:
             print(
                 f"not in the checkpoint, so trained and saved with the adapter (modules_to_save): {', '.join(fresh)}"
             )
-        model = get_peft_model(model, peft_config)
+        try:
+            model = get_peft_model(model, peft_config)
+        except ValueError as error:  # the library names its config fields (`r`): say which flags set them
+            raise ValueError(
+                f"The adapter's settings do not fit {model_args.model_name_or_path!r} (`--rank` is `r`, `--sparsity` "
+                f"and `--alpha` their own, `--target_modules` the targets): {error}"
+            ) from None
     counts = peft_sltrain.module_parameter_counts(model)
     print(
         f"{task.name} / {model_args.method} ({METHODS[model_args.method]}): {counts.trainable:,} trainable of "
@@ -870,7 +904,7 @@ def main(argv: list[str] | None = None) -> dict:
     card = model_card.build_card(
         summary,
         peft_config=peft_config.to_dict() if peft_config is not None else None,
-        base_model=model_args.base_model_id or model_args.model_name_or_path,
+        base_model=model_args.base_model_id or card_base_model(model_args.model_name_or_path),
         dataset_id=card_dataset_id(data_args),
         repo_id=hub.repo_id if hub else None,
     )

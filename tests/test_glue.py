@@ -289,6 +289,15 @@ def model_card_loading_code(out: Path) -> dict:
     return namespace
 
 
+def test_the_card_of_a_relative_local_base_loads_from_another_directory(tmp_path, tiny_model, data, monkeypatch):
+    shutil.copytree(tiny_model, tmp_path / "models" / "tiny")
+    monkeypatch.chdir(tmp_path)
+    run(tmp_path, "models/tiny", "mrpc", data["pair_train"], data["pair_validation"], "--max_steps", "1")
+    monkeypatch.chdir(tmp_path / "out")  # where `models/tiny` does not exist
+    assert str(tmp_path / "models" / "tiny") in (tmp_path / "out" / "README.md").read_text()
+    assert "model" in model_card_loading_code(tmp_path / "out")
+
+
 def test_stsb_regression_end_to_end(tmp_path, tiny_model, data, offline_metrics):
     merged = tmp_path / "merged"
     summary = run(tmp_path, tiny_model, "stsb", data["stsb_train"], data["stsb_validation"], "--merge_to", str(merged))
@@ -1006,9 +1015,32 @@ def test_a_model_directory_without_its_tokenizer_is_refused(tmp_path, tiny_model
     assert not (tmp_path / "out").exists()
 
 
+def test_an_adapter_that_does_not_fit_the_model_names_the_flags(tmp_path, tiny_model, data):
+    """The library refuses a rank wider than a layer naming its field `r`; the script says which flag set it."""
+    with pytest.raises(ValueError, match=r"do not fit .*`--rank` is `r`.*: `r` must be in \[1, min\(d_in, d_out\)\]"):
+        run(tmp_path, tiny_model, "mrpc", data["pair_train"], data["pair_validation"], "--rank", "1000")
+
+
+@pytest.mark.parametrize("adapter", [False, True])
+def test_a_model_directory_without_weights_is_one_clear_error(tmp_path, tiny_model, data, adapter):
+    """A config and a tokenizer but no weights, e.g. pretrain.py's final/ (an SLTrain adapter beside its config): one
+    error naming the flag, and for an adapter what to fine-tune instead, not Transformers' traceback."""
+    weightless = tmp_path / "weightless"
+    shutil.copytree(tiny_model, weightless)
+    (weightless / "model.safetensors").unlink()
+    if adapter:
+        (weightless / "adapter_config.json").write_text("{}")
+    message = "holds an adapter .*merged model" if adapter else r"give a directory with the model's weights"
+    message = rf"Cannot load the weights of `--model_name_or_path` '.*weightless' .*{message}"
+    with pytest.raises(ValueError, match=message):
+        run(tmp_path, str(weightless), "mrpc", data["pair_train"], data["pair_validation"])
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
+        (["--bf16_full_eval"], "`--bf16_full_eval` casts the model in place"),  # also where the device has no bf16
         (["--bf16_full_eval", "--use_cpu", "true"], "`--bf16_full_eval` casts the model in place"),
         (["--fp16_full_eval", "--use_cpu", "true"], "`--fp16_full_eval` casts the model in place"),
         (["--do_predict"], "`--do_predict` is not supported"),
@@ -1020,6 +1052,16 @@ def test_training_arguments_this_script_cannot_honour_are_refused(tmp_path, extr
     extra = [str(tmp_path / e) if e == "mm.csv" else e for e in extra]
     with pytest.raises(ValueError, match=message):
         run_glue.parse_args(["--task_name", "sst2", "--output_dir", str(tmp_path / "out"), *extra])
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="a machine with an accelerator trains there")
+def test_bf16_on_a_machine_with_only_a_cpu_runs_on_the_cpu(tmp_path):
+    """TrainingArguments refuses `--bf16` without an accelerator unless told `--use_cpu`; with only a CPU there is
+    nowhere else to train, so the script tells it."""
+    _, _, training_args = run_glue.parse_args(["--task_name", "sst2", "--output_dir", str(tmp_path / "out"), "--bf16"])
+    assert training_args.bf16 and training_args.use_cpu and training_args.device.type == "cpu"
+    _, _, training_args = run_glue.parse_args(["--task_name", "sst2", "--output_dir", str(tmp_path / "out")])
+    assert not training_args.use_cpu  # nothing changed without --bf16
 
 
 def test_overwrite_output_dir_replaces_the_run(tmp_path, tiny_model, data, offline_metrics):
