@@ -16,6 +16,7 @@ from torch import nn
 
 from .config import SLTrainConfig, add_task_heads, is_all_linear
 from .layer import (
+    DTYPE_READ,
     bnb_quantization,
     check_rank,
     exclude_exactly,
@@ -61,7 +62,7 @@ def targeted_linear_names(model: nn.Module, config: SLTrainConfig) -> list[str]:
     """Names of the modules of `model` that `config` would replace (resolving defaults and `"all-linear"`).
     `ValueError` if one of them cannot be: not a linear layer, or narrower than `config.r`."""
     config = _resolved_config(model, config)
-    names, read_directly = [], weight_read_directly(model)
+    names, read_directly = [], weight_read_directly(model, config.from_scratch)
     adapted = []  # prefixes of layers that already carry an adapter: their insides are not candidates (as in PEFT)
     for name, module in model.named_modules():
         if any(name.startswith(prefix) for prefix in adapted):
@@ -73,13 +74,21 @@ def targeted_linear_names(model: nn.Module, config: SLTrainConfig) -> list[str]:
                 d_in, d_out = layer_features(module)
             except ValueError as error:
                 raise ValueError(f"`target_modules` matched `{name}`: {error}") from None
+            if name in read_directly and read_directly[name][1] == DTYPE_READ:
+                raise ValueError(
+                    f"`target_modules` matched `{name}`, whose weight's dtype this {read_directly[name][0]} model "
+                    "reads before calling the layer: from scratch the layer has no weight (an AttributeError at the "
+                    f'forward). Leave it out of `target_modules`{_defaults_note(model, config)} (`"all-linear"` '
+                    "leaves it out), or fine-tune."
+                )
             if name in read_directly:
                 model_type, setting = read_directly[name]
                 setting = f" ({setting})" if setting else ""
                 raise ValueError(
                     f"`target_modules` matched `{name}`, whose weight this {model_type} model{setting} "
                     "reads directly instead of calling the layer: a replacement would be ignored (or, from scratch, "
-                    'leave it without weight). Leave it out of `target_modules` (`"all-linear"` leaves it out).'
+                    f"leave it without weight). Leave it out of `target_modules`{_defaults_note(model, config)} "
+                    '(`"all-linear"` leaves it out).'
                 )
             check_rank(config.r, d_in, d_out, name)
             names.append(name)
@@ -88,6 +97,18 @@ def targeted_linear_names(model: nn.Module, config: SLTrainConfig) -> list[str]:
             refuse_quantized_from_scratch(module, name)
         _refuse_shared_weights(model, names)
     return names
+
+
+def _defaults_note(model: nn.Module, config: SLTrainConfig) -> str:
+    """For a refusal: where the targets are the model type's defaults (`target_modules` left unset), which to pass."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    try:
+        defaults = default_target_modules(model_type)
+    except ValueError:
+        return ""
+    if isinstance(config.target_modules, str) or set(config.target_modules or ()) != defaults:
+        return ""
+    return f" (they are {model_type}'s defaults, {sorted(defaults)}: pass them without it)"
 
 
 def _refuse_shared_weights(model: nn.Module, names: list[str]) -> None:

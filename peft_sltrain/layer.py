@@ -53,6 +53,16 @@ WEIGHT_READ_DIRECTLY = {
     # LayoutLMv2/v3's relative-position biases index their weight (`bias.weight[:, buckets]`)
     **dict.fromkeys(("layoutlmv2", "layoutlmv3"), ("rel_pos_bias", "rel_pos_x_bias", "rel_pos_y_bias")),
 }
+# Layers the model calls, but after reading their weight's dtype (`x.to(layer.weight.dtype)`, unguarded): fine-tuned
+# they keep `W0`, from scratch they have no weight (an AttributeError at the forward, or, built on the meta device,
+# inside Transformers' weight init), so they are refused from scratch only. As found in Transformers 5.24.
+WEIGHT_DTYPE_READ = {
+    **dict.fromkeys(("wav2vec2", "wav2vec2-conformer", "unispeech"), ("project_q",)),  # the *ForPreTraining models
+    "blip-2": ("text_projection",),
+    **dict.fromkeys(("dots3_note", "dots3_note_text"), ("weights_proj",)),  # (a composite, or its text model alone)
+    **dict.fromkeys(("granite_speech5_encoder", "granite_speech5_ctc"), ("input_linear",)),
+    "jev": ("proj",),
+}
 # The same where a class reads some of its layers under some mode: {class name: (layer names, when)}
 WEIGHT_READ_DIRECTLY_BY_CLASS = {
     "LSHSelfAttention": (("query_key", "value"), "in cached generation"),  # Reformer: einsum with the weights
@@ -162,23 +172,27 @@ def has_own_forward(layer: nn.Module) -> bool:
     )
 
 
-def weight_read_directly(model: nn.Module) -> dict[str, tuple[str, str]]:
+def weight_read_directly(model: nn.Module, from_scratch: bool = False) -> dict[str, tuple[str, str]]:
     """The linear layers of `model` whose weight the model reads directly (`WEIGHT_READ_DIRECTLY` by each (sub-)model's
-    type, `WEIGHT_READ_DIRECTLY_BY_CLASS`, `settings_read_directly`), by name, each with the model type that reads it
-    and the setting that makes it do so ("" where it always does)."""
+    type, `WEIGHT_READ_DIRECTLY_BY_CLASS`, `settings_read_directly`; from scratch also `WEIGHT_DTYPE_READ`), by name,
+    each with the model type that reads it and the setting that makes it do so ("" where it always does)."""
     top = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
     found = {}
     for prefix, sub in model.named_modules():  # each (sub-)model by its own type: a WavLM encoder in a composite too
         model_type = getattr(getattr(sub, "config", None), "model_type", None)
-        ends = WEIGHT_READ_DIRECTLY.get(model_type, ())
-        for name, m in sub.named_modules() if ends else ():
-            if isinstance(m, nn.Linear) and any(name == end or name.endswith("." + end) for end in ends):
-                found[f"{prefix}.{name}" if prefix else name] = (model_type, "")
+        for table, setting in ((WEIGHT_READ_DIRECTLY, ""), (WEIGHT_DTYPE_READ if from_scratch else {}, DTYPE_READ)):
+            ends = table.get(model_type, ())
+            for name, m in sub.named_modules() if ends else ():
+                if isinstance(m, nn.Linear) and any(name == end or name.endswith("." + end) for end in ends):
+                    found[f"{prefix}.{name}" if prefix else name] = (model_type, setting)
         children, when = WEIGHT_READ_DIRECTLY_BY_CLASS.get(type(sub).__name__, ((), ""))
         for child in children:
             if isinstance(getattr(sub, child, None), nn.Linear):
                 found[f"{prefix}.{child}" if prefix else child] = (model_type or top, when)
     return {**found, **{name: (top, setting) for name, setting in settings_read_directly(model).items()}}
+
+
+DTYPE_READ = "from scratch, for its dtype"  # the setting `weight_read_directly` gives `WEIGHT_DTYPE_READ`'s layers
 
 
 def settings_read_directly(model: nn.Module) -> dict[str, str]:
@@ -203,12 +217,12 @@ def settings_read_directly(model: nn.Module) -> dict[str, str]:
     return found
 
 
-def unreplaceable_linears(model: nn.Module) -> list[str]:
+def unreplaceable_linears(model: nn.Module, from_scratch: bool = False) -> list[str]:
     """Names of the linear layers of `model` that SLTrain cannot replace: the `out_proj` of a
     `torch.nn.MultiheadAttention` (which reads its weight directly), `nn.Linear` subclasses with a forward of their
     own (`has_own_forward`) and `weight_read_directly`. `"all-linear"` leaves them out; a name that matches one is
     refused."""
-    read_directly, names = set(weight_read_directly(model)), []
+    read_directly, names = set(weight_read_directly(model, from_scratch)), []
     for name, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention) and isinstance(module.out_proj, NonDynamicallyQuantizableLinear):
             names.append(f"{name}.out_proj" if name else "out_proj")
@@ -221,7 +235,7 @@ def exclude_unreplaceable_linears(config: SLTrainConfig, model: nn.Module) -> No
     """For `target_modules="all-linear"`, adds the model's `unreplaceable_linears` to `config.exclude_modules` (as
     exact names), so that the shorthand means every linear layer SLTrain can replace."""
     if is_all_linear(config.target_modules):
-        exclude_exactly(config, unreplaceable_linears(model))
+        exclude_exactly(config, unreplaceable_linears(model, config.from_scratch))
 
 
 def exclude_exactly(config: SLTrainConfig, names: list[str]) -> None:

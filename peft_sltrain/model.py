@@ -528,7 +528,9 @@ def _initialize_only(model: nn.Module, fresh_ids: set[int], sltrain_layers: list
     """Transformers' `model.initialize_weights()` on the fresh parameters alone (their ids: `fresh_ids`): every other
     tensor (trained, loaded or already initialised, the adapters included) is flagged as initialised meanwhile, and
     each replaced layer from scratch shows a meta weight of its shape, so that an init reaching it (a parent's) does
-    nothing."""
+    nothing. Meanwhile each replaced layer also answers its base layer's `reset_parameters()`, which some models' inits
+    call on their children (Wav2Vec2ForPreTraining's `project_hid`); Transformers guards `torch.nn.init` during
+    `initialize_weights`, so that it, too, sets only the fresh tensors (the base layer's bias)."""
     saved = [
         (obj, obj.__dict__.get(_FLAG, _FLAG)) for obj in [*model.parameters(), *model.buffers(), *model.modules()]
     ]
@@ -541,6 +543,9 @@ def _initialize_only(model: nn.Module, fresh_ids: set[int], sltrain_layers: list
             dtype = next(iter(layer.sltrain_A.values())).dtype
             base._parameters["weight"] = nn.Parameter(torch.empty(shape, device="meta", dtype=dtype), False)
             placeholders.append(base)
+    resettable = [layer for layer in sltrain_layers if hasattr(layer.get_base_layer(), "reset_parameters")]
+    for layer in resettable:
+        layer.__dict__["reset_parameters"] = layer.get_base_layer().reset_parameters
     try:
         for obj, _ in saved:
             if isinstance(obj, nn.Module):
@@ -549,6 +554,8 @@ def _initialize_only(model: nn.Module, fresh_ids: set[int], sltrain_layers: list
                 setattr(obj, _FLAG, True)
         model.initialize_weights()
     finally:
+        for layer in resettable:
+            layer.__dict__.pop("reset_parameters", None)
         for base in placeholders:
             base._parameters["weight"] = None
         for obj, flag in saved:

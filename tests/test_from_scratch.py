@@ -627,3 +627,54 @@ def test_fused_moe_experts_are_said_to_train_dense():
             SLTrainConfig(r=4, from_scratch=True, target_modules="all-linear"),
         )
     assert model.base_model.model.model.layers[0].mlp.experts.gate_up_proj.requires_grad
+
+
+def _tiny_wav2vec2_for_pretraining(meta: bool = False):
+    import transformers
+
+    config = transformers.Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, conv_dim=(8, 8),
+        conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2,
+        codevector_dim=16, proj_codevector_dim=16, num_codevectors_per_group=8, num_codevector_groups=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return (
+        meta_built(transformers.Wav2Vec2ForPreTraining, config)
+        if meta
+        else transformers.Wav2Vec2ForPreTraining(config)
+    )
+
+
+def test_a_layer_whose_weight_dtype_the_model_reads_is_refused_from_scratch_only():
+    """Wav2Vec2ForPreTraining calls `project_q`, but after casting to `project_q.weight.dtype`: from scratch the layer
+    has no weight, so naming it is refused (it used to fail at the forward) and "all-linear" leaves it out, while
+    fine-tuning, which keeps `W0`, adapts it."""
+    audio = torch.randn(1, 400)
+    with pytest.raises(ValueError, match=r"matched `project_q`, whose weight's dtype this wav2vec2 model reads"):
+        get_peft_model(
+            _tiny_wav2vec2_for_pretraining(), SLTrainConfig(r=2, target_modules=["project_q"], from_scratch=True)
+        )
+    model = get_peft_model(
+        _tiny_wav2vec2_for_pretraining(), SLTrainConfig(r=2, target_modules="all-linear", from_scratch=True)
+    )
+    assert not isinstance(model.base_model.model.project_q, SLTrainLayer)
+    assert isinstance(model.base_model.model.project_hid, SLTrainLayer)
+    assert model(audio).projected_quantized_states.isfinite().all()
+    fine_tuned = get_peft_model(_tiny_wav2vec2_for_pretraining(), SLTrainConfig(r=2, target_modules=["project_q"]))
+    assert isinstance(fine_tuned.base_model.model.project_q, SLTrainLayer) and fine_tuned(audio) is not None
+
+
+def test_an_init_that_resets_a_replaced_child_sets_only_its_fresh_tensors():
+    """Built on the meta device, Wav2Vec2ForPreTraining's init calls `project_hid.reset_parameters()`, which a
+    replaced layer answers with its base layer's (it used to raise an AttributeError inside Transformers): the bias is
+    set, the factors keep SLTrain's init. Its weight-norm convolution's values come from the constructor alone, so the
+    forward is then refused by name, as for any such parameter."""
+    model = get_peft_model(
+        _tiny_wav2vec2_for_pretraining(meta=True), SLTrainConfig(r=2, target_modules="all-linear", from_scratch=True)
+    )
+    project_hid = model.base_model.model.project_hid
+    assert "reset_parameters" not in project_hid.__dict__  # answered only during the init
+    assert project_hid.get_base_layer().bias.isfinite().all() and project_hid.get_base_layer().weight is None
+    assert not project_hid.sltrain_B["default"].any()  # B = 0: SLTrain's init, not nn.Linear's
+    with pytest.raises(ValueError, match=r"leaves 2 parameter\(s\) unset, e.g. \['wav2vec2.encoder.pos_conv_embed"):
+        model(torch.randn(1, 400))

@@ -928,6 +928,17 @@ def test_layers_read_directly_by_a_head_or_a_setting_are_left_out(build):
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
+def test_a_refusal_under_the_default_targets_says_which_to_pass():
+    """BLOOM's default targets include `dense`, which `pretraining_tp > 1` with `slow_but_exact` makes it read
+    directly: the user named no target, so the refusal lists the defaults to pass without it."""
+    model, _, _ = _bloom_slow_but_exact()
+    defaults = r"\['dense', 'dense_4h_to_h', 'dense_h_to_4h', 'query_key_value'\]"
+    with pytest.raises(ValueError, match=rf"\(they are bloom's defaults, {defaults}: pass them without it\)"):
+        get_peft_model(model, SLTrainConfig(r=2))
+    with pytest.raises(ValueError, match=r"Leave it out of `target_modules` \(`\"all-linear\"` leaves it out\)"):
+        get_peft_model(_bloom_slow_but_exact()[0], SLTrainConfig(r=2, target_modules=["dense"]))  # named: no list
+
+
 def _layoutlmv3():
     config = transformers.LayoutLMv3Config(
         vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=32,
