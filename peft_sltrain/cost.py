@@ -34,16 +34,15 @@ from . import cpu_kernels
 COMPUTE_CHOICES = ("auto", "dense", "factored")
 
 # (kappa_inf, kappa_row, tau) per (device type, dtype), for PyTorch's CSR kernels. CPU fp32: `cost_model_fit` of
-# benchmarks/results/layer_cpu_torch_kernels.json (a run from before the numba kernels existed; 15 layer shapes
-# from 128 x 344 to 4096 x 11008, r 32-1024, delta 0.01-0.3; 2 cores, torch 2.13): the transposed copies explain
-# most of what narrow layers pay, the short-row term little. It predicts the measured factored / dense-path time
-# ratio within 0.08 on the LLaMA shapes and 0.17 on the rank sweep, and overestimates it at delta >= 0.1 (all in
-# sample). A later run in benchmarks/results/layer_cpu.json fitted (9.0, 0.0, 124.1), closer on its own layers
-# (0.07 on the LLaMA shapes, where these constants miss by up to 0.22; the run now in that file fits (9.5, 5.6,
-# 141)), but it would send the 60M attention projections (512 x 512, measured 0.985x and 1.02x the dense path
-# there: the edge) factored, and whole 60M steps on these
-# kernels ran slower so (1.12x full-rank, every layer factored) than with them dense (0.97x; step_cpu.json as
-# committed before c952cd2). fp64 assumed alike.
+# benchmarks/results/layer_cpu_torch_kernels.json (a run from before the numba kernels existed; 15 layer shapes from
+# 128 x 344 to 4096 x 11008, r 32-1024, delta 0.01-0.3; 2 cores, torch 2.13): the transposed copies explain most of
+# what narrow layers pay, the short-row term little. It predicts the measured factored / dense-path time ratio within
+# 0.08 on the LLaMA shapes and 0.17 on the rank sweep, and overestimates it at delta >= 0.1 (all in sample). A later
+# run in benchmarks/results/layer_cpu.json fitted (9.0, 0.0, 124.1), closer on its own layers (0.07 on the LLaMA
+# shapes, where these constants miss by up to 0.22; later runs fitted (9.5, 5.6, 141) and, the one now in that file,
+# (7.8, 0.0, 201)), but it would send the 60M attention projections (512 x 512, measured 0.985x and 1.02x the dense
+# path there: the edge) factored, and whole 60M steps on these kernels ran slower so (1.12x full-rank, every layer
+# factored) than with them dense (0.97x; step_cpu.json as committed before c952cd2). fp64 assumed alike.
 SPARSE_RELATIVE_COST: dict[tuple[str, torch.dtype], tuple[float, float, float]] = {
     ("cpu", torch.float32): (11.1, 4.5, 138.0),
     ("cpu", torch.float64): (11.1, 4.5, 138.0),
@@ -64,13 +63,13 @@ SPARSE_RELATIVE_COST: dict[tuple[str, torch.dtype], tuple[float, float, float]] 
 # The same for numba's CPU kernels (`cpu_kernels.py`), used wherever they run. fp32: `cost_model_fit` of
 # benchmarks/results/layer_cpu.json as committed in c96e21a (same shapes and machine, the current kernels): a sparse
 # multiply-add costs 3.3 dense ones, with no short-row penalty, and the in-kernel block transposes take the tau term.
-# It predicted that run's factored / dense-path time ratio within 0.02 on the LLaMA shapes and within 0.03 on the
-# rank and sparsity sweeps, and predicts the run now in the file (the harness corrected: gradients cleared between
-# passes, rounds sized warm; it fits (3.2, 7.2, 60.8)) out of sample within 0.022 on the LLaMA shapes and the rank
-# sweep, 0.026 up to delta = 0.1 (1.20 for a measured 1.11 at 0.3). Narrow layers are the noisiest: the same
-# 128 x 344 layer measured 0.60, 0.87, 0.76 and 0.78 in four runs. Fitted with 2 threads on 2048 tokens: with many
-# threads and few tokens (fewer than 64 per thread leaves threads idle) the sparse part costs relatively more. fp64
-# assumed alike.
+# It predicted that run's factored / dense-path time ratio within 0.02 on the LLaMA shapes and within 0.03 on the rank
+# and sparsity sweeps, and predicts the run now in the file (the harness corrected: gradients cleared between passes,
+# rounds sized warm) out of sample within 0.05 on the LLaMA shapes (0.011 from 512 x 512 up), 0.028 on the rank sweep
+# and 0.025 up to delta = 0.1 (1.20 for a measured 1.12 at 0.3); that run fits (3.0, 23.7, 44.7). Narrow layers are the
+# noisiest: the same 128 x 344 layer measured 0.60, 0.87, 0.76, 0.78 and 0.81 in five runs. Fitted with 2 threads on
+# 2048 tokens: with many threads and few tokens (fewer than 64 per thread leaves threads idle) the sparse part costs
+# relatively more. fp64 assumed alike.
 # bf16: `cost_model_fit` of benchmarks/results/layer_cpu_bf16.json as committed in c96e21a. The kernels run about as
 # fast as in fp32 (they compute in fp32 and move half the bytes), but this CPU's bf16 GEMMs are 1.9-2.6x its fp32
 # ones, so against them a sparse multiply-add costs more: 7.3 plus a short-row term. It predicted that run's ratio
