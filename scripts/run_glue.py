@@ -32,21 +32,29 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import math
 import re
 import shlex
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import DatasetDict, load_dataset
-from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import (
+
+# Noise from dependencies, not about this run (as in pretrain.py): bitsandbytes (imported by PEFT where installed) logs
+# on CPUs with AVX512-BF16 that an optional 4-bit kernel package is missing; PEFT 0.21 reads a property Transformers 5
+# deprecates
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+from datasets import DatasetDict, load_dataset  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from transformers import (  # noqa: E402
     AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
