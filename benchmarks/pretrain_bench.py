@@ -104,6 +104,12 @@ def check_runs(methods: list[str], size: str, budget: dict, extra: list[str]) ->
 def schedule(steps: int, warmup: int, eval_every: int, extra: list[str]) -> dict:
     """The schedule `scripts/pretrain.py` runs with: the benchmark's, with what the flags after `--` override (read
     by pretrain.py's own parser, as the runs read them: a repeated flag's last value wins, abbreviations too)."""
+    parsed = _parsed_flags(steps, warmup, eval_every, extra)
+    return {"max_steps": parsed.max_steps, "warmup_steps": parsed.warmup_steps, "eval_every": parsed.eval_every}
+
+
+def _parsed_flags(steps: int, warmup: int, eval_every: int, extra: list[str]):
+    """pretrain.py's parse of the benchmark's schedule flags followed by the flags after `--`."""
     _scripts_importable()
     from pretrain import parse_args
 
@@ -115,7 +121,7 @@ def schedule(steps: int, warmup: int, eval_every: int, extra: list[str]) -> dict
     except SystemExit:  # argparse's usage and error: pretrain.py would refuse these flags
         reason = (errors.getvalue().strip().splitlines() or ["refused"])[-1].split("error: ", 1)[-1]
         raise ValueError(f"the flags for pretrain.py after `--` ({shlex.join(extra)}): {reason}") from None
-    return {"max_steps": parsed.max_steps, "warmup_steps": parsed.warmup_steps, "eval_every": parsed.eval_every}
+    return parsed
 
 
 def pretrain_command(method: str, size: str, lr: float, seed: int, steps: int, warmup: int, eval_every: int, tag: str,
@@ -125,7 +131,10 @@ def pretrain_command(method: str, size: str, lr: float, seed: int, steps: int, w
     entries win (pretrain.py keeps a repeated key's last value)."""
     train, validation = corpus_files()
     out = RUNS / tag / f"{method}-lr{lr:g}-seed{seed}"
-    effective_steps = schedule(steps, warmup, eval_every, extra)["max_steps"]
+    effective = _parsed_flags(steps, warmup, eval_every, extra)
+    effective_steps = effective.max_steps
+    # the benchmark's trained tokenizer has 8192 entries; a hub tokenizer given after `--` brings its own
+    vocab = ["--vocab-size", "8192"] if effective.tokenizer == "train" else []
     method_args = []
     if method == "relora":  # 3 restarts, as ReLoRA's short runs
         method_args = ["--method-arg", f"relora_every={max(1, effective_steps // 4)}"]
@@ -133,7 +142,7 @@ def pretrain_command(method: str, size: str, lr: float, seed: int, steps: int, w
         method_args = ["--method-arg", f"update_proj_gap={max(50, effective_steps // 10)}"]
     cmd = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), "--model", size, "--method", method,
            "--lr", str(lr), "--seed", str(seed), "--max-steps", str(steps), "--warmup-steps", str(warmup),
-           "--eval-every", str(eval_every), "--out-dir", str(out), "--overwrite", "--vocab-size", "8192",
+           "--eval-every", str(eval_every), "--out-dir", str(out), "--overwrite", *vocab,
            "--train-files", *train, "--validation-files", *validation, *method_args, *extra]  # fmt: skip
     return out, cmd
 

@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--vocab-size",
         type=int,
         help="vocabulary of the tokenizer trained with `--tokenizer train` (default: the preset's model.vocab_size: "
-        "4096 for tiny, 32000 for 60m-7b); a hub tokenizer brings its own",
+        "4096 for tiny, 32000 for 60m-7b, LlamaConfig's 32000 for a preset without one); a hub tokenizer brings its "
+        "own",
     )
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's)")
     # optimisation (every default: the size preset's, see configs/)
@@ -225,8 +226,15 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError("`--dataset` and `--train-files` both name the training text: pass one of them.")
     if args.dataset and args.tokenizer == "train":
         raise ValueError("With `--dataset`, give a hub tokenizer (e.g. `--tokenizer t5-base`, the paper's).")
+    args.vocab_size_given = args.vocab_size is not None  # (a resume keeps the run's own size where it is not given)
+    args.resume_note = None  # what `check_out_dir` took from the run it resumes, for one printed line
     if args.tokenizer == "train" and args.vocab_size is None:  # the preset's (LlamaConfig's default if it has none)
         args.vocab_size = llama_config.vocab_size
+        if args.vocab_size < 300:  # (data.train_tokenizer's bound, named here by where the size came from)
+            raise ValueError(
+                f"`--model` {args.model!r} sets model.vocab_size {args.vocab_size}, which a trained byte-level BPE "
+                "cannot have (at least 300: 256 bytes plus merges); pass `--vocab-size`."
+            )
     elif args.tokenizer != "train" and args.vocab_size is not None:  # it would be ignored, yet recorded
         raise ValueError(
             f"`--vocab-size` is the size of a tokenizer trained here (`--tokenizer train`); `--tokenizer "
@@ -369,6 +377,18 @@ def check_out_dir(args: argparse.Namespace, config: dict) -> Path | None:
         except ValueError as error:
             raise ValueError(f"`--resume`: {run_file} is damaged ({error}); it cannot be resumed.") from None
         saved.setdefault("method_version", 1)  # (not recorded before there was a second)
+        own = saved.get("vocab_size")
+        if (
+            config["tokenizer"] == "train"
+            and not args.vocab_size_given
+            and isinstance(own, int)
+            and own >= 300
+            and own != config["vocab_size"]
+        ):
+            # runs before the preset's size became the default were trained at 4096: a resume continues at the run's
+            # own size (the vocabulary itself is compared with the data), as a given --vocab-size would set it
+            args.vocab_size = config["vocab_size"] = own
+            args.resume_note = f"--vocab-size {own}, the run's own (the default is now the preset's)"
         keys = (set(saved) | set(config)) - {"data_sha256"}  # checked once the data is read (`check_same_data`)
         # not compared: a setting the method does not read (older runs recorded the preset's), what older runs did
         # not record (`eval_blocks`), and the vocabulary size of a hub tokenizer (older runs recorded the unused
@@ -705,6 +725,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
     config = trajectory_config(args, world)
     resume_from = check_out_dir(args, config)
+    if args.resume_note and accelerator.is_main_process:
+        print(f"pretrain.py: --resume: {args.resume_note}")
     out = Path(args.out_dir)
     if micro_note and accelerator.is_main_process:
         print(f"pretrain.py: {micro_note}")
@@ -754,6 +776,11 @@ def main(argv: list[str] | None = None) -> dict:
         raise
 
     # ----------------------------------------------------------------------------------------------------- model
+    if args.tokenizer == "train" and tokenizer.vocab_size < args.vocab_size and accelerator.is_main_process:
+        print(  # (BPE stops where the text has no pair left to merge: the embedded corpus gives 27,664 of 32,000)
+            f"pretrain.py: the trained tokenizer has {tokenizer.vocab_size:,} tokens, fewer than --vocab-size "
+            f"{args.vocab_size:,} (the training text has no more merges); the model's vocabulary is the tokenizer's"
+        )
     model_config = LlamaConfig(**{**args.model_config, "vocab_size": tokenizer.vocab_size})
     model_config.eos_token_id = model_config.pad_token_id = tokenizer.eos_token_id
     model_config.bos_token_id = None

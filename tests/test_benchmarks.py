@@ -244,6 +244,17 @@ def test_method_schedules_follow_the_steps_a_run_gets(pretrain_in_tmp):
     assert method_args("relora", ["--method-arg", "relora_every=7"]) == ["relora_every=125", "relora_every=7"]
 
 
+def test_a_hub_tokenizer_after_the_double_dash_gets_no_vocab_size(pretrain_in_tmp):
+    """The benchmark trains an 8192-entry tokenizer; a tokenizer given after `--` brings its own, and pretrain.py
+    refuses a --vocab-size beside it."""
+    _, cmd = pretrain_bench.pretrain_command("full", "tiny", 3e-3, 0, 500, 50, 100, "tag", [])
+    assert cmd[cmd.index("--vocab-size") + 1] == "8192"
+    _, cmd = pretrain_bench.pretrain_command("full", "tiny", 3e-3, 0, 500, 50, 100, "tag", ["--tokenizer", "t5-base"])
+    assert "--vocab-size" not in cmd
+    pretrain_bench.check_runs(["full", "sltrain"], "tiny", {"max_steps": 500, "warmup_steps": 50, "eval_every": 100},
+                              ["--tokenizer", "t5-base"])  # fmt: skip
+
+
 def test_schedule_reads_the_flags_as_pretrain_does():
     # abbreviations and repeats as pretrain.py's argparse takes them: the last value wins
     assert pretrain_bench.schedule(500, 50, 100, ["--max-st=4", "--warmup", "1", "--max-steps", "8"]) == {

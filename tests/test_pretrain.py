@@ -347,6 +347,19 @@ def test_vocab_size_defaults_to_the_presets_and_is_refused_with_a_hub_tokenizer(
     assert resolved("--tokenizer", "t5-base").vocab_size is None  # not loaded here: resolve checks flags only
     with pytest.raises(ValueError, match=r"`--vocab-size` is the size of a tokenizer trained here .*'t5-base'"):
         resolved("--tokenizer", "t5-base", "--vocab-size", "400")
+    preset["model"]["vocab_size"] = 64  # fine for a hub tokenizer's model, too small for a trained BPE
+    (tmp_path / "preset.json").write_text(json.dumps(preset))
+    with pytest.raises(ValueError, match=r"'.*preset.json' sets model.vocab_size 64, .* pass `--vocab-size`"):
+        resolved("--model", str(tmp_path / "preset.json"))
+
+
+def test_a_tokenizer_smaller_than_asked_is_said(tmp_path, corpus, capsys):
+    """BPE stops where the text has no pair left to merge (the embedded corpus gives 27,664 of 60M's 32,000): the
+    model gets the tokenizer's size, and a line says so."""
+    run(tmp_path, corpus, "--vocab-size", "20000", "--max-steps", "2")
+    size = json.loads((tmp_path / "final" / "config.json").read_text())["vocab_size"]
+    assert size < 20000
+    assert f"the trained tokenizer has {size:,} tokens, fewer than --vocab-size 20,000" in capsys.readouterr().out
 
 
 def test_schedule_is_warmup_then_cosine_to_the_min_lr_ratio_over_the_steps_after_warmup():
@@ -1228,6 +1241,30 @@ def test_resume_refuses_changed_data_or_vocabulary(tmp_path, corpus):
     ):
         run(out, files, "--method", "sltrain", "--save-every", "3", "--resume")
     assert sorted((tmp_path / ".cache").iterdir()) == cached  # the tokenizer of the other text is not kept
+
+
+@pytest.mark.parametrize("tokenizer", ["train", "directory"])
+def test_a_run_from_before_the_vocabulary_default_changed_resumes_with_its_own_command(
+    tmp_path, corpus, capsys, tokenizer
+):  # fmt: skip
+    """Runs made while --vocab-size defaulted to 4096 recorded that size: a trained tokenizer's run (here 400, where
+    the preset now gives 300) resumes at its own size, saying so; a hub tokenizer's run, which recorded the unused
+    flag, resumes as it is (the vocabulary itself is compared with the data either way)."""
+    extra = ["--method", "sltrain", "--save-every", "3"]
+    if tokenizer == "directory":
+        data.train_tokenizer(Path(corpus[0]).read_text(), 300).save(tmp_path / "tokenizer")
+        extra += ["--tokenizer", str(tmp_path / "tokenizer")]
+    full = tmp_path / "full"
+    run(full, corpus, *extra, *(["--vocab-size", "400"] if tokenizer == "train" else []))
+    killed = killed_after(full, tmp_path / "killed", 3)
+    if tokenizer == "directory":  # as the old code recorded it
+        config = json.loads((killed / "run_config.json").read_text())
+        (killed / "run_config.json").write_text(json.dumps({**config, "vocab_size": 4096}))
+    capsys.readouterr()
+    run(killed, corpus, *extra, "--resume")
+    said = "pretrain.py: --resume: --vocab-size 400, the run's own (the default is now the preset's)"
+    assert (said in capsys.readouterr().out) == (tokenizer == "train")
+    assert log_rows(killed) == log_rows(full)
 
 
 def test_a_finished_run_is_complete_whatever_its_newest_checkpoint(tmp_path, corpus):
