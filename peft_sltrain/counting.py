@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import SLTrainConfig, add_task_heads, is_all_linear
 from .layer import (
-    DTYPE_READ,
+    FROM_SCRATCH_READ,
     bnb_quantization,
     check_rank,
     exclude_exactly,
@@ -74,12 +74,14 @@ def targeted_linear_names(model: nn.Module, config: SLTrainConfig) -> list[str]:
                 d_in, d_out = layer_features(module)
             except ValueError as error:
                 raise ValueError(f"`target_modules` matched `{name}`: {error}") from None
-            if name in read_directly and read_directly[name][1] == DTYPE_READ:
+            if name in read_directly and read_directly[name][1] == FROM_SCRATCH_READ:
+                parent_name, _, child = name.rpartition(".")
+                parent = type(model.get_submodule(parent_name)).__name__
                 raise ValueError(
-                    f"`target_modules` matched `{name}`, whose weight's dtype this {read_directly[name][0]} model "
-                    "reads before calling the layer: from scratch the layer has no weight (an AttributeError at the "
-                    f'forward). Leave it out of `target_modules`{_defaults_note(model, config)} (`"all-linear"` '
-                    "leaves it out), or fine-tune."
+                    f"`target_modules` matched `{name}`, whose weight's dtype `{parent}.forward` reads "
+                    f"(`self.{child}.weight.dtype`, or its device): from scratch the layer has no weight, so that "
+                    f"read would fail (an AttributeError). Leave it out of `target_modules`"
+                    f'{_defaults_note(model, config, read_directly)} (`"all-linear"` leaves it out), or fine-tune.'
                 )
             if name in read_directly:
                 model_type, setting = read_directly[name]
@@ -87,8 +89,8 @@ def targeted_linear_names(model: nn.Module, config: SLTrainConfig) -> list[str]:
                 raise ValueError(
                     f"`target_modules` matched `{name}`, whose weight this {model_type} model{setting} "
                     "reads directly instead of calling the layer: a replacement would be ignored (or, from scratch, "
-                    f"leave it without weight). Leave it out of `target_modules`{_defaults_note(model, config)} "
-                    '(`"all-linear"` leaves it out).'
+                    "leave it without weight). Leave it out of `target_modules`"
+                    f'{_defaults_note(model, config, read_directly)} (`"all-linear"` leaves it out).'
                 )
             check_rank(config.r, d_in, d_out, name)
             names.append(name)
@@ -99,8 +101,9 @@ def targeted_linear_names(model: nn.Module, config: SLTrainConfig) -> list[str]:
     return names
 
 
-def _defaults_note(model: nn.Module, config: SLTrainConfig) -> str:
-    """For a refusal: where the targets are the model type's defaults (`target_modules` left unset), which to pass."""
+def _defaults_note(model: nn.Module, config: SLTrainConfig, read_directly: dict) -> str:
+    """For a refusal: where the targets are the model type's defaults (`target_modules` left unset), which to pass:
+    the defaults that match none of the layers the model reads directly (`read_directly`: name -> reader)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     try:
         defaults = default_target_modules(model_type)
@@ -108,7 +111,8 @@ def _defaults_note(model: nn.Module, config: SLTrainConfig) -> str:
         return ""
     if isinstance(config.target_modules, str) or set(config.target_modules or ()) != defaults:
         return ""
-    return f" (they are {model_type}'s defaults, {sorted(defaults)}: pass them without it)"
+    keep = sorted(d for d in defaults if not any(n == d or n.endswith("." + d) for n in read_directly))
+    return f" (they are {model_type}'s defaults, {sorted(defaults)}: pass `target_modules={keep}`)"
 
 
 def _refuse_shared_weights(model: nn.Module, names: list[str]) -> None:

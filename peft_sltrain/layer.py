@@ -6,6 +6,7 @@ is stored transposed, (d_in, d_out)). `A`, `B` and the support of `S` always fol
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 import warnings
@@ -52,16 +53,6 @@ WEIGHT_READ_DIRECTLY = {
     "longcat_flash": ("router.classifier",),
     # LayoutLMv2/v3's relative-position biases index their weight (`bias.weight[:, buckets]`)
     **dict.fromkeys(("layoutlmv2", "layoutlmv3"), ("rel_pos_bias", "rel_pos_x_bias", "rel_pos_y_bias")),
-}
-# Layers the model calls, but after reading their weight's dtype (`x.to(layer.weight.dtype)`, unguarded): fine-tuned
-# they keep `W0`, from scratch they have no weight (an AttributeError at the forward, or, built on the meta device,
-# inside Transformers' weight init), so they are refused from scratch only. As found in Transformers 5.24.
-WEIGHT_DTYPE_READ = {
-    **dict.fromkeys(("wav2vec2", "wav2vec2-conformer", "unispeech"), ("project_q",)),  # the *ForPreTraining models
-    "blip-2": ("text_projection",),
-    **dict.fromkeys(("dots3_note", "dots3_note_text"), ("weights_proj",)),  # (a composite, or its text model alone)
-    **dict.fromkeys(("granite_speech5_encoder", "granite_speech5_ctc"), ("input_linear",)),
-    "jev": ("proj",),
 }
 # The same where a class reads some of its layers under some mode: {class name: (layer names, when)}
 WEIGHT_READ_DIRECTLY_BY_CLASS = {
@@ -174,17 +165,16 @@ def has_own_forward(layer: nn.Module) -> bool:
 
 def weight_read_directly(model: nn.Module, from_scratch: bool = False) -> dict[str, tuple[str, str]]:
     """The linear layers of `model` whose weight the model reads directly (`WEIGHT_READ_DIRECTLY` by each (sub-)model's
-    type, `WEIGHT_READ_DIRECTLY_BY_CLASS`, `settings_read_directly`; from scratch also `WEIGHT_DTYPE_READ`), by name,
-    each with the model type that reads it and the setting that makes it do so ("" where it always does)."""
+    type, `WEIGHT_READ_DIRECTLY_BY_CLASS`, `settings_read_directly`; from scratch also `weight_read_by_parent`), by
+    name, each with the model type that reads it and the setting that makes it do so ("" where it always does)."""
     top = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
-    found = {}
+    found = dict.fromkeys(weight_read_by_parent(model) if from_scratch else (), (top, FROM_SCRATCH_READ))
     for prefix, sub in model.named_modules():  # each (sub-)model by its own type: a WavLM encoder in a composite too
         model_type = getattr(getattr(sub, "config", None), "model_type", None)
-        for table, setting in ((WEIGHT_READ_DIRECTLY, ""), (WEIGHT_DTYPE_READ if from_scratch else {}, DTYPE_READ)):
-            ends = table.get(model_type, ())
-            for name, m in sub.named_modules() if ends else ():
-                if isinstance(m, nn.Linear) and any(name == end or name.endswith("." + end) for end in ends):
-                    found[f"{prefix}.{name}" if prefix else name] = (model_type, setting)
+        ends = WEIGHT_READ_DIRECTLY.get(model_type, ())
+        for name, m in sub.named_modules() if ends else ():
+            if isinstance(m, nn.Linear) and any(name == end or name.endswith("." + end) for end in ends):
+                found[f"{prefix}.{name}" if prefix else name] = (model_type, "")
         children, when = WEIGHT_READ_DIRECTLY_BY_CLASS.get(type(sub).__name__, ((), ""))
         for child in children:
             if isinstance(getattr(sub, child, None), nn.Linear):
@@ -192,7 +182,39 @@ def weight_read_directly(model: nn.Module, from_scratch: bool = False) -> dict[s
     return {**found, **{name: (top, setting) for name, setting in settings_read_directly(model).items()}}
 
 
-DTYPE_READ = "from scratch, for its dtype"  # the setting `weight_read_directly` gives `WEIGHT_DTYPE_READ`'s layers
+FROM_SCRATCH_READ = "from scratch"  # the setting `weight_read_directly` gives `weight_read_by_parent`'s layers
+
+
+def weight_read_by_parent(model: nn.Module) -> list[str]:
+    """The linear layers of `model` whose parent module's `forward` reads their weight's dtype or device
+    (`self.<name>.weight.dtype`) before calling them, as Wav2Vec2ForPreTraining does for `project_q`
+    (`x.to(self.project_q.weight.dtype)`), DeepSeek-V3.2's indexer for `weights_proj`, BLIP-2 for its projections and
+    Mamba for `lm_head`. Fine-tuned such a layer keeps `W0`; from scratch it has no weight, so the read fails (an
+    AttributeError). Found from the source, so that models of any version and remote code are covered. Not counted:
+    a read behind `isinstance(self.<name>.weight, ...)`, as T5's feed-forward guards `wo`; one in another method than
+    `forward`; other reads of the weight (a matmul with it, BLOOM's slices under `slow_but_exact`), which are
+    conditional more often and are listed by model (`WEIGHT_READ_DIRECTLY`, `settings_read_directly`)."""
+    return [
+        f"{prefix}.{name}" if prefix else name
+        for prefix, parent in model.named_modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear) and _forward_reads_weight(type(parent), name)
+    ]
+
+
+_FORWARD_SOURCES: dict[type, str] = {}  # class -> source of its forward ("" where none can be read)
+
+
+def _forward_reads_weight(cls: type, child: str) -> bool:
+    if cls not in _FORWARD_SOURCES:
+        try:
+            _FORWARD_SOURCES[cls] = inspect.getsource(cls.forward)
+        except (OSError, TypeError):  # no source (built-in, compiled, or defined interactively)
+            _FORWARD_SOURCES[cls] = ""
+    source, attribute = _FORWARD_SOURCES[cls], re.escape(child)
+    return bool(re.search(rf"self\.{attribute}\.weight\.(dtype|device)\b", source)) and not re.search(
+        rf"isinstance\(\s*self\.{attribute}\.weight\b", source
+    )
 
 
 def settings_read_directly(model: nn.Module) -> dict[str, str]:

@@ -529,8 +529,9 @@ def _initialize_only(model: nn.Module, fresh_ids: set[int], sltrain_layers: list
     tensor (trained, loaded or already initialised, the adapters included) is flagged as initialised meanwhile, and
     each replaced layer from scratch shows a meta weight of its shape, so that an init reaching it (a parent's) does
     nothing. Meanwhile each replaced layer also answers its base layer's `reset_parameters()`, which some models' inits
-    call on their children (Wav2Vec2ForPreTraining's `project_hid`); Transformers guards `torch.nn.init` during
-    `initialize_weights`, so that it, too, sets only the fresh tensors (the base layer's bias)."""
+    call on their children (Wav2Vec2ForPreTraining's `project_hid`): Transformers guards `torch.nn.init` during
+    `initialize_weights`, so that it, too, sets only fresh tensors, and there are none (the weight is the meta
+    placeholder, and the bias, zero as for every replaced layer, is flagged): it does nothing, where it would raise."""
     saved = [
         (obj, obj.__dict__.get(_FLAG, _FLAG)) for obj in [*model.parameters(), *model.buffers(), *model.modules()]
     ]

@@ -650,7 +650,8 @@ def test_a_layer_whose_weight_dtype_the_model_reads_is_refused_from_scratch_only
     has no weight, so naming it is refused (it used to fail at the forward) and "all-linear" leaves it out, while
     fine-tuning, which keeps `W0`, adapts it."""
     audio = torch.randn(1, 400)
-    with pytest.raises(ValueError, match=r"matched `project_q`, whose weight's dtype this wav2vec2 model reads"):
+    refused = r"matched `project_q`, whose weight's dtype `Wav2Vec2ForPreTraining.forward` reads"
+    with pytest.raises(ValueError, match=refused):
         get_peft_model(
             _tiny_wav2vec2_for_pretraining(), SLTrainConfig(r=2, target_modules=["project_q"], from_scratch=True)
         )
@@ -664,17 +665,47 @@ def test_a_layer_whose_weight_dtype_the_model_reads_is_refused_from_scratch_only
     assert isinstance(fine_tuned.base_model.model.project_q, SLTrainLayer) and fine_tuned(audio) is not None
 
 
+def test_dtype_reads_are_found_in_the_parents_source_in_any_model():
+    """DeepSeek-V3.2's attention indexer calls `weights_proj` after casting to its weight's dtype, as
+    Wav2Vec2ForPreTraining does `project_q` (no table lists it: the parent's forward is read): from scratch
+    "all-linear" leaves it out and the model runs. T5's feed-forward guards its read of `wo.weight` with `isinstance`,
+    so `wo` is replaced."""
+    import transformers
+
+    config = transformers.DeepseekV32Config(
+        vocab_size=64, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+        q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+        first_k_dense_replace=1, index_n_heads=2, index_head_dim=16, index_topk=4,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = get_peft_model(
+        transformers.DeepseekV32ForCausalLM(config), SLTrainConfig(r=2, target_modules="all-linear", from_scratch=True)
+    )
+    layers = dict(model.named_modules())
+    indexer = "base_model.model.model.layers.0.self_attn.indexer"
+    assert not isinstance(layers[f"{indexer}.weights_proj"], SLTrainLayer)
+    assert isinstance(layers[f"{indexer}.wk"], SLTrainLayer)  # its other projections are replaced
+    assert model(torch.randint(0, 64, (1, 8))).logits.isfinite().all()
+    t5 = transformers.T5ForConditionalGeneration(
+        transformers.T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=4, d_kv=8, vocab_size=64)
+    )
+    t5 = get_peft_model(t5, SLTrainConfig(r=2, target_modules=["wo"], from_scratch=True))
+    assert any(isinstance(m, SLTrainLayer) for name, m in t5.named_modules() if name.endswith("DenseReluDense.wo"))
+
+
 def test_an_init_that_resets_a_replaced_child_sets_only_its_fresh_tensors():
     """Built on the meta device, Wav2Vec2ForPreTraining's init calls `project_hid.reset_parameters()`, which a
-    replaced layer answers with its base layer's (it used to raise an AttributeError inside Transformers): the bias is
-    set, the factors keep SLTrain's init. Its weight-norm convolution's values come from the constructor alone, so the
-    forward is then refused by name, as for any such parameter."""
+    replaced layer answers with its base layer's (it used to raise an AttributeError inside Transformers), leaving the
+    layer as it is: the bias at zero, as every replaced layer's, the factors at SLTrain's init. Its weight-norm
+    convolution's values come from the constructor alone, so the forward is then refused by name, as for any such
+    parameter."""
     model = get_peft_model(
         _tiny_wav2vec2_for_pretraining(meta=True), SLTrainConfig(r=2, target_modules="all-linear", from_scratch=True)
     )
     project_hid = model.base_model.model.project_hid
     assert "reset_parameters" not in project_hid.__dict__  # answered only during the init
-    assert project_hid.get_base_layer().bias.isfinite().all() and project_hid.get_base_layer().weight is None
+    assert (project_hid.get_base_layer().bias == 0).all() and project_hid.get_base_layer().weight is None
     assert not project_hid.sltrain_B["default"].any()  # B = 0: SLTrain's init, not nn.Linear's
     with pytest.raises(ValueError, match=r"leaves 2 parameter\(s\) unset, e.g. \['wav2vec2.encoder.pos_conv_embed"):
         model(torch.randn(1, 400))

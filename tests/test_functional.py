@@ -595,13 +595,14 @@ def _backward_peak_bytes(y: torch.Tensor, grad: torch.Tensor) -> int:
 
 
 @NEEDS_NUMBA
-def test_factored_backward_peaks_no_higher_than_the_dense_path():
+@pytest.mark.parametrize("nnz", [2000, 18000])  # the second: a dS copy (4 bytes a nonzero) over the margin
+def test_factored_backward_peaks_no_higher_than_the_dense_path(nnz):
     """Where an (N, r) intermediate is no larger than W (N r <= d_out d_in), the factored backward on numba's kernels
     holds no more tensor memory at once than the dense path's, which holds one transient (d_out, d_in) matrix: `dY B`
     is freed before `X A^T` is made, and dS is added into its gradient without its own copy staying alive."""
     peaks = {}
     for path in ("dense", "factored"):
-        t = make_inputs(dtype=torch.float32, with_weight=False, with_bias=False, d_in=256, d_out=256, r=64, nnz=2000,
+        t = make_inputs(dtype=torch.float32, with_weight=False, with_bias=False, d_in=256, d_out=256, r=64, nnz=nnz,
                         batch=(768,))  # fmt: skip
         y = sltrain_linear(**t, scaling=0.5, path=path)
         peaks[path] = _backward_peak_bytes(y, torch.ones_like(y))

@@ -933,8 +933,11 @@ def test_a_refusal_under_the_default_targets_says_which_to_pass():
     directly: the user named no target, so the refusal lists the defaults to pass without it."""
     model, _, _ = _bloom_slow_but_exact()
     defaults = r"\['dense', 'dense_4h_to_h', 'dense_h_to_4h', 'query_key_value'\]"
-    with pytest.raises(ValueError, match=rf"\(they are bloom's defaults, {defaults}: pass them without it\)"):
+    keep = ["dense_h_to_4h", "query_key_value"]  # both read layers left out, in one step
+    pass_keep = re.escape(f"pass `target_modules={keep}`)")
+    with pytest.raises(ValueError, match=rf"\(they are bloom's defaults, {defaults}: {pass_keep}"):
         get_peft_model(model, SLTrainConfig(r=2))
+    get_peft_model(_bloom_slow_but_exact()[0], SLTrainConfig(r=2, target_modules=keep))  # which is accepted
     with pytest.raises(ValueError, match=r"Leave it out of `target_modules` \(`\"all-linear\"` leaves it out\)"):
         get_peft_model(_bloom_slow_but_exact()[0], SLTrainConfig(r=2, target_modules=["dense"]))  # named: no list
 
