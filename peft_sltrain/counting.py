@@ -23,6 +23,7 @@ from .layer import (
     exclude_unreplaceable_linears,
     layer_features,
     refuse_quantized_from_scratch,
+    weight_read_by_parent,
     weight_read_directly,
 )
 from .model import default_target_modules, tie_weights
@@ -75,13 +76,13 @@ def targeted_linear_names(model: nn.Module, config: SLTrainConfig) -> list[str]:
             except ValueError as error:
                 raise ValueError(f"`target_modules` matched `{name}`: {error}") from None
             if name in read_directly and read_directly[name][1] == FROM_SCRATCH_READ:
-                parent_name, _, child = name.rpartition(".")
-                parent = type(model.get_submodule(parent_name)).__name__
+                reader, path = weight_read_by_parent(model)[name]
+                note = _defaults_note(model, config, read_directly)
                 raise ValueError(
-                    f"`target_modules` matched `{name}`, whose weight's dtype `{parent}.forward` reads "
-                    f"(`self.{child}.weight.dtype`, or its device): from scratch the layer has no weight, so that "
-                    f"read would fail (an AttributeError). Leave it out of `target_modules`"
-                    f'{_defaults_note(model, config, read_directly)} (`"all-linear"` leaves it out), or fine-tune.'
+                    f"`target_modules` matched `{name}`, whose weight's dtype `{reader}` reads (`self.{path}.weight"
+                    ".dtype`, or its device, in its forward or a method it calls): from scratch the layer has no "
+                    f"weight, so that read would fail (an AttributeError). Leave it out of `target_modules`{note} "
+                    '(`"all-linear"` leaves it out), or fine-tune.'
                 )
             if name in read_directly:
                 model_type, setting = read_directly[name]

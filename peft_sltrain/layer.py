@@ -10,6 +10,7 @@ import inspect
 import math
 import re
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -185,36 +186,67 @@ def weight_read_directly(model: nn.Module, from_scratch: bool = False) -> dict[s
 FROM_SCRATCH_READ = "from scratch"  # the setting `weight_read_directly` gives `weight_read_by_parent`'s layers
 
 
-def weight_read_by_parent(model: nn.Module) -> list[str]:
-    """The linear layers of `model` whose parent module's `forward` reads their weight's dtype or device
-    (`self.<name>.weight.dtype`) before calling them, as Wav2Vec2ForPreTraining does for `project_q`
-    (`x.to(self.project_q.weight.dtype)`), DeepSeek-V3.2's indexer for `weights_proj`, BLIP-2 for its projections and
-    Mamba for `lm_head`. Fine-tuned such a layer keeps `W0`; from scratch it has no weight, so the read fails (an
-    AttributeError). Found from the source, so that models of any version and remote code are covered. Not counted:
-    a read behind `isinstance(self.<name>.weight, ...)`, as T5's feed-forward guards `wo`; one in another method than
-    `forward`; other reads of the weight (a matmul with it, BLOOM's slices under `slow_but_exact`), which are
-    conditional more often and are listed by model (`WEIGHT_READ_DIRECTLY`, `settings_read_directly`)."""
-    return [
-        f"{prefix}.{name}" if prefix else name
-        for prefix, parent in model.named_modules()
-        for name, child in parent.named_children()
-        if isinstance(child, nn.Linear) and _forward_reads_weight(type(parent), name)
-    ]
+def weight_read_by_parent(model: nn.Module) -> dict[str, tuple[str, str]]:
+    """The replaceable layers of `model` whose weight's dtype or device a module above them reads
+    (`self.<path>.weight.dtype`, `.device`) in its `forward` or in a method that `forward` calls, as
+    Wav2Vec2ForPreTraining does for `project_q` (`x.to(self.project_q.weight.dtype)`), DeepSeek-V3.2's indexer for
+    `weights_proj`, BLIP-2 for its projections, Mamba for `lm_head`, PocketTTS (in `embed_audio_latents`) for
+    `audio_latent_proj` and Inkling2's vision model for `embeddings.patch_embedding`. Fine-tuned such a layer keeps
+    `W0`; from scratch it has no weight, so the read fails (an AttributeError). Found from the source, which covers
+    models that no table lists. Not counted: a read behind `isinstance(self.<path>.weight, ...)`, as T5's feed-forward
+    guards `wo`; `DTYPE_READ_EXEMPT`; reads deeper than one method call from `forward`, or in a forward patched on an
+    instance; other reads of the weight (a matmul with it, BLOOM's slices under `slow_but_exact`), which are
+    conditional more often and are listed by model (`WEIGHT_READ_DIRECTLY`, `settings_read_directly`). Returns
+    {name: (the reading module's class name, the path it reads the layer by)}."""
+    found = {}
+    for prefix, module in model.named_modules():
+        for path in _dtype_read_paths(type(module)):
+            try:
+                layer = module.get_submodule(path)
+            except AttributeError:  # (a path of another configuration of the class, or not a module)
+                continue
+            if isinstance(layer, REPLACEABLE) and (type(module).__name__, path) not in DTYPE_READ_EXEMPT:
+                found.setdefault(f"{prefix}.{path}" if prefix else path, (type(module).__name__, path))
+    return found
 
 
-_FORWARD_SOURCES: dict[type, str] = {}  # class -> source of its forward ("" where none can be read)
+# (class, path) pairs whose read `weight_read_by_parent` would find, but which a from-scratch run does not reach:
+# the flash-attention-2 classes' cast of an fp32 input outside autocast, a case FA2's kernels refuse anyway
+DTYPE_READ_EXEMPT = {("GPTNeoFlashAttention2", "q_proj"), ("FalconFlashAttention2", "query_key_value")}
+
+# class -> (the forward it was read from, the paths it reads): read again when `forward` is replaced; weak keys, so
+# that classes made at run time are not kept alive
+_DTYPE_READS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_READ = re.compile(r"self\.((?:\w+\.)*\w+)\.weight\.(?:dtype|device)\b")
 
 
-def _forward_reads_weight(cls: type, child: str) -> bool:
-    if cls not in _FORWARD_SOURCES:
-        try:
-            _FORWARD_SOURCES[cls] = inspect.getsource(cls.forward)
-        except (OSError, TypeError):  # no source (built-in, compiled, or defined interactively)
-            _FORWARD_SOURCES[cls] = ""
-    source, attribute = _FORWARD_SOURCES[cls], re.escape(child)
-    return bool(re.search(rf"self\.{attribute}\.weight\.(dtype|device)\b", source)) and not re.search(
-        rf"isinstance\(\s*self\.{attribute}\.weight\b", source
+def _dtype_read_paths(cls: type) -> tuple[str, ...]:
+    """Dotted module paths whose weight's dtype or device `cls.forward`, or a method of `cls` it calls, reads, unless
+    each such read of that path is behind an `isinstance` of its weight (none where no source can be read)."""
+    forward = getattr(cls, "forward", None)
+    cached = _DTYPE_READS.get(cls)
+    if cached is not None and cached[0] is forward:
+        return cached[1]
+    sources = [_source(forward)]
+    for name in dict.fromkeys(re.findall(r"self\.(\w+)\(", sources[0])):  # the methods it calls, one level down
+        method = inspect.getattr_static(cls, name, None)
+        if inspect.isfunction(method):
+            sources.append(_source(method))
+    source = "\n".join(sources)
+    paths = tuple(
+        path
+        for path in dict.fromkeys(_READ.findall(source))
+        if not re.search(rf"isinstance\(\s*self\.{re.escape(path)}\.weight\b", source)
     )
+    _DTYPE_READS[cls] = (forward, paths)
+    return paths
+
+
+def _source(function) -> str:
+    try:
+        return inspect.getsource(function)
+    except (OSError, TypeError):  # no source (built-in, compiled, or defined interactively)
+        return ""
 
 
 def settings_read_directly(model: nn.Module) -> dict[str, str]:
@@ -253,11 +285,21 @@ def unreplaceable_linears(model: nn.Module, from_scratch: bool = False) -> list[
     return list(dict.fromkeys(names))  # (a MultiheadAttention's `out_proj` in a model that reads its own ones)
 
 
-def exclude_unreplaceable_linears(config: SLTrainConfig, model: nn.Module) -> None:
+def exclude_unreplaceable_linears(config: SLTrainConfig, model: nn.Module) -> list[str]:
     """For `target_modules="all-linear"`, adds the model's `unreplaceable_linears` to `config.exclude_modules` (as
-    exact names), so that the shorthand means every linear layer SLTrain can replace."""
-    if is_all_linear(config.target_modules):
-        exclude_exactly(config, unreplaceable_linears(model, config.from_scratch))
+    exact names), so that the shorthand means every linear layer SLTrain can replace. Returns those left out from
+    scratch only, because the model reads their weight's dtype (`weight_read_by_parent`; found from the source, so
+    said in a warning), but for the output layer, which "all-linear" never targets."""
+    if not is_all_linear(config.target_modules):
+        return []
+    exclude_exactly(config, unreplaceable_linears(model, config.from_scratch))
+    if not config.from_scratch:
+        return []
+    try:
+        output = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):  # not a Transformers model, or one without such a layer
+        output = None
+    return [name for name in weight_read_by_parent(model) if model.get_submodule(name) is not output]
 
 
 def exclude_exactly(config: SLTrainConfig, names: list[str]) -> None:

@@ -650,14 +650,17 @@ def test_a_layer_whose_weight_dtype_the_model_reads_is_refused_from_scratch_only
     has no weight, so naming it is refused (it used to fail at the forward) and "all-linear" leaves it out, while
     fine-tuning, which keeps `W0`, adapts it."""
     audio = torch.randn(1, 400)
-    refused = r"matched `project_q`, whose weight's dtype `Wav2Vec2ForPreTraining.forward` reads"
+    refused = (
+        r"matched `project_q`, whose weight's dtype `Wav2Vec2ForPreTraining` reads \(`self.project_q.weight.dtype`"
+    )
     with pytest.raises(ValueError, match=refused):
         get_peft_model(
             _tiny_wav2vec2_for_pretraining(), SLTrainConfig(r=2, target_modules=["project_q"], from_scratch=True)
         )
-    model = get_peft_model(
-        _tiny_wav2vec2_for_pretraining(), SLTrainConfig(r=2, target_modules="all-linear", from_scratch=True)
-    )
+    with pytest.warns(UserWarning, match=r"leaves out 1 layer\(s\) whose weight's dtype or device .*: `project_q`"):
+        model = get_peft_model(
+            _tiny_wav2vec2_for_pretraining(), SLTrainConfig(r=2, target_modules="all-linear", from_scratch=True)
+        )
     assert not isinstance(model.base_model.model.project_q, SLTrainLayer)
     assert isinstance(model.base_model.model.project_hid, SLTrainLayer)
     assert model(audio).projected_quantized_states.isfinite().all()
@@ -692,6 +695,57 @@ def test_dtype_reads_are_found_in_the_parents_source_in_any_model():
     )
     t5 = get_peft_model(t5, SLTrainConfig(r=2, target_modules=["wo"], from_scratch=True))
     assert any(isinstance(m, SLTrainLayer) for name, m in t5.named_modules() if name.endswith("DenseReluDense.wo"))
+
+
+class _Reads(torch.nn.Module):
+    """A model whose forward reads a device (`kept.weight.device`), a grandchild's dtype (`inner.proj`) and, in a
+    method it calls, another dtype (`helper`); `plain` is only called."""
+
+    def __init__(self):
+        super().__init__()
+        self.kept, self.helper, self.plain = (torch.nn.Linear(8, 8) for _ in range(3))
+        self.inner = torch.nn.Sequential()
+        self.inner.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = self.kept(x.to(self.kept.weight.device))
+        x = self.inner.proj(x.to(self.inner.proj.weight.dtype))
+        return self.plain(self.cast_for_helper(x))
+
+    def cast_for_helper(self, x):
+        return self.helper(x.to(self.helper.weight.dtype))
+
+
+def test_reads_of_a_device_through_a_path_or_in_a_called_method_are_found():
+    from peft_sltrain.layer import weight_read_by_parent
+
+    assert weight_read_by_parent(_Reads()) == {
+        "kept": ("_Reads", "kept"), "inner.proj": ("_Reads", "inner.proj"), "helper": ("_Reads", "helper"),
+    }  # fmt: skip
+    with pytest.warns(UserWarning, match=r"leaves out 3 layer\(s\) .*: `kept`, `inner.proj`, `helper`"):
+        model = get_peft_model(_Reads(), SLTrainConfig(r=2, target_modules="all-linear", from_scratch=True))
+    assert [n for n, m in model.named_modules() if isinstance(m, SLTrainLayer)] == ["base_model.model.plain"]
+    assert model(torch.randn(2, 8)).isfinite().all()
+
+
+def test_a_patched_forward_is_read_again():
+    """The scan is kept per class and the forward it read: a forward replaced since (a kernel library's) is read
+    again, in both directions."""
+    from peft_sltrain.layer import weight_read_by_parent
+
+    class Patched(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    assert weight_read_by_parent(Patched()) == {}
+    Patched.forward = lambda self, x: self.proj(x.to(self.proj.weight.dtype))  # (its source: this line)
+    assert weight_read_by_parent(Patched()) == {"proj": ("Patched", "proj")}
+    Patched.forward = lambda self, x: self.proj(x)  # and back
+    assert weight_read_by_parent(Patched()) == {}
 
 
 def test_an_init_that_resets_a_replaced_child_sets_only_its_fresh_tensors():
