@@ -230,7 +230,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.resume_note = None  # what `check_out_dir` took from the run it resumes, for one printed line
     if args.tokenizer == "train" and args.vocab_size is None:  # the preset's (LlamaConfig's default if it has none)
         args.vocab_size = llama_config.vocab_size
-        if args.vocab_size < 300:  # (data.train_tokenizer's bound, named here by where the size came from)
+        if args.vocab_size < 300 and not args.resume:  # (train_tokenizer's bound, named by where the size came from;
+            # a resume first takes the run's own size, `check_out_dir`)
             raise ValueError(
                 f"`--model` {args.model!r} sets model.vocab_size {args.vocab_size}, which a trained byte-level BPE "
                 "cannot have (at least 300: 256 bytes plus merges); pass `--vocab-size`."
@@ -388,7 +389,7 @@ def check_out_dir(args: argparse.Namespace, config: dict) -> Path | None:
             # runs before the preset's size became the default were trained at 4096: a resume continues at the run's
             # own size (the vocabulary itself is compared with the data), as a given --vocab-size would set it
             args.vocab_size = config["vocab_size"] = own
-            args.resume_note = f"--vocab-size {own}, the run's own (the default is now the preset's)"
+            args.resume_note = f"--vocab-size {own}, the run's own"
         keys = (set(saved) | set(config)) - {"data_sha256"}  # checked once the data is read (`check_same_data`)
         # not compared: a setting the method does not read (older runs recorded the preset's), what older runs did
         # not record (`eval_blocks`), and the vocabulary size of a hub tokenizer (older runs recorded the unused

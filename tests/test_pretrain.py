@@ -1262,9 +1262,32 @@ def test_a_run_from_before_the_vocabulary_default_changed_resumes_with_its_own_c
         (killed / "run_config.json").write_text(json.dumps({**config, "vocab_size": 4096}))
     capsys.readouterr()
     run(killed, corpus, *extra, "--resume")
-    said = "pretrain.py: --resume: --vocab-size 400, the run's own (the default is now the preset's)"
+    said = "pretrain.py: --resume: --vocab-size 400, the run's own"
     assert (said in capsys.readouterr().out) == (tokenizer == "train")
     assert log_rows(killed) == log_rows(full)
+
+
+def test_an_old_run_under_a_preset_too_small_for_bpe_resumes_with_its_own_command(tmp_path, corpus):
+    """A preset whose vocab_size a trained BPE cannot have is refused for a new run, but a run made with it under the
+    old default (400 stands in for 4096) resumes: the run's own size is taken first (review W)."""
+    preset = json.loads(Path(MICRO).read_text())
+    preset["model"]["vocab_size"] = 64
+    (tmp_path / "preset.json").write_text(json.dumps(preset))
+    extra = ["--model", str(tmp_path / "preset.json"), "--method", "sltrain", "--save-every", "3"]
+    full = tmp_path / "full"
+    run(full, corpus, *extra, "--vocab-size", "400")
+    killed = killed_after(full, tmp_path / "killed", 3)
+    run(killed, corpus, *extra, "--resume")
+    assert log_rows(killed) == log_rows(full)
+
+
+def test_resume_with_another_given_vocab_size_is_refused(tmp_path, corpus):
+    """A run's own size is taken only where --vocab-size is not given (review W): a given other size is refused."""
+    full = tmp_path / "full"
+    run(full, corpus, "--method", "sltrain", "--save-every", "3", "--vocab-size", "400")
+    killed = killed_after(full, tmp_path / "killed", 3)
+    with pytest.raises(ValueError, match=r"vocab_size: saved 400 vs now 500"):
+        run(killed, corpus, "--method", "sltrain", "--save-every", "3", "--vocab-size", "500", "--resume")
 
 
 def test_a_finished_run_is_complete_whatever_its_newest_checkpoint(tmp_path, corpus):
