@@ -231,7 +231,7 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Training
                 f"`--{flag}` casts the model in place at the final evaluation, so the adapter (and a merged export, "
                 "W0 included) would be saved in half precision; evaluate under autocast with `--bf16` / `--fp16`."
             )
-    if namespace["bf16"] and not torch.accelerator.is_available():  # only a CPU: bf16 autocast there, which
+    if namespace["bf16"] and not has_accelerator():  # only a CPU: bf16 autocast there, which
         namespace["use_cpu"] = True  # TrainingArguments refuses unless told `--use_cpu` ("doesn't support bf16/gpu")
     model_args, data_args, training_args = (
         cls(**{f.name: namespace[f.name] for f in fields(cls) if f.init and f.name in namespace})
@@ -239,6 +239,14 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Training
     )
     check_args(model_args, data_args, training_args)
     return model_args, data_args, training_args
+
+
+def has_accelerator() -> bool:
+    """Whether the machine has a device besides the CPU (`torch.accelerator` from torch 2.6; before it, by kind)."""
+    if hasattr(torch, "accelerator"):
+        return torch.accelerator.is_available()
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
 def check_args(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> None:

@@ -1054,7 +1054,7 @@ def test_training_arguments_this_script_cannot_honour_are_refused(tmp_path, extr
         run_glue.parse_args(["--task_name", "sst2", "--output_dir", str(tmp_path / "out"), *extra])
 
 
-@pytest.mark.skipif(torch.accelerator.is_available(), reason="a machine with an accelerator trains there")
+@pytest.mark.skipif(run_glue.has_accelerator(), reason="a machine with an accelerator trains there")
 def test_bf16_on_a_machine_with_only_a_cpu_runs_on_the_cpu(tmp_path):
     """TrainingArguments refuses `--bf16` without an accelerator unless told `--use_cpu`; with only a CPU there is
     nowhere else to train, so the script tells it."""
