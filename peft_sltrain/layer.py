@@ -197,16 +197,19 @@ def weight_read_by_parent(model: nn.Module) -> dict[str, tuple[str, str]]:
     guards `wo`; `DTYPE_READ_EXEMPT`; reads deeper than one method call from `forward`, or in a forward patched on an
     instance; other reads of the weight (a matmul with it, BLOOM's slices under `slow_but_exact`), which are
     conditional more often and are listed by model (`WEIGHT_READ_DIRECTLY`, `settings_read_directly`). Returns
-    {name: (the reading module's class name, the path it reads the layer by)}."""
+    {name: (the reading module's class name, the path it reads the layer by)}, each layer by its name in the model
+    (a path may go through a property, an alias of a module registered elsewhere)."""
+    names = {id(module): name for name, module in model.named_modules()}
     found = {}
-    for prefix, module in model.named_modules():
+    for module in model.modules():
         for path in _dtype_read_paths(type(module)):
             try:
                 layer = module.get_submodule(path)
             except AttributeError:  # (a path of another configuration of the class, or not a module)
                 continue
-            if isinstance(layer, REPLACEABLE) and (type(module).__name__, path) not in DTYPE_READ_EXEMPT:
-                found.setdefault(f"{prefix}.{path}" if prefix else path, (type(module).__name__, path))
+            exempt = (type(module).__name__, path) in DTYPE_READ_EXEMPT
+            if isinstance(layer, REPLACEABLE) and not exempt and id(layer) in names:
+                found.setdefault(names[id(layer)], (type(module).__name__, path))
     return found
 
 
@@ -214,8 +217,9 @@ def weight_read_by_parent(model: nn.Module) -> dict[str, tuple[str, str]]:
 # the flash-attention-2 classes' cast of an fp32 input outside autocast, a case FA2's kernels refuse anyway
 DTYPE_READ_EXEMPT = {("GPTNeoFlashAttention2", "q_proj"), ("FalconFlashAttention2", "query_key_value")}
 
-# class -> (the forward it was read from, the paths it reads): read again when `forward` is replaced; weak keys, so
-# that classes made at run time are not kept alive
+# class -> (a weak reference to the forward it was read from, the paths it reads): read again when `forward` is
+# replaced (not when only a method it calls is); weak keys and a weak forward (which may hold its class in a closure,
+# through `super()`), so that classes made at run time are not kept alive
 _DTYPE_READS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _READ = re.compile(r"self\.((?:\w+\.)*\w+)\.weight\.(?:dtype|device)\b")
 
@@ -225,7 +229,7 @@ def _dtype_read_paths(cls: type) -> tuple[str, ...]:
     each such read of that path is behind an `isinstance` of its weight (none where no source can be read)."""
     forward = getattr(cls, "forward", None)
     cached = _DTYPE_READS.get(cls)
-    if cached is not None and cached[0] is forward:
+    if cached is not None and cached[0]() is forward:
         return cached[1]
     sources = [_source(forward)]
     for name in dict.fromkeys(re.findall(r"self\.(\w+)\(", sources[0])):  # the methods it calls, one level down
@@ -238,7 +242,10 @@ def _dtype_read_paths(cls: type) -> tuple[str, ...]:
         for path in dict.fromkeys(_READ.findall(source))
         if not re.search(rf"isinstance\(\s*self\.{re.escape(path)}\.weight\b", source)
     )
-    _DTYPE_READS[cls] = (forward, paths)
+    try:
+        _DTYPE_READS[cls] = (weakref.ref(forward), paths)
+    except TypeError:  # (no forward, or one that takes no weak reference: read every time)
+        pass
     return paths
 
 
@@ -289,17 +296,26 @@ def exclude_unreplaceable_linears(config: SLTrainConfig, model: nn.Module) -> li
     """For `target_modules="all-linear"`, adds the model's `unreplaceable_linears` to `config.exclude_modules` (as
     exact names), so that the shorthand means every linear layer SLTrain can replace. Returns those left out from
     scratch only, because the model reads their weight's dtype (`weight_read_by_parent`; found from the source, so
-    said in a warning), but for the output layer, which "all-linear" never targets."""
+    said in a warning), but for the output layer, which "all-linear" never targets, and those the caller excluded."""
     if not is_all_linear(config.target_modules):
         return []
+    read = weight_read_by_parent(model) if config.from_scratch else {}
+    excluded_before = [name for name in read if _excluded(config, name)]
     exclude_exactly(config, unreplaceable_linears(model, config.from_scratch))
-    if not config.from_scratch:
-        return []
     try:
-        output = model.get_output_embeddings()
+        output = model.get_output_embeddings() if read else None
     except (AttributeError, NotImplementedError):  # not a Transformers model, or one without such a layer
         output = None
-    return [name for name in weight_read_by_parent(model) if model.get_submodule(name) is not output]
+    return [name for name in read if name not in excluded_before and model.get_submodule(name) is not output]
+
+
+def _excluded(config: SLTrainConfig, name: str) -> bool:
+    """Whether `config.exclude_modules` leaves the module `name` out, as PEFT matches it (a string as a regex, in
+    full; a list's entries as the name or any path ending in "." + the entry)."""
+    exclude = config.exclude_modules
+    if isinstance(exclude, str):
+        return re.fullmatch(exclude, name) is not None
+    return any(name == entry or name.endswith("." + entry) for entry in exclude or ())
 
 
 def exclude_exactly(config: SLTrainConfig, names: list[str]) -> None:

@@ -728,6 +728,74 @@ def test_reads_of_a_device_through_a_path_or_in_a_called_method_are_found():
     assert model(torch.randn(2, 8)).isfinite().all()
 
 
+def test_what_the_dtype_read_scan_names_and_warns_about():
+    """The layer by its registered name where the read goes through a property alias; Conv1D layers too; an exempt
+    class (flash-attention-2's fp32 fallback cast) not; the warning leaves out layers the caller excluded, the output
+    layer (Mamba's `lm_head`) and fine-tuning, where nothing is left out."""
+    import transformers
+    from transformers.pytorch_utils import Conv1D
+
+    from peft_sltrain.layer import weight_read_by_parent
+
+    class Aliased(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Module()
+            self.inner.proj, self.c_proj, self.plain = torch.nn.Linear(4, 4), Conv1D(4, 4), torch.nn.Linear(4, 4)
+
+        @property
+        def projector(self):
+            return self.inner.proj
+
+        def forward(self, x):
+            x = self.c_proj(self.projector(x.to(self.projector.weight.dtype)).to(self.c_proj.weight.dtype))
+            return self.plain(x)
+
+    class GPTNeoFlashAttention2(torch.nn.Module):  # (the exempt class's name and read)
+        def __init__(self):
+            super().__init__()
+            self.q_proj = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.q_proj(x.to(self.q_proj.weight.dtype))
+
+    assert weight_read_by_parent(Aliased()) == {
+        "inner.proj": ("Aliased", "projector"),
+        "c_proj": ("Aliased", "c_proj"),
+    }
+    assert weight_read_by_parent(GPTNeoFlashAttention2()) == {}
+    scratch = SLTrainConfig(r=2, target_modules="all-linear", from_scratch=True, exclude_modules=["c_proj"])
+    with pytest.warns(UserWarning, match=r"leaves out 1 layer\(s\) .*: `inner.proj`\."):  # (c_proj: the caller's)
+        get_peft_model(Aliased(), scratch)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*whose weight's dtype or device")
+        mamba = transformers.MambaConfig(hidden_size=16, num_hidden_layers=1, vocab_size=64)
+        get_peft_model(
+            transformers.MambaForCausalLM(mamba), SLTrainConfig(r=2, target_modules="all-linear", from_scratch=True)
+        )
+        fine_tuned = get_peft_model(_tiny_wav2vec2_for_pretraining(), SLTrainConfig(r=2, target_modules="all-linear"))
+    assert isinstance(fine_tuned.base_model.model.project_q, SLTrainLayer)
+
+
+def test_the_scan_keeps_no_class_alive():
+    """A class made at run time whose forward holds it in a closure (`super()`) is freed after its last use."""
+    import gc
+    import weakref
+
+    from peft_sltrain.layer import weight_read_by_parent
+
+    class Made(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x)
+
+    holder = torch.nn.Sequential(Made(2, 2))
+    weight_read_by_parent(holder)
+    made = weakref.ref(Made)
+    del Made, holder
+    gc.collect()
+    assert made() is None
+
+
 def test_a_patched_forward_is_read_again():
     """The scan is kept per class and the forward it read: a forward replaced since (a kernel library's) is read
     again, in both directions."""
