@@ -90,7 +90,7 @@ class SLTrainModel(BaseTuner):
 
         config = self.peft_config[adapter_name]
         config.validate()  # (again: a field changed since construction) before anything reads the config
-        _warn_left_out_dtype_read(exclude_unreplaceable_linears(config, model), config)  # for "all-linear"
+        _warn_left_out_dtype_read(exclude_unreplaceable_linears(config, model))  # for "all-linear"
         _warn_left_out_narrow(exclude_narrow_linears(config, model), config)
         targeted = targeted_linear_names(model, config)
         if "_frozen_before" not in self.__dict__:  # the first adapter: what the model (Whisper's fixed positions) or
@@ -587,15 +587,19 @@ def _adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
             for d in (m.sltrain_A, m.sltrain_B, m.sltrain_values) for p in d.values()]  # fmt: skip
 
 
-def _warn_left_out_dtype_read(names: list[str], config: SLTrainConfig) -> None:
+def _listed(names: list[str]) -> str:
+    """The first three names, quoted, and how many more."""
+    return ", ".join(f"`{n}`" for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _warn_left_out_dtype_read(names: list[str]) -> None:
     """Says which layers `"all-linear"` left out from scratch because the model reads their weight's dtype or device
     (`weight_read_by_parent`, found from the model's source), if any."""
     if names:
-        listed = ", ".join(f"`{n}`" for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         warnings.warn(
             f'`target_modules="all-linear"` leaves out {len(names)} layer(s) whose weight\'s dtype or device the '
-            f"model reads before calling them, which from scratch they would not have: {listed}. They keep their "
-            "dense weight and train dense.",
+            f"model reads before calling them, which from scratch they would not have: {_listed(names)}. They keep "
+            "their dense weight and train dense.",
             stacklevel=3,
         )
 
@@ -604,13 +608,12 @@ def _warn_left_out_narrow(names: list[str], config: SLTrainConfig) -> None:
     """Says which layers `"all-linear"` left out for being narrower than `r` (`exclude_narrow_linears`), if any."""
     if not names:
         return
-    listed = ", ".join(f"`{n}`" for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     if config.from_scratch:
         kept = "train dense"
     else:
         kept = "stay frozen: for a task head, set `task_type` or list it in `modules_to_save`"
     warnings.warn(
         f'`target_modules="all-linear"` leaves out {len(names)} linear layer(s) narrower than r={config.r}, which a '
-        f"rank-{config.r} factorization cannot fit: {listed}. They keep their dense weight and {kept}.",
+        f"rank-{config.r} factorization cannot fit: {_listed(names)}. They keep their dense weight and {kept}.",
         stacklevel=3,
     )
