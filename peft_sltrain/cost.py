@@ -148,6 +148,12 @@ def _sparse_kernels_run(device: torch.device, dtype: torch.dtype) -> bool:
     return _KERNELS_RUN[(device, dtype)]
 
 
+def _exporting() -> bool:
+    """Whether `torch.export` is tracing (not plain `torch.compile`, which runs the sparse kernels in graph breaks)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch 2.6+
+    return is_exporting is not None and is_exporting()
+
+
 def dense_cost(n: int, d_in: int, d_out: int, r: int, backward: bool = True) -> float:
     if not backward:
         return 2.0 * n * d_in * d_out + 2.0 * r * d_in * d_out
@@ -171,7 +177,7 @@ def choose_path(
     has_weight: bool, backward: bool = True,
 ) -> str:  # fmt: skip
     """The path for one call: `compute` if forced, else the cheaper by the cost model, counting the backward only
-    where one will follow (`backward`)."""
+    where one will follow (`backward`). Dense on the meta device (shapes only) and under `torch.export`."""
     if n < 0 or r < 1 or not 0 <= nnz <= d_in * d_out:
         raise ValueError(
             f"`choose_path` needs n >= 0, r >= 1 and nnz in [0, d_in * d_out], got n={n}, r={r}, nnz={nnz} for a "
@@ -179,13 +185,21 @@ def choose_path(
         )
     if not isinstance(device, torch.device):  # a string such as "cpu" (the layers pass devices: no work per call)
         device = torch.device(device)
-    if compute == "dense":
+    if compute not in COMPUTE_CHOICES:
+        raise ValueError(f"`compute` must be one of {COMPUTE_CHOICES}, got {compute!r}.")
+    if compute == "dense" or device.type == "meta":  # on meta only shapes are computed: no kernel runs
+        return "dense"
+    if _exporting():  # torch.export traces through the layer: the sparse kernels are opaque to it
+        if compute == "factored":
+            raise ValueError(
+                "`compute='factored'` cannot be exported: `torch.export` traces through the layer, and the factored "
+                "path's sparse kernels are opaque to it. Export with `model.set_compute('dense')` (or "
+                "`compute='auto'`, which exports on the dense path), or export `merge_and_unload()`'s plain model."
+            )
         return "dense"
     if compute == "factored":
         check_factored_supported(device, dtype)
         return "factored"
-    if compute != "auto":
-        raise ValueError(f"`compute` must be one of {COMPUTE_CHOICES}, got {compute!r}.")
     if not factored_supported(device, dtype):
         return "dense"
     kappa, tau = sparse_relative_cost(device, dtype, nnz, d_out), relative_costs(device, dtype)[2]

@@ -28,6 +28,7 @@ import contextlib
 import warnings
 
 import torch
+from torch.autograd import forward_ad
 
 from . import cpu_kernels
 from .cost import check_factored_supported
@@ -117,32 +118,38 @@ class _SparseLowRankLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, A, B, values, indices, weight = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: the casts go into the graph, or the originals get no terms
-            A, B, values = (_recast(t, original, x.dtype) for t, original in zip((A, B, values), ctx.originals))
-        need_x, need_A, need_B, need_values, _, _, need_weight, need_bias = ctx.needs_input_grad
-        scaling = ctx.scaling
-        grad_x = grad_A = grad_B = grad_values = grad_weight = grad_bias = None
-        dy = grad_y.reshape(-1, grad_y.shape[-1])  # (N, d_out)
+        return _dense_path_backward(ctx, grad_y)
 
-        if need_A or need_B or need_values or need_weight:
-            dW = dy.t().mm(x.reshape(-1, x.shape[-1]))  # (d_out, d_in), transient
-            if need_B:
-                grad_B = _scaled_mm(dW, A.t(), scaling)  # (d_out, r)
-            if need_A:
-                grad_A = _scaled_mm(B.t(), dW, scaling)  # (r, d_in)
-            if need_values:  # (nnz,): only the sampled entries of dW (index_select takes the int32 support as is)
-                grad_values = dW.view(-1).index_select(0, indices)
-            if need_weight:
-                grad_weight = dW
-            del dW  # free before the next dense matrix is built
 
-        if need_x:  # (W0's cast is recorded in a double backward)
-            W0 = None if weight is None else weight.to(x.dtype)
-            grad_x = dy.mm(dense_weight(A, B, values, indices, scaling, W0)).view(x.shape)  # also for N = 0
-        if need_bias:
-            grad_bias = dy.sum(0)
-        return grad_x, grad_A, grad_B, grad_values, None, None, grad_weight, grad_bias
+def _dense_path_backward(ctx, grad_y):
+    """The dense path's backward, from the tensors either path saves (`x`, `A`, `B`, `values` in x's dtype or, on
+    the dense path, in their own; the int32 support; `W0` uncast). The factored path hands it batched gradients."""
+    x, A, B, values, indices, weight = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: the casts go into the graph, or the originals get no terms
+        A, B, values = (_recast(t, original, x.dtype) for t, original in zip((A, B, values), ctx.originals))
+    need_x, need_A, need_B, need_values, _, _, need_weight, need_bias = ctx.needs_input_grad
+    scaling = ctx.scaling
+    grad_x = grad_A = grad_B = grad_values = grad_weight = grad_bias = None
+    dy = grad_y.reshape(-1, grad_y.shape[-1])  # (N, d_out)
+
+    if need_A or need_B or need_values or need_weight:
+        dW = dy.t().mm(x.reshape(-1, x.shape[-1]))  # (d_out, d_in), transient
+        if need_B:
+            grad_B = _scaled_mm(dW, A.t(), scaling)  # (d_out, r)
+        if need_A:
+            grad_A = _scaled_mm(B.t(), dW, scaling)  # (r, d_in)
+        if need_values:  # (nnz,): only the sampled entries of dW (index_select takes the int32 support as is)
+            grad_values = dW.view(-1).index_select(0, indices)
+        if need_weight:
+            grad_weight = dW
+        del dW  # free before the next dense matrix is built
+
+    if need_x:  # (W0's cast is recorded in a double backward)
+        W0 = None if weight is None else weight.to(x.dtype)
+        grad_x = dy.mm(dense_weight(A, B, values, indices, scaling, W0)).view(x.shape)  # also for N = 0
+    if need_bias:
+        grad_bias = dy.sum(0)
+    return grad_x, grad_A, grad_B, grad_values, None, None, grad_weight, grad_bias
 
 
 def _recast(saved: torch.Tensor | None, original: tuple | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -180,8 +187,16 @@ def _refuse_double_backward() -> None:
     if torch.is_grad_enabled():
         raise RuntimeError(
             "The factored SLTrain path has no second derivative (its sparse kernels are not differentiable); use "
-            "`path='dense'` (`compute='dense'`) for double backward, e.g. gradient penalties."
+            "the dense path for double backward, e.g. gradient penalties: `model.set_compute('dense')` on a PEFT "
+            "model (or `SLTrainConfig(compute='dense')`), `path='dense'` in `sltrain_linear`."
         )
+
+
+def _is_batched(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is one of functorch's batched tensors: what `autograd.grad(..., is_grads_batched=True)` and
+    `torch.autograd.functional.jacobian(..., vectorize=True)` hand a backward (a batch of gradients in one call)."""
+    functorch = torch._C._functorch
+    return functorch.is_batchedtensor(tensor) or functorch.is_legacy_batchedtensor(tensor)
 
 
 def csr_layout(indices: torch.Tensor, d_out: int, d_in: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,6 +288,8 @@ class _FactoredSparseLowRankLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         _refuse_double_backward()
+        if _is_batched(grad_y):  # vectorized Jacobians: the sparse kernels cannot run on functorch's batched tensors
+            return _dense_path_backward(ctx, grad_y)  # the dense path's backward reads the same saved tensors
         x, A, B, values, indices, weight = ctx.saved_tensors
         need_x, need_A, need_B, need_values, _, _, need_weight, need_bias = ctx.needs_input_grad
         scaling = ctx.scaling
@@ -422,6 +439,26 @@ def sltrain_linear(
     return _sltrain_linear_unchecked(x, A, B, values, indices, scaling, weight, bias, path)
 
 
+def _refuse_transforms(*tensors: torch.Tensor | None) -> None:
+    """`RuntimeError` under `torch.func` transforms or with forward-mode tangents, which neither autograd function
+    supports (no `setup_context`, no `jvp`), in place of PyTorch's message, which names neither SLTrain nor a way
+    out."""
+    if torch._C._are_functorch_transforms_active():
+        refused = "`torch.func` transforms (grad, vmap, jacrev, jvp, per-sample gradients)"
+    elif forward_ad._current_level >= 0 and any(
+        t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors
+    ):
+        refused = "forward-mode AD (dual tensors)"
+    else:
+        return
+    raise RuntimeError(
+        f"SLTrain layers do not run under {refused}: their autograd functions have neither `setup_context` nor "
+        "`jvp`. Reverse mode covers Jacobians and batched gradients "
+        "(`torch.autograd.functional.jacobian(..., vectorize=True)`, `autograd.grad(..., is_grads_batched=True)`); "
+        "or transform `merge_and_unload()`'s plain model."
+    )
+
+
 def check_input(x: torch.Tensor, d_in: int | None) -> None:
     """`ValueError` unless `x` is a real floating-point tensor with `d_in` features in its last dimension (any number
     if `d_in` is None). Integers would be computed on truncated weights; complex would need conjugates in backward."""
@@ -435,6 +472,8 @@ def _sltrain_linear_unchecked(x, A, B, values, indices, scaling, weight, bias, p
     """`sltrain_linear` after its checks (the layers run `check_input` alone: their tensors are valid), with autocast
     off and `x` in the compute dtype. The dense path takes the other floating-point tensors in any dtype (it casts them
     itself); the factored path casts the factors and the bias first, and `W0` inside (it saves `W0` uncast)."""
+    if not torch.compiler.is_compiling():  # (traced, these calls would break the graph; there they are never true)
+        _refuse_transforms(x, A, B, values, weight, bias)
     if path == "dense":
         if indices.dtype not in (torch.int32, torch.int64):  # what `index_add_` / `index_select` take
             indices = _int32_support(indices, B.shape[0] * A.shape[1])

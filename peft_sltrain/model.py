@@ -16,6 +16,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .config import SLTrainConfig, add_task_heads
+from .cost import COMPUTE_CHOICES
 from .layer import Linear, SLTrainLayer, exclude_unreplaceable_linears, keep_bnb_4bit_unpacked
 from .support import check_support, num_nonzeros, support_fingerprint
 
@@ -190,6 +191,24 @@ class SLTrainModel(BaseTuner):
         names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
         if any(self.peft_config[name].from_scratch for name in names if name in self.peft_config):
             self._set_rest_requires_grad(requires_grad)
+
+    def set_compute(self, compute: str, adapter_name: str | None = None) -> None:
+        """Switch how the layers of `adapter_name` (default: every adapter) compute: `"auto"`, `"dense"` or
+        `"factored"`, as `SLTrainConfig.compute` (which follows, so a saved adapter records it). The layers read the
+        setting per call; e.g. `"dense"` for a double backward (gradient penalties), which the factored path has
+        not, or for `torch.export`."""
+        if compute not in COMPUTE_CHOICES:
+            raise ValueError(f"`compute` must be one of {COMPUTE_CHOICES}, got {compute!r}.")
+        if adapter_name is not None and adapter_name not in self.peft_config:
+            raise ValueError(f"No adapter named {adapter_name!r}; the model has {sorted(self.peft_config)}.")
+        names = list(self.peft_config) if adapter_name is None else [adapter_name]
+        for module in self.model.modules():
+            if isinstance(module, SLTrainLayer):
+                for name in names:
+                    if name in module.compute:
+                        module.compute[name] = compute
+        for name in names:
+            self.peft_config[name].compute = compute
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):

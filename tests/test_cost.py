@@ -66,6 +66,19 @@ def test_forced_paths_and_bad_values():
     assert choose_path("auto", device="cpu", **args) == choose_path("auto", device=torch.device("cpu"), **args)
 
 
+def test_meta_device_and_torch_export_take_the_dense_path(monkeypatch):
+    """On meta only shapes are computed (no kernel runs), even where factored is forced; `torch.export` traces
+    through the layer, where the sparse kernels are opaque: auto goes dense there and a forced factored is refused."""
+    args = {"n": 4096, "d_in": 1024, "d_out": 1024, "r": 16, "nnz": 1000, "dtype": torch.float32, "has_weight": False}
+    assert choose_path("factored", device=torch.device("meta"), **args) == "dense"
+    assert choose_path("auto", device=CPU, **args) == "factored"
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    assert choose_path("auto", device=CPU, **args) == "dense"
+    assert choose_path("dense", device=CPU, **args) == "dense"
+    with pytest.raises(ValueError, match="`compute='factored'` cannot be exported"):
+        choose_path("factored", device=CPU, **args)
+
+
 def test_narrow_layers_pay_relatively_more_for_transposed_copies(torch_kernels):
     # the transposed copies cost N (3 d_in + 2 d_out) numbers, a larger share of a narrow layer's work
     copies = factored_cost(10, 4, 6, 2, 5, 3.0, False, tau=2.0) - factored_cost(10, 4, 6, 2, 5, 3.0, False)
@@ -105,7 +118,7 @@ def test_numba_kernels_have_their_own_constants(numba_kernels, monkeypatch):
     with pytest.raises(
         ValueError, match="for torch.float32 on meta, which PyTorch lacks \\(numba's kernels run on CPU"
     ):
-        cost.choose_path("factored", 64, 32, 32, 4, 30, torch.device("meta"), torch.float32, False)
+        cost.check_factored_supported(torch.device("meta"), torch.float32)  # (choose_path goes dense on meta)
     monkeypatch.setattr(cpu_kernels, "AVAILABLE", False)
     assert cost.relative_costs(CPU, torch.float32) == cost.SPARSE_RELATIVE_COST[("cpu", torch.float32)]
 

@@ -298,6 +298,47 @@ def test_factored_path_refuses_double_backward(path, loss):
         torch.autograd.grad(out, t["A"], create_graph=True)
 
 
+@pytest.mark.parametrize("path", IMPLEMENTATIONS, indirect=True)
+def test_batched_gradients_match_the_reference(path):
+    """Vectorized Jacobians (`is_grads_batched=True`, `jacobian(vectorize=True)`) hand backward one functorch-batched
+    gradient: the sparse kernels cannot read it, so the factored path computes it as the dense path does, from the
+    same saved tensors."""
+    t, ref = make_inputs(), clone_inputs(make_inputs())
+    inputs = [t[name] for name in NAMES]
+    y = sltrain_linear(**t, scaling=0.5, path=path)
+    expected = reference(**ref, scaling=0.5)
+    batch = torch.randn(3, *y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(y, inputs, batch, is_grads_batched=True)
+    want = torch.autograd.grad(expected, [ref[name] for name in NAMES], batch, is_grads_batched=True)
+    for name, g, w in zip(NAMES, got, want, strict=True):
+        torch.testing.assert_close(g, w, msg=name)
+    rest = {k: v.detach() if torch.is_tensor(v) else v for k, v in ref.items() if k != "x"}
+    jacobian = torch.autograd.functional.jacobian(
+        lambda x: sltrain_linear(x, **rest, scaling=0.5, path=path), t["x"].detach(), vectorize=True
+    )  # (2, 5, 10, 2, 5, 12)
+    W = reference(torch.eye(12, dtype=torch.float64), **(rest | {"bias": None}), scaling=0.5).t()  # (d_out, d_in)
+    torch.testing.assert_close(jacobian, torch.einsum("ac,bd,oi->abocdi", torch.eye(2), torch.eye(5), W).double())
+
+
+@pytest.mark.parametrize("path", IMPLEMENTATIONS, indirect=True)
+def test_torch_func_and_forward_mode_are_refused_saying_what_runs(path):
+    """Neither autograd function runs under `torch.func` or with forward-mode tangents: refused with SLTrain's reason
+    and what to use, not PyTorch's message about `setup_context`. An open dual level without tangents is no reason."""
+    t = {k: v.detach() if torch.is_tensor(v) else v for k, v in make_inputs().items()}
+    expected = sltrain_linear(**t, scaling=0.5, path=path)
+    rest = {k: v for k, v in t.items() if k != "x"}
+    for transform in (torch.func.grad, torch.func.vmap):
+        with pytest.raises(RuntimeError, match=r"do not run under `torch.func` transforms.*vectorize=True"):
+            transform(lambda x: sltrain_linear(x, **rest, scaling=0.5, path=path).sum())(t["x"])
+    for tangent_of in ("x", "A"):
+        with torch.autograd.forward_ad.dual_level():
+            dual = t | {tangent_of: torch.autograd.forward_ad.make_dual(t[tangent_of], torch.ones_like(t[tangent_of]))}
+            with pytest.raises(RuntimeError, match=r"do not run under forward-mode AD \(dual tensors\)"):
+                sltrain_linear(**dual, scaling=0.5, path=path)
+    with torch.autograd.forward_ad.dual_level():
+        torch.testing.assert_close(sltrain_linear(**t, scaling=0.5, path=path), expected)
+
+
 @pytest.mark.parametrize("with_weight", [True, False])
 def test_dense_path_double_backward_under_autocast(with_weight):
     """Gradient penalties (`create_graph=True`) under bf16 autocast: the dense path casts its fp32 inputs itself and

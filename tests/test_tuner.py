@@ -188,10 +188,11 @@ def test_auto_takes_one_path_in_a_checkpointed_forward_and_its_recompute():
         assert torch.equal(plain, checkpointed)
 
 
-@pytest.mark.parametrize("compute", ["dense", "auto"])
+@pytest.mark.parametrize("compute", ["dense", "auto", "factored"])
 def test_a_layer_on_the_meta_device_gives_shapes(compute):
     """Shape inference through a wrapped model on the meta device, as `nn.Linear` allows (autocast cannot be asked
-    about, or turned off, there; `auto` goes dense: the sparse kernels have no meta version)."""
+    about, or turned off, there; every setting goes dense: only shapes are computed, and the sparse kernels have no
+    meta version)."""
     config = SLTrainConfig(r=2, target_modules=["0"], compute=compute)
     model = get_peft_model(nn.Sequential(nn.Linear(24, 20)), config).to("meta")
     assert model(torch.randn(3, 24, device="meta")).shape == (3, 20)
@@ -1019,3 +1020,57 @@ def test_jambas_dt_proj_is_left_out():
     ids = torch.randint(0, 64, (1, 6))
     model(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "sltrain_B" in n)  # every adapter is used
+
+
+def test_set_compute_switches_the_layers_and_the_config():
+    """The double-backward refusal's advice can be followed on a model in hand: `set_compute` switches every layer
+    of the adapter (the layers read it per call) and the config, so a saved adapter records it."""
+    torch.manual_seed(0)
+    config = SLTrainConfig(r=4, sparsity=0.1, target_modules=["0", "2"], compute="factored")
+    model = get_peft_model(nn.Sequential(nn.Linear(24, 20), nn.Tanh(), nn.Linear(20, 8)), config)
+    perturb_trainable(model)
+    x = torch.randn(5, 24, requires_grad=True)
+
+    def gradient_penalty():
+        (grad,) = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
+        return grad.square().sum()
+
+    with pytest.raises(RuntimeError, match=r"no second derivative.*model.set_compute\('dense'\)"):
+        gradient_penalty()
+    model.set_compute("dense")  # PeftModel hands it to SLTrainModel
+    assert {layer.compute["default"] for layer in sltrain_layers(model).values()} == {"dense"}
+    assert model.peft_config["default"].compute == "dense"
+    gradient_penalty().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="`compute` must be one of .* got 'fast'"):
+        model.set_compute("fast")
+    with pytest.raises(ValueError, match="No adapter named 'other'"):
+        model.set_compute("auto", adapter_name="other")
+
+
+def test_set_compute_of_one_adapter_leaves_the_others():
+    model = get_peft_model(tiny_llama(), SLTrainConfig(r=4, compute="dense"))
+    model.add_adapter("second", SLTrainConfig(r=4, compute="dense"))
+    model.set_compute("factored", adapter_name="second")
+    for layer in sltrain_layers(model).values():
+        assert layer.compute == {"default": "dense", "second": "factored"}
+    assert (model.peft_config["default"].compute, model.peft_config["second"].compute) == ("dense", "factored")
+
+
+@pytest.mark.parametrize("from_scratch", [False, True])
+def test_torch_export_runs_where_auto_would_go_factored(from_scratch):
+    """`torch.export` traces through the layers: under `auto` they take the dense path there (a 344 -> 128 layer on 4
+    tokens goes factored in eager mode), and a forced `factored` is refused, saying what to do."""
+    torch.manual_seed(0)
+    config = SLTrainConfig(r=32, sparsity=0.03, target_modules=["0"], from_scratch=from_scratch)
+    model = get_peft_model(nn.Sequential(nn.Linear(344, 128)), config).eval()
+    perturb_trainable(model)
+    x = torch.randn(1, 4, 344)
+    assert choose_path("auto", 4, 344, 128, 32, num_nonzeros(128, 344, 0.03), torch.device("cpu"), torch.float32,
+                       not from_scratch, backward=False) == "factored"  # fmt: skip
+    with torch.no_grad():
+        exported = torch.export.export(model, (x,))
+        torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-5, atol=1e-6)
+        model.set_compute("factored")
+        with pytest.raises(ValueError, match=r"`compute='factored'` cannot be exported.*set_compute\('dense'\)"):
+            torch.export.export(model, (x,))
