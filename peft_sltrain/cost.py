@@ -27,6 +27,8 @@ has the dtype (fp16 on CPU; bf16 on CPU without numba), only the dense path exis
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import cpu_kernels
@@ -137,14 +139,14 @@ def _sparse_kernels_run(device: torch.device, dtype: torch.dtype) -> bool:
     version and build (torch 2.13's `sampled_addmm` rejects bf16 and fp16 on CPU, and torch 2.11's on CUDA), so it
     is probed, once per device and dtype, rather than assumed."""
     if (device, dtype) not in _KERNELS_RUN:
-        try:
+        # outside any `torch.func` transform the call may run in (sparse ops fail there, and the answer is kept)
+        with torch._C._DisableFuncTorch(), contextlib.suppress(RuntimeError, NotImplementedError):
+            _KERNELS_RUN[(device, dtype)] = False
             S = torch.eye(2, dtype=dtype, device=device).to_sparse_csr()
             dense = torch.ones(2, 2, dtype=dtype, device=device)
             torch.sparse.mm(S, dense)
             torch.sparse.sampled_addmm(S, dense, dense, beta=0.0)
             _KERNELS_RUN[(device, dtype)] = True
-        except (RuntimeError, NotImplementedError):
-            _KERNELS_RUN[(device, dtype)] = False
     return _KERNELS_RUN[(device, dtype)]
 
 

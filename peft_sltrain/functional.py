@@ -17,6 +17,8 @@ Two exact ways to compute it (`path`):
   `dA = s (dY B)^T X`, `dB = s dY^T (X A^T)` (recomputed, not saved) and `dS` as a sampled dense-dense product: only
   the nnz entries of `dY^T X`. It costs `2 N r (3 d_out + 4 d_in)` dense and `6 N nnz` sparse multiply-adds
   against `6 N d_in d_out + 8 r d_in d_out` for the dense path; `peft_sltrain.cost` picks between them.
+Under `torch.func` transforms and with forward-mode tangents, which neither autograd function supports, the map runs
+in plain differentiable ops instead (`_plain_sltrain_linear`).
 
 Timings in this module's comments without a results file named are development measurements (this project's 2-core
 CPU, fp32, 2 threads, 2048 tokens unless they say otherwise), not kept; `benchmarks/results/` holds the kept ones.
@@ -28,6 +30,7 @@ import contextlib
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch.autograd import forward_ad
 
 from . import cpu_kernels
@@ -439,24 +442,25 @@ def sltrain_linear(
     return _sltrain_linear_unchecked(x, A, B, values, indices, scaling, weight, bias, path)
 
 
-def _refuse_transforms(*tensors: torch.Tensor | None) -> None:
-    """`RuntimeError` under `torch.func` transforms or with forward-mode tangents, which neither autograd function
-    supports (no `setup_context`, no `jvp`), in place of PyTorch's message, which names neither SLTrain nor a way
-    out."""
+def _needs_plain_ops(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call runs under `torch.func` transforms or carries forward-mode tangents, which neither autograd
+    function supports (neither has `setup_context` or `jvp`)."""
     if torch._C._are_functorch_transforms_active():
-        refused = "`torch.func` transforms (grad, vmap, jacrev, jvp, per-sample gradients)"
-    elif forward_ad._current_level >= 0 and any(
+        return True
+    return forward_ad._current_level >= 0 and any(
         t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors
-    ):
-        refused = "forward-mode AD (dual tensors)"
-    else:
-        return
-    raise RuntimeError(
-        f"SLTrain layers do not run under {refused}: their autograd functions have neither `setup_context` nor "
-        "`jvp`. Reverse mode covers Jacobians and batched gradients "
-        "(`torch.autograd.functional.jacobian(..., vectorize=True)`, `autograd.grad(..., is_grads_batched=True)`); "
-        "or transform `merge_and_unload()`'s plain model."
     )
+
+
+def _plain_sltrain_linear(x, A, B, values, indices, scaling, weight=None, bias=None) -> torch.Tensor:
+    """The same map in plain differentiable ops, which `torch.func` (grad, vmap, jacrev, jvp, per-sample gradients)
+    and forward-mode AD transform as they do any PyTorch code. Autograd keeps the built (d_out, d_in) weight until
+    backward, as it would for `F.linear` on it: the memory the autograd functions save, not needed there."""
+    dtype = x.dtype
+    A, B, values = A.to(dtype), B.to(dtype), values.to(dtype)
+    W = scaling * (B @ A) if weight is None else weight.to(dtype) + scaling * (B @ A)
+    W = W.reshape(-1).index_add(0, indices, values).view(B.shape[0], A.shape[1])  # out of place: vmap-able
+    return F.linear(x, W, None if bias is None else bias.to(dtype))
 
 
 def check_input(x: torch.Tensor, d_in: int | None) -> None:
@@ -472,8 +476,10 @@ def _sltrain_linear_unchecked(x, A, B, values, indices, scaling, weight, bias, p
     """`sltrain_linear` after its checks (the layers run `check_input` alone: their tensors are valid), with autocast
     off and `x` in the compute dtype. The dense path takes the other floating-point tensors in any dtype (it casts them
     itself); the factored path casts the factors and the bias first, and `W0` inside (it saves `W0` uncast)."""
-    if not torch.compiler.is_compiling():  # (traced, these calls would break the graph; there they are never true)
-        _refuse_transforms(x, A, B, values, weight, bias)
+    if not torch.compiler.is_compiling() and _needs_plain_ops(x, A, B, values, weight, bias):  # (never true traced)
+        if indices.dtype not in (torch.int32, torch.int64):
+            indices = _int32_support(indices, B.shape[0] * A.shape[1])
+        return _plain_sltrain_linear(x, A, B, values, indices, scaling, weight, bias)
     if path == "dense":
         if indices.dtype not in (torch.int32, torch.int64):  # what `index_add_` / `index_select` take
             indices = _int32_support(indices, B.shape[0] * A.shape[1])

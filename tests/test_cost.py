@@ -79,6 +79,20 @@ def test_meta_device_and_torch_export_take_the_dense_path(monkeypatch):
         choose_path("factored", device=CPU, **args)
 
 
+def test_the_kernel_probe_answers_alike_under_a_torch_func_transform(monkeypatch):
+    """The probe keeps its first answer: asked first inside `torch.func.grad` (where sparse ops fail), it must still
+    find the kernels that run outside."""
+    monkeypatch.setattr(cost, "_KERNELS_RUN", {})
+    answers = []
+
+    def f(x):
+        answers.append(cost._sparse_kernels_run(CPU, torch.float64))
+        return x.sum()
+
+    torch.func.grad(f)(torch.ones(2))
+    assert answers == [True] and cost._KERNELS_RUN == {(CPU, torch.float64): True}
+
+
 def test_narrow_layers_pay_relatively_more_for_transposed_copies(torch_kernels):
     # the transposed copies cost N (3 d_in + 2 d_out) numbers, a larger share of a narrow layer's work
     copies = factored_cost(10, 4, 6, 2, 5, 3.0, False, tau=2.0) - factored_cost(10, 4, 6, 2, 5, 3.0, False)

@@ -321,22 +321,34 @@ def test_batched_gradients_match_the_reference(path):
 
 
 @pytest.mark.parametrize("path", IMPLEMENTATIONS, indirect=True)
-def test_torch_func_and_forward_mode_are_refused_saying_what_runs(path):
-    """Neither autograd function runs under `torch.func` or with forward-mode tangents: refused with SLTrain's reason
-    and what to use, not PyTorch's message about `setup_context`. An open dual level without tangents is no reason."""
+def test_torch_func_and_forward_mode_match_the_reference(path):
+    """Under `torch.func` transforms and with forward-mode tangents (which neither autograd function supports) the
+    map runs in plain differentiable ops: gradients, per-row gradients and Jacobian-vector products are the
+    reference's. An open dual level without tangents changes nothing."""
     t = {k: v.detach() if torch.is_tensor(v) else v for k, v in make_inputs().items()}
-    expected = sltrain_linear(**t, scaling=0.5, path=path)
-    rest = {k: v for k, v in t.items() if k != "x"}
-    for transform in (torch.func.grad, torch.func.vmap):
-        with pytest.raises(RuntimeError, match=r"do not run under `torch.func` transforms.*vectorize=True"):
-            transform(lambda x: sltrain_linear(x, **rest, scaling=0.5, path=path).sum())(t["x"])
-    for tangent_of in ("x", "A"):
-        with torch.autograd.forward_ad.dual_level():
-            dual = t | {tangent_of: torch.autograd.forward_ad.make_dual(t[tangent_of], torch.ones_like(t[tangent_of]))}
-            with pytest.raises(RuntimeError, match=r"do not run under forward-mode AD \(dual tensors\)"):
-                sltrain_linear(**dual, scaling=0.5, path=path)
-    with torch.autograd.forward_ad.dual_level():
-        torch.testing.assert_close(sltrain_linear(**t, scaling=0.5, path=path), expected)
+    params = {k: t[k] for k in ("A", "B", "values", "weight", "bias")}
+
+    def loss(params, x):
+        return sltrain_linear(x, indices=t["indices"], **params, scaling=0.5, path=path).square().sum()
+
+    def reference_loss(params, x):
+        return reference(x, indices=t["indices"], **params, scaling=0.5).square().sum()
+
+    for name, g in torch.func.grad(loss)(params, t["x"]).items():
+        torch.testing.assert_close(g, torch.func.grad(reference_loss)(params, t["x"])[name], msg=name)
+    per_row = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, t["x"])  # one gradient per row
+    for name, g in per_row.items():
+        want = torch.stack([torch.func.grad(reference_loss)(params, x)[name] for x in t["x"]])
+        torch.testing.assert_close(g, want, msg=name)
+    tangents = {k: torch.ones_like(v) for k, v in params.items()}
+    _, jvp = torch.func.jvp(lambda p: loss(p, t["x"]), (params,), (tangents,))
+    torch.testing.assert_close(jvp, torch.func.jvp(lambda p: reference_loss(p, t["x"]), (params,), (tangents,))[1])
+    with torch.autograd.forward_ad.dual_level():  # forward-mode AD on plain tensors, through the public function
+        dual = torch.autograd.forward_ad.make_dual(t["x"], torch.ones_like(t["x"]))
+        y = sltrain_linear(**(t | {"x": dual}), scaling=0.5, path=path)
+        want = reference(**(t | {"x": torch.ones_like(t["x"]), "bias": None}), scaling=0.5)  # d/dx along ones: 1 W^T
+        torch.testing.assert_close(torch.autograd.forward_ad.unpack_dual(y).tangent, want)
+        torch.testing.assert_close(sltrain_linear(**t, scaling=0.5, path=path), reference(**t, scaling=0.5))
 
 
 @pytest.mark.parametrize("with_weight", [True, False])

@@ -1074,3 +1074,27 @@ def test_torch_export_runs_where_auto_would_go_factored(from_scratch):
         model.set_compute("factored")
         with pytest.raises(ValueError, match=r"`compute='factored'` cannot be exported.*set_compute\('dense'\)"):
             torch.export.export(model, (x,))
+
+
+@pytest.mark.parametrize("from_scratch", [False, True])
+@pytest.mark.parametrize("compute", ["dense", "factored"])
+def test_per_sample_gradients_with_torch_func(from_scratch, compute):
+    """`torch.func` transforms run through the layers (in plain differentiable ops there): per-sample gradients by
+    `vmap(grad(...))` over `functional_call` are those of one backward per sample."""
+    torch.manual_seed(0)
+    config = SLTrainConfig(r=4, sparsity=0.1, target_modules=["0", "2"], from_scratch=from_scratch, compute=compute)
+    model = get_peft_model(nn.Sequential(nn.Linear(24, 20), nn.Tanh(), nn.Linear(20, 8)), config)
+    perturb_trainable(model)
+    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    x = torch.randn(6, 24)
+
+    def loss(params, sample):
+        return torch.func.functional_call(model, params, (sample[None],)).square().sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(len(x)):
+        model.zero_grad()
+        model(x[i : i + 1]).square().sum().backward()
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(per_sample[name][i], p.grad, msg=name)
