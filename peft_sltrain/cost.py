@@ -139,8 +139,13 @@ def _sparse_kernels_run(device: torch.device, dtype: torch.dtype) -> bool:
     version and build (torch 2.13's `sampled_addmm` rejects bf16 and fp16 on CPU, and torch 2.11's on CUDA), so it
     is probed, once per device and dtype, rather than assumed."""
     if (device, dtype) not in _KERNELS_RUN:
-        # outside any `torch.func` transform the call may run in (sparse ops fail there, and the answer is kept)
-        with torch._C._DisableFuncTorch(), contextlib.suppress(RuntimeError, NotImplementedError):
+        # outside any `torch.func` transform and autocast the call may run in (they would make the products fail, and
+        # the answer is kept)
+        with (
+            torch._C._DisableFuncTorch(),
+            torch.autocast(device.type, enabled=False),
+            contextlib.suppress(RuntimeError, NotImplementedError),
+        ):
             _KERNELS_RUN[(device, dtype)] = False
             S = torch.eye(2, dtype=dtype, device=device).to_sparse_csr()
             dense = torch.ones(2, 2, dtype=dtype, device=device)

@@ -195,6 +195,26 @@ def test_bf16_autocast_models_agree_across_compute_settings(numba_kernels, input
         torch.testing.assert_close(grads_f[name], g, rtol=0.05, atol=0.05 * g.abs().max().item())
 
 
+def test_the_short_row_term_counts_nonzeros_per_row_of_s(monkeypatch):
+    """kappa's short-row term is per row of S (d_out rows): with constants where only that term counts, a tall layer
+    (one nonzero per row) goes dense and its transpose (16 per row) factored."""
+    monkeypatch.setattr(cpu_kernels, "AVAILABLE", False)
+    monkeypatch.setitem(cost.SPARSE_RELATIVE_COST, ("cpu", torch.float32), (0.0, 500.0, 0.0))
+    assert cost.sparse_relative_cost(CPU, torch.float32, 1024, 1024) == 500.0
+    assert choose_path("auto", 2048, 64, 1024, 1, 1024, CPU, torch.float32, False) == "dense"
+    assert choose_path("auto", 2048, 1024, 64, 1, 1024, CPU, torch.float32, False) == "factored"
+
+
+def test_the_kernel_probe_answers_alike_under_autocast(monkeypatch):
+    """Asked first under bf16 autocast (which would turn the probe's fp32 products bf16, which PyTorch's CSR kernels
+    lack), the probe still finds the fp32 kernels, and keeps that answer."""
+    monkeypatch.setattr(cpu_kernels, "AVAILABLE", False)
+    monkeypatch.setattr(cost, "_KERNELS_RUN", {})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cost.factored_supported(CPU, torch.float32)
+    assert cost._KERNELS_RUN == {(CPU, torch.float32): True}
+
+
 def test_layers_price_a_call_by_its_tokens_and_frozen_weight(monkeypatch):
     """The cost model gets the call's tokens (batch x sequence, not its first dimension) and whether W0 is in it:
     the outputs agree on both paths, so only this shows that a layer asks about the right call."""
@@ -221,6 +241,10 @@ def test_layers_price_a_call_by_its_tokens_and_frozen_weight(monkeypatch):
     model.requires_grad_(False)  # frozen, as loaded for inference: the same path as trainable (the same bits)
     model(input_ids=torch.zeros(2, 5, dtype=torch.long))
     assert seen and set(seen) == {(2 * 5, True, True)}
+    seen.clear()  # from scratch there is no W0 to price
+    model = get_peft_model(tiny_llama(), SLTrainConfig(r=4, sparsity=0.05, from_scratch=True))
+    model(input_ids=torch.zeros(2, 5, dtype=torch.long))
+    assert seen and set(seen) == {(2 * 5, False, True)}
 
 
 def test_forward_only_costs(numba_kernels):

@@ -289,6 +289,26 @@ def test_nan_and_inf_propagate():
     assert torch.equal(y.isinf(), expected.isinf())
 
 
+@pytest.mark.parametrize("where", ["x", "dy"])
+@pytest.mark.parametrize("need_x", [False, True])
+def test_inf_in_backward_reaches_ds_as_inf_not_nan(where, need_x):
+    """dS with an inf in x or dY is +-inf, as the dense product gives: the zero padding of the last, partial block
+    must not multiply a stale inf from the block before by 0 (NaN). 202 tokens on one thread: blocks of 64, 64, 64
+    and 10; token 148 is in lane 20 of the third block, a lane the last one pads."""
+    x, dy, values, indices, S = sparse_problem(n=202, dtype=torch.float64)
+    (x if where == "x" else dy)[148] = float("inf")
+    expected = (dy.t() @ x).view(-1)[indices.long()]
+    assert expected.isinf().all()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out_x = torch.empty_like(x) if need_x else None
+        dvalues = cpu_kernels.sparse_grads(x, dy, indices, values, S.shape, out_x, need_values=True)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(dvalues, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_non_contiguous_input_and_bad_output():
     x, dy, values, indices, S = sparse_problem()
     x_t = x.t().contiguous().t()  # same values, column-major

@@ -493,20 +493,43 @@ def test_token_chunk():
     assert token_chunk(8192, 8192) == 64  # never below 64 rows
 
 
-def test_factored_path_over_many_token_chunks(monkeypatch):
-    """150 rows of x are 3 chunks of the torch-kernel factored path (64 rows each here): float64 results equal the
-    dense path's."""
+@pytest.mark.parametrize("batch", [(3, 50), (65,), (129,), (128,)])
+def test_factored_path_over_many_token_chunks(monkeypatch, batch):
+    """150 rows of x are 3 chunks of the torch-kernel factored path (64 rows each here), 65 and 129 leave one row for
+    the last: float64 results equal the dense path's."""
     monkeypatch.setattr(cpu_kernels, "AVAILABLE", False)
     monkeypatch.setitem(functional.CHUNK_NUMBERS, "cpu", 1)
     assert token_chunk(12, 10) == 64
     dense = make_inputs(d_in=12, d_out=10, r=3, nnz=17)
-    dense["x"] = torch.randn(3, 50, 12, dtype=torch.float64, requires_grad=True)
+    dense["x"] = torch.randn(*batch, 12, dtype=torch.float64, requires_grad=True)
     fact = clone_inputs(dense)
     y_d = sltrain_linear(**dense, scaling=0.3, path="dense")
     y_f = sltrain_linear(**fact, scaling=0.3, path="factored")
     torch.testing.assert_close(y_f, y_d, rtol=1e-12, atol=1e-12)
     for g_f, g_d in zip(grads(y_f, [fact[n] for n in NAMES]), grads(y_d, [dense[n] for n in NAMES])):
         torch.testing.assert_close(g_f, g_d, rtol=1e-12, atol=1e-12)
+
+
+def test_sparse_csr_transposed_is_a_valid_csr_tensor():
+    """At a real size (ties in the column sort) each row of `S^T` lists its columns in order, as CSR requires: the
+    layout is built without PyTorch's invariant check, so this checks it."""
+    d_out, d_in = 512, 1376
+    indices = random_support(d_out, d_in, round(0.03 * d_out * d_in), seed=0)
+    values = torch.randn(indices.numel(), dtype=torch.float64)
+    St = sparse_csr_transposed(values, indices, d_out, d_in)
+    torch.sparse_csr_tensor(St.crow_indices(), St.col_indices(), St.values(), St.shape, check_invariants=True)
+    S = torch.zeros(d_out * d_in, dtype=torch.float64).index_put((indices.long(),), values).view(d_out, d_in)
+    torch.testing.assert_close(St.to_dense(), S.t(), rtol=0, atol=0)
+
+
+def test_factored_path_under_autocast_is_checked_for_the_compute_dtype(monkeypatch):
+    """fp32 inputs under bf16 autocast compute in bf16, which PyTorch's CSR kernels lack: refused for bf16 up front
+    (checking fp32 would let the call fail later with a message naming fp32)."""
+    monkeypatch.setattr(cpu_kernels, "AVAILABLE", False)
+    t = make_inputs(dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(ValueError, match=r"kernels for torch.bfloat16 on cpu.*pip install 'peft-sltrain\[cpu\]'"):
+            sltrain_linear(**t, scaling=0.5, path="factored")
 
 
 def test_sparse_csr_transposed_is_s_transposed():
