@@ -95,8 +95,8 @@ class SLTrainConfig(PeftConfig):
             `"factored"` never forms a dense d_out x d_in matrix (low-rank products plus sparse kernels: numba's on
             CPU where it is installed, else PyTorch's), `"auto"` picks the cheaper per call from the token count,
             shapes, rank, sparsity, device and dtype (see `peft_sltrain.cost`). Both agree with a dense reference;
-            results differ only by rounding. Only the dense path has a second derivative; `model.set_compute(...)`
-            switches a model in hand.
+            results differ only by rounding. Outside `torch.func`, only the dense path has a second derivative
+            (double backward); `model.set_compute(...)` switches a model in hand.
     """
 
     r: int = field(

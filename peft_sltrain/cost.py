@@ -130,6 +130,12 @@ def check_factored_supported(device: torch.device, dtype: torch.dtype, setting: 
     )
 
 
+def exporting() -> bool:
+    """Whether `torch.export` is tracing (not plain `torch.compile`); known from torch 2.6 (`is_exporting`)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return is_exporting is not None and is_exporting()
+
+
 _KERNELS_RUN: dict[tuple[torch.device, torch.dtype], bool] = {}  # `_sparse_kernels_run`'s answers (see cpu_kernels)
 
 
@@ -139,6 +145,7 @@ def _sparse_kernels_run(device: torch.device, dtype: torch.dtype) -> bool:
     version and build (torch 2.13's `sampled_addmm` rejects bf16 and fp16 on CPU, and torch 2.11's on CUDA), so it
     is probed, once per device and dtype, rather than assumed."""
     if (device, dtype) not in _KERNELS_RUN:
+        runs = False
         # outside any `torch.func` transform and autocast the call may run in (they would make the products fail, and
         # the answer is kept)
         with (
@@ -146,19 +153,13 @@ def _sparse_kernels_run(device: torch.device, dtype: torch.dtype) -> bool:
             torch.autocast(device.type, enabled=False),
             contextlib.suppress(RuntimeError, NotImplementedError),
         ):
-            _KERNELS_RUN[(device, dtype)] = False
             S = torch.eye(2, dtype=dtype, device=device).to_sparse_csr()
             dense = torch.ones(2, 2, dtype=dtype, device=device)
             torch.sparse.mm(S, dense)
             torch.sparse.sampled_addmm(S, dense, dense, beta=0.0)
-            _KERNELS_RUN[(device, dtype)] = True
+            runs = True
+        _KERNELS_RUN[(device, dtype)] = runs  # set once: another thread never sees a provisional answer
     return _KERNELS_RUN[(device, dtype)]
-
-
-def _exporting() -> bool:
-    """Whether `torch.export` is tracing (not plain `torch.compile`, which runs the sparse kernels in graph breaks)."""
-    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch 2.6+
-    return is_exporting is not None and is_exporting()
 
 
 def dense_cost(n: int, d_in: int, d_out: int, r: int, backward: bool = True) -> float:
@@ -184,7 +185,8 @@ def choose_path(
     has_weight: bool, backward: bool = True,
 ) -> str:  # fmt: skip
     """The path for one call: `compute` if forced, else the cheaper by the cost model, counting the backward only
-    where one will follow (`backward`). Dense on the meta device (shapes only) and under `torch.export`."""
+    where one will follow (`backward`). Dense on the meta device (shapes only) and under `torch.export`, where no
+    kernel runs."""
     if n < 0 or r < 1 or not 0 <= nnz <= d_in * d_out:
         raise ValueError(
             f"`choose_path` needs n >= 0, r >= 1 and nnz in [0, d_in * d_out], got n={n}, r={r}, nnz={nnz} for a "
@@ -194,15 +196,9 @@ def choose_path(
         device = torch.device(device)
     if compute not in COMPUTE_CHOICES:
         raise ValueError(f"`compute` must be one of {COMPUTE_CHOICES}, got {compute!r}.")
-    if compute == "dense" or device.type == "meta":  # on meta only shapes are computed: no kernel runs
-        return "dense"
-    if _exporting():  # torch.export traces through the layer: the sparse kernels are opaque to it
-        if compute == "factored":
-            raise ValueError(
-                "`compute='factored'` cannot be exported: `torch.export` traces through the layer, and the factored "
-                "path's sparse kernels are opaque to it. Export with `model.set_compute('dense')` (or "
-                "`compute='auto'`, which exports on the dense path), or export `merge_and_unload()`'s plain model."
-            )
+    # on meta only shapes are computed (no kernel runs); under torch.export the map runs in plain ops, whatever the
+    # path (`functional._sltrain_linear_unchecked`): no kernel probed while tracing
+    if compute == "dense" or device.type == "meta" or exporting():
         return "dense"
     if compute == "factored":
         check_factored_supported(device, dtype)

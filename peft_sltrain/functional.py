@@ -17,8 +17,9 @@ Two exact ways to compute it (`path`):
   `dA = s (dY B)^T X`, `dB = s dY^T (X A^T)` (recomputed, not saved) and `dS` as a sampled dense-dense product: only
   the nnz entries of `dY^T X`. It costs `2 N r (3 d_out + 4 d_in)` dense and `6 N nnz` sparse multiply-adds
   against `6 N d_in d_out + 8 r d_in d_out` for the dense path; `peft_sltrain.cost` picks between them.
-Under `torch.func` transforms and with forward-mode tangents, which neither autograd function supports, the map runs
-in plain differentiable ops instead (`_plain_sltrain_linear`).
+Under `torch.func` transforms and with forward-mode tangents, which neither autograd function supports, and under
+`torch.export` (whose program would not run the autograd functions' `out=` products with grad on), the map runs in
+plain differentiable ops instead (`_plain_sltrain_linear`).
 
 Timings in this module's comments without a results file named are development measurements (this project's 2-core
 CPU, fp32, 2 threads, 2048 tokens unless they say otherwise), not kept; `benchmarks/results/` holds the kept ones.
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from torch.autograd import forward_ad
 
 from . import cpu_kernels
-from .cost import check_factored_supported
+from .cost import check_factored_supported, exporting
 from .support import MAX_LAYER_ENTRIES
 
 # PyTorch warns once per process that CSR support is "in beta"; the factored path uses only its stable core
@@ -444,7 +445,7 @@ def sltrain_linear(
 
 def _needs_plain_ops(*tensors: torch.Tensor | None) -> bool:
     """Whether a call runs under `torch.func` transforms or carries forward-mode tangents, which neither autograd
-    function supports (neither has `setup_context` or `jvp`)."""
+    function supports (neither has `setup_context` or `jvp`). Dynamo traces both checks (no graph break)."""
     if torch._C._are_functorch_transforms_active():
         return True
     return forward_ad._current_level >= 0 and any(
@@ -453,8 +454,8 @@ def _needs_plain_ops(*tensors: torch.Tensor | None) -> bool:
 
 
 def _plain_sltrain_linear(x, A, B, values, indices, scaling, weight=None, bias=None) -> torch.Tensor:
-    """The same map in plain differentiable ops, which `torch.func` (grad, vmap, jacrev, jvp, per-sample gradients)
-    and forward-mode AD transform as they do any PyTorch code. Autograd keeps the built (d_out, d_in) weight until
+    """The same map in plain differentiable ops, which `torch.func` (grad, vmap, jacrev, jvp, per-sample gradients),
+    forward-mode AD and `torch.export` take as any PyTorch code. Autograd keeps the built (d_out, d_in) weight until
     backward, as it would for `F.linear` on it: the memory the autograd functions save, not needed there."""
     dtype = x.dtype
     A, B, values = A.to(dtype), B.to(dtype), values.to(dtype)
@@ -476,7 +477,7 @@ def _sltrain_linear_unchecked(x, A, B, values, indices, scaling, weight, bias, p
     """`sltrain_linear` after its checks (the layers run `check_input` alone: their tensors are valid), with autocast
     off and `x` in the compute dtype. The dense path takes the other floating-point tensors in any dtype (it casts them
     itself); the factored path casts the factors and the bias first, and `W0` inside (it saves `W0` uncast)."""
-    if not torch.compiler.is_compiling() and _needs_plain_ops(x, A, B, values, weight, bias):  # (never true traced)
+    if exporting() or _needs_plain_ops(x, A, B, values, weight, bias):
         if indices.dtype not in (torch.int32, torch.int64):
             indices = _int32_support(indices, B.shape[0] * A.shape[1])
         return _plain_sltrain_linear(x, A, B, values, indices, scaling, weight, bias)

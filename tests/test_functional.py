@@ -321,7 +321,7 @@ def test_batched_gradients_match_the_reference(path):
 
 
 @pytest.mark.parametrize("path", IMPLEMENTATIONS, indirect=True)
-def test_torch_func_and_forward_mode_match_the_reference(path):
+def test_torch_func_and_forward_mode_match_the_reference(path, monkeypatch):
     """Under `torch.func` transforms and with forward-mode tangents (which neither autograd function supports) the
     map runs in plain differentiable ops: gradients, per-row gradients and Jacobian-vector products are the
     reference's. An open dual level without tangents changes nothing."""
@@ -348,7 +348,31 @@ def test_torch_func_and_forward_mode_match_the_reference(path):
         y = sltrain_linear(**(t | {"x": dual}), scaling=0.5, path=path)
         want = reference(**(t | {"x": torch.ones_like(t["x"]), "bias": None}), scaling=0.5)  # d/dx along ones: 1 W^T
         torch.testing.assert_close(torch.autograd.forward_ad.unpack_dual(y).tangent, want)
+        plain_calls = []
+        monkeypatch.setattr(functional, "_plain_sltrain_linear", lambda *args: plain_calls.append(args))
         torch.testing.assert_close(sltrain_linear(**t, scaling=0.5, path=path), reference(**t, scaling=0.5))
+        assert not plain_calls  # no tangent: the path's own autograd function
+
+
+@pytest.mark.parametrize("path", BF16_IMPLEMENTATIONS, indirect=True)
+def test_torch_func_under_autocast_computes_as_backward_does(path):
+    """Under bf16 autocast the plain ops cast the fp32 factors to the compute dtype, as the autograd functions do:
+    `torch.func.grad` gives the fp32 gradients that a backward gives, within bf16 rounding."""
+    t = {k: v.detach() if torch.is_tensor(v) else v for k, v in make_inputs(dtype=torch.float32).items()}
+    params = {k: t[k] for k in ("A", "B", "values", "weight", "bias")}
+
+    def loss(params, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = sltrain_linear(x, indices=t["indices"], **params, scaling=0.5, path=path)
+        assert y.dtype == torch.bfloat16
+        return y.float().square().sum()
+
+    got = torch.func.grad(loss)(params, t["x"])
+    leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+    loss(leaves, t["x"]).backward()
+    for name, g in got.items():
+        assert g.dtype == torch.float32
+        assert ((g - leaves[name].grad).norm() / leaves[name].grad.norm()).item() < 1e-2, name
 
 
 @pytest.mark.parametrize("with_weight", [True, False])

@@ -800,6 +800,29 @@ for compiled in (True, False):
 for got, expected in zip(*results):
     assert ((got - expected).norm() / expected.norm()).item() < 0.05
 print("bf16 autocast matches eager over", len(results[0]) - 1, "gradients")
+
+# fullgraph=True: the dense path compiles as one graph (the functorch and forward-mode checks trace without a break)
+model = get_peft_model(tiny_llama(), SLTrainConfig(r=4, sparsity=0.05, compute="dense"))
+perturb_trainable(model)
+torch.testing.assert_close(torch.compile(model, fullgraph=True)(input_ids=ids, labels=ids).loss,
+                           model(input_ids=ids, labels=ids).loss, rtol=1e-4, atol=1e-6)
+print("dense compiles with fullgraph=True")
+
+# a compiled torch.func transform: the layers take their plain ops there too, on either setting
+for compute in ("dense", "factored"):
+    torch.manual_seed(0)
+    config = SLTrainConfig(r=4, sparsity=0.1, target_modules=["0", "2"], compute=compute)
+    mlp = get_peft_model(torch.nn.Sequential(torch.nn.Linear(24, 20), torch.nn.Tanh(), torch.nn.Linear(20, 8)), config)
+    perturb_trainable(mlp)
+    params = {n: p.detach() for n, p in mlp.named_parameters() if p.requires_grad}
+    x = torch.randn(5, 24)
+    def loss(params, x):
+        return torch.func.functional_call(mlp, params, (x,)).square().sum()
+    eager = torch.func.grad(loss)(params, x)
+    compiled = torch.compile(torch.func.grad(loss), fullgraph=True)(params, x)
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-6)
+    print(compute, "compiled torch.func.grad matches eager")
 """
 
 
@@ -813,7 +836,8 @@ def test_torch_compile_matches_eager(tmp_path):
     done = subprocess.run([sys.executable, str(script), tests], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "factored matches eager" in done.stdout and "dense matches eager" in done.stdout
-    assert "bf16 autocast matches eager" in done.stdout
+    assert "bf16 autocast matches eager" in done.stdout and "dense compiles with fullgraph=True" in done.stdout
+    assert all(f"{compute} compiled torch.func.grad matches" in done.stdout for compute in ("dense", "factored"))
 
 
 def test_disabling_a_merged_adapter_gives_the_base_model(input_ids):
@@ -1058,22 +1082,32 @@ def test_set_compute_of_one_adapter_leaves_the_others():
 
 
 @pytest.mark.parametrize("from_scratch", [False, True])
-def test_torch_export_runs_where_auto_would_go_factored(from_scratch):
-    """`torch.export` traces through the layers: under `auto` they take the dense path there (a 344 -> 128 layer on 4
-    tokens goes factored in eager mode), and a forced `factored` is refused, saying what to do."""
+@pytest.mark.parametrize("compute", ["auto", "factored"])
+def test_torch_export_gives_a_program_that_runs_and_trains_as_eager(from_scratch, compute):
+    """`torch.export` traces through the layers, which run in plain ops there (the sparse kernels are opaque to it,
+    and the autograd functions' `out=` products would not differentiate in the program): a 344 -> 128 layer that
+    goes factored on 4 tokens in eager mode exports, in eval and in train mode, and the program gives eager's outputs
+    and gradients with grad on."""
     torch.manual_seed(0)
-    config = SLTrainConfig(r=32, sparsity=0.03, target_modules=["0"], from_scratch=from_scratch)
-    model = get_peft_model(nn.Sequential(nn.Linear(344, 128)), config).eval()
+    config = SLTrainConfig(r=32, sparsity=0.03, target_modules=["0"], from_scratch=from_scratch, compute=compute)
+    model = get_peft_model(nn.Sequential(nn.Linear(344, 128)), config)
     perturb_trainable(model)
     x = torch.randn(1, 4, 344)
     assert choose_path("auto", 4, 344, 128, 32, num_nonzeros(128, 344, 0.03), torch.device("cpu"), torch.float32,
                        not from_scratch, backward=False) == "factored"  # fmt: skip
-    with torch.no_grad():
-        exported = torch.export.export(model, (x,))
-        torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-5, atol=1e-6)
-        model.set_compute("factored")
-        with pytest.raises(ValueError, match=r"`compute='factored'` cannot be exported.*set_compute\('dense'\)"):
-            torch.export.export(model, (x,))
+    for mode in (model.eval, model.train):
+        mode()
+        program = torch.export.export(model, (x,)).module()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        expected = model(x)
+        want = torch.autograd.grad(expected.square().sum(), trainable)
+        got = program(x)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        names = {name for name, p in model.named_parameters() if p.requires_grad}
+        program_params = [p for name, p in program.named_parameters() if name in names]
+        assert len(program_params) == len(trainable)
+        for g, w in zip(torch.autograd.grad(got.square().sum(), program_params), want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)  # (eager's path may be the factored one)
 
 
 @pytest.mark.parametrize("from_scratch", [False, True])
