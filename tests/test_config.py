@@ -137,3 +137,10 @@ def test_registered_with_peft_and_registration_is_idempotent():
     assert PeftType("SLTRAIN") is PeftType.SLTRAIN and PeftType.SLTRAIN in list(PeftType)
     register()  # a second import path must not fail
     assert PEFT_TYPE_TO_CONFIG_MAPPING["SLTRAIN"] is SLTrainConfig
+
+
+@pytest.mark.parametrize("layers", [True, [0, True], [False]])
+def test_bools_are_not_layer_indices(layers):
+    """A bool is an int to Python, but not a layer index (`layers_to_transform=True` would mean layer 1)."""
+    with pytest.raises(ValueError, match="`layers_to_transform`"):
+        SLTrainConfig(target_modules=["q_proj"], layers_to_transform=layers)

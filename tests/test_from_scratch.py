@@ -831,3 +831,42 @@ def test_an_init_that_resets_a_replaced_child_sets_only_its_fresh_tensors():
     assert not project_hid.sltrain_B["default"].any()  # B = 0: SLTrain's init, not nn.Linear's
     with pytest.raises(ValueError, match=r"leaves 2 parameter\(s\) unset, e.g. \['wav2vec2.encoder.pos_conv_embed"):
         model(torch.randn(1, 400))
+
+
+def test_an_init_reaching_a_replaced_conv1d_sees_its_stored_layout():
+    """From scratch on a meta-built Transformers model, a replaced layer shows its parent's init a meta weight
+    of its shape while `initialize_weights` runs: a `Conv1D`'s weight is stored (d_in, d_out)."""
+    import transformers
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    seen = []
+
+    class ProbeConfig(transformers.PretrainedConfig):
+        model_type = "sltrain_conv1d_probe"
+
+    class Probe(transformers.PreTrainedModel):
+        config_class = ProbeConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.norm = nn.LayerNorm(16)  # a parameter to materialize, so that the model's init runs
+            self.proj = Conv1D(12, 16)  # nf=12 outputs, nx=16 inputs: weight (16, 12)
+            self.post_init()
+
+        def _init_weights(self, module):
+            if isinstance(module, Conv1D):
+                seen.append((tuple(module.weight.shape), module.weight.device.type))
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+        def forward(self, x):
+            return self.proj(self.norm(x))
+
+    with init_empty_weights():
+        model = Probe(ProbeConfig())
+    seen.clear()
+    peft_model = get_peft_model(model, SLTrainConfig(r=2, sparsity=0.1, target_modules=["proj"], from_scratch=True))
+    assert seen == [((16, 12), "meta")]
+    assert peft_model(torch.randn(3, 16)).shape == (3, 12)

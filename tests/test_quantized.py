@@ -328,3 +328,26 @@ def test_merging_into_an_8bit_base_with_fp16_weights_keeps_w0():
     with pytest.warns(UserWarning, match="quantizes the sum again"):
         model.unmerge_adapter()
     torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+def test_merging_into_a_bf16_8bit_base_with_fp16_weights_sums_in_fp32():
+    """A bitsandbytes base's `W0 + delta` is summed in fp32 and rounded once to W0's dtype (as an unquantized
+    half-precision base is): bitsandbytes' mixed 8-bit mode keeps W0 in its floats, so the merged weight is exactly
+    that sum, not `W0 + round(delta)` rounded again."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 96)
+    layer = bnb.nn.Linear8bitLt(64, 96, has_fp16_weights=True)
+    layer.load_state_dict(dense.state_dict())
+    layer = layer.to(torch.bfloat16).to("cpu")
+    model = get_peft_model(nn.Sequential(layer), SLTrainConfig(r=4, sparsity=0.1, target_modules=["0"]))
+    sl = model.base_model.model[0]
+    with torch.no_grad():
+        sl.sltrain_B["default"].normal_(0, 0.1)
+        sl.sltrain_values["default"].normal_(0, 0.1)
+        W0 = sl.get_base_layer().weight.data.clone()
+        assert W0.dtype == torch.bfloat16
+        expected = (W0.float() + sl.get_delta_weight("default").float()).to(torch.bfloat16)
+        with pytest.warns(UserWarning, match="quantizes the sum again"):
+            sl.merge()
+    assert torch.equal(sl.get_base_layer().weight.data, expected)

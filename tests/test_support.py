@@ -107,3 +107,16 @@ def test_random_support_rejects_bad_arguments():
         random_support(3, 3, 10, seed=0)
     with pytest.raises(ValueError, match="int32"):
         random_support(2**16, 2**16, 10, seed=0)
+
+
+def test_a_support_at_exactly_half_density_is_pinned():
+    """At exactly half density (`sparsity=0.5` on an even layer) the kept entries are drawn (the complement is
+    drawn only above half): pinned, like the other golden values, because a `save_support=False` adapter regenerates
+    its supports from the seed."""
+    support = random_support(4, 6, 12, seed=3)
+    assert support.tolist() == HALF_DENSITY_SUPPORT
+    assert support_fingerprint(support).tolist() == HALF_DENSITY_FINGERPRINT
+
+
+HALF_DENSITY_SUPPORT = [1, 4, 6, 8, 9, 11, 14, 16, 18, 19, 21, 23]  # torch 2.13's CPU generator
+HALF_DENSITY_FINGERPRINT = [7465442259198090342]

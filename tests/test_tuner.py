@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -27,7 +28,8 @@ from peft_sltrain import (
 )
 from peft_sltrain.config import HEADS_PEFT_ADDS
 from peft_sltrain.cost import choose_path
-from peft_sltrain.support import num_nonzeros
+from peft_sltrain.layer import weight_read_directly
+from peft_sltrain.support import layer_seed, num_nonzeros, random_support
 
 from conftest import needs_cxx, perturb_trainable, tiny_llama, tiny_roberta, tiny_roberta_config, train_losses
 
@@ -1132,3 +1134,117 @@ def test_per_sample_gradients_with_torch_func(from_scratch, compute):
         for name, p in model.named_parameters():
             if p.requires_grad:
                 torch.testing.assert_close(per_sample[name][i], p.grad, msg=name)
+
+
+@pytest.mark.parametrize("from_scratch, kept", [(True, "train dense"), (False, "stay frozen: for a task head")])
+def test_the_narrow_layer_warning_says_what_becomes_of_the_layers(from_scratch, kept):
+    """ "all-linear" leaves out a layer narrower than r: from scratch it trains dense, fine-tuned it stays frozen
+    (unless listed as a task head); the warning must say the right one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 1))
+    config = SLTrainConfig(r=4, target_modules="all-linear", from_scratch=from_scratch)
+    with pytest.warns(UserWarning, match=rf"narrower than r=4.*They keep their dense weight and {re.escape(kept)}"):
+        get_peft_model(model, config)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_replaced_layers_keep_the_train_or_eval_mode_of_the_model(training):
+    """A layer replaced in an eval-mode model is in eval mode too (a new module starts in training mode): the
+    compute-path choice reads `self.training` (in training mode a no-grad call counts the backward), so a model
+    wrapped for inference must not have training-mode layers."""
+    model = get_peft_model(tiny_llama().train(training), SLTrainConfig(r=4, sparsity=0.05))
+    layers = sltrain_layers(model)
+    assert layers and all(layer.training == training for layer in layers.values())
+    assert all(module.training == training for module in model.base_model.model.modules())  # (PEFT's wrappers
+    # themselves are new modules, in training mode whatever the model's)
+
+
+def test_a_second_adapter_on_replaced_layers_draws_its_supports_from_its_own_seed():
+    """`add_adapter` on layers that already carry an SLTrain adapter goes through `update_layer`: the new
+    adapter's supports follow its own config's `seed` and the layer names, as the first adapter's do (and as
+    `save_support=False` regenerates them)."""
+    model = get_peft_model(tiny_llama(), SLTrainConfig(r=4, sparsity=0.05, seed=0))
+    model.add_adapter("other", SLTrainConfig(r=4, sparsity=0.05, seed=7))
+    layers = sltrain_layers(model)
+    assert len(layers) == 14
+    for name, layer in layers.items():
+        key = name.removeprefix("base_model.model.")
+        for adapter, seed in (("default", 0), ("other", 7)):
+            nnz = layer.sltrain_values[adapter].numel()
+            expected = random_support(layer.out_features, layer.in_features, nnz, seed=layer_seed(seed, key))
+            assert torch.equal(layer.sltrain_indices[adapter], expected), (name, adapter)
+        assert not torch.equal(layer.sltrain_indices["default"], layer.sltrain_indices["other"])
+
+
+def test_alora_offsets_are_refused(input_ids):
+    """PEFT hands LoRA's `alora_offsets` to the tuner and then drops it: SLTrain refuses it rather than silently
+    ignore it (as it refuses `adapter_names`)."""
+    model = get_peft_model(tiny_llama(), SLTrainConfig(r=4, sparsity=0.05)).eval()
+    with pytest.raises(ValueError, match=r"SLTrain has no `alora_offsets`.*`alora_offsets=\[1, 1\]`"):
+        model(input_ids[:2], alora_offsets=[1, 1])
+    assert model(input_ids[:2]).logits.shape[0] == 2
+
+
+@pytest.mark.parametrize("register, kind", [
+    (nn.Module.register_full_backward_hook, "backward"),
+    (nn.Module.register_full_backward_pre_hook, "backward pre"),
+])  # fmt: skip
+def test_backward_hooks_on_a_replaced_layer_are_warned_about(register, kind):
+    """Backward hooks on the original layer do not run either (SLTrain never calls it): warned about as
+    forward hooks are."""
+    model = tiny_llama()
+    register(model.model.layers[0].self_attn.q_proj, lambda *args: None)
+    peft_model = get_peft_model(model, SLTrainConfig(r=2, target_modules=["q_proj"]))
+    with pytest.warns(UserWarning, match=rf"under this SLTrain layer has {kind} hooks"):
+        peft_model(input_ids=torch.tensor([[1, 2, 3]]))
+
+
+def test_read_directly_names_match_whole_module_names():
+    """`WEIGHT_READ_DIRECTLY`'s entries are module names, or dotted suffixes of them: Mamba's `out_proj` is
+    left out, a layer that merely ends in those letters (`gate_out_proj`) is not."""
+
+    class Mixer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = types.SimpleNamespace(model_type="mamba")
+            self.out_proj = nn.Linear(8, 8)
+            self.gate_out_proj = nn.Linear(8, 8)
+
+    assert set(weight_read_directly(Mixer())) == {"out_proj"}
+
+
+def test_blooms_dense_layers_stay_targets_with_slow_but_exact_at_pretraining_tp_1():
+    """BLOOM slices `dense` / `dense_4h_to_h` only where `pretraining_tp > 1` (and `slow_but_exact`): at 1 it
+    calls them, and they are replaced as usual."""
+    config = transformers.BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=4, pretraining_tp=1,
+                                      slow_but_exact=True)  # fmt: skip
+    torch.manual_seed(0)
+    model = get_peft_model(
+        transformers.BloomForCausalLM(config), SLTrainConfig(r=2, target_modules=["dense", "dense_4h_to_h"])
+    )
+    replaced = {n.removeprefix("base_model.model.") for n in sltrain_layers(model)}
+    assert replaced == {"transformer.h.0.self_attention.dense", "transformer.h.0.mlp.dense_4h_to_h"}
+
+
+def test_debertas_last_in_proj_stays_a_target_at_z_steps_1():
+    """DeBERTa re-runs its last layer (reading `in_proj`'s weight) only where `z_steps > 1`."""
+    config = transformers.DebertaConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.DebertaForMaskedLM(config)
+    model.deberta.z_steps = 1
+    name = "deberta.encoder.layer.1.attention.self.in_proj"
+    peft_model = get_peft_model(model, SLTrainConfig(r=2, target_modules=[name]))
+    assert isinstance(peft_model.get_submodule("base_model.model." + name), SLTrainLayer)
+
+
+def test_a_layer_built_directly_in_inference_mode_freezes_its_adapter():
+    """`peft_sltrain.layer.Linear` on its own (no `get_peft_model`, which sets the adapters' trainability again after
+    injecting) takes the config's `inference_mode`: its factors are frozen."""
+    from peft_sltrain.layer import Linear
+
+    for inference_mode in (True, False):
+        config = SLTrainConfig(r=2, inference_mode=inference_mode)
+        layer = Linear(nn.Linear(16, 12), "default", config, layer_name="0")
+        adapter = [p for n, p in layer.named_parameters() if n.startswith("sltrain_")]
+        assert len(adapter) == 3 and all(p.requires_grad != inference_mode for p in adapter)
