@@ -477,13 +477,12 @@ def _sltrain_linear_unchecked(x, A, B, values, indices, scaling, weight, bias, p
     """`sltrain_linear` after its checks (the layers run `check_input` alone: their tensors are valid), with autocast
     off and `x` in the compute dtype. The dense path takes the other floating-point tensors in any dtype (it casts them
     itself); the factored path casts the factors and the bias first, and `W0` inside (it saves `W0` uncast)."""
-    if exporting() or _needs_plain_ops(x, A, B, values, weight, bias):
-        if indices.dtype not in (torch.int32, torch.int64):
-            indices = _int32_support(indices, B.shape[0] * A.shape[1])
+    plain = exporting() or _needs_plain_ops(x, A, B, values, weight, bias)
+    if (plain or path == "dense") and indices.dtype not in (torch.int32, torch.int64):  # what `index_add` takes
+        indices = _int32_support(indices, B.shape[0] * A.shape[1])
+    if plain:
         return _plain_sltrain_linear(x, A, B, values, indices, scaling, weight, bias)
     if path == "dense":
-        if indices.dtype not in (torch.int32, torch.int64):  # what `index_add_` / `index_select` take
-            indices = _int32_support(indices, B.shape[0] * A.shape[1])
         return _SparseLowRankLinear.apply(x, A, B, values, indices, scaling, weight, bias)
     if path == "factored":
         A, B, values = A.to(x.dtype), B.to(x.dtype), values.to(x.dtype)
