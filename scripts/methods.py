@@ -311,18 +311,29 @@ def _relora_restart(model: nn.Module, optimizer: torch.optim.Optimizer, step: in
     """Every `relora_every` steps: merge B A into W0, restart B = 0 and A at random, and drop the LoRA factors'
     optimizer state, step count included (ReLoRA prunes 99% of the moments by magnitude and its code zeroes them,
     keeping the count; a full reset is the simple limit, and with the count restarted Adam's bias correction makes
-    the first update after a restart about lr rather than the reference's ~3 lr)."""
+    the first update after a restart about lr rather than the reference's ~3 lr).
+
+    The new `A`s are drawn from a generator seeded by the run's seed and the step, not from the global RNG: the same
+    on every process and after a resume, whatever else drew random numbers, and the global stream is left alone."""
     from peft.tuners.lora import LoraLayer
 
     if step % _relora_every(hyper) or step >= hyper.max_steps:
         return
     optimizers = _optimizers(optimizer)
+    generators = {}  # one per device, seeded alike
     for module in model.modules():
         if isinstance(module, LoraLayer):
             module.merge()
             module.merged_adapters.clear()  # the merge is permanent: W0 absorbs the update
-            module.reset_lora_parameters("default", init_lora_weights=True)  # in place: the optimizers keep them
-            for param in (module.lora_A["default"].weight, module.lora_B["default"].weight):
+            lora_a, lora_b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            if lora_a.device not in generators:  # (PyTorch's CPU generator keeps only a seed's low 32 bits)
+                seed = (hyper.seed * 1_000_003 + step) % 2**32
+                generators[lora_a.device] = torch.Generator(lora_a.device).manual_seed(seed)
+            # PEFT's `init_lora_weights=True` (its `reset_lora_parameters`), in place: the optimizers keep them
+            with torch.no_grad():
+                nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5), generator=generators[lora_a.device])
+                lora_b.zero_()
+            for param in (lora_a, lora_b):
                 for opt in optimizers:
                     opt.state.pop(param, None)
 

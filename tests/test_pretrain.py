@@ -1075,6 +1075,36 @@ def test_relora_merges_restarts_and_resets_optimizer_state():
     assert [method.lr_multiplier(s, hyper) for s in (10, 11, 24, 30, 31)] == [1.0, 1.0, 1.0, 0.2, 0.4]
 
 
+def test_relora_restart_draws_from_the_run_seed_not_the_global_rng():
+    """A restart's new `A`s depend on the run's seed and the step only: the same whatever the global RNG's state (so on
+    every process and after a resume), new at each restart and for each seed, drawn as PEFT's init (uniform within
+    1 / sqrt(d_in)), with the global stream left as it was."""
+    import copy
+
+    from peft.tuners.lora import LoraLayer
+
+    method = METHODS["relora"]
+    built = method.build(micro_config(), Hyper(rank=4, alpha=4, max_steps=100, seed=7, extra={"relora_every": 10}))
+
+    def restarted_a(global_seed: int, step: int = 10, seed: int = 7) -> list[torch.Tensor]:
+        model = copy.deepcopy(built)
+        torch.manual_seed(global_seed)
+        state = torch.get_rng_state()
+        hyper = Hyper(rank=4, alpha=4, max_steps=100, seed=seed, extra={"relora_every": 10})
+        method.after_step(model, torch.optim.AdamW(model.parameters()), step, hyper)
+        assert torch.equal(torch.get_rng_state(), state)
+        return [m.lora_A["default"].weight.detach().clone() for m in model.modules() if isinstance(m, LoraLayer)]
+
+    first = restarted_a(0)
+    assert len(first) == 14 and all(torch.equal(a, b) for a, b in zip(first, restarted_a(1)))
+    before = [m.lora_A["default"].weight for m in built.modules() if isinstance(m, LoraLayer)]
+    for other in (before, restarted_a(0, step=20), restarted_a(0, seed=8)):
+        assert not any(torch.equal(a, b) for a, b in zip(first, other))
+    for a in first:
+        bound = a.shape[1] ** -0.5
+        assert 0.9 * bound < a.abs().max() <= bound
+
+
 def test_lowrank_is_scaled_like_sltrain():
     """The low-rank baseline computes (alpha / r) B A, SLTrain's scale (the reference's lora_alpha / r), and its
     dense export holds the scaled product."""
