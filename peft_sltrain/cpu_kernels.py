@@ -26,9 +26,11 @@ likely because the compiler can then no longer assume that they alias nothing. P
 Deterministic: tokens are split over threads in fixed contiguous ranges and the partial sums of dS added in thread
 order, so the same thread count gives the same bits (x S^T and dY S do not depend on it at all); dS's last bits also
 depend on whether dY S is computed in the same pass (its loop pairs nonzeros, the dS-only loop does not). The
-kernels compile on first use per dtype (about 10 s each; fp32, fp64, bf16). With numba's GNU OpenMP threading
-layer, a process forked after its parent ran them must not run them itself (DataLoader workers do not; torchrun
-starts fresh processes).
+kernels (in `_numba_kernels`) compile on first use per dtype (about 10 s each; fp32, fp64, bf16) and numba keeps the
+result on disk: a later process loads it in well under a second, and numba and its compiler then add about 100 MiB
+to the process's RSS instead of about 240 MiB (all three dtypes). With numba's GNU OpenMP threading layer, a process
+forked after its parent ran them must not run them itself (DataLoader workers do not; torchrun starts fresh
+processes).
 
 Timings in this module's comments without a results file named are development measurements (this project's 2-core
 CPU, fp32, 2 threads, 2048 tokens unless they say otherwise), not kept; `benchmarks/results/` holds the kept ones.
@@ -40,7 +42,9 @@ import contextlib
 import functools
 import importlib.util
 import operator
+import os
 import threading
+import traceback
 import types
 
 import numpy as np
@@ -51,13 +55,6 @@ AVAILABLE = importlib.util.find_spec("numba") is not None
 # bf16 is computed in fp32 (loaded from and rounded back to bf16 per block of tokens), like PyTorch's bf16 GEMMs
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _COMPUTE_DTYPE = {torch.bfloat16: torch.float32}  # where the kernels compute in another dtype than their inputs
-# tokens per block: 64 fp32 numbers are four AVX-512 vectors per fused multiply-add; 16 and 32 ran 1.5-3x slower
-# (each (nonzero, block) pair pays a fixed loop overhead), 128 no faster
-TOKEN_BLOCK = 64
-# reassociation lets the sums vectorise; no `nnan`/`ninf`, so NaN and inf propagate as in PyTorch
-FASTMATH = {"reassoc", "contract"}
-# the block transposes move TILE x TILE numbers at a time: 4 and 16 ran up to 10% slower kernels than 8
-TILE = 8
 # numba picks its threading layer (tbb, omp, else workqueue); workqueue aborts the process if two Python threads
 # launch kernels at once, so launches are serialised
 _launch_lock = threading.Lock()
@@ -123,8 +120,7 @@ def sparse_matmul_t(
     y = _out(out, "out")
     with _launch_lock, _numba_threads() as threads:
         crow = _row_starts(indices, *shape)
-        forward = _kernels().forward_bf16 if x.dtype == torch.bfloat16 else _kernels().forward
-        forward(_np(x), crow, _np(indices), _np(_compute(values)), y, threads)
+        _run(_kernels().forward, _np(x), crow, _np(indices), _np(_compute(values)), y, threads)
     return out
 
 
@@ -142,14 +138,15 @@ def sparse_grads(
     with _launch_lock, _numba_threads() as threads:
         crow = _row_starts(indices, *shape)
         partial = torch.zeros(threads, values.numel() if need_values else 0, dtype=vals.dtype)  # (threads, nnz)
-        backward = _kernels().backward_bf16 if x.dtype == torch.bfloat16 else _kernels().backward
-        backward(_np(x), _np(dy), crow, _np(indices), _np(vals), dx, partial.numpy(), need_x, need_values)
+        dx_args = (dx, partial.numpy(), need_x, need_values)
+        _run(_kernels().backward, _np(x), _np(dy), crow, _np(indices), _np(vals), *dx_args)
     return partial.sum(0).to(values.dtype) if need_values else None
 
 
 def warm_up(dtypes=DTYPES) -> list[torch.dtype]:
-    """Compiles the kernels for `dtypes` now (about 10 s each, once per process) by running them on a 2 x 2
-    problem, so that the compile does not land in the first training step and its timing. Skips a dtype the kernels
+    """Compiles the kernels for `dtypes` now (about 10 s each; loaded from numba's on-disk cache after the first
+    process) by running them on a 2 x 2 problem, so that the compile does not land in the first training step and its
+    timing. Skips a dtype the kernels
     do not run (numba missing or unusable: the factored path then uses PyTorch's kernels); returns the others."""
     indices, compiled = torch.tensor([0, 3], dtype=torch.int32), []
     for dtype in (d for d in dtypes if supports(torch.device("cpu"), d)):
@@ -164,14 +161,14 @@ def buffer_bytes(d_in: int, d_out: int, dtype: torch.dtype) -> int:
     """Bytes of the per-thread block buffers the backward allocates inside the kernels (the forward's are smaller),
     which PyTorch's memory profiler does not see: threads x (2 d_in + d_out) x TOKEN_BLOCK numbers, fp32 for bf16."""
     itemsize = torch.finfo(_COMPUTE_DTYPE.get(dtype, dtype)).bits // 8
-    return _threads() * (2 * d_in + d_out) * TOKEN_BLOCK * itemsize
+    return _threads() * (2 * d_in + d_out) * _kernels().TOKEN_BLOCK * itemsize
 
 
 def _row_starts(indices: torch.Tensor, d_out: int, d_in: int) -> np.ndarray:
     """CSR row pointers (d_out + 1,) of the support, found in one O(nnz + d_out) pass that also checks what the
     unchecked kernels rely on: every index in [0, d_out * d_in) and strictly increasing."""
     crow = np.empty(d_out + 1, np.int64)
-    bad = _kernels().row_starts(_np(indices), d_out, d_in, crow)
+    bad = _run(_kernels().row_starts, _np(indices), d_out, d_in, crow)
     if bad >= 0:
         raise ValueError(
             f"`indices` must be strictly increasing flat indices in [0, {d_out * d_in}) of a {d_out} x {d_in} "
@@ -235,217 +232,26 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 @functools.cache
-def _kernels():
-    """The kernels (`row_starts`, `forward`, `backward`), compiled by numba on first call (per dtype for the last
-    two)."""
-    from numba import njit, prange
+def _kernels() -> types.ModuleType:
+    """The kernels (`row_starts`, `forward`, `backward`): `_numba_kernels`, imported (with numba) on first call; each
+    compiles on its first call per dtype, or loads from numba's on-disk cache."""
+    from . import _numba_kernels
 
-    NB = TOKEN_BLOCK
-
-    @njit(nogil=True, cache=False)
-    def _row_starts(indices, d_out, d_in, crow):
-        """Fills crow (d_out + 1,); returns the first position that breaks the support's invariants, else -1."""
-        j, previous, row_end, end = 0, -1, d_in, d_out * d_in  # row pointers are filled up to row j
-        crow[0] = 0
-        for p in range(indices.shape[0]):
-            index = np.int64(indices[p])
-            if index <= previous or index >= end:
-                return p
-            previous = index
-            while index >= row_end:  # rows j + 1 .. the row of p start at p (no division per nonzero)
-                j += 1
-                crow[j] = p
-                row_end += d_in
-        while j < d_out:
-            j += 1
-            crow[j] = indices.shape[0]
-        return -1
-
-    # Blocks of tokens move between the row-major activations and the transposed per-thread buffers as they are
-    # for fp32/fp64; for bf16 (passed as uint16 bits) the buffers are fp32, a load widens the bits (bf16 is the top
-    # half of an fp32) and a store rounds to nearest even, as PyTorch's conversion does (NaN stays NaN: PyTorch
-    # writes the canonical 0x7FC0, this keeps the sign and the top of the payload).
-    @njit(inline="always")
-    def same(a):
-        return a
-
-    @njit(inline="always")
-    def buffer(rows, x):
-        return np.zeros((rows, NB), x.dtype)
-
-    @njit(inline="always")
-    def fp32_bits(buf):
-        return buf.view(np.uint32)
-
-    @njit(inline="always")
-    def widen_bf16(h):
-        return np.uint32(h) << 16
-
-    @njit(inline="always")
-    def round_bf16(b):
-        if b & 0x7FFFFFFF > 0x7F800000:  # NaN: the top half, made quiet (rounding could turn it into inf)
-            return np.uint16((b >> 16) | 0x40)
-        return np.uint16((b + 0x7FFF + ((b >> 16) & 1)) >> 16)  # ties to even; overflow to inf, as it should
-
-    @njit(inline="always")
-    def buffer_fp32(rows, x):
-        return np.zeros((rows, NB), np.float32)
-
-    load, store = _transposes(same, same, same, njit)
-    load_bf16, store_bf16 = _transposes(fp32_bits, widen_bf16, round_bf16, njit)
-    forward, backward = _build(load, store, buffer, njit, prange)
-    forward_bf16, backward_bf16 = _build(load_bf16, store_bf16, buffer_fp32, njit, prange)
-    return types.SimpleNamespace(
-        row_starts=_row_starts, forward=forward, backward=backward, forward_bf16=forward_bf16,
-        backward_bf16=backward_bf16,
-    )  # fmt: skip
+    return _numba_kernels
 
 
-def _transposes(as_buffer, widen, narrow, njit):
-    """(load, store): a block of `nb` tokens from row-major `x` into a (d, TOKEN_BLOCK) buffer, transposed, and back.
-    `as_buffer` views a buffer as what `widen` writes and `narrow` reads (see `_kernels`).
-
-    They go TILE rows of tokens at a time, in TILE x TILE tiles. Against a token at a time (each element stored to
-    another cache line) that made the fp32 kernels 0.61-0.85x as long in forward and 0.65-0.94x in backward (2048
-    tokens, 2 threads, layers 128 x 344 to 2736 x 1024; the narrow ones gain most). Tiles over the features first
-    (reading T rows of x in T-wide pieces, 64 rows at once) were 3-10% slower than a token at a time on the widest
-    layers. What the transposes still cost, measured by skipping them: 20-41% of the kernels' time at 512-1376 wide
-    layers."""
-    T = TILE
-
-    @njit(inline="always")
-    def load(x, xt, n0, nb):  # xt[:, :nb] = x[n0 : n0 + nb].T
-        dst, d = as_buffer(xt), x.shape[1]
-        dt, nt = d - d % T, nb - nb % T  # the parts that full tiles cover
-        for t0 in range(0, nt, T):  # T rows of x at a time, read front to back
-            for i0 in range(0, dt, T):
-                for t in range(t0, t0 + T):
-                    for i in range(i0, i0 + T):
-                        dst[i, t] = widen(x[n0 + t, i])
-            for i in range(dt, d):
-                for t in range(t0, t0 + T):
-                    dst[i, t] = widen(x[n0 + t, i])
-        for t in range(nt, nb):
-            for i in range(d):
-                dst[i, t] = widen(x[n0 + t, i])
-
-    @njit(inline="always")
-    def store(yt, y, n0, nb):  # y[n0 : n0 + nb] = yt[:, :nb].T
-        src, d = as_buffer(yt), y.shape[1]
-        dt, nt = d - d % T, nb - nb % T
-        for t0 in range(0, nt, T):  # T rows of y at a time, written front to back
-            for j0 in range(0, dt, T):
-                for t in range(t0, t0 + T):
-                    for j in range(j0, j0 + T):
-                        y[n0 + t, j] = narrow(src[j, t])
-            for j in range(dt, d):
-                for t in range(t0, t0 + T):
-                    y[n0 + t, j] = narrow(src[j, t])
-        for t in range(nt, nb):
-            for j in range(d):
-                y[n0 + t, j] = narrow(src[j, t])
-
-    return load, store
-
-
-def _build(load, store, buffer, njit, prange):
-    """(forward, backward) for one way of loading and storing blocks of tokens (see `_kernels`)."""
-    NB = TOKEN_BLOCK
-
-    @njit(inline="always")
-    def column(index, base):
-        """The column of the flat index `index` in the row that starts at `base`, as an unsigned int: numba then
-        skips its wraparound of negative indices (5-8% of the forward, measured)."""
-        return np.uint64(index - base)
-
-    @njit(parallel=True, fastmath=FASTMATH, nogil=True, cache=False)
-    def _forward(x, crow, indices, vals, y, threads):
-        N, d_in = x.shape
-        d_out = y.shape[1]
-        blocks = (N + NB - 1) // NB
-        for tid in prange(threads):  # thread tid takes a fixed contiguous range of blocks, with its own buffers
-            xt = buffer(d_in, x)  # the block of x, transposed; zero past the last token
-            yt = buffer(d_out, x)
-            for b in range(tid * blocks // threads, (tid + 1) * blocks // threads):
-                n0 = b * NB
-                nb = min(NB, N - n0)
-                if nb < NB:
-                    xt[:] = 0
-                load(x, xt, n0, nb)
-                for j in range(d_out):
-                    acc = yt[j]
-                    acc[:] = 0
-                    p, p1, base = crow[j], crow[j + 1], j * d_in
-                    while p + 3 < p1:  # four nonzeros per pass: one load and store of acc for four multiply-adds
-                        x0, x1 = xt[column(indices[p], base)], xt[column(indices[p + 1], base)]
-                        x2, x3 = xt[column(indices[p + 2], base)], xt[column(indices[p + 3], base)]
-                        v0, v1, v2, v3 = vals[p], vals[p + 1], vals[p + 2], vals[p + 3]
-                        for t in range(NB):
-                            acc[t] += (v0 * x0[t] + v1 * x1[t]) + (v2 * x2[t] + v3 * x3[t])
-                        p += 4
-                    while p < p1:
-                        xr, v = xt[column(indices[p], base)], vals[p]
-                        for t in range(NB):
-                            acc[t] += v * xr[t]
-                        p += 1
-                store(yt, y, n0, nb)
-
-    @njit(parallel=True, fastmath=FASTMATH, nogil=True, cache=False)
-    def _backward(x, dy, crow, indices, vals, dx, partial, need_x, need_values):
-        N, d_in = x.shape
-        d_out = dy.shape[1]
-        blocks = (N + NB - 1) // NB
-        threads = partial.shape[0]
-        for tid in prange(threads):  # thread tid takes a fixed contiguous range of blocks and its own dS row
-            xt = buffer(d_in, x)
-            dyt = buffer(d_out, x)
-            dxt = buffer(d_in, x)
-            dvals = partial[tid]
-            zero = xt.dtype.type(0)
-            for b in range(tid * blocks // threads, (tid + 1) * blocks // threads):
-                n0 = b * NB
-                nb = min(NB, N - n0)
-                if nb < NB:  # the last block: zero padding, so padded tokens add nothing to dS
-                    xt[:] = 0
-                    dyt[:] = 0
-                dxt[:] = 0
-                load(x, xt, n0, nb)
-                load(dy, dyt, n0, nb)
-                for j in range(d_out):
-                    g, base = dyt[j], j * d_in
-                    p, p1 = crow[j], crow[j + 1]
-                    if need_x and need_values:  # one pass over the block for both products, two nonzeros at
-                        while p + 1 < p1:  # a time: 10-17% faster than one, four 15% slower
-                            c0, c1 = column(indices[p], base), column(indices[p + 1], base)
-                            v0, v1, d0, d1, x0, x1 = vals[p], vals[p + 1], dxt[c0], dxt[c1], xt[c0], xt[c1]
-                            s0 = zero
-                            s1 = zero
-                            for t in range(NB):
-                                gt = g[t]  # read once: written out four times, the gain was half
-                                d0[t] += v0 * gt
-                                d1[t] += v1 * gt
-                                s0 += gt * x0[t]
-                                s1 += gt * x1[t]
-                            dvals[p] += s0
-                            dvals[p + 1] += s1
-                            p += 2
-                    for q in range(p, p1):  # the last nonzero of the row, or all if one product is needed
-                        c, v = column(indices[q], base), vals[q]
-                        dr, xr = dxt[c], xt[c]
-                        s = zero
-                        if need_x and need_values:
-                            for t in range(NB):
-                                dr[t] += v * g[t]
-                                s += g[t] * xr[t]
-                        elif need_x:
-                            for t in range(NB):
-                                dr[t] += v * g[t]
-                        else:
-                            for t in range(NB):
-                                s += g[t] * xr[t]
-                        if need_values:
-                            dvals[q] += s
-                if need_x:
-                    store(dxt, dx, n0, nb)
-
-    return _forward, _backward
+def _run(kernel, *args):
+    """Calls a kernel. Its first call per dtype may load it from numba's on-disk cache: a file there that numba cannot
+    use (numba writes them whole, so only a damaged disk or a hand edit) is named, instead of numba's unpickling
+    error from deep inside its cache code."""
+    try:
+        return kernel(*args)
+    except Exception as e:
+        cache_code = os.path.join("numba", "core", "caching.py")
+        if not any(frame.f_code.co_filename.endswith(cache_code) for frame, _ in traceback.walk_tb(e.__traceback__)):
+            raise
+        raise RuntimeError(
+            f"numba could not use its on-disk cache of peft_sltrain's CPU kernel `{kernel.__name__}` "
+            f"({type(e).__name__}: {e}): delete the files `_numba_kernels.{kernel.__name__}-*` in "
+            f"{kernel.stats.cache_path} (numba compiles them again), or set NUMBA_CACHE_DIR to another directory."
+        ) from e

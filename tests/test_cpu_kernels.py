@@ -193,18 +193,18 @@ def test_the_kernels_follow_torch_set_num_threads(monkeypatch):
     x, dy, values, indices, S = sparse_problem()
     used, set_num_threads = [], numba.set_num_threads
     monkeypatch.setattr(numba, "set_num_threads", lambda n: (used.append(n), set_num_threads(n))[1])
-    threads = torch.get_num_threads()
+    threads, block = torch.get_num_threads(), cpu_kernels._kernels().TOKEN_BLOCK
     try:
         torch.set_num_threads(1)
         assert cpu_kernels._threads() == 1
         for dtype in (torch.float32, torch.bfloat16):  # bf16 is buffered as fp32
-            assert cpu_kernels.buffer_bytes(37, 23, dtype) == (2 * 37 + 23) * cpu_kernels.TOKEN_BLOCK * 4
+            assert cpu_kernels.buffer_bytes(37, 23, dtype) == (2 * 37 + 23) * block * 4
         cpu_kernels.sparse_grads(x, dy, indices, values, S.shape, torch.empty_like(x), need_values=True)
         assert used[0] == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
     assert cpu_kernels._threads() == min(threads, numba.config.NUMBA_NUM_THREADS)
-    assert cpu_kernels.buffer_bytes(37, 23, torch.float64) == cpu_kernels._threads() * 97 * cpu_kernels.TOKEN_BLOCK * 8
+    assert cpu_kernels.buffer_bytes(37, 23, torch.float64) == cpu_kernels._threads() * 97 * block * 8
 
 
 @pytest.mark.parametrize("support", [[], [1, 2, 17, 19], [19], [0], [15, 16, 17, 18, 19], [0, 1, 2, 3, 4]])
@@ -353,6 +353,61 @@ def test_concurrent_calls_from_python_threads():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "layer workqueue" in done.stdout
+
+
+def test_a_later_process_loads_the_kernels_from_numbas_disk_cache(tmp_path):
+    """The first process compiles the fp32 kernels and numba keeps them on disk; the next loads them (no compile) and
+    computes the same bits. A damaged cache file is named in the error, not left as numba's unpickling error."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from peft_sltrain import cpu_kernels
+        from peft_sltrain.support import random_support
+
+        indices, g = random_support(23, 37, 90, seed=0), torch.Generator().manual_seed(0)
+        values, x = torch.randn(90, generator=g), torch.randn(150, 37, generator=g)
+        dy = torch.randn(150, 23, generator=g)
+        y = cpu_kernels.sparse_matmul_t(x, indices, values, (23, 37), torch.empty(150, 23))
+        dx = torch.empty(150, 37)
+        ds = cpu_kernels.sparse_grads(x, dy, indices, values, (23, 37), dx, need_values=True)
+        kernels = cpu_kernels._kernels()
+        for kernel in (kernels.row_starts, kernels.forward, kernels.backward):
+            print(kernel.__name__, kernel.stats.cache_hits.total(), kernel.stats.cache_misses.total())
+        print("bits", hash(tuple(torch.cat([y.flatten(), dx.flatten(), ds]).tolist())))
+        """
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+
+    def run() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+
+    first, second = run(), run()
+    assert first.returncode == 0 and second.returncode == 0, (first.stderr + second.stderr)[-2000:]
+    lines = [line.split() for line in first.stdout.splitlines() + second.stdout.splitlines()]
+    assert lines[:3] == [[name, "0", "1"] for name in ("row_starts", "forward", "backward")]  # compiled
+    assert lines[4:7] == [[name, "1", "0"] for name in ("row_starts", "forward", "backward")]  # loaded
+    assert lines[3][0] == "bits" and lines[3] == lines[7]
+    index = next(tmp_path.rglob("_numba_kernels.forward-*.nbi"))
+    index.write_bytes(index.read_bytes()[:20])
+    damaged = run()
+    assert damaged.returncode != 0
+    assert "numba could not use its on-disk cache of peft_sltrain's CPU kernel `forward`" in damaged.stderr
+    assert str(index.parent) in damaged.stderr
+
+
+def test_the_kernels_compile_without_a_disk_cache_where_numba_has_none(monkeypatch):
+    """No writable place for numba's cache (it raises "no locator available"): the kernels compile per process."""
+    from numba.core import caching
+
+    from peft_sltrain import _numba_kernels
+
+    monkeypatch.setattr(caching.CacheImpl, "_locator_classes", [])
+
+    def twice(a):
+        return 2 * a
+
+    kernel = _numba_kernels._cached_njit()(twice)
+    assert kernel(21) == 42 and kernel.stats.cache_path is None
 
 
 def test_warm_up_skips_what_the_kernels_do_not_run(monkeypatch):
