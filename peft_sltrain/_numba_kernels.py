@@ -3,10 +3,16 @@ imports numba, which the package does not.
 
 Every kernel is a module-level function, so numba keeps what it compiles on disk (`cache=True`: next to this file,
 else in its user-wide cache directory, or in `NUMBA_CACHE_DIR`) and a later process loads it instead of compiling
-again (about 10 s per dtype). numba keys that cache on this file (its path, size and modification time) and the
-kernels' types: the constants below live here so that changing one invalidates it. One function per kernel serves
-fp32, fp64 and bf16: the helpers that load and store blocks of tokens pick their code from the array types when numba
-compiles them (`overload`), so bf16, passed as its uint16 bits, computes in fp32 buffers.
+again. numba keys that cache on this file (its path, size and modification time) and the kernels' types: the
+constants below live here so that changing one invalidates it. One function per kernel serves fp32, fp64 and bf16:
+the helpers that load and store blocks of tokens pick their code from the array types when numba compiles them
+(`overload`), so bf16, passed as its uint16 bits, computes in fp32 buffers.
+
+Each kernel is compiled (or loaded) for its explicit signatures, all of them, in a fixed order, when this module is
+imported: about 30 s the first time, well under a second from the cache. Compiled lazily, one signature at a time,
+two processes compiling different dtypes at once could number their cache entries alike and leave an index that
+maps one dtype's signature to another's code (numba's index and data files are written separately); in a fixed
+order every process numbers every signature alike.
 """
 
 from __future__ import annotations
@@ -24,19 +30,38 @@ FASTMATH = {"reassoc", "contract"}
 TILE = 8
 
 
-def _cached_njit(**options):
-    """numba's `njit` with its on-disk cache where numba finds a writable place for it, else without."""
+def _cached_njit(signatures, **options):
+    """numba's `njit` for `signatures`, with its on-disk cache where numba finds a writable place for it, else
+    without."""
 
     def decorate(fn):
         try:
-            return njit(cache=True, **options)(fn)
-        except RuntimeError:  # "cannot cache function ...: no locator available": compile per process
-            return njit(cache=False, **options)(fn)
+            return njit(signatures, cache=True, **options)(fn)
+        except RuntimeError as e:  # "cannot cache function ...: no locator available": compile per process
+            if "no locator available" not in str(e):
+                raise
+            return njit(signatures, cache=False, **options)(fn)
 
     return decorate
 
 
-@_cached_njit(nogil=True)
+# The signatures: activations (x, y, dy, dx) row-major fp32, fp64 or bf16 bits; values and dS partial sums in the
+# compute dtype (fp32 for bf16); indices int32; row starts int64.
+_DTYPES = ((types.float32, types.float32), (types.float64, types.float64), (types.uint16, types.float32))
+_FORWARD = [
+    types.void(types.Array(act, 2, "C"), types.int64[::1], types.int32[::1], types.Array(comp, 1, "C"),
+               types.Array(act, 2, "C"), types.int64)
+    for act, comp in _DTYPES
+]  # fmt: skip
+_BACKWARD = [
+    types.void(types.Array(act, 2, "C"), types.Array(act, 2, "C"), types.int64[::1], types.int32[::1],
+               types.Array(comp, 1, "C"), types.Array(act, 2, "C"), types.Array(comp, 2, "C"), types.boolean,
+               types.boolean)
+    for act, comp in _DTYPES
+]  # fmt: skip
+
+
+@_cached_njit([types.int64(types.int32[::1], types.int64, types.int64, types.int64[::1])], nogil=True)
 def row_starts(indices, d_out, d_in, crow):
     """Fills crow (d_out + 1,); returns the first position that breaks the support's invariants, else -1."""
     j, previous, row_end, end = 0, -1, d_in, d_out * d_in  # row pointers are filled up to row j
@@ -165,7 +190,7 @@ def column(index, base):
     return np.uint64(index - base)
 
 
-@_cached_njit(parallel=True, fastmath=FASTMATH, nogil=True)
+@_cached_njit(_FORWARD, parallel=True, fastmath=FASTMATH, nogil=True)
 def forward(x, crow, indices, vals, y, threads):
     NB = TOKEN_BLOCK
     N, d_in = x.shape
@@ -199,7 +224,7 @@ def forward(x, crow, indices, vals, y, threads):
             store(yt, y, n0, nb)
 
 
-@_cached_njit(parallel=True, fastmath=FASTMATH, nogil=True)
+@_cached_njit(_BACKWARD, parallel=True, fastmath=FASTMATH, nogil=True)
 def backward(x, dy, crow, indices, vals, dx, partial, need_x, need_values):
     NB = TOKEN_BLOCK
     N, d_in = x.shape

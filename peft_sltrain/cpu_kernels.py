@@ -25,12 +25,11 @@ likely because the compiler can then no longer assume that they alias nothing. P
 
 Deterministic: tokens are split over threads in fixed contiguous ranges and the partial sums of dS added in thread
 order, so the same thread count gives the same bits (x S^T and dY S do not depend on it at all); dS's last bits also
-depend on whether dY S is computed in the same pass (its loop pairs nonzeros, the dS-only loop does not). The
-kernels (in `_numba_kernels`) compile on first use per dtype (about 10 s each; fp32, fp64, bf16) and numba keeps the
-result on disk: a later process loads it in well under a second, and numba and its compiler then add about 100 MiB
-to the process's RSS instead of about 240 MiB (all three dtypes). With numba's GNU OpenMP threading layer, a process
-forked after its parent ran them must not run them itself (DataLoader workers do not; torchrun starts fresh
-processes).
+depend on whether dY S is computed in the same pass (its loop pairs nonzeros, the dS-only loop does not). The kernels
+(in `_numba_kernels`) compile on first use, for fp32, fp64 and bf16 at once (about 30 s), and numba keeps them on disk:
+a later process loads them in well under a second, and numba and its compiler then add about 100 MiB to the process's
+RSS instead of about 240 MiB. With numba's GNU OpenMP threading layer, a process forked after its parent ran them must
+not run them itself (DataLoader workers do not; torchrun starts fresh processes).
 
 Timings in this module's comments without a results file named are development measurements (this project's 2-core
 CPU, fp32, 2 threads, 2048 tokens unless they say otherwise), not kept; `benchmarks/results/` holds the kept ones.
@@ -120,7 +119,7 @@ def sparse_matmul_t(
     y = _out(out, "out")
     with _launch_lock, _numba_threads() as threads:
         crow = _row_starts(indices, *shape)
-        _run(_kernels().forward, _np(x), crow, _np(indices), _np(_compute(values)), y, threads)
+        _kernels().forward(_np(x), crow, _np(indices), _np(_compute(values)), y, threads)
     return out
 
 
@@ -138,16 +137,15 @@ def sparse_grads(
     with _launch_lock, _numba_threads() as threads:
         crow = _row_starts(indices, *shape)
         partial = torch.zeros(threads, values.numel() if need_values else 0, dtype=vals.dtype)  # (threads, nnz)
-        dx_args = (dx, partial.numpy(), need_x, need_values)
-        _run(_kernels().backward, _np(x), _np(dy), crow, _np(indices), _np(vals), *dx_args)
+        _kernels().backward(_np(x), _np(dy), crow, _np(indices), _np(vals), dx, partial.numpy(), need_x, need_values)
     return partial.sum(0).to(values.dtype) if need_values else None
 
 
 def warm_up(dtypes=DTYPES) -> list[torch.dtype]:
-    """Compiles the kernels for `dtypes` now (about 10 s each; loaded from numba's on-disk cache after the first
-    process) by running them on a 2 x 2 problem, so that the compile does not land in the first training step and its
-    timing. Skips a dtype the kernels
-    do not run (numba missing or unusable: the factored path then uses PyTorch's kernels); returns the others."""
+    """Gets the kernels ready now (compiled, about 30 s for all dtypes, or loaded from numba's on-disk cache after the
+    first process) and runs them for `dtypes` on a 2 x 2 problem, so that this does not land in the first training
+    step and its timing. Skips a dtype the kernels do not run (numba missing or unusable: the factored path then
+    uses PyTorch's kernels); returns the others."""
     indices, compiled = torch.tensor([0, 3], dtype=torch.int32), []
     for dtype in (d for d in dtypes if supports(torch.device("cpu"), d)):
         x, values = torch.ones(2, 2, dtype=dtype), torch.ones(2, dtype=dtype)
@@ -168,7 +166,7 @@ def _row_starts(indices: torch.Tensor, d_out: int, d_in: int) -> np.ndarray:
     """CSR row pointers (d_out + 1,) of the support, found in one O(nnz + d_out) pass that also checks what the
     unchecked kernels rely on: every index in [0, d_out * d_in) and strictly increasing."""
     crow = np.empty(d_out + 1, np.int64)
-    bad = _run(_kernels().row_starts, _np(indices), d_out, d_in, crow)
+    bad = _kernels().row_starts(_np(indices), d_out, d_in, crow)
     if bad >= 0:
         raise ValueError(
             f"`indices` must be strictly increasing flat indices in [0, {d_out * d_in}) of a {d_out} x {d_in} "
@@ -233,25 +231,22 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 @functools.cache
 def _kernels() -> types.ModuleType:
-    """The kernels (`row_starts`, `forward`, `backward`): `_numba_kernels`, imported (with numba) on first call; each
-    compiles on its first call per dtype, or loads from numba's on-disk cache."""
-    from . import _numba_kernels
-
-    return _numba_kernels
-
-
-def _run(kernel, *args):
-    """Calls a kernel. Its first call per dtype may load it from numba's on-disk cache: a file there that numba cannot
-    use (numba writes them whole, so only a damaged disk or a hand edit) is named, instead of numba's unpickling
-    error from deep inside its cache code."""
+    """The kernels (`row_starts`, `forward`, `backward`): `_numba_kernels`, imported (with numba) on first call, which
+    compiles them for every dtype or loads them from numba's on-disk cache. A cache file that numba cannot read
+    (numba writes them whole, so only a damaged disk or a hand edit) is named, not left as numba's unpickling error
+    from deep inside its cache code."""
     try:
-        return kernel(*args)
+        from . import _numba_kernels
     except Exception as e:
         cache_code = os.path.join("numba", "core", "caching.py")
-        if not any(frame.f_code.co_filename.endswith(cache_code) for frame, _ in traceback.walk_tb(e.__traceback__)):
+        frames = [f for f, _ in traceback.walk_tb(e.__traceback__) if f.f_code.co_filename.endswith(cache_code)]
+        if not frames:
             raise
+        paths = (getattr(f.f_locals.get("self"), "_cache_path", None) for f in reversed(frames))
+        where = next((path for path in paths if path), "numba's cache directory")
         raise RuntimeError(
-            f"numba could not use its on-disk cache of peft_sltrain's CPU kernel `{kernel.__name__}` "
-            f"({type(e).__name__}: {e}): delete the files `_numba_kernels.{kernel.__name__}-*` in "
-            f"{kernel.stats.cache_path} (numba compiles them again), or set NUMBA_CACHE_DIR to another directory."
+            f"numba could not use its on-disk cache of peft_sltrain's CPU kernels ({type(e).__name__}: {e}): delete "
+            f"the files `_numba_kernels.*` in {where} (numba compiles the kernels again), or set NUMBA_CACHE_DIR to "
+            "another directory."
         ) from e
+    return _numba_kernels
