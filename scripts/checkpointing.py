@@ -107,22 +107,42 @@ def save_checkpoint(directory: Path, model_state: dict[str, torch.Tensor], state
 
 
 def load_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(model state, state) of a checkpoint; `ValueError` naming the file if one is missing or damaged (saves are
+    atomic, so only a damaged disk, a partial copy or a hand edit does that)."""
     directory = Path(directory)
-    model_state = load_file(directory / "model.safetensors")
-    with safe_open(directory / "model.safetensors", framework="pt") as handle:
-        aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
-    model_state.update({alias: model_state[key] for alias, key in aliases.items()})
-    state = unflatten(json.loads((directory / "state.json").read_text()), load_file(directory / "state.safetensors"))
+    name = "model.safetensors"
+    try:
+        model_state = load_file(directory / name)
+        with safe_open(directory / name, framework="pt") as handle:
+            aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
+        model_state.update({alias: model_state[key] for alias, key in aliases.items()})
+        name = "state.json"
+        meta = json.loads((directory / name).read_text())
+        name = "state.safetensors"
+        state = unflatten(meta, load_file(directory / name))
+    except Exception as error:  # safetensors' own error types, OSError, JSONDecodeError, a missing key
+        steps = _checkpoints(directory.parent)
+        this = next((step for step, path in steps.items() if path.name == directory.name), None)
+        earlier = [path for step, path in steps.items() if this is not None and step < this]
+        advice = f"delete it to resume from {earlier[-1].name}" if earlier else "no earlier checkpoint is left"
+        raise ValueError(
+            f"Checkpoint {directory} is damaged: {name} cannot be read ({type(error).__name__}: {error}); {advice}."
+        ) from None
     return model_state, state
 
 
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The newest complete checkpoint in `out_dir/checkpoints` (temporary, incomplete ones are ignored)."""
-    root = Path(out_dir) / "checkpoints"
+def _checkpoints(root: Path) -> dict[int, Path]:
+    """The complete checkpoints in `root` by step, in step order (temporary, incomplete ones are ignored)."""
     pattern = re.compile(rf"{re.escape(CHECKPOINT_PREFIX)}(\d+)")
     steps = {}  # by step number, not name: step_1000000 comes after step_999999
     for path in root.glob(f"{CHECKPOINT_PREFIX}*") if root.is_dir() else []:
         match = pattern.fullmatch(path.name)
         if match and path.is_dir():
             steps[int(match[1])] = path
+    return dict(sorted(steps.items()))
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest complete checkpoint in `out_dir/checkpoints`."""
+    steps = _checkpoints(Path(out_dir) / "checkpoints")
     return steps[max(steps)] if steps else None

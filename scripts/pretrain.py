@@ -199,6 +199,17 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     except Exception as error:  # noqa: BLE001 (Transformers' validators raise ValueError, TypeError or their own)
         reason = " ".join(str(error).split())  # one line
         raise ValueError(f'`--model` {args.model!r}: its "model" object is no valid LlamaConfig: {reason}') from None
+    # LlamaConfig keeps a key it does not know as it is (a typo would train a model of its default size)
+    unknown = sorted(set(llama_config.to_dict()) - set(LlamaConfig().to_dict()))
+    if unknown:
+        where = f'`--model` {args.model!r}: its "model" object'
+        raise ValueError(f"{where} sets {unknown}, which LlamaConfig does not know.")
+    heads, kv_heads = llama_config.num_attention_heads, llama_config.num_key_value_heads
+    if not (isinstance(kv_heads, int) and 0 < kv_heads <= heads and heads % kv_heads == 0):
+        raise ValueError(
+            f'`--model` {args.model!r}: its "model" object\'s num_key_value_heads {kv_heads!r} must divide '
+            f"num_attention_heads {heads} (each key/value head serves a group of query heads)."
+        )
     missing = [key for key in (*PRESET_TRAIN_KEYS, *method.reads) if getattr(args, key, None) is None]
     if missing:
         flags = ", ".join(f"--{key.replace('_', '-')}" for key in missing)
@@ -399,14 +410,22 @@ def check_out_dir(args: argparse.Namespace, config: dict) -> Path | None:
         differ = sorted(k for k in keys if saved.get(k) != config.get(k))
         if differ:
             detail = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {config.get(k)!r}" for k in differ[:4])
+            detail += f", and {len(differ) - 4} more: {', '.join(differ[4:])}" if len(differ) > 4 else ""
             raise ValueError(f"`--resume`: {out} was trained with a different config or method ({detail}).")
         if finished_run(out, args):
             raise ValueError(f"`--resume`: the run in {out} is complete ({args.max_steps} steps); nothing to resume.")
         checkpoint = checkpointing.latest_checkpoint(out)
         if checkpoint is None:
-            raise ValueError(f"`--resume`: {out} has no complete checkpoint yet.")
+            raise ValueError(f"`--resume`: {out} has no complete checkpoint yet; start it over with `--overwrite`.")
         return checkpoint  # if it is the last step's (an export killed before its summary), only the export runs
     found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not run_file.is_file() and any(not name.startswith(".") for name in found):
+        # what `--overwrite` would delete, but no run of this script (every run writes run_config.json first, and
+        # `--overwrite` deletes it last): someone else's files, never deleted
+        raise ValueError(
+            f"{out} holds {', '.join(name for name in found if not name.startswith('.'))} but no run_config.json, so "
+            "no pretrain.py run: choose another `--out-dir` (nothing there is deleted, even with `--overwrite`)."
+        )
     if found and not args.overwrite:
         raise ValueError(
             f"{out} already holds a run ({', '.join(found[:3])}); pass `--resume` to continue it or `--overwrite` to "
@@ -459,7 +478,7 @@ def init_out_dir(args: argparse.Namespace, config: dict, accelerator: Accelerato
     """Start a fresh run directory (deleting an earlier run only when `--overwrite` asked for it)."""
     out = Path(args.out_dir)
     if accelerator.is_main_process:
-        for name in RUN_FILES:
+        for name in reversed(RUN_FILES):  # run_config.json last: a kill meanwhile leaves a run `--overwrite` finds
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
@@ -998,6 +1017,21 @@ def cli(argv: list[str] | None = None) -> None:
         raise SystemExit(DIVERGED) from None
     except ValueError as error:
         raise SystemExit(f"pretrain.py: error: {error}") from None
+    except KeyboardInterrupt:  # Ctrl-C: saved checkpoints are whole (a save in flight is a temporary, dropped later)
+        print(f"pretrain.py: interrupted; {interrupted_hint(argv)}", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def interrupted_hint(argv: list[str] | None) -> str:
+    """Where an interrupted run can go on from."""
+    try:
+        out = Path(parse_args(argv).out_dir)
+    except (SystemExit, ValueError):
+        return "run the same command with `--resume` to continue from its newest checkpoint."
+    checkpoint = checkpointing.latest_checkpoint(out)
+    if checkpoint is None:
+        return f"{out} has no checkpoint to resume from (`--save-every` saves them)."
+    return f"run the same command with `--resume` to continue from {checkpoint}."
 
 
 if __name__ == "__main__":

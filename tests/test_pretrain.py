@@ -585,6 +585,14 @@ def test_preset_without_training_settings(tmp_path, corpus):
     (tmp_path / "heads.json").write_text(json.dumps({**preset, "model": {**preset["model"], "hidden_size": 30}}))
     with pytest.raises(ValueError, match=r'heads.json\': its "model" object is no valid LlamaConfig: .*hidden size'):
         run(tmp_path / "out", corpus, "--model", str(tmp_path / "heads.json"), "--method", "full")
+    typo = {k if k != "num_hidden_layers" else "num_hidden_layer": v for k, v in preset["model"].items()}
+    (tmp_path / "typo.json").write_text(json.dumps({**preset, "model": typo}))  # LlamaConfig would train 32 layers
+    with pytest.raises(ValueError, match=r"object sets \['num_hidden_layer'\], which LlamaConfig does not know"):
+        run(tmp_path / "out", corpus, "--model", str(tmp_path / "typo.json"), "--method", "full")
+    (tmp_path / "kv.json").write_text(json.dumps({**preset, "model": {**preset["model"], "num_key_value_heads": 3}}))
+    with pytest.raises(ValueError, match=r"num_key_value_heads 3 must divide num_attention_heads 4"):
+        run(tmp_path / "out", corpus, "--model", str(tmp_path / "kv.json"), "--method", "full")
+    assert not (tmp_path / "out").exists()  # refused before anything is written
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ValueError, match="`--out-dir` .*a_file' is a file, not a directory"):
         run(tmp_path / "a_file", corpus)
@@ -629,14 +637,17 @@ def test_methods_without_their_package_and_compile_without_a_compiler_fail_first
 
 
 def test_a_directory_with_any_run_file_is_not_overwritten_without_asking(tmp_path, corpus):
-    """Not only `run_config.json` and `checkpoints/` mark a run: an export (`final/`, `summary.json`) copied into a
-    directory is not deleted by a new run without `--overwrite`."""
+    """Not only `run_config.json` and `checkpoints/` are protected: an export (`final/`, `summary.json`) copied into a
+    directory is not deleted by a new run, and without a run_config.json not even with `--overwrite`."""
     out = tmp_path / "out"
     (out / "final").mkdir(parents=True)
     (out / "summary.json").write_text("{}")
-    with pytest.raises(ValueError, match=r"already holds a run \(final, summary.json\); pass `--resume`"):
+    with pytest.raises(ValueError, match=r"holds final, summary.json but no run_config.json"):
         run(out, corpus)
     assert (out / "final").is_dir() and (out / "summary.json").read_text() == "{}"
+    (out / "run_config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"already holds a run \(run_config.json, final, summary.json\); pass `--res"):
+        run(out, corpus)
 
 
 def test_damaged_data_files_are_one_clear_error(tmp_path):
@@ -813,6 +824,24 @@ def test_cli_stops_with_one_line_and_tells_a_diverged_loss_from_bad_input(monkey
     assert message.strip() == f"pretrain.py: error: {error}"
 
 
+def test_ctrl_c_stops_with_one_line_naming_the_checkpoint_to_resume_from(tmp_path, corpus, monkeypatch, capsys):
+    """Ctrl-C: no traceback but status 130 and where to go on from (the newest checkpoint, or that there is none)."""
+    run(tmp_path, corpus, "--method", "full", "--max-steps", "4", "--save-every", "2")
+    capsys.readouterr()  # the run's progress bars
+
+    def main(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrain, "main", main)
+    for out, hint in ((tmp_path, f"continue from {tmp_path / 'checkpoints' / 'step_000004'}."),
+                      (tmp_path / "none", f"{tmp_path / 'none'} has no checkpoint to resume from")):  # fmt: skip
+        with pytest.raises(SystemExit) as stop:
+            pretrain.cli(["--out-dir", str(out)])
+        assert stop.value.code == 130
+        err = capsys.readouterr().err
+        assert err.startswith("pretrain.py: interrupted; ") and hint in err and err.count("\n") == 1
+
+
 def fake_streamed_dataset(corpus, tokenizer_dir: Path, monkeypatch) -> list[str]:
     """`datasets.load_dataset` streaming the corpus's paragraphs as a "train" split (its first 40 as "validation"),
     and a tokenizer trained on the corpus saved in `tokenizer_dir` (a streamed run needs one given); the paragraphs."""
@@ -927,6 +956,40 @@ def test_overwrite_starts_afresh_and_resume_needs_a_checkpoint(tmp_path, corpus)
     with pytest.raises(ValueError, match="`--resume`: .*unsaved has no complete checkpoint yet"):
         run(tmp_path / "unsaved", corpus, "--method", "sltrain", "--max-steps", "2", "--resume")
     assert [r["step"] for r in log_rows(tmp_path / "unsaved")] == [1, 2]
+
+
+def test_overwrite_never_deletes_what_no_run_wrote(tmp_path, corpus):
+    """A directory with a run's names in it (`checkpoints/`, `tokenizer/`) but no run_config.json holds no run of
+    this script: refused, even with `--overwrite`, and nothing in it deleted."""
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "important.txt").write_text("keep")
+    (tmp_path / "tokenizer").mkdir()
+    for flags in ([], ["--overwrite"]):
+        with pytest.raises(ValueError, match=r"holds checkpoints, tokenizer but no run_config.json, so no pretrain"):
+            run(tmp_path, corpus, "--method", "full", "--max-steps", "2", *flags)
+    assert (tmp_path / "checkpoints" / "important.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "tokenizer"]
+
+
+def test_a_damaged_checkpoint_is_named_and_the_one_before_resumes(tmp_path, corpus):
+    """A checkpoint with a truncated file (a damaged disk or a partial copy: saves are atomic) stops a resume with one
+    line naming it and the file, and which checkpoint to go back to; deleting it resumes from that one."""
+    flags = ("--method", "sltrain", "--max-steps", "6", "--save-every", "2")
+    run(tmp_path, corpus, *flags)
+    shutil.rmtree(tmp_path / "final")  # as if killed after step 5
+    shutil.rmtree(tmp_path / "checkpoints" / "step_000006")
+    (tmp_path / "summary.json").unlink()
+    weights = tmp_path / "checkpoints" / "step_000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"step_000004 is damaged: model.safetensors cannot be read \(Safetensor.*; "
+                       r"delete it to resume from step_000002\.$"):  # fmt: skip
+        run(tmp_path, corpus, *flags, "--resume")
+    shutil.rmtree(weights.parent)
+    run(tmp_path, corpus, *flags, "--resume")
+    assert [r["step"] for r in log_rows(tmp_path) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    (tmp_path / "checkpoints" / "step_000002" / "state.json").write_text('{"__dict__": [')
+    with pytest.raises(ValueError, match=r"step_000002 is damaged: state.json .*; no earlier checkpoint is left\.$"):
+        checkpointing.load_checkpoint(tmp_path / "checkpoints" / "step_000002")
 
 
 def test_resumed_export_keeps_the_runs_timing(tmp_path, corpus):
