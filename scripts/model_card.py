@@ -64,18 +64,22 @@ def build_card(summary: dict, peft_config: dict | None, base_model: str, dataset
     on_glue = dataset_id == "nyu-mll/glue"
     results = {k.removeprefix("eval_"): v for k, v in summary["metrics"].items()}
     results = [(name, results[name]) for name in _metric_keys(task, results)]
+    splits = {
+        name: "validation_mismatched" if name.endswith("_mm") else task.validation_splits[0] for name, _ in results
+    }
     eval_results = [
         EvalResult(
             task_type="text-classification",
             dataset_type=dataset_id,
             dataset_name=f"GLUE {task.name.upper()}" if on_glue else dataset_id,
             dataset_config=task.name if on_glue else None,
-            dataset_split="validation_mismatched" if name.endswith("_mm") else task.validation_splits[0],
+            dataset_split=splits[name],
             metric_type=name.removesuffix("_mm"),
             metric_value=value,
             metric_name=name,
         )
         for name, value in results
+        if value is not None  # undefined (a correlation of constant predictions): no claim in the model index
     ]
     name = repo_id.split("/")[-1] if repo_id else f"{base_model.rstrip('/').split('/')[-1]}-{task.name}-{method}"
     subset = summary.get("eval_subset")  # `--max_eval_samples` cut a split: no model-index claim on the whole split
@@ -88,7 +92,7 @@ def build_card(summary: dict, peft_config: dict | None, base_model: str, dataset
         + (["sltrain", "sparse-plus-low-rank"] if method == "sltrain" else []),
         datasets=[dataset_id],
         metrics=sorted({n.removesuffix("_mm") for n, _ in results}),
-        eval_results=None if subset else eval_results,
+        eval_results=None if subset or not eval_results else eval_results,
     )
     if peft_config is not None:
         peft_config = {k: v for k, v in peft_config.items() if v is not None}
@@ -103,7 +107,7 @@ def build_card(summary: dict, peft_config: dict | None, base_model: str, dataset
         method_title=METHOD_TITLES[method],
         task_title=f"GLUE {task.name.upper()}" if on_glue else f"{dataset_id} (as GLUE {task.name.upper()})",
         dataset_id=dataset_id,
-        eval_split_names=", ".join(dict.fromkeys(r.dataset_split for r in eval_results))
+        eval_split_names=", ".join(dict.fromkeys(splits.values()))
         + (f"; the first {max(summary['eval_rows'].values())} rows only, `--max_eval_samples`" if subset else ""),
         results=results,
         metric_source=summary["metric_source"],

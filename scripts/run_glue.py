@@ -34,6 +34,7 @@ import copy
 import json
 import logging
 import math
+import os
 import re
 import shlex
 import shutil
@@ -73,7 +74,7 @@ from peft_sltrain.layer import keep_bnb_4bit_unpacked  # noqa: E402
 
 import model_card  # noqa: E402
 from glue_tasks import STSB_RANGE, TASKS, Task, get_task, load_metric, text_columns  # noqa: E402
-from pretrain import peak_memory_bytes, training_state_bytes  # noqa: E402
+from pretrain import DIVERGED, peak_memory_bytes, training_state_bytes  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------------- presets
@@ -262,9 +263,26 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, training_ar
     }
     if model_args.method != "full":
         positive.update({"--rank": model_args.rank, "--alpha": model_args.alpha})
+    numbers = {**positive, "--weight_decay": training_args.weight_decay, "--sparsity": model_args.sparsity,
+               "--lora_dropout": model_args.lora_dropout, "--warmup_steps": training_args.warmup_steps}  # fmt: skip
+    for flag, value in numbers.items():  # inf passes `> 0`, and NaN fails every comparison
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"`{flag}` must be a finite number, got {value}.")
     for flag, value in positive.items():
         if value is not None and not value > 0:
             raise ValueError(f"`{flag}` must be positive, got {value}.")
+    if training_args.max_steps == 0 or training_args.max_steps < -1:
+        raise ValueError(
+            f"`--max_steps` must be positive, or -1 (the default) to train `--num_train_epochs`; got "
+            f"{training_args.max_steps}."
+        )
+    if training_args.gradient_accumulation_steps < 1:
+        raise ValueError(f"`--gradient_accumulation_steps` must be at least 1, got "
+                         f"{training_args.gradient_accumulation_steps}.")  # fmt: skip
+    if training_args.weight_decay < 0:
+        raise ValueError(f"`--weight_decay` must be 0 or more, got {training_args.weight_decay}.")
+    if not 0 <= training_args.seed < 2**32:
+        raise ValueError(f"`--seed` must be in [0, 2**32), got {training_args.seed}.")
     if model_args.method == "sltrain" and not 0 < model_args.sparsity < 1:
         raise ValueError(f"`--sparsity` must be in (0, 1), got {model_args.sparsity}.")
     if not 0 <= model_args.lora_dropout < 1:
@@ -318,6 +336,13 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, training_ar
                 f"`--merge_to` {model_args.merge_to!r} holds an adapter (adapter_config.json), which Transformers "
                 "would load on top of the merged model; give another directory."
             )
+        held = run_contents(merge_to)
+        if held:  # never written over (not even with --overwrite_output_dir, which is about --output_dir)
+            names = ", ".join(p.name for p in held[:4]) + (", ..." if len(held) > 4 else "")
+            raise ValueError(
+                f"`--merge_to` {model_args.merge_to!r} already holds a model or run ({names}); give a new or empty "
+                "directory (delete that one first to replace it)."
+            )
     if bool(data_args.train_file) != bool(data_args.validation_file):
         raise ValueError("Give both `--train_file` and `--validation_file` (local data), or neither (the Hub's GLUE).")
     if data_args.validation_mismatched_file and data_args.task_name != "mnli":
@@ -367,6 +392,7 @@ def check_output_dir(out: Path, resume_from_checkpoint: str | None, overwrite: b
                 f"`--resume_from_checkpoint` {resume_from_checkpoint!r} is not a Trainer checkpoint (no "
                 "trainer_state.json); give a `checkpoint-N` folder that a run saved (`--save_strategy`)."
             )
+        check_checkpoint_files(checkpoint)
         if overwrite:
             raise ValueError(
                 "`--overwrite_output_dir` deletes the checkpoints of the run in `--output_dir`: it cannot be combined "
@@ -382,6 +408,25 @@ def check_output_dir(out: Path, resume_from_checkpoint: str | None, overwrite: b
             f"`--resume_from_checkpoint {out / 'checkpoint-N'}`, replace it with `--overwrite_output_dir`, or give "
             "another `--output_dir`."
         )
+
+
+def check_checkpoint_files(checkpoint: Path) -> None:
+    """`ValueError` naming a checkpoint's JSON or safetensors file that cannot be read (a damaged disk or a partial
+    copy), before the Trainer fails on it deep inside."""
+    from safetensors import safe_open
+
+    for path in sorted(checkpoint.glob("*.json")) + sorted(checkpoint.glob("*.safetensors")):
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_text())
+            else:
+                with safe_open(path, framework="pt"):  # checks the header against the file's length
+                    pass
+        except Exception as error:  # JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError
+            raise ValueError(
+                f"`--resume_from_checkpoint` {str(checkpoint)!r} is damaged: {path.name} cannot be read "
+                f"({one_line(error)}); resume from an earlier `checkpoint-N`."
+            ) from None
 
 
 # Adapter config fields that do not come from the arguments: paths, versions, and the modules PEFT and `main` add to
@@ -421,12 +466,16 @@ def base_settings(model_args: ModelArguments, training_args: TrainingArguments) 
     base = model_args.model_name_or_path
     return {"quantize": model_args.quantize, "learning_rate": training_args.learning_rate,
             "weight_decay": training_args.weight_decay,
-            "model_name_or_path": str(Path(base).resolve()) if Path(base).is_dir() else base}  # fmt: skip
+            "model_name_or_path": str(Path(base).resolve()) if Path(base).is_dir() else base,
+            **{key: getattr(training_args, key) for key in SCHEDULE_SETTINGS}}  # fmt: skip
 
 
 OPTIMIZER_SETTINGS = ("learning_rate", "weight_decay")
+# what sets the batches and the learning-rate schedule: changed on a resume, the run would be a mixture of two
+SCHEDULE_SETTINGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps",
+                     "seed")  # fmt: skip
 SETTING_FLAGS = {"quantize": "--quantize", "learning_rate": "--learning_rate", "weight_decay": "--weight_decay",
-                 "model_name_or_path": "--model_name_or_path"}  # fmt: skip
+                 "model_name_or_path": "--model_name_or_path", **{k: f"--{k}" for k in SCHEDULE_SETTINGS}}  # fmt: skip
 
 
 def check_resume_config(checkpoint: Path, model_args: ModelArguments, training_args: TrainingArguments) -> None:
@@ -708,6 +757,12 @@ def main(argv: list[str] | None = None) -> dict:
             f"Cannot load `--model_name_or_path` {model_args.model_name_or_path!r} ({one_line(error)}); offline, give "
             "a local model directory."
         ) from None
+    except ValueError as error:  # e.g. a directory with no tokenizer files: Transformers blames sentencepiece
+        raise ValueError(
+            f"`--model_name_or_path` {model_args.model_name_or_path!r}: no tokenizer loads from it "
+            f"({one_line(error)}); give a directory holding a model and its tokenizer (of a pretrain.py run, its "
+            "`merged/` export)."
+        ) from None
     if len(tokenizer) <= len(tokenizer.all_special_ids):  # Transformers 5 builds an empty one where none is saved
         raise ValueError(
             f"`--model_name_or_path` {model_args.model_name_or_path!r} holds no tokenizer: the one loaded knows only "
@@ -863,6 +918,15 @@ def main(argv: list[str] | None = None) -> dict:
         result = trainer.evaluate(eval_dataset=splits[split])
         suffix = "_mm" if split == "validation_mismatched" else ""
         metrics.update({f"{k}{suffix}": v for k, v in result.items() if not k.startswith("epoch")})
+    losses = {"train_loss": train_metrics.get("train_loss")}
+    losses.update({k: v for k, v in metrics.items() if k.startswith("eval_loss")})
+    diverged = {k: v for k, v in losses.items() if isinstance(v, float) and not math.isfinite(v)}
+    if diverged:  # before anything is exported: the Trainer's checkpoints are all that is left
+        found = ", ".join(f"{k} {v}" for k, v in diverged.items())
+        raise FloatingPointError(f"Training diverged ({found}); lower `--learning_rate`. Nothing was exported.")
+    # a correlation of constant predictions (or labels) is undefined: null in summary.json (strict JSON has no NaN)
+    undefined = sorted(k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v))
+    metrics.update(dict.fromkeys(undefined))
     memory, memory_kind = peak_memory_bytes(training_args.device)
     summary = {
         "task": task.name,
@@ -871,6 +935,7 @@ def main(argv: list[str] | None = None) -> dict:
         "quantize": model_args.quantize,
         "unquantized_modules": unquantized if model_args.quantize else None,
         "metrics": metrics,
+        "undefined_metrics": undefined,  # null in `metrics`: constant predictions or labels have no correlation
         "metric_source": metric_source,
         "trainable_params": counts.trainable,
         "total_params": counts.total,
@@ -932,7 +997,9 @@ def main(argv: list[str] | None = None) -> dict:
         url = model_card.upload(out, hub, private=training_args.hub_private_repo)
         print(f"uploaded the adapter and its model card to {url}")
     shown = ", ".join(
-        f"{k}={v:.4f}" for k, v in metrics.items() if k.removeprefix("eval_").split("_mm")[0] in task.metrics
+        f"{k}={'undefined' if v is None else f'{v:.4f}'}"
+        for k, v in metrics.items()
+        if k.removeprefix("eval_").split("_mm")[0] in task.metrics
     )
     print(
         f"final {task.name} / {model_args.method}: {shown} trainable={counts.trainable:,} "
@@ -943,23 +1010,34 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def export_merged(model, tokenizer, dataset, collator, model_args: ModelArguments, check_rows: int = 512) -> dict:
-    """Write the dense merged model and check that plain Transformers loads it and predicts what `model` predicts."""
+    """Write the dense merged model and check that plain Transformers loads it and predicts what `model` predicts.
+    It is written into a temporary directory beside `--merge_to` and moved there only once checked."""
     rows = dataset.select(range(min(check_rows, len(dataset))))
     expected = predict_logits(model, rows, collator, batch_size=32)
     dense = model.merge_and_unload() if isinstance(model, PeftModel) else model
-    dense.save_pretrained(model_args.merge_to)  # safetensors
-    tokenizer.save_pretrained(model_args.merge_to)
-    reloaded = AutoModelForSequenceClassification.from_pretrained(model_args.merge_to)
-    got = predict_logits(reloaded.to(next(dense.parameters()).device), rows, collator, batch_size=32)  # same device
-    check = {
-        "rows": len(rows),
-        "max_abs_logit_diff": (got - expected).abs().max().item(),
-        "predictions_equal": bool(torch.equal(got.argmax(-1), expected.argmax(-1))) if got.shape[-1] > 1 else None,
-    }
-    if check["max_abs_logit_diff"] > 1e-4 or check["predictions_equal"] is False:
-        raise RuntimeError(
-            f"The merged model in {model_args.merge_to} does not predict what the adapter does: {check}"
-        )
+    target = Path(model_args.merge_to)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        dense.save_pretrained(tmp)  # safetensors
+        tokenizer.save_pretrained(tmp)
+        reloaded = AutoModelForSequenceClassification.from_pretrained(tmp)
+        got = predict_logits(reloaded.to(next(dense.parameters()).device), rows, collator, batch_size=32)
+        check = {
+            "rows": len(rows),
+            "max_abs_logit_diff": (got - expected).abs().max().item(),
+            "predictions_equal": bool(torch.equal(got.argmax(-1), expected.argmax(-1))) if got.shape[-1] > 1 else None,
+        }
+        if check["max_abs_logit_diff"] > 1e-4 or check["predictions_equal"] is False:
+            raise RuntimeError(f"The merged model does not predict what the adapter does ({check}); not written.")
+        if target.is_dir():  # empty, or holding no model (`check_args`): the files move in one by one
+            for path in tmp.iterdir():
+                os.replace(path, target / path.name)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(
         f"merged dense model -> {model_args.merge_to}: {check['rows']} validation rows, same predictions, "
         f"max |logit difference| {check['max_abs_logit_diff']:.2e}"
@@ -967,8 +1045,35 @@ def export_merged(model, tokenizer, dataset, collator, model_args: ModelArgument
     return check
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> None:
+    """`main` as a command: bad input or no Hub stops with one clear line (status 1), a diverged loss with status
+    `DIVERGED` (as pretrain.py's), Ctrl-C with where to resume from (status 130); no traceback."""
     try:
-        main()
-    except (ValueError, model_card.HubError) as error:  # bad input or no Hub: one clear line, no traceback
+        main(argv)
+    except (ValueError, model_card.HubError) as error:
         raise SystemExit(f"run_glue.py: error: {error}") from None
+    except FloatingPointError as error:
+        print(f"run_glue.py: error: {error}", file=sys.stderr)
+        raise SystemExit(DIVERGED) from None
+    except KeyboardInterrupt:
+        print(f"run_glue.py: interrupted; {interrupted_hint(argv)}", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def interrupted_hint(argv: list[str] | None) -> str:
+    """Where an interrupted run can go on from: its newest Trainer checkpoint."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    given = [arg.split("=", 1)[1] for arg in argv if arg.startswith("--output_dir=")]  # (not parse_args: it checks)
+    given += [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--output_dir"]
+    if not given:
+        return "resume with `--resume_from_checkpoint OUTPUT_DIR/checkpoint-N` where a checkpoint was saved."
+    out = Path(given[-1])
+    steps = [p for p in out.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir()]
+    if not steps:
+        return f"{out} has no checkpoint to resume from (`--save_strategy` saves them)."
+    newest = max(steps, key=lambda p: int(p.name.removeprefix("checkpoint-")))
+    return f"run the same command with `--resume_from_checkpoint {newest}` to continue."
+
+
+if __name__ == "__main__":
+    cli()

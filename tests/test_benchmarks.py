@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import glue_rotten_tomatoes as glue_bench  # noqa: E402
 import layer_bench  # noqa: E402
+import numba_cache  # noqa: E402
 import plot_steps  # noqa: E402
 import pretrain_bench  # noqa: E402
 import quantized_bench  # noqa: E402
@@ -429,6 +430,7 @@ def test_step_bench_records_the_settings_each_row_ran_with(tmp_path, step_runs):
         (layer_bench, ["--device", "mps"], "--device mps: only cpu and cuda are benchmarked"),
         (quantized_bench, ["--preset", "no/such.json"], "--preset: no file no/such.json"),
         (pretrain_bench, ["--jobs", "0"], "argument --jobs: invalid positive integer value: '0'"),
+        (numba_cache, ["--rounds", "0"], "argument --rounds: invalid positive integer value: '0'"),
     ],
 )
 def test_bench_scripts_refuse_bad_flags_before_measuring(bench, argv, message, capsys, monkeypatch):

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -39,6 +41,7 @@ import peft_sltrain  # noqa: E402
 
 import glue_tasks  # noqa: E402
 import model_card  # noqa: E402
+import pretrain  # noqa: E402
 import run_glue  # noqa: E402
 from conftest import tiny_roberta, tiny_roberta_config  # noqa: E402
 
@@ -320,6 +323,46 @@ def test_stsb_regression_end_to_end(tmp_path, tiny_model, data, offline_metrics)
     }
 
 
+def test_an_undefined_correlation_is_null_in_the_summary_and_card(tmp_path, tiny_model, data, offline_metrics):
+    """Constant STS-B labels have no correlation: null in summary.json (strict JSON, no NaN), "undefined" in the
+    card's table and no claim in its model index, not NaN written as a result."""
+    rows = [{**row, "label": 2.5} for row in read_rows(data["stsb_validation"])]
+    constant = write_rows(tmp_path / "constant.csv", rows)
+    summary = run(tmp_path, tiny_model, "stsb", data["stsb_train"], constant)
+    assert summary["metrics"]["eval_pearson"] is None and summary["metrics"]["eval_spearmanr"] is None
+    assert summary["undefined_metrics"] == ["eval_pearson", "eval_spearmanr"]
+
+    def refuse(constant):
+        raise AssertionError(f"summary.json holds {constant}")
+
+    assert json.loads((tmp_path / "out" / "summary.json").read_text(), parse_constant=refuse) == summary
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert "| pearson | undefined (constant predictions or labels) |" in card.text
+    assert card.data.eval_results is None
+
+
+def test_a_diverged_run_stops_before_exporting(tmp_path, tiny_model, data, offline_metrics, monkeypatch, capsys):
+    """A loss that became NaN (training or evaluation) stops the run with the status pretrain.py gives a diverged run,
+    and nothing is exported as if it had trained."""
+
+    class DivergingTrainer(run_glue.Trainer):
+        def compute_loss(self, *args, **kwargs):
+            loss = super().compute_loss(*args, **kwargs)
+            return (loss[0] * math.nan, *loss[1:]) if isinstance(loss, tuple) else loss * math.nan
+
+    monkeypatch.setattr(run_glue, "Trainer", DivergingTrainer)
+    argv = ["--task_name", "mrpc", "--model_name_or_path", tiny_model, "--train_file", data["pair_train"],
+            "--validation_file", data["pair_validation"], "--output_dir", str(tmp_path / "out"), "--max_seq_length",
+            "24", "--max_steps", "2", "--save_strategy", "no", "--disable_tqdm", "true"]  # fmt: skip
+    with pytest.raises(SystemExit) as stop:
+        run_glue.cli(argv)
+    assert stop.value.code == pretrain.DIVERGED
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    # (the Trainer's `logging_nan_inf_filter` keeps NaN out of its train_loss: the evaluation's loss shows it)
+    assert re.fullmatch(r"run_glue.py: error: Training diverged \(eval_loss nan\); lower `--learning_rate`\. .*", err)
+    assert not (tmp_path / "out" / "summary.json").exists() and not (tmp_path / "out" / "adapter_config.json").exists()
+
+
 def test_lora_on_mnli_matched_and_mismatched(tmp_path, tiny_model, data, offline_metrics):
     summary = run(
         tmp_path, tiny_model, "mnli", data["mnli_train"], data["mnli_matched"], "--method", "lora", "--rank", "4",
@@ -585,6 +628,13 @@ def test_presets_fill_what_the_command_line_leaves_unset(task):
         (["--quantize", "3bit"], r"`--quantize` must be one of \['4bit', '8bit'\], got '3bit'"),
         (["--method", "full", "--quantize", "4bit"], "`--quantize` is for adapters"),
         (["--quantize", "8bit", "--merge_to", "merged"], "`--merge_to` with `--quantize`: merging into a quantized"),
+        (["--learning_rate", "inf"], "`--learning_rate` must be a finite number, got inf"),
+        (["--weight_decay", "nan"], "`--weight_decay` must be a finite number, got nan"),
+        (["--weight_decay", "-1"], "`--weight_decay` must be 0 or more, got -1.0"),
+        (["--max_steps", "0"], r"`--max_steps` must be positive, or -1 \(the default\) to train .*; got 0"),
+        (["--max_steps", "-3"], r"`--max_steps` must be positive, or -1 .*; got -3"),
+        (["--gradient_accumulation_steps", "0"], "`--gradient_accumulation_steps` must be at least 1, got 0"),
+        (["--seed", "-1"], r"`--seed` must be in \[0, 2\*\*32\), got -1"),
     ],
 )
 def test_bad_settings_fail_before_training(tmp_path, tiny_model, data, extra, message):
@@ -727,7 +777,7 @@ def test_whole_number_float_labels_are_class_ids():
 
 def test_a_merged_model_that_predicts_otherwise_is_refused(tmp_path, tiny_model, monkeypatch):
     """`--merge_to` reloads what it wrote and compares its logits with the adapter's: a dense model that does not
-    predict what the adapter does (here its reload perturbed) stops the run, rather than being left as the result."""
+    predict what the adapter does (here its reload perturbed) stops the run, and nothing is left at `--merge_to`."""
     from datasets import Dataset
 
     argv = ["--task_name", "mrpc", "--output_dir", str(tmp_path / "out"), "--merge_to", str(tmp_path / "merged")]
@@ -746,8 +796,9 @@ def test_a_merged_model_that_predicts_otherwise_is_refused(tmp_path, tiny_model,
 
     monkeypatch.setattr(run_glue.AutoModelForSequenceClassification, "from_pretrained", perturbed)
     collator = DataCollatorWithPadding(tokenizer)
-    with pytest.raises(RuntimeError, match="does not predict what the adapter does: .*'max_abs_logit_diff'"):
+    with pytest.raises(RuntimeError, match=r"does not predict what the adapter does \(.*'max_abs_logit_diff'.*not wr"):
         run_glue.export_merged(model, tokenizer, rows, collator, model_args)
+    assert list(tmp_path.iterdir()) == []  # neither the merged model nor its temporary directory
 
 
 def test_merge_to_must_not_hold_an_adapter(tmp_path, monkeypatch):
@@ -870,7 +921,9 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path, tiny_model, data, of
     first = load_file(out / "adapter_model.safetensors")
     recorded = json.loads((out / "checkpoint-4" / run_glue.BASE_SETTINGS_FILE).read_text())
     assert recorded == {"quantize": quantize, "learning_rate": 4e-4, "weight_decay": 0.0,
-                        "model_name_or_path": str(Path(tiny_model).resolve())}  # fmt: skip
+                        "model_name_or_path": str(Path(tiny_model).resolve()), "per_device_train_batch_size": 8,
+                        "gradient_accumulation_steps": 1, "num_train_epochs": 2.0, "max_steps": -1,
+                        "seed": 42}  # fmt: skip
 
     steps.clear()
     summary = run(tmp_path, tiny_model, *args, "--resume_from_checkpoint", str(out / "checkpoint-4"))
@@ -929,8 +982,13 @@ def test_resume_refuses_other_settings(tmp_path, method, extra, message):
         ({"learning_rate": 4e-4}, ["--learning_rate", "0.1"], "`--learning_rate 0.0004`, and this run gives .* 0.1`"),
         ({"weight_decay": 0.0}, ["--weight_decay", "0.5"], "`--weight_decay 0.0`, and this run gives `--weight_decay"),
         ({"model_name_or_path": "/models/other"}, [], "`--model_name_or_path /models/other`, and this run gives"),
+        ({"per_device_train_batch_size": 8}, ["--per_device_train_batch_size", "4"], "batch_size 8`, and this run"),
+        ({"num_train_epochs": 3.0}, ["--num_train_epochs", "8"], "`--num_train_epochs 3.0`, and this run gives"),
+        ({"max_steps": -1}, ["--max_steps", "10"], "`--max_steps -1`, and this run gives `--max_steps 10`"),
+        ({"gradient_accumulation_steps": 1}, ["--gradient_accumulation_steps", "2"], "accumulation_steps 1`, and"),
+        ({"seed": 42}, ["--seed", "1"], "`--seed 42`, and this run gives `--seed 1`"),
     ],
-    ids=["quantize", "learning_rate", "weight_decay", "base"],
+    ids=["quantize", "learning_rate", "weight_decay", "base", "batch", "epochs", "max_steps", "accumulation", "seed"],
 )
 def test_resume_refuses_another_base_or_optimizer_setting(tmp_path, recorded, now, message):
     """What the adapter's config does not hold: the base and the optimizer's settings, which the Trainer would restore
@@ -978,6 +1036,40 @@ def test_output_dir_with_a_run_is_refused(tmp_path):
         run_glue.parse_args([*argv, "--overwrite_output_dir", "--resume_from_checkpoint", str(out / "checkpoint-4")])
 
 
+def test_a_damaged_checkpoint_is_named_before_the_trainer_reads_it(tmp_path):
+    """A truncated safetensors file or a damaged JSON file in the checkpoint to resume from: one line naming it."""
+    argv = ["--task_name", "mrpc", "--output_dir", str(tmp_path / "out"), "--model_name_or_path", "roberta-base"]
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    model_args, _, _ = run_glue.parse_args(argv)
+    get_peft_model(tiny_roberta(num_labels=2), run_glue.adapter_config(model_args)).save_pretrained(checkpoint)
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 2}')
+    argv += ["--resume_from_checkpoint", str(checkpoint)]
+    run_glue.parse_args(argv)  # whole: fine
+    weights = checkpoint / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(ValueError, match=r"checkpoint-2' is damaged: adapter_model.safetensors cannot be read \(Saf"):
+        run_glue.parse_args(argv)
+    weights.unlink()
+    (checkpoint / "adapter_config.json").write_text('{"r": 4,')
+    with pytest.raises(ValueError, match=r"damaged: adapter_config.json cannot be read \(JSONDecodeError: .*earlier"):
+        run_glue.parse_args(argv)
+
+
+def test_merge_to_never_writes_over_a_model_or_run(tmp_path):
+    """`--merge_to` holding another run's model (or summary) is refused, even with `--overwrite_output_dir` (which is
+    about `--output_dir`): its weights would be replaced under another run's card and summary."""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    (other / "summary.json").write_text("{}")
+    argv = ["--task_name", "mrpc", "--output_dir", str(tmp_path / "out"), "--model_name_or_path", "roberta-base"]
+    for extra in ([], ["--overwrite_output_dir"]):
+        with pytest.raises(ValueError, match=r"`--merge_to` '.*other' already holds a model or run \(summary.json, "):
+            run_glue.parse_args([*argv, "--merge_to", str(other), *extra])
+    (tmp_path / "empty").mkdir()
+    run_glue.parse_args([*argv, "--merge_to", str(tmp_path / "empty")])  # an empty directory: fine
+
+
 def test_output_dir_that_is_a_model_or_a_file_is_refused(tmp_path):
     """A directory holding a model (its config and weights, sharded too) is a run's output or a base: not written over
     without `--overwrite_output_dir`, and never when it is the base itself; a file is no directory."""
@@ -1013,6 +1105,28 @@ def test_a_model_directory_without_its_tokenizer_is_refused(tmp_path, tiny_model
     with pytest.raises(ValueError, match=r"`--model_name_or_path` '.*bare' holds no tokenizer: .* only its 5 special"):
         run(tmp_path, str(bare), "mrpc", data["pair_train"], data["pair_validation"])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_directory_without_tokenizer_or_model_names_the_flag(tmp_path, data):
+    """Transformers blames a missing sentencepiece for a directory with no tokenizer files: the flag is named."""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"`--model_name_or_path` '.*empty': no tokenizer loads from it \(ValueError"):
+        run(tmp_path, str(tmp_path / "empty"), "mrpc", data["pair_train"], data["pair_validation"])
+
+
+def test_ctrl_c_names_the_newest_checkpoint_to_resume_from(tmp_path, monkeypatch, capsys):
+    def main(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_glue, "main", main)
+    for step in (2, 10):  # by number: checkpoint-10 is newer than checkpoint-2
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    for out, hint in ((tmp_path, f"--resume_from_checkpoint {tmp_path / 'checkpoint-10'}` to continue"),
+                      (tmp_path / "none", "none has no checkpoint to resume from")):  # fmt: skip
+        with pytest.raises(SystemExit) as stop:
+            run_glue.cli(["--task_name", "mrpc", "--model_name_or_path", "m", "--output_dir", str(out)])
+        err = capsys.readouterr().err
+        assert stop.value.code == 130 and err.startswith("run_glue.py: interrupted; ") and hint in err
 
 
 def test_an_adapter_that_does_not_fit_the_model_names_the_flags(tmp_path, tiny_model, data):
