@@ -710,7 +710,8 @@ def card_dataset_id(data_args: DataArguments) -> str:
     if not data_args.train_file:
         return "nyu-mll/glue"
     path = Path(data_args.train_file).resolve()  # a bare train.csv.gz: named after the directory it is in
-    return re.sub(r"[-_.]?train$", "", path.name.split(".")[0]) or path.parent.name or "local"  # rt_train -> rt
+    # rt_train -> rt, train -> (its directory's name); pretrain, constrain: kept whole
+    return re.sub(r"(?:^|[-_.])train$", "", path.name.split(".")[0]) or path.parent.name or "local"
 
 
 def redacted_command(argv: list[str], secrets: Sequence[str | None] = ()) -> str:

@@ -1277,3 +1277,97 @@ def test_benchmark_lora_matches_the_sltrain_budget():
         counts[method] = peft_sltrain.module_parameter_counts(model).trainable
     assert counts == {"sltrain": 127_586, "lora": 129_794}
     assert abs(counts["lora"] / counts["sltrain"] - 1) < 0.02
+
+
+# ------------------------------------------------------------------------------- from review AC (mutation testing)
+def test_stsb_scores_at_the_ends_of_the_range_are_labels():
+    """Kills G16 (`low < x`): GLUE's STS-B has scores of exactly 0.0 (and 5.0), which must not be refused."""
+    stsb = glue_tasks.get_task("stsb")
+    assert run_glue.label_ids(stsb, [0.0, 5.0, 0, 5, 2.4], "train") == [0.0, 5.0, 0.0, 5.0, 2.4]
+
+
+def test_class_names_map_to_glues_label_ids():
+    """Kills T10 (QNLI's labels listed in another order; the same for any task): a class name in the data becomes
+    GLUE's id for it (nyu-mll/glue's ClassLabel order), so that a file of names trains the head GLUE's way."""
+    glue_order = {
+        "cola": ["unacceptable", "acceptable"], "sst2": ["negative", "positive"],
+        "mrpc": ["not_equivalent", "equivalent"], "qqp": ["not_duplicate", "duplicate"],
+        "mnli": ["entailment", "neutral", "contradiction"], "qnli": ["entailment", "not_entailment"],
+        "rte": ["entailment", "not_entailment"],
+    }  # fmt: skip
+    for name, labels in glue_order.items():
+        task = glue_tasks.get_task(name)
+        assert run_glue.label_ids(task, labels, "train") == list(range(len(labels))), name
+
+
+def test_inputs_are_truncated_to_max_seq_length(tiny_model, tmp_path):
+    """Kills G22 (`max_length` not passed): `--max_seq_length` caps every tokenized row (the data fixture's
+    sentences never reach 24 tokens, so no end-to-end test notices)."""
+    from datasets import Dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    long = " ".join(["good movie"] * 20)
+    rows = Dataset.from_dict({"sentence1": [long, "fine"], "sentence2": [long, "dull"], "label": [1, 0]})
+    split = run_glue.prepare_split(rows, glue_tasks.get_task("mrpc"), tokenizer, 10, "train", None)
+    assert [len(ids) for ids in split["input_ids"]] == [10, 6]  # the short pair: <s> fine </s> </s> dull </s>
+    assert split["labels"] == [1, 0]
+
+
+def test_metrics_are_computed_from_the_adapters_predictions(tmp_path, tiny_model, data, monkeypatch):
+    """Kills G23 (argmin instead of argmax; any wrong reading of the logits): the metric receives the saved adapter's
+    predicted classes on the validation rows, in order, and their labels (the end-to-end tests check only the keys
+    of the metrics, whose values on random data no test can tell from chance)."""
+    seen = []
+
+    def recording_metric(task):
+        def metric(predictions, references):
+            seen.append((np.asarray(predictions).tolist(), np.asarray(references).tolist()))
+            return {"accuracy": 0.5, "f1": 0.5}
+
+        return metric, "recorded"
+
+    monkeypatch.setattr(run_glue, "load_metric", recording_metric)
+    run(tmp_path, tiny_model, "mrpc", data["pair_train"], data["pair_validation"], "--learning_rate", "1e-2")
+    rows = read_rows(data["pair_validation"])
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
+    model = PeftModel.from_pretrained(base, tmp_path / "out")
+    logits = logits_of(model, AutoTokenizer.from_pretrained(tmp_path / "out"), rows)
+    assert (logits[:, 0] != logits[:, 1]).all()  # no ties: argmax and argmin differ on every row
+    assert seen[-1] == (logits.argmax(-1).tolist(), [int(row["label"]) for row in rows])
+
+
+def test_a_local_train_file_needs_a_validation_file(tmp_path, data):
+    """Kills G09 (the both-or-neither check dropped): `--train_file` alone crashed later with a TypeError deep in
+    `file_format(None)` rather than this one line."""
+    argv = ["--task_name", "sst2", "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match=r"Give both `--train_file` and `--validation_file` \(local data\), or nei"):
+        run_glue.parse_args([*argv, "--train_file", data["single_train"]])
+    with pytest.raises(ValueError, match="Give both `--train_file` and `--validation_file`"):
+        run_glue.parse_args([*argv, "--validation_file", data["single_validation"]])
+
+
+def test_a_sparsity_of_one_is_refused_before_anything_loads(tmp_path):
+    """Kills G03 (`0 < sparsity <= 1`): `check_args` promises every range check before loading; with the edge let
+    through, SLTrainConfig refused it only after the data and model were loaded, naming its field, not the flag."""
+    argv = ["--task_name", "sst2", "--output_dir", str(tmp_path / "out"), "--sparsity", "1"]
+    with pytest.raises(ValueError, match=r"`--sparsity` must be in \(0, 1\), got 1.0"):
+        run_glue.parse_args(argv)
+
+
+def test_the_merged_models_label2id_matches_its_id2label(tmp_path, tiny_model, data, offline_metrics):
+    """Kills G35 (`config.label2id` not set): Transformers does not derive it from `id2label`, so the exported config
+    would pair GLUE's names in id2label with LABEL_0/LABEL_1 in label2id (what label-mapping code reads)."""
+    merged = tmp_path / "merged"
+    run(tmp_path, tiny_model, "mrpc", data["pair_train"], data["pair_validation"], "--max_steps", "1",
+        "--merge_to", str(merged))  # fmt: skip
+    config = AutoModelForSequenceClassification.from_pretrained(merged).config
+    assert config.label2id == {"not_equivalent": 0, "equivalent": 1}
+    assert config.id2label == {0: "not_equivalent", 1: "equivalent"}
+
+
+def test_the_card_names_local_data_after_the_train_file():
+    """A trailing `_train` / `-train` / `.train` is cut (a bare `train` names its directory), never part of a word."""
+    names = {"data/rt_train.csv.gz": "rt", "data/rt-train.jsonl": "rt", "sets/imdb/train.csv": "imdb",
+             "data/pretrain.csv": "pretrain", "data/constrain.jsonl": "constrain"}  # fmt: skip
+    for path, name in names.items():
+        assert run_glue.card_dataset_id(run_glue.DataArguments(task_name="sst2", train_file=path)) == name, path

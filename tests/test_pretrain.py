@@ -1466,3 +1466,136 @@ def test_numba_compiles_before_the_timed_steps(tmp_path, corpus, monkeypatch):
     full = run(tmp_path / "full", corpus, "--method", "full", "--max-steps", "2", "--warmup-steps", "1")
     assert warmed == [[torch.float32]]  # SLTrain only; bf16 autocast would warm the bf16 kernels
     assert sltrain["kernel_compile_seconds"] >= 0 and full["kernel_compile_seconds"] is None
+
+
+# ------------------------------------------------------------------------------- from review AC (mutation testing)
+def test_resume_refuses_each_changed_optimisation_setting(tmp_path, corpus):
+    """Kills P27 (min_lr_ratio), P28 (grad_clip), P29 (global_batch) dropped from `trajectory_config`: each changes
+    the loss curve of a resumed run, and only `seed`, `lr`, `eval_blocks` had a resume test."""
+    extra = ["--method", "sltrain", "--save-every", "3"]
+    run(tmp_path / "full", corpus, *extra)
+    killed = killed_after(tmp_path / "full", tmp_path / "killed", 3)
+    for flag, value, key in [
+        ("--min-lr-ratio", "0.5", "min_lr_ratio"),
+        ("--grad-clip", "1.0", "grad_clip"),
+        ("--global-batch", "16", "global_batch"),
+        ("--weight-decay", "0.1", "weight_decay"),
+        ("--warmup-steps", "2", "warmup_steps"),
+    ]:
+        with pytest.raises(ValueError, match=rf"different config or method \({key}: saved "):
+            run(killed, corpus, *extra, "--resume", flag, value)
+
+
+def test_a_validation_loss_past_a_floats_range_is_a_divergence_not_a_crash():
+    """Kills P42 (`mean >= 709` raised to 800): exp(750) overflows, and math.exp raises OverflowError, which `cli`
+    does not turn into the DIVERGED exit status."""
+
+    class Model(torch.nn.Module):
+        def forward(self, **batch):
+            return types.SimpleNamespace(loss=torch.tensor(750.0))
+
+    with pytest.raises(FloatingPointError, match="Validation loss became 750.0 nats per token"):
+        pretrain.evaluate(Model(), torch.zeros(2, 5, dtype=torch.int32), 2, FakeAccelerator())
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--lr", "0"], r"`--lr` must be positive, got 0.0"),  # P47: would train nothing, silently
+        (["--micro-batch", "0"], r"`--micro-batch` must be positive, got 0"),  # P48: ZeroDivisionError otherwise
+        (["--max-steps", "0"], r"`--max-steps` must be positive, got 0"),
+        (["--seq-len", "0"], r"`--seq-len` must be positive, got 0"),
+        (["--grad-clip", "-1"], r"`--grad-clip` must be 0 or more, got -1.0"),  # P51: clipping silently off
+    ],
+)
+def test_more_bad_input_fails_before_training(tmp_path, corpus, extra, message):
+    """The checks of `resolve` that the bad-input list does not reach (pasted, these rows can join its list)."""
+    with pytest.raises(ValueError, match=message):
+        run(tmp_path / "out", corpus, *extra)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_min_lr_ratio_of_one_is_a_constant_rate_after_warmup():
+    """Kills P52 (`0 <= min_lr_ratio < 1`): the documented range is [0, 1], and 1 is a constant schedule."""
+    args = pretrain.resolve(pretrain.parse_args(["--model", MICRO, "--out-dir", "x", "--min-lr-ratio", "1"]))
+    factor = pretrain.lr_lambda(args, METHODS["sltrain"], pretrain.hyper_from_args(args))
+    assert [factor(s) for s in range(1, 7)] == pytest.approx([1.0] * 6)
+
+
+def test_validation_files_alone_are_refused_not_replaced_by_the_embedded_corpus(tmp_path, corpus):
+    """Kills D13 (`if not train_files:` picks the embedded corpus): `--validation-files` without `--train-files`
+    would train and validate on the embedded corpus, ignoring the file given."""
+    with pytest.raises(ValueError, match="Give both `--train-files` and `--validation-files`"):
+        data.local_corpus(None, [corpus[1]])
+
+
+def test_to_blocks_drops_only_the_ragged_tail():
+    """Kills D02 (one block fewer): every whole block of the text is used."""
+    assert data.to_blocks(torch.arange(10), 3).tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert data.to_blocks(torch.arange(9), 3).shape == (3, 3)
+
+
+def test_a_corpus_of_exactly_one_global_batch_trains():
+    """Kills D05 (`len(blocks) <= global_batch` refused): the message says "fewer than one global batch"."""
+    sampler = data.BlockSampler(torch.arange(8).view(8, 1), micro_batch=2, grad_accum=2, world_size=2, seed=0)
+    rows = [torch.cat(sampler.micro_batches(0, rank)).flatten().tolist() for rank in (0, 1)]
+    assert sorted(rows[0] + rows[1]) == list(range(8))
+
+
+@pytest.mark.parametrize("method, scale_key", [("galore", "scale"), ("fira", "alpha")])
+def test_galore_and_fira_defaults_are_the_papers(method, scale_key):
+    """Kills M17 (update_proj_gap default 200 -> 100) and M18 (scale default 0.25 -> 1.0): without --method-arg the
+    projectors get GaLore's defaults; and kills M19: every trainable parameter (norms and embeddings included) is in
+    exactly one parameter group."""
+    hyper = Hyper(rank=4, max_steps=10)
+    model = METHODS[method].build(micro_config(), hyper)
+    optimizer = METHODS[method].make_optimizer(model, hyper)
+    grouped = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters() if p.requires_grad)
+    ids = torch.ones(2, 8, dtype=torch.long)
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    projectors = [state["projector"] for state in optimizer.state.values() if "projector" in state]
+    assert len(projectors) == 14
+    assert {(p.rank, p.update_proj_gap, getattr(p, scale_key)) for p in projectors} == {(4, 200, 0.25)}
+
+
+def test_lowrank_factors_start_as_nn_linears_kaiming_uniform():
+    """Kills M04 (B's bound 1/sqrt(d_out) instead of 1/sqrt(r)): both factors are drawn as `nn.Linear` would draw
+    an (r, d_in) and a (d_out, r) weight, the reference low-rank baseline's init."""
+    from methods import LowRankLinear
+
+    torch.manual_seed(0)
+    layer = LowRankLinear(in_features=64, out_features=256, rank=4, scaling=1.0, bias=False)
+    bound_a, bound_b = 1 / math.sqrt(64), 1 / math.sqrt(4)
+    assert layer.A.abs().max() <= bound_a and layer.A.abs().max() > 0.9 * bound_a
+    assert layer.B.abs().max() <= bound_b and layer.B.abs().max() > 0.9 * bound_b
+
+
+def test_relora_restarts_right_after_every_relora_every_steps(tmp_path, corpus):
+    """Kills P17 (`after_step` given `step` rather than the steps done, `step + 1`): each restart must come right
+    after steps relora_every, 2 relora_every, ... (the jagged warmup assumes it), so a checkpoint saved at a restart
+    step holds B = 0 (just merged and restarted) and A re-drawn; one step late, B holds that step's training."""
+    run(tmp_path, corpus, "--method", "relora", "--method-arg", "relora_every=2", "--save-every", "2")
+    for step in (2, 4):  # not 6: no restart at the end
+        state = load_file(tmp_path / "checkpoints" / f"step_{step:06d}" / "model.safetensors")
+        b = [v for k, v in state.items() if "lora_B" in k]
+        assert len(b) == 14 and not any(v.any() for v in b), step
+    final = load_file(tmp_path / "checkpoints" / "step_000006" / "model.safetensors")
+    assert all(v.any() for k, v in final.items() if "lora_B" in k)
+
+
+def test_gradients_are_synchronised_at_the_last_micro_batch_only(tmp_path, corpus, monkeypatch):
+    """Kills P10 (`sync = i == 0`): under DDP the gradient all-reduce must run in the backward of the last
+    micro-batch, every earlier one under `no_sync`; synced at the first, the later micro-batches' gradients stay
+    per process and the replicas drift apart. The DDP test cannot see it: its 2 x 4 of 8 has no accumulation."""
+    from accelerate import Accelerator
+
+    events = []
+    no_sync, backward = Accelerator.no_sync, Accelerator.backward
+    monkeypatch.setattr(Accelerator, "no_sync", lambda self, model: events.append("no_sync") or no_sync(self, model))
+    monkeypatch.setattr(
+        Accelerator, "backward", lambda self, loss, **kw: events.append("backward") or backward(self, loss, **kw)
+    )
+    run(tmp_path, corpus, "--method", "sltrain", "--max-steps", "2", "--global-batch", "12", "--micro-batch", "4")
+    assert events == ["no_sync", "backward", "no_sync", "backward", "backward"] * 2  # 3 micro-batches a step
