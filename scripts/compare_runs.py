@@ -23,6 +23,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# what the table reads from each summary.json
+SUMMARY_KEYS = ("method", "val_ppl", "trainable_params", "total_params", "training_state_bytes", "peak_memory_bytes",
+                "peak_memory_kind", "tokens_per_s", "tokens")  # fmt: skip
+
+
 def main(run_dirs: list[str]) -> str:
     """The table of the runs in `run_dirs`, one row each, in the order given."""
     rows = []
@@ -30,9 +35,16 @@ def main(run_dirs: list[str]) -> str:
         path = Path(run) / "summary.json"
         if not path.is_file():
             raise SystemExit(f"compare_runs.py: error: {path} does not exist (did the run finish?)")
-        row = json.loads(path.read_text())
-        if "val_ppl" not in row:
+        try:
+            row = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            reason = f"{type(error).__name__}: {error}"
+            raise SystemExit(f"compare_runs.py: error: {path} cannot be read ({reason})") from None
+        if not isinstance(row, dict) or "val_ppl" not in row:
             raise SystemExit(f"compare_runs.py: error: {path} is not from scripts/pretrain.py (no val_ppl)")
+        missing = [key for key in SUMMARY_KEYS if key not in row]
+        if missing:
+            raise SystemExit(f"compare_runs.py: error: {path} lacks {missing}: damaged, or not from pretrain.py")
         rows.append(row)
     names = [Path(run).resolve().name for run in run_dirs]  # "." has a name too
     if len(set(names)) < len(names):  # runs of one name in different places: their paths as given
@@ -96,6 +108,8 @@ def validation_differences(run_dirs: list[str], summaries: list[dict]) -> list[s
 
 if __name__ == "__main__":
     args = parse_args()
+    if args.save and Path(args.save).is_dir():  # checked before the table, which may take a while to read
+        raise SystemExit(f"compare_runs.py: error: `--save` {args.save} is a directory; give a file name (.json).")
     text = main(args.run_dirs)
     print(text)
     if args.save:  # a record to commit: what the table was made from

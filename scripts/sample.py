@@ -41,8 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--top-k", type=int, default=200, help="sample among the k most likely tokens (default: %(default)s)"
     )
-    p.add_argument("--seed", type=int, default=1337, help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=1337, help="in [0, 2**64) (default: %(default)s)")
     args = p.parse_args(argv)
+    if not 0 <= args.seed < 2**64:  # (torch.manual_seed's range; past it torch says only "Overflow")
+        raise ValueError(f"`--seed` must be in [0, 2**64), got {args.seed}.")
     for name in ("num_samples", "max_new_tokens", "top_k"):
         if getattr(args, name) < 1:
             raise ValueError(f"`--{name.replace('_', '-')}` must be at least 1, got {getattr(args, name)}.")
@@ -56,15 +58,38 @@ def find_export(path: str | Path) -> Path:
     path = Path(path)
     for directory in (path, path / "final"):
         if (directory / "config.json").is_file():
+            check_causal_lm(directory)
             return directory
-    if (path / "adapter_config.json").is_file() or (path / "final" / "adapter_config.json").is_file():
+    adapters = [d / "adapter_config.json" for d in (path, path / "final") if (d / "adapter_config.json").is_file()]
+    if adapters:
+        adapter = json.loads(adapters[0].read_text())
+        if adapter.get("peft_type") != "SLTRAIN" or adapter.get("task_type") == "SEQ_CLS":
+            raise ValueError(
+                f"{adapters[0].parent} holds a {adapter.get('peft_type')} adapter of no pretrain.py run (a "
+                "classifier's, from run_glue.py?): it writes no text."
+            )
         raise ValueError(
             f"{path} holds an SLTrain adapter without config.json (the architecture), from a pretrain.py older than "
             "that: build the model under `init_empty_weights()` from a LlamaConfig of the run's `model_config` "
             "(run_config.json) with the tokenizer's vocabulary size, and load the adapter with "
             "`PeftModel.from_pretrained`."
         )
+    if (path / "run_config.json").is_file():
+        raise ValueError(
+            f"{path} is a pretrain.py run that has not exported its model yet (no final/): finish it with the same "
+            "command and `--resume`."
+        )
     raise ValueError(f"{path} is no pretrain.py run or export: neither it nor {path / 'final'} has a config.json.")
+
+
+def check_causal_lm(directory: Path) -> None:
+    """A model that writes text: a classifier (run_glue.py's) would load with an untrained LM head and write noise."""
+    architectures = json.loads((directory / "config.json").read_text()).get("architectures") or []
+    if architectures and not any(name.endswith("ForCausalLM") for name in architectures):
+        raise ValueError(
+            f"{directory} holds a {', '.join(architectures)}, no language model that writes text (pretrain.py "
+            "exports a ...ForCausalLM)."
+        )
 
 
 def load(directory: str | Path) -> tuple[torch.nn.Module, AutoTokenizer]:

@@ -70,6 +70,17 @@ def test_command_line(tmp_path):
     result = compare(str(tmp_path / "glue"))  # a run_glue.py run
     assert result.returncode == 1 and "is not from scripts/pretrain.py (no val_ppl)" in result.stderr
 
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "summary.json").write_text('{"val_ppl": 3')
+    result = compare(str(tmp_path / "cut"))  # damaged: one line, no traceback
+    assert result.returncode == 1 and "cut/summary.json cannot be read (JSONDecodeError: " in result.stderr
+    (tmp_path / "cut" / "summary.json").write_text('{"val_ppl": 3}')
+    result = compare(str(tmp_path / "cut"))
+    assert result.returncode == 1 and "summary.json lacks ['method', 'trainable_params', " in result.stderr
+    assert "Traceback" not in result.stderr
+    result = compare(write_summary(tmp_path / "a", "sltrain", 93.5), "--save", str(tmp_path))
+    assert result.returncode == 1 and "`--save` " in result.stderr and "is a directory; give a file" in result.stderr
+
 
 def test_runs_are_named_also_when_given_as_dot_or_under_one_name(tmp_path):
     (tmp_path / "x").mkdir()

@@ -298,8 +298,23 @@ def test_sample_refuses_bad_input(tmp_path, corpus):
             sample.main([str(tmp_path), flag, value])
     # an EOS and up to 63 new tokens fill the 64 positions: allowed (greedy may stop early, at an EOS)
     assert len(sample.main([str(tmp_path), "--max-new-tokens", "63", "--num-samples", "1", "--temperature", "0"])) == 1
+    with pytest.raises(ValueError, match=re.escape("`--seed` must be in [0, 2**64), got 99999999999999999999")):
+        sample.main([str(tmp_path), "--seed", "99999999999999999999"])
+    config = json.loads((tmp_path / "final" / "config.json").read_text())
+    (tmp_path / "final" / "config.json").write_text(
+        json.dumps({**config, "architectures": ["RobertaForSequenceClassification"]})
+    )
+    with pytest.raises(ValueError, match="holds a RobertaForSequenceClassification, no language model that writes"):
+        sample.main([str(tmp_path)])
     (tmp_path / "final" / "config.json").unlink()  # as exported before the architecture was saved with it
     with pytest.raises(ValueError, match="SLTrain adapter without config.json"):
+        sample.main([str(tmp_path)])
+    adapter = json.loads((tmp_path / "final" / "adapter_config.json").read_text())
+    (tmp_path / "final" / "adapter_config.json").write_text(json.dumps({**adapter, "task_type": "SEQ_CLS"}))
+    with pytest.raises(ValueError, match="holds a SLTRAIN adapter of no pretrain.py run .*: it writes no text"):
+        sample.main([str(tmp_path)])
+    shutil.rmtree(tmp_path / "final")  # a run killed before its export
+    with pytest.raises(ValueError, match="is a pretrain.py run that has not exported its model yet .* `--resume`"):
         sample.main([str(tmp_path)])
 
 
