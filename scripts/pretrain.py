@@ -407,6 +407,9 @@ def check_out_dir(args: argparse.Namespace, config: dict) -> Path | None:
         # flag; the vocabulary itself is compared with the data)
         keys -= {k for k in PRESET_SLTRAIN_KEYS if config.get(k) is None} | ({"eval_blocks"} - set(saved))
         keys -= {"vocab_size"} if config["tokenizer"] != "train" else set()
+        # the data files by the digest of their text (`check_same_data`), not by the paths as typed: the same files
+        # named from another working directory, or absolutely, resume
+        keys -= {"train_files", "validation_files"} if saved.get("data_sha256") else set()
         differ = sorted(k for k in keys if saved.get(k) != config.get(k))
         if differ:
             detail = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {config.get(k)!r}" for k in differ[:4])
@@ -725,7 +728,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.per_layer_updates and (world > 1 or grad_accum > 1):
         raise ValueError(
             "`--per-layer-updates` needs one process and no gradient accumulation "
-            f"(got {world} processes, {grad_accum} accumulation steps)."
+            f"(got {world} processes, {grad_accum} accumulation steps)"
+            + (f": pass `--micro-batch {args.global_batch}` if it fits in memory." if world == 1 else ".")
         )
     if not method.checkpointable and (args.save_every or args.resume):
         raise ValueError(
@@ -754,6 +758,10 @@ def main(argv: list[str] | None = None) -> dict:
     # ------------------------------------------------------------------------------------------------------ data
     cache = out.parent / ".cache"  # trained tokenizers, by content hash
     cached_before = set(cache.glob("tokenizer-*.json")) if cache.is_dir() else None
+    if accelerator.is_main_process:  # what the first seconds (up to a minute on a large corpus) before the bar do
+        what = "streaming" if args.dataset else "reading"
+        trains = " and training its tokenizer (cached by content)" if args.tokenizer == "train" else ""
+        print(f"pretrain.py: {what} the data{trains}, tokenising it", flush=True)
     try:
         if args.dataset:
             train_texts = data.stream_hf_dataset(args.dataset, args.dataset_config, "train")
@@ -781,6 +789,9 @@ def main(argv: list[str] | None = None) -> dict:
         val_blocks = data.to_blocks(val_tokens, args.seq_len)[: args.eval_blocks]
         if len(val_blocks) == 0:
             raise ValueError(f"The validation text is shorter than one sequence of {args.seq_len} tokens.")
+        if len(val_blocks) < args.eval_blocks and accelerator.is_main_process:
+            print(f"pretrain.py: the validation text has {len(val_blocks):,} sequences of {args.seq_len} tokens, "
+                  f"fewer than --eval-blocks {args.eval_blocks:,}: all of them are scored")  # fmt: skip
         if args.dataset:
             sampler = data.StreamingBlocks(train_texts, tokenizer, args.seq_len, args.micro_batch, grad_accum, world)
         else:
@@ -887,10 +898,13 @@ def main(argv: list[str] | None = None) -> dict:
             )
         accelerator.wait_for_everyone()
 
-    # numba compiles its kernels on first use (about 10 s a dtype): now, not inside the first (timed) step
+    # numba compiles its kernels on first use (or loads them from its disk cache): now, not in the first (timed) step
     kernel_compile_seconds = None
     sltrain_layers = [m for m in model.modules() if isinstance(m, peft_sltrain.SLTrainLayer)]
     if accelerator.device.type == "cpu" and any(c != "dense" for m in sltrain_layers for c in m.compute.values()):
+        if accelerator.is_main_process and peft_sltrain.cpu_kernels.AVAILABLE:
+            print("pretrain.py: getting numba's CPU kernels ready (about 30 s the first time, then loaded from "
+                  "numba's disk cache)", flush=True)  # fmt: skip
         t0 = time.perf_counter()
         if peft_sltrain.cpu_kernels.warm_up([torch.bfloat16 if args.dtype == "bf16" else torch.float32]):
             kernel_compile_seconds = time.perf_counter() - t0  # None where numba's kernels do not run

@@ -485,7 +485,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus):
         (["--method", "lowrank", "--rank", "0"], r"`--rank` must be positive, got 0"),
         (["--method", "sltrain", "--optimizer", "adam8bit"], "adam8bit"),
         (["--method", "sltrain", "--per-layer-updates", "--grad-clip", "1"], "cannot clip"),
-        (["--method", "sltrain", "--per-layer-updates"], "no gradient accumulation"),
+        (["--method", "sltrain", "--per-layer-updates"], r"no gradient accumulation .*: pass `--micro-batch 8` if it"),
         (["--method", "sltrain", "--global-batch", "6", "--micro-batch", "4"], "multiple of --micro-batch"),
         (["--method", "sltrain", "--global-batch", "4000", "--micro-batch", "4000"], "fewer than one global batch"),
         (["--method", "sltrain", "--seq-len", "65"], "`--seq-len` 65 exceeds the model's max_position_embeddings 64"),
@@ -1338,6 +1338,11 @@ def test_resume_refuses_changed_data_or_vocabulary(tmp_path, corpus):
     run(out, files, "--method", "sltrain", "--save-every", "3")
     digest = json.loads((out / "run_config.json").read_text())["data_sha256"]
     assert sorted(digest) == ["train", "validation", "vocabulary"]
+    # the same files named another way (relative to another directory): compared by their text, not the paths
+    same = (str(tmp_path / "." / "train.txt"), str(Path(corpus[1]).parent / ".." / Path(corpus[1]).parent.name /
+                                                    Path(corpus[1]).name))  # fmt: skip
+    with pytest.raises(ValueError, match=r"the run in .* is complete"):  # (checked after the config: it matched)
+        run(out, same, "--method", "sltrain", "--save-every", "3", "--resume")
     shutil.rmtree(out / "checkpoints" / "step_000006")  # killed after step 3
     shutil.rmtree(out / "final")
     (out / "summary.json").unlink()
@@ -1614,3 +1619,13 @@ def test_gradients_are_synchronised_at_the_last_micro_batch_only(tmp_path, corpu
     )
     run(tmp_path, corpus, "--method", "sltrain", "--max-steps", "2", "--global-batch", "12", "--micro-batch", "4")
     assert events == ["no_sync", "backward", "no_sync", "backward", "backward"] * 2  # 3 micro-batches a step
+
+
+def test_the_run_says_what_it_does_before_the_first_step(tmp_path, corpus, capsys):
+    """The seconds before the progress bar (data, tokenizer, numba's kernels) are announced, and an --eval-blocks
+    beyond the validation text says that all of it is scored."""
+    run(tmp_path, corpus, "--method", "sltrain", "--max-steps", "2", "--warmup-steps", "0", "--eval-blocks", "100000")
+    out = capsys.readouterr().out
+    assert "pretrain.py: reading the data and training its tokenizer (cached by content), tokenising it" in out
+    assert re.search(r"the validation text has \d+ sequences of 32 tokens, fewer than --eval-blocks 100,000: all", out)
+
