@@ -142,6 +142,14 @@ def _checkpoints(root: Path) -> dict[int, Path]:
     return dict(sorted(steps.items()))
 
 
+def prune_checkpoints(root: Path, keep: int) -> list[Path]:
+    """Delete all but the `keep` newest complete checkpoints in `root`; returns what was deleted."""
+    older = list(_checkpoints(Path(root)).values())[:-keep] if keep > 0 else []
+    for path in older:
+        shutil.rmtree(path)
+    return older
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
     """The newest complete checkpoint in `out_dir/checkpoints`."""
     steps = _checkpoints(Path(out_dir) / "checkpoints")

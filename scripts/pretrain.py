@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-blocks", type=int, default=256, help="validation sequences per evaluation (default: %(default)s)"
     )
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps and at the end (0: never)")
+    p.add_argument(
+        "--keep-last", type=int, default=0,
+        help="keep only the N newest checkpoints, deleting older ones once a newer one is saved (0, the default: all)",
+    )  # fmt: skip
     p.add_argument("--out-dir", required=True)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
     p.add_argument("--overwrite", action="store_true", help="delete an earlier run in --out-dir and start over")
@@ -224,7 +228,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
             raise ValueError(f"`--{name.replace('_', '-')}` must be positive, got {getattr(args, name)}.")
     if args.seq_len < 2:
         raise ValueError(f"`--seq-len` must be at least 2 (n tokens give n - 1 targets), got {args.seq_len}.")
-    for name in ("weight_decay", "grad_clip", "save_every"):
+    for name in ("weight_decay", "grad_clip", "save_every", "keep_last"):
         if getattr(args, name) < 0:
             raise ValueError(f"`--{name.replace('_', '-')}` must be 0 or more, got {getattr(args, name)}.")
     if not 0 <= args.seed < 2**32:  # (the data order seeds `seed * 100_003 + epoch`, which must fit in 64 bits)
@@ -896,6 +900,8 @@ def main(argv: list[str] | None = None) -> dict:
             checkpointing.save_checkpoint(
                 out / "checkpoints" / f"{checkpointing.CHECKPOINT_PREFIX}{step:06d}", model_state, state
             )
+            if args.keep_last:  # only now that a newer one is whole
+                checkpointing.prune_checkpoints(out / "checkpoints", args.keep_last)
         accelerator.wait_for_everyone()
 
     # numba compiles its kernels on first use (or loads them from its disk cache): now, not in the first (timed) step

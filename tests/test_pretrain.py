@@ -1629,3 +1629,14 @@ def test_the_run_says_what_it_does_before_the_first_step(tmp_path, corpus, capsy
     assert "pretrain.py: reading the data and training its tokenizer (cached by content), tokenising it" in out
     assert re.search(r"the validation text has \d+ sequences of 32 tokens, fewer than --eval-blocks 100,000: all", out)
 
+
+def test_keep_last_deletes_older_checkpoints_only_after_a_newer_one_is_saved(tmp_path, corpus):
+    """`--keep-last 2`: the two newest checkpoints stay (the resume point among them); a resume keeps pruning."""
+    flags = ("--method", "full", "--max-steps", "6", "--save-every", "1", "--keep-last", "2")
+    run(tmp_path, corpus, *flags)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000005", "step_000006"]
+    killed = killed_after(tmp_path, tmp_path / "killed", 5)  # its step_000005 only
+    run(killed, corpus, *flags, "--resume")
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step_000005", "step_000006"]
+    with pytest.raises(ValueError, match="`--keep-last` must be 0 or more, got -1"):
+        run(tmp_path / "bad", corpus, "--keep-last", "-1")
