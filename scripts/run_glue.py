@@ -122,6 +122,9 @@ QUANTIZE, HEADS = model_card.QUANTIZE, model_card.UNQUANTIZED_HEADS  # --quantiz
 # TrainingArguments that the preset fills when they are not given on the command line, and all it fills
 PRESET_TRAINING_FIELDS = {"learning_rate", "num_train_epochs", "per_device_train_batch_size"}
 PRESET_FIELDS = PRESET_TRAINING_FIELDS | {"rank", "sparsity", "alpha", "max_seq_length"}
+# the adapter flags each method ignores
+METHOD_IGNORES = {"full": ("rank", "sparsity", "alpha", "lora_dropout", "target_modules"), "lora": ("sparsity",),
+                  "sltrain": ("lora_dropout",)}  # fmt: skip
 
 
 # -------------------------------------------------------------------------------------------------------- arguments
@@ -213,6 +216,11 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Training
         raise ValueError("`--output_dir` is required: the adapter (or model), its card and summary.json go there.")
     if namespace["method"] not in METHODS:
         raise ValueError(f"Unknown `--method` {namespace['method']!r}; choose one of {list(METHODS)}.")
+    unused = METHOD_IGNORES[namespace["method"]]  # given, it would be recorded in the card but change nothing
+    flags = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    passed = [f"--{key}" for key in unused if f"--{key}" in flags]
+    if passed:
+        raise ValueError(f"`--method {namespace['method']}` does not use {', '.join(passed)}.")
     preset = PRESETS[task.name]
     from_preset = {
         "learning_rate": preset.lr_full if namespace["method"] == "full" else preset.lr_adapter,

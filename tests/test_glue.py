@@ -603,9 +603,11 @@ def test_presets_fill_what_the_command_line_leaves_unset(task):
     assert data_args.max_seq_length == preset.max_seq_length and model_args.target_modules == ["query", "value"]
     assert model_args.model_name_or_path == "roberta-base"
 
-    argv = ["--task_name", task, "--output_dir", "x", "--method", "full", "--num-train-epochs", "3", "--rank", "4"]
+    argv = ["--task_name", task, "--output_dir", "x", "--method", "full", "--num-train-epochs", "3"]
     model_args, _, training_args = run_glue.parse_args(argv)
-    assert (training_args.learning_rate, training_args.num_train_epochs, model_args.rank) == (preset.lr_full, 3, 4)
+    assert (training_args.learning_rate, training_args.num_train_epochs) == (preset.lr_full, 3)
+    argv = ["--task_name", task, "--output_dir", "x", "--method", "lora", "--rank", "4"]
+    assert run_glue.parse_args(argv)[0].rank == 4
 
 
 @pytest.mark.parametrize(
@@ -622,7 +624,7 @@ def test_presets_fill_what_the_command_line_leaves_unset(task):
         (["--per_device_eval_batch_size", "0"], "`--per_device_eval_batch_size` must be positive"),
         (["--max_seq_length", "0"], "`--max_seq_length` must be positive"),
         (["--max_seq_length", "100"], "exceeds the tokenizer's model_max_length 32"),
-        (["--lora_dropout", "1"], r"`--lora_dropout` must be in \[0, 1\)"),
+        (["--method", "lora", "--lora_dropout", "1"], r"`--lora_dropout` must be in \[0, 1\)"),
         (["--validation_file", "missing.csv"], "`--validation_file` 'missing.csv' does not exist"),
         (["--validation_mismatched_file", "x.csv"], "MNLI only"),
         (["--quantize", "3bit"], r"`--quantize` must be one of \['4bit', '8bit'\], got '3bit'"),
@@ -635,6 +637,9 @@ def test_presets_fill_what_the_command_line_leaves_unset(task):
         (["--max_steps", "-3"], r"`--max_steps` must be positive, or -1 .*; got -3"),
         (["--gradient_accumulation_steps", "0"], "`--gradient_accumulation_steps` must be at least 1, got 0"),
         (["--seed", "-1"], r"`--seed` must be in \[0, 2\*\*32\), got -1"),
+        (["--method", "full", "--rank", "4", "--lora_dropout=0.1"], r"`--method full` does not use --rank, --lora_"),
+        (["--method", "lora", "--sparsity", "0.1"], r"`--method lora` does not use --sparsity\."),
+        (["--lora_dropout", "0.1"], r"`--method sltrain` does not use --lora_dropout\."),
     ],
 )
 def test_bad_settings_fail_before_training(tmp_path, tiny_model, data, extra, message):
