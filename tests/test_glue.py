@@ -1376,3 +1376,56 @@ def test_the_card_names_local_data_after_the_train_file():
              "data/pretrain.csv": "pretrain", "data/constrain.jsonl": "constrain"}  # fmt: skip
     for path, name in names.items():
         assert run_glue.card_dataset_id(run_glue.DataArguments(task_name="sst2", train_file=path)) == name, path
+
+
+def test_a_local_base_is_recorded_by_its_resolved_path(tmp_path, tiny_model, monkeypatch):
+    """Kills G46 (the base recorded as typed): a checkpoint records a local base by its absolute path, so that a
+    resume names the same directory however it is spelled, and a relative path from another directory (another
+    model under the same name) is told apart."""
+    import types
+
+    shutil.copytree(tiny_model, tmp_path / "models" / "tiny")
+    monkeypatch.chdir(tmp_path)
+    optimizer = types.SimpleNamespace(
+        learning_rate=1e-3,
+        weight_decay=0.0,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=1,
+        num_train_epochs=3.0,
+        max_steps=-1,
+        seed=42,
+    )
+    recorded = run_glue.base_settings(run_glue.ModelArguments(model_name_or_path="models/tiny"), optimizer)
+    assert recorded["model_name_or_path"] == str((tmp_path / "models" / "tiny").resolve())
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-4" / run_glue.BASE_SETTINGS_FILE).write_text(json.dumps(recorded))
+    absolute = run_glue.ModelArguments(model_name_or_path=str(tmp_path / "models" / "tiny"))
+    run_glue.check_resumed_base_settings(tmp_path / "checkpoint-4", run_glue.base_settings(absolute, optimizer))
+
+
+def test_gzipped_data_files_are_read_by_their_inner_extension(tmp_path):
+    """Kills G45 (only the last suffix read): the README's `--train_file train.csv.gz` is CSV, `.jsonl.gz` JSON lines;
+    no test used a compressed file, so refusing them ('got .gz') went unnoticed."""
+    import gzip
+
+    assert [run_glue.file_format(p) for p in ("train.csv.gz", "dev.jsonl.gz", "x.json.GZ")] == ["csv", "json", "json"]
+    with gzip.open(tmp_path / "train.csv.gz", "wt") as handle:
+        handle.write("sentence,label\ngood movie,1\ndull plot,0\n")
+    rows = run_glue.load_data_file("train_file", str(tmp_path / "train.csv.gz"), str(tmp_path / "cache"))
+    assert rows["label"] == [1, 0] and rows["sentence"] == ["good movie", "dull plot"]
+
+
+def test_max_seq_length_may_equal_the_tokenizers_model_max_length(tmp_path, tiny_model, data):
+    """Kills G47 (`>=`): the limit is inclusive; roberta-base's preset (512 = its model_max_length) relies on it."""
+    summary = run(
+        tmp_path,
+        tiny_model,
+        "sst2",
+        data["single_train"],
+        data["single_validation"],
+        "--max_seq_length",
+        "32",
+        "--max_steps",
+        "1",
+    )  # fmt: skip  (the tiny tokenizer's model_max_length)
+    assert summary["hyperparameters"]["max_seq_length"] == 32

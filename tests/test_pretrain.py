@@ -1640,3 +1640,15 @@ def test_keep_last_deletes_older_checkpoints_only_after_a_newer_one_is_saved(tmp
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step_000005", "step_000006"]
     with pytest.raises(ValueError, match="`--keep-last` must be 0 or more, got -1"):
         run(tmp_path / "bad", corpus, "--keep-last", "-1")
+
+
+def test_a_resumed_runs_checkpoints_keep_the_whole_training_time(tmp_path, corpus):
+    """Kills P81 (a checkpoint's train_seconds = this command's time only): a run resumed twice would report the
+    time of its last command alone, and tokens/s for all its tokens over it."""
+    extra = ["--method", "sltrain", "--save-every", "3"]
+    run(tmp_path / "full", corpus, *extra)
+    killed = killed_after(tmp_path / "full", tmp_path / "killed", 3)
+    earlier = checkpointing.load_checkpoint(killed / "checkpoints" / "step_000003")[1]["train_seconds"]
+    summary = run(killed, corpus, *extra, "--resume")
+    state = checkpointing.load_checkpoint(killed / "checkpoints" / "step_000006")[1]
+    assert 0 < earlier < state["train_seconds"] == pytest.approx(summary["train_seconds"])
