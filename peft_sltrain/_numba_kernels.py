@@ -9,7 +9,7 @@ the helpers that load and store blocks of tokens pick their code from the array 
 (`overload`), so bf16, passed as its uint16 bits, computes in fp32 buffers.
 
 Each kernel is compiled (or loaded) for its explicit signatures, all of them, in a fixed order, when this module is
-imported: about 30 s the first time, well under a second from the cache. Compiled lazily, one signature at a time,
+imported: about 25 s the first time, well under a second from the cache. Compiled lazily, one signature at a time,
 two processes compiling different dtypes at once could number their cache entries alike and leave an index that
 maps one dtype's signature to another's code (numba's index and data files are written separately); in a fixed
 order every process numbers every signature alike.

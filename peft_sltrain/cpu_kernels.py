@@ -26,10 +26,11 @@ likely because the compiler can then no longer assume that they alias nothing. P
 Deterministic: tokens are split over threads in fixed contiguous ranges and the partial sums of dS added in thread
 order, so the same thread count gives the same bits (x S^T and dY S do not depend on it at all); dS's last bits also
 depend on whether dY S is computed in the same pass (its loop pairs nonzeros, the dS-only loop does not). The kernels
-(in `_numba_kernels`) compile on first use, for fp32, fp64 and bf16 at once (about 30 s), and numba keeps them on disk:
+(in `_numba_kernels`) compile on first use, for fp32, fp64 and bf16 at once (about 25 s), and numba keeps them on disk:
 a later process loads them in well under a second, and numba and its compiler then add about 100 MiB to the process's
-RSS instead of about 240 MiB. With numba's GNU OpenMP threading layer, a process forked after its parent ran them must
-not run them itself (DataLoader workers do not; torchrun starts fresh processes).
+RSS instead of about 240 MiB (`benchmarks/results/numba_cache_cpu.json`). With numba's GNU OpenMP threading layer, a
+process forked after its parent ran them must not run them itself (DataLoader workers do not; torchrun starts fresh
+processes).
 
 Timings in this module's comments without a results file named are development measurements (this project's 2-core
 CPU, fp32, 2 threads, 2048 tokens unless they say otherwise), not kept; `benchmarks/results/` holds the kept ones.
@@ -142,7 +143,7 @@ def sparse_grads(
 
 
 def warm_up(dtypes=DTYPES) -> list[torch.dtype]:
-    """Gets the kernels ready now (compiled, about 30 s for all dtypes, or loaded from numba's on-disk cache after the
+    """Gets the kernels ready now (compiled, about 25 s for all dtypes, or loaded from numba's on-disk cache after the
     first process) and runs them for `dtypes` on a 2 x 2 problem, so that this does not land in the first training
     step and its timing. Skips a dtype the kernels do not run (numba missing or unusable: the factored path then
     uses PyTorch's kernels); returns the others."""

@@ -909,7 +909,7 @@ def main(argv: list[str] | None = None) -> dict:
     sltrain_layers = [m for m in model.modules() if isinstance(m, peft_sltrain.SLTrainLayer)]
     if accelerator.device.type == "cpu" and any(c != "dense" for m in sltrain_layers for c in m.compute.values()):
         if accelerator.is_main_process and peft_sltrain.cpu_kernels.AVAILABLE:
-            print("pretrain.py: getting numba's CPU kernels ready (about 30 s the first time, then loaded from "
+            print("pretrain.py: getting numba's CPU kernels ready (about 25 s the first time, then loaded from "
                   "numba's disk cache)", flush=True)  # fmt: skip
         t0 = time.perf_counter()
         if peft_sltrain.cpu_kernels.warm_up([torch.bfloat16 if args.dtype == "bf16" else torch.float32]):
