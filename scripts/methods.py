@@ -364,12 +364,15 @@ register(
 
 # --------------------------------------------------------------------------------------------------- galore, fira
 def _projected_groups(model: nn.Module, hyper: Hyper, scale_key: str) -> list[dict]:
-    """Two parameter groups: the projection weights (with the low-rank gradient settings) and everything else."""
+    """Two parameter groups: the projection weights (with the low-rank gradient settings) and everything else.
+    Defaults: GaLore's pretraining scripts (scale 0.25; the projector renewed every 200 steps up to 1B, every 500 at
+    7B, whose hidden size is 4096)."""
     projections = [m.weight for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in LLAMA_PROJECTIONS]
     ids = {id(p) for p in projections}
+    gap = int(hyper.extra.get("update_proj_gap", 500 if model.config.hidden_size >= 4096 else 200))
     return [
         {"params": [p for p in model.parameters() if id(p) not in ids]},
-        {"params": projections, "rank": hyper.rank, "update_proj_gap": int(hyper.extra.get("update_proj_gap", 200)),
+        {"params": projections, "rank": hyper.rank, "update_proj_gap": gap,
          scale_key: float(hyper.extra.get("scale", 0.25)), "proj_type": "std"},
     ]  # fmt: skip
 

@@ -1580,6 +1580,22 @@ def test_galore_and_fira_defaults_are_the_papers(method, scale_key):
     assert {(p.rank, p.update_proj_gap, getattr(p, scale_key)) for p in projectors} == {(4, 200, 0.25)}
 
 
+def test_galore_renews_its_projector_every_500_steps_at_7b_width():
+    """GaLore's 7B scripts renew the projector every 500 steps (200 up to 1B); `--method-arg` still decides."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from methods import _projected_groups
+
+    config = micro_config()
+    config.hidden_size, config.num_attention_heads = 4096, 32
+    with init_empty_weights():  # no memory: only the modules and the config are read
+        model = AutoModelForCausalLM.from_config(config)
+    assert _projected_groups(model, Hyper(rank=4), "scale")[1]["update_proj_gap"] == 500
+    given = Hyper(rank=4, extra={"update_proj_gap": 7})
+    assert _projected_groups(model, given, "scale")[1]["update_proj_gap"] == 7
+
+
 def test_lowrank_factors_start_as_nn_linears_kaiming_uniform():
     """Kills M04 (B's bound 1/sqrt(d_out) instead of 1/sqrt(r)): both factors are drawn as `nn.Linear` would draw
     an (r, d_in) and a (d_out, r) weight, the reference low-rank baseline's init."""
