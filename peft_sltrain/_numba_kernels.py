@@ -1,46 +1,74 @@
 """The numba kernels behind `cpu_kernels` (whose docstring explains them), imported on their first use: this module
 imports numba, which the package does not.
 
-Every kernel is a module-level function, so numba keeps what it compiles on disk (`cache=True`: next to this file,
-else in its user-wide cache directory, or in `NUMBA_CACHE_DIR`) and a later process loads it instead of compiling
-again. numba keys that cache on this file (its path, size and modification time) and the kernels' types: the
-constants below live here so that changing one invalidates it. One function per kernel serves fp32, fp64 and bf16:
-the helpers that load and store blocks of tokens pick their code from the array types when numba compiles them
-(`overload`), so bf16, passed as its uint16 bits, computes in fp32 buffers.
+Every kernel is a module-level function, so numba keeps what it compiles on disk (`cache=True`: in `__pycache__`
+next to this file, else in its user-wide cache directory, or in `NUMBA_CACHE_DIR`) and a later process loads it
+instead of compiling again. numba names a function's cache files after its qualified name, and here that name
+carries a hash of what decides the compiled code: this file's and `cpu_kernels.py`'s bytes (the constants), the
+numba version and the CPU (triple, name, features). Each version of the kernels, of numba or of the CPU thus has
+files of its own: numba's own key (the file's modification time and size) would reuse the numbered data files of an
+earlier version, which a process starting while another rewrites them could load, stale, without an error.
 
-Each kernel is compiled (or loaded) for its explicit signatures, all of them, in a fixed order, when this module is
-imported: about 25 s the first time, well under a second from the cache. Compiled lazily, one signature at a time,
-two processes compiling different dtypes at once could number their cache entries alike and leave an index that
-maps one dtype's signature to another's code (numba's index and data files are written separately); in a fixed
-order every process numbers every signature alike.
+One function per kernel serves fp32, fp64 and bf16: the helpers that load and store blocks of tokens pick their code
+from the array types when numba compiles them (`overload`), so bf16, passed as its uint16 bits, computes in fp32
+buffers. Each kernel is compiled (or loaded) for its explicit signatures, all three dtypes, in a fixed order, when
+this module is imported: about 25 s the first time, 0.5 s from the cache (and 25 s in every process where numba has
+no writable cache directory). In a fixed order, processes that compile at once number the cache entries alike.
 """
 
 from __future__ import annotations
 
+import hashlib
+import traceback
+import warnings
+from pathlib import Path
+
+import llvmlite.binding
+import numba
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-# tokens per block: 64 fp32 numbers are four AVX-512 vectors per fused multiply-add; 16 and 32 ran 1.5-3x slower
-# (each (nonzero, block) pair pays a fixed loop overhead), 128 no faster
-TOKEN_BLOCK = 64
-# reassociation lets the sums vectorise; no `nnan`/`ninf`, so NaN and inf propagate as in PyTorch
-FASTMATH = {"reassoc", "contract"}
-# the block transposes move TILE x TILE numbers at a time: 4 and 16 ran up to 10% slower kernels than 8
-TILE = 8
+from .cpu_kernels import FASTMATH, TILE, TOKEN_BLOCK
+
+
+def _version_key() -> str:
+    """A hash of what decides the compiled code besides the signatures (see the module docstring)."""
+    digest = hashlib.sha256()
+    for source in (Path(__file__), Path(__file__).with_name("cpu_kernels.py")):
+        digest.update(source.read_bytes())
+    cpu = (
+        llvmlite.binding.get_process_triple(),
+        llvmlite.binding.get_host_cpu_name(),
+        llvmlite.binding.get_host_cpu_features().flatten(),
+        numba.config.CPU_NAME,
+        numba.config.CPU_FEATURES,
+    )
+    digest.update(repr((numba.__version__, cpu)).encode())
+    return digest.hexdigest()[:16]
+
+
+_VERSION_KEY = _version_key()
 
 
 def _cached_njit(signatures, **options):
-    """numba's `njit` for `signatures`, with its on-disk cache where numba finds a writable place for it, else
-    without."""
+    """numba's `njit` for `signatures`, with its on-disk cache under a name that carries `_VERSION_KEY`; without the
+    cache where numba finds no writable place for it, or cannot save into it (a full disk: warned)."""
 
     def decorate(fn):
+        fn.__qualname__ = f"{fn.__qualname__}_{_VERSION_KEY}"  # what numba names the cache files after
         try:
             return njit(signatures, cache=True, **options)(fn)
         except RuntimeError as e:  # "cannot cache function ...: no locator available": compile per process
             if "no locator available" not in str(e):
                 raise
-            return njit(signatures, cache=False, **options)(fn)
+        except OSError as e:  # raised while saving (reading errors go to `cpu_kernels._kernels`, which names them)
+            frames = [frame.f_code.co_name for frame, _ in traceback.walk_tb(e.__traceback__)]
+            if not any(name.startswith("save") or name.startswith("_save") for name in frames):
+                raise
+            warnings.warn(f"numba could not save the compiled `{fn.__name__}` kernel to its cache ({e}); compiling "
+                          "it without the cache.", RuntimeWarning, stacklevel=2)  # fmt: skip
+        return njit(signatures, cache=False, **options)(fn)
 
     return decorate
 

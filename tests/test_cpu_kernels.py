@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,7 +194,7 @@ def test_the_kernels_follow_torch_set_num_threads(monkeypatch):
     x, dy, values, indices, S = sparse_problem()
     used, set_num_threads = [], numba.set_num_threads
     monkeypatch.setattr(numba, "set_num_threads", lambda n: (used.append(n), set_num_threads(n))[1])
-    threads, block = torch.get_num_threads(), cpu_kernels._kernels().TOKEN_BLOCK
+    threads, block = torch.get_num_threads(), cpu_kernels.TOKEN_BLOCK
     try:
         torch.set_num_threads(1)
         assert cpu_kernels._threads() == 1
@@ -388,7 +389,8 @@ def test_a_later_process_loads_the_kernels_from_numbas_disk_cache(tmp_path):
     assert lines[:3] == [["row_starts", "0", "1"], ["forward", "0", "3"], ["backward", "0", "3"]]  # compiled
     assert lines[4:7] == [["row_starts", "1", "0"], ["forward", "3", "0"], ["backward", "3", "0"]]  # loaded
     assert lines[3][0] == "bits" and lines[3] == lines[7]
-    index = next(tmp_path.rglob("_numba_kernels.forward-*.nbi"))
+    index = next(tmp_path.rglob("_numba_kernels.forward_*.nbi"))
+    assert index.name.startswith(f"_numba_kernels.forward_{cpu_kernels._kernels()._VERSION_KEY}-")
     index.write_bytes(index.read_bytes()[:20])
     damaged = run()
     assert damaged.returncode != 0
@@ -409,6 +411,46 @@ def test_the_kernels_compile_without_a_disk_cache_where_numba_has_none(monkeypat
 
     kernel = _numba_kernels._cached_njit(["int64(int64)"])(twice)
     assert kernel(21) == 42 and kernel.stats.cache_path is None
+
+
+def test_the_cache_is_keyed_on_the_sources_numba_and_the_cpu(monkeypatch):
+    """numba keys its cache on a file's modification time and size only: the kernels' cache files are named after a
+    hash of both sources' bytes, numba's version and the CPU, so that no version ever loads another's code."""
+    numba = pytest.importorskip("numba")
+    kernels = cpu_kernels._kernels()
+    assert kernels._version_key() == kernels._VERSION_KEY
+    monkeypatch.setattr(numba, "__version__", "0.0.0")
+    assert kernels._version_key() != kernels._VERSION_KEY
+    monkeypatch.undo()
+    monkeypatch.setattr(numba.config, "CPU_NAME", "another-cpu")
+    assert kernels._version_key() != kernels._VERSION_KEY
+    monkeypatch.undo()
+    read_bytes = Path.read_bytes
+    monkeypatch.setattr(
+        Path, "read_bytes", lambda path: read_bytes(path) + (b"#" if path.name == "cpu_kernels.py" else b"")
+    )
+    assert kernels._version_key() != kernels._VERSION_KEY
+
+
+def test_a_cache_that_cannot_be_saved_is_warned_about_and_the_kernel_still_compiles(monkeypatch):
+    """A full disk while numba saves: a warning, and the kernel compiled without its cache (not an import error)."""
+    from numba.core import caching
+
+    from peft_sltrain import _numba_kernels
+
+    def full(self, overloads):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(caching.IndexDataCacheFile, "_save_index", full)
+
+    def thrice(a):
+        return 3 * a
+
+    with pytest.warns(
+        RuntimeWarning, match="could not save the compiled `thrice` kernel to its cache .*No space left"
+    ):
+        kernel = _numba_kernels._cached_njit(["int64(int64)"])(thrice)
+    assert kernel(14) == 42 and kernel.stats.cache_path is None
 
 
 def test_warm_up_skips_what_the_kernels_do_not_run(monkeypatch):
