@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -103,6 +104,8 @@ def run(name: str, args: list[str], runs: Path, model: str, data: Path) -> dict:
     log_path = Path(f"{out}.log")
     print(f"== {name}: {' '.join(args)} (log: {log_path})", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if "--merge_to" in args:  # this run's own earlier export (run_glue.py never writes over a model there)
+        shutil.rmtree(args[args.index("--merge_to") + 1], ignore_errors=True)
     with open(log_path, "w") as log:  # runs go side by side: keep their outputs apart
         returncode = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     if returncode != 0:

@@ -120,14 +120,17 @@ def load_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
         meta = json.loads((directory / name).read_text())
         name = "state.safetensors"
         state = unflatten(meta, load_file(directory / name))
-    except Exception as error:  # safetensors' own error types, OSError, JSONDecodeError, a missing key
+    except MemoryError:
+        raise
+    except Exception as error:  # safetensors' own error types, a missing file, JSONDecodeError, a missing key
+        reason = f"{type(error).__name__}: {error}"
+        if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):  # permissions, I/O: not its bytes
+            raise ValueError(f"Checkpoint {directory}: {name} cannot be read ({reason}).") from None
         steps = _checkpoints(directory.parent)
         this = next((step for step, path in steps.items() if path.name == directory.name), None)
         earlier = [path for step, path in steps.items() if this is not None and step < this]
         advice = f"delete it to resume from {earlier[-1].name}" if earlier else "no earlier checkpoint is left"
-        raise ValueError(
-            f"Checkpoint {directory} is damaged: {name} cannot be read ({type(error).__name__}: {error}); {advice}."
-        ) from None
+        raise ValueError(f"Checkpoint {directory} is damaged: {name} cannot be read ({reason}); {advice}.") from None
     return model_state, state
 
 
@@ -145,8 +148,10 @@ def _checkpoints(root: Path) -> dict[int, Path]:
 def prune_checkpoints(root: Path, keep: int) -> list[Path]:
     """Delete all but the `keep` newest complete checkpoints in `root`; returns what was deleted."""
     older = list(_checkpoints(Path(root)).values())[:-keep] if keep > 0 else []
-    for path in older:
-        shutil.rmtree(path)
+    for path in older:  # renamed first: a kill mid-delete leaves a temporary (deleted later), not a partial step_N
+        doomed = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        os.replace(path, doomed)
+        shutil.rmtree(doomed)
     return older
 
 

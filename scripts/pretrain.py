@@ -231,6 +231,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("weight_decay", "grad_clip", "save_every", "keep_last"):
         if getattr(args, name) < 0:
             raise ValueError(f"`--{name.replace('_', '-')}` must be 0 or more, got {getattr(args, name)}.")
+    if args.keep_last and not args.save_every:
+        raise ValueError(f"`--keep-last {args.keep_last}` keeps checkpoints; without `--save-every` none is saved.")
     if not 0 <= args.seed < 2**32:  # (the data order seeds `seed * 100_003 + epoch`, which must fit in 64 bits)
         raise ValueError(f"`--seed` must be in [0, 2**32), got {args.seed}.")
     if not 0 <= args.min_lr_ratio <= 1:
@@ -411,9 +413,11 @@ def check_out_dir(args: argparse.Namespace, config: dict) -> Path | None:
         # flag; the vocabulary itself is compared with the data)
         keys -= {k for k in PRESET_SLTRAIN_KEYS if config.get(k) is None} | ({"eval_blocks"} - set(saved))
         keys -= {"vocab_size"} if config["tokenizer"] != "train" else set()
-        # the data files by the digest of their text (`check_same_data`), not by the paths as typed: the same files
-        # named from another working directory, or absolutely, resume
-        keys -= {"train_files", "validation_files"} if saved.get("data_sha256") else set()
+        # the data files (and a given tokenizer) by the digest of their text and vocabulary (`check_same_data`), not
+        # by the paths as typed: the same files named from another working directory, or absolutely, resume
+        if saved.get("data_sha256"):
+            keys -= {"train_files", "validation_files"}
+            keys -= {"tokenizer"} if "train" not in (saved.get("tokenizer"), config["tokenizer"]) else set()
         differ = sorted(k for k in keys if saved.get(k) != config.get(k))
         if differ:
             detail = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {config.get(k)!r}" for k in differ[:4])

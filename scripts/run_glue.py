@@ -488,9 +488,17 @@ def base_settings(model_args: ModelArguments, training_args: TrainingArguments) 
 OPTIMIZER_SETTINGS = ("learning_rate", "weight_decay")
 # what sets the batches and the learning-rate schedule: changed on a resume, the run would be a mixture of two
 SCHEDULE_SETTINGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps",
-                     "seed")  # fmt: skip
+                     "seed", "world_size")  # fmt: skip
 SETTING_FLAGS = {"quantize": "--quantize", "learning_rate": "--learning_rate", "weight_decay": "--weight_decay",
-                 "model_name_or_path": "--model_name_or_path", **{k: f"--{k}" for k in SCHEDULE_SETTINGS}}  # fmt: skip
+                 "model_name_or_path": "--model_name_or_path",
+                 **{k: f"--{k}" for k in SCHEDULE_SETTINGS if k != "world_size"}}  # fmt: skip
+
+
+def shown_setting(key: str, value) -> str:
+    """A recorded setting as a command gives it: its flag, or the number of processes."""
+    if key == "world_size":
+        return f"{value} process{'es' if value != 1 else ''}"
+    return f"`{SETTING_FLAGS[key]} {value}`"
 
 
 def check_resume_config(checkpoint: Path, model_args: ModelArguments, training_args: TrainingArguments) -> None:
@@ -537,13 +545,17 @@ def check_resumed_base_settings(checkpoint: Path, now: dict) -> None:
     older checkpoint, fewer keys in some: not checked)."""
     base_file = checkpoint / BASE_SETTINGS_FILE
     recorded = json.loads(base_file.read_text()) if base_file.is_file() else {}
-    differ = [key for key in SETTING_FLAGS if key in recorded and recorded[key] != now[key]]
+    differ = [key for key in (*SETTING_FLAGS, "world_size") if key in recorded and recorded[key] != now[key]]
+    if recorded.get("max_steps", -1) > 0 and now["max_steps"] > 0 and "num_train_epochs" in differ:
+        differ.remove("num_train_epochs")  # `--max_steps` sets the schedule; the epochs are not read
     if differ:
-        key = differ[0]
-        why = " (the Trainer would restore the checkpoint's optimizer settings)" if key in OPTIMIZER_SETTINGS else ""
+        given = ", ".join(shown_setting(k, recorded[k]) for k in differ)
+        now_given = ", ".join(shown_setting(k, now[k]) for k in differ)
+        restored = set(differ) & set(OPTIMIZER_SETTINGS)
+        why = " (the Trainer would restore the checkpoint's optimizer settings)" if restored else ""
         raise ValueError(
-            f"`--resume_from_checkpoint` {str(checkpoint)!r} was trained with `{SETTING_FLAGS[key]} {recorded[key]}`, "
-            f"and this run gives `{SETTING_FLAGS[key]} {now[key]}`; resume with the same{why}, or start a new run."
+            f"`--resume_from_checkpoint` {str(checkpoint)!r} was trained with {given}, and this run gives "
+            f"{now_given}; resume with the same{why}, or start a new run."
         )
 
 
@@ -1031,7 +1043,7 @@ def export_merged(model, tokenizer, dataset, collator, model_args: ModelArgument
     rows = dataset.select(range(min(check_rows, len(dataset))))
     expected = predict_logits(model, rows, collator, batch_size=32)
     dense = model.merge_and_unload() if isinstance(model, PeftModel) else model
-    target = Path(model_args.merge_to)
+    target = Path(model_args.merge_to).resolve()  # (`.` has no name to put beside a temporary one)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

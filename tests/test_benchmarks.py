@@ -330,6 +330,18 @@ def test_glue_bench_reuses_only_a_run_with_the_same_command(tmp_path, monkeypatc
     assert not glue_bench.run("lora", other_lr, tmp_path, "MODEL", tmp_path / "other")["reused"] and len(calls) == 3
 
 
+def test_glue_bench_reruns_its_merged_export_afresh(tmp_path, monkeypatch):
+    """run_glue.py never writes `--merge_to` over a model: a rerun of the sltrain run deletes its earlier export."""
+    calls = []
+    monkeypatch.setattr(glue_bench, "subprocess", fake_run_glue(calls))
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "model.safetensors").write_text("an earlier export")
+    args = [*glue_bench.FINAL["sltrain"][: glue_bench.FINAL["sltrain"].index("--merge_to")], "--merge_to", str(merged)]
+    glue_bench.run("sltrain", args, tmp_path, "MODEL", tmp_path / "data")
+    assert len(calls) == 1 and not merged.exists()
+
+
 @pytest.fixture
 def rotten_tomatoes(tmp_path) -> Path:
     for name in (glue_bench.TRAIN_FILE, glue_bench.VALIDATION_FILE):

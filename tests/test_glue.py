@@ -928,7 +928,7 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path, tiny_model, data, of
     assert recorded == {"quantize": quantize, "learning_rate": 4e-4, "weight_decay": 0.0,
                         "model_name_or_path": str(Path(tiny_model).resolve()), "per_device_train_batch_size": 8,
                         "gradient_accumulation_steps": 1, "num_train_epochs": 2.0, "max_steps": -1,
-                        "seed": 42}  # fmt: skip
+                        "seed": 42, "world_size": 1}  # fmt: skip
 
     steps.clear()
     summary = run(tmp_path, tiny_model, *args, "--resume_from_checkpoint", str(out / "checkpoint-4"))
@@ -994,8 +994,27 @@ def test_resume_refuses_other_settings(tmp_path, method, extra, message):
         ({"max_steps": -1}, ["--max_steps", "10"], "`--max_steps -1`, and this run gives `--max_steps 10`"),
         ({"gradient_accumulation_steps": 1}, ["--gradient_accumulation_steps", "2"], "accumulation_steps 1`, and"),
         ({"seed": 42}, ["--seed", "1"], "`--seed 42`, and this run gives `--seed 1`"),
+        ({"world_size": 2}, [], "trained with 2 processes, and this run gives 1 process;"),
+        (
+            {"seed": 1, "learning_rate": 0.1},
+            [],
+            r"with `--learning_rate 0.1`, `--seed 1`, and this run gives `--learning_rate 0.0004`, "
+            r"`--seed 42`; resume with the same \(the Trainer would restore",
+        ),
     ],
-    ids=["quantize", "learning_rate", "weight_decay", "base", "batch", "epochs", "max_steps", "accumulation", "seed"],
+    ids=[
+        "quantize",
+        "learning_rate",
+        "weight_decay",
+        "base",
+        "batch",
+        "epochs",
+        "max_steps",
+        "accumulation",
+        "seed",
+        "processes",
+        "two",
+    ],
 )
 def test_resume_refuses_another_base_or_optimizer_setting(tmp_path, recorded, now, message):
     """What the adapter's config does not hold: the base and the optimizer's settings, which the Trainer would restore
@@ -1014,6 +1033,18 @@ def test_resume_refuses_another_base_or_optimizer_setting(tmp_path, recorded, no
         run_glue.parse_args([*argv, *now])
     (checkpoint / run_glue.BASE_SETTINGS_FILE).unlink()  # an older checkpoint: unknown, so either is taken
     run_glue.parse_args([*argv, *now])
+
+
+def test_resume_with_max_steps_does_not_compare_the_epochs_it_overrides(tmp_path):
+    argv = ["--task_name", "mrpc", "--output_dir", str(tmp_path / "out"), "--model_name_or_path", "roberta-base"]
+    checkpoint = tmp_path / "out" / "checkpoint-4"
+    model_args, _, training_args = run_glue.parse_args([*argv, "--max_steps", "10"])
+    get_peft_model(tiny_roberta(num_labels=2), run_glue.adapter_config(model_args)).save_pretrained(checkpoint)
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 4}')
+    settings = run_glue.base_settings(model_args, training_args)
+    (checkpoint / run_glue.BASE_SETTINGS_FILE).write_text(json.dumps(settings))
+    argv += ["--resume_from_checkpoint", str(checkpoint), "--max_steps", "10"]
+    run_glue.parse_args([*argv, "--num_train_epochs", "7"])  # not read under --max_steps: fine
 
 
 def test_output_dir_with_a_run_is_refused(tmp_path):
@@ -1075,6 +1106,25 @@ def test_merge_to_never_writes_over_a_model_or_run(tmp_path):
             run_glue.parse_args([*argv, "--merge_to", str(other), *extra])
     (tmp_path / "empty").mkdir()
     run_glue.parse_args([*argv, "--merge_to", str(tmp_path / "empty")])  # an empty directory: fine
+
+
+def test_merge_to_the_working_directory_writes_there(tmp_path, tiny_model, data, offline_metrics, monkeypatch):
+    """`--merge_to .`: the temporary directory goes beside the resolved path (`.` itself has no name)."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    run(
+        tmp_path,
+        tiny_model,
+        "mrpc",
+        data["pair_train"],
+        data["pair_validation"],
+        "--max_steps",
+        "1",
+        "--merge_to",
+        ".",
+    )
+    assert (tmp_path / "here" / "model.safetensors").is_file() and (tmp_path / "here" / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
 
 
 def test_output_dir_that_is_a_model_or_a_file_is_refused(tmp_path):

@@ -986,7 +986,7 @@ def test_overwrite_never_deletes_what_no_run_wrote(tmp_path, corpus):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "tokenizer"]
 
 
-def test_a_damaged_checkpoint_is_named_and_the_one_before_resumes(tmp_path, corpus):
+def test_a_damaged_checkpoint_is_named_and_the_one_before_resumes(tmp_path, corpus, monkeypatch):
     """A checkpoint with a truncated file (a damaged disk or a partial copy: saves are atomic) stops a resume with one
     line naming it and the file, and which checkpoint to go back to; deleting it resumes from that one."""
     flags = ("--method", "sltrain", "--max-steps", "6", "--save-every", "2")
@@ -1005,6 +1005,13 @@ def test_a_damaged_checkpoint_is_named_and_the_one_before_resumes(tmp_path, corp
     (tmp_path / "checkpoints" / "step_000002" / "state.json").write_text('{"__dict__": [')
     with pytest.raises(ValueError, match=r"step_000002 is damaged: state.json .*; no earlier checkpoint is left\.$"):
         checkpointing.load_checkpoint(tmp_path / "checkpoints" / "step_000002")
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(checkpointing, "load_file", denied)  # not the files' bytes: no advice to delete anything
+    with pytest.raises(ValueError, match=r"step_000004: model.safetensors cannot be read \(PermissionError: .*\)\.$"):
+        checkpointing.load_checkpoint(tmp_path / "checkpoints" / "step_000004")
 
 
 def test_resumed_export_keeps_the_runs_timing(tmp_path, corpus):
@@ -1656,6 +1663,9 @@ def test_keep_last_deletes_older_checkpoints_only_after_a_newer_one_is_saved(tmp
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step_000005", "step_000006"]
     with pytest.raises(ValueError, match="`--keep-last` must be 0 or more, got -1"):
         run(tmp_path / "bad", corpus, "--keep-last", "-1")
+    with pytest.raises(ValueError, match="`--keep-last 2` keeps checkpoints; without `--save-every` none is saved"):
+        run(tmp_path / "bad", corpus, "--keep-last", "2")
+    assert not list(killed.glob("checkpoints/.*"))  # deleted through temporaries, none left
 
 
 def test_a_resumed_runs_checkpoints_keep_the_whole_training_time(tmp_path, corpus):
@@ -1668,3 +1678,13 @@ def test_a_resumed_runs_checkpoints_keep_the_whole_training_time(tmp_path, corpu
     summary = run(killed, corpus, *extra, "--resume")
     state = checkpointing.load_checkpoint(killed / "checkpoints" / "step_000006")[1]
     assert 0 < earlier < state["train_seconds"] == pytest.approx(summary["train_seconds"])
+
+
+def test_a_tokenizer_given_by_another_path_resumes(tmp_path, corpus):
+    """A given tokenizer is compared by its vocabulary's digest, as the data files by their text's, not by the path."""
+    data.train_tokenizer(Path(corpus[0]).read_text(), 300).save(tmp_path / "tokenizer")
+    extra = ["--method", "sltrain", "--save-every", "3"]
+    run(tmp_path / "full", corpus, *extra, "--tokenizer", str(tmp_path / "tokenizer"))
+    killed = killed_after(tmp_path / "full", tmp_path / "killed", 3)
+    run(killed, corpus, *extra, "--tokenizer", str(tmp_path / "full" / ".." / "tokenizer"), "--resume")
+    assert [r["step"] for r in log_rows(killed) if "loss" in r] == [1, 2, 3, 4, 5, 6]
