@@ -1446,6 +1446,7 @@ def test_a_local_base_is_recorded_by_its_resolved_path(tmp_path, tiny_model, mon
         num_train_epochs=3.0,
         max_steps=-1,
         seed=42,
+        world_size=1,
     )
     recorded = run_glue.base_settings(run_glue.ModelArguments(model_name_or_path="models/tiny"), optimizer)
     assert recorded["model_name_or_path"] == str((tmp_path / "models" / "tiny").resolve())
