@@ -401,13 +401,6 @@ def check_output_dir(out: Path, resume_from_checkpoint: str | None, overwrite: b
                 "trainer_state.json); give a `checkpoint-N` folder that a run saved (`--save_strategy`)."
             )
         check_checkpoint_files(checkpoint)
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
-        done, total = state.get("global_step"), state.get("max_steps")
-        if isinstance(done, int) and isinstance(total, int) and 0 < total <= done:
-            raise ValueError(
-                f"`--resume_from_checkpoint` {resume_from_checkpoint!r} is the end of its run (step {done} of "
-                f"{total}): nothing is left to train, and a resumed run would report the loss of no step."
-            )
         if overwrite:
             raise ValueError(
                 "`--overwrite_output_dir` deletes the checkpoints of the run in `--output_dir`: it cannot be combined "

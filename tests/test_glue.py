@@ -937,8 +937,6 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path, tiny_model, data, of
     card = (out / "README.md").read_text()  # not "Produced by this exact command"
     assert f"Resumed from `{out / 'checkpoint-4'}` (step 4) by this command" in card and "exact command" not in card
     assert json.loads((out / "checkpoint-8" / "trainer_state.json").read_text())["global_step"] == 8
-    with pytest.raises(ValueError, match=r"checkpoint-8' is the end of its run \(step 8 of 8\): nothing is left"):
-        run(tmp_path, tiny_model, *args, "--resume_from_checkpoint", str(out / "checkpoint-8"))
     resumed = load_file(out / "adapter_model.safetensors")
     assert resumed.keys() == first.keys()
     for key in first:
