@@ -124,7 +124,8 @@ def load_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise
     except Exception as error:  # safetensors' own error types, a missing file, JSONDecodeError, a missing key
         reason = f"{type(error).__name__}: {error}"
-        if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):  # permissions, I/O: not its bytes
+        # permissions or I/O, not the file's bytes (safetensors reports any failure to open as FileNotFoundError)
+        if isinstance(error, OSError) and (directory / name).exists():
             raise ValueError(f"Checkpoint {directory}: {name} cannot be read ({reason}).") from None
         steps = _checkpoints(directory.parent)
         this = next((step for step, path in steps.items() if path.name == directory.name), None)

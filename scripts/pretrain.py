@@ -258,6 +258,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
             f"`--vocab-size` is the size of a tokenizer trained here (`--tokenizer train`); `--tokenizer "
             f"{args.tokenizer!r}` brings its own vocabulary: leave out --vocab-size."
         )
+    args.tokenizer_typed = args.tokenizer  # (runs before the line below recorded it so: they resume with it)
+    if args.tokenizer != "train" and Path(args.tokenizer).is_dir():  # a local one by where it is (a resume compares
+        args.tokenizer = str(Path(args.tokenizer).resolve())  # it: its vocabulary digest misses merges, normaliser)
     if args.per_layer_updates and method.make_optimizer is not adamw:
         raise ValueError(f"`--per-layer-updates` works with AdamW-trained methods, not `--method {method.name}`.")
     max_positions = args.model_config.get("max_position_embeddings", args.seq_len)
@@ -413,11 +416,10 @@ def check_out_dir(args: argparse.Namespace, config: dict) -> Path | None:
         # flag; the vocabulary itself is compared with the data)
         keys -= {k for k in PRESET_SLTRAIN_KEYS if config.get(k) is None} | ({"eval_blocks"} - set(saved))
         keys -= {"vocab_size"} if config["tokenizer"] != "train" else set()
-        # the data files (and a given tokenizer) by the digest of their text and vocabulary (`check_same_data`), not
-        # by the paths as typed: the same files named from another working directory, or absolutely, resume
-        if saved.get("data_sha256"):
-            keys -= {"train_files", "validation_files"}
-            keys -= {"tokenizer"} if "train" not in (saved.get("tokenizer"), config["tokenizer"]) else set()
+        # the data files by the digest of their text (`check_same_data`), not by the paths as typed: the same files
+        # named from another working directory, or absolutely, resume
+        keys -= {"train_files", "validation_files"} if saved.get("data_sha256") else set()
+        keys -= {"tokenizer"} if saved.get("tokenizer") == args.tokenizer_typed else set()
         differ = sorted(k for k in keys if saved.get(k) != config.get(k))
         if differ:
             detail = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {config.get(k)!r}" for k in differ[:4])

@@ -1036,9 +1036,12 @@ def export_merged(model, tokenizer, dataset, collator, model_args: ModelArgument
     rows = dataset.select(range(min(check_rows, len(dataset))))
     expected = predict_logits(model, rows, collator, batch_size=32)
     dense = model.merge_and_unload() if isinstance(model, PeftModel) else model
-    target = Path(model_args.merge_to).resolve()  # (`.` has no name to put beside a temporary one)
+    target = Path(model_args.merge_to).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    # inside an existing target (`.`, a mount point: on its file system, where the parent may not be writable), else
+    # beside it
+    name = f".{target.name or 'merged'}.tmp-{os.getpid()}"
+    tmp = target / name if target.is_dir() else target.with_name(name)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         dense.save_pretrained(tmp)  # safetensors
@@ -1052,7 +1055,7 @@ def export_merged(model, tokenizer, dataset, collator, model_args: ModelArgument
         }
         if check["max_abs_logit_diff"] > 1e-4 or check["predictions_equal"] is False:
             raise RuntimeError(f"The merged model does not predict what the adapter does ({check}); not written.")
-        if target.is_dir():  # empty, or holding no model (`check_args`): the files move in one by one
+        if tmp.parent == target:  # empty, or holding no model (`check_args`): the files move in one by one
             for path in tmp.iterdir():
                 os.replace(path, target / path.name)
         else:

@@ -1006,12 +1006,10 @@ def test_a_damaged_checkpoint_is_named_and_the_one_before_resumes(tmp_path, corp
     with pytest.raises(ValueError, match=r"step_000002 is damaged: state.json .*; no earlier checkpoint is left\.$"):
         checkpointing.load_checkpoint(tmp_path / "checkpoints" / "step_000002")
 
-    def denied(path):
-        raise PermissionError(13, "Permission denied", str(path))
-
-    monkeypatch.setattr(checkpointing, "load_file", denied)  # not the files' bytes: no advice to delete anything
-    with pytest.raises(ValueError, match=r"step_000004: model.safetensors cannot be read \(PermissionError: .*\)\.$"):
-        checkpointing.load_checkpoint(tmp_path / "checkpoints" / "step_000004")
+    for error in (PermissionError(13, "Permission denied"), FileNotFoundError(2, "No such file")):  # (safetensors:
+        monkeypatch.setattr(checkpointing, "load_file", lambda path, e=error: (_ for _ in ()).throw(e))  # the latter)
+        with pytest.raises(ValueError, match=r"step_000004: model.safetensors cannot be read \(\w+Error: .*\)\.$"):
+            checkpointing.load_checkpoint(tmp_path / "checkpoints" / "step_000004")  # no advice to delete it
 
 
 def test_resumed_export_keeps_the_runs_timing(tmp_path, corpus):
@@ -1680,11 +1678,43 @@ def test_a_resumed_runs_checkpoints_keep_the_whole_training_time(tmp_path, corpu
     assert 0 < earlier < state["train_seconds"] == pytest.approx(summary["train_seconds"])
 
 
-def test_a_tokenizer_given_by_another_path_resumes(tmp_path, corpus):
-    """A given tokenizer is compared by its vocabulary's digest, as the data files by their text's, not by the path."""
+def test_a_local_tokenizer_is_recorded_by_where_it_is(tmp_path, corpus, monkeypatch):
+    """A local tokenizer is recorded resolved, so that the same directory named another way resumes; a copy elsewhere
+    (whose merges or normaliser the vocabulary digest would not see) does not."""
     data.train_tokenizer(Path(corpus[0]).read_text(), 300).save(tmp_path / "tokenizer")
+    shutil.copytree(tmp_path / "tokenizer", tmp_path / "copy")
+    monkeypatch.chdir(tmp_path)
     extra = ["--method", "sltrain", "--save-every", "3"]
-    run(tmp_path / "full", corpus, *extra, "--tokenizer", str(tmp_path / "tokenizer"))
+    run(tmp_path / "full", corpus, *extra, "--tokenizer", "tokenizer")
+    assert json.loads((tmp_path / "full" / "run_config.json").read_text())["tokenizer"] == str(tmp_path / "tokenizer")
     killed = killed_after(tmp_path / "full", tmp_path / "killed", 3)
+    with pytest.raises(
+        ValueError, match=r"different config or method \(tokenizer: saved '.*tokenizer' vs now '.*copy'"
+    ):
+        run(killed, corpus, *extra, "--tokenizer", "copy", "--resume")
     run(killed, corpus, *extra, "--tokenizer", str(tmp_path / "full" / ".." / "tokenizer"), "--resume")
     assert [r["step"] for r in log_rows(killed) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    older = killed_after(tmp_path / "full", tmp_path / "older", 3)  # recorded as typed, before it was resolved
+    config = json.loads((older / "run_config.json").read_text())
+    (older / "run_config.json").write_text(json.dumps({**config, "tokenizer": "tokenizer"}))
+    run(older, corpus, *extra, "--tokenizer", "tokenizer", "--resume")  # its own command resumes it
+
+
+def test_a_prune_killed_mid_delete_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    """Pruning renames a checkpoint away before deleting it: a kill mid-delete leaves a temporary (which the next save
+    or resume deletes), never a partial `step_N` that would count as complete."""
+    for step in (1, 2, 3):
+        (tmp_path / f"step_{step:06d}").mkdir()
+        (tmp_path / f"step_{step:06d}" / "model.safetensors").write_text("weights")
+
+    def killed(path, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointing.prune_checkpoints(tmp_path, 2)
+    monkeypatch.undo()
+    assert list(checkpointing._checkpoints(tmp_path)) == [2, 3]
+    assert [p.name for p in checkpointing.remove_stale_temporaries(tmp_path)] == [f".step_000001.tmp-{os.getpid()}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000002", "step_000003"]
+
