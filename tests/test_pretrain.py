@@ -1717,4 +1717,3 @@ def test_a_prune_killed_mid_delete_leaves_no_partial_checkpoint(tmp_path, monkey
     assert list(checkpointing._checkpoints(tmp_path)) == [2, 3]
     assert [p.name for p in checkpointing.remove_stale_temporaries(tmp_path)] == [f".step_000001.tmp-{os.getpid()}"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000002", "step_000003"]
-
