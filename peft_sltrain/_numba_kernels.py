@@ -19,6 +19,7 @@ no writable cache directory). In a fixed order, processes that compile at once n
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import traceback
 import warnings
 from pathlib import Path
@@ -36,7 +37,10 @@ def _version_key() -> str:
     """A hash of what decides the compiled code besides the signatures (see the module docstring)."""
     digest = hashlib.sha256()
     for source in (Path(__file__), Path(__file__).with_name("cpu_kernels.py")):
-        digest.update(source.read_bytes())
+        try:
+            digest.update(source.read_bytes())
+        except OSError:  # installed without its sources (bytecode only): the package's version stands for them
+            digest.update(f"{source.name} of peft-sltrain {_package_version()}".encode())
     cpu = (
         llvmlite.binding.get_process_triple(),
         llvmlite.binding.get_host_cpu_name(),
@@ -46,6 +50,13 @@ def _version_key() -> str:
     )
     digest.update(repr((numba.__version__, cpu)).encode())
     return digest.hexdigest()[:16]
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("peft-sltrain")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 _VERSION_KEY = _version_key()

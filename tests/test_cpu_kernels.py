@@ -431,6 +431,13 @@ def test_the_cache_is_keyed_on_the_sources_numba_and_the_cpu(monkeypatch):
     )
     assert kernels._version_key() != kernels._VERSION_KEY
 
+    def no_sources(path):  # installed as bytecode only: the package's version stands for the sources
+        raise FileNotFoundError(2, "No such file", str(path))
+
+    monkeypatch.setattr(Path, "read_bytes", no_sources)
+    without = kernels._version_key()
+    assert without != kernels._VERSION_KEY and without == kernels._version_key()
+
 
 def test_a_cache_that_cannot_be_saved_is_warned_about_and_the_kernel_still_compiles(monkeypatch):
     """A full disk while numba saves: a warning, and the kernel compiled without its cache (not an import error)."""
