@@ -1032,14 +1032,14 @@ def main(argv: list[str] | None = None) -> dict:
 
 def export_merged(model, tokenizer, dataset, collator, model_args: ModelArguments, check_rows: int = 512) -> dict:
     """Write the dense merged model and check that plain Transformers loads it and predicts what `model` predicts.
-    It is written into a temporary directory beside `--merge_to` and moved there only once checked."""
+    It is written into a temporary directory (inside `--merge_to` where that exists, else beside it) and moved into
+    place only once checked."""
     rows = dataset.select(range(min(check_rows, len(dataset))))
     expected = predict_logits(model, rows, collator, batch_size=32)
     dense = model.merge_and_unload() if isinstance(model, PeftModel) else model
     target = Path(model_args.merge_to).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
-    # inside an existing target (`.`, a mount point: on its file system, where the parent may not be writable), else
-    # beside it
+    # inside an existing target (`.`, a mount point: on its file system, whose parent may not be writable)
     name = f".{target.name or 'merged'}.tmp-{os.getpid()}"
     tmp = target / name if target.is_dir() else target.with_name(name)
     shutil.rmtree(tmp, ignore_errors=True)
