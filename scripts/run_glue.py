@@ -608,7 +608,8 @@ def label_ids(task: Task, labels: list, where: str) -> list:
         raise ValueError(f"{where} has rows without a label: rows {missing[:5]} (counted from 0, after the header).")
     labels = [int(x) if isinstance(x, float) and x.is_integer() else x for x in labels]  # 1.0 from such a column
     names = {name: i for i, name in enumerate(task.labels)}
-    ids = [names.get(x, x) if isinstance(x, str) else x for x in labels]  # class names, e.g. "entailment", allowed
+    names.update({str(i): i for i in range(task.num_labels)})  # ids written as text ("0" in a JSON file)
+    ids = [names.get(x.strip(), x) if isinstance(x, str) else x for x in labels]  # class names ("entailment") too
     bad = [x for x in ids if isinstance(x, (str, bool, float)) or x is None or not 0 <= x < task.num_labels]
     if bad:
         raise ValueError(

@@ -1341,6 +1341,14 @@ def test_stsb_scores_at_the_ends_of_the_range_are_labels():
     assert run_glue.label_ids(stsb, [0.0, 5.0, 0, 5, 2.4], "train") == [0.0, 5.0, 0.0, 5.0, 2.4]
 
 
+def test_class_ids_written_as_text_are_class_ids():
+    """JSON data may carry ids as strings ("0", "1"): read as the ids they write; others are still refused."""
+    mnli = glue_tasks.get_task("mnli")
+    assert run_glue.label_ids(mnli, ["0", "2", " 1", "neutral"], "train") == [0, 2, 1, 1]
+    with pytest.raises(ValueError, match=r"mnli labels must be class ids in \[0, 2\] .*has \['3', '-1'\]"):
+        run_glue.label_ids(mnli, ["3", "-1", "0"], "train")
+
+
 def test_class_names_map_to_glues_label_ids():
     """Kills T10 (QNLI's labels listed in another order; the same for any task): a class name in the data becomes
     GLUE's id for it (nyu-mll/glue's ClassLabel order), so that a file of names trains the head GLUE's way."""
