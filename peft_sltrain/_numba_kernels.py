@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import os
 import traceback
 import warnings
 from pathlib import Path
@@ -60,25 +61,37 @@ def _package_version() -> str:
 
 
 _VERSION_KEY = _version_key()
+_CACHE_CODE = os.path.join("numba", "core", "caching.py")  # where numba reads and writes its cache
 
 
 def _cached_njit(signatures, **options):
     """numba's `njit` for `signatures`, with its on-disk cache under a name that carries `_VERSION_KEY`; without the
-    cache where numba finds no writable place for it, or cannot save into it (a full disk: warned)."""
+    cache where numba finds no writable place for it, or cannot save into it (a full disk: warned). A cache file that
+    numba cannot read (numba writes them whole, so only a damaged disk or a hand edit) is named, not left as numba's
+    unpickling error from deep inside its cache code."""
 
     def decorate(fn):
         fn.__qualname__ = f"{fn.__qualname__}_{_VERSION_KEY}"  # what numba names the cache files after
         try:
             return njit(signatures, cache=True, **options)(fn)
-        except RuntimeError as e:  # "cannot cache function ...: no locator available": compile per process
-            if "no locator available" not in str(e):
+        except Exception as e:
+            frames = [f for f, _ in traceback.walk_tb(e.__traceback__) if f.f_code.co_filename.endswith(_CACHE_CODE)]
+            saving = any(f.f_code.co_name.lstrip("_").startswith("save") for f in frames)
+            if isinstance(e, RuntimeError) and "no locator available" in str(e):
+                pass  # "cannot cache function ...: no locator available": compile per process
+            elif saving and isinstance(e, OSError):
+                warnings.warn(f"numba could not save the compiled `{fn.__name__}` kernel to its cache ({e}); "
+                              "compiling it without the cache.", RuntimeWarning, stacklevel=2)  # fmt: skip
+            elif frames and not saving:  # reading the cache
+                paths = (getattr(f.f_locals.get("self"), "_cache_path", None) for f in reversed(frames))
+                where = next((path for path in paths if path), "numba's cache directory")
+                raise RuntimeError(
+                    f"numba could not use its on-disk cache of peft_sltrain's CPU kernels ({type(e).__name__}: {e}): "
+                    f"delete the files `_numba_kernels.*` in {where} (numba compiles the kernels again), or set "
+                    "NUMBA_CACHE_DIR to another directory."
+                ) from e
+            else:
                 raise
-        except OSError as e:  # raised while saving (reading errors go to `cpu_kernels._kernels`, which names them)
-            frames = [frame.f_code.co_name for frame, _ in traceback.walk_tb(e.__traceback__)]
-            if not any(name.startswith("save") or name.startswith("_save") for name in frames):
-                raise
-            warnings.warn(f"numba could not save the compiled `{fn.__name__}` kernel to its cache ({e}); compiling "
-                          "it without the cache.", RuntimeWarning, stacklevel=2)  # fmt: skip
         return njit(signatures, cache=False, **options)(fn)
 
     return decorate

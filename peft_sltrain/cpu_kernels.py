@@ -42,9 +42,7 @@ import contextlib
 import functools
 import importlib.util
 import operator
-import os
 import threading
-import traceback
 import types
 
 import numpy as np
@@ -240,21 +238,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
 @functools.cache
 def _kernels() -> types.ModuleType:
     """The kernels (`row_starts`, `forward`, `backward`): `_numba_kernels`, imported (with numba) on first call, which
-    compiles them for every dtype or loads them from numba's on-disk cache. A cache file that numba cannot read
-    (numba writes them whole, so only a damaged disk or a hand edit) is named, not left as numba's unpickling error
-    from deep inside its cache code."""
-    try:
-        from . import _numba_kernels
-    except Exception as e:
-        cache_code = os.path.join("numba", "core", "caching.py")
-        frames = [f for f, _ in traceback.walk_tb(e.__traceback__) if f.f_code.co_filename.endswith(cache_code)]
-        if not frames:
-            raise
-        paths = (getattr(f.f_locals.get("self"), "_cache_path", None) for f in reversed(frames))
-        where = next((path for path in paths if path), "numba's cache directory")
-        raise RuntimeError(
-            f"numba could not use its on-disk cache of peft_sltrain's CPU kernels ({type(e).__name__}: {e}): delete "
-            f"the files `_numba_kernels.*` in {where} (numba compiles the kernels again), or set NUMBA_CACHE_DIR to "
-            "another directory."
-        ) from e
+    compiles them for every dtype or loads them from numba's on-disk cache."""
+    from . import _numba_kernels
+
     return _numba_kernels

@@ -432,12 +432,13 @@ def check_out_dir(args: argparse.Namespace, config: dict) -> Path | None:
             raise ValueError(f"`--resume`: {out} has no complete checkpoint yet; start it over with `--overwrite`.")
         return checkpoint  # if it is the last step's (an export killed before its summary), only the export runs
     found = [name for name in RUN_FILES if (out / name).exists()]
-    if found and not run_file.is_file() and any(not name.startswith(".") for name in found):
+    theirs = [name for name in found if not name.startswith(".")]  # (not a killed save's or export's temporaries)
+    if theirs and not run_file.is_file():
         # what `--overwrite` would delete, but no run of this script (every run writes run_config.json first, and
         # `--overwrite` deletes it last): someone else's files, never deleted
         raise ValueError(
-            f"{out} holds {', '.join(name for name in found if not name.startswith('.'))} but no run_config.json, so "
-            "no pretrain.py run: choose another `--out-dir` (nothing there is deleted, even with `--overwrite`)."
+            f"{out} holds {', '.join(theirs)} but no run_config.json, so no pretrain.py run: choose another "
+            "`--out-dir` (nothing there is deleted, even with `--overwrite`)."
         )
     if found and not args.overwrite:
         raise ValueError(

@@ -1093,7 +1093,7 @@ def interrupted_hint(argv: list[str] | None) -> str:
     if not given:
         return "resume with `--resume_from_checkpoint OUTPUT_DIR/checkpoint-N` where a checkpoint was saved."
     out = Path(given[-1])
-    steps = [p for p in out.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir()]
+    steps = [p for p in run_contents(out) if p.is_dir()]  # its checkpoint-N folders
     if not steps:
         return f"{out} has no checkpoint to resume from (`--save_strategy` saves them)."
     newest = max(steps, key=lambda p: int(p.name.removeprefix("checkpoint-")))
