@@ -950,6 +950,8 @@ def main(argv: list[str] | None = None) -> dict:
     undefined = sorted(k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v))
     metrics.update(dict.fromkeys(undefined))
     memory, memory_kind = peak_memory_bytes(training_args.device)
+    resumed = resumed_from(training_args.resume_from_checkpoint)
+    train_steps = trainer.state.global_step - (resumed["step"] if resumed else 0)  # this process's optimizer steps
     summary = {
         "task": task.name,
         "method": model_args.method,
@@ -965,9 +967,11 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_memory_bytes": memory,
         "peak_memory_kind": memory_kind,
         **training_state_bytes(model, trainer.optimizer),
-        "train_seconds": train_seconds,  # resumed: of this process's steps only, as train_loss
-        "train_loss": train_metrics.get("train_loss"),
-        "resumed_from": resumed_from(training_args.resume_from_checkpoint),
+        "train_seconds": train_seconds,  # resumed: of this process's steps only, as train_loss and train_steps
+        # null where no step ran (a finished run's last checkpoint resumed: the Trainer reports a loss of 0.0)
+        "train_loss": train_metrics.get("train_loss") if train_steps else None,
+        "train_steps": train_steps,
+        "resumed_from": resumed,
         "train_rows": len(splits["train"]),
         "eval_rows": {split: len(splits[split]) for split in eval_splits},
         "eval_subset": eval_subset,  # --max_eval_samples cut a split: its metrics are of the first rows only

@@ -922,7 +922,7 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path, tiny_model, data, of
     args += ("--eval_strategy", "steps", "--eval_steps", "2") + (("--quantize", quantize) if quantize else ())
     summary = run(tmp_path, tiny_model, *args)  # 32 rows, batch 8, 2 epochs: 8 steps, checkpoints at 4 and 8
     out = tmp_path / "out"
-    assert steps == list(range(8)) and summary["resumed_from"] is None
+    assert steps == list(range(8)) and summary["resumed_from"] is None and summary["train_steps"] == 8
     first = load_file(out / "adapter_model.safetensors")
     recorded = json.loads((out / "checkpoint-4" / run_glue.BASE_SETTINGS_FILE).read_text())
     assert recorded == {"quantize": quantize, "learning_rate": 4e-4, "weight_decay": 0.0,
@@ -934,6 +934,7 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path, tiny_model, data, of
     summary = run(tmp_path, tiny_model, *args, "--resume_from_checkpoint", str(out / "checkpoint-4"))
     assert steps == [4, 5, 6, 7]  # steps 5 to 8 only: the step, optimizer, schedule and RNG come from checkpoint-4
     assert summary["resumed_from"] == {"checkpoint": str(out / "checkpoint-4"), "step": 4}  # train_loss: 5 to 8 only
+    assert summary["train_steps"] == 4 and summary["train_loss"] > 0
     card = (out / "README.md").read_text()  # not "Produced by this exact command"
     assert f"Resumed from `{out / 'checkpoint-4'}` (step 4) by this command" in card and "exact command" not in card
     assert json.loads((out / "checkpoint-8" / "trainer_state.json").read_text())["global_step"] == 8
@@ -941,6 +942,10 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path, tiny_model, data, of
     assert resumed.keys() == first.keys()
     for key in first:
         torch.testing.assert_close(resumed[key], first[key], rtol=0, atol=1e-6)  # the same run as without a stop
+
+    steps.clear()  # the finished run's last checkpoint: no step runs, and no loss is made up for it
+    summary = run(tmp_path, tiny_model, *args, "--resume_from_checkpoint", str(out / "checkpoint-8"))
+    assert steps == [] and summary["train_steps"] == 0 and summary["train_loss"] is None
 
 
 @pytest.mark.parametrize(
