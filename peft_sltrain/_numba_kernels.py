@@ -1,13 +1,14 @@
 """The numba kernels behind `cpu_kernels` (whose docstring explains them), imported on their first use: this module
 imports numba, which the package does not.
 
-Every kernel is a module-level function, so numba keeps what it compiles on disk (`cache=True`: in `__pycache__`
-next to this file, else in its user-wide cache directory, or in `NUMBA_CACHE_DIR`) and a later process loads it
-instead of compiling again. numba names a function's cache files after its qualified name, and here that name
-carries a hash of what decides the compiled code: this file's and `cpu_kernels.py`'s bytes (the constants), the
-numba version and the CPU (triple, name, features). Each version of the kernels, of numba or of the CPU thus has
-files of its own: numba's own key (the file's modification time and size) would reuse the numbered data files of an
-earlier version, which a process starting while another rewrites them could load, stale, without an error.
+Every kernel is a module-level function, so numba keeps what it compiles on disk (`cache=True`: in `__pycache__` next
+to this file, else in its user-wide cache directory, or in `NUMBA_CACHE_DIR`) and a later process loads it instead of
+compiling again. numba names a function's cache files after its qualified name, and here that name carries a hash of
+what decides the compiled code: this file's and `cpu_kernels.py`'s bytes (the constants), the numba and llvmlite
+versions, numba's optimisation level and bounds checking (`NUMBA_OPT`, `NUMBA_BOUNDSCHECK`) and the CPU (triple, name,
+features). Each version of the kernels, of numba or of the CPU thus has files of its own: numba's own key (the file's
+modification time and size) would reuse the numbered data files of an earlier version, which a process starting while
+another rewrites them could load, stale, without an error.
 
 One function per kernel serves fp32, fp64 and bf16: the helpers that load and store blocks of tokens pick their code
 from the array types when numba compiles them (`overload`), so bf16, passed as its uint16 bits, computes in fp32
@@ -25,6 +26,7 @@ import traceback
 import warnings
 from pathlib import Path
 
+import llvmlite
 import llvmlite.binding
 import numba
 import numpy as np
@@ -49,7 +51,8 @@ def _version_key() -> str:
         numba.config.CPU_NAME,
         numba.config.CPU_FEATURES,
     )
-    digest.update(repr((numba.__version__, cpu)).encode())
+    codegen = (numba.__version__, llvmlite.__version__, repr(numba.config.OPT), numba.config.BOUNDSCHECK)
+    digest.update(repr((codegen, cpu)).encode())
     return digest.hexdigest()[:16]
 
 

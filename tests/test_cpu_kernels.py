@@ -415,7 +415,8 @@ def test_the_kernels_compile_without_a_disk_cache_where_numba_has_none(monkeypat
 
 def test_the_cache_is_keyed_on_the_sources_numba_and_the_cpu(monkeypatch):
     """numba keys its cache on a file's modification time and size only: the kernels' cache files are named after a
-    hash of both sources' bytes, numba's version and the CPU, so that no version ever loads another's code."""
+    hash of both sources' bytes, numba's and llvmlite's versions, numba's code settings and the CPU, so that no
+    version ever loads another's code."""
     numba = pytest.importorskip("numba")
     kernels = cpu_kernels._kernels()
     assert kernels._version_key() == kernels._VERSION_KEY
@@ -425,6 +426,11 @@ def test_the_cache_is_keyed_on_the_sources_numba_and_the_cpu(monkeypatch):
     monkeypatch.setattr(numba.config, "CPU_NAME", "another-cpu")
     assert kernels._version_key() != kernels._VERSION_KEY
     monkeypatch.undo()
+    for module, name, value in ((kernels.llvmlite, "__version__", "0.0.0"), (numba.config, "OPT", 0),
+                                (numba.config, "BOUNDSCHECK", 1)):  # fmt: skip
+        monkeypatch.setattr(module, name, value)
+        assert kernels._version_key() != kernels._VERSION_KEY, name
+        monkeypatch.undo()
     read_bytes = Path.read_bytes
     monkeypatch.setattr(
         Path, "read_bytes", lambda path: read_bytes(path) + (b"#" if path.name == "cpu_kernels.py" else b"")
