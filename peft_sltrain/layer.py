@@ -372,6 +372,20 @@ class SLTrainLayer(BaseTunerLayer):
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
         self.kwargs = kwargs
 
+    def update_layer_from_config(self, adapter_name: str, config: SLTrainConfig, layer_name: str) -> None:
+        """`update_layer` with the settings of `config`."""
+        self.update_layer(
+            adapter_name,
+            r=config.r,
+            sparsity=config.sparsity,
+            alpha=config.alpha,
+            from_scratch=config.from_scratch,
+            seed=config.seed,
+            layer_name=layer_name,
+            compute=config.compute,
+            inference_mode=config.inference_mode,
+        )
+
     def update_layer(
         self,
         adapter_name: str,
@@ -492,17 +506,7 @@ class Linear(nn.Module, SLTrainLayer):
         SLTrainLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
         self._warned_about_hooks = False
-        self.update_layer(
-            adapter_name,
-            r=config.r,
-            sparsity=config.sparsity,
-            alpha=config.alpha,
-            from_scratch=config.from_scratch,
-            seed=config.seed,
-            layer_name=layer_name,
-            compute=config.compute,
-            inference_mode=config.inference_mode,
-        )
+        self.update_layer_from_config(adapter_name, config, layer_name)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The dense `(alpha / r) * B @ A + S` of one adapter in the adapter's dtype, laid out as the base layer's

@@ -124,17 +124,7 @@ class SLTrainModel(BaseTuner):
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs) -> None:
         if isinstance(target, SLTrainLayer):
-            target.update_layer(
-                adapter_name,
-                r=config.r,
-                sparsity=config.sparsity,
-                alpha=config.alpha,
-                from_scratch=config.from_scratch,
-                seed=config.seed,
-                layer_name=current_key,
-                compute=config.compute,
-                inference_mode=config.inference_mode,
-            )
+            target.update_layer_from_config(adapter_name, config, current_key)
             return
         # what cannot be replaced was refused by `inject_adapter`'s check (and `Linear` refuses it again)
         new_module = Linear(target, adapter_name, config, layer_name=current_key)
