@@ -73,7 +73,7 @@ SPARSE_RELATIVE_COST: dict[tuple[str, torch.dtype], tuple[float, float, float]] 
 # 2048 tokens: with many threads and few tokens (fewer than 64 per thread leaves threads idle) the sparse part costs
 # relatively more. fp64 assumed alike.
 # bf16: `cost_model_fit` of benchmarks/results/layer_cpu_bf16.json as committed in c96e21a. The kernels run about as
-# fast as in fp32 (they compute in fp32 and move half the bytes), but this CPU's bf16 GEMMs are 1.9-2.6x its fp32
+# fast as in fp32 (they compute in fp32 and move half the bytes), but this CPU's bf16 GEMMs are 1.9-2.5x its fp32
 # ones, so against them a sparse multiply-add costs more: 7.3 plus a short-row term. It predicted that run's ratio
 # within 0.06 on the LLaMA shapes and 0.03 on the rank sweep (1.47 predicted, 1.46 measured at 128 x 344, which goes
 # dense; 1.01 and 1.01 at 512 x 512), and overestimated it at delta >= 0.1 (2.30 for a measured 1.95 at 0.3). The run

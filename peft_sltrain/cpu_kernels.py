@@ -27,8 +27,8 @@ Deterministic: tokens are split over threads in fixed contiguous ranges and the 
 order, so the same thread count gives the same bits (x S^T and dY S do not depend on it at all); dS's last bits also
 depend on whether dY S is computed in the same pass (its loop pairs nonzeros, the dS-only loop does not). The kernels
 (in `_numba_kernels`) compile on first use, for fp32, fp64 and bf16 at once (about 25 s), and numba keeps them on disk:
-a later process loads them in well under a second, and numba and its compiler then add about 100 MiB to the process's
-RSS instead of about 240 MiB (`benchmarks/results/numba_cache_cpu.json`). With numba's GNU OpenMP threading layer, a
+a later process loads them in well under a second, and numba and its compiler then add 105 MiB to the process's
+RSS instead of 243 MiB (`benchmarks/results/numba_cache_cpu.json`). With numba's GNU OpenMP threading layer, a
 process forked after its parent ran them must not run them itself (DataLoader workers do not; torchrun starts fresh
 processes).
 
