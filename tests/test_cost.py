@@ -21,6 +21,15 @@ def torch_kernels(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "AVAILABLE", False)
 
 
+def test_a_directory_named_numba_is_not_numba(tmp_path, monkeypatch):
+    """A numba cache directory named `numba` beside a script is importable as a namespace package: without numba
+    installed, the kernels must not count as available (every layer call failed on `numba.config`)."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "a_cache_dir_named_like_a_package").mkdir()
+    assert not cpu_kernels._installed("a_cache_dir_named_like_a_package")
+    assert not cpu_kernels._installed("no_such_module_anywhere") and cpu_kernels._installed("numpy")
+
+
 @pytest.fixture
 def numba_kernels():
     if not cpu_kernels.AVAILABLE:
