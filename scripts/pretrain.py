@@ -183,6 +183,12 @@ def preset_value(where: str, key: str, value, flag: argparse.Action):
     return kind(value)
 
 
+def installed(module: str) -> bool:
+    """Whether `module` can be imported (a plain directory of that name on the path does not count)."""
+    spec = importlib.util.find_spec(module)
+    return spec is not None and spec.origin is not None
+
+
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill every unset flag from the size preset, then check the combination before anything runs."""
     preset = load_preset(args.model)
@@ -275,9 +281,16 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"`--sparsity` must be in (0, 1), got {args.sparsity}.")
     if "alpha" in method.reads and not args.alpha > 0:
         raise ValueError(f"`--alpha` must be positive (B A is scaled by alpha / r), got {args.alpha}.")
-    if method.requires and importlib.util.find_spec(method.requires) is None:
+    if method.requires and not installed(method.requires):
         raise ValueError(
             f"`--method {method.name}` needs the {method.requires} package: pip install 'peft-sltrain[bench]'."
+        )
+    # what the `scripts` extra installs, checked now: the loss plot comes after the last step, and a run that fails
+    # there has trained for nothing (no final model, no summary)
+    missing = [name for name in ("matplotlib",) + (("datasets",) if args.dataset else ()) if not installed(name)]
+    if missing:
+        raise ValueError(
+            f"this run needs {' and '.join(missing)}, not installed: pip install 'peft-sltrain[scripts]'."
         )
     if args.compile and not torch.cuda.is_available() and shutil.which(os.environ.get("CXX", "g++")) is None:
         raise ValueError(

@@ -53,6 +53,12 @@ import torch
 # deprecates
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+from pretrain import DIVERGED, installed, peak_memory_bytes, training_state_bytes  # noqa: E402
+
+# the `scripts` and `glue` extras, named in one line rather than a traceback from the imports below (also for --help)
+_missing = [name for name in ("datasets", "scipy", "sklearn", "jinja2") if not installed(name)]
+if _missing:
+    sys.exit(f"run_glue.py needs {', '.join(_missing)}: pip install 'peft-sltrain[scripts,glue]'.")
 from datasets import DatasetDict, load_dataset  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import (  # noqa: E402
@@ -74,7 +80,6 @@ from peft_sltrain.layer import keep_bnb_4bit_unpacked  # noqa: E402
 
 import model_card  # noqa: E402
 from glue_tasks import STSB_RANGE, TASKS, Task, get_task, load_metric, text_columns  # noqa: E402
-from pretrain import DIVERGED, peak_memory_bytes, training_state_bytes  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------------- presets
@@ -201,15 +206,27 @@ class DataArguments:
     )
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help: the module docstring as it is written, then every flag with its default (as HfArgumentParser's)."""
+
+
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     """Parse the command line, fill what it leaves unset from the task's preset, and check everything."""
     # no abbreviations: `--hub_tok SECRET` would be `--hub_token`, under a name that `redacted_command` might not know
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), allow_abbrev=False)
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, TrainingArguments),
+        allow_abbrev=False,
+        usage="%(prog)s --task_name TASK --output_dir DIR [--method {sltrain,lora,full}] [options]",
+        description=__doc__,
+        formatter_class=HelpFormatter,
+    )
     for action in parser._actions:  # not given: the preset decides, and --help says so rather than "(default: None)"
         if action.dest in PRESET_FIELDS:
             action.default = argparse.SUPPRESS
             if action.dest in PRESET_TRAINING_FIELDS:  # Transformers' help text, which names its own default
                 action.help = f"{action.help.split(' (default')[0].rstrip('. ')} (default: task preset)."
+        if action.dest in ("task_name", "output_dir"):
+            action.help = f"Required. {action.help}"
     namespace = vars(parser.parse_args(argv))
     task = get_task(namespace["task_name"])
     if not namespace["output_dir"]:  # TrainingArguments would fall back to ./trainer_output

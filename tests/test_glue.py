@@ -874,6 +874,21 @@ def test_command_line_errors_are_one_clean_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("run_glue.py: error: Unknown `--task_name` 'glue'")
 
 
+def test_help_and_a_missing_extra():
+    """--help opens with the short usage and the module's description; without the `glue` or `scripts` extras the
+    script names what is missing in one line (it was a traceback from an import, even for --help)."""
+    script = ROOT / "scripts" / "run_glue.py"
+    result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: run_glue.py --task_name TASK --output_dir DIR")
+    assert run_glue.__doc__.splitlines()[0] in result.stdout and "Required. The GLUE task" in result.stdout
+    hide = "import runpy, sys; sys.modules['datasets'] = sys.modules['scipy'] = None; sys.argv = [sys.argv[0], '-h']"
+    code = f"{hide}; sys.path.insert(0, {str(script.parent)!r}); runpy.run_path({str(script)!r}, run_name='__main__')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "run_glue.py needs datasets, scipy: pip install 'peft-sltrain[scripts,glue]'."
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -640,15 +640,31 @@ def test_preset_values_are_checked_as_their_flags_are(tmp_path, corpus, section,
 
 
 def test_methods_without_their_package_and_compile_without_a_compiler_fail_first(tmp_path, corpus, monkeypatch):
-    missing = types.SimpleNamespace(util=types.SimpleNamespace(find_spec=lambda name: None))  # as if not installed
-    monkeypatch.setattr(pretrain, "importlib", missing)
-    with pytest.raises(ValueError, match=r"`--method galore` needs the galore_torch package: pip install"):
-        run(tmp_path / "out", corpus, "--method", "galore")
+    """Before the first step: without matplotlib a run used to train to its end and fail at the loss plot, with no
+    final model or summary written."""
+    for missing, extra, message in (
+        ("galore_torch", ("--method", "galore"), r"`--method galore` needs the galore_torch package: pip install"),
+        ("matplotlib", (), r"this run needs matplotlib, not installed: pip install 'peft-sltrain\[scripts\]'"),
+    ):
+        monkeypatch.setattr(pretrain, "installed", lambda name, missing=missing: name != missing)
+        with pytest.raises(ValueError, match=message):
+            run(tmp_path / "out", corpus, *extra)
+        assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(pretrain, "installed", lambda name: name != "datasets")
+    args = pretrain.parse_args(["--model", MICRO, "--out-dir", "x", "--dataset", "allenai/c4", "--tokenizer", "t5"])
+    with pytest.raises(
+        ValueError, match=r"this run needs datasets, not installed: pip install 'peft-sltrain\[scripts\]'"
+    ):
+        pretrain.resolve(args)
     monkeypatch.undo()
     monkeypatch.setenv("CXX", "/nonexistent/g++")
     with pytest.raises(ValueError, match="`--compile` on a CPU needs a C\\+\\+ compiler"):
         run(tmp_path / "out", corpus, "--compile")
     assert not any(tmp_path.iterdir())
+    monkeypatch.syspath_prepend(str(tmp_path))  # a directory named like a package (a cache dir) is no package
+    (tmp_path / "matplotlib_like_dir").mkdir()
+    assert not pretrain.installed("matplotlib_like_dir") and pretrain.installed("json")
+    assert not pretrain.installed("no_such_module_anywhere")
 
 
 def test_a_directory_with_any_run_file_is_not_overwritten_without_asking(tmp_path, corpus):
