@@ -55,8 +55,11 @@ def corpus_files() -> tuple[list[str], list[str]]:
     validation = sorted(str(p) for p in SHARED_LM.glob("*_validation.txt.gz"))
     if not train:
         print(f"note: {SHARED_LM} not found; using the embedded Austen corpus")
-        return [str(ROOT / "data/austen/train.txt.gz")], [str(ROOT / "data/austen/validation.txt.gz")]
+        return EMBEDDED
     return train, validation
+
+
+EMBEDDED = [str(ROOT / "data/austen/train.txt.gz")], [str(ROOT / "data/austen/validation.txt.gz")]
 
 
 def _scripts_importable() -> None:
@@ -382,6 +385,11 @@ def main(argv=None) -> None:
                                                                  result["environment"]))  # fmt: skip
         print(f"wrote {stem.with_suffix('.png')}, {stem.name}_curves.png")
         return
+    if corpus_files() == EMBEDDED and args.results_dir.resolve() == RESULTS.resolve():
+        p.error(  # the committed results were measured on the three shared corpora
+            f"the shared corpora are not in {SHARED_LM}, and results on the embedded Austen corpus would replace the "
+            "committed ones: pass --results-dir DIR to write them elsewhere"
+        )
     budget = SIZES[args.size]
     try:  # bad flags after `--` fail here, not in the first run (nor after some runs)
         effective = schedule(budget["max_steps"], budget["warmup_steps"], budget["eval_every"], args.extra)

@@ -55,6 +55,23 @@ def fake_run_method(ran: list):
     return run_method
 
 
+def test_results_on_the_embedded_corpus_do_not_replace_the_committed_ones(pretrain_in_tmp, monkeypatch, capsys):
+    """Without the shared corpora the benchmark falls back to the embedded Austen corpus: its results then go to a
+    --results-dir of the user's, never over the committed files (measured on the shared corpora)."""
+    ran = []
+    monkeypatch.setattr(pretrain_bench, "run_method", fake_run_method(ran))
+    monkeypatch.setattr(pretrain_bench, "corpus_files", lambda: pretrain_bench.EMBEDDED)
+    for argv in (["--sweep-lr", "--methods", "full"], ["--methods", "full"]):
+        with pytest.raises(SystemExit):
+            pretrain_bench.main(argv)
+        assert "pass --results-dir DIR to write them elsewhere" in capsys.readouterr().err
+    assert ran == [] and not pretrain_in_tmp.exists()
+    pretrain_bench.main(["--sweep-lr", "--methods", "full", "--results-dir", str(pretrain_in_tmp.parent / "mine")])
+    assert (
+        len(ran) == len(pretrain_bench.LR_GRID) and (pretrain_in_tmp.parent / "mine" / "lr_sweep_tiny.json").is_file()
+    )
+
+
 def test_sweep_reuses_only_runs_made_with_the_same_command(pretrain_in_tmp, monkeypatch):
     ran = []
     monkeypatch.setattr(pretrain_bench, "run_method", fake_run_method(ran))
