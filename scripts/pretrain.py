@@ -39,9 +39,12 @@ from transformers import LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # Noise from dependencies, not about this run: bitsandbytes (imported by PEFT where installed) logs on CPUs with
-# AVX512-BF16 that an optional 4-bit kernel package is missing; PEFT 0.21 reads a property Transformers 5 deprecates
+# AVX512-BF16 that an optional 4-bit kernel package is missing; PEFT 0.21 reads a property Transformers 5 deprecates;
+# torch 2.13 deprecates DDP's `broadcast_buffers`, which accelerate passes on (`forward_sync_buffers`, its successor,
+# is new in 2.13 and accelerate cannot pass it; set to False below, the per-rank supports are not re-sent per step)
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
 import peft_sltrain  # noqa: E402
 
 import checkpointing  # noqa: E402
