@@ -53,7 +53,17 @@ import pretrain_card  # noqa: E402
 from methods import METHODS, Hyper, adamw, get_method, parse_method_args  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-SIZES = sorted(p.stem.removeprefix("llama_") for p in CONFIGS.glob("llama_*.json"))
+
+
+def _by_size(name: str) -> tuple:
+    """tiny, 60m, 130m, ..., 1b, 7b: smallest first (a preset named otherwise goes last)."""
+    number, unit = name[:-1], name[-1:]
+    if name == "tiny":
+        return (0, 0.0)
+    return (1, float(number) * (1000 if unit == "b" else 1)) if number.isdigit() and unit in "mb" else (2, name)
+
+
+SIZES = sorted((p.stem.removeprefix("llama_") for p in CONFIGS.glob("llama_*.json")), key=_by_size)
 DIVERGED = 3  # exit status of a run whose loss became NaN or infinite, or validation past 709 nats (`cli`)
 
 
@@ -69,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="sltrain", help=f"one of: {', '.join(sorted(METHODS))} (default: %(default)s)")
     p.add_argument("--rank", type=int, help="rank r (default: the size preset's)")
     p.add_argument("--sparsity", type=float, help="SLTrain's delta (default: the size preset's)")
-    p.add_argument("--alpha", type=float, help="SLTrain's alpha; B A is scaled by alpha / r (default: preset)")
+    p.add_argument(
+        "--alpha", type=float, help="B A is scaled by alpha / r (sltrain, lowrank, lora, relora; default: preset)"
+    )
     p.add_argument(
         "--method-arg",
         action="append",
@@ -97,15 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's)")
     # optimisation (every default: the size preset's, see configs/)
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--min-lr-ratio", type=float, help="the cosine schedule ends at this fraction of --lr")
-    p.add_argument("--warmup-steps", type=int, help="linear warmup steps")
-    p.add_argument("--max-steps", type=int, help="optimizer steps")
-    p.add_argument("--global-batch", type=int, help="sequences per optimizer step, over all processes")
-    p.add_argument("--micro-batch", type=int, help="sequences per forward pass per process")
-    p.add_argument("--weight-decay", type=float, help="AdamW's decoupled weight decay")
-    p.add_argument("--grad-clip", type=float, help="max global gradient norm; 0 disables")
-    p.add_argument("--optimizer", choices=["adamw", "adam8bit"])
+    p.add_argument("--lr", type=float, help="peak learning rate (default: preset)")
+    p.add_argument(
+        "--min-lr-ratio", type=float, help="the cosine schedule ends at this fraction of --lr (default: preset)"
+    )
+    p.add_argument("--warmup-steps", type=int, help="linear warmup steps (default: preset)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (default: preset)")
+    p.add_argument(
+        "--global-batch", type=int, help="sequences per optimizer step, over all processes (default: preset)"
+    )
+    p.add_argument("--micro-batch", type=int, help="sequences per forward pass per process (default: preset)")
+    p.add_argument("--weight-decay", type=float, help="AdamW's decoupled weight decay (default: preset)")
+    p.add_argument("--grad-clip", type=float, help="max global gradient norm; 0 disables (default: preset)")
+    p.add_argument("--optimizer", choices=["adamw", "adam8bit"], help="(default: preset)")
     p.add_argument(
         "--per-layer-updates",
         action="store_true",
@@ -201,8 +217,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     unused = [key for key in PRESET_SLTRAIN_KEYS if key not in method.reads]
     passed = [f"--{key}" for key in unused if getattr(args, key) is not None]
     if passed:  # it would train as if they were not given, yet the run's config and card would record them
-        reads = ", ".join(f"--{key}" for key in method.reads) or "none of them"
-        raise ValueError(f"`--method {method.name}` does not use {', '.join(passed)} (it reads {reads}).")
+        reads = ", ".join(f"--{key}" for key in (method.reads or PRESET_SLTRAIN_KEYS))
+        which = "it reads" if method.reads else "it reads none of"
+        raise ValueError(f"`--method {method.name}` does not use {', '.join(passed)} ({which} {reads}).")
     for key, value in {**preset["train"], **preset.get("sltrain", {})}.items():
         if getattr(args, key, None) is None and key not in unused:
             setattr(args, key, value)

@@ -478,7 +478,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus):
     "extra,message",
     [
         (["--method", "magic"], "Unknown `--method` 'magic'"),
-        (["--model", "13b"], "Unknown `--model` '13b'"),
+        (["--model", "13b"], r"Unknown `--model` .13b.: choose one of \[.tiny., .60m., .130m., .350m., .1b., .7b.\]"),
         (["--method", "sltrain", "--rank", "33"], r"`--rank` 33 does not fit the model: it must be in \[1, 32\]"),
         (["--method", "galore", "--rank", "33"], r"`--rank` 33 does not fit the model: it must be in \[1, 32\]"),
         (["--method", "fira", "--rank", "33"], r"`--rank` 33 does not fit the model: it must be in \[1, 32\]"),
@@ -524,7 +524,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus):
             r"has no setting 'relora_every' \(it takes none\)",
         ),
         (["--method", "galore", "--per-layer-updates"], "works with AdamW-trained methods, not `--method galore`"),
-        (["--method", "full", "--alpha", "8"], r"`--method full` does not use --alpha \(it reads none of them\)"),
+        (["--method", "full", "--alpha", "8"], r"`--method full` does not use --alpha \(it reads none of --rank, "),
         (["--method", "lowrank", "--sparsity", "0.1"], r"does not use --sparsity \(it reads --rank, --alpha\)"),
         (["--method", "galore", "--alpha", "2", "--sparsity", "0.1"], "does not use --sparsity, --alpha"),
         (["--method", "lowrank", "--alpha", "0"], r"`--alpha` must be positive \(B A is scaled by alpha / r\), got 0"),
