@@ -138,6 +138,8 @@ def build(
         "```python",
         load + "\n" + (GENERATE_STREAMED if run_config.get("dataset") else GENERATE) + "```",
         "",
+        "`path/to/this/directory` is this directory, or its repository id on the Hugging Face Hub once uploaded "
+        "(`hf upload <user>/<name> path/to/this/directory`, which uploads everything in it). "
         "`python scripts/sample.py path/to/this/directory` (in peft-sltrain) does the same from the command line."
         + ("\nLoading needs the `peft-sltrain` package installed." if adapter else ""),
         "",
