@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
                 }
                 summary[f"{name} {kind}"]["cache_hits"] = [row["cache_hits"] for row in rows]
     runs = {name: {kind: rows for kind, rows in kinds.items() if rows} for name, kinds in runs.items()}
-    result = {"environment": environment(), "rounds": args.rounds, "median": summary, "runs": runs}
+    command = " ".join(["python", "benchmarks/numba_cache.py", *(sys.argv[1:] if argv is None else argv)])
+    result = {"command": command, "environment": environment(), "rounds": args.rounds, "median": summary, "runs": runs}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     for name, row in summary.items():
         print(f"{name:>24}: {row['seconds']:6.2f} s, +{row['rss_added_mib']:4.0f} MiB RSS ({row['rss_mib']:.0f} MiB)")

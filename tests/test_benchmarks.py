@@ -470,6 +470,27 @@ def test_bench_scripts_refuse_bad_flags_before_measuring(bench, argv, message, c
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_numba_cache_records_its_command_and_medians(tmp_path, monkeypatch):
+    """The results file says how it was made and what each process measured (the probes stubbed: each is a fresh
+    process that compiles numba's kernels)."""
+    rows = iter(range(100))
+
+    def probe(dtypes, cache_dir):
+        n = next(rows)
+        return {"seconds": float(n), "rss_added_mib": 10.0 * n, "rss_mib": 100.0, "cache_hits": n}
+
+    monkeypatch.setattr(numba_cache, "probe", probe)
+    out = tmp_path / "cache.json"
+    numba_cache.main(["--rounds", "2", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["command"] == f"python benchmarks/numba_cache.py --rounds 2 --out {out}"
+    assert result["rounds"] == 2 and "cpu" in result["environment"]
+    # per round: fp32 compiled, loaded; all dtypes compiled, loaded; no kernels: probes 0-4 then 5-9
+    median = result["median"]
+    assert median["fp32 compiled"]["seconds"] == 2.5 and median["no kernels baseline"]["seconds"] == 6.5
+    assert median["fp32+fp64+bf16 loaded"]["cache_hits"] == [3, 8] and len(result["runs"]["fp32"]["compiled"]) == 2
+
+
 # ---------------------------------------------------------------------------------------------------- plot_steps.py
 def test_plot_steps_reads_step_bench_files_and_writes_the_plot(tmp_path, monkeypatch):
     """What step_bench writes, plot_steps reads: per round, tokens/s over full-rank's and the extra time per step."""
