@@ -206,6 +206,9 @@ class DataArguments:
     )
 
 
+REFUSED_FLAGS = ("do_predict", "bf16_full_eval", "fp16_full_eval")  # Trainer flags this script refuses (see below)
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help: the module docstring as it is written, then every flag with its default (as HfArgumentParser's)."""
 
@@ -227,6 +230,8 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Training
                 action.help = f"{action.help.split(' (default')[0].rstrip('. ')} (default: task preset)."
         if action.dest in ("task_name", "output_dir"):
             action.help = f"Required. {action.help}"
+        if action.dest in REFUSED_FLAGS:  # still parsed, so that they are refused by name, not as unknown
+            action.help = argparse.SUPPRESS
     namespace = vars(parser.parse_args(argv))
     task = get_task(namespace["task_name"])
     if not namespace["output_dir"]:  # TrainingArguments would fall back to ./trainer_output

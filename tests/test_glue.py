@@ -882,6 +882,7 @@ def test_help_and_a_missing_extra():
     assert result.returncode == 0
     assert result.stdout.startswith("usage: run_glue.py --task_name TASK --output_dir DIR")
     assert run_glue.__doc__.splitlines()[0] in result.stdout and "Required. The GLUE task" in result.stdout
+    assert "--do_predict " not in result.stdout and "--bf16_full_eval " not in result.stdout  # refused: not offered
     hide = "import runpy, sys; sys.modules['datasets'] = sys.modules['scipy'] = None; sys.argv = [sys.argv[0], '-h']"
     code = f"{hide}; sys.path.insert(0, {str(script.parent)!r}); runpy.run_path({str(script)!r}, run_name='__main__')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
