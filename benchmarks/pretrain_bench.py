@@ -388,7 +388,8 @@ def main(argv=None) -> None:
     if corpus_files() == EMBEDDED and args.results_dir.resolve() == RESULTS.resolve():
         p.error(  # the committed results were measured on the three shared corpora
             f"the shared corpora are not in {SHARED_LM}, and results on the embedded Austen corpus would replace the "
-            "committed ones: pass --results-dir DIR to write them elsewhere"
+            "committed ones: pass --results-dir DIR to write them elsewhere (with --sweep-lr first, so that each "
+            "method trains at its own best learning rate there rather than at 3e-3)"
         )
     budget = SIZES[args.size]
     try:  # bad flags after `--` fail here, not in the first run (nor after some runs)

@@ -5,10 +5,11 @@ Every kernel is a module-level function, so numba keeps what it compiles on disk
 to this file, else in its user-wide cache directory, or in `NUMBA_CACHE_DIR`) and a later process loads it instead of
 compiling again. numba names a function's cache files after its qualified name, and here that name carries a hash of
 what decides the compiled code: this file's and `cpu_kernels.py`'s bytes (the constants), the numba and llvmlite
-versions, numba's optimisation level and bounds checking (`NUMBA_OPT`, `NUMBA_BOUNDSCHECK`) and the CPU (triple, name,
-features). Each version of the kernels, of numba or of the CPU thus has files of its own: numba's own key (the file's
-modification time and size) would reuse the numbered data files of an earlier version, which a process starting while
-another rewrites them could load, stale, without an error.
+versions, numba's settings that change the generated code (`NUMBA_OPT`, `NUMBA_BOUNDSCHECK`, `NUMBA_LOOP_VECTORIZE`,
+`NUMBA_SLP_VECTORIZE`, `NUMBA_ENABLE_AVX`) and the CPU (triple, name, features). Each version of the kernels, of numba
+or of the CPU thus has files of its own: numba's own key (the file's modification time and size) would reuse the
+numbered data files of an earlier version, which a process starting while another rewrites them could load, stale,
+without an error.
 
 One function per kernel serves fp32, fp64 and bf16: the helpers that load and store blocks of tokens pick their code
 from the array types when numba compiles them (`overload`), so bf16, passed as its uint16 bits, computes in fp32
@@ -51,7 +52,9 @@ def _version_key() -> str:
         numba.config.CPU_NAME,
         numba.config.CPU_FEATURES,
     )
-    codegen = (numba.__version__, llvmlite.__version__, repr(numba.config.OPT), numba.config.BOUNDSCHECK)
+    config = numba.config  # the settings that change the generated code (NUMBA_OPT, NUMBA_LOOP_VECTORIZE, ...)
+    settings = (repr(config.OPT), config.BOUNDSCHECK, config.LOOP_VECTORIZE, config.SLP_VECTORIZE, config.ENABLE_AVX)
+    codegen = (numba.__version__, llvmlite.__version__, settings)
     digest.update(repr((codegen, cpu)).encode())
     return digest.hexdigest()[:16]
 

@@ -52,7 +52,10 @@ import torch
 def _installed(module: str) -> bool:
     """Whether `module` is installed: a directory of that name on the path (a namespace package, such as a numba
     cache directory named `numba` beside a script) does not count."""
-    spec = importlib.util.find_spec(module)
+    try:
+        spec = importlib.util.find_spec(module)
+    except ValueError:  # imported already, by something that left it without a spec
+        return True
     return spec is not None and spec.origin is not None
 
 

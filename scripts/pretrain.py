@@ -56,11 +56,14 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def _by_size(name: str) -> tuple:
-    """tiny, 60m, 130m, ..., 1b, 7b: smallest first (a preset named otherwise goes last)."""
-    number, unit = name[:-1], name[-1:]
+    """tiny, 60m, 130m, ..., 1b, 7b: smallest first (1.5b and 125M too; a preset named otherwise goes last)."""
+    number, unit = name[:-1], name[-1:].lower()
     if name == "tiny":
         return (0, 0.0)
-    return (1, float(number) * (1000 if unit == "b" else 1)) if number.isdigit() and unit in "mb" else (2, name)
+    try:
+        return (1, float(number) * {"m": 1, "b": 1000}[unit])
+    except (ValueError, KeyError):
+        return (2, name)
 
 
 SIZES = sorted((p.stem.removeprefix("llama_") for p in CONFIGS.glob("llama_*.json")), key=_by_size)
@@ -204,7 +207,10 @@ def preset_value(where: str, key: str, value, flag: argparse.Action):
 
 def installed(module: str) -> bool:
     """Whether `module` can be imported (a plain directory of that name on the path does not count)."""
-    spec = importlib.util.find_spec(module)
+    try:
+        spec = importlib.util.find_spec(module)
+    except ValueError:  # imported already, by something that left it without a spec
+        return True
     return spec is not None and spec.origin is not None
 
 
@@ -307,7 +313,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         )
     # what the `scripts` extra installs, checked now: the loss plot comes after the last step, and a run that fails
     # there has trained for nothing (no final model, no summary)
-    missing = [name for name in ("matplotlib",) + (("datasets",) if args.dataset else ()) if not installed(name)]
+    needed = {"matplotlib": "for loss.png", **({"datasets": "for --dataset"} if args.dataset else {})}
+    missing = [f"{name} ({why})" for name, why in needed.items() if not installed(name)]
     if missing:
         raise ValueError(
             f"this run needs {' and '.join(missing)}, not installed: pip install 'peft-sltrain[scripts]'."

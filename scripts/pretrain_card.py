@@ -140,8 +140,8 @@ def build(
         "",
         "`path/to/this/directory` is this directory, or its repository id on the Hugging Face Hub once uploaded "
         "(`hf upload <user>/<name> path/to/this/directory`, which uploads everything in it). "
-        "`python scripts/sample.py path/to/this/directory` (in peft-sltrain) does the same from the command line."
-        + ("\nLoading needs the `peft-sltrain` package installed." if adapter else ""),
+        "`python scripts/sample.py path/to/this/directory` (in peft-sltrain; a local directory only) does the same "
+        "from the command line." + ("\nLoading needs the `peft-sltrain` package installed." if adapter else ""),
         "",
         "## Framework versions",
         "",

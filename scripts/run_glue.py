@@ -53,12 +53,17 @@ import torch
 # deprecates
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pretrain import DIVERGED, installed, peak_memory_bytes, training_state_bytes  # noqa: E402
 
-# the `scripts` and `glue` extras, named in one line rather than a traceback from the imports below (also for --help)
+# the `scripts` and `glue` extras, named in one line rather than a traceback from the imports below (also for --help);
+# imported as a module (by tests), an ImportError that names them
 _missing = [name for name in ("datasets", "scipy", "sklearn", "jinja2") if not installed(name)]
 if _missing:
-    sys.exit(f"run_glue.py needs {', '.join(_missing)}: pip install 'peft-sltrain[scripts,glue]'.")
+    _message = f"run_glue.py needs {', '.join(_missing)}: pip install 'peft-sltrain[scripts,glue]'."
+    if __name__ == "__main__":
+        sys.exit(_message)
+    raise ModuleNotFoundError(_message)
 from datasets import DatasetDict, load_dataset  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import (  # noqa: E402
@@ -74,7 +79,6 @@ from transformers import (  # noqa: E402
     set_seed,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peft_sltrain  # noqa: E402  (registers SLTrain with PEFT)
 from peft_sltrain.layer import keep_bnb_4bit_unpacked  # noqa: E402
 
@@ -210,7 +214,11 @@ REFUSED_FLAGS = ("do_predict", "bf16_full_eval", "fp16_full_eval")  # Trainer fl
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help: the module docstring as it is written, then every flag with its default (as HfArgumentParser's)."""
+    """--help: the module docstring as it is written, then every flag with its default (as HfArgumentParser's), but
+    for defaults of None (a required flag's, or one that is off unless given)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:

@@ -61,7 +61,8 @@ def test_results_on_the_embedded_corpus_do_not_replace_the_committed_ones(pretra
     ran = []
     monkeypatch.setattr(pretrain_bench, "run_method", fake_run_method(ran))
     monkeypatch.setattr(pretrain_bench, "corpus_files", lambda: pretrain_bench.EMBEDDED)
-    for argv in (["--sweep-lr", "--methods", "full"], ["--methods", "full"]):
+    other_spelling = str(pretrain_in_tmp.parent / "x" / ".." / pretrain_in_tmp.name)  # the same directory
+    for argv in (["--sweep-lr", "--methods", "full"], ["--methods", "full", "--results-dir", other_spelling]):
         with pytest.raises(SystemExit):
             pretrain_bench.main(argv)
         assert "pass --results-dir DIR to write them elsewhere" in capsys.readouterr().err

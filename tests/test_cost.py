@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from peft import get_peft_model
@@ -12,6 +16,8 @@ from peft_sltrain.cost import choose_path, dense_cost, factored_cost, sparse_rel
 
 from conftest import perturb_trainable, tiny_llama
 
+ROOT = Path(__file__).resolve().parent.parent
+
 CPU = torch.device("cpu")
 
 
@@ -21,12 +27,29 @@ def torch_kernels(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "AVAILABLE", False)
 
 
-def test_a_directory_named_numba_is_not_numba(tmp_path, monkeypatch):
+# numba not installed (its own package hidden), and an empty directory `numba` on the path; then a factored call
+NO_NUMBA_BUT_A_DIRECTORY = """
+import sys, torch
+from importlib.machinery import PathFinder
+class OnlyTheDirectory:  # finds `numba` in the given directory alone, as if numba were not installed
+    def find_spec(self, name, path=None, target=None):
+        return PathFinder.find_spec(name, [sys.argv[1]]) if name == "numba" else None
+sys.meta_path.insert(0, OnlyTheDirectory())
+from peft_sltrain import cpu_kernels, functional
+x, A, B = torch.randn(8, 16), torch.randn(4, 16, requires_grad=True), torch.randn(16, 4)
+indices, values = torch.tensor([3, 40, 200], dtype=torch.int32), torch.randn(3)
+functional.sltrain_linear(x, A, B, values, indices, scaling=1.0, path="factored").sum().backward()
+print(cpu_kernels.AVAILABLE)
+"""
+
+
+def test_a_directory_named_numba_is_not_numba(tmp_path):
     """A numba cache directory named `numba` beside a script is importable as a namespace package: without numba
     installed, the kernels must not count as available (every layer call failed on `numba.config`)."""
-    monkeypatch.syspath_prepend(str(tmp_path))
-    (tmp_path / "a_cache_dir_named_like_a_package").mkdir()
-    assert not cpu_kernels._installed("a_cache_dir_named_like_a_package")
+    (tmp_path / "numba").mkdir()
+    code = NO_NUMBA_BUT_A_DIRECTORY
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0 and run.stdout.strip() == "False", run.stderr[-2000:]
     assert not cpu_kernels._installed("no_such_module_anywhere") and cpu_kernels._installed("numpy")
 
 

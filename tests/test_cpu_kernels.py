@@ -426,8 +426,9 @@ def test_the_cache_is_keyed_on_the_sources_numba_and_the_cpu(monkeypatch):
     monkeypatch.setattr(numba.config, "CPU_NAME", "another-cpu")
     assert kernels._version_key() != kernels._VERSION_KEY
     monkeypatch.undo()
-    for module, name, value in ((kernels.llvmlite, "__version__", "0.0.0"), (numba.config, "OPT", 0),
-                                (numba.config, "BOUNDSCHECK", 1)):  # fmt: skip
+    changed = [(kernels.llvmlite, "__version__", "0.0.0"), (numba.config, "OPT", 0), (numba.config, "BOUNDSCHECK", 1)]
+    changed += [(numba.config, name, not getattr(numba.config, name)) for name in ("LOOP_VECTORIZE", "SLP_VECTORIZE")]
+    for module, name, value in changed + [(numba.config, "ENABLE_AVX", not numba.config.ENABLE_AVX)]:
         monkeypatch.setattr(module, name, value)
         assert kernels._version_key() != kernels._VERSION_KEY, name
         monkeypatch.undo()

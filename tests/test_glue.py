@@ -883,11 +883,16 @@ def test_help_and_a_missing_extra():
     assert result.stdout.startswith("usage: run_glue.py --task_name TASK --output_dir DIR")
     assert run_glue.__doc__.splitlines()[0] in result.stdout and "Required. The GLUE task" in result.stdout
     assert "--do_predict " not in result.stdout and "--bf16_full_eval " not in result.stdout  # refused: not offered
+    assert "(default: None)" not in result.stdout
     hide = "import runpy, sys; sys.modules['datasets'] = sys.modules['scipy'] = None; sys.argv = [sys.argv[0], '-h']"
-    code = f"{hide}; sys.path.insert(0, {str(script.parent)!r}); runpy.run_path({str(script)!r}, run_name='__main__')"
+    code = f"{hide}; runpy.run_path({str(script)!r}, run_name='__main__')"  # (finds its modules itself)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip() == "run_glue.py needs datasets, scipy: pip install 'peft-sltrain[scripts,glue]'."
+    # imported as a module (as these tests do): an ImportError, which pytest reports for this file alone
+    code = f"{hide}; sys.path.insert(0, {str(script.parent)!r}); import run_glue"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "ModuleNotFoundError: run_glue.py needs datasets, scipy: pip install" in result.stderr
 
 
 @pytest.mark.parametrize(

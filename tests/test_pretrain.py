@@ -583,6 +583,12 @@ def test_the_seed_draws_the_sparse_supports():
     assert not any(torch.equal(a, b) for a, b in zip(seven, zero))
 
 
+def test_presets_are_listed_smallest_first():
+    assert pretrain.SIZES == ["tiny", "60m", "130m", "350m", "1b", "7b"]  # (--help, and the unknown-preset error)
+    names = ["7b", "1.5b", "notes", "125M", "tiny", "60m"]
+    assert sorted(names, key=pretrain._by_size) == ["tiny", "60m", "125M", "1.5b", "7b", "notes"]
+
+
 def test_preset_without_training_settings(tmp_path, corpus):
     preset = json.loads(Path(MICRO).read_text())
     del preset["train"]["max_steps"], preset["sltrain"]
@@ -644,7 +650,11 @@ def test_methods_without_their_package_and_compile_without_a_compiler_fail_first
     final model or summary written."""
     for missing, extra, message in (
         ("galore_torch", ("--method", "galore"), r"`--method galore` needs the galore_torch package: pip install"),
-        ("matplotlib", (), r"this run needs matplotlib, not installed: pip install 'peft-sltrain\[scripts\]'"),
+        (
+            "matplotlib",
+            (),
+            r"this run needs matplotlib \(for loss.png\), not installed: pip install 'peft-sltrain\[scripts\]'",
+        ),
     ):
         monkeypatch.setattr(pretrain, "installed", lambda name, missing=missing: name != missing)
         with pytest.raises(ValueError, match=message):
@@ -652,9 +662,7 @@ def test_methods_without_their_package_and_compile_without_a_compiler_fail_first
         assert not (tmp_path / "out").exists()
     monkeypatch.setattr(pretrain, "installed", lambda name: name != "datasets")
     args = pretrain.parse_args(["--model", MICRO, "--out-dir", "x", "--dataset", "allenai/c4", "--tokenizer", "t5"])
-    with pytest.raises(
-        ValueError, match=r"this run needs datasets, not installed: pip install 'peft-sltrain\[scripts\]'"
-    ):
+    with pytest.raises(ValueError, match=r"this run needs datasets \(for --dataset\), not installed: pip install"):
         pretrain.resolve(args)
     monkeypatch.undo()
     monkeypatch.setenv("CXX", "/nonexistent/g++")
