@@ -40,8 +40,8 @@ from transformers import LlamaConfig
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # Noise from dependencies, not about this run: bitsandbytes (imported by PEFT where installed) logs on CPUs with
 # AVX512-BF16 that an optional 4-bit kernel package is missing; PEFT 0.21 reads a property Transformers 5 deprecates;
-# torch 2.13 deprecates DDP's `broadcast_buffers`, which accelerate passes on (`forward_sync_buffers`, its successor,
-# is new in 2.13 and accelerate cannot pass it; set to False below, the per-rank supports are not re-sent per step)
+# torch 2.13 deprecates DDP's `broadcast_buffers`, which accelerate passes on and cannot replace by its successor
+# (`broadcast_buffers=False` below keeps DDP from re-sending the supports, the same on every rank, at each forward)
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
