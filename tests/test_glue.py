@@ -889,7 +889,8 @@ def test_help_and_a_missing_extra():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip() == "run_glue.py needs datasets, scipy: pip install 'peft-sltrain[scripts,glue]'."
-    # imported as a module (as these tests do): an ImportError, which pytest reports for this file alone
+    # imported as a module (as these tests do): an ImportError, a collection error of this file (an exit was pytest's
+    # INTERNALERROR)
     code = f"{hide}; sys.path.insert(0, {str(script.parent)!r}); import run_glue"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "ModuleNotFoundError: run_glue.py needs datasets, scipy: pip install" in result.stderr
