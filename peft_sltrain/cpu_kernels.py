@@ -49,9 +49,9 @@ import numpy as np
 import torch
 
 
-def _installed(module: str) -> bool:
+def installed(module: str) -> bool:
     """Whether `module` is installed: a directory of that name on the path (a namespace package, such as a numba
-    cache directory named `numba` beside a script) does not count."""
+    cache directory named `numba` beside a script) does not count. (The scripts check their extras with it too.)"""
     try:
         spec = importlib.util.find_spec(module)
     except ValueError:  # imported already, by something that left it without a spec
@@ -60,7 +60,7 @@ def _installed(module: str) -> bool:
 
 
 # without numba the factored path uses PyTorch's CSR kernels; numba is imported on first use, not with the package
-AVAILABLE = _installed("numba")
+AVAILABLE = installed("numba")
 # bf16 is computed in fp32 (loaded from and rounded back to bf16 per block of tokens), like PyTorch's bf16 GEMMs
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _COMPUTE_DTYPE = {torch.bfloat16: torch.float32}  # where the kernels compute in another dtype than their inputs

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import itertools
 import json
 import logging
@@ -46,6 +45,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
 import peft_sltrain  # noqa: E402
+from peft_sltrain.cpu_kernels import installed  # noqa: E402  (whether a package is installed, for the extras)
 
 import checkpointing  # noqa: E402
 import data  # noqa: E402
@@ -203,15 +203,6 @@ def preset_value(where: str, key: str, value, flag: argparse.Action):
     if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
         raise ValueError(f"{where} sets {key!r} to {value!r}, which is no {kind.__name__}.")
     return kind(value)
-
-
-def installed(module: str) -> bool:
-    """Whether `module` can be imported (a plain directory of that name on the path does not count)."""
-    try:
-        spec = importlib.util.find_spec(module)
-    except ValueError:  # imported already, by something that left it without a spec
-        return True
-    return spec is not None and spec.origin is not None
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:

@@ -50,7 +50,7 @@ def test_a_directory_named_numba_is_not_numba(tmp_path):
     code = NO_NUMBA_BUT_A_DIRECTORY
     run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0 and run.stdout.strip() == "False", run.stderr[-2000:]
-    assert not cpu_kernels._installed("no_such_module_anywhere") and cpu_kernels._installed("numpy")
+    assert not cpu_kernels.installed("no_such_module_anywhere") and cpu_kernels.installed("numpy")
 
 
 @pytest.fixture
