@@ -54,7 +54,7 @@ import torch
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pretrain import DIVERGED, installed, peak_memory_bytes, training_state_bytes  # noqa: E402
+from peft_sltrain.cpu_kernels import installed  # noqa: E402
 
 # the `scripts` and `glue` extras, named in one line rather than a traceback from the imports below (also for --help);
 # imported as a module (by tests), an ImportError that names them
@@ -84,6 +84,7 @@ from peft_sltrain.layer import keep_bnb_4bit_unpacked  # noqa: E402
 
 import model_card  # noqa: E402
 from glue_tasks import STSB_RANGE, TASKS, Task, get_task, load_metric, text_columns  # noqa: E402
+from pretrain import DIVERGED, peak_memory_bytes, training_state_bytes  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------------- presets
