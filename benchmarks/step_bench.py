@@ -44,7 +44,7 @@ from pretrain import peak_memory_bytes  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 VARIANTS = {"full": None, "sltrain-dense": "dense", "sltrain-factored": "factored", "sltrain-auto": "auto",
-            "lowrank": None}  # fmt: skip
+            "sltrain-batched": "batched", "lowrank": None}  # fmt: skip
 # `lowrank` is the pure low-rank model (x A^T) B^T at SLTrain's r with no sparse part: the factored path does all of
 # its work and more (the sparse products), so its step time is a floor for any factored SLTrain step.
 
@@ -110,6 +110,7 @@ def measure(
     seconds = statistics.median(timed() for _ in range(steps))
     dtype = autocast_dtype or torch.float32
     paths = sorted(
+        "batched" if layer.compute["default"] == "batched" else
         cost.choose_path(layer.compute["default"], batch * seq_len, layer.in_features, layer.out_features,
                          layer.r["default"], layer.sltrain_values["default"].numel(), device, dtype, False)
         for layer in model.modules() if isinstance(layer, peft_sltrain.SLTrainLayer)

@@ -33,7 +33,7 @@ import torch
 
 from . import cpu_kernels
 
-COMPUTE_CHOICES = ("auto", "dense", "factored")
+COMPUTE_CHOICES = ("auto", "dense", "factored", "batched")  # "batched": `batched.py` (else the dense path)
 
 # (kappa_inf, kappa_row, tau) per (device type, dtype), for PyTorch's CSR kernels. CPU fp32: `cost_model_fit` of
 # benchmarks/results/layer_cpu_torch_kernels.json (a run from before the numba kernels existed; 15 layer shapes from
@@ -198,7 +198,7 @@ def choose_path(
         raise ValueError(f"`compute` must be one of {COMPUTE_CHOICES}, got {compute!r}.")
     # on meta only shapes are computed (no kernel runs); under torch.export the map runs in plain ops, whatever the
     # path (`functional._sltrain_linear_unchecked`): no kernel probed while tracing
-    if compute == "dense" or device.type == "meta" or exporting():
+    if compute in ("dense", "batched") or device.type == "meta" or exporting():
         return "dense"
     if compute == "factored":
         check_factored_supported(device, dtype)

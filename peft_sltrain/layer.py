@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from transformers.pytorch_utils import Conv1D
 
+from .batched import batched_weight
 from .config import SLTrainConfig, is_all_linear
 from .cost import COMPUTE_CHOICES, choose_path
 from .functional import (
@@ -481,6 +482,10 @@ class SLTrainLayer(BaseTunerLayer):
         its first forward there and recomputes it with grad, and both must take one path for the checkpointed model to
         give the same bits. What requires a gradient does not count, so that a model gives the same bits whether its
         parameters are frozen (loaded for inference) or not."""
+        if self.compute[name] == "batched" and weight is None:  # from scratch: W from its group's batched rebuild
+            W = batched_weight(self, name, x)
+            if W is not None:
+                return F.linear(x, W, None if bias is None else bias.to(x.dtype))
         A, B, values = self.sltrain_A[name], self.sltrain_B[name], self.sltrain_values[name]
         path = choose_path(
             self.compute[name],

@@ -15,6 +15,7 @@ from peft.tuners.tuners_utils import (
 from torch import nn
 from transformers import PreTrainedModel
 
+from .batched import BatchedRebuilds
 from .config import SLTrainConfig, add_task_heads
 from .cost import COMPUTE_CHOICES
 from .layer import Linear, SLTrainLayer, exclude_unreplaceable_linears, keep_bnb_4bit_unpacked
@@ -111,6 +112,12 @@ class SLTrainModel(BaseTuner):
                         f"tensor of the model, and PEFT would save {key!r} as {saved!r}, which would not load back. "
                         "Choose another adapter name."
                     )
+        if "_sltrain_rebuilds" not in self.__dict__:  # `compute="batched"`: a pass is one call of the model, through
+            # this tuner (PEFT's task models call it) or straight (a `PeftModel` without a task type calls `model`)
+            self._sltrain_rebuilds = BatchedRebuilds(self)
+            for module in (self, model):
+                module.register_forward_pre_hook(self._sltrain_rebuilds.begin_pass)
+                module.register_forward_hook(self._sltrain_rebuilds.end_pass, always_call=True)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
 
     def _check_new_adapter_config(self, config: SLTrainConfig) -> None:
@@ -125,9 +132,12 @@ class SLTrainModel(BaseTuner):
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs) -> None:
         if isinstance(target, SLTrainLayer):
             target.update_layer_from_config(adapter_name, config, current_key)
+            target._sltrain_rebuilds = self._sltrain_rebuilds
             return
         # what cannot be replaced was refused by `inject_adapter`'s check (and `Linear` refuses it again)
         new_module = Linear(target, adapter_name, config, layer_name=current_key)
+        new_module._sltrain_rebuilds = self._sltrain_rebuilds  # its group's rebuilt weights, for `compute="batched"`
+        self._sltrain_rebuilds.forget_layers()
         new_module.train(target.training)  # a layer of an eval-mode model stays in eval mode (`Linear._path` asks)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added, inactive adapter starts frozen
@@ -240,6 +250,11 @@ class SLTrainModel(BaseTuner):
         if self._from_scratch():
             refuse_unset_parameters(self.model, "merging it into a plain model")
         return super().merge_and_unload(*args, **kwargs)
+
+    def _unload_and_optionally_merge(self, *args, **kwargs) -> nn.Module:
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        remove_pass_hooks(model)  # the plain model returned keeps no hook of ours
+        return model
 
     def delete_adapter(self, adapter_name: str) -> None:
         config = self.peft_config.get(adapter_name)
@@ -392,6 +407,14 @@ def _restore_supports(model: nn.Module, adapter_name: str, state_dict: dict) -> 
                 "it was saved and re-save it with `save_support=True`."
             )
         state_dict[key.replace(".sltrain_fingerprint", f".sltrain_indices.{adapter_name}")] = regenerated
+
+
+def remove_pass_hooks(model: nn.Module) -> None:
+    """Remove the forward hooks by which `SLTrainModel` marks the passes of `compute="batched"` from `model`."""
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for key in [k for k, hook in hooks.items() if isinstance(getattr(hook, "__self__", None), BatchedRebuilds)]:
+            del hooks[key]
+            model._forward_hooks_always_called.pop(key, None)
 
 
 def warn_dense_experts(model: nn.Module) -> None:

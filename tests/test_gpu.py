@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from peft import get_peft_model
@@ -80,3 +82,28 @@ def test_model_built_under_the_cuda_default_device_draws_the_cpu_support():
     assert cpu_supports and cpu_supports.keys() == cuda_supports.keys()
     for name, support in cuda_supports.items():
         assert support.device.type == "cuda" and torch.equal(support.cpu(), cpu_supports[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_matches_the_dense_path_on_cuda(input_ids, dtype):
+    """`compute="batched"` on CUDA (fp32, and bf16 autocast as GPU training runs) against the dense path."""
+    dense = get_peft_model(tiny_llama(num_hidden_layers=3), SLTrainConfig(r=4, sparsity=0.05, from_scratch=True))
+    dense.set_compute("dense")
+    perturb_trainable(dense)
+    batched = copy.deepcopy(dense)
+    batched.set_compute("batched")
+    ids = input_ids.cuda()
+    results = []
+    for model in (dense.cuda().train(), batched.cuda().train()):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    assert any("_sltrain_slot" in m.__dict__ for m in batched.modules())
+    (loss_dense, grads_dense), (loss_batched, grads_batched) = results
+    tol = 1e-5 if dtype == torch.float32 else 0.02
+    torch.testing.assert_close(loss_batched, loss_dense, rtol=tol, atol=0)
+    for name, g in grads_dense.items():
+        assert g is not None and grads_batched[name] is not None, name
+        scale = g.abs().max().item()
+        torch.testing.assert_close(grads_batched[name], g, rtol=tol, atol=tol * scale, msg=name)
