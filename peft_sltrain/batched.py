@@ -85,7 +85,7 @@ class BatchedRebuilds:
         for m in self.layers():
             if _eligible(m, name):
                 factors = _factors(m, name)
-                if all(type(t) in (torch.Tensor, nn.Parameter) for t in factors):  # not DTensor's (FSDP)
+                if _whole(m, name, factors):
                     kinds.setdefault(_key(m, name, *factors), []).append((m, factors))
         for key, members in kinds.items():
             group = _Group(self.generation, dtype)
@@ -117,6 +117,18 @@ class _Group:
 
 def _factors(layer, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return layer.sltrain_A[name], layer.sltrain_B[name], layer.sltrain_values[name]
+
+
+def _whole(layer, name: str, factors: tuple[torch.Tensor, ...]) -> bool:
+    """Whether `factors` are plain tensors of their full shapes: not DTensor's (FSDP2), nor the empty views that FSDP
+    leaves of a layer that is not unsharded (which would be stacked with the others)."""
+    A, B, values = factors
+    return (
+        all(type(t) in (torch.Tensor, nn.Parameter) for t in factors)
+        and A.shape == (layer.r[name], layer.in_features)
+        and B.shape == (layer.out_features, layer.r[name])
+        and values.shape == layer.sltrain_indices[name].shape
+    )
 
 
 def _key(layer, name: str, A: torch.Tensor, B: torch.Tensor, values: torch.Tensor) -> tuple:

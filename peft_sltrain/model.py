@@ -193,10 +193,10 @@ class SLTrainModel(BaseTuner):
             self._set_rest_requires_grad(requires_grad)
 
     def set_compute(self, compute: str, adapter_name: str | None = None) -> None:
-        """Switch how the layers of `adapter_name` (default: every adapter) compute: `"auto"`, `"dense"` or
-        `"factored"`, as `SLTrainConfig.compute` (which follows, so a saved adapter records it). The layers read the
-        setting per call; e.g. `"dense"` for a double backward (gradient penalties), which the factored path has
-        not."""
+        """Switch how the layers of `adapter_name` (default: every adapter) compute: `"auto"`, `"dense"`,
+        `"factored"` or `"batched"`, as `SLTrainConfig.compute` (which follows, so a saved adapter records it). The
+        layers read the setting per call; e.g. `"dense"` for a double backward (gradient penalties), which the
+        factored path has not."""
         if compute not in COMPUTE_CHOICES:
             raise ValueError(f"`compute` must be one of {COMPUTE_CHOICES}, got {compute!r}.")
         if adapter_name is not None and adapter_name not in self.peft_config:

@@ -37,6 +37,7 @@ class Hyper:
     max_steps: int = 1000
     warmup_steps: int = 0  # of the whole run's schedule (ReLoRA's restarts warm up again only after it)
     seed: int = 0
+    compute: str = "auto"  # SLTrain's `compute` (`--compute`)
     extra: dict = field(default_factory=dict)  # method-specific knobs, e.g. ReLoRA's restart interval
 
 
@@ -138,6 +139,7 @@ def sltrain_config(hyper: Hyper) -> peft_sltrain.SLTrainConfig:
         from_scratch=True,
         target_modules=LLAMA_PROJECTIONS,
         seed=hyper.seed,
+        compute=hyper.compute,
     )
 
 

@@ -45,6 +45,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
 import peft_sltrain  # noqa: E402
+from peft_sltrain.cost import COMPUTE_CHOICES  # noqa: E402
 from peft_sltrain.cpu_kernels import installed  # noqa: E402  (whether a package is installed, for the extras)
 
 import checkpointing  # noqa: E402
@@ -84,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, help="SLTrain's delta (default: the size preset's)")
     p.add_argument(
         "--alpha", type=float, help="B A is scaled by alpha / r (sltrain, lowrank, lora, relora; default: preset)"
+    )
+    p.add_argument(
+        "--compute",
+        choices=COMPUTE_CHOICES,
+        help="how SLTrain's layers compute (sltrain only; default: auto): auto picks dense or factored per call; "
+        "batched rebuilds all like-shaped layers' weights in one batched GEMM per forward, for GPUs (faster where "
+        "steps are bound by kernel launches; the rebuilt weights stay until backward: docs/compute_paths.md)",
     )
     p.add_argument(
         "--method-arg",
@@ -213,10 +221,14 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     warmup_given, optimizer_given = args.warmup_steps is not None, args.optimizer is not None
     unused = [key for key in PRESET_SLTRAIN_KEYS if key not in method.reads]
     passed = [f"--{key}" for key in unused if getattr(args, key) is not None]
+    if args.compute is not None and method.name != "sltrain":
+        passed.append("--compute")
     if passed:  # it would train as if they were not given, yet the run's config and card would record them
         reads = ", ".join(f"--{key}" for key in (method.reads or PRESET_SLTRAIN_KEYS))
         which = "it reads" if method.reads else "it reads none of"
         raise ValueError(f"`--method {method.name}` does not use {', '.join(passed)} ({which} {reads}).")
+    if method.name == "sltrain" and args.compute is None:
+        args.compute = "auto"  # the library's default, recorded as such (a resume compares it)
     for key, value in {**preset["train"], **preset.get("sltrain", {})}.items():
         if getattr(args, key, None) is None and key not in unused:
             setattr(args, key, value)
@@ -352,6 +364,7 @@ def hyper_from_args(args: argparse.Namespace) -> Hyper:
         warmup_steps=args.warmup_steps,
         seed=args.seed,
         extra=args.method_extra,
+        compute=args.compute or "auto",
     )
 
 
@@ -385,6 +398,7 @@ def trajectory_config(args: argparse.Namespace, world_size: int) -> dict:
         "sparsity",
         "alpha",
         "method_extra",
+        "compute",
         "train_files",
         "validation_files",
         "dataset",
@@ -429,6 +443,7 @@ def check_out_dir(args: argparse.Namespace, config: dict) -> Path | None:
         except ValueError as error:
             raise ValueError(f"`--resume`: {run_file} is damaged ({error}); it cannot be resumed.") from None
         saved.setdefault("method_version", 1)  # (not recorded before there was a second)
+        saved.setdefault("compute", "auto" if saved.get("method") == "sltrain" else None)  # (nor before `--compute`)
         own = saved.get("vocab_size")
         if (
             config["tokenizer"] == "train"
@@ -784,6 +799,11 @@ def main(argv: list[str] | None = None) -> dict:
             "Under FSDP the optimizer state is sharded; `--save-every`, `--resume` and "
             "`--per-layer-updates` are not supported there yet (the final model is still saved)."
         )
+    if fsdp and args.compute == "batched":
+        raise ValueError(
+            "`--compute batched` rebuilds every like-shaped layer's weight at once, and FSDP shards them: use "
+            "`--compute auto` (or dense) under FSDP, or run with DDP."
+        )
     if fsdp and (method.after_step is not None or method.make_optimizer is not adamw):
         raise ValueError(  # ReLoRA merges whole weights; GaLore and Fira project whole 2-D gradients
             f"`--method {args.method}` needs each weight whole on every process, and FSDP shards them: run it with "
@@ -945,7 +965,9 @@ def main(argv: list[str] | None = None) -> dict:
     # numba compiles its kernels on first use (or loads them from its disk cache): now, not in the first (timed) step
     kernel_compile_seconds = None
     sltrain_layers = [m for m in model.modules() if isinstance(m, peft_sltrain.SLTrainLayer)]
-    if accelerator.device.type == "cpu" and any(c != "dense" for m in sltrain_layers for c in m.compute.values()):
+    if accelerator.device.type == "cpu" and any(
+        c in ("auto", "factored") for m in sltrain_layers for c in m.compute.values()
+    ):
         if accelerator.is_main_process and peft_sltrain.cpu_kernels.AVAILABLE:
             print("pretrain.py: getting numba's CPU kernels ready (about 25 s the first time, then loaded from "
                   "numba's disk cache)", flush=True)  # fmt: skip

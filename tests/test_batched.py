@@ -176,3 +176,21 @@ def test_merge_and_unload_leaves_no_hook(input_ids):
     hooks = [*plain._forward_pre_hooks.values(), *plain._forward_hooks.values()]
     assert not any(isinstance(getattr(h, "__self__", None), BatchedRebuilds) for h in hooks)
     assert not any(isinstance(m, SLTrainLayer) for m in plain.modules())
+
+
+def test_a_layer_whose_factors_are_not_whole_is_left_out(input_ids):
+    """Under FSDP a layer that is not unsharded holds empty views of its factors: it joins no group (and the others
+    still do)."""
+    _, batched = pair()
+    first, *others = layers(batched)
+    with torch.no_grad():
+        first.sltrain_A["default"].data = torch.empty(0, dtype=torch.float64)  # as FSDP frees a sharded parameter
+    rebuilds = batched.base_model._sltrain_rebuilds
+    rebuilds.begin_pass()
+    try:
+        peer = next(m for m in others if (m.in_features, m.out_features) == (first.in_features, first.out_features))
+        x = torch.randn(3, peer.in_features, dtype=torch.float64)
+        torch.testing.assert_close(peer(x), x @ peer.get_delta_weight("default").T, rtol=1e-12, atol=1e-14)
+    finally:
+        rebuilds.end_pass()
+    assert "_sltrain_slot" in peer.__dict__ and "_sltrain_slot" not in first.__dict__

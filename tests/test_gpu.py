@@ -48,6 +48,7 @@ def test_glue_merged_export_with_the_model_on_cuda(tmp_path):
     """scripts/run_glue.py checks its merged export with the model where the Trainer left it, on CUDA."""
     import random
 
+    pytest.importorskip("datasets")  # the `glue` extra (absent from some GPU images)
     from datasets import Dataset
     from test_glue import glue_tasks, run_glue, save_tiny_roberta, sentence
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding

@@ -429,14 +429,18 @@ def test_accumulated_gradient_is_the_global_batch_mean_and_is_clipped(tmp_path, 
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
 
 
-def test_two_process_ddp_matches_one_process(tmp_path, corpus):
-    """2 CPU processes (gloo) x micro-batch 4 follow the same loss trajectory as 1 process x 2 accumulation steps."""
-    run(tmp_path / "single", corpus, "--method", "sltrain", "--eval-every", "100")
+@pytest.mark.parametrize("compute", ["auto", "batched"])
+def test_two_process_ddp_matches_one_process(tmp_path, corpus, compute):
+    """2 CPU processes (gloo) x micro-batch 4 follow the same loss trajectory as 1 process x 2 accumulation steps;
+    batched too, whose gradients all come in at the end of backward, when the groups' backward runs."""
+    run(tmp_path / "single", corpus, "--method", "sltrain", "--eval-every", "100", "--compute", compute)
     args = [
         "--model",
         MICRO,
         "--method",
         "sltrain",
+        "--compute",
+        compute,
         "--out-dir",
         str(tmp_path / "ddp"),
         "--train-files",
@@ -527,6 +531,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus):
         (["--method", "full", "--alpha", "8"], r"`--method full` does not use --alpha \(it reads none of --rank, "),
         (["--method", "lowrank", "--sparsity", "0.1"], r"does not use --sparsity \(it reads --rank, --alpha\)"),
         (["--method", "galore", "--alpha", "2", "--sparsity", "0.1"], "does not use --sparsity, --alpha"),
+        (["--method", "lora", "--compute", "batched"], r"`--method lora` does not use --compute \(it reads "),
         (["--method", "lowrank", "--alpha", "0"], r"`--alpha` must be positive \(B A is scaled by alpha / r\), got 0"),
         (["--alpha", "0"], r"`--alpha` must be positive \(B A is scaled by alpha / r\), got 0.0"),  # the flag's name
         (["--sparsity", "1.5"], r"`--sparsity` must be in \(0, 1\), got 1.5"),
@@ -1741,3 +1746,32 @@ def test_a_prune_killed_mid_delete_leaves_no_partial_checkpoint(tmp_path, monkey
     assert list(checkpointing._checkpoints(tmp_path)) == [2, 3]
     assert [p.name for p in checkpointing.remove_stale_temporaries(tmp_path)] == [f".step_000001.tmp-{os.getpid()}"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000002", "step_000003"]
+
+
+def test_compute_batched_trains_as_the_dense_path_and_a_resume_keeps_it(tmp_path, corpus, monkeypatch):
+    """`--compute batched` trains the model `--compute dense` trains (on CPU, fp32: the same losses to rounding),
+    records the setting, and a resume under another setting is refused; a run recorded before the flag resumes as
+    auto."""
+    rebuilds = []
+    rebuild = peft_sltrain.batched._BatchedRebuild.apply
+    monkeypatch.setattr(peft_sltrain.batched._BatchedRebuild, "apply", lambda *a: rebuilds.append(1) or rebuild(*a))
+    dense = run(tmp_path / "dense", corpus, "--compute", "dense", "--save-every", "3")
+    assert not rebuilds
+    batched = run(tmp_path / "batched", corpus, "--compute", "batched", "--save-every", "3")
+    assert len(rebuilds) >= 6  # a rebuild per group and training pass (evaluation runs without grad: dense)
+    losses = [r["loss"] for r in log_rows(tmp_path / "batched")]
+    assert losses == pytest.approx([r["loss"] for r in log_rows(tmp_path / "dense")], rel=1e-5)
+    assert batched["val_ppl"] == pytest.approx(dense["val_ppl"], rel=1e-5)
+    config = json.loads((tmp_path / "batched" / "run_config.json").read_text())
+    assert config["compute"] == "batched"
+    adapter = json.loads((tmp_path / "batched" / "final" / "adapter_config.json").read_text())
+    assert adapter["compute"] == "batched"
+    killed = killed_after(tmp_path / "batched", tmp_path / "killed", 3)
+    with pytest.raises(ValueError, match=r"different config or method \(compute: saved 'batched' vs now 'auto'\)"):
+        run(killed, corpus, "--save-every", "3", "--resume")
+    old = killed_after(tmp_path / "dense", tmp_path / "old", 3)
+    config = json.loads((old / "run_config.json").read_text())
+    config.pop("compute")
+    (old / "run_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"compute: saved 'auto' vs now 'dense'"):
+        run(old, corpus, "--compute", "dense", "--save-every", "3", "--resume")
