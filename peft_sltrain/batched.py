@@ -12,9 +12,9 @@ attention projections, gate/up, down) costs per forward of the model
                factors' gradients, one `index_select` for `dS`, three casts
 
 so the launches per layer fall below `nn.Linear`'s. The price is memory: the L rebuilt `W_i` (compute dtype) stay
-alive from the forward until the group's backward, and so do the L `dW_i` (plus their stacked copy) until the last of
-them comes in, about as full-rank training under autocast keeps its weights' bf16 copies (but not its fp32 weights,
-gradients and optimizer states). So it is never chosen by `"auto"`.
+alive from the forward until the group's backward (or the next pass, where no backward comes), and so do the L `dW_i`
+(plus their stacked copy) until the last of them comes in, about as full-rank training under autocast keeps its
+weights' bf16 copies (but not its fp32 weights, gradients and optimizer states). So it is never chosen by `"auto"`.
 
 A pass is one call of the `SLTrainModel` (PEFT's model calls it): its forward pre-hook starts a new generation, and a
 group is rebuilt at its first use in each generation. Where the batched rebuild does not apply, a layer computes the
@@ -133,7 +133,7 @@ def _whole(layer, name: str, factors: tuple[torch.Tensor, ...]) -> bool:
 
 def _key(layer, name: str, A: torch.Tensor, B: torch.Tensor, values: torch.Tensor) -> tuple:
     return (name, tuple(B.shape), tuple(A.shape), values.numel(), layer.scaling[name], A.dtype, B.dtype,
-            values.dtype, A.device)  # fmt: skip
+            values.dtype, A.device, B.device, values.device, layer.sltrain_indices[name].device)  # fmt: skip
 
 
 def _eligible(layer, name: str) -> bool:
@@ -205,7 +205,9 @@ class _BatchedRebuild(torch.autograd.Function):
         W = torch.baddbmm(A.new_empty(()), B, A, beta=0.0, alpha=scaling)  # (L, d_out, d_in); beta=0: input unread
         W.view(-1).index_add_(0, indices, values)
         ctx.save_for_backward(A, B, indices)
-        ctx.group, ctx.scaling, ctx.count = group, scaling, count
+        # the group weakly: it holds the outputs, whose graph holds `ctx`; a cycle would keep a pass that never runs
+        # backward (a forward with grad, for evaluation) in memory until Python's cycle collector runs
+        ctx.group, ctx.scaling, ctx.count = weakref.ref(group), scaling, count
         ctx.dtypes = tuple(t.dtype for t in tensors[:3])
         ctx.set_materialize_grads(False)
         return W.unbind(0)
@@ -213,7 +215,9 @@ class _BatchedRebuild(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         A, B, indices = ctx.saved_tensors
-        ctx.group.weights = None  # the pass is over: nothing may take these weights again
+        group = ctx.group()
+        if group is not None:
+            group.weights = None  # the pass is over: nothing may take these weights again
         count = ctx.count
         none = (None,) * (5 + 3 * count)
         if all(g is None for g in grads):

@@ -194,3 +194,22 @@ def test_a_layer_whose_factors_are_not_whole_is_left_out(input_ids):
     finally:
         rebuilds.end_pass()
     assert "_sltrain_slot" in peer.__dict__ and "_sltrain_slot" not in first.__dict__
+
+
+def test_a_pass_without_backward_is_freed_by_the_next(input_ids):
+    """A forward with grad whose loss is dropped (evaluation with grad on) leaves its rebuilt weights to the layers
+    until the next pass, and no reference cycle: they are freed without Python's cycle collector."""
+    import gc
+    import weakref
+
+    _, batched = pair()
+    first = layers(batched)[0]
+    gc.disable()
+    try:
+        loss(batched, input_ids)  # dropped at once
+        kept = weakref.ref(first._sltrain_slot["default"][0].weights[0])
+        assert kept() is not None  # held by its group, which the layer holds
+        loss(batched, input_ids)
+        assert kept() is None
+    finally:
+        gc.enable()
