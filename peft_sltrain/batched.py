@@ -54,11 +54,15 @@ class BatchedRebuilds:
         return BatchedRebuilds(memo.get(id(model), model))
 
     def begin_pass(self, *_) -> None:
+        if torch.compiler.is_compiling():  # (a compiled model takes the dense path; a counter traced would be a guard,
+            return  # and each pass a recompile)
         if self.depth == 0:
             self.generation += 1
         self.depth += 1
 
     def end_pass(self, *_) -> None:
+        if torch.compiler.is_compiling():
+            return
         self.depth = max(self.depth - 1, 0)
 
     def forget_layers(self) -> None:

@@ -213,3 +213,18 @@ def test_a_pass_without_backward_is_freed_by_the_next(input_ids):
         assert kept() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("compute", ["auto", "batched"])
+def test_a_compiled_model_compiles_once_for_all_passes(input_ids, compute):
+    """The hooks that count passes do nothing under `torch.compile` (a compiled model takes the dense path): a
+    counter traced there would be a guard, and every pass a recompile."""
+    from torch._dynamo.utils import counters
+
+    model = get_peft_model(tiny_llama(), SLTrainConfig(r=4, sparsity=0.1, from_scratch=True, compute=compute))
+    model.train().compile(backend="eager")  # Dynamo alone: no C++ compiler needed
+    torch._dynamo.reset()
+    counters.clear()
+    for _ in range(3):
+        loss(model, input_ids).backward()
+    assert counters["stats"]["unique_graphs"] == 1
