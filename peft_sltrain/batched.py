@@ -53,6 +53,9 @@ class BatchedRebuilds:
         model = None if self._model is None else self._model()
         return BatchedRebuilds(memo.get(id(model), model))
 
+    def __reduce__(self):  # pickled with its model (`torch.save(model)`): a weak reference does not pickle
+        return BatchedRebuilds, (None if self._model is None else self._model(),)
+
     def begin_pass(self, *_) -> None:
         if torch.compiler.is_compiling():  # (a compiled model takes the dense path; a counter traced would be a guard,
             return  # and each pass a recompile)

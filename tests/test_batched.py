@@ -228,3 +228,20 @@ def test_a_compiled_model_compiles_once_for_all_passes(input_ids, compute):
     for _ in range(3):
         loss(model, input_ids).backward()
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_a_pickled_model_rebuilds_its_own_layers(input_ids):
+    """`torch.save(model)` pickles the whole model (the library itself never does): the pass counter goes with it,
+    tied to the loaded model."""
+    import io
+
+    _, batched = pair()
+    buffer = io.BytesIO()
+    torch.save(batched, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded.base_model._sltrain_rebuilds._model() is loaded.base_model
+    loss(loaded, input_ids).backward()
+    loss(batched, input_ids).backward()
+    assert len(groups(loaded)) == 4
+    assert_same_grads(batched, loaded)
