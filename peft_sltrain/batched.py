@@ -88,6 +88,8 @@ class BatchedRebuilds:
         self.built[(name, dtype)] = self.generation
         if not any(m is layer for m in self.layers()) and self._listed != self.generation:
             self.forget_layers()  # a layer added to the model since the listing
+        if not any(m is layer for m in self.layers()):  # not this model's (a copy of the inner model alone, whose
+            return None  # layers and hooks map to the tuner of the original): rebuild nothing
         kinds: dict[tuple, list] = {}  # key -> [(member, its factors)]
         for m in self.layers():
             if _eligible(m, name):

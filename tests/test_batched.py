@@ -245,3 +245,14 @@ def test_a_pickled_model_rebuilds_its_own_layers(input_ids):
     loss(batched, input_ids).backward()
     assert len(groups(loaded)) == 4
     assert_same_grads(batched, loaded)
+
+
+def test_a_copy_of_the_inner_model_alone_takes_the_dense_path(input_ids):
+    """A deep copy of the wrapped Transformers model alone (an EMA copy, say) has no tuner of its own: its layers take
+    the dense path, and the original's layers are left alone."""
+    dense, batched = pair()
+    inner = copy.deepcopy(batched.base_model.model)
+    loss(inner, input_ids).backward()
+    loss(dense.base_model.model, input_ids).backward()
+    assert not groups(inner) and not groups(batched)
+    assert_same_grads(dense.base_model.model, inner)
