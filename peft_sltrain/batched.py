@@ -3,8 +3,9 @@
 On a GPU, SLTrain's layer calls at the 60M shape are bound by the CPU's work per op, not by arithmetic
 (docs/compute_paths.md, "On a GPU"): the dense path launches about 16 kernels per layer forward + backward (casts of
 the factors and values, the rebuild of `W` in forward and again in backward, the gather of `dS`, the casts of three
-gradients) against `nn.Linear`'s 5. Batched, each group of L layers of one shape (the 60M LLaMA has three: the
-attention projections, gate/up, down) costs per forward of the model
+gradients) against `nn.Linear`'s 5 (40 dispatched ops against 20, views included, as the docs count them). Batched,
+each group of L layers of one shape (the 60M LLaMA has three: the attention projections, gate/up, down) costs per
+forward of the model
 
     forward:   stack + cast of A, B and the values, one `baddbmm` for the L products `s B_i A_i`, one `index_add_`
                for the L sparse parts; then each layer a plain `F.linear` on its slice `W_i`

@@ -96,10 +96,10 @@ class SLTrainConfig(PeftConfig):
             CPU where it is installed, else PyTorch's), `"auto"` picks the cheaper per call from the token count,
             shapes, rank, sparsity, device and dtype (see `peft_sltrain.cost`). Both agree with a dense reference;
             results differ only by rounding. Outside `torch.func`, only the dense path has a second derivative
-            (double backward); `model.set_compute(...)` switches a model in hand. `"batched"` (from scratch, for
-            GPUs) rebuilds the weights of all like-shaped layers in one batched GEMM per forward of the model and
-            keeps them until backward: far fewer kernel launches, which is what bounds 60M-350M steps on a GPU, for
-            more memory; layers fall back to the dense path without grad, with a frozen `W0` and where the model's
+            (double backward); `model.set_compute(...)` switches a model in hand. `"batched"` (from scratch, for GPUs)
+            rebuilds the weights of all like-shaped layers in one batched GEMM per forward of the model and keeps them
+            until backward: fewer kernel launches, which bound 60M steps (and smaller micro-batches at 350M) on a GPU,
+            for more memory; layers fall back to the dense path without grad, with a frozen `W0` and where the model's
             forward is not the caller (see `peft_sltrain.batched`). Never chosen by `"auto"`.
     """
 
