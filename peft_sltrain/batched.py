@@ -10,19 +10,23 @@ forward of the model
     forward:   stack + cast of A, B and the values, one `baddbmm` for the L products `s B_i A_i`, one `index_add_`
                for the L sparse parts; then each layer a plain `F.linear` on its slice `W_i`
     backward:  each layer `F.linear`'s two GEMMs; then, once all L `dW_i` are in, one stack, two `baddbmm` for the
-               factors' gradients, one `index_select` for `dS`, three casts
+               factors' gradients, one `index_select` for `dS`, three casts (of the stacks: one each, where autograd
+               would cast each layer's gradients)
 
-so the launches per layer fall below `nn.Linear`'s. The price is memory: the L rebuilt `W_i` (compute dtype) stay
-alive from the forward until the group's backward (or the next pass, where no backward comes), and so do the L `dW_i`
-(plus their stacked copy) until the last of them comes in, about as full-rank training under autocast keeps its
-weights' bf16 copies (but not its fp32 weights, gradients and optimizer states). So it is never chosen by `"auto"`.
+so the launches per layer fall below `nn.Linear`'s. The price is memory: the L rebuilt `W_i` (compute dtype, views of
+one tensor) stay alive from the forward until the group's backward, and the L `dW_i` (plus their stacked copy) until
+the last of them comes in: one bf16 copy of the adapted weights through the forward, up to about two at the groups'
+backward (full-rank training under autocast keeps its weights' bf16 copies too, besides its fp32 weights, gradients
+and optimizer states). So it is never chosen by `"auto"`.
 
-A pass is one call of the `SLTrainModel` (PEFT's model calls it): its forward pre-hook starts a new generation, and a
-group is rebuilt at its first use in each generation. Where the batched rebuild does not apply, a layer computes the
-same map on the dense path: outside a pass (a layer or the inner model called directly), without grad (evaluation,
-generation), for a layer with a frozen `W0` (fine-tuning), under `torch.compile`, `torch.func` or forward-mode AD.
-Non-reentrant activation checkpointing recomputes a layer in backward from the `W_i` its forward used; reentrant
-checkpointing runs its first forward without grad, so its layers take the dense path both times.
+A pass is one call of the `SLTrainModel` or of the model it wraps (their forward hooks); a group is rebuilt at its
+first use in each pass, and the pass drops its weights at its end (autograd keeps them for backward). Where the batched
+rebuild does not apply, a layer computes the same map on the dense path: outside a pass (a layer called directly),
+without grad (evaluation, generation), for a layer with a frozen `W0` (fine-tuning), under `torch.compile`,
+`torch.func` or forward-mode AD. A layer recomputed in backward (activation checkpointing) that took its batched
+weight in the pass builds it again on its own, in plain differentiable ops: `F.linear` then saves what it saved in
+the pass (non-reentrant checkpointing compares that), and gradients reach the factors (reentrant checkpointing
+backpropagates through the recompute). The batched rebuild has no second derivative (double backward is refused).
 """
 
 from __future__ import annotations
@@ -34,25 +38,31 @@ from torch import nn
 from torch.autograd import forward_ad
 
 from .cost import exporting
+from .functional import plain_weight
 
 
 class BatchedRebuilds:
     """An `SLTrainModel`'s rebuilt weights for `compute="batched"`, per pass. The model's forward hooks call
     `begin_pass` and `end_pass`; its layers hold it as `_sltrain_rebuilds`, and their group and place in it, for the
-    pass that made it, as `_sltrain_slot[adapter name]`."""
+    pass that made it, as `_sltrain_slot[(adapter name, dtype)]`."""
 
     def __init__(self, model: nn.Module | None) -> None:
-        self._model = None if model is None else weakref.ref(model)  # the SLTrainModel (not kept alive by this)
+        # the SLTrainModel and its layers, weakly: the layers hold this, and a cycle would keep a deleted model's
+        # tensors until Python's cycle collector runs
+        self._model = None if model is None else weakref.ref(model)
+        self._layers: list[weakref.ref] | None = None  # listed at the first rebuild (again where a layer is missing)
+        self._listed = 0  # the pass in which they were last listed
         self.depth = 0  # > 0 while the model's forward runs
         self.generation = 0  # the pass
         self.built: dict[tuple, int] = {}  # (adapter name, dtype) -> the pass whose groups were built
-        self.indices: dict[tuple, tuple] = {}  # per kind of layer: (the supports' identities, their flat positions)
-        self._layers: list | None = None  # the model's SLTrain layers (listed again where a layer is missing)
-        self._listed = 0  # the pass in which they were last listed
+        self.current: list[_Group] = []  # the groups this pass built, whose weights its end drops
+        self.indices: dict[tuple, tuple] = {}  # per kind of layer: (its supports, their versions, flat positions)
 
-    def __deepcopy__(self, memo):  # a copied model's (its layers and hooks, copied, map to it through `memo`)
+    def __deepcopy__(self, memo):
+        # a copied model's: its layers and hooks, copied, map to it through `memo`. A copy of the inner model alone
+        # has no tuner of its own and is never batched (it must not rebuild the original's layers)
         model = None if self._model is None else self._model()
-        return BatchedRebuilds(memo.get(id(model), model))
+        return BatchedRebuilds(None if model is None else memo.get(id(model)))
 
     def __reduce__(self):  # pickled with its model (`torch.save(model)`): a weak reference does not pickle
         return BatchedRebuilds, (None if self._model is None else self._model(),)
@@ -68,9 +78,13 @@ class BatchedRebuilds:
         if torch.compiler.is_compiling():
             return
         self.depth = max(self.depth - 1, 0)
+        if self.depth == 0:  # no layer takes the pass's weights any more: only autograd keeps them, for backward
+            for group in self.current:
+                group.weights = None
+            self.current = []
 
     def forget_layers(self) -> None:
-        """List the layers again at the next rebuild (the model's layers changed: an adapter was added)."""
+        """List the layers again at the next rebuild (the model's layers changed)."""
         self._layers = None
 
     def layers(self) -> list:
@@ -78,9 +92,10 @@ class BatchedRebuilds:
             from .layer import SLTrainLayer  # (layer imports this module)
 
             model = None if self._model is None else self._model()
-            self._layers = [] if model is None else [m for m in model.modules() if isinstance(m, SLTrainLayer)]
+            found = [] if model is None else [m for m in model.modules() if isinstance(m, SLTrainLayer)]
+            self._layers = [weakref.ref(m) for m in found if m.__dict__.get("_sltrain_rebuilds") is self]
             self._listed = self.generation
-        return self._layers
+        return [m for m in (ref() for ref in self._layers) if m is not None]
 
     def rebuild(self, layer, name: str, dtype: torch.dtype) -> tuple | None:
         """Rebuild, for this pass, every group of adapter `name`'s batched layers in `dtype`; `layer`'s slot."""
@@ -89,14 +104,16 @@ class BatchedRebuilds:
         self.built[(name, dtype)] = self.generation
         if not any(m is layer for m in self.layers()) and self._listed != self.generation:
             self.forget_layers()  # a layer added to the model since the listing
-        if not any(m is layer for m in self.layers()):  # not this model's (a copy of the inner model alone, whose
-            return None  # layers and hooks map to the tuner of the original): rebuild nothing
+        if not any(m is layer for m in self.layers()):  # not this model's: rebuild nothing
+            return None
         kinds: dict[tuple, list] = {}  # key -> [(member, its factors)]
         for m in self.layers():
             if _eligible(m, name):
                 factors = _factors(m, name)
                 if _whole(m, name, factors):
                     kinds.setdefault(_key(m, name, *factors), []).append((m, factors))
+        for key in [k for k in self.indices if k[0] == name and k not in kinds]:  # kinds gone (moved, cast)
+            del self.indices[key]
         for key, members in kinds.items():
             group = _Group(self.generation, dtype)
             tensors = [t for _, factors in members for t in factors]
@@ -104,10 +121,11 @@ class BatchedRebuilds:
             # its saved tensors bypass the saved-tensor hooks of an enclosing activation checkpoint (this pass's
             # first batched layer call may lie in one), whose recompute in backward will not rebuild them
             with torch.autograd.graph.saved_tensors_hooks(_unchanged, _unchanged):
-                group.weights = _BatchedRebuild.apply(group, dtype, key[4], indices, len(members), *tensors)
+                group.weights = _BatchedRebuild.apply(dtype, key[4], indices, len(members), *tensors)
+            self.current.append(group)
             for i, (m, _) in enumerate(members):
-                m.__dict__.setdefault("_sltrain_slot", {})[name] = (group, i)
-        slot = layer.__dict__.get("_sltrain_slot", {}).get(name)
+                m.__dict__.setdefault("_sltrain_slot", {})[(name, dtype)] = (group, i)
+        slot = layer.__dict__.get("_sltrain_slot", {}).get((name, dtype))
         return slot if slot is not None and slot[0].generation == self.generation else None
 
 
@@ -116,13 +134,16 @@ def _unchanged(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class _Group:
-    """The rebuilt weights of one kind of layer (adapter, shapes, r, nnz, scaling, dtypes, device) in one pass."""
+    """The rebuilt weights of one kind of layer (adapter, shapes, r, nnz, scaling, dtypes, devices) in one pass."""
 
     def __init__(self, generation: int, dtype: torch.dtype):
         self.generation = generation
         self.dtype = dtype
-        self.weights: tuple[torch.Tensor, ...] | None = None  # (d_out, d_in) each; None again once backward ran
+        self.weights: tuple[torch.Tensor, ...] | None = None  # (d_out, d_in) each, during the pass
         self.used: set[int] = set()  # members whose W_i a forward took
+
+    def __reduce__(self):  # a copied or pickled layer carries nothing of a pass (nor its non-leaf weights)
+        return _Group, (-1, self.dtype)
 
 
 def _factors(layer, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -168,15 +189,19 @@ def batched_weight(layer, name: str, x: torch.Tensor) -> torch.Tensor | None:
         return None
     if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
         return None  # torch.func transforms and forward-mode AD need plain ops (`functional._plain_sltrain_linear`)
-    slot = layer.__dict__.get("_sltrain_slot", {}).get(name)
-    if torch._C._current_graph_task_id() != -1:  # in backward: a non-reentrant checkpoint recomputing the layer
-        if slot is None:  # takes what its forward took, or the saved tensors would differ
+    slot = layer.__dict__.get("_sltrain_slot", {}).get((name, x.dtype))
+    if torch._C._current_graph_task_id() != -1:  # in backward: activation checkpointing recomputing the layer
+        if slot is None or slot[1] not in slot[0].used:  # its forward took no batched weight: the dense path
             return None
-        group, i = slot
-        return group.weights[i] if group.weights is not None and i in group.used and group.dtype == x.dtype else None
+        # its own weight, now, in plain ops: the same values, and, as what these ops save bypasses the checkpoint's
+        # hooks, the same saved tensors as in the pass (non-reentrant checkpointing compares them); differentiable
+        # (reentrant checkpointing backpropagates through it)
+        A, B, values = _factors(layer, name)
+        with torch.autograd.graph.saved_tensors_hooks(_unchanged, _unchanged):
+            return plain_weight(A, B, values, layer.sltrain_indices[name], layer.scaling[name], x.dtype)
     if rebuilds.depth == 0:
         return None
-    if slot is None or slot[0].generation != rebuilds.generation or slot[0].dtype != x.dtype:
+    if slot is None or slot[0].generation != rebuilds.generation:
         slot = rebuilds.rebuild(layer, name, x.dtype)
         if slot is None:
             return None
@@ -190,16 +215,17 @@ def batched_weight(layer, name: str, x: torch.Tensor) -> torch.Tensor | None:
 def _group_indices(rebuilds: BatchedRebuilds, key: tuple, members: list, name: str) -> torch.Tensor:
     """The members' supports as flat positions into the stacked (L, d_out, d_in) weights (int32 where they fit),
     made once and kept while the supports are the same tensors, unchanged."""
-    supports = [m.sltrain_indices[name] for m in members]
-    signature = tuple((id(s), s._version) for s in supports)
+    supports = tuple(m.sltrain_indices[name] for m in members)
+    versions = tuple(s._version for s in supports)
     kept = rebuilds.indices.get(key)
-    if kept is not None and kept[0] == signature:
-        return kept[1]
+    if kept is not None and len(kept[0]) == len(supports) and all(a is b for a, b in zip(kept[0], supports)):
+        if kept[1] == versions:
+            return kept[2]
     entries = members[0].out_features * members[0].in_features
     dtype = torch.int32 if len(members) * entries < 2**31 else torch.int64
     offsets = torch.arange(len(members), device=supports[0].device, dtype=dtype) * entries
     indices = torch.cat(supports).to(dtype) + offsets.repeat_interleave(supports[0].numel())  # (equal nnz: the key)
-    rebuilds.indices[key] = (signature, indices)
+    rebuilds.indices[key] = (supports, versions, indices)
     return indices
 
 
@@ -208,30 +234,29 @@ class _BatchedRebuild(torch.autograd.Function):
     `A_i`, `B_i` and `values_i` (flattened into `tensors` as A_1, B_1, v_1, A_2, ...), in their own dtype."""
 
     @staticmethod
-    def forward(ctx, group, dtype, scaling, indices, count, *tensors):
+    def forward(ctx, dtype, scaling, indices, count, *tensors):
         A = torch.stack(tensors[0::3]).to(dtype)  # (L, r, d_in)
         B = torch.stack(tensors[1::3]).to(dtype)  # (L, d_out, r)
         values = torch.cat(tensors[2::3]).to(dtype)  # (L nnz,)
         W = torch.baddbmm(A.new_empty(()), B, A, beta=0.0, alpha=scaling)  # (L, d_out, d_in); beta=0: input unread
         W.view(-1).index_add_(0, indices, values)
         ctx.save_for_backward(A, B, indices)
-        # the group weakly: it holds the outputs, whose graph holds `ctx`; a cycle would keep a pass that never runs
-        # backward (a forward with grad, for evaluation) in memory until Python's cycle collector runs
-        ctx.group, ctx.scaling, ctx.count = weakref.ref(group), scaling, count
+        ctx.scaling, ctx.count = scaling, count
         ctx.dtypes = tuple(t.dtype for t in tensors[:3])
         ctx.set_materialize_grads(False)
         return W.unbind(0)
 
     @staticmethod
     def backward(ctx, *grads):
+        if torch.is_grad_enabled():  # create_graph=True: the stacks below have no history to differentiate
+            raise RuntimeError(
+                "The batched SLTrain rebuild (compute='batched') has no second derivative; use the dense path for "
+                "double backward, e.g. gradient penalties on the parameters: `model.set_compute('dense')`."
+            )
         A, B, indices = ctx.saved_tensors
-        group = ctx.group()
-        if group is not None:
-            group.weights = None  # the pass is over: nothing may take these weights again
         count = ctx.count
-        none = (None,) * (5 + 3 * count)
         if all(g is None for g in grads):
-            return none
+            return (None,) * (4 + 3 * count)
         zeros = None
         stacked = []
         for g in grads:
@@ -240,8 +265,9 @@ class _BatchedRebuild(torch.autograd.Function):
             stacked.append(zeros if g is None else g)
         dW = torch.stack(stacked)  # (L, d_out, d_in)
         del stacked
-        need = ctx.needs_input_grad[5:]
+        need = ctx.needs_input_grad[4:]
         dA = dB = dvalues = None
+        # each cast back to the factors' dtype once per stack: autograd would cast each layer's gradient on its own
         if any(need[0::3]):
             dA = torch.baddbmm(A.new_empty(()), B.transpose(1, 2), dW, beta=0.0, alpha=ctx.scaling).to(ctx.dtypes[0])
         if any(need[1::3]):
@@ -254,4 +280,4 @@ class _BatchedRebuild(torch.autograd.Function):
             result += [dA[i] if used and dA is not None and need[3 * i] else None,
                        dB[i] if used and dB is not None and need[3 * i + 1] else None,
                        dvalues[i] if used and dvalues is not None and need[3 * i + 2] else None]  # fmt: skip
-        return (None, None, None, None, None, *result)
+        return (None, None, None, None, *result)

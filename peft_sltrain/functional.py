@@ -457,11 +457,16 @@ def _plain_sltrain_linear(x, A, B, values, indices, scaling, weight=None, bias=N
     """The same map in plain differentiable ops, which `torch.func` (grad, vmap, jacrev, jvp, per-sample gradients),
     forward-mode AD and `torch.export` take as any PyTorch code. Autograd keeps the built (d_out, d_in) weight until
     backward, as it would for `F.linear` on it: the memory the autograd functions save, not needed there."""
-    dtype = x.dtype
+    W = plain_weight(A, B, values, indices, scaling, x.dtype, weight)
+    return F.linear(x, W, None if bias is None else bias.to(x.dtype))
+
+
+def plain_weight(A, B, values, indices, scaling, dtype, weight=None) -> torch.Tensor:
+    """`weight + scaling * B @ A + S` (d_out, d_in) in `dtype`, in plain differentiable ops (out of place, so
+    vmap-able)."""
     A, B, values = A.to(dtype), B.to(dtype), values.to(dtype)
     W = scaling * (B @ A) if weight is None else weight.to(dtype) + scaling * (B @ A)
-    W = W.reshape(-1).index_add(0, indices, values).view(B.shape[0], A.shape[1])  # out of place: vmap-able
-    return F.linear(x, W, None if bias is None else bias.to(dtype))
+    return W.reshape(-1).index_add(0, indices, values).view(B.shape[0], A.shape[1])
 
 
 def check_input(x: torch.Tensor, d_in: int | None) -> None:

@@ -254,6 +254,7 @@ class SLTrainModel(BaseTuner):
     def _unload_and_optionally_merge(self, *args, **kwargs) -> nn.Module:
         model = super()._unload_and_optionally_merge(*args, **kwargs)
         remove_pass_hooks(model)  # the plain model returned keeps no hook of ours
+        self._sltrain_rebuilds.forget_layers()  # nor does the tuner keep the replaced layers listed
         return model
 
     def delete_adapter(self, adapter_name: str) -> None:

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import copy
+import gc
+import io
+import weakref
 
 import pytest
 import torch
+import torch.utils.checkpoint as checkpoint
 from peft import get_peft_model
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import peft_sltrain.batched as batched_module
 from peft_sltrain import SLTrainConfig, SLTrainLayer
 from peft_sltrain.batched import BatchedRebuilds
 
@@ -30,8 +36,9 @@ def layers(model):
 
 
 def groups(model) -> set:
-    """The groups whose weights the layers took in the latest pass."""
-    return {id(m._sltrain_slot["default"][0]) for m in layers(model) if "_sltrain_slot" in m.__dict__}
+    """The groups whose weights the layers took in their model's latest pass."""
+    return {id(group) for m in layers(model) for group, i in m.__dict__.get("_sltrain_slot", {}).values()
+            if group.generation == m._sltrain_rebuilds.generation and i in group.used}  # fmt: skip
 
 
 def trainable_grads(model) -> dict[str, torch.Tensor | None]:
@@ -196,21 +203,28 @@ def test_a_layer_whose_factors_are_not_whole_is_left_out(input_ids):
     assert "_sltrain_slot" in peer.__dict__ and "_sltrain_slot" not in first.__dict__
 
 
-def test_a_pass_without_backward_is_freed_by_the_next(input_ids):
-    """A forward with grad whose loss is dropped (evaluation with grad on) leaves its rebuilt weights to the layers
-    until the next pass, and no reference cycle: they are freed without Python's cycle collector."""
-    import gc
-    import weakref
-
+def test_a_pass_keeps_no_weights_once_it_ends(input_ids):
+    """The rebuilt weights go with the autograd graph (through the group's node, here watched): freed when a loss
+    that never runs backward (evaluation with grad on) is dropped, and after backward; without Python's cycle
+    collector."""
     _, batched = pair()
-    first = layers(batched)[0]
+    taken = []
+
+    def take(layer, args, output):
+        group, i = next(iter(layer._sltrain_slot.values()))
+        taken.append(weakref.ref(group.weights[i].grad_fn))
+
+    layers(batched)[0].register_forward_hook(take)
     gc.disable()
     try:
-        loss(batched, input_ids)  # dropped at once
-        kept = weakref.ref(first._sltrain_slot["default"][0].weights[0])
-        assert kept() is not None  # held by its group, which the layer holds
-        loss(batched, input_ids)
-        assert kept() is None
+        value = loss(batched, input_ids)
+        assert taken[-1]() is not None  # autograd keeps it for backward
+        del value
+        assert taken[-1]() is None
+        value = loss(batched, input_ids)
+        value.backward()
+        del value
+        assert taken[-1]() is None
     finally:
         gc.enable()
 
@@ -233,8 +247,6 @@ def test_a_compiled_model_compiles_once_for_all_passes(input_ids, compute):
 def test_a_pickled_model_rebuilds_its_own_layers(input_ids):
     """`torch.save(model)` pickles the whole model (the library itself never does): the pass counter goes with it,
     tied to the loaded model."""
-    import io
-
     _, batched = pair()
     buffer = io.BytesIO()
     torch.save(batched, buffer)
@@ -256,3 +268,210 @@ def test_a_copy_of_the_inner_model_alone_takes_the_dense_path(input_ids):
     loss(dense.base_model.model, input_ids).backward()
     assert not groups(inner) and not groups(batched)
     assert_same_grads(dense.base_model.model, inner)
+
+
+# From review BA: cases found by reading and mutating the code (each failed, or let a mutant through, before)
+
+
+def count_rebuilds(monkeypatch) -> list:
+    calls = []
+    rebuild = batched_module._BatchedRebuild.apply
+    monkeypatch.setattr(batched_module._BatchedRebuild, "apply", lambda *a: calls.append(1) or rebuild(*a))
+    return calls
+
+
+def test_partial_reentrant_checkpoint_takes_the_dense_path_in_its_recompute(input_ids):
+    """Block 1's MLP checkpointed (reentrant), block 0's not: the group is built by block 0's layers in this pass,
+    and block 1's recompute must not take weights its (no-grad) forward did not take."""
+    dense, batched = pair()
+    for model in (dense, batched):
+        mlp = model.base_model.model.model.layers[1].mlp
+        forward = mlp.forward
+        mlp.forward = lambda x, _f=forward: checkpoint.checkpoint(_f, x, use_reentrant=True)
+        loss(model, input_ids).backward()
+    assert_same_grads(dense, batched)
+
+
+def test_a_forward_that_raises_ends_its_pass(input_ids):
+    dense, batched = pair()
+    bad = torch.full_like(input_ids, 10_000)  # out of the vocabulary: the embedding raises
+    try:
+        batched(input_ids=bad, labels=input_ids)
+    except IndexError:
+        pass
+    assert batched.base_model._sltrain_rebuilds.depth == 0
+    layer = layers(batched)[0]
+    x = torch.randn(3, layer.in_features, dtype=torch.float64, requires_grad=True)
+    layer(x).sum().backward()  # outside a pass: the dense path
+    assert not groups(batched)
+
+
+def test_supports_changed_in_place_between_passes(input_ids):
+    """The group's flat positions are cached per support; a support rewritten in place (a state dict loaded) must
+    be read again."""
+    dense, batched = pair()
+    loss(batched, input_ids).backward()
+    batched.zero_grad()
+    with torch.no_grad():
+        for a, b in zip(layers(dense), layers(batched)):
+            support = torch.randperm(a.in_features * a.out_features)[: a.sltrain_indices["default"].numel()].sort()[0]
+            a.sltrain_indices["default"].copy_(support)
+            b.sltrain_indices["default"].copy_(support)
+    loss(dense, input_ids).backward()
+    loss(batched, input_ids).backward()
+    assert_same_grads(dense, batched)
+
+
+def test_torch_func_grad_falls_back(input_ids):
+    dense, batched = pair()
+    result = []
+    for model in (dense, batched):
+        params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+        def f(params, model=model):
+            return torch.func.functional_call(model, params, (), {"input_ids": input_ids, "labels": input_ids}).loss
+
+        result.append(torch.func.grad(f)(params))
+    for name, g in result[0].items():
+        torch.testing.assert_close(result[1][name], g, rtol=1e-10, atol=1e-12)
+
+
+def test_torch_compile_falls_back(input_ids, monkeypatch):
+    calls = count_rebuilds(monkeypatch)
+    dense, batched = pair()
+    compiled = torch.compile(batched, backend="aot_eager")
+    compiled(input_ids=input_ids, labels=input_ids).loss.backward()
+    loss(dense, input_ids).backward()
+    assert not calls
+    assert_same_grads(dense, batched)
+
+
+def test_one_rebuild_per_group_per_pass_even_with_a_layer_left_out(input_ids, monkeypatch):
+    calls = count_rebuilds(monkeypatch)
+    _, batched = pair()
+    first = layers(batched)[0]
+    with torch.no_grad():
+        first.sltrain_A["default"].data = torch.empty(0, dtype=torch.float64)
+    rebuilds = batched.base_model._sltrain_rebuilds
+    rebuilds.begin_pass()
+    try:
+        for layer in layers(batched)[1:]:
+            layer(torch.randn(2, layer.in_features, dtype=torch.float64))
+        try:
+            first(torch.randn(2, first.in_features, dtype=torch.float64))  # not whole: dense (which then fails)
+        except Exception:
+            pass
+    finally:
+        rebuilds.end_pass()
+    assert len(calls) == 4
+
+
+def checkpointed(*models, reentrant: bool):
+    for model in models:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.enable_input_require_grads()
+
+
+def test_two_forwards_one_backward_under_non_reentrant_checkpointing(input_ids):
+    dense, batched = pair()
+    checkpointed(dense, batched, reentrant=False)
+    for model in (dense, batched):
+        (loss(model, input_ids) + loss(model, input_ids[:1])).backward()
+    assert_same_grads(dense, batched)
+
+
+def test_retain_graph_under_non_reentrant_checkpointing(input_ids):
+    dense, batched = pair()
+    checkpointed(dense, batched, reentrant=False)
+    for model in (dense, batched):
+        value = loss(model, input_ids)
+        value.backward(retain_graph=True)
+        value.backward()
+    assert_same_grads(dense, batched)
+
+
+def test_reentrant_recompute_takes_no_weights_of_an_older_pass(input_ids):
+    dense, batched = pair()
+    checkpointed(dense, batched, reentrant=True)
+    for model in (dense, batched):
+        loss(model.eval(), input_ids)  # evaluation with grad on: groups built, no backward
+        with torch.no_grad():  # an optimizer step
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.mul_(1.5)
+        loss(model.train(), input_ids).backward()
+    assert_same_grads(dense, batched)
+
+
+def test_two_compute_dtypes_in_one_pass_under_non_reentrant_checkpointing():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.ModuleList(nn.Linear(16, 16, bias=False) for _ in range(4))
+
+        def forward(self, x):
+            for layer in self.l:
+                x = checkpoint.checkpoint(lambda h, _l=layer: _l(h).float(), x, use_reentrant=False)
+            return x.pow(2).mean()
+
+    grads = []
+    for compute in ("dense", "batched"):
+        torch.manual_seed(0)
+        model = get_peft_model(
+            Net(),
+            SLTrainConfig(r=2, sparsity=0.2, from_scratch=True, compute=compute, target_modules=["0", "1", "2", "3"]),
+        )
+        perturb_trainable(model, scale=0.3)
+        model.base_model.model.l[1].double()  # one layer computes in fp64, the others in fp32
+        model(torch.randn(3, 16, generator=torch.Generator().manual_seed(0), requires_grad=True)).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6)
+
+
+def test_double_backward_is_refused_not_wrong(input_ids):
+    _, batched = pair()
+    params = [p for p in batched.parameters() if p.requires_grad]
+    with pytest.raises(RuntimeError, match="second derivative"):
+        torch.autograd.grad(loss(batched, input_ids), params, create_graph=True)
+
+
+def test_a_copy_of_the_inner_model_leaves_the_original_alone(input_ids):
+    dense, batched = pair()
+    twin = copy.deepcopy(batched.get_base_model())
+    twin(input_ids=input_ids, labels=input_ids).loss.backward()
+    for model in (dense, batched):
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.mul_(1.5)
+        loss(model, input_ids).backward()
+    assert_same_grads(dense, batched)
+
+
+def test_a_model_after_a_step_is_freed_without_the_cycle_collector(input_ids):
+    _, batched = pair()
+    loss(batched, input_ids).backward()
+    kept = weakref.ref(layers(batched)[0].sltrain_A["default"])
+    gc.disable()
+    try:
+        del batched
+        assert kept() is None
+    finally:
+        gc.enable()
+
+
+def test_merge_and_unload_frees_the_sltrain_layers(input_ids):
+    _, batched = pair()
+    loss(batched, input_ids).backward()
+    kept = weakref.ref(layers(batched)[0])
+    batched.merge_and_unload()
+    gc.collect()
+    assert kept() is None
+
+
+def test_deepcopy_and_pickle_after_a_forward_without_backward(input_ids):
+    _, batched = pair()
+    loss(batched, input_ids)
+    copy.deepcopy(batched)
+    torch.save(batched, io.BytesIO())
