@@ -20,17 +20,20 @@ backward (full-rank training under autocast keeps its weights' bf16 copies too, 
 and optimizer states). So it is never chosen by `"auto"`.
 
 A pass is one call of the `SLTrainModel` or of the model it wraps (their forward hooks); a group is rebuilt at its
-first use in each pass, and the pass drops its weights at its end (autograd keeps them for backward). Where the batched
-rebuild does not apply, a layer computes the same map on the dense path: outside a pass (a layer called directly),
-without grad (evaluation, generation), for a layer with a frozen `W0` (fine-tuning), under `torch.compile`,
-`torch.func` or forward-mode AD. A layer recomputed in backward (activation checkpointing) that took its batched
-weight in the pass builds it again on its own, in plain differentiable ops: `F.linear` then saves what it saved in
-the pass (non-reentrant checkpointing compares that), and gradients reach the factors (reentrant checkpointing
-backpropagates through the recompute). The batched rebuild has no second derivative (double backward is refused).
+first use in each pass, and the pass drops its weights at its end (autograd keeps them for backward; several forwards
+before one backward keep a copy each). A layer called with grad that takes no batched weight (outside a pass: a layer
+or block called on its own; a layer that joined no group) builds its own in plain differentiable ops, and so does
+every layer recomputed in backward by activation checkpointing: `F.linear` then saves the same tensors in a forward
+and in its recompute (non-reentrant checkpointing compares them), and gradients reach the factors (reentrant
+checkpointing backpropagates through the recompute). The dense path runs without grad (evaluation, generation), for a
+layer with a frozen `W0` (fine-tuning), under `torch.compile`, `torch.func` or forward-mode AD, and in the recompute of
+a layer that never ran with grad (reentrant checkpointing's first forward runs without). The batched rebuild has no
+second derivative (double backward is refused).
 """
 
 from __future__ import annotations
 
+import sys
 import weakref
 
 import torch
@@ -53,6 +56,7 @@ class BatchedRebuilds:
         self._layers: list[weakref.ref] | None = None  # listed at the first rebuild (again where a layer is missing)
         self._listed = 0  # the pass in which they were last listed
         self.depth = 0  # > 0 while the model's forward runs
+        self._opener = None  # the frame that opened the pass
         self.generation = 0  # the pass
         self.built: dict[tuple, int] = {}  # (adapter name, dtype) -> the pass whose groups were built
         self.current: list[_Group] = []  # the groups this pass built, whose weights its end drops
@@ -64,14 +68,19 @@ class BatchedRebuilds:
         model = None if self._model is None else self._model()
         return BatchedRebuilds(None if model is None else memo.get(id(model)))
 
-    def __reduce__(self):  # pickled with its model (`torch.save(model)`): a weak reference does not pickle
-        return BatchedRebuilds, (None if self._model is None else self._model(),)
+    def __reduce__(self):  # pickled without its model (a layer or block pickled alone must not carry the whole model);
+        return BatchedRebuilds, (None,)  # `SLTrainModel.__setstate__` ties it to a loaded model
 
     def begin_pass(self, *_) -> None:
         if torch.compiler.is_compiling():  # (a compiled model takes the dense path; a counter traced would be a guard,
             return  # and each pass a recompile)
+        if self.depth > 0 and not _on_stack(self._opener, sys._getframe(1)):
+            # the pass that was open never ended: a BaseException (KeyboardInterrupt) skips `always_call` hooks
+            self.depth = 1
+            self.end_pass()
         if self.depth == 0:
             self.generation += 1
+            self._opener = sys._getframe(1)  # the caller's frame (the module's `_call_impl`), while the pass runs
         self.depth += 1
 
     def end_pass(self, *_) -> None:
@@ -82,6 +91,7 @@ class BatchedRebuilds:
             for group in self.current:
                 group.weights = None
             self.current = []
+            self._opener = None
 
     def forget_layers(self) -> None:
         """List the layers again at the next rebuild (the model's layers changed)."""
@@ -127,6 +137,14 @@ class BatchedRebuilds:
                 m.__dict__.setdefault("_sltrain_slot", {})[(name, dtype)] = (group, i)
         slot = layer.__dict__.get("_sltrain_slot", {}).get((name, dtype))
         return slot if slot is not None and slot[0].generation == self.generation else None
+
+
+def _on_stack(frame, top) -> bool:
+    while top is not None:
+        if top is frame:
+            return True
+        top = top.f_back
+    return False
 
 
 def _unchanged(tensor: torch.Tensor) -> torch.Tensor:
@@ -181,35 +199,41 @@ def _eligible(layer, name: str) -> bool:
 
 
 def batched_weight(layer, name: str, x: torch.Tensor) -> torch.Tensor | None:
-    """`layer`'s rebuilt dense weight (d_out, d_in) in x's dtype for adapter `name`, from its group's batched rebuild;
-    or None where the batched rebuild does not apply (the layer then takes the dense path). On a GPU this runs once
+    """`layer`'s dense weight (d_out, d_in) in x's dtype for adapter `name`: from its group's batched rebuild, or
+    built on its own (see the module's docstring); None where the layer takes the dense path. On a GPU this runs once
     per layer call, so it is kept to a few lookups."""
     rebuilds = layer.__dict__.get("_sltrain_rebuilds")
     if rebuilds is None or not torch.is_grad_enabled() or torch.compiler.is_compiling() or exporting():
         return None
     if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
         return None  # torch.func transforms and forward-mode AD need plain ops (`functional._plain_sltrain_linear`)
+    if torch._C._current_graph_task_id() != -1:
+        # in backward: activation checkpointing recomputing the layer. A forward with grad took the batched weight or
+        # its own, and saved (x, W): so does its own (non-reentrant checkpointing compares). A layer that never ran
+        # with grad (reentrant checkpointing: its forwards ran without) keeps the dense path
+        return _own_weight(layer, name, x) if "_sltrain_took" in layer.__dict__ else None
+    layer.__dict__["_sltrain_took"] = True
+    if rebuilds.depth == 0:  # outside a pass: its own weight
+        return _own_weight(layer, name, x)
     slot = layer.__dict__.get("_sltrain_slot", {}).get((name, x.dtype))
-    if torch._C._current_graph_task_id() != -1:  # in backward: activation checkpointing recomputing the layer
-        if slot is None or slot[1] not in slot[0].used:  # its forward took no batched weight: the dense path
-            return None
-        # its own weight, now, in plain ops: the same values, and, as what these ops save bypasses the checkpoint's
-        # hooks, the same saved tensors as in the pass (non-reentrant checkpointing compares them); differentiable
-        # (reentrant checkpointing backpropagates through it)
-        A, B, values = _factors(layer, name)
-        with torch.autograd.graph.saved_tensors_hooks(_unchanged, _unchanged):
-            return plain_weight(A, B, values, layer.sltrain_indices[name], layer.scaling[name], x.dtype)
-    if rebuilds.depth == 0:
-        return None
     if slot is None or slot[0].generation != rebuilds.generation:
         slot = rebuilds.rebuild(layer, name, x.dtype)
         if slot is None:
-            return None
+            return _own_weight(layer, name, x)
     group, i = slot
     if group.weights is None:
-        return None
+        return _own_weight(layer, name, x)
     group.used.add(i)
     return group.weights[i]
+
+
+def _own_weight(layer, name: str, x: torch.Tensor) -> torch.Tensor:
+    """`layer`'s weight built on its own in plain differentiable ops. Every call with grad that does not take a batched
+    weight takes this, so that `F.linear` saves (x, W) whatever the pass's state: a checkpoint's recompute (which
+    always takes this) saves what the forward saved. What these ops save bypasses the checkpoint's hooks."""
+    A, B, values = _factors(layer, name)
+    with torch.autograd.graph.saved_tensors_hooks(_unchanged, _unchanged):
+        return plain_weight(A, B, values, layer.sltrain_indices[name], layer.scaling[name], x.dtype)
 
 
 def _group_indices(rebuilds: BatchedRebuilds, key: tuple, members: list, name: str) -> torch.Tensor:

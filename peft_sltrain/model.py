@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -119,6 +120,12 @@ class SLTrainModel(BaseTuner):
                 module.register_forward_pre_hook(self._sltrain_rebuilds.begin_pass)
                 module.register_forward_hook(self._sltrain_rebuilds.end_pass, always_call=True)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        rebuilds = self.__dict__.get("_sltrain_rebuilds")
+        if rebuilds is not None and (rebuilds._model is None or rebuilds._model() is None):
+            rebuilds._model = weakref.ref(self)
 
     def _check_new_adapter_config(self, config: SLTrainConfig) -> None:
         super()._check_new_adapter_config(config)  # (`inject_adapter` validated the config before reading it)
@@ -255,6 +262,7 @@ class SLTrainModel(BaseTuner):
         model = super()._unload_and_optionally_merge(*args, **kwargs)
         remove_pass_hooks(model)  # the plain model returned keeps no hook of ours
         self._sltrain_rebuilds.forget_layers()  # nor does the tuner keep the replaced layers listed
+        self._sltrain_rebuilds.indices.clear()  # nor their supports
         return model
 
     def delete_adapter(self, adapter_name: str) -> None:

@@ -475,3 +475,188 @@ def test_deepcopy_and_pickle_after_a_forward_without_backward(input_ids):
     loss(batched, input_ids)
     copy.deepcopy(batched)
     torch.save(batched, io.BytesIO())
+
+
+# From review BC: cases found in the redesign (each failed before it, or let a mutant through)
+
+
+def test_the_decoder_alone_under_non_reentrant_checkpointing_after_a_batched_step(input_ids):
+    """N1. The decoder called on its own (no pass hooks: a layer outside a pass takes its fallback), after a step
+    through the PeftModel: the recompute must save what that forward saved."""
+    dense, batched = pair()
+    checkpointed(dense, batched, reentrant=False)
+    for model in (dense, batched):
+        loss(model, input_ids).backward()
+        hidden = model.base_model.model.model(input_ids=input_ids).last_hidden_state
+        hidden.pow(2).mean().backward()
+    assert_same_grads(dense, batched)
+
+
+@pytest.mark.parametrize("retain", [False, True])
+def test_a_layer_skipped_by_a_later_pass_before_backward_under_non_reentrant_checkpointing(input_ids, retain):
+    """N2. The last MLP runs in pass 1 and is skipped in pass 2 (LayerDrop, MoE routing), before pass 1's backward."""
+    dense, batched = pair()
+    checkpointed(dense, batched, reentrant=False)
+    for model in (dense, batched):
+        mlp = model.base_model.model.model.layers[-1].mlp
+        forward, skip = mlp.forward, [False]
+        mlp.forward = lambda x, skip=skip, forward=forward: x if skip[0] else forward(x)
+        first = loss(model, input_ids)
+        if retain:
+            first.backward(retain_graph=True)
+        skip[0] = True
+        second = loss(model, input_ids[:1])
+        skip[0] = False
+        if retain:
+            second.backward()
+            first.backward()
+        else:
+            (first + second).backward()
+    assert_same_grads(dense, batched)
+
+
+def test_a_keyboard_interrupt_in_a_forward_ends_its_pass(input_ids):
+    """N3. `always_call` forward hooks run on `Exception` only: a KeyboardInterrupt left the pass open, and later
+    passes took its weights (stale after a step: wrong loss, then a backward through freed buffers)."""
+    dense, batched = pair()
+    values = []
+    for model in (dense, batched):
+        armed = [True]
+
+        def interrupt(module, args, armed=armed):
+            if armed[0]:
+                armed[0] = False
+                raise KeyboardInterrupt
+
+        model.base_model.model.model.layers[1].register_forward_pre_hook(interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            loss(model, input_ids)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        for _ in range(2):
+            loss(model, input_ids).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        values.append(loss(model, input_ids))
+        values[-1].backward()
+    torch.testing.assert_close(values[1], values[0], rtol=1e-10, atol=0)
+    assert_same_grads(dense, batched)
+
+
+def test_a_layer_pickles_without_its_model(input_ids):
+    """N4. Pickling one layer (or one block) must not pickle the whole model through its pass counter."""
+    _, batched = pair(blocks=4)
+    model, layer = io.BytesIO(), io.BytesIO()
+    torch.save(batched, model)
+    torch.save(layers(batched)[0], layer)
+    assert layer.tell() < model.tell() / 10
+
+
+def test_merge_and_unload_frees_the_supports(input_ids):
+    """N5. The index cache holds the supports (review BA's R2): it must let the replaced layers' go."""
+    _, batched = pair()
+    loss(batched, input_ids).backward()
+    support = weakref.ref(layers(batched)[0].sltrain_indices["default"])
+    batched.merge_and_unload()
+    gc.collect()
+    assert support() is None
+
+
+# kill mutants that survive test_batched.py
+
+
+def test_a_copy_made_after_a_step_rebuilds_in_its_first_pass(input_ids, monkeypatch):
+    """A deep copy and a pickled copy made after a batched step rebuild at their first pass, under non-reentrant
+    checkpointing (kills `_Group.__reduce__` removed: a CheckpointError at ec78bda; and `__reduce__` keeping the
+    generation: the copy's first pass all on the fallback)."""
+    dense, batched = pair()
+    loss(dense, input_ids).backward()
+    loss(batched, input_ids).backward()
+    buffer = io.BytesIO()
+    torch.save(batched, buffer)
+    buffer.seek(0)
+    twins = [copy.deepcopy(dense), copy.deepcopy(batched), torch.load(buffer, weights_only=False)]
+    checkpointed(*twins, reentrant=False)
+    calls = count_rebuilds(monkeypatch)
+    for twin in twins:
+        twin.zero_grad()
+        loss(twin, input_ids).backward()
+    assert len(calls) == 8  # 4 groups in each batched copy's first pass
+    assert_same_grads(twins[0], twins[1])
+    assert_same_grads(twins[0], twins[2])
+
+
+def test_the_next_pass_frees_a_pass_groups(input_ids):
+    """Nothing but the layers' slots keeps a pass's groups, and the next pass's slots replace them (kills `end_pass`
+    not emptying `current`: every group of every pass kept, and walked at each pass's end)."""
+    _, batched = pair()
+    loss(batched, input_ids).backward()
+    first = weakref.ref(next(iter(layers(batched)[0]._sltrain_slot.values()))[0])
+    gc.disable()
+    try:
+        loss(batched, input_ids).backward()
+        assert first() is None
+        assert batched.base_model._sltrain_rebuilds.current == []
+    finally:
+        gc.enable()
+
+
+def test_supports_replaced_by_new_tensors_at_the_same_address(input_ids):
+    """Review BA's R2 made deterministic: each support replaced by a new tensor that CPython puts at the freed old
+    one's address, with the same version (kills an index cache that compares ids)."""
+    dense, batched = pair()
+    loss(batched, input_ids).backward()
+    batched.zero_grad()
+    reused = 0
+    generator = torch.Generator().manual_seed(1)
+    for a, b in zip(layers(dense), layers(batched)):
+        old = b.sltrain_indices["default"]
+        n, dtype, address, version = old.numel(), old.dtype, id(old), old._version
+        draw = torch.randperm(a.in_features * a.out_features, generator=generator)[:n].sort()[0].to(dtype)
+        b.sltrain_indices["default"] = draw  # (the old one freed here, unless the cache holds it)
+        del old
+        new = torch.empty(n, dtype=dtype)
+        for _ in range(version):
+            new.copy_(draw)
+        reused += id(new) == address
+        b.sltrain_indices["default"] = new
+        a.sltrain_indices["default"] = draw.clone()
+        assert new._version == version
+    loss(dense, input_ids).backward()
+    loss(batched, input_ids).backward()
+    assert_same_grads(dense, batched)
+
+
+def test_a_layer_skipped_by_a_pass_then_called_alone_under_non_reentrant_checkpointing(input_ids):
+    """A layer whose slot is from a pass that skipped it, called on its own (its fallback) in a checkpoint: its
+    recompute must match that fallback (kills dropping `slot[1] not in slot[0].used` at ec78bda; with the prototype,
+    where every fallback and recompute is `_own_weight`, it guards that)."""
+    dense, batched = pair()
+    for model in (dense, batched):
+        mlp = model.base_model.model.model.layers[-1].mlp
+        forward = mlp.forward
+        mlp.forward = lambda x: x
+        loss(model, input_ids).backward()  # the MLP is skipped: a slot, not used
+        mlp.forward = forward
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 5, mlp.gate_proj.in_features, dtype=torch.float64, generator=generator)
+        torch.utils.checkpoint.checkpoint(mlp, x.requires_grad_(), use_reentrant=False).pow(2).sum().backward()
+    assert_same_grads(dense, batched)
+
+
+def test_a_pass_nested_in_another_keeps_its_weights_to_the_outer_end(input_ids, monkeypatch):
+    """Two model calls inside one outer pass (here opened by hand) share one rebuild and both take its weights (kills
+    `end_pass` dropping the weights at every depth: at ec78bda the second call then took the fallback and its
+    recompute crashed)."""
+    calls = count_rebuilds(monkeypatch)
+    dense, batched = pair()
+    checkpointed(dense, batched, reentrant=False)
+    for model in (dense, batched):
+        rebuilds = model.base_model._sltrain_rebuilds
+        rebuilds.begin_pass()
+        try:
+            value = loss(model, input_ids) + loss(model, input_ids[:1])
+        finally:
+            rebuilds.end_pass()
+        value.backward()
+    assert len(calls) == 4
+    assert_same_grads(dense, batched)
