@@ -68,8 +68,8 @@ class BatchedRebuilds:
         model = None if self._model is None else self._model()
         return BatchedRebuilds(None if model is None else memo.get(id(model)))
 
-    def __reduce__(self):  # pickled without its model (a layer or block pickled alone must not carry the whole model);
-        return BatchedRebuilds, (None,)  # `SLTrainModel.__setstate__` ties it to a loaded model
+    def __reduce__(self):  # pickled without its model, which a layer or block pickled alone must not carry along
+        return BatchedRebuilds, (None,)  # (`SLTrainModel.__setstate__` ties it to a loaded model)
 
     def begin_pass(self, *_) -> None:
         if torch.compiler.is_compiling():  # (a compiled model takes the dense path; a counter traced would be a guard,
@@ -112,12 +112,14 @@ class BatchedRebuilds:
         if self.built.get((name, dtype)) == self.generation:  # `layer` was not among them: not batched this pass
             return None
         self.built[(name, dtype)] = self.generation
-        if not any(m is layer for m in self.layers()) and self._listed != self.generation:
+        listed = self.layers()
+        if not any(m is layer for m in listed) and self._listed != self.generation:
             self.forget_layers()  # a layer added to the model since the listing
-        if not any(m is layer for m in self.layers()):  # not this model's: rebuild nothing
+            listed = self.layers()
+        if not any(m is layer for m in listed):  # not this model's: rebuild nothing
             return None
         kinds: dict[tuple, list] = {}  # key -> [(member, its factors)]
-        for m in self.layers():
+        for m in listed:
             if _eligible(m, name):
                 factors = _factors(m, name)
                 if _whole(m, name, factors):
