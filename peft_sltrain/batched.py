@@ -160,7 +160,6 @@ class _Group:
         self.generation = generation
         self.dtype = dtype
         self.weights: tuple[torch.Tensor, ...] | None = None  # (d_out, d_in) each, during the pass
-        self.used: set[int] = set()  # members whose W_i a forward took
 
     def __reduce__(self):  # a copied or pickled layer carries nothing of a pass (nor its non-leaf weights)
         return _Group, (-1, self.dtype)
@@ -191,7 +190,6 @@ def _eligible(layer, name: str) -> bool:
     """Whether `layer` computes adapter `name` alone, batched, as `Linear.forward` would in this model's pass."""
     return (
         layer.compute.get(name) == "batched"
-        and "_sltrain_rebuilds" in layer.__dict__
         and not layer.merged_adapters
         and not layer._disable_adapters
         and not layer.quantization
@@ -222,10 +220,7 @@ def batched_weight(layer, name: str, x: torch.Tensor) -> torch.Tensor | None:
         slot = rebuilds.rebuild(layer, name, x.dtype)
         if slot is None:
             return _own_weight(layer, name, x)
-    group, i = slot
-    if group.weights is None:
-        return _own_weight(layer, name, x)
-    group.used.add(i)
+    group, i = slot  # built in this pass: its weights are set until the pass ends
     return group.weights[i]
 
 

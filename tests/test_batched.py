@@ -36,9 +36,9 @@ def layers(model):
 
 
 def groups(model) -> set:
-    """The groups whose weights the layers took in their model's latest pass."""
-    return {id(group) for m in layers(model) for group, i in m.__dict__.get("_sltrain_slot", {}).values()
-            if group.generation == m._sltrain_rebuilds.generation and i in group.used}  # fmt: skip
+    """The groups rebuilt for the layers in their model's latest pass."""
+    return {id(group) for m in layers(model) for group, _ in m.__dict__.get("_sltrain_slot", {}).values()
+            if group.generation == m._sltrain_rebuilds.generation}  # fmt: skip
 
 
 def trainable_grads(model) -> dict[str, torch.Tensor | None]:
@@ -628,8 +628,8 @@ def test_supports_replaced_by_new_tensors_at_the_same_address(input_ids):
 
 def test_a_layer_skipped_by_a_pass_then_called_alone_under_non_reentrant_checkpointing(input_ids):
     """A layer whose slot is from a pass that skipped it, called on its own (its fallback) in a checkpoint: its
-    recompute must match that fallback (kills dropping `slot[1] not in slot[0].used` at ec78bda; with the prototype,
-    where every fallback and recompute is `_own_weight`, it guards that)."""
+    recompute must save what that fallback saved (every fallback with grad and every recompute build the layer's
+    own weight)."""
     dense, batched = pair()
     for model in (dense, batched):
         mlp = model.base_model.model.model.layers[-1].mlp
