@@ -8,27 +8,28 @@ each group of L layers of one shape (the 60M LLaMA has three: the attention proj
 forward of the model
 
     forward:   stack + cast of A, B and the values, one `baddbmm` for the L products `s B_i A_i`, one `index_add_`
-               for the L sparse parts; then each layer a plain `F.linear` on its slice `W_i`
-    backward:  each layer `F.linear`'s two GEMMs; then, once all L `dW_i` are in, one stack, two `baddbmm` for the
-               factors' gradients, one `index_select` for `dS`, three casts (of the stacks: one each, where autograd
-               would cast each layer's gradients)
+               for the L sparse parts; then each layer one GEMM on its slice `W_i`
+    backward:  at the first of the group's layers, the same rebuild again; each layer two GEMMs, its `dW_i` written
+               into one stacked buffer; then, once all L are in, two `baddbmm` for the factors' gradients, one
+               `index_select` for `dS`, three casts (of the stacks: one each, where autograd would cast each layer's)
 
-so the launches per layer fall below `nn.Linear`'s. The price is memory: the L rebuilt `W_i` (compute dtype, views of
-one tensor) stay alive from the forward until the group's backward, and the L `dW_i` (plus their stacked copy) until
-the last of them comes in: one bf16 copy of the adapted weights through the forward, up to about two at the groups'
-backward (full-rank training under autocast keeps its weights' bf16 copies too, besides its fp32 weights, gradients
-and optimizer states). So it is never chosen by `"auto"`.
+so the launches per layer fall below `nn.Linear`'s. No copy of the weights is kept from the forward to the backward:
+the layers save their input alone (`_LayerLinear`), the group its members' factors as they are (no stack, no cast),
+and the forward's weights are dropped once every member has taken its own. The backward's rebuilt weights and stacked
+`dW` (two copies of the group's weights in the compute dtype) live from the first of its layers' backwards to the
+group's own, when the activations that set a step's peak are mostly freed: measured, a step's peak is at most the
+dense path's, which keeps the factors' casts from forward to backward (benchmarks/results/step_cpu_batched.json).
 
 A pass is one call of the `SLTrainModel` or of the model it wraps (their forward hooks); a group is rebuilt at its
-first use in each pass, and the pass drops its weights at its end (autograd keeps them for backward; several forwards
-before one backward keep a copy each). A layer called with grad that takes no batched weight (outside a pass: a layer
-or block called on its own; a layer that joined no group) builds its own in plain differentiable ops, and so does
-every layer recomputed in backward by activation checkpointing: `F.linear` then saves the same tensors in a forward
-and in its recompute (non-reentrant checkpointing compares them), and gradients reach the factors (reentrant
-checkpointing backpropagates through the recompute). The dense path runs without grad (evaluation, generation), for a
-layer with a frozen `W0` (fine-tuning), under `torch.compile`, `torch.func` or forward-mode AD, and in the recompute of
-a layer that never ran with grad (reentrant checkpointing's first forward runs without). The batched rebuild has no
-second derivative (double backward is refused).
+first use in each pass, and its weights are dropped once all members took theirs, or at the pass's end. A layer called
+with grad that takes no batched weight (outside a pass: a layer or block called on its own; a layer that joined no
+group; a layer called again after its whole group) builds its own in plain differentiable ops, kept until backward,
+and so does every layer recomputed in backward by activation checkpointing: a forward and its recompute then save the
+same tensor (x) through the saved-tensor hooks (non-reentrant checkpointing compares them), and gradients reach the
+factors (reentrant checkpointing backpropagates through the recompute). The dense path runs without grad (evaluation,
+generation), for a layer with a frozen `W0` (fine-tuning), under `torch.compile`, `torch.func` or forward-mode AD,
+and in the recompute of a layer that never ran with grad (reentrant checkpointing's first forward runs without). The
+batched rebuild has no second derivative (double backward is refused).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import sys
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd import forward_ad
 
@@ -60,7 +62,6 @@ class BatchedRebuilds:
         self.generation = 0  # the pass
         self.built: dict[tuple, int] = {}  # (adapter name, dtype) -> the pass whose groups were built
         self.current: list[_Group] = []  # the groups this pass built, whose weights its end drops
-        self.indices: dict[tuple, tuple] = {}  # per kind of layer: (its supports, their versions, flat positions)
 
     def __deepcopy__(self, memo):
         # a copied model's: its layers and hooks, copied, map to it through `memo`. A copy of the inner model alone
@@ -87,7 +88,7 @@ class BatchedRebuilds:
         if torch.compiler.is_compiling():
             return
         self.depth = max(self.depth - 1, 0)
-        if self.depth == 0:  # no layer takes the pass's weights any more: only autograd keeps them, for backward
+        if self.depth == 0:  # no layer takes the pass's weights any more (autograd keeps none: backward rebuilds)
             for group in self.current:
                 group.weights = None
             self.current = []
@@ -124,16 +125,11 @@ class BatchedRebuilds:
                 factors = _factors(m, name)
                 if _whole(m, name, factors):
                     kinds.setdefault(_key(m, name, *factors), []).append((m, factors))
-        for key in [k for k in self.indices if k[0] == name and k not in kinds]:  # kinds gone (moved, cast)
-            del self.indices[key]
         for key, members in kinds.items():
-            group = _Group(self.generation, dtype)
+            group = _Group(self.generation, dtype, len(members))
             tensors = [t for _, factors in members for t in factors]
-            indices = _group_indices(self, key, [m for m, _ in members], name)
-            # its saved tensors bypass the saved-tensor hooks of an enclosing activation checkpoint (this pass's
-            # first batched layer call may lie in one), whose recompute in backward will not rebuild them
-            with torch.autograd.graph.saved_tensors_hooks(_unchanged, _unchanged):
-                group.weights = _BatchedRebuild.apply(dtype, key[4], indices, len(members), *tensors)
+            supports = tuple(m.sltrain_indices[name] for m, _ in members)
+            group.weights = _BatchedRebuild.apply(dtype, key[4], supports, len(members), *tensors)
             self.current.append(group)
             for i, (m, _) in enumerate(members):
                 m.__dict__.setdefault("_sltrain_slot", {})[(name, dtype)] = (group, i)
@@ -156,13 +152,25 @@ def _unchanged(tensor: torch.Tensor) -> torch.Tensor:
 class _Group:
     """The rebuilt weights of one kind of layer (adapter, shapes, r, nnz, scaling, dtypes, devices) in one pass."""
 
-    def __init__(self, generation: int, dtype: torch.dtype):
+    def __init__(self, generation: int, dtype: torch.dtype, count: int):
         self.generation = generation
         self.dtype = dtype
-        self.weights: tuple[torch.Tensor, ...] | None = None  # (d_out, d_in) each, during the pass
+        self.weights: tuple[torch.Tensor, ...] | None = None  # (d_out, d_in) each, until the last member takes its own
+        self.untaken = set(range(count))  # the members that have not taken their weight in this pass
+
+    def take(self, i: int) -> torch.Tensor | None:
+        """Member `i`'s rebuilt weight; the group's weights are dropped once every member has taken its own (a member
+        called again after that gets None)."""
+        if self.weights is None:
+            return None
+        weight = self.weights[i]
+        self.untaken.discard(i)
+        if not self.untaken:  # (the pass's last use: the forward holds no copy of the weights after it)
+            self.weights = None
+        return weight
 
     def __reduce__(self):  # a copied or pickled layer carries nothing of a pass (nor its non-leaf weights)
-        return _Group, (-1, self.dtype)
+        return _Group, (-1, self.dtype, 0)
 
 
 def _factors(layer, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -198,107 +206,190 @@ def _eligible(layer, name: str) -> bool:
     )
 
 
-def batched_weight(layer, name: str, x: torch.Tensor) -> torch.Tensor | None:
-    """`layer`'s dense weight (d_out, d_in) in x's dtype for adapter `name`: from its group's batched rebuild, or
-    built on its own (see the module's docstring); None where the layer takes the dense path. On a GPU this runs once
-    per layer call, so it is kept to a few lookups."""
+def batched_linear(layer, name: str, x: torch.Tensor) -> torch.Tensor | None:
+    """`x W^T` for `layer`'s dense weight `W` (d_out, d_in) for adapter `name`, in x's dtype: from its group's batched
+    rebuild, or built on its own (see the module's docstring); None where the layer takes the dense path. On a GPU
+    this runs once per layer call, so it is kept to a few lookups."""
     rebuilds = layer.__dict__.get("_sltrain_rebuilds")
     if rebuilds is None or not torch.is_grad_enabled() or torch.compiler.is_compiling() or exporting():
         return None
     if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
         return None  # torch.func transforms and forward-mode AD need plain ops (`functional._plain_sltrain_linear`)
     if torch._C._current_graph_task_id() != -1:
-        # in backward: activation checkpointing recomputing the layer. A forward with grad took the batched weight or
-        # its own, and saved (x, W): so does its own (non-reentrant checkpointing compares). A layer that never ran
-        # with grad (reentrant checkpointing: its forwards ran without) keeps the dense path
-        return _own_weight(layer, name, x) if "_sltrain_took" in layer.__dict__ else None
+        # in backward: activation checkpointing recomputing the layer. A forward with grad saved x alone, as its own
+        # weight's product does (non-reentrant checkpointing compares). A layer that never ran with grad (reentrant
+        # checkpointing: its forwards ran without) keeps the dense path
+        return _own_linear(layer, name, x) if "_sltrain_took" in layer.__dict__ else None
     layer.__dict__["_sltrain_took"] = True
     if rebuilds.depth == 0:  # outside a pass: its own weight
-        return _own_weight(layer, name, x)
+        return _own_linear(layer, name, x)
     slot = layer.__dict__.get("_sltrain_slot", {}).get((name, x.dtype))
     if slot is None or slot[0].generation != rebuilds.generation:
         slot = rebuilds.rebuild(layer, name, x.dtype)
         if slot is None:
-            return _own_weight(layer, name, x)
-    group, i = slot  # built in this pass: its weights are set until the pass ends
-    return group.weights[i]
+            return _own_linear(layer, name, x)
+    group, i = slot
+    weight = group.take(i)
+    if weight is None:  # called again in this pass, after its whole group
+        return _own_linear(layer, name, x)
+    return _LayerLinear.apply(x, weight, weight.grad_fn, i)
 
 
-def _own_weight(layer, name: str, x: torch.Tensor) -> torch.Tensor:
-    """`layer`'s weight built on its own in plain differentiable ops. Every call with grad that does not take a batched
-    weight takes this, so that `F.linear` saves (x, W) whatever the pass's state: a checkpoint's recompute (which
-    always takes this) saves what the forward saved. What these ops save bypasses the checkpoint's hooks."""
+def _own_linear(layer, name: str, x: torch.Tensor) -> torch.Tensor:
+    """`x W^T` for `layer`'s weight built on its own in plain differentiable ops. Every call with grad that takes no
+    batched weight takes this, so that what goes through saved-tensor hooks is x alone whatever the pass's state: a
+    checkpoint's recompute (which always takes this) saves what the forward saved. The weight, and what its ops save,
+    bypass the checkpoint's hooks."""
     A, B, values = _factors(layer, name)
     with torch.autograd.graph.saved_tensors_hooks(_unchanged, _unchanged):
-        return plain_weight(A, B, values, layer.sltrain_indices[name], layer.scaling[name], x.dtype)
-
-
-def _group_indices(rebuilds: BatchedRebuilds, key: tuple, members: list, name: str) -> torch.Tensor:
-    """The members' supports as flat positions into the stacked (L, d_out, d_in) weights (int32 where they fit),
-    made once and kept while the supports are the same tensors, unchanged."""
-    supports = tuple(m.sltrain_indices[name] for m in members)
-    versions = tuple(s._version for s in supports)
-    kept = rebuilds.indices.get(key)
-    if kept is not None and len(kept[0]) == len(supports) and all(a is b for a, b in zip(kept[0], supports)):
-        if kept[1] == versions:
-            return kept[2]
-    entries = members[0].out_features * members[0].in_features
-    dtype = torch.int32 if len(members) * entries < 2**31 else torch.int64
-    offsets = torch.arange(len(members), device=supports[0].device, dtype=dtype) * entries
-    indices = torch.cat(supports).to(dtype) + offsets.repeat_interleave(supports[0].numel())  # (equal nnz: the key)
-    rebuilds.indices[key] = (supports, versions, indices)
-    return indices
+        weight = plain_weight(A, B, values, layer.sltrain_indices[name], layer.scaling[name], x.dtype)
+    return _LayerLinear.apply(x, weight, None, -1)
 
 
 class _BatchedRebuild(torch.autograd.Function):
     """`(s B_i A_i + S_i for each member i)` as L views of one (L, d_out, d_in) tensor in `dtype`, from the members'
-    `A_i`, `B_i` and `values_i` (flattened into `tensors` as A_1, B_1, v_1, A_2, ...), in their own dtype."""
+    `A_i`, `B_i` and `values_i` (flattened into `tensors` as A_1, B_1, v_1, A_2, ...), in their own dtype, and their
+    supports (all of one length: the group's key).
+
+    It saves the members' factors themselves, no stack, cast or weight: the members' `_LayerLinear` nodes have the
+    weights rebuilt at the first of their backwards (`rebuilt`), and write their `dW_i` into one stacked buffer
+    (`grad_slot`); this node's backward, which autograd runs once all of them are in, uses and drops both."""
 
     @staticmethod
-    def forward(ctx, dtype, scaling, indices, count, *tensors):
-        A = torch.stack(tensors[0::3]).to(dtype)  # (L, r, d_in)
-        B = torch.stack(tensors[1::3]).to(dtype)  # (L, d_out, r)
-        values = torch.cat(tensors[2::3]).to(dtype)  # (L nnz,)
-        W = torch.baddbmm(A.new_empty(()), B, A, beta=0.0, alpha=scaling)  # (L, d_out, d_in); beta=0: input unread
-        W.view(-1).index_add_(0, indices, values)
-        ctx.save_for_backward(A, B, indices)
-        ctx.scaling, ctx.count = scaling, count
+    def forward(ctx, dtype, scaling, supports, count, *tensors):
+        # the factors kept as they are (leaves: no copy), checked for in-place changes as saved tensors would be
+        ctx.factors, ctx.versions = tensors, tuple(t._version for t in tensors)
+        ctx.dtype, ctx.scaling, ctx.count, ctx.supports = dtype, scaling, count, supports  # (the layers' own buffers)
         ctx.dtypes = tuple(t.dtype for t in tensors[:3])
+        ctx.stacks = ctx.weights = ctx.grads = ctx.task = None  # set in backward
         ctx.set_materialize_grads(False)
-        return W.unbind(0)
+        A, B, values = _stacks(tensors, dtype)
+        return _rebuild(A, B, values, supports, scaling).unbind(0)  # (the stacks are freed here)
 
     @staticmethod
     def backward(ctx, *grads):
         if torch.is_grad_enabled():  # create_graph=True: the stacks below have no history to differentiate
-            raise RuntimeError(
-                "The batched SLTrain rebuild (compute='batched') has no second derivative; use the dense path for "
-                "double backward, e.g. gradient penalties on the parameters: `model.set_compute('dense')`."
-            )
-        A, B, indices = ctx.saved_tensors
+            _refuse_double_backward()
+        A, B, _ = ctx.stacks if ctx.stacks is not None else _stacks(_BatchedRebuild.factors(ctx), ctx.dtype)
+        stacked = ctx.grads if ctx.task == torch._C._current_graph_task_id() else None
+        ctx.stacks = ctx.weights = ctx.grads = ctx.task = None
         count = ctx.count
         if all(g is None for g in grads):
             return (None,) * (4 + 3 * count)
-        zeros = None
-        stacked = []
-        for g in grads:
+        dW = stacked if stacked is not None else A.new_empty(count, B.shape[1], A.shape[2])  # (L, d_out, d_in)
+        used = [g is not None for g in grads]  # a member no forward took gets no gradient (as if not in the group)
+        start, step = dW.data_ptr(), dW.stride(0) * dW.element_size()
+        for i, g in enumerate(grads):  # each member's `dW_i`, in place unless it came in summed (a layer called twice)
             if g is None:
-                zeros = zeros if zeros is not None else A.new_zeros(B.shape[1], A.shape[2])
-            stacked.append(zeros if g is None else g)
-        dW = torch.stack(stacked)  # (L, d_out, d_in)
-        del stacked
+                dW[i].zero_()
+            elif g.data_ptr() != start + i * step or g.stride() != dW.stride()[1:]:
+                dW[i].copy_(g)
+        del grads
         need = ctx.needs_input_grad[4:]
         dA = dB = dvalues = None
         # each cast back to the factors' dtype once per stack: autograd would cast each layer's gradient on its own
         if any(need[0::3]):
-            dA = torch.baddbmm(A.new_empty(()), B.transpose(1, 2), dW, beta=0.0, alpha=ctx.scaling).to(ctx.dtypes[0])
+            dA = torch.baddbmm(A.new_empty(()), B.transpose(1, 2), dW, beta=0.0, alpha=ctx.scaling)
+            dA = dA.to(ctx.dtypes[0]).unbind(0)
         if any(need[1::3]):
-            dB = torch.baddbmm(B.new_empty(()), dW, A.transpose(1, 2), beta=0.0, alpha=ctx.scaling).to(ctx.dtypes[1])
+            dB = torch.baddbmm(B.new_empty(()), dW, A.transpose(1, 2), beta=0.0, alpha=ctx.scaling)
+            dB = dB.to(ctx.dtypes[1]).unbind(0)
         if any(need[2::3]):
-            dvalues = dW.view(-1).index_select(0, indices).to(ctx.dtypes[2]).chunk(count)
+            dvalues = dW.view(-1).index_select(0, _flat_positions(ctx.supports, dW.shape[1] * dW.shape[2]))
+            dvalues = dvalues.to(ctx.dtypes[2]).chunk(count)
         result = []
-        for i, g in enumerate(grads):
-            used = g is not None  # a member no forward took gets no gradient (as if it were not in the group)
-            result += [dA[i] if used and dA is not None and need[3 * i] else None,
-                       dB[i] if used and dB is not None and need[3 * i + 1] else None,
-                       dvalues[i] if used and dvalues is not None and need[3 * i + 2] else None]  # fmt: skip
+        for i in range(count):
+            result += [dA[i] if used[i] and dA is not None and need[3 * i] else None,
+                       dB[i] if used[i] and dB is not None and need[3 * i + 1] else None,
+                       dvalues[i] if used[i] and dvalues is not None and need[3 * i + 2] else None]  # fmt: skip
         return (None, None, None, None, *result)
+
+    @staticmethod
+    def rebuilt(node) -> tuple[torch.Tensor, ...]:
+        """The L (d_out, d_in) weights again, in backward (`node`: this function's node), made once per backward and
+        kept, with the stacks they came from, until this node's backward."""
+        if node.weights is None:
+            node.stacks = _stacks(_BatchedRebuild.factors(node), node.dtype)
+            node.weights = _rebuild(*node.stacks, node.supports, node.scaling).unbind(0)
+        return node.weights
+
+    @staticmethod
+    def factors(node) -> tuple[torch.Tensor, ...]:
+        if any(t._version != v for t, v in zip(node.factors, node.versions)):
+            raise RuntimeError(
+                "A batched SLTrain layer's factors (sltrain_A, sltrain_B or sltrain_values) were modified in place "
+                "between the forward and the backward (e.g. an optimizer step before `backward()`); the gradients "
+                "would be wrong. Run the backward first."
+            )
+        return node.factors
+
+    @staticmethod
+    def grad_slot(node, i: int, d_out: int, d_in: int, like: torch.Tensor) -> torch.Tensor | None:
+        """Member `i`'s (d_out, d_in) slice of this backward's stacked `dW` (`like`'s dtype and device), or None where
+        it was written already (a member called twice in one pass: autograd sums its gradients, and the backward
+        above copies the sum in)."""
+        task = torch._C._current_graph_task_id()
+        if node.task != task:  # (a backward that did not reach this node leaves a stale buffer behind)
+            node.grads, node.written, node.task = like.new_empty(node.count, d_out, d_in), set(), task
+            node.slots = node.grads.unbind(0)
+        if i in node.written:
+            return None
+        node.written.add(i)
+        return node.slots[i]
+
+
+def _stacks(tensors, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The members' factors stacked and cast: A (L, r, d_in), B (L, d_out, r), values (L nnz,)."""
+    A, B, values = torch.stack(tensors[0::3]), torch.stack(tensors[1::3]), torch.cat(tensors[2::3])
+    return A.to(dtype), B.to(dtype), values.to(dtype)
+
+
+def _rebuild(A: torch.Tensor, B: torch.Tensor, values: torch.Tensor, supports: tuple, scaling: float) -> torch.Tensor:
+    W = torch.baddbmm(A.new_empty(()), B, A, beta=0.0, alpha=scaling)  # (L, d_out, d_in); beta=0: input unread
+    W.view(-1).index_add_(0, _flat_positions(supports, W.shape[1] * W.shape[2]), values)
+    return W
+
+
+def _flat_positions(supports: tuple, entries: int) -> torch.Tensor:
+    """The members' supports as flat positions into their stacked (L, d_out, d_in) weights (int32 where they fit),
+    made where they are used and not kept (4 bytes per nonzero while they live)."""
+    dtype = torch.int32 if len(supports) * entries < 2**31 else torch.int64
+    offsets = torch.arange(0, len(supports) * entries, entries, device=supports[0].device, dtype=dtype)
+    return (torch.stack(supports).to(dtype) + offsets[:, None]).view(-1)
+
+
+def _refuse_double_backward():
+    raise RuntimeError(
+        "The batched SLTrain rebuild (compute='batched') has no second derivative; use the dense path for double "
+        "backward, e.g. gradient penalties on the parameters: `model.set_compute('dense')`."
+    )
+
+
+class _LayerLinear(torch.autograd.Function):
+    """`x W^T` (x: (..., d_in), W: (d_out, d_in)), saving x alone through saved-tensor hooks. `W` is member `i`'s
+    view of a batched rebuild whose node is `group` (which rebuilds it in backward: no copy of the weights is kept
+    from the forward to the backward), or, where `group` is None, a weight built on its own, kept on the node."""
+
+    @staticmethod
+    def forward(ctx, x, W, group, i):
+        ctx.save_for_backward(x)
+        ctx.group, ctx.i = group, i
+        ctx.weight = W if group is None else None
+        return F.linear(x, W)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        group = ctx.group
+        if group is not None and torch.is_grad_enabled():  # (a weight built on its own: differentiable ops below)
+            _refuse_double_backward()
+        dy2 = dy.reshape(-1, dy.shape[-1])  # (N, d_out)
+        dx = dW = None
+        if ctx.needs_input_grad[0]:
+            W = ctx.weight if group is None else _BatchedRebuild.rebuilt(group)[ctx.i]
+            dx = (dy2 @ W).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
+            slot = None if group is None else _BatchedRebuild.grad_slot(group, ctx.i, dy2.shape[1], x2.shape[1], dy)
+            dW = dy2.t() @ x2 if slot is None else torch.mm(dy2.t(), x2, out=slot)
+        return dx, dW, None, None

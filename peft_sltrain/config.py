@@ -97,10 +97,11 @@ class SLTrainConfig(PeftConfig):
             shapes, rank, sparsity, device and dtype (see `peft_sltrain.cost`). Both agree with a dense reference;
             results differ only by rounding. Outside `torch.func`, only the dense path has a second derivative
             (double backward); `model.set_compute(...)` switches a model in hand. `"batched"` (from scratch, for GPUs)
-            rebuilds the weights of all like-shaped layers in one batched GEMM per forward of the model and keeps them
-            until backward: fewer kernel launches, which bound 60M steps (and smaller micro-batches at 350M) on a GPU,
-            for more memory; layers fall back to the dense path without grad, with a frozen `W0` and where the model's
-            forward is not the caller (see `peft_sltrain.batched`). Never chosen by `"auto"`.
+            rebuilds the weights of all like-shaped layers in one batched GEMM per forward of the model, and again in
+            backward: fewer kernel launches, which bound 60M steps (and smaller micro-batches at 350M) on a GPU, and
+            no weight kept from forward to backward; layers fall back to the dense path without grad and with a frozen
+            `W0`, and build their own weight where the model's forward is not the caller (see
+            `peft_sltrain.batched`). Never chosen by `"auto"`.
     """
 
     r: int = field(
@@ -181,7 +182,7 @@ class SLTrainConfig(PeftConfig):
                 "'dense' rebuilds the dense weight, 'factored' never forms it (low-rank products plus sparse "
                 "kernels), 'auto' picks the cheaper per call from tokens, shapes, rank, sparsity, device and dtype; "
                 "'batched' (from scratch, for GPUs) rebuilds all like-shaped layers' weights in one batched GEMM per "
-                "forward and keeps them until backward."
+                "forward, and again in backward."
             )
         },
     )

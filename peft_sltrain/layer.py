@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from transformers.pytorch_utils import Conv1D
 
-from .batched import batched_weight
+from .batched import batched_linear
 from .config import SLTrainConfig, is_all_linear
 from .cost import COMPUTE_CHOICES, choose_path
 from .functional import (
@@ -483,9 +483,9 @@ class SLTrainLayer(BaseTunerLayer):
         give the same bits. What requires a gradient does not count, so that a model gives the same bits whether its
         parameters are frozen (loaded for inference) or not."""
         if self.compute[name] == "batched" and weight is None:  # from scratch: W from its group's batched rebuild
-            W = batched_weight(self, name, x)
-            if W is not None:
-                return F.linear(x, W, None if bias is None else bias.to(x.dtype))
+            y = batched_linear(self, name, x)
+            if y is not None:
+                return y if bias is None else y + bias.to(x.dtype)
         A, B, values = self.sltrain_A[name], self.sltrain_B[name], self.sltrain_values[name]
         path = choose_path(
             self.compute[name],

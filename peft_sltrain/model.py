@@ -262,7 +262,6 @@ class SLTrainModel(BaseTuner):
         model = super()._unload_and_optionally_merge(*args, **kwargs)
         remove_pass_hooks(model)  # the plain model returned keeps no hook of ours
         self._sltrain_rebuilds.forget_layers()  # nor does the tuner keep the replaced layers listed
-        self._sltrain_rebuilds.indices.clear()  # nor their supports
         return model
 
     def delete_adapter(self, adapter_name: str) -> None:
