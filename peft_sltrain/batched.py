@@ -261,7 +261,7 @@ class _BatchedRebuild(torch.autograd.Function):
         ctx.factors, ctx.versions = tensors, tuple(t._version for t in tensors)
         ctx.dtype, ctx.scaling, ctx.count, ctx.supports = dtype, scaling, count, supports  # (the layers' own buffers)
         ctx.dtypes = tuple(t.dtype for t in tensors[:3])
-        ctx.stacks = ctx.weights = ctx.grads = ctx.task = None  # set in backward
+        ctx.stacks = ctx.weights = ctx.grads = ctx.slots = ctx.task = None  # set in backward
         ctx.set_materialize_grads(False)
         A, B, values = _stacks(tensors, dtype)
         return _rebuild(A, B, values, supports, scaling).unbind(0)  # (the stacks are freed here)
@@ -272,7 +272,7 @@ class _BatchedRebuild(torch.autograd.Function):
             _refuse_double_backward()
         A, B, _ = ctx.stacks if ctx.stacks is not None else _stacks(_BatchedRebuild.factors(ctx), ctx.dtype)
         stacked = ctx.grads if ctx.task == torch._C._current_graph_task_id() else None
-        ctx.stacks = ctx.weights = ctx.grads = ctx.task = None
+        ctx.stacks = ctx.weights = ctx.grads = ctx.slots = ctx.task = None  # (slots: views keep the buffer)
         count = ctx.count
         if all(g is None for g in grads):
             return (None,) * (4 + 3 * count)

@@ -666,22 +666,32 @@ def test_two_model_calls_in_one_outer_pass_share_one_rebuild(input_ids, monkeypa
 
 
 def watch_rebuilds(monkeypatch) -> list:
-    """Weak references to the (L, d_out, d_in) weights of every batched rebuild, forward's and backward's, in order."""
+    """Weak references to the (L, d_out, d_in) weights of every batched rebuild, forward's and backward's, and to
+    every stacked `dW` of a backward, in the order made."""
     made = []
-    rebuild = batched_module._rebuild
+    rebuild, grad_slot = batched_module._rebuild, batched_module._BatchedRebuild.grad_slot
 
     def watched(*args):
         weights = rebuild(*args)
         made.append(weakref.ref(weights))
         return weights
 
+    def watched_slot(node, *args):
+        stacked = node.grads
+        slot = grad_slot(node, *args)
+        if node.grads is not stacked:
+            made.append(weakref.ref(node.grads))
+        return slot
+
     monkeypatch.setattr(batched_module, "_rebuild", watched)
+    monkeypatch.setattr(batched_module._BatchedRebuild, "grad_slot", watched_slot)
     return made
 
 
 def test_no_weights_live_from_the_forward_to_the_backward(input_ids, monkeypatch):
     """What the batched mode's memory rests on: a group's forward weights are freed at its last member's call, its
-    backward's (rebuilt once) at its own backward; nothing else keeps them, without Python's cycle collector."""
+    backward's (rebuilt once) and its stacked `dW` at its own backward, though the graph lives on (here `value`; a
+    training loop's loss lives through the optimizer's step); without Python's cycle collector."""
     made = watch_rebuilds(monkeypatch)
     dense, batched = pair()
     alive_at_the_head = []
@@ -693,7 +703,7 @@ def test_no_weights_live_from_the_forward_to_the_backward(input_ids, monkeypatch
         assert alive_at_the_head == [0]
         assert len(made) == 4 and all(ref() is None for ref in made)
         value.backward()
-        assert len(made) == 8 and all(ref() is None for ref in made)
+        assert len(made) == 12 and all(ref() is None for ref in made)  # 4 more rebuilds, 4 stacked `dW`
     finally:
         gc.enable()
     loss(dense, input_ids).backward()
