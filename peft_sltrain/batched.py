@@ -45,6 +45,12 @@ from torch.autograd import forward_ad
 from .cost import exporting
 from .functional import plain_weight
 
+# The most weights (in the compute dtype) one group rebuilds at once: a group is rebuilt at its first member's call in
+# forward, and again at its first member's backward, and keeps its weights, and in backward their stacked gradients,
+# until its last member's. Bounding it bounds what the mode holds above the dense path's memory on small micro-batches
+# (350M: three kinds of 128-256 MiB of bf16 weights each; 60M: one group per kind, 11-21 MiB), for more groups.
+CHUNK_BYTES = 32 * 2**20
+
 
 class BatchedRebuilds:
     """An `SLTrainModel`'s rebuilt weights for `compute="batched"`, per pass. The model's forward hooks call
@@ -90,7 +96,7 @@ class BatchedRebuilds:
         self.depth = max(self.depth - 1, 0)
         if self.depth == 0:  # no layer takes the pass's weights any more (autograd keeps none: backward rebuilds)
             for group in self.current:
-                group.weights = None
+                group.weights = group.members = None
             self.current = []
             self._opener = None
 
@@ -109,7 +115,8 @@ class BatchedRebuilds:
         return [m for m in (ref() for ref in self._layers) if m is not None]
 
     def rebuild(self, layer, name: str, dtype: torch.dtype) -> tuple | None:
-        """Rebuild, for this pass, every group of adapter `name`'s batched layers in `dtype`; `layer`'s slot."""
+        """Group, for this pass, adapter `name`'s batched layers in `dtype` (each group rebuilt at its first member's
+        call); `layer`'s slot."""
         if self.built.get((name, dtype)) == self.generation:  # `layer` was not among them: not batched this pass
             return None
         self.built[(name, dtype)] = self.generation
@@ -126,13 +133,13 @@ class BatchedRebuilds:
                 if _whole(m, name, factors):
                     kinds.setdefault(_key(m, name, *factors), []).append((m, factors))
         for key, members in kinds.items():
-            group = _Group(self.generation, dtype, len(members))
-            tensors = [t for _, factors in members for t in factors]
-            supports = tuple(m.sltrain_indices[name] for m, _ in members)
-            group.weights = _BatchedRebuild.apply(dtype, key[4], supports, len(members), *tensors)
-            self.current.append(group)
-            for i, (m, _) in enumerate(members):
-                m.__dict__.setdefault("_sltrain_slot", {})[(name, dtype)] = (group, i)
+            entry_bytes = members[0][0].out_features * members[0][0].in_features * dtype.itemsize
+            size = max(1, CHUNK_BYTES // entry_bytes)  # members per group
+            for start in range(0, len(members), size):
+                group = _Group(self.generation, dtype, name, key[4], members[start : start + size])
+                self.current.append(group)
+                for i, (m, _) in enumerate(members[start : start + size]):
+                    m.__dict__.setdefault("_sltrain_slot", {})[(name, dtype)] = (group, i)
         slot = layer.__dict__.get("_sltrain_slot", {}).get((name, dtype))
         return slot if slot is not None and slot[0].generation == self.generation else None
 
@@ -150,17 +157,25 @@ def _unchanged(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class _Group:
-    """The rebuilt weights of one kind of layer (adapter, shapes, r, nnz, scaling, dtypes, devices) in one pass."""
+    """The rebuilt weights, in one pass, of consecutive layers of one kind (adapter, shapes, r, nnz, scaling, dtypes,
+    devices): as many as `CHUNK_BYTES` of weights hold, at least one."""
 
-    def __init__(self, generation: int, dtype: torch.dtype, count: int):
+    def __init__(self, generation: int, dtype: torch.dtype, name: str = "", scaling: float = 1.0, members=()):
         self.generation = generation
         self.dtype = dtype
+        self.name, self.scaling = name, scaling
+        self.members: list | None = list(members)  # [(layer, its factors)] until the rebuild
         self.weights: tuple[torch.Tensor, ...] | None = None  # (d_out, d_in) each, until the last member takes its own
-        self.untaken = set(range(count))  # the members that have not taken their weight in this pass
+        self.untaken = set(range(len(self.members)))  # the members that have not taken their weight in this pass
 
     def take(self, i: int) -> torch.Tensor | None:
-        """Member `i`'s rebuilt weight; the group's weights are dropped once every member has taken its own (a member
-        called again after that gets None)."""
+        """Member `i`'s rebuilt weight (the group rebuilt at the first call); the group's weights are dropped once
+        every member has taken its own (a member called again after that gets None)."""
+        if self.members:
+            members, self.members = self.members, None
+            tensors = [t for _, factors in members for t in factors]
+            supports = tuple(m.sltrain_indices[self.name] for m, _ in members)
+            self.weights = _BatchedRebuild.apply(self.dtype, self.scaling, supports, len(members), *tensors)
         if self.weights is None:
             return None
         weight = self.weights[i]
@@ -170,7 +185,7 @@ class _Group:
         return weight
 
     def __reduce__(self):  # a copied or pickled layer carries nothing of a pass (nor its non-leaf weights)
-        return _Group, (-1, self.dtype, 0)
+        return _Group, (-1, self.dtype)
 
 
 def _factors(layer, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

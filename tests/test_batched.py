@@ -768,3 +768,32 @@ def test_a_layer_called_alone_has_a_second_derivative():
         (dx,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
         second.append(torch.autograd.grad(dx.pow(2).sum(), layer.sltrain_A["default"])[0])
     torch.testing.assert_close(second[1], second[0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("one_layer_per_group", [False, True])
+def test_groups_hold_at_most_chunk_bytes_of_weights(input_ids, monkeypatch, one_layer_per_group):
+    """A kind of layer is split into groups of at most `CHUNK_BYTES` of weights, each rebuilt at its first member's
+    call in forward and in backward: with one layer per group, one rebuilt weight lives at a time (with one group per
+    kind, up to one per kind: 4), and the gradients are the dense path's."""
+    if one_layer_per_group:
+        monkeypatch.setattr(batched_module, "CHUNK_BYTES", 1)
+    alive, most = [], [0]
+    rebuild = batched_module._rebuild
+
+    def watched(*args):
+        weights = rebuild(*args)
+        alive.append(weakref.ref(weights))
+        most[0] = max(most[0], sum(ref() is not None for ref in alive))
+        return weights
+
+    monkeypatch.setattr(batched_module, "_rebuild", watched)
+    dense, batched = pair()
+    gc.disable()
+    try:
+        loss(batched, input_ids).backward()
+    finally:
+        gc.enable()
+    loss(dense, input_ids).backward()
+    assert_same_grads(dense, batched)
+    assert len(alive) == (2 * 14 if one_layer_per_group else 2 * 4)  # 14 layers; a rebuild in forward and backward
+    assert most[0] == (1 if one_layer_per_group else 4)
