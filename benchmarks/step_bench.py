@@ -40,7 +40,7 @@ import peft_sltrain  # noqa: E402
 from peft_sltrain import cost  # noqa: E402
 
 from methods import METHODS, Hyper  # noqa: E402
-from pretrain import peak_memory_bytes  # noqa: E402
+from pretrain import SIZES, peak_memory_bytes  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 VARIANTS = {"full": None, "sltrain-dense": "dense", "sltrain-factored": "factored", "sltrain-auto": "auto",
@@ -156,7 +156,11 @@ def main(argv=None) -> dict:
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="autocast dtype (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--steps", type=positive_int, default=5, help="timed steps per run (median), after 2 warm-up steps")
     p.add_argument("--rounds", type=positive_int, default=5, help="runs of every variant, interleaved")
-    p.add_argument("--sizes", help="comma-separated subset of the device's sizes (CPU: tiny,60m; GPU: 60m,350m)")
+    p.add_argument(
+        "--sizes",
+        help="comma-separated sizes (default: the device's, CPU: tiny,60m; GPU: 60m,350m); any other size runs "
+        "256-token sequences, 1 per step on CPU and 64 on a GPU unless --batch says otherwise",
+    )
     p.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)}; full is always run")
     p.add_argument(
         "--batch", type=positive_int, help="sequences per step, for every size (default: the device's settings)"
@@ -195,12 +199,14 @@ def main(argv=None) -> dict:
         settings = [("tiny", 32, 128), ("60m", 8, 256)]
     if args.batch is not None:
         settings = [(size, args.batch, seq_len) for size, _, seq_len in settings]
-    if args.sizes:
+    if args.sizes:  # the default sizes at their settings, any other at 256-token sequences (CPU: 1, GPU: 64)
         sizes = args.sizes.split(",")
-        unknown = set(sizes) - {size for size, _, _ in settings}
+        unknown = set(sizes) - set(SIZES)
         if unknown:
-            p.error(f"--sizes: {sorted(unknown)} not among {[size for size, _, _ in settings]}")
-        settings = [setting for setting in settings if setting[0] in sizes]
+            p.error(f"--sizes: {sorted(unknown)} not among {SIZES}")
+        other = [size for size in sizes if size not in {size for size, _, _ in settings}]
+        batch = args.batch or (64 if device.type == "cuda" else 1)
+        settings = [s for s in settings if s[0] in sizes] + [(size, batch, 256) for size in other]
     variants = list(VARIANTS)
     if args.variants:
         chosen = args.variants.split(",")

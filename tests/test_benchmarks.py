@@ -450,6 +450,16 @@ def test_step_bench_records_the_settings_each_row_ran_with(tmp_path, step_runs):
     assert (row["batch"], row["seq_len"], row["timed_steps"], row["rounds"], row["tokens"]) == (4, 128, 3, 2, 512)
 
 
+def test_step_bench_runs_a_size_outside_the_devices_defaults(tmp_path, step_runs, capsys):
+    """350M on CPU (for memory on small micro-batches): one 256-token sequence unless --batch says otherwise; an
+    unknown size is refused with the sizes there are."""
+    rows = step_bench.main(["--sizes", "350m,tiny", "--variants", "full", "--rounds", "1"])["rows"]
+    assert [(row["size"], row["batch"], row["seq_len"]) for row in rows] == [("tiny", 32, 128), ("350m", 1, 256)]
+    with pytest.raises(SystemExit):
+        step_bench.main(["--sizes", "3m"])
+    assert "--sizes: ['3m'] not among ['tiny', '60m'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "bench, argv, message",
     [
