@@ -48,7 +48,7 @@ from .functional import plain_weight
 # The most weights (in the compute dtype) one group rebuilds at once: a group is rebuilt at its first member's call in
 # forward, and again at its first member's backward, and keeps its weights, and in backward their stacked gradients,
 # until its last member's. Bounding it bounds what the mode holds above the dense path's memory on small micro-batches
-# (350M: three kinds of 128-256 MiB of bf16 weights each; 60M: one group per kind, 11-21 MiB), for more groups.
+# (350M: three kinds of 128-256 MiB of bf16 weights each; 60M: one group per kind, 11-22 MiB), for more groups.
 CHUNK_BYTES = 32 * 2**20
 
 

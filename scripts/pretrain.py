@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--compute",
         choices=COMPUTE_CHOICES,
         help="how SLTrain's layers compute (sltrain only; default: auto): auto picks dense or factored per call; "
-        "batched rebuilds all like-shaped layers' weights in one batched GEMM per forward, for GPUs (faster where "
-        "steps are bound by kernel launches; the rebuilt weights stay until backward: docs/compute_paths.md)",
+        "batched rebuilds like-shaped layers' weights in batched GEMMs, in forward and again in backward, for GPUs "
+        "(faster where steps are bound by kernel launches: docs/compute_paths.md)",
     )
     p.add_argument(
         "--method-arg",
@@ -801,7 +801,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     if fsdp and args.compute == "batched":
         raise ValueError(
-            "`--compute batched` rebuilds every like-shaped layer's weight at once, and FSDP shards them: use "
+            "`--compute batched` rebuilds like-shaped layers' weights together, and FSDP shards them: use "
             "`--compute auto` (or dense) under FSDP, or run with DDP."
         )
     if fsdp and (method.after_step is not None or method.make_optimizer is not adamw):
