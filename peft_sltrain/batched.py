@@ -1,11 +1,11 @@
-"""`compute="batched"`: the dense weights of all like-shaped from-scratch layers rebuilt in one batched GEMM per pass.
+"""`compute="batched"`: the dense weights of like-shaped from-scratch layers rebuilt in groups, one batched GEMM each.
 
 On a GPU, SLTrain's layer calls at the 60M shape are bound by the CPU's work per op, not by arithmetic
 (docs/compute_paths.md, "On a GPU"): the dense path launches about 16 kernels per layer forward + backward (casts of
 the factors and values, the rebuild of `W` in forward and again in backward, the gather of `dS`, the casts of three
 gradients) against `nn.Linear`'s 5 (40 dispatched ops against 20, views included, as the docs count them). Batched,
-each group of L layers of one shape (the 60M LLaMA has three: the attention projections, gate/up, down) costs per
-forward of the model
+each group of L layers of one kind (one shape; consecutive, up to `CHUNK_BYTES` of weights: the 60M LLaMA has three
+groups, the attention projections, gate/up and down) costs per forward of the model
 
     forward:   stack + cast of A, B and the values, one `baddbmm` for the L products `s B_i A_i`, one `index_add_`
                for the L sparse parts; then each layer one GEMM on its slice `W_i`
@@ -66,8 +66,8 @@ class BatchedRebuilds:
         self.depth = 0  # > 0 while the model's forward runs
         self._opener = None  # the frame that opened the pass
         self.generation = 0  # the pass
-        self.built: dict[tuple, int] = {}  # (adapter name, dtype) -> the pass whose groups were built
-        self.current: list[_Group] = []  # the groups this pass built, whose weights its end drops
+        self.built: dict[tuple, int] = {}  # (adapter name, dtype) -> the pass whose groups were made
+        self.current: list[_Group] = []  # the groups this pass made, whose weights its end drops
 
     def __deepcopy__(self, memo):
         # a copied model's: its layers and hooks, copied, map to it through `memo`. A copy of the inner model alone

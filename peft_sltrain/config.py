@@ -92,16 +92,16 @@ class SLTrainConfig(PeftConfig):
             smaller by 4 bytes per nonzero (two thirds of `S` in bf16).
         compute (`str`, defaults to `"auto"`):
             How each layer computes its exact result: `"dense"` rebuilds the dense weight (the paper's way),
-            `"factored"` never forms a dense d_out x d_in matrix (low-rank products plus sparse kernels: numba's on
-            CPU where it is installed, else PyTorch's), `"auto"` picks the cheaper per call from the token count,
-            shapes, rank, sparsity, device and dtype (see `peft_sltrain.cost`). Both agree with a dense reference;
-            results differ only by rounding. Outside `torch.func`, only the dense path has a second derivative
-            (double backward); `model.set_compute(...)` switches a model in hand. `"batched"` (from scratch, for GPUs)
-            rebuilds the weights of all like-shaped layers in one batched GEMM per forward of the model, and again in
-            backward: fewer kernel launches, which bound 60M steps (and smaller micro-batches at 350M) on a GPU, and
-            no weight kept from forward to backward; layers fall back to the dense path without grad and with a frozen
-            `W0`, and build their own weight where the model's forward is not the caller (see
-            `peft_sltrain.batched`). Never chosen by `"auto"`.
+            `"factored"` never forms a dense d_out x d_in matrix (low-rank products plus sparse kernels: numba's on CPU
+            where it is installed, else PyTorch's), `"auto"` picks the cheaper per call from the token count, shapes,
+            rank, sparsity, device and dtype (see `peft_sltrain.cost`). Both agree with a dense reference; results
+            differ only by rounding. Outside `torch.func`, only the dense path has a second derivative (double
+            backward); `model.set_compute(...)` switches a model in hand. `"batched"` (from scratch, for GPUs) rebuilds
+            like-shaped layers' weights in groups of up to 32 MiB, one batched GEMM per group in forward and again in
+            backward: fewer kernel launches, which bound 60M steps (and smaller micro-batches at 350M) on a GPU, and no
+            weight kept from forward to backward; layers fall back to the dense path without grad and with a frozen
+            `W0`, and build their own weight where the model's forward is not the caller (see `peft_sltrain.batched`).
+            Never chosen by `"auto"`.
     """
 
     r: int = field(
@@ -181,8 +181,8 @@ class SLTrainConfig(PeftConfig):
             "help": (
                 "'dense' rebuilds the dense weight, 'factored' never forms it (low-rank products plus sparse "
                 "kernels), 'auto' picks the cheaper per call from tokens, shapes, rank, sparsity, device and dtype; "
-                "'batched' (from scratch, for GPUs) rebuilds all like-shaped layers' weights in one batched GEMM per "
-                "forward, and again in backward."
+                "'batched' (from scratch, for GPUs) rebuilds like-shaped layers' weights in groups, one batched GEMM "
+                "per group in forward and again in backward."
             )
         },
     )
