@@ -179,6 +179,8 @@ class _Group:
         if self.weights is None:
             return None
         weight = self.weights[i]
+        if not _BatchedRebuild.unchanged(weight.grad_fn, i):  # a pass left open (a KeyboardInterrupt), then changed
+            return None
         self.untaken.discard(i)
         if not self.untaken:  # (the pass's last use: the forward holds no copy of the weights after it)
             self.weights = None
@@ -266,17 +268,20 @@ class _BatchedRebuild(torch.autograd.Function):
     `A_i`, `B_i` and `values_i` (flattened into `tensors` as A_1, B_1, v_1, A_2, ...), in their own dtype, and their
     supports (all of one length: the group's key).
 
-    It saves the members' factors themselves, no stack, cast or weight: the members' `_LayerLinear` nodes have the
-    weights rebuilt at the first of their backwards (`rebuilt`), and write their `dW_i` into one stacked buffer
-    (`grad_slot`); this node's backward, which autograd runs once all of them are in, uses and drops both."""
+    It keeps the members' factors and supports themselves, no stack, cast or weight: in each backward, the first of
+    the members' `_LayerLinear` nodes has the weights rebuilt (`rebuilt`), and each writes its `dW_i` into one stacked
+    buffer (`grad_slot`); this node's backward, which autograd runs once all of them are in, uses and drops both, and
+    the end of a backward that did not reach it drops them too."""
 
     @staticmethod
     def forward(ctx, dtype, scaling, supports, count, *tensors):
-        # the factors kept as they are (leaves: no copy), checked for in-place changes as saved tensors would be
-        ctx.factors, ctx.versions = tensors, tuple(t._version for t in tensors)
-        ctx.dtype, ctx.scaling, ctx.count, ctx.supports = dtype, scaling, count, supports  # (the layers' own buffers)
+        # the factors and supports kept as they are (leaves and buffers: no copy), checked for in-place changes as
+        # saved tensors would be
+        ctx.factors, ctx.supports = tensors, supports
+        ctx.versions = tuple(t._version for t in (*tensors, *supports))
+        ctx.dtype, ctx.scaling, ctx.count = dtype, scaling, count
         ctx.dtypes = tuple(t.dtype for t in tensors[:3])
-        ctx.stacks = ctx.weights = ctx.grads = ctx.slots = ctx.task = None  # set in backward
+        _release(ctx)
         ctx.set_materialize_grads(False)
         A, B, values = _stacks(tensors, dtype)
         return _rebuild(A, B, values, supports, scaling).unbind(0)  # (the stacks are freed here)
@@ -285,9 +290,12 @@ class _BatchedRebuild(torch.autograd.Function):
     def backward(ctx, *grads):
         if torch.is_grad_enabled():  # create_graph=True: the stacks below have no history to differentiate
             _refuse_double_backward()
-        A, B, _ = ctx.stacks if ctx.stacks is not None else _stacks(_BatchedRebuild.factors(ctx), ctx.dtype)
-        stacked = ctx.grads if ctx.task == torch._C._current_graph_task_id() else None
-        ctx.stacks = ctx.weights = ctx.grads = ctx.slots = ctx.task = None  # (slots: views keep the buffer)
+        this = ctx.task == torch._C._current_graph_task_id()  # (this backward's state, not an earlier one's)
+        stacks = ctx.stacks if this and ctx.stacks is not None else _stacks(_BatchedRebuild.factors(ctx), ctx.dtype)
+        stacked = ctx.grads if this else None
+        _release(ctx)
+        A, B, _ = stacks
+        del stacks
         count = ctx.count
         if all(g is None for g in grads):
             return (None,) * (4 + 3 * count)
@@ -295,9 +303,7 @@ class _BatchedRebuild(torch.autograd.Function):
         used = [g is not None for g in grads]  # a member no forward took gets no gradient (as if not in the group)
         start, step = dW.data_ptr(), dW.stride(0) * dW.element_size()
         for i, g in enumerate(grads):  # each member's `dW_i`, in place unless it came in summed (a layer called twice)
-            if g is None:
-                dW[i].zero_()
-            elif g.data_ptr() != start + i * step or g.stride() != dW.stride()[1:]:
+            if g is not None and (g.data_ptr() != start + i * step or g.stride() != dW.stride()[1:]):
                 dW[i].copy_(g)
         del grads
         need = ctx.needs_input_grad[4:]
@@ -312,7 +318,7 @@ class _BatchedRebuild(torch.autograd.Function):
         if any(need[2::3]):
             dvalues = dW.view(-1).index_select(0, _flat_positions(ctx.supports, dW.shape[1] * dW.shape[2]))
             dvalues = dvalues.to(ctx.dtypes[2]).chunk(count)
-        result = []
+        result = []  # (an unused member's slice of dW is unset: its results are dropped here)
         for i in range(count):
             result += [dA[i] if used[i] and dA is not None and need[3 * i] else None,
                        dB[i] if used[i] and dB is not None and need[3 * i + 1] else None,
@@ -320,37 +326,61 @@ class _BatchedRebuild(torch.autograd.Function):
         return (None, None, None, None, *result)
 
     @staticmethod
+    def factors(node) -> tuple[torch.Tensor, ...]:
+        if any(t._version != v for t, v in zip((*node.factors, *node.supports), node.versions)):
+            raise RuntimeError(
+                "A batched SLTrain layer's factors (sltrain_A, sltrain_B, sltrain_values) or support were modified in "
+                "place between the forward and the backward (e.g. an optimizer step before `backward()`); the "
+                "gradients would be wrong. Run the backward first."
+            )
+        return node.factors
+
+    @staticmethod
+    def unchanged(node, i: int) -> bool:
+        """Whether member `i`'s factors and support are as the forward rebuilt them."""
+        tensors = (*node.factors[3 * i : 3 * i + 3], node.supports[i])
+        versions = (*node.versions[3 * i : 3 * i + 3], node.versions[3 * node.count + i])
+        return all(t._version == v for t, v in zip(tensors, versions))
+
+    @staticmethod
     def rebuilt(node) -> tuple[torch.Tensor, ...]:
-        """The L (d_out, d_in) weights again, in backward (`node`: this function's node), made once per backward and
-        kept, with the stacks they came from, until this node's backward."""
+        """The L (d_out, d_in) weights again (`node`: this function's node), made once per backward and kept, with the
+        stacks they came from, until this node's backward or the backward's end."""
+        _this_backward(node)
         if node.weights is None:
             node.stacks = _stacks(_BatchedRebuild.factors(node), node.dtype)
             node.weights = _rebuild(*node.stacks, node.supports, node.scaling).unbind(0)
         return node.weights
 
     @staticmethod
-    def factors(node) -> tuple[torch.Tensor, ...]:
-        if any(t._version != v for t, v in zip(node.factors, node.versions)):
-            raise RuntimeError(
-                "A batched SLTrain layer's factors (sltrain_A, sltrain_B or sltrain_values) were modified in place "
-                "between the forward and the backward (e.g. an optimizer step before `backward()`); the gradients "
-                "would be wrong. Run the backward first."
-            )
-        return node.factors
-
-    @staticmethod
     def grad_slot(node, i: int, d_out: int, d_in: int, like: torch.Tensor) -> torch.Tensor | None:
         """Member `i`'s (d_out, d_in) slice of this backward's stacked `dW` (`like`'s dtype and device), or None where
         it was written already (a member called twice in one pass: autograd sums its gradients, and the backward
         above copies the sum in)."""
-        task = torch._C._current_graph_task_id()
-        if node.task != task:  # (a backward that did not reach this node leaves a stale buffer behind)
-            node.grads, node.written, node.task = like.new_empty(node.count, d_out, d_in), set(), task
+        _this_backward(node)
+        if node.grads is None:
+            node.grads = like.new_empty(node.count, d_out, d_in)
             node.slots = node.grads.unbind(0)
         if i in node.written:
             return None
         node.written.add(i)
         return node.slots[i]
+
+
+def _this_backward(node) -> None:
+    """Make `node`'s backward state (rebuilt weights, stacks, stacked dW) this backward's: an earlier backward's is
+    dropped, and the end of this one drops what the node's own backward (which may not run: gradients for the inputs
+    alone) left."""
+    task = torch._C._current_graph_task_id()
+    if node.task != task:
+        _release(node)
+        node.task = task
+        torch.autograd.Variable._execution_engine.queue_callback(lambda: node.task == task and _release(node))
+
+
+def _release(node) -> None:
+    node.stacks = node.weights = node.grads = node.slots = node.task = None  # (slots: views keep the buffer)
+    node.written = set()
 
 
 def _stacks(tensors, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -383,7 +413,8 @@ def _refuse_double_backward():
 class _LayerLinear(torch.autograd.Function):
     """`x W^T` (x: (..., d_in), W: (d_out, d_in)), saving x alone through saved-tensor hooks. `W` is member `i`'s
     view of a batched rebuild whose node is `group` (which rebuilds it in backward: no copy of the weights is kept
-    from the forward to the backward), or, where `group` is None, a weight built on its own, kept on the node."""
+    from the forward to the backward), or, where `group` is None, a weight built on its own, kept on the node until
+    its backward (until the graph's end where the graph is kept)."""
 
     @staticmethod
     def forward(ctx, x, W, group, i):
@@ -395,16 +426,30 @@ class _LayerLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
-        group = ctx.group
-        if group is not None and torch.is_grad_enabled():  # (a weight built on its own: differentiable ops below)
-            _refuse_double_backward()
+        group, i = ctx.group, ctx.i
         dy2 = dy.reshape(-1, dy.shape[-1])  # (N, d_out)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
+        if group is None or torch.is_grad_enabled():
+            # differentiable ops: a weight built on its own, or, under create_graph (a penalty on the input
+            # gradients), this member's built on its own from the group's factors (the group's node, where such a
+            # backward reaches it, refuses a second derivative for the factors)
+            W = ctx.weight
+            if group is not None:
+                A, B, values = _BatchedRebuild.factors(group)[3 * i : 3 * i + 3]
+                W = plain_weight(A, B, values, group.supports[i], group.scaling, group.dtype)
+            elif _keep_graph is not None and not _keep_graph():
+                ctx.weight = None  # (autograd frees what it saved now; this node cannot run again)
+            dx = (dy2 @ W).view(x.shape) if ctx.needs_input_grad[0] else None
+            return dx, dy2.t() @ x2 if ctx.needs_input_grad[1] else None, None, None
         dx = dW = None
         if ctx.needs_input_grad[0]:
-            W = ctx.weight if group is None else _BatchedRebuild.rebuilt(group)[ctx.i]
-            dx = (dy2 @ W).view(x.shape)
+            dx = (dy2 @ _BatchedRebuild.rebuilt(group)[i]).view(x.shape)
         if ctx.needs_input_grad[1]:
-            x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
-            slot = None if group is None else _BatchedRebuild.grad_slot(group, ctx.i, dy2.shape[1], x2.shape[1], dy)
+            slot = _BatchedRebuild.grad_slot(group, i, dy2.shape[1], x2.shape[1], dy)
             dW = dy2.t() @ x2 if slot is None else torch.mm(dy2.t(), x2, out=slot)
         return dx, dW, None, None
+
+
+# whether the running backward keeps the graph (retain_graph): a private function of PyTorch's, so looked up (where it
+# is missing, a weight built on its own lives until the graph does)
+_keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)

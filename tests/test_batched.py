@@ -96,16 +96,24 @@ def test_batched_training_follows_the_dense_path(input_ids):
     assert curves[0] == pytest.approx(curves[1], rel=1e-10) and curves[0][-1] < curves[0][0]
 
 
-def test_a_layer_no_pass_calls_gets_no_gradient(input_ids):
+def test_a_layer_no_pass_calls_gets_no_gradient(input_ids, monkeypatch):
     """A member of a group that the forward skips (here the last MLP) is rebuilt but gets no gradient, as on the
-    dense path, and its peers' gradients are unchanged."""
+    dense path, and its peers' gradients are unchanged; its group's forward weights go at the pass's end."""
+    made = watch_rebuilds(monkeypatch)
     dense, batched = pair()
     for model in (dense, batched):
         mlp = model.base_model.model.model.layers[-1].mlp
         mlp.forward = lambda x: x  # the block's MLP is skipped
-        loss(model, input_ids).backward()
+        gc.disable()
+        try:
+            value = loss(model, input_ids)
+            assert all(ref() is None for ref in made)
+        finally:
+            gc.enable()
+        value.backward()
         assert all(p.grad is None for n, p in mlp.named_parameters() if "sltrain" in n)
     assert_same_grads(dense, batched)
+    assert len(made) == 4 + 4 + 4  # forward's and backward's rebuilds, and the backward's stacked dW
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
@@ -797,3 +805,147 @@ def test_groups_hold_at_most_chunk_bytes_of_weights(input_ids, monkeypatch, one_
     assert_same_grads(dense, batched)
     assert len(alive) == (2 * 14 if one_layer_per_group else 2 * 4)  # 14 layers; a rebuild in forward and backward
     assert most[0] == (1 if one_layer_per_group else 4)
+
+
+# review CA
+
+
+def test_members_write_their_gradients_into_the_stacked_buffer(input_ids, monkeypatch):
+    """In a pass that calls each layer once, every `dW_i` the group's node receives already lies in its slot of the
+    stacked buffer: nothing is copied (kills a `grad_slot` that hands out no slots: an extra copy of dW each step)."""
+    copies = []
+    copy_ = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, *a, **k: copies.append(self.shape) or copy_(self, *a, **k))
+    dense, batched = pair()
+    loss(batched, input_ids).backward()
+    weights = {(m.out_features, m.in_features) for m in layers(batched)}
+    assert not [shape for shape in copies if tuple(shape) in weights]
+    loss(dense, input_ids).backward()
+    assert_same_grads(dense, batched)
+
+
+def tanh_pair(blocks: int = 4, width: int = 16):
+    """Two copies of a from-scratch stack of `blocks` tanh(Linear) layers of one shape (one group), fp64: dense and
+    batched, with equal weights. The model maps x to the mean of its output's squares."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.ModuleList(nn.Linear(width, width, bias=False) for _ in range(blocks))
+
+        def forward(self, x):
+            for layer in self.l:
+                x = torch.tanh(layer(x))
+            return x.pow(2).mean()
+
+    config = SLTrainConfig(r=2, sparsity=0.2, from_scratch=True, target_modules=[str(i) for i in range(blocks)])
+    dense = get_peft_model(Net(), config).double()
+    dense.set_compute("dense")
+    perturb_trainable(dense)
+    batched = copy.deepcopy(dense)
+    batched.set_compute("batched")
+    return dense, batched
+
+
+def test_a_penalty_on_the_input_gradient():
+    """F1. `autograd.grad(loss, x, create_graph=True)`, then the loss plus a penalty on that gradient (R1, WGAN-GP):
+    the rebuild is differentiated once; the dense path's gradients."""
+    dense, batched = tanh_pair()
+    x0 = torch.randn(3, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for model in (dense, batched):
+        x = x0.clone().requires_grad_()
+        value = model(x)
+        (g,) = torch.autograd.grad(value, x, create_graph=True)
+        (value + g.pow(2).sum()).backward()
+    assert_same_grads(dense, batched)
+
+
+def test_weights_built_on_their_own_go_with_their_backward(input_ids, monkeypatch):
+    """F2. The decoder called on its own (outside a pass) builds each layer's weight on its own: freed by the
+    backward, though the loss lives on; kept where the graph is (retain_graph)."""
+    made = []
+    plain = batched_module.plain_weight
+
+    def watched(*args):
+        weight = plain(*args)
+        made.append(weakref.ref(weight))
+        return weight
+
+    monkeypatch.setattr(batched_module, "plain_weight", watched)
+    _, batched = pair()
+    gc.disable()
+    try:
+        value = batched.base_model.model.model(input_ids=input_ids).last_hidden_state.pow(2).mean()
+        assert len(made) == 14
+        value.backward(retain_graph=True)
+        assert all(ref() is not None for ref in made)
+        value.backward()
+        assert all(ref() is None for ref in made)
+    finally:
+        gc.enable()
+
+
+def test_a_backward_that_does_not_reach_the_groups_leaves_nothing_on_them(input_ids, monkeypatch):
+    """F3. `autograd.grad` for the inputs alone runs the layers' backwards (which rebuild the groups' weights and fill
+    a stacked dW) but not the groups': its end drops them, though the loss lives on."""
+    made = watch_rebuilds(monkeypatch)
+    _, batched = pair()
+    embeds = batched.get_input_embeddings()(input_ids).detach().requires_grad_()
+    gc.disable()
+    try:
+        value = batched(inputs_embeds=embeds, labels=input_ids).loss
+        torch.autograd.grad(value, embeds)
+        assert len(made) == 12 and all(ref() is None for ref in made)  # forward, backward, stacked dW
+    finally:
+        gc.enable()
+
+
+def test_factors_changed_after_a_backward_to_the_inputs_are_refused(input_ids):
+    """F6. Each backward rebuilds and checks the factors again (none reuses an earlier backward's weights)."""
+    _, batched = pair()
+    embeds = batched.get_input_embeddings()(input_ids).detach().requires_grad_()
+    value = batched(inputs_embeds=embeds, labels=input_ids).loss
+    torch.autograd.grad(value, embeds, retain_graph=True)
+    with torch.no_grad():
+        layers(batched)[-1].sltrain_B["default"].add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place between the forward and the backward"):
+        value.backward()
+
+
+def test_supports_rewritten_between_forward_and_backward_are_refused(input_ids):
+    """F5. The backward reads the supports again: rewritten in place, it would give gradients for another support."""
+    _, batched = pair()
+    value = loss(batched, input_ids)
+    with torch.no_grad():
+        support = layers(batched)[0].sltrain_indices["default"]
+        support.copy_(torch.arange(support.numel(), dtype=support.dtype))
+    with pytest.raises(RuntimeError, match="or support were modified in place"):
+        value.backward()
+
+
+def test_a_layer_called_alone_after_an_interrupted_pass_and_a_step(input_ids):
+    """F4. A KeyboardInterrupt leaves its pass open until the next call of the model; a layer called on its own in
+    between, after an optimizer step, must not take that pass's (stale) weights."""
+    dense, batched = pair()
+    outputs = []
+    for model in (dense, batched):
+        armed = [True]
+
+        def interrupt(module, args, armed=armed):
+            if armed[0]:
+                armed[0] = False
+                raise KeyboardInterrupt
+
+        model.base_model.model.model.layers[1].register_forward_pre_hook(interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            loss(model, input_ids)
+        with torch.no_grad():  # an optimizer step
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.mul_(1.5)
+        layer = model.base_model.model.model.layers[1].self_attn.q_proj
+        x = torch.randn(3, layer.in_features, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        outputs.append(layer(x.requires_grad_()))
+        outputs[-1].pow(2).sum().backward()
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-10, atol=1e-12)
+    assert_same_grads(dense, batched)
