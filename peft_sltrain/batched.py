@@ -29,7 +29,8 @@ same tensor (x) through the saved-tensor hooks (non-reentrant checkpointing comp
 factors (reentrant checkpointing backpropagates through the recompute). The dense path runs without grad (evaluation,
 generation), for a layer with a frozen `W0` (fine-tuning), under `torch.compile`, `torch.func` or forward-mode AD,
 and in the recompute of a layer that never ran with grad (reentrant checkpointing's first forward runs without). The
-batched rebuild has no second derivative (double backward is refused).
+batched rebuild has no second derivative for the factors (refused); one for the inputs (a penalty on the input
+gradients) builds each member's weight on its own.
 """
 
 from __future__ import annotations
@@ -247,7 +248,7 @@ def batched_linear(layer, name: str, x: torch.Tensor) -> torch.Tensor | None:
             return _own_linear(layer, name, x)
     group, i = slot
     weight = group.take(i)
-    if weight is None:  # called again in this pass, after its whole group
+    if weight is None:  # called again in this pass after its whole group, or its factors changed since the rebuild
         return _own_linear(layer, name, x)
     return _LayerLinear.apply(x, weight, weight.grad_fn, i)
 
