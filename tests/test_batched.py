@@ -523,22 +523,27 @@ def test_a_layer_skipped_by_a_later_pass_before_backward_under_non_reentrant_che
     assert_same_grads(dense, batched)
 
 
+def interrupt_a_forward(model, input_ids) -> None:
+    """A KeyboardInterrupt raised in the model's next forward, at its second block, which leaves the pass open."""
+    armed = [True]
+
+    def interrupt(module, args):
+        if armed[0]:
+            armed[0] = False
+            raise KeyboardInterrupt
+
+    model.base_model.model.model.layers[1].register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        loss(model, input_ids)
+
+
 def test_a_keyboard_interrupt_in_a_forward_ends_its_pass(input_ids):
     """N3. `always_call` forward hooks run on `Exception` only: a KeyboardInterrupt left the pass open, and later
     passes took its weights (stale after a step: wrong loss, then a backward through freed buffers)."""
     dense, batched = pair()
     values = []
     for model in (dense, batched):
-        armed = [True]
-
-        def interrupt(module, args, armed=armed):
-            if armed[0]:
-                armed[0] = False
-                raise KeyboardInterrupt
-
-        model.base_model.model.model.layers[1].register_forward_pre_hook(interrupt)
-        with pytest.raises(KeyboardInterrupt):
-            loss(model, input_ids)
+        interrupt_a_forward(model, input_ids)
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
         for _ in range(2):
             loss(model, input_ids).backward()
@@ -929,16 +934,7 @@ def test_a_layer_called_alone_after_an_interrupted_pass_and_a_step(input_ids):
     dense, batched = pair()
     outputs = []
     for model in (dense, batched):
-        armed = [True]
-
-        def interrupt(module, args, armed=armed):
-            if armed[0]:
-                armed[0] = False
-                raise KeyboardInterrupt
-
-        model.base_model.model.model.layers[1].register_forward_pre_hook(interrupt)
-        with pytest.raises(KeyboardInterrupt):
-            loss(model, input_ids)
+        interrupt_a_forward(model, input_ids)
         with torch.no_grad():  # an optimizer step
             for p in model.parameters():
                 if p.requires_grad:
