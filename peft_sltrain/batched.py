@@ -180,8 +180,9 @@ class _Group:
         if self.weights is None:
             return None
         weight = self.weights[i]
-        if not _BatchedRebuild.unchanged(weight.grad_fn, i):  # a pass left open (a KeyboardInterrupt), then changed
-            return None
+        node = weight.grad_fn  # (None where the group's factors are all frozen: no backward reads them)
+        if node is not None and not _BatchedRebuild.unchanged(node, i):  # a pass left open (a KeyboardInterrupt),
+            return None  # then changed
         self.untaken.discard(i)
         if not self.untaken:  # (the pass's last use: the forward holds no copy of the weights after it)
             self.weights = None
@@ -302,10 +303,13 @@ class _BatchedRebuild(torch.autograd.Function):
             return (None,) * (4 + 3 * count)
         dW = stacked if stacked is not None else A.new_empty(count, B.shape[1], A.shape[2])  # (L, d_out, d_in)
         used = [g is not None for g in grads]  # a member no forward took gets no gradient (as if not in the group)
-        start, step = dW.data_ptr(), dW.stride(0) * dW.element_size()
-        for i, g in enumerate(grads):  # each member's `dW_i`, in place unless it came in summed (a layer called twice)
-            if g is not None and (g.data_ptr() != start + i * step or g.stride() != dW.stride()[1:]):
-                dW[i].copy_(g)
+        if any(used[i] and _vmapped(g) for i, g in enumerate(grads)):  # (a backward under vmap: no in-place writes)
+            dW = torch.stack([torch.zeros_like(dW[0]) if g is None else g for g in grads])
+        else:
+            start, step = dW.data_ptr(), dW.stride(0) * dW.element_size()
+            for i, g in enumerate(grads):  # each `dW_i`, in place unless it came in summed (a layer called twice)
+                if g is not None and (g.data_ptr() != start + i * step or g.stride() != dW.stride()[1:]):
+                    dW[i].copy_(g)
         del grads
         need = ctx.needs_input_grad[4:]
         dA = dB = dvalues = None
@@ -446,7 +450,7 @@ class _LayerLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = (dy2 @ _BatchedRebuild.rebuilt(group)[i]).view(x.shape)
         if ctx.needs_input_grad[1]:
-            slot = _BatchedRebuild.grad_slot(group, i, dy2.shape[1], x2.shape[1], dy)
+            slot = None if _vmapped(dy) else _BatchedRebuild.grad_slot(group, i, dy2.shape[1], x2.shape[1], dy)
             dW = dy2.t() @ x2 if slot is None else torch.mm(dy2.t(), x2, out=slot)
         return dx, dW, None, None
 
@@ -454,3 +458,9 @@ class _LayerLinear(torch.autograd.Function):
 # whether the running backward keeps the graph (retain_graph): a private function of PyTorch's, so looked up (where it
 # is missing, a weight built on its own lives until the graph does)
 _keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+
+
+def _vmapped(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is batched by vmap: `autograd.grad(..., is_grads_batched=True)` (and `functional.jacobian` or
+    `hessian` with `vectorize=True`) run the backward under vmap, which has no rule for writes into a plain buffer."""
+    return torch._C._functorch.is_legacy_batchedtensor(tensor) or torch._C._functorch.is_batchedtensor(tensor)

@@ -829,9 +829,9 @@ def test_members_write_their_gradients_into_the_stacked_buffer(input_ids, monkey
     assert_same_grads(dense, batched)
 
 
-def tanh_pair(blocks: int = 4, width: int = 16):
+def tanh_pair(blocks: int = 4, width: int = 16, per_row: bool = False):
     """Two copies of a from-scratch stack of `blocks` tanh(Linear) layers of one shape (one group), fp64: dense and
-    batched, with equal weights. The model maps x to the mean of its output's squares."""
+    batched, with equal weights. The model maps x to the mean of its output's squares (`per_row`: each row's sum)."""
 
     class Net(nn.Module):
         def __init__(self):
@@ -841,7 +841,7 @@ def tanh_pair(blocks: int = 4, width: int = 16):
         def forward(self, x):
             for layer in self.l:
                 x = torch.tanh(layer(x))
-            return x.pow(2).mean()
+            return x.pow(2).sum(-1) if per_row else x.pow(2).mean()
 
     config = SLTrainConfig(r=2, sparsity=0.2, from_scratch=True, target_modules=[str(i) for i in range(blocks)])
     dense = get_peft_model(Net(), config).double()
@@ -945,3 +945,103 @@ def test_a_layer_called_alone_after_an_interrupted_pass_and_a_step(input_ids):
         outputs[-1].pow(2).sum().backward()
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-10, atol=1e-12)
     assert_same_grads(dense, batched)
+
+
+# review CB
+
+
+X = torch.randn(3, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("wrt", ["inputs", "factors"])
+def test_a_backward_under_vmap(wrt):
+    """B1. `autograd.grad(..., is_grads_batched=True)` runs the backward under vmap (per-row Jacobians), which has no
+    rule for the writes into the stacked dW."""
+    results = []
+    for model in tanh_pair(per_row=True):
+        x = X.clone().requires_grad_()
+        inputs = [x] if wrt == "inputs" else [p for p in model.parameters() if p.requires_grad]
+        results.append(torch.autograd.grad(model(x), inputs, torch.eye(3, dtype=torch.float64), is_grads_batched=True))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+def test_second_derivatives_for_the_inputs():
+    """F1's path: a Hessian-vector product and a vectorized Hessian for the inputs, as the dense path's."""
+    v = torch.randn(3, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    products, hessians = [], []
+    for model in tanh_pair():
+        x = X.clone().requires_grad_()
+        (g,) = torch.autograd.grad(model(x), x, create_graph=True)
+        products.append(torch.autograd.grad((g * v).sum(), x)[0])
+        hessians.append(torch.autograd.functional.hessian(model, X[:1], vectorize=True))
+    torch.testing.assert_close(products[1], products[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(hessians[1], hessians[0], rtol=1e-10, atol=1e-12)
+
+
+def test_factors_changed_before_a_second_derivative_for_the_inputs_are_refused():
+    """F1's path reads the group's factors: changed in place since the forward, it refuses (kills that path without
+    the version check: it would differentiate another weight than the forward's)."""
+    _, batched = tanh_pair()
+    x = X.clone().requires_grad_()
+    value = batched(x)
+    with torch.no_grad():
+        batched.base_model.model.l[1].sltrain_B["default"].add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place between the forward and the backward"):
+        torch.autograd.grad(value, x, create_graph=True)
+
+
+def test_frozen_factors():
+    """B2. Every factor frozen, gradients for the inputs (saliency): the group's weights have no autograd node."""
+    results = []
+    for model in tanh_pair():
+        model.requires_grad_(False)
+        x = X.clone().requires_grad_()
+        results.append(torch.autograd.grad(model(x), x)[0])
+    torch.testing.assert_close(results[1], results[0], rtol=1e-10, atol=1e-12)
+
+
+def test_frozen_adapters_and_the_rest_trained(input_ids):
+    dense, batched = pair()
+    for model in (dense, batched):
+        for name, p in model.named_parameters():
+            p.requires_grad_("sltrain" not in name)
+        loss(model, input_ids).backward()
+    assert_same_grads(dense, batched)
+
+
+def failing_once(model):
+    """`model`'s forward, with a gradient hook after its first layer that raises in its first backward (B3)."""
+    net, armed = model.base_model.model, [True]
+
+    def hook(grad):
+        if armed[0]:
+            armed[0] = False
+            raise FloatingPointError
+
+    def forward(x):
+        x = torch.tanh(net.l[0](x))
+        x.register_hook(hook)
+        for layer in net.l[1:]:
+            x = torch.tanh(layer(x))
+        return x.pow(2).mean()
+
+    net.forward = forward
+
+
+def test_a_backward_after_one_that_raised():
+    """B3. A backward that raises leaves its groups' state behind (PyTorch runs no callback then); the next backward
+    of the kept graph makes its own, and checks the factors again."""
+    dense, batched = tanh_pair()
+    for model in (dense, batched):
+        failing_once(model)
+        value = model(X.clone().requires_grad_())
+        with pytest.raises(FloatingPointError):
+            value.backward(retain_graph=True)
+        model.zero_grad()
+        value.backward(retain_graph=True)
+    assert_same_grads(dense, batched)
+    with torch.no_grad():
+        batched.base_model.model.l[2].sltrain_A["default"].add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place between the forward and the backward"):
+        value.backward()
