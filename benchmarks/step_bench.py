@@ -204,7 +204,8 @@ def main(argv=None) -> dict:
         unknown = set(sizes) - set(SIZES)
         if unknown:
             p.error(f"--sizes: {sorted(unknown)} not among {SIZES}")
-        other = [size for size in sizes if size not in {size for size, _, _ in settings}]
+        defaults = {size for size, _, _ in settings}
+        other = [size for size in sizes if size not in defaults]
         batch = args.batch or (64 if device.type == "cuda" else 1)
         settings = [s for s in settings if s[0] in sizes] + [(size, batch, 256) for size in other]
     variants = list(VARIANTS)

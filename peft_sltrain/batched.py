@@ -115,7 +115,7 @@ class BatchedRebuilds:
             self._listed = self.generation
         return [m for m in (ref() for ref in self._layers) if m is not None]
 
-    def rebuild(self, layer, name: str, dtype: torch.dtype) -> tuple | None:
+    def make_groups(self, layer, name: str, dtype: torch.dtype) -> tuple | None:
         """Group, for this pass, adapter `name`'s batched layers in `dtype` (each group rebuilt at its first member's
         call); `layer`'s slot."""
         if self.built.get((name, dtype)) == self.generation:  # `layer` was not among them: not batched this pass
@@ -133,13 +133,14 @@ class BatchedRebuilds:
                 factors = _factors(m, name)
                 if _whole(m, name, factors):
                     kinds.setdefault(_key(m, name, *factors), []).append((m, factors))
-        for key, members in kinds.items():
-            entry_bytes = members[0][0].out_features * members[0][0].in_features * dtype.itemsize
-            size = max(1, CHUNK_BYTES // entry_bytes)  # members per group
+        for members in kinds.values():
+            first = members[0][0]
+            size = max(1, CHUNK_BYTES // (first.out_features * first.in_features * dtype.itemsize))  # per group
             for start in range(0, len(members), size):
-                group = _Group(self.generation, dtype, name, key[4], members[start : start + size])
+                chunk = members[start : start + size]
+                group = _Group(self.generation, dtype, name, first.scaling[name], chunk)
                 self.current.append(group)
-                for i, (m, _) in enumerate(members[start : start + size]):
+                for i, (m, _) in enumerate(chunk):
                     m.__dict__.setdefault("_sltrain_slot", {})[(name, dtype)] = (group, i)
         slot = layer.__dict__.get("_sltrain_slot", {}).get((name, dtype))
         return slot if slot is not None and slot[0].generation == self.generation else None
@@ -244,7 +245,7 @@ def batched_linear(layer, name: str, x: torch.Tensor) -> torch.Tensor | None:
         return _own_linear(layer, name, x)
     slot = layer.__dict__.get("_sltrain_slot", {}).get((name, x.dtype))
     if slot is None or slot[0].generation != rebuilds.generation:
-        slot = rebuilds.rebuild(layer, name, x.dtype)
+        slot = rebuilds.make_groups(layer, name, x.dtype)
         if slot is None:
             return _own_linear(layer, name, x)
     group, i = slot
@@ -303,7 +304,7 @@ class _BatchedRebuild(torch.autograd.Function):
             return (None,) * (4 + 3 * count)
         dW = stacked if stacked is not None else A.new_empty(count, B.shape[1], A.shape[2])  # (L, d_out, d_in)
         used = [g is not None for g in grads]  # a member no forward took gets no gradient (as if not in the group)
-        if any(used[i] and _vmapped(g) for i, g in enumerate(grads)):  # (a backward under vmap: no in-place writes)
+        if any(g is not None and _vmapped(g) for g in grads):  # (a backward under vmap: no in-place writes)
             dW = torch.stack([torch.zeros_like(dW[0]) if g is None else g for g in grads])
         else:
             start, step = dW.data_ptr(), dW.stride(0) * dW.element_size()
