@@ -10,15 +10,16 @@ groups, the attention projections, gate/up and down) costs per forward of the mo
     forward:   stack + cast of A, B and the values, one `baddbmm` for the L products `s B_i A_i`, one `index_add_`
                for the L sparse parts; then each layer one GEMM on its slice `W_i`
     backward:  at the first of the group's layers, the same rebuild again; each layer two GEMMs, its `dW_i` written
-               into one stacked buffer; then, once all L are in, two `baddbmm` for the factors' gradients, one
-               `index_select` for `dS`, three casts (of the stacks: one each, where autograd would cast each layer's)
+               over its own `W_i` in that stack (read, and needed no more); then, once all L are in, two `baddbmm`
+               for the factors' gradients, one `index_select` for `dS`, three casts (of the stacks: one each, where
+               autograd would cast each layer's)
 
 so the launches per layer fall below `nn.Linear`'s. No copy of the weights is kept from the forward to the backward:
 the layers save their input alone (`_LayerLinear`), the group its members' factors as they are (no stack, no cast),
-and the forward's weights are dropped once every member has taken its own. The backward's rebuilt weights and stacked
-`dW` (two copies of the group's weights in the compute dtype) live from the first of its layers' backwards to the
-group's own, when the activations that set a step's peak are mostly freed: measured, a step's peak is at most the
-dense path's, which keeps the factors' casts from forward to backward (benchmarks/results/step_cpu_batched.json).
+and the forward's weights are dropped once every member has taken its own. The backward's rebuilt weights, which
+turn into the stacked `dW` one member at a time (one copy of the group's weights in the compute dtype), live from the
+first of its layers' backwards to the group's own, when the activations that set a step's peak are mostly freed:
+measured, a step's peak is at most the dense path's, in bf16 and fp32 (benchmarks/results/step_cpu_batched*.json).
 
 A pass is one call of the `SLTrainModel` or of the model it wraps (their forward hooks); a group is rebuilt at its
 first use in each pass, and its weights are dropped once all members took theirs, or at the pass's end. A layer called
@@ -47,9 +48,10 @@ from .cost import exporting
 from .functional import plain_weight
 
 # The most weights (in the compute dtype) one group rebuilds at once: a group is rebuilt at its first member's call in
-# forward, and again at its first member's backward, and keeps its weights, and in backward their stacked gradients,
-# until its last member's. Bounding it bounds what the mode holds above the dense path's memory on small micro-batches
-# (350M: three kinds of 128-256 MiB of bf16 weights each; 60M: one group per kind, 11-22 MiB), for more groups.
+# forward, and again at its first member's backward, and keeps its weights (in backward, each written over with its
+# gradient) until its last member's. Bounding it bounds what the mode holds above the dense path's memory on small
+# micro-batches (350M: three kinds of 128-256 MiB of bf16 weights each; 60M: one group per kind, 11-22 MiB), for more
+# groups.
 CHUNK_BYTES = 32 * 2**20
 
 
@@ -184,6 +186,8 @@ class _Group:
         node = weight.grad_fn  # (None where the group's factors are all frozen: no backward reads them)
         if node is not None and not _BatchedRebuild.unchanged(node, i):  # a pass left open (a KeyboardInterrupt),
             return None  # then changed
+        if node is not None and i not in self.untaken:  # taken again: its weight is read by two layer calls
+            node.retaken.add(i)
         self.untaken.discard(i)
         if not self.untaken:  # (the pass's last use: the forward holds no copy of the weights after it)
             self.weights = None
@@ -284,6 +288,7 @@ class _BatchedRebuild(torch.autograd.Function):
         ctx.versions = tuple(t._version for t in (*tensors, *supports))
         ctx.dtype, ctx.scaling, ctx.count = dtype, scaling, count
         ctx.dtypes = tuple(t.dtype for t in tensors[:3])
+        ctx.retaken = set()  # the members whose weight two or more layer calls took (`_Group.take`)
         _release(ctx)
         ctx.set_materialize_grads(False)
         A, B, values = _stacks(tensors, dtype)
@@ -355,22 +360,27 @@ class _BatchedRebuild(torch.autograd.Function):
         _this_backward(node)
         if node.weights is None:
             node.stacks = _stacks(_BatchedRebuild.factors(node), node.dtype)
-            node.weights = _rebuild(*node.stacks, node.supports, node.scaling).unbind(0)
+            node.rebuilt = _rebuild(*node.stacks, node.supports, node.scaling)
+            node.weights = node.rebuilt.unbind(0)
         return node.weights
 
     @staticmethod
     def grad_slot(node, i: int, d_out: int, d_in: int, like: torch.Tensor) -> torch.Tensor | None:
-        """Member `i`'s (d_out, d_in) slice of this backward's stacked `dW` (`like`'s dtype and device), or None where
-        it was written already (a member called twice in one pass: autograd sums its gradients, and the backward
-        above copies the sum in)."""
+        """Member `i`'s (d_out, d_in) slice of this backward's stacked `dW` (`like`'s dtype and device), or None for a
+        member taken twice in one pass (autograd sums its gradients, and the backward above copies the sum in).
+
+        The stack is the backward's rebuilt weights where they were made (and match): each member writes its `dW_i`
+        over its own `W_i`, which it has read, and which no other layer call reads. A group then holds one copy of its
+        weights in backward, not two."""
         _this_backward(node)
         if node.grads is None:
-            node.grads = like.new_empty(node.count, d_out, d_in)
-            node.slots = node.grads.unbind(0)
-        if i in node.written:
-            return None
-        node.written.add(i)
-        return node.slots[i]
+            stack = node.rebuilt
+            if stack is not None and stack.dtype == like.dtype and stack.device == like.device:
+                node.grads, node.slots = stack, node.weights
+            else:  # (no rebuild: no layer of the group needed its input's gradient so far)
+                node.grads = like.new_empty(node.count, d_out, d_in)
+                node.slots = node.grads.unbind(0)
+        return None if i in node.retaken else node.slots[i]
 
 
 def _this_backward(node) -> None:
@@ -385,8 +395,7 @@ def _this_backward(node) -> None:
 
 
 def _release(node) -> None:
-    node.stacks = node.weights = node.grads = node.slots = node.task = None  # (slots: views keep the buffer)
-    node.written = set()
+    node.stacks = node.rebuilt = node.weights = node.grads = node.slots = node.task = None  # (views keep buffers)
 
 
 def _stacks(tensors, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
