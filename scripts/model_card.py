@@ -1,4 +1,5 @@
-"""The model card of a `run_glue.py` run, and its upload with the adapter to the Hugging Face Hub.
+"""The model card of a `run_glue.py` run, and its upload with the adapter to the Hugging Face Hub (`check_hub_access`
+and `upload` serve `pretrain.py --push-to-hub` too).
 
 The card is `model_cards/sltrain_glue.md` filled by `huggingface_hub.ModelCard.from_template`: metadata
 (`library_name`, `base_model`, `tags`, `datasets`, `metrics` and the measured values as `model-index`), the adapter
@@ -36,6 +37,16 @@ class HubTarget:
     user: str
     repo_id: str
     token: str
+
+
+@dataclass(frozen=True)
+class HubFlags:
+    """How a script spells its Hub flags, for the messages (the defaults: `run_glue.py`'s, the Trainer's)."""
+
+    push: str = "--push_to_hub"
+    model_id: str = "--hub_model_id"
+    out_dir: str = "--output_dir"
+    token: str | None = "--hub_token"  # None: the script takes the token from the login or HF_TOKEN alone
 
 
 def versions() -> dict[str, str]:
@@ -144,41 +155,48 @@ def _jsonable(value):
 
 
 # --------------------------------------------------------------------------------------------------------- the Hub
-def check_hub_access(token: str | None, repo_id: str | None, default_name: str) -> HubTarget:
-    """Who we are on the Hub and where the upload goes; a `HubError` when that cannot be known. Uploads nothing."""
+def check_hub_access(
+    token: str | None, repo_id: str | None, default_name: str, flags: HubFlags = HubFlags()
+) -> HubTarget:
+    """Who we are on the Hub and where the upload goes (`repo_id`, or the user's `default_name`); a `HubError` when
+    that cannot be known. Uploads nothing."""
+    push = f"`{flags.push}`"
     if hub_constants.HF_HUB_OFFLINE:
-        raise HubError("`--push_to_hub` is impossible in offline mode (HF_HUB_OFFLINE=1); unset it or drop the flag.")
+        raise HubError(f"{push} is impossible in offline mode (HF_HUB_OFFLINE=1); unset it or drop the flag.")
     token = token or get_token()
     if not token:
-        raise HubError(
-            "`--push_to_hub` needs a Hugging Face token with write access: run `hf auth login`, set HF_TOKEN, or "
-            "pass `--hub_token`."
-        )
+        how = f"set HF_TOKEN, or pass `{flags.token}`." if flags.token else "or set HF_TOKEN."
+        raise HubError(f"{push} needs a Hugging Face token with write access: run `hf auth login`, {how}")
     api = HfApi(token=token)
     try:
         user = api.whoami()["name"]
     except HfHubHTTPError as error:
         status = getattr(error.response, "status_code", None)
         reason = "the token was rejected (401)" if status == 401 else f"{type(error).__name__}: {error}"
-        raise HubError(f"`--push_to_hub`: the Hub at {api.endpoint} refused us: {reason}.") from None
+        raise HubError(f"{push}: the Hub at {api.endpoint} refused us: {reason}.") from None
     except Exception as error:  # the HTTP client's connection errors differ between huggingface_hub versions
         raise HubError(
-            f"`--push_to_hub`: cannot reach the Hugging Face Hub at {api.endpoint} ({type(error).__name__}: "
+            f"{push}: cannot reach the Hugging Face Hub at {api.endpoint} ({type(error).__name__}: "
             f"{error}); check the network, or drop the flag and upload later."
         ) from None
     given, repo_id = repo_id is not None, repo_id or f"{user}/{default_name}"
     try:  # a bad name would otherwise fail only at the upload, after training
         validate_repo_id(repo_id)
     except HFValidationError as error:
-        named = f"`--hub_model_id` {repo_id!r}" if given else f"{repo_id!r} (from `--output_dir`'s name)"
-        raise HubError(
-            f"`--push_to_hub`: {named} is no valid repository id: {error} Pass a valid `--hub_model_id`."
-        ) from None
+        named = f"`{flags.model_id}` {repo_id!r}" if given else f"{repo_id!r} (from `{flags.out_dir}`'s name)"
+        fix = f"Pass a valid `{flags.model_id}`."
+        raise HubError(f"{push}: {named} is no valid repository id: {error} {fix}") from None
     return HubTarget(user=user, repo_id=repo_id, token=token)
 
 
-def upload(folder: Path, target: HubTarget, private: bool | None = None) -> str:
-    """Create the repository if needed and upload the adapter, tokenizer and card of `folder`; returns its URL."""
+def upload(
+    folder: Path,
+    target: HubTarget,
+    private: bool | None = None,
+    message: str = "Upload a scripts/run_glue.py run: adapter (or model), tokenizer, model card",
+) -> str:
+    """Create the repository if needed and upload the adapter (or model), tokenizer and card of `folder` (its top
+    level) in one commit with `message`; returns the repository's URL."""
     api = HfApi(token=target.token)
     try:
         url = api.create_repo(target.repo_id, private=private, exist_ok=True)
@@ -187,7 +205,7 @@ def upload(folder: Path, target: HubTarget, private: bool | None = None) -> str:
             repo_id=target.repo_id,
             allow_patterns=UPLOADED,
             ignore_patterns=NOT_UPLOADED,
-            commit_message="Upload a scripts/run_glue.py run: adapter (or model), tokenizer, model card",
+            commit_message=message,
         )
     except Exception as error:  # network or permission errors, whatever the HTTP client
         raise HubError(

@@ -50,10 +50,12 @@ from peft_sltrain.cpu_kernels import installed  # noqa: E402  (whether a package
 
 import checkpointing  # noqa: E402
 import data  # noqa: E402
+import model_card  # noqa: E402
 import pretrain_card  # noqa: E402
 from methods import METHODS, Hyper, adamw, get_method, parse_method_args  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+HUB_FLAGS = model_card.HubFlags(push="--push-to-hub", model_id="--hub-model-id", out_dir="--out-dir", token=None)
 
 
 def _by_size(name: str) -> tuple:
@@ -162,6 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
     p.add_argument("--overwrite", action="store_true", help="delete an earlier run in --out-dir and start over")
     p.add_argument("--merge", action="store_true", help="also write a merged dense model to OUT/merged")
+    p.add_argument(
+        "--push-to-hub", action="store_true",
+        help="at the end, upload OUT/final (the adapter or model, tokenizer and card) to the Hugging Face Hub, whose "
+        "access is checked before training; the token comes from `hf auth login` or HF_TOKEN (no flag: the command "
+        "goes into the card)",
+    )  # fmt: skip
+    p.add_argument("--hub-model-id", help="with --push-to-hub: the repository, USER/NAME (default: your user and "
+                   "--out-dir's name)")  # fmt: skip
+    p.add_argument("--hub-private", action="store_true", help="with --push-to-hub: create the repository private")
     return p
 
 
@@ -268,6 +279,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
             raise ValueError(f"`--{name.replace('_', '-')}` must be 0 or more, got {getattr(args, name)}.")
     if args.keep_last and not args.save_every:
         raise ValueError(f"`--keep-last {args.keep_last}` keeps checkpoints; without `--save-every` none is saved.")
+    if (args.hub_model_id is not None or args.hub_private) and not args.push_to_hub:
+        given = f"`--hub-model-id {args.hub_model_id}`" if args.hub_model_id is not None else "`--hub-private`"
+        raise ValueError(f"{given} says where to upload; without `--push-to-hub` nothing is uploaded.")
     if not 0 <= args.seed < 2**32:  # (the data order seeds `seed * 100_003 + epoch`, which must fit in 64 bits)
         raise ValueError(f"`--seed` must be in [0, 2**32), got {args.seed}.")
     if not 0 <= args.min_lr_ratio <= 1:
@@ -809,6 +823,10 @@ def main(argv: list[str] | None = None) -> dict:
             f"`--method {args.method}` needs each weight whole on every process, and FSDP shards them: run it with "
             "DDP (`accelerate launch --multi_gpu`, or torchrun)."
         )
+    hub = None
+    if args.push_to_hub and accelerator.is_main_process:  # fail now, not after the training (nor an --overwrite)
+        hub = model_card.check_hub_access(None, args.hub_model_id, Path(args.out_dir).resolve().name, HUB_FLAGS)
+        print(f"pretrain.py: Hub: logged in as {hub.user}; OUT/final goes to {hub.repo_id} at the end")
     config = trajectory_config(args, world)
     resume_from = check_out_dir(args, config)
     if args.resume_note and accelerator.is_main_process:
@@ -1071,7 +1089,10 @@ def main(argv: list[str] | None = None) -> dict:
             final = whole_model(method, model_config, hyper, final_state)
         command = shlex.join(["python", "scripts/pretrain.py", *(sys.argv[1:] if argv is None else argv)])
         resumed = resume_from is not None
-        card = pretrain_card.build(summary, config, command, method.saves_adapter, model_config.vocab_size, resumed)
+        repo_id = None if hub is None else hub.repo_id  # (the card's loading code names it)
+        card = pretrain_card.build(
+            summary, config, command, method.saves_adapter, model_config.vocab_size, resumed, repo_id
+        )
         export(method, final, out, args.merge, tokenizer, card)
         tmp = out / ".summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2))
@@ -1082,6 +1103,10 @@ def main(argv: list[str] | None = None) -> dict:
             f"params+grads+optimizer={summary['training_state_bytes'] / 2**20:.1f}MiB "
             f"peak_mem={memory / 2**20:.0f}MiB ({memory_kind}) tokens/s={tokens_per_s}"
         )
+        if hub is not None:  # (a failure says that everything is on disk, and the command that uploads it)
+            message = f"Upload a scripts/pretrain.py run: {args.method} on LLaMA-{args.model}, tokenizer, model card"
+            url = model_card.upload(out / "final", hub, private=args.hub_private or None, message=message)
+            print(f"pretrain.py: uploaded {out / 'final'} to {url}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
@@ -1095,7 +1120,7 @@ def cli(argv: list[str] | None = None) -> None:
     except FloatingPointError as error:
         print(f"pretrain.py: error: {error}", file=sys.stderr)
         raise SystemExit(DIVERGED) from None
-    except ValueError as error:
+    except (ValueError, model_card.HubError) as error:
         raise SystemExit(f"pretrain.py: error: {error}") from None
     except KeyboardInterrupt:  # Ctrl-C: saved checkpoints are whole (a save in flight is a temporary, dropped later)
         print(f"pretrain.py: interrupted; {interrupted_hint(argv)}", file=sys.stderr)

@@ -53,12 +53,18 @@ print(tokenizer.decode(model.generate(ids, max_new_tokens=40, do_sample=True, to
 
 
 def build(
-    summary: dict, run_config: dict, command: str, adapter: bool, vocab_size: int, resumed: bool = False
-) -> str:  # fmt: skip
+    summary: dict,
+    run_config: dict,
+    command: str,
+    adapter: bool,
+    vocab_size: int,
+    resumed: bool = False,
+    repo_id: str | None = None,
+) -> str:
     """README.md for `final/`: `summary` and `run_config` are what the run writes as summary.json and
     run_config.json, `adapter` whether `final/` is an SLTrain adapter rather than a plain model, `vocab_size` the
     model's (the tokenizer's; run_config's `model_config` holds the preset's), `resumed` whether `command` resumed
-    the run from a checkpoint."""
+    the run from a checkpoint, `repo_id` the Hub repository it goes to (its loading code then names it)."""
     method, arch = summary["method"], run_config["model_config"]
     name = f"llama-{Path(str(summary['model'])).stem.removeprefix('llama_')}-{method}"  # a size or a preset file
     data = ModelCardData(
@@ -90,7 +96,20 @@ def build(
     seconds = summary.get("train_seconds")
     processes = f"{summary['processes']} processes" if summary["processes"] > 1 else "one process"
     timing = f" in {seconds:.0f} s ({processes} on {summary['device']})" if seconds is not None else ""
-    load = (LOAD_SLTRAIN if adapter else LOAD_DENSE).format(path="path/to/this/directory")
+    load = (LOAD_SLTRAIN if adapter else LOAD_DENSE).format(path=repo_id or "path/to/this/directory")
+    if repo_id:  # uploaded by `--push-to-hub`
+        where = (
+            f"`{repo_id}` is this repository on the Hugging Face Hub (a local directory with its files loads too). "
+            f"`python scripts/sample.py DIR` (in peft-sltrain) does the same from the command line for a local copy "
+            f"(`hf download {repo_id} --local-dir DIR`)."
+        )
+    else:
+        where = (
+            "`path/to/this/directory` is this directory, or its repository id on the Hugging Face Hub once uploaded "
+            "(`hf upload <user>/<name> path/to/this/directory`, which uploads everything in it). "
+            "`python scripts/sample.py path/to/this/directory` (in peft-sltrain; a local directory only) does the "
+            "same from the command line."
+        )
     lines = [
         "---",
         data.to_yaml(),
@@ -138,10 +157,7 @@ def build(
         "```python",
         load + "\n" + (GENERATE_STREAMED if run_config.get("dataset") else GENERATE) + "```",
         "",
-        "`path/to/this/directory` is this directory, or its repository id on the Hugging Face Hub once uploaded "
-        "(`hf upload <user>/<name> path/to/this/directory`, which uploads everything in it). "
-        "`python scripts/sample.py path/to/this/directory` (in peft-sltrain; a local directory only) does the same "
-        "from the command line." + ("\nLoading needs the `peft-sltrain` package installed." if adapter else ""),
+        where + ("\nLoading needs the `peft-sltrain` package installed." if adapter else ""),
         "",
         "## Framework versions",
         "",

@@ -1,9 +1,10 @@
-"""Tiny models built from configs in code (no hub), shared by the tests."""
+"""Tiny models built from configs in code (no hub), and a stand-in for the Hub's API, shared by the tests."""
 
 from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 # before torch loads, inherited by subprocesses: libgomp spin-waiting made tiny tests up to 100x slower on 2 busy cores
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -111,3 +112,31 @@ def assert_factors_trained(model: torch.nn.Module, before: dict[str, torch.Tenso
 @pytest.fixture
 def input_ids() -> torch.Tensor:
     return torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+class FakeHfApi:
+    """Stands in for `huggingface_hub.HfApi` (`run_glue.py` and `pretrain.py` uploads): records calls instead of making
+    them."""
+
+    calls: list = []
+    private = message = None  # the last `create_repo`'s and `upload_folder`'s
+
+    def __init__(self, token=None, endpoint=None):
+        self.token, self.endpoint = token, "https://fake.hub"
+
+    def whoami(self):
+        self.calls.append(("whoami", self.token))
+        return {"name": "alice"}
+
+    def create_repo(self, repo_id, private=None, exist_ok=False):
+        self.calls.append(("create_repo", repo_id))
+        FakeHfApi.private = private
+        return f"https://fake.hub/{repo_id}"
+
+    def upload_folder(self, folder_path, repo_id, allow_patterns, ignore_patterns, commit_message):
+        from huggingface_hub.utils import filter_repo_objects
+
+        files = [p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file()]
+        uploaded = sorted(filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+        self.calls.append(("upload_folder", repo_id, uploaded))
+        FakeHfApi.message = commit_message

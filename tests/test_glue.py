@@ -43,7 +43,7 @@ import glue_tasks  # noqa: E402
 import model_card  # noqa: E402
 import pretrain  # noqa: E402
 import run_glue  # noqa: E402
-from conftest import tiny_roberta, tiny_roberta_config  # noqa: E402
+from conftest import FakeHfApi, tiny_roberta, tiny_roberta_config  # noqa: E402
 
 WORDS = "good bad great awful fine movie film plot actor boring fun dull superb weak the a is was not very".split()
 
@@ -450,30 +450,6 @@ def test_card_dataset_id_defaults(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------------------- the Hub
-class FakeHfApi:
-    """Stands in for `huggingface_hub.HfApi`: records calls instead of making them."""
-
-    calls: list = []
-
-    def __init__(self, token=None, endpoint=None):
-        self.token, self.endpoint = token, "https://fake.hub"
-
-    def whoami(self):
-        self.calls.append(("whoami", self.token))
-        return {"name": "alice"}
-
-    def create_repo(self, repo_id, private=None, exist_ok=False):
-        self.calls.append(("create_repo", repo_id))
-        return f"https://fake.hub/{repo_id}"
-
-    def upload_folder(self, folder_path, repo_id, allow_patterns, ignore_patterns, commit_message):
-        from huggingface_hub.utils import filter_repo_objects
-
-        files = [p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file()]
-        uploaded = sorted(filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
-        self.calls.append(("upload_folder", repo_id, uploaded))
-
-
 @pytest.fixture
 def no_upload(monkeypatch):
     """Any real Hub write fails the test."""

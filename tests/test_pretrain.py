@@ -25,9 +25,10 @@ import peft_sltrain  # noqa: E402
 
 import checkpointing  # noqa: E402
 import data  # noqa: E402
+import model_card  # noqa: E402
 import pretrain  # noqa: E402
 import sample  # noqa: E402
-from conftest import needs_cxx, perturb_trainable  # noqa: E402
+from conftest import FakeHfApi, needs_cxx, perturb_trainable  # noqa: E402
 from methods import METHODS, Hyper  # noqa: E402
 
 MICRO = str(ROOT / "tests" / "data" / "llama_micro.json")
@@ -245,6 +246,107 @@ def card_loading_code(export: Path) -> dict:
     namespace = {}
     exec(code.replace("path/to/this/directory", str(export)), namespace)
     return namespace
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """The Hub as `FakeHfApi`, online, logged in as alice."""
+    FakeHfApi.calls = []
+    monkeypatch.setattr(model_card.hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(model_card, "HfApi", FakeHfApi)
+    monkeypatch.setattr(model_card, "get_token", lambda: "hf_fake")
+    return FakeHfApi
+
+
+def test_push_to_hub_uploads_final_whose_card_loads_it_by_id(tmp_path, corpus, fake_hub):
+    """`--push-to-hub` uploads all of `final/` (adapter, architecture, tokenizer, card) and nothing else; the card's
+    code names the repository, and loads the model from what was uploaded alone."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    run(out, corpus, "--method", "sltrain", "--max-steps", "2", "--merge", "--push-to-hub", "--hub-model-id",
+        "alice/micro-sltrain", "--hub-private")  # fmt: skip
+    (_, token), (_, repo), (_, repo_again, uploaded) = fake_hub.calls
+    assert token == "hf_fake" and repo == repo_again == "alice/micro-sltrain" and fake_hub.private is True
+    final = out / "final"
+    assert uploaded == sorted(p.name for p in final.iterdir())  # everything of final/, nothing of merged/ or the run
+    assert {"README.md", "adapter_model.safetensors", "config.json", "tokenizer.json"} <= set(uploaded)
+    assert "scripts/pretrain.py run: sltrain" in fake_hub.message
+    card = (final / "README.md").read_text()
+    assert 'PeftModel.from_pretrained(base, "alice/micro-sltrain")' in card and "path/to/this" not in card
+    hub_copy = tmp_path / "hub"
+    hub_copy.mkdir()
+    for name in uploaded:
+        shutil.copy(final / name, hub_copy / name)
+    namespace = {}
+    code = card.split("## How to use")[1].split("```python")[1].split("```")[0]
+    exec(code.replace("alice/micro-sltrain", str(hub_copy)), namespace)
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    ids = torch.randint(0, merged.config.vocab_size, (1, 8))
+    torch.testing.assert_close(namespace["model"](ids).logits, merged(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_push_to_hub_names_the_repository_after_the_out_dir(tmp_path, corpus, fake_hub):
+    run(tmp_path / "micro-full", corpus, "--method", "full", "--max-steps", "2", "--push-to-hub")
+    assert fake_hub.calls[-1][1] == "alice/micro-full" and fake_hub.private is None
+    assert (
+        'AutoModelForCausalLM.from_pretrained("alice/micro-full")'
+        in (tmp_path / "micro-full/final/README.md").read_text()
+    )
+
+
+def test_push_to_hub_fails_before_anything_without_access(tmp_path, corpus, monkeypatch):
+    """No token, an unreachable Hub, offline mode or a bad repository id: one clear error before any data is read or
+    an earlier run is deleted, naming pretrain.py's own flags."""
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(model_card.hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(model_card, "get_token", lambda: None)
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "log.jsonl").write_text("{}\n")
+    argv = ["--model", MICRO, "--train-files", corpus[0], "--validation-files", corpus[1], "--push-to-hub"]
+    with pytest.raises(
+        SystemExit,
+        match=r"pretrain.py: error: `--push-to-hub` needs a Hugging Face token.*auth login`, or set HF_TOKEN\.$",
+    ):
+        pretrain.cli([*argv, "--out-dir", str(earlier), "--overwrite"])
+    assert (earlier / "log.jsonl").exists()  # not deleted
+    monkeypatch.setattr(model_card, "get_token", lambda: "hf_fake")
+    monkeypatch.setattr(model_card.hub_constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on port 9
+    with pytest.raises(model_card.HubError, match=r"`--push-to-hub`: cannot reach the Hugging Face Hub"):
+        pretrain.main([*argv, "--out-dir", str(tmp_path / "a")])
+    monkeypatch.setattr(model_card, "HfApi", FakeHfApi)
+    with pytest.raises(
+        model_card.HubError, match=r"'alice/lr=4e-4' \(from `--out-dir`'s name\) is no valid.*`--hub-model-id`"
+    ):
+        pretrain.main([*argv, "--out-dir", str(tmp_path / "lr=4e-4")])
+    with pytest.raises(model_card.HubError, match=r"`--hub-model-id` 'alice/bad id!' is no valid"):
+        pretrain.main([*argv, "--out-dir", str(tmp_path / "b"), "--hub-model-id", "alice/bad id!"])
+    monkeypatch.setattr(model_card.hub_constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(model_card.HubError, match=r"`--push-to-hub` is impossible in offline mode"):
+        pretrain.main([*argv, "--out-dir", str(tmp_path / "c")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier"]  # nothing made, not even a tokenizer cache
+
+
+@pytest.mark.parametrize("flag", [["--hub-model-id", "alice/x"], ["--hub-private"]])
+def test_hub_flags_without_push_to_hub_are_refused(tmp_path, corpus, flag):
+    with pytest.raises(ValueError, match=f"`{flag[0]}.*without `--push-to-hub` nothing is uploaded"):
+        run(tmp_path, corpus, *flag)
+
+
+def test_a_failed_upload_keeps_the_run_and_says_how_to_upload_it(tmp_path, corpus, fake_hub, monkeypatch):
+    class FailingHfApi(FakeHfApi):
+        def upload_folder(self, **kwargs):
+            raise ConnectionError("reset by peer")
+
+    monkeypatch.setattr(model_card, "HfApi", FailingHfApi)
+    with pytest.raises(
+        model_card.HubError,
+        match=r"Everything is saved locally in .*final: upload it later with `hf upload alice/run ",
+    ):
+        run(tmp_path / "run", corpus, "--method", "sltrain", "--max-steps", "2", "--push-to-hub")
+    out = tmp_path / "run"
+    assert (out / "summary.json").exists() and (out / "final" / "adapter_model.safetensors").exists()
 
 
 def test_sltrain_final_loads_without_a_base_and_samples(tmp_path, corpus, capsys):
