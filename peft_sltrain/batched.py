@@ -276,9 +276,10 @@ class _BatchedRebuild(torch.autograd.Function):
     supports (all of one length: the group's key).
 
     It keeps the members' factors and supports themselves, no stack, cast or weight: in each backward, the first of
-    the members' `_LayerLinear` nodes has the weights rebuilt (`rebuilt`), and each writes its `dW_i` into one stacked
-    buffer (`grad_slot`); this node's backward, which autograd runs once all of them are in, uses and drops both, and
-    the end of a backward that did not reach it drops them too."""
+    the members' `_LayerLinear` nodes has the weights rebuilt (`rebuilt`), and each writes its `dW_i` over its own
+    `W_i` (`grad_slot`); this node's backward, which autograd runs once all of them are in, uses and drops the stack,
+    and the end of a backward that did not reach it drops it too. Each backward (graph task) has its own state
+    (`_Backward`): backwards of one kept graph in several threads share none."""
 
     @staticmethod
     def forward(ctx, dtype, scaling, supports, count, *tensors):
@@ -289,7 +290,7 @@ class _BatchedRebuild(torch.autograd.Function):
         ctx.dtype, ctx.scaling, ctx.count = dtype, scaling, count
         ctx.dtypes = tuple(t.dtype for t in tensors[:3])
         ctx.retaken = set()  # the members whose weight two or more layer calls took (`_Group.take`)
-        _release(ctx)
+        ctx.backwards = {}  # graph task id -> its `_Backward`
         ctx.set_materialize_grads(False)
         A, B, values = _stacks(tensors, dtype)
         return _rebuild(A, B, values, supports, scaling).unbind(0)  # (the stacks are freed here)
@@ -298,10 +299,11 @@ class _BatchedRebuild(torch.autograd.Function):
     def backward(ctx, *grads):
         if torch.is_grad_enabled():  # create_graph=True: the stacks below have no history to differentiate
             _refuse_double_backward()
-        this = ctx.task == torch._C._current_graph_task_id()  # (this backward's state, not an earlier one's)
-        stacks = ctx.stacks if this and ctx.stacks is not None else _stacks(_BatchedRebuild.factors(ctx), ctx.dtype)
-        stacked = ctx.grads if this else None
-        _release(ctx)
+        state = ctx.backwards.pop(torch._C._current_graph_task_id(), None)  # (the backward's end then finds none)
+        made = state is not None and state.stacks is not None
+        stacks = state.stacks if made else _stacks(_BatchedRebuild.factors(ctx), ctx.dtype)
+        stacked = None if state is None else state.grads
+        del state
         A, B, _ = stacks
         del stacks
         count = ctx.count
@@ -329,7 +331,7 @@ class _BatchedRebuild(torch.autograd.Function):
         if any(need[2::3]):
             dvalues = dW.view(-1).index_select(0, _flat_positions(ctx.supports, dW.shape[1] * dW.shape[2]))
             dvalues = dvalues.to(ctx.dtypes[2]).chunk(count)
-        result = []  # (an unused member's slice of dW is unset: its results are dropped here)
+        result = []  # (an unused member's slice of dW holds its weight, or nothing: its results are dropped here)
         for i in range(count):
             result += [dA[i] if used[i] and dA is not None and need[3 * i] else None,
                        dB[i] if used[i] and dB is not None and need[3 * i + 1] else None,
@@ -357,45 +359,54 @@ class _BatchedRebuild(torch.autograd.Function):
     def rebuilt(node) -> tuple[torch.Tensor, ...]:
         """The L (d_out, d_in) weights again (`node`: this function's node), made once per backward and kept, with the
         stacks they came from, until this node's backward or the backward's end."""
-        _this_backward(node)
-        if node.weights is None:
-            node.stacks = _stacks(_BatchedRebuild.factors(node), node.dtype)
-            node.rebuilt = _rebuild(*node.stacks, node.supports, node.scaling)
-            node.weights = node.rebuilt.unbind(0)
-        return node.weights
+        state = _this_backward(node)
+        if state.weights is None:
+            state.stacks = _stacks(_BatchedRebuild.factors(node), node.dtype)
+            state.rebuilt = _rebuild(*state.stacks, node.supports, node.scaling)
+            state.weights = state.rebuilt.unbind(0)
+        return state.weights
 
     @staticmethod
     def grad_slot(node, i: int, d_out: int, d_in: int, like: torch.Tensor) -> torch.Tensor | None:
         """Member `i`'s (d_out, d_in) slice of this backward's stacked `dW` (`like`'s dtype and device), or None for a
         member taken twice in one pass (autograd sums its gradients, and the backward above copies the sum in).
 
-        The stack is the backward's rebuilt weights where they were made (and match): each member writes its `dW_i`
-        over its own `W_i`, which it has read, and which no other layer call reads. A group then holds one copy of its
-        weights in backward, not two."""
-        _this_backward(node)
-        if node.grads is None:
-            stack = node.rebuilt
-            if stack is not None and stack.dtype == like.dtype and stack.device == like.device:
-                node.grads, node.slots = stack, node.weights
+        The stack is the backward's rebuilt weights where they were made: each member writes its `dW_i` over its own
+        `W_i`, which it has read, and which no other layer call reads (`dy` has the weights' dtype: autograd casts a
+        gradient to its output's). A group then holds one copy of its weights in backward, not two; two where a layer
+        that needs no input gradient runs its backward before the group's first that does (not in a LLaMA: its last
+        layers' inputs all need one)."""
+        state = _this_backward(node)
+        if state.grads is None:
+            if state.rebuilt is not None:
+                state.grads, state.slots = state.rebuilt, state.weights
             else:  # (no rebuild: no layer of the group needed its input's gradient so far)
-                node.grads = like.new_empty(node.count, d_out, d_in)
-                node.slots = node.grads.unbind(0)
-        return None if i in node.retaken else node.slots[i]
+                state.grads = like.new_empty(node.count, d_out, d_in)
+                state.slots = state.grads.unbind(0)
+        return None if i in node.retaken else state.slots[i]
 
 
-def _this_backward(node) -> None:
-    """Make `node`'s backward state (rebuilt weights, stacks, stacked dW) this backward's: an earlier backward's is
-    dropped, and the end of this one drops what the node's own backward (which may not run: gradients for the inputs
-    alone) left."""
+class _Backward:
+    """A group's state in one backward: its rebuilt weights (`rebuilt`, (L, d_out, d_in), and `weights`, its L
+    views), the stacks they came from, and the stacked `dW` (`grads`, and `slots`, its L views): mostly the rebuilt
+    weights, written over."""
+
+    __slots__ = ("stacks", "rebuilt", "weights", "grads", "slots")
+
+    def __init__(self):
+        self.stacks = self.rebuilt = self.weights = self.grads = self.slots = None
+
+
+def _this_backward(node) -> _Backward:
+    """`node`'s state for the running backward (graph task), made at its first use. The node's own backward drops it;
+    the end of the backward drops it where that did not run (gradients for the inputs alone). A backward that raises
+    runs no end-of-backward callback: its state stays on the node until the graph is freed."""
     task = torch._C._current_graph_task_id()
-    if node.task != task:
-        _release(node)
-        node.task = task
-        torch.autograd.Variable._execution_engine.queue_callback(lambda: node.task == task and _release(node))
-
-
-def _release(node) -> None:
-    node.stacks = node.rebuilt = node.weights = node.grads = node.slots = node.task = None  # (views keep buffers)
+    state = node.backwards.get(task)
+    if state is None:
+        state = node.backwards[task] = _Backward()
+        torch.autograd.Variable._execution_engine.queue_callback(lambda: node.backwards.pop(task, None))
+    return state
 
 
 def _stacks(tensors, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
