@@ -13,6 +13,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -403,6 +404,19 @@ def test_glue_bench_failed_run_is_its_log_tail_and_one_line(rotten_tomatoes, tmp
         glue_bench.main(["--data", str(rotten_tomatoes), "--jobs", "1"])
     assert "ValueError: something broke" in capsys.readouterr().err
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script runs its checks (minutes)")
+def test_gpu_check_stops_at_once_without_a_gpu(tmp_path):
+    """`benchmarks/gpu_check.sh` (the prepared GPU call) parses, and on a machine without CUDA runs nothing: one clear
+    line and exit status 1, not a test run that skips everything and benchmarks that fail one by one."""
+    script = str(ROOT / "benchmarks" / "gpu_check.sh")
+    subprocess.run(["bash", "-n", script], check=True)
+    path = f"{Path(sys.executable).parent}:/usr/bin:/bin"  # its `python3`: this interpreter's environment
+    env = {"PATH": path, "OUT": str(tmp_path / "out"), "HOME": str(tmp_path)}
+    done = subprocess.run(["bash", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "no CUDA device here; nothing run" in done.stderr
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------------- step_bench.py
