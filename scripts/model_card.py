@@ -22,9 +22,11 @@ from huggingface_hub.utils import validate_repo_id
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "sltrain_glue.md"
 METHOD_TITLES = {"sltrain": "SLTrain", "lora": "LoRA", "full": "full fine-tuning"}
-# files of an output directory that are uploaded: adapter or model, tokenizer, card, summary; top level only (the
-# patterns' `*` also matches `/`): the Trainer's checkpoints and a `--merge_to` dense model inside it stay local
-UPLOADED = ["*.safetensors", "*.json", "*.txt", "README.md"]
+# files of an output directory that are uploaded: adapter or model, tokenizer (its chat template: `*.jinja`; a
+# sentencepiece or tiktoken vocabulary: `*.model`, `*.tiktoken`), card, summary; top level only (the patterns' `*` also
+# matches `/`): the Trainer's checkpoints and a `--merge_to` dense model inside it stay local. The same kinds of files
+# that an earlier upload left in the repository are deleted in the same commit (another method's, other shards)
+UPLOADED = ["*.safetensors", "*.json", "*.txt", "*.jinja", "*.model", "*.tiktoken", "README.md"]
 NOT_UPLOADED = ["*/*"]
 
 
@@ -46,6 +48,7 @@ class HubFlags:
     push: str = "--push_to_hub"
     model_id: str = "--hub_model_id"
     out_dir: str = "--output_dir"
+    private: str = "--hub_private_repo"
     token: str | None = "--hub_token"  # None: the script takes the token from the login or HF_TOKEN alone
 
 
@@ -156,10 +159,16 @@ def _jsonable(value):
 
 # --------------------------------------------------------------------------------------------------------- the Hub
 def check_hub_access(
-    token: str | None, repo_id: str | None, default_name: str, flags: HubFlags = HubFlags()
+    token: str | None,
+    repo_id: str | None,
+    default_name: str,
+    flags: HubFlags = HubFlags(),
+    private: bool | None = None,
 ) -> HubTarget:
-    """Who we are on the Hub and where the upload goes (`repo_id`, or the user's `default_name`); a `HubError` when
-    that cannot be known. Uploads nothing."""
+    """Who we are on the Hub and where the upload goes (`repo_id`, or the user's `default_name`); a `HubError` where
+    that cannot be known, or where the upload would certainly fail or go where it should not: a read-only token, a
+    namespace that is neither the user nor one of their organizations, an existing public repository for a `private`
+    upload. Uploads nothing."""
     push = f"`{flags.push}`"
     if hub_constants.HF_HUB_OFFLINE:
         raise HubError(f"{push} is impossible in offline mode (HF_HUB_OFFLINE=1); unset it or drop the flag.")
@@ -169,7 +178,7 @@ def check_hub_access(
         raise HubError(f"{push} needs a Hugging Face token with write access: run `hf auth login`, {how}")
     api = HfApi(token=token)
     try:
-        user = api.whoami()["name"]
+        me = api.whoami()
     except HfHubHTTPError as error:
         status = getattr(error.response, "status_code", None)
         reason = "the token was rejected (401)" if status == 401 else f"{type(error).__name__}: {error}"
@@ -179,13 +188,40 @@ def check_hub_access(
             f"{push}: cannot reach the Hugging Face Hub at {api.endpoint} ({type(error).__name__}: "
             f"{error}); check the network, or drop the flag and upload later."
         ) from None
+    user = me["name"]
+    if ((me.get("auth") or {}).get("accessToken") or {}).get("role") == "read":  # (fine-grained ones: unchecked)
+        raise HubError(f"{push}: the token is read-only; it needs write access (huggingface.co/settings/tokens).")
+    if repo_id == "":
+        raise HubError(
+            f"{push}: `{flags.model_id}` is empty; give USER/NAME, or leave it out for {user}/{default_name}."
+        )
     given, repo_id = repo_id is not None, repo_id or f"{user}/{default_name}"
+    if "/" not in repo_id:  # the Hub creates NAME as USER/NAME: the card's code must name that
+        repo_id = f"{user}/{repo_id}"
+    named = f"`{flags.model_id}` {repo_id!r}" if given else f"{repo_id!r} (from `{flags.out_dir}`'s name)"
     try:  # a bad name would otherwise fail only at the upload, after training
         validate_repo_id(repo_id)
     except HFValidationError as error:
-        named = f"`{flags.model_id}` {repo_id!r}" if given else f"{repo_id!r} (from `{flags.out_dir}`'s name)"
         fix = f"Pass a valid `{flags.model_id}`."
         raise HubError(f"{push}: {named} is no valid repository id: {error} {fix}") from None
+    namespace, orgs = repo_id.split("/")[0], sorted(org["name"] for org in me.get("orgs") or ())
+    if namespace != user and namespace not in orgs:  # (the upload would be refused, after training)
+        raise HubError(
+            f"{push}: {named} is in {namespace!r}, which is neither you ({user!r}) nor one of your organizations "
+            f"({orgs or 'none'})."
+        )
+    if private:  # `create_repo(exist_ok=True)` leaves an existing repository as it is: a public one would stay so
+        try:
+            public = api.repo_exists(repo_id) and not api.repo_info(repo_id).private
+        except Exception as error:  # whatever the HTTP client raises
+            raise HubError(
+                f"{push}: cannot tell whether {repo_id} is private ({type(error).__name__}: {error})."
+            ) from None
+        if public:
+            raise HubError(
+                f"{push}: {named} exists and is public, and `{flags.private}` asks for a private repository: make it "
+                "private on the Hub first, or drop the flag."
+            )
     return HubTarget(user=user, repo_id=repo_id, token=token)
 
 
@@ -206,17 +242,24 @@ def upload(
             allow_patterns=UPLOADED,
             ignore_patterns=NOT_UPLOADED,
             commit_message=message,
+            delete_patterns=UPLOADED,  # an earlier push's files (another method's, other shards) go in this commit
         )
+    except KeyboardInterrupt:
+        raise HubError(
+            f"Uploading {folder} to {target.repo_id} was interrupted. Everything is saved locally in {folder}: upload "
+            f"it later with `{upload_command(folder, target.repo_id)}`."
+        ) from None
     except Exception as error:  # network or permission errors, whatever the HTTP client
         raise HubError(
             f"Uploading {folder} to {target.repo_id} failed ({type(error).__name__}: {error}); the repository may "
-            f"exist now, empty. Everything is saved locally in {folder}: upload it later with "
-            f"`{upload_command(folder, target.repo_id)}`."
+            f"exist now, empty or with an earlier upload's files. Everything is saved locally in {folder}: upload it "
+            f"later with `{upload_command(folder, target.repo_id)}`."
         ) from None
     return str(url)
 
 
 def upload_command(folder: Path, repo_id: str) -> str:
-    """The `hf upload` command that uploads what `upload` would."""
+    """The `hf upload` command that uploads (and deletes) what `upload` would."""
     patterns = [f"--include={p}" for p in UPLOADED] + [f"--exclude={p}" for p in NOT_UPLOADED]
+    patterns += [f"--delete={p}" for p in UPLOADED]
     return shlex.join(["hf", "upload", repo_id, str(folder), *patterns])

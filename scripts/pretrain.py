@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedType
+from accelerate.utils import broadcast
 from tqdm.auto import tqdm
 from transformers import LlamaConfig
 
@@ -55,7 +56,7 @@ import pretrain_card  # noqa: E402
 from methods import METHODS, Hyper, adamw, get_method, parse_method_args  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-HUB_FLAGS = model_card.HubFlags(push="--push-to-hub", model_id="--hub-model-id", out_dir="--out-dir", token=None)
+HUB_FLAGS = model_card.HubFlags("--push-to-hub", "--hub-model-id", "--out-dir", "--hub-private", token=None)
 
 
 def _by_size(name: str) -> tuple:
@@ -281,7 +282,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"`--keep-last {args.keep_last}` keeps checkpoints; without `--save-every` none is saved.")
     if (args.hub_model_id is not None or args.hub_private) and not args.push_to_hub:
         given = f"`--hub-model-id {args.hub_model_id}`" if args.hub_model_id is not None else "`--hub-private`"
-        raise ValueError(f"{given} says where to upload; without `--push-to-hub` nothing is uploaded.")
+        raise ValueError(f"{given} is for the upload; without `--push-to-hub` nothing is uploaded.")
     if not 0 <= args.seed < 2**32:  # (the data order seeds `seed * 100_003 + epoch`, which must fit in 64 bits)
         raise ValueError(f"`--seed` must be in [0, 2**32), got {args.seed}.")
     if not 0 <= args.min_lr_ratio <= 1:
@@ -777,6 +778,28 @@ def export(method, model, out: Path, merge: bool, tokenizer: data.Tokenizer, car
         publish(out / "merged", lambda tmp: (dense.save_pretrained(tmp), tokenizer.save(tmp)))
 
 
+def check_hub(args: argparse.Namespace, accelerator: Accelerator) -> model_card.HubTarget | None:
+    """Where `--push-to-hub` uploads, on the main process (None on the others); a `HubError` on every process where
+    the main one's check fails, so that all stop alike (the others would fail at their next collective, noisily)."""
+    hub = failure = None
+    if accelerator.is_main_process:
+        try:
+            name = Path(args.out_dir).resolve().name
+            hub = model_card.check_hub_access(None, args.hub_model_id, name, HUB_FLAGS, args.hub_private)
+        except model_card.HubError as error:
+            failure = error
+    if accelerator.num_processes > 1:
+        failed = broadcast(torch.tensor([failure is not None], dtype=torch.int32, device=accelerator.device))
+        if failed.item() and failure is None:
+            failure = model_card.HubError("`--push-to-hub`: the main process's check of the Hub failed (its error).")
+    if failure is not None:
+        raise failure
+    if hub is not None:
+        final = Path(args.out_dir) / "final"
+        print(f"pretrain.py: Hub: logged in as {hub.user}; {final} goes to {hub.repo_id} at the end")
+    return hub
+
+
 def whole_model(method, model_config: LlamaConfig, hyper: Hyper, state_dict: dict) -> torch.nn.Module:
     """The trained model on the CPU, built afresh and loaded from its full `state_dict` (FSDP's, gathered to the main
     process), so that `export` writes what it writes without FSDP. Holds a second copy of the weights."""
@@ -824,9 +847,8 @@ def main(argv: list[str] | None = None) -> dict:
             "DDP (`accelerate launch --multi_gpu`, or torchrun)."
         )
     hub = None
-    if args.push_to_hub and accelerator.is_main_process:  # fail now, not after the training (nor an --overwrite)
-        hub = model_card.check_hub_access(None, args.hub_model_id, Path(args.out_dir).resolve().name, HUB_FLAGS)
-        print(f"pretrain.py: Hub: logged in as {hub.user}; OUT/final goes to {hub.repo_id} at the end")
+    if args.push_to_hub:  # fail now, not after the training (nor after an --overwrite)
+        hub = check_hub(args, accelerator)
     config = trajectory_config(args, world)
     resume_from = check_out_dir(args, config)
     if args.resume_note and accelerator.is_main_process:
@@ -1103,12 +1125,15 @@ def main(argv: list[str] | None = None) -> dict:
             f"params+grads+optimizer={summary['training_state_bytes'] / 2**20:.1f}MiB "
             f"peak_mem={memory / 2**20:.0f}MiB ({memory_kind}) tokens/s={tokens_per_s}"
         )
-        if hub is not None:  # (a failure says that everything is on disk, and the command that uploads it)
-            message = f"Upload a scripts/pretrain.py run: {args.method} on LLaMA-{args.model}, tokenizer, model card"
-            url = model_card.upload(out / "final", hub, private=args.hub_private or None, message=message)
-            print(f"pretrain.py: uploaded {out / 'final'} to {url}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if hub is not None:  # after the last collective: the other processes may exit, none waits in a barrier that
+        # an upload longer than the process group's timeout (NCCL: 10 min) would kill; a failure says that
+        # everything is on disk, and the command that uploads it
+        model = Path(str(args.model)).stem.removeprefix("llama_")  # (a preset file's name, not its local path)
+        message = f"Upload a scripts/pretrain.py run: {args.method} on LLaMA-{model}, tokenizer, model card"
+        url = model_card.upload(out / "final", hub, private=args.hub_private or None, message=message)
+        print(f"pretrain.py: uploaded {out / 'final'} to {url}")
     return summary
 
 

@@ -798,7 +798,9 @@ def main(argv: list[str] | None = None) -> dict:
     training_args.dataloader_pin_memory &= torch.cuda.is_available()  # pinning is for GPU transfers
     hub = None
     if push:  # fail now, not after hours of training
-        hub = model_card.check_hub_access(training_args.hub_token, training_args.hub_model_id, out.name)
+        hub = model_card.check_hub_access(
+            training_args.hub_token, training_args.hub_model_id, out.name, private=training_args.hub_private_repo
+        )
         print(f"Hub: logged in as {hub.user}; will upload to {hub.repo_id}")
 
     # ------------------------------------------------------------------------------------------------------ data

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import types
 from pathlib import Path
 
 # before torch loads, inherited by subprocesses: libgomp spin-waiting made tiny tests up to 100x slower on 2 busy cores
@@ -120,20 +121,30 @@ class FakeHfApi:
 
     calls: list = []
     private = message = None  # the last `create_repo`'s and `upload_folder`'s
+    existing: dict = {}  # repository id -> whether it is private, for the repositories that exist
+    me: dict = {"name": "alice"}  # what `whoami` says
 
     def __init__(self, token=None, endpoint=None):
         self.token, self.endpoint = token, "https://fake.hub"
 
     def whoami(self):
         self.calls.append(("whoami", self.token))
-        return {"name": "alice"}
+        return self.me
+
+    def repo_exists(self, repo_id):
+        return repo_id in self.existing
+
+    def repo_info(self, repo_id):
+        return types.SimpleNamespace(private=self.existing[repo_id])
 
     def create_repo(self, repo_id, private=None, exist_ok=False):
         self.calls.append(("create_repo", repo_id))
         FakeHfApi.private = private
         return f"https://fake.hub/{repo_id}"
 
-    def upload_folder(self, folder_path, repo_id, allow_patterns, ignore_patterns, commit_message):
+    def upload_folder(
+        self, folder_path, repo_id, allow_patterns, ignore_patterns, commit_message, delete_patterns=None
+    ):
         from huggingface_hub.utils import filter_repo_objects
 
         files = [p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file()]

@@ -559,7 +559,10 @@ def test_failed_upload_says_the_repo_may_exist_empty(tmp_path, monkeypatch):
             raise ConnectionError("reset by peer")
 
     monkeypatch.setattr(model_card, "HfApi", FailingHfApi)
-    with pytest.raises(model_card.HubError, match=r"may exist now, empty.*hf upload alice/x .*'--exclude=\*/\*'`"):
+    with pytest.raises(
+        model_card.HubError,
+        match=r"may exist now, empty.*hf upload alice/x .*'--exclude=\*/\*' .*--delete=README.md`",
+    ):
         model_card.upload(tmp_path, model_card.HubTarget(user="alice", repo_id="alice/x", token="hf_fake"))
 
 

@@ -251,7 +251,7 @@ def card_loading_code(export: Path) -> dict:
 @pytest.fixture
 def fake_hub(monkeypatch):
     """The Hub as `FakeHfApi`, online, logged in as alice."""
-    FakeHfApi.calls = []
+    FakeHfApi.calls, FakeHfApi.private, FakeHfApi.message, FakeHfApi.existing = [], None, None, {}
     monkeypatch.setattr(model_card.hub_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(model_card, "HfApi", FakeHfApi)
     monkeypatch.setattr(model_card, "get_token", lambda: "hf_fake")
@@ -347,6 +347,184 @@ def test_a_failed_upload_keeps_the_run_and_says_how_to_upload_it(tmp_path, corpu
         run(tmp_path / "run", corpus, "--method", "sltrain", "--max-steps", "2", "--push-to-hub")
     out = tmp_path / "run"
     assert (out / "summary.json").exists() and (out / "final" / "adapter_model.safetensors").exists()
+
+
+# ------------------------------------------------------------------ review CE: --push-to-hub edge cases
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_push_to_hub_uploads_all_of_final_for_every_method(tmp_path, corpus, fake_hub, method):
+    """Every method's final/ goes up whole (a dense model's generation_config.json included)."""
+    run(tmp_path / method, corpus, "--method", method, "--max-steps", "2", "--push-to-hub")
+    uploaded = fake_hub.calls[-1][2]
+    assert uploaded == sorted(p.name for p in (tmp_path / method / "final").iterdir())
+
+
+def test_push_to_hub_uploads_a_tokenizers_chat_template(tmp_path, corpus, fake_hub):
+    """A `--tokenizer` with a chat template (most instruct and many base tokenizers on the Hub) saves it as
+    `chat_template.jinja` next to tokenizer.json: final/ holds it, so the repository must too ("all of it")."""
+    tokenizer = data.train_tokenizer(Path(corpus[0]).read_text(), 300)
+    tokenizer.hf.chat_template = "{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    tokenizer.save(tmp_path / "tok")
+    run(tmp_path / "run", corpus, "--tokenizer", str(tmp_path / "tok"), "--max-steps", "2", "--push-to-hub")
+    final = tmp_path / "run" / "final"
+    assert (final / "chat_template.jinja").is_file()
+    assert fake_hub.calls[-1][2] == sorted(p.name for p in final.iterdir())
+
+
+def test_hub_model_id_without_a_namespace_is_the_users(tmp_path, corpus, fake_hub):
+    """`--hub-model-id micro`: the Hub creates `alice/micro`; the card's code must name that, not `micro` (which
+    `from_pretrained` does not resolve to alice's repository)."""
+    run(tmp_path / "run", corpus, "--max-steps", "2", "--push-to-hub", "--hub-model-id", "micro")
+    assert fake_hub.calls[-1][1] == "alice/micro"
+    assert 'from_pretrained("alice/micro")' in (tmp_path / "run" / "final" / "README.md").read_text()
+
+
+class RemoteHfApi(FakeHfApi):
+    """FakeHfApi that keeps each repository's files, as the Hub does between commits (`delete_patterns` honoured)."""
+
+    files: dict = {}
+
+    def upload_folder(
+        self, folder_path, repo_id, allow_patterns, ignore_patterns, commit_message, delete_patterns=None
+    ):
+        from huggingface_hub.utils import filter_repo_objects
+
+        local = [p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file()]
+        uploaded = set(filter_repo_objects(local, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+        remote = RemoteHfApi.files.setdefault(repo_id, set())
+        if delete_patterns:
+            remote -= set(filter_repo_objects(sorted(remote), allow_patterns=delete_patterns))
+        remote |= uploaded
+
+
+def test_a_second_push_to_the_same_repository_leaves_no_stale_files(tmp_path, corpus, fake_hub, monkeypatch):
+    """An SLTrain run pushed, then the same --out-dir rerun (`--overwrite`) with `--method full`: the repository
+    keeps the first push's adapter_config.json, and `AutoModelForCausalLM.from_pretrained(id)` (the full card's
+    code) then loads the adapter's model, not the pushed one."""
+    RemoteHfApi.files = {}
+    monkeypatch.setattr(model_card, "HfApi", RemoteHfApi)
+    out = tmp_path / "run"
+    for method in ("sltrain", "full"):
+        run(out, corpus, "--method", method, "--max-steps", "2", "--overwrite", "--push-to-hub")
+    assert RemoteHfApi.files["alice/run"] == {p.name for p in (out / "final").iterdir()}
+
+
+def test_push_to_hub_on_a_resumed_run(tmp_path, corpus, fake_hub):
+    """A run resumed with `--push-to-hub` (not given at its start) resumes (the flag is no trajectory setting) and
+    uploads; its card says it was resumed and names the repository."""
+    out = tmp_path / "run"
+    run(out, corpus, "--max-steps", "4", "--save-every", "2")
+    shutil.rmtree(out / "checkpoints" / "step_000004")
+    (out / "summary.json").unlink()
+    run(out, corpus, "--max-steps", "4", "--save-every", "2", "--resume", "--push-to-hub")
+    assert fake_hub.calls[-1][:2] == ("upload_folder", "alice/run")
+    card = (out / "final" / "README.md").read_text()
+    assert '"alice/run"' in card and "--resume" in card
+
+
+def test_ctrl_c_during_the_upload_says_how_to_upload(tmp_path, corpus, fake_hub, monkeypatch, capsys):
+    """A Ctrl-C in the upload comes after summary.json: `--resume` refuses the complete run, so the hint must be
+    the `hf upload` command, not `--resume`."""
+
+    class Interrupted(FakeHfApi):
+        def upload_folder(self, **kwargs):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(model_card, "HfApi", Interrupted)
+    out = tmp_path / "run"
+    argv = ["--model", MICRO, "--out-dir", str(out), "--train-files", corpus[0], "--validation-files", corpus[1],
+            "--eval-blocks", "8", "--max-steps", "2", "--save-every", "2", "--push-to-hub"]  # fmt: skip
+    with pytest.raises(SystemExit) as stopped:
+        pretrain.cli(argv)
+    assert (out / "summary.json").exists()
+    said = f"{stopped.value.code}\n{capsys.readouterr().err}"  # (SystemExit's message, or a line on stderr)
+    assert "hf upload alice/run" in said and "--resume" not in said
+
+
+HUB_RUN = """
+import sys, time
+from datetime import timedelta
+sys.path.insert(0, {scripts!r})
+import torch.distributed as dist
+_init = dist.init_process_group
+def init(*a, **k):  # a short process-group timeout stands in for NCCL's 10 minutes
+    k["timeout"] = timedelta(seconds=3)
+    return _init(*a, **k)
+dist.init_process_group = init
+import model_card, pretrain
+class SlowHub:
+    def __init__(self, token=None, endpoint=None): self.endpoint = "https://fake.hub"
+    def whoami(self): return {{"name": "alice"}}
+    def create_repo(self, repo_id, private=None, exist_ok=False): return "https://fake.hub/" + repo_id
+    def upload_folder(self, **kwargs): time.sleep(8)  # a big model over a slow link
+model_card.hub_constants.HF_HUB_OFFLINE = False
+model_card.HfApi, model_card.get_token = SlowHub, lambda: {token!r}
+pretrain.cli()
+"""
+
+
+def torchrun_with_a_hub(tmp_path, corpus, token: str | None) -> subprocess.CompletedProcess:
+    """pretrain.py under torchrun, 2 CPU processes, pushing to a fake Hub whose upload takes 8 s (longer than the
+    process group's timeout, here 3 s), with `token` as the stored login."""
+    script = tmp_path / "hub_run.py"
+    script.write_text(HUB_RUN.format(scripts=str(ROOT / "scripts"), token=token))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, str(script),
+           "--model", MICRO, "--out-dir", str(tmp_path / "ddp"), "--train-files", corpus[0], "--validation-files",
+           corpus[1], "--eval-blocks", "8", "--max-steps", "2", "--push-to-hub"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    return subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+
+
+def test_an_upload_longer_than_the_process_group_timeout_completes_under_torchrun(tmp_path, corpus):
+    """With several processes, the others must not sit in a barrier while the main process uploads: a barrier
+    outliving the process group's timeout (NCCL: 10 min) kills them, and torchrun then kills the upload."""
+    done = torchrun_with_a_hub(tmp_path, corpus, token="hf_fake")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "pretrain.py: uploaded" in done.stdout
+
+
+def test_a_failed_hub_check_stops_every_process_alike(tmp_path, corpus):
+    """The main process checks the Hub; the others stop with it, with a line each, not at their next collective
+    with a gloo traceback."""
+    done = torchrun_with_a_hub(tmp_path, corpus, token=None)
+    assert done.returncode != 0 and not (tmp_path / "ddp").exists()
+    assert done.stderr.count("pretrain.py: error: `--push-to-hub` needs a Hugging Face token") == 1
+    assert "pretrain.py: error: `--push-to-hub`: the main process's check of the Hub failed" in done.stderr
+    assert "gloo" not in done.stderr and "Connection closed" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "me, repo_id, private, existing, message",
+    [
+        ({"name": "alice", "auth": {"accessToken": {"role": "read"}}}, None, None, {}, "the token is read-only"),
+        ({"name": "alice", "orgs": [{"name": "lab"}]}, "bob/x", None, {},
+         r"`--hub-model-id` 'bob/x' is in 'bob', which is neither you \('alice'\) nor one of your organizations "
+         r"\(\['lab'\]\)"),
+        ({"name": "alice"}, "", None, {}, "`--hub-model-id` is empty; give USER/NAME, or leave it out for alice/run"),
+        ({"name": "alice"}, "alice/x", True, {"alice/x": False},
+         "'alice/x' exists and is public, and `--hub-private` asks for a private repository"),
+    ],
+)  # fmt: skip
+def test_the_hub_check_refuses_an_upload_that_would_fail_or_go_public(
+    fake_hub, monkeypatch, me, repo_id, private, existing, message
+):
+    """Before training: a read-only token, a namespace that is not the user's nor an organization's (the upload
+    would fail after training), an empty id, a private upload to an existing public repository (it would stay
+    public: `create_repo(exist_ok=True)` leaves it as it is)."""
+    monkeypatch.setattr(FakeHfApi, "me", me)
+    monkeypatch.setattr(FakeHfApi, "existing", existing)
+    with pytest.raises(model_card.HubError, match=message):
+        model_card.check_hub_access(None, repo_id, "run", pretrain.HUB_FLAGS, private)
+
+
+def test_the_hub_check_takes_organizations_and_private_repositories(fake_hub, monkeypatch):
+    me = {"name": "alice", "orgs": [{"name": "lab"}], "auth": {"accessToken": {"role": "write"}}}
+    monkeypatch.setattr(FakeHfApi, "me", me)
+    monkeypatch.setattr(FakeHfApi, "existing", {"lab/old": True})
+    for repo_id in ("lab/new", "lab/old", "alice/x"):
+        assert model_card.check_hub_access(None, repo_id, "run", pretrain.HUB_FLAGS, True).repo_id == repo_id
 
 
 def test_sltrain_final_loads_without_a_base_and_samples(tmp_path, corpus, capsys):
