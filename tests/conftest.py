@@ -151,3 +151,10 @@ class FakeHfApi:
         uploaded = sorted(filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
         self.calls.append(("upload_folder", repo_id, uploaded))
         FakeHfApi.message = commit_message
+
+
+class FailingHfApi(FakeHfApi):
+    """A Hub whose uploads fail midway."""
+
+    def upload_folder(self, **kwargs):
+        raise ConnectionError("reset by peer")

@@ -1052,10 +1052,19 @@ def test_a_backward_after_one_that_raised():
 # review CD
 
 
-def with_forward(model, forward) -> None:
-    """Replace the tanh net's forward by `forward(net, x)` (the model's hooks still open a pass around it)."""
-    net = model.base_model.model
-    net.forward = lambda x: forward(net, x)
+def assert_same_with_forward(forward) -> None:
+    """The tanh nets' forward replaced by `forward(net, x)` (the model's hooks still open a pass around it): the same
+    gradients, dense and batched, for the parameters and the input."""
+    dense, batched = tanh_pair()
+    grads = []
+    for model in (dense, batched):
+        net = model.base_model.model
+        net.forward = lambda x, net=net: forward(net, x)
+        x = X.clone().requires_grad_()
+        model(x).backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-12)
+    assert_same_grads(dense, batched)
 
 
 def test_a_layer_called_three_times_reads_its_weight_in_each_backward():
@@ -1071,15 +1080,7 @@ def test_a_layer_called_three_times_reads_its_weight_in_each_backward():
         h = torch.tanh(net.l[1](h))  # and again, the group still alive (l[3] not taken yet)
         return torch.tanh(net.l[3](h)).pow(2).mean()
 
-    dense, batched = tanh_pair()
-    grads = []
-    for model in (dense, batched):
-        with_forward(model, forward)
-        x = X.clone().requires_grad_()
-        model(x).backward()
-        grads.append(x.grad)
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-12)
-    assert_same_grads(dense, batched)
+    assert_same_with_forward(forward)
 
 
 def test_a_first_backward_that_needs_no_input_gradient():
@@ -1090,15 +1091,7 @@ def test_a_first_backward_that_needs_no_input_gradient():
         h = torch.tanh(net.l[2](torch.tanh(net.l[1](torch.tanh(net.l[0](x))))))
         return (h + net.l[3](X.flip(0))).pow(2).mean()  # l[3]'s input needs no gradient; its backward runs first
 
-    dense, batched = tanh_pair()
-    grads = []
-    for model in (dense, batched):
-        with_forward(model, forward)
-        x = X.clone().requires_grad_()
-        model(x).backward()
-        grads.append(x.grad)
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-12)
-    assert_same_grads(dense, batched)
+    assert_same_with_forward(forward)
 
 
 def test_backwards_of_one_kept_graph_in_several_threads():

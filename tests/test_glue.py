@@ -43,7 +43,7 @@ import glue_tasks  # noqa: E402
 import model_card  # noqa: E402
 import pretrain  # noqa: E402
 import run_glue  # noqa: E402
-from conftest import FakeHfApi, tiny_roberta, tiny_roberta_config  # noqa: E402
+from conftest import FailingHfApi, FakeHfApi, tiny_roberta, tiny_roberta_config  # noqa: E402
 
 WORDS = "good bad great awful fine movie film plot actor boring fun dull superb weak the a is was not very".split()
 
@@ -554,10 +554,6 @@ def test_upload_takes_top_level_files_only(tmp_path, monkeypatch):
 
 
 def test_failed_upload_says_the_repo_may_exist_empty(tmp_path, monkeypatch):
-    class FailingHfApi(FakeHfApi):
-        def upload_folder(self, **kwargs):
-            raise ConnectionError("reset by peer")
-
     monkeypatch.setattr(model_card, "HfApi", FailingHfApi)
     with pytest.raises(
         model_card.HubError,

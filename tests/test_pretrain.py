@@ -28,7 +28,7 @@ import data  # noqa: E402
 import model_card  # noqa: E402
 import pretrain  # noqa: E402
 import sample  # noqa: E402
-from conftest import FakeHfApi, needs_cxx, perturb_trainable  # noqa: E402
+from conftest import FailingHfApi, FakeHfApi, needs_cxx, perturb_trainable  # noqa: E402
 from methods import METHODS, Hyper  # noqa: E402
 
 MICRO = str(ROOT / "tests" / "data" / "llama_micro.json")
@@ -335,10 +335,6 @@ def test_hub_flags_without_push_to_hub_are_refused(tmp_path, corpus, flag):
 
 
 def test_a_failed_upload_keeps_the_run_and_says_how_to_upload_it(tmp_path, corpus, fake_hub, monkeypatch):
-    class FailingHfApi(FakeHfApi):
-        def upload_folder(self, **kwargs):
-            raise ConnectionError("reset by peer")
-
     monkeypatch.setattr(model_card, "HfApi", FailingHfApi)
     with pytest.raises(
         model_card.HubError,
