@@ -1130,7 +1130,7 @@ def main(argv: list[str] | None = None) -> dict:
     if hub is not None:  # after the last collective: the other processes may exit, none waits in a barrier that
         # an upload longer than the process group's timeout (NCCL: 10 min) would kill; a failure says that
         # everything is on disk, and the command that uploads it
-        model = Path(str(args.model)).stem.removeprefix("llama_")  # (a preset file's name, not its local path)
+        model = pretrain_card.model_name(args.model)
         message = f"Upload a scripts/pretrain.py run: {args.method} on LLaMA-{model}, tokenizer, model card"
         url = model_card.upload(out / "final", hub, private=args.hub_private or None, message=message)
         print(f"pretrain.py: uploaded {out / 'final'} to {url}")

@@ -52,6 +52,11 @@ print(tokenizer.decode(model.generate(ids, max_new_tokens=40, do_sample=True, to
 """
 
 
+def model_name(model: str) -> str:
+    """`--model` as a name: the size, or a preset file's name without its folder (a local path stays local)."""
+    return Path(str(model)).stem.removeprefix("llama_")
+
+
 def build(
     summary: dict,
     run_config: dict,
@@ -66,7 +71,7 @@ def build(
     model's (the tokenizer's; run_config's `model_config` holds the preset's), `resumed` whether `command` resumed
     the run from a checkpoint, `repo_id` the Hub repository it goes to (its loading code then names it)."""
     method, arch = summary["method"], run_config["model_config"]
-    name = f"llama-{Path(str(summary['model'])).stem.removeprefix('llama_')}-{method}"  # a size or a preset file
+    name = f"llama-{model_name(summary['model'])}-{method}"
     data = ModelCardData(
         model_name=name,
         library_name="peft" if adapter else "transformers",
