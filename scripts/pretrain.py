@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--hub-model-id", help="with --push-to-hub: the repository, USER/NAME (default: your user and "
                    "--out-dir's name)")  # fmt: skip
-    p.add_argument("--hub-private", action="store_true", help="with --push-to-hub: create the repository private")
+    p.add_argument("--hub-private", action="store_true", help="with --push-to-hub: a private repository (an existing "
+                   "public one is refused before training)")  # fmt: skip
     return p
 
 
