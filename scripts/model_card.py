@@ -25,7 +25,8 @@ METHOD_TITLES = {"sltrain": "SLTrain", "lora": "LoRA", "full": "full fine-tuning
 # files of an output directory that are uploaded: adapter or model, tokenizer (its chat template: `*.jinja`; a
 # sentencepiece or tiktoken vocabulary: `*.model`, `*.tiktoken`), card, summary; top level only (the patterns' `*` also
 # matches `/`): the Trainer's checkpoints and a `--merge_to` dense model inside it stay local. The same kinds of files
-# that an earlier upload left in the repository are deleted in the same commit (another method's, other shards)
+# that an earlier upload left in the repository are deleted in the same commit (another method's, other shards;
+# nested ones too, since `*` matches `/`)
 UPLOADED = ["*.safetensors", "*.json", "*.txt", "*.jinja", "*.model", "*.tiktoken", "README.md"]
 NOT_UPLOADED = ["*/*"]
 
