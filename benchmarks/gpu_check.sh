@@ -6,7 +6,7 @@
 #
 # 1. tests/test_gpu.py, its whole output in test_gpu.txt (and its last lines on stdout);
 # 2. training steps (bf16 autocast) of full-rank, SLTrain's dense path and its batched rebuild at 60M and 350M on
-#    32k tokens, and at 350M on 2k tokens (where launches bound the step): step_cuda_*_check.json, with the results'
+#    32k tokens, and on 2k tokens (where launches bound the step): step_cuda_*_check.json, with the results'
 #    usual fields (benchmarks/step_bench.py). Copy the files worth keeping to benchmarks/results, with a `note`.
 # Its parts ran in earlier GPU calls (docs/compute_paths.md); the whole is not timed yet: give it a call's limit.
 # A failed part does not stop the rest.
@@ -32,4 +32,5 @@ steps() {  # steps SIZE BATCH NAME [step_bench flags]
 steps 60m 128 step_cuda_60m_check.json --rounds "$ROUNDS"
 steps 350m 128 step_cuda_350m_check.json --rounds "$ROUNDS"
 [ -n "${QUICK:-}" ] || steps 350m 8 step_cuda_350m_batch8_check.json --rounds 1
+[ -n "${QUICK:-}" ] || steps 60m 8 step_cuda_60m_batch8_check.json --rounds 1
 ls -l "$OUT"
