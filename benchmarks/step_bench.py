@@ -37,7 +37,7 @@ from layer_bench import peak_bytes  # noqa: E402
 from transformers import LlamaConfig  # noqa: E402
 
 import peft_sltrain  # noqa: E402
-from peft_sltrain import cost  # noqa: E402
+from peft_sltrain import batched, cost  # noqa: E402
 
 from methods import METHODS, Hyper  # noqa: E402
 from pretrain import SIZES, peak_memory_bytes  # noqa: E402
@@ -110,7 +110,7 @@ def measure(
     seconds = statistics.median(timed() for _ in range(steps))
     dtype = autocast_dtype or torch.float32
     paths = sorted(
-        "batched" if layer.compute["default"] == "batched" else
+        "batched" if batched.takes_batched(layer, "default", torch.empty(0, device=device)) else
         cost.choose_path(layer.compute["default"], batch * seq_len, layer.in_features, layer.out_features,
                          layer.r["default"], layer.sltrain_values["default"].numel(), device, dtype, False)
         for layer in model.modules() if isinstance(layer, peft_sltrain.SLTrainLayer)

@@ -54,6 +54,11 @@ from .functional import plain_weight
 # groups.
 CHUNK_BYTES = 32 * 2**20
 
+# Where `compute="auto"` takes this rebuild for from-scratch layers trained in a pass of their model, unless the model
+# is sharded (`BatchedRebuilds.sharded`). On GPUs it beat the dense path at every step timed (60M and 350M LLaMA, 2k
+# and 32k tokens, bf16 autocast) and peaked no higher; on CPU it lost to it at 350M (docs/compute_paths.md).
+AUTO_DEVICE_TYPES = ("cuda",)
+
 
 class BatchedRebuilds:
     """An `SLTrainModel`'s rebuilt weights for `compute="batched"`, per pass. The model's forward hooks call
@@ -70,6 +75,7 @@ class BatchedRebuilds:
         self._opener = None  # the frame that opened the pass
         self.generation = 0  # the pass
         self.built: dict[tuple, int] = {}  # (adapter name, dtype) -> the pass whose groups were made
+        self._sharded: tuple[int, bool] = (-1, False)  # (the pass, whether the model was sharded then)
         self.current: list[_Group] = []  # the groups this pass made, whose weights its end drops
 
     def __deepcopy__(self, memo):
@@ -117,6 +123,14 @@ class BatchedRebuilds:
             self._listed = self.generation
         return [m for m in (ref() for ref in self._layers) if m is not None]
 
+    def sharded(self) -> bool:
+        """Whether the model's parameters are sharded by FSDP (either version) or DeepSpeed ZeRO-3, looked up once per
+        pass: `compute="auto"` then keeps to its per-call choice (the batched rebuild is not made for sharding)."""
+        if self._sharded[0] != self.generation:
+            model = None if self._model is None else self._model()
+            self._sharded = (self.generation, model is not None and _sharded(model))
+        return self._sharded[1]
+
     def make_groups(self, layer, name: str, dtype: torch.dtype) -> tuple | None:
         """Group, for this pass, adapter `name`'s batched layers in `dtype` (each group rebuilt at its first member's
         call); `layer`'s slot."""
@@ -130,8 +144,9 @@ class BatchedRebuilds:
         if not any(m is layer for m in listed):  # not this model's: rebuild nothing
             return None
         kinds: dict[tuple, list] = {}  # key -> [(member, its factors)]
+        sharded = self.sharded()
         for m in listed:
-            if _eligible(m, name):
+            if _eligible(m, name, sharded):
                 factors = _factors(m, name)
                 if _whole(m, name, factors):
                     kinds.setdefault(_key(m, name, *factors), []).append((m, factors))
@@ -218,10 +233,34 @@ def _key(layer, name: str, A: torch.Tensor, B: torch.Tensor, values: torch.Tenso
             values.dtype, A.device, B.device, values.device, layer.sltrain_indices[name].device)  # fmt: skip
 
 
-def _eligible(layer, name: str) -> bool:
+def _sharded(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # a PyTorch built without torch.distributed
+        return False
+    if any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules()):  # FSDP2; FSDP inside
+        return True
+    # FSDP's flattened parameters (wrapped from outside the model), DeepSpeed ZeRO-3's partitioned ones
+    return any(getattr(p, "_fsdp_flattened", False) or hasattr(p, "ds_id") for p in model.parameters())
+
+
+def takes_batched(layer, name: str, x: torch.Tensor) -> bool:
+    """Whether adapter `name` of `layer`, from scratch, asks `batched_linear` for `x W^T`: `compute="batched"`, or
+    `"auto"` on a device of `AUTO_DEVICE_TYPES` (which may still answer None: the per-call choice)."""
+    compute = layer.compute[name]
+    return layer.from_scratch[name] and (
+        compute == "batched" or (compute == "auto" and x.device.type in AUTO_DEVICE_TYPES)
+    )
+
+
+def _eligible(layer, name: str, sharded: bool) -> bool:
     """Whether `layer` computes adapter `name` alone, batched, as `Linear.forward` would in this model's pass."""
+    compute = layer.compute.get(name)
     return (
-        layer.compute.get(name) == "batched"
+        (
+            compute == "batched"
+            or (compute == "auto" and not sharded and layer.sltrain_A[name].device.type in AUTO_DEVICE_TYPES)
+        )
         and not layer.merged_adapters
         and not layer._disable_adapters
         and not layer.quantization
@@ -236,6 +275,9 @@ def batched_linear(layer, name: str, x: torch.Tensor) -> torch.Tensor | None:
     this runs once per layer call, so it is kept to a few lookups."""
     rebuilds = layer.__dict__.get("_sltrain_rebuilds")
     if rebuilds is None or not torch.is_grad_enabled() or torch.compiler.is_compiling() or exporting():
+        return None
+    if layer.compute[name] == "auto" and rebuilds.sharded():  # auto's per-call choice, in forward and recompute alike
+        layer.__dict__.pop("_sltrain_took", None)
         return None
     if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
         return None  # torch.func transforms and forward-mode AD need plain ops (`functional._plain_sltrain_linear`)
@@ -431,8 +473,9 @@ def _flat_positions(supports: tuple, entries: int) -> torch.Tensor:
 
 def _refuse_double_backward():
     raise RuntimeError(
-        "The batched SLTrain rebuild (compute='batched') has no second derivative; use the dense path for double "
-        "backward, e.g. gradient penalties on the parameters: `model.set_compute('dense')`."
+        "The batched SLTrain rebuild (compute='batched', and 'auto' for layers trained on a GPU) has no second "
+        "derivative; use the dense path for double backward, e.g. gradient penalties on the parameters: "
+        "`model.set_compute('dense')`."
     )
 
 

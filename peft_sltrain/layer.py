@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from transformers.pytorch_utils import Conv1D
 
-from .batched import batched_linear
+from .batched import batched_linear, takes_batched
 from .config import SLTrainConfig, is_all_linear
 from .cost import COMPUTE_CHOICES, choose_path
 from .functional import (
@@ -482,7 +482,7 @@ class SLTrainLayer(BaseTunerLayer):
         its first forward there and recomputes it with grad, and both must take one path for the checkpointed model to
         give the same bits. What requires a gradient does not count, so that a model gives the same bits whether its
         parameters are frozen (loaded for inference) or not."""
-        if self.compute[name] == "batched" and weight is None:  # from scratch: W from its group's batched rebuild
+        if weight is None and takes_batched(self, name, x):  # from scratch: W from its group's batched rebuild
             y = batched_linear(self, name, x)
             if y is not None:
                 return y if bias is None else y + bias.to(x.dtype)

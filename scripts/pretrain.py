@@ -92,9 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compute",
         choices=COMPUTE_CHOICES,
-        help="how SLTrain's layers compute (sltrain only; default: auto): auto picks dense or factored per call; "
-        "batched rebuilds like-shaped layers' weights in batched GEMMs, in forward and again in backward, for GPUs "
-        "(faster where steps are bound by kernel launches: docs/compute_paths.md)",
+        help="how SLTrain's layers compute (sltrain only; default: auto): auto takes batched for training on a GPU "
+        "(not under FSDP) and otherwise picks dense or factored per call; batched rebuilds like-shaped layers' "
+        "weights in batched GEMMs, in forward and again in backward, for GPUs (faster where steps are bound by "
+        "kernel launches: docs/compute_paths.md)",
     )
     p.add_argument(
         "--method-arg",

@@ -1118,3 +1118,97 @@ def test_backwards_of_one_kept_graph_in_several_threads():
     for thread in threads:
         thread.join()
     assert wrong == []
+
+
+# `compute="auto"` takes the batched rebuild on the devices of `AUTO_DEVICE_TYPES` (CUDA); here CPU stands in for it.
+
+
+def auto_model(blocks: int = 2, **settings):
+    settings = dict(r=4, sparsity=0.1, alpha=8, from_scratch=True, compute="auto") | settings
+    model = get_peft_model(tiny_llama(num_hidden_layers=blocks), SLTrainConfig(**settings)).double()
+    perturb_trainable(model)
+    return model.train()
+
+
+def test_auto_batches_on_the_auto_devices_alone(input_ids, monkeypatch):
+    """On CPU auto keeps its per-call choice; on a device of `AUTO_DEVICE_TYPES` it computes exactly as batched."""
+    assert batched_module.AUTO_DEVICE_TYPES == ("cuda",)
+    auto = auto_model()
+    explicit = copy.deepcopy(auto)
+    explicit.set_compute("batched")
+    dense = copy.deepcopy(auto)
+    dense.set_compute("dense")
+    loss(auto, input_ids).backward()
+    assert not groups(auto) and not any("_sltrain_took" in m.__dict__ for m in layers(auto))
+    auto.zero_grad()
+
+    monkeypatch.setattr(batched_module, "AUTO_DEVICE_TYPES", ("cpu",))
+    for model in (auto, explicit, dense):
+        loss(model, input_ids).backward()
+    assert len(groups(auto)) == 4
+    for (name, a), (_, b) in zip(trainable_grads(auto).items(), trainable_grads(explicit).items()):
+        assert torch.equal(a, b), name  # the same ops
+    assert_same_grads(dense, auto)
+
+
+def test_auto_keeps_its_per_call_choice_where_batched_does_not_apply(input_ids, monkeypatch):
+    """Without grad, for fine-tuning layers (a frozen `W0`) and for a layer called outside its model, auto on a
+    batching device computes as before; batched layers called alone build their own weight, as `"batched"`'s do."""
+    monkeypatch.setattr(batched_module, "AUTO_DEVICE_TYPES", ("cpu",))
+    model = auto_model()
+    with torch.no_grad():
+        loss(model, input_ids)
+    assert not groups(model)
+
+    tuned = auto_model(from_scratch=False, target_modules=["q_proj", "down_proj"])
+    reference = copy.deepcopy(tuned)
+    reference.set_compute("dense")
+    for m in (tuned, reference):
+        loss(m, input_ids).backward()
+    assert not groups(tuned)
+    assert_same_grads(reference, tuned)
+
+
+@pytest.mark.parametrize("marker", ["_fsdp_flattened", "ds_id"])
+def test_auto_does_not_batch_a_sharded_model(input_ids, monkeypatch, marker):
+    """FSDP's flattened parameters and DeepSpeed ZeRO-3's partitioned ones (marked so) keep auto to its per-call
+    choice, also in a checkpoint's recompute after batched passes (which must take the forward's path)."""
+    monkeypatch.setattr(batched_module, "AUTO_DEVICE_TYPES", ("cpu",))
+    model = auto_model()
+    dense = copy.deepcopy(model)
+    dense.set_compute("dense")
+    loss(model, input_ids).backward()
+    assert len(groups(model)) == 4
+    model.zero_grad()
+    setattr(model.base_model.model.lm_head.weight, marker, True if marker == "_fsdp_flattened" else 7)
+    model.base_model.model.gradient_checkpointing_enable({"use_reentrant": False})
+    dense.base_model.model.gradient_checkpointing_enable({"use_reentrant": False})
+    for m in (model, dense):
+        loss(m, input_ids).backward()
+    assert not groups(model) and not any("_sltrain_took" in m.__dict__ for m in layers(model))
+    assert_same_grads(dense, model)
+
+
+def test_auto_under_fsdp2_keeps_to_its_per_call_choice(input_ids, monkeypatch, tmp_path):
+    """`fully_shard` (FSDP2, here on one CPU process) swaps whole parameters in for each block's forward, which the
+    layers cannot tell from unsharded ones: the model's FSDP modules keep auto off the batched rebuild."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    monkeypatch.setattr(batched_module, "AUTO_DEVICE_TYPES", ("cpu",))
+    model = auto_model()
+    dense = copy.deepcopy(model)
+    dense.set_compute("dense")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        for block in model.base_model.model.model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        for m in (model, dense):
+            loss(m, input_ids).backward()
+        assert not groups(model)
+        for name, g in trainable_grads(dense).items():
+            got = trainable_grads(model)[name]
+            torch.testing.assert_close(got.full_tensor(), g, rtol=1e-10, atol=1e-12, msg=name)
+    finally:
+        dist.destroy_process_group()

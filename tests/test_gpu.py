@@ -85,14 +85,16 @@ def test_model_built_under_the_cuda_default_device_draws_the_cpu_support():
         assert support.device.type == "cuda" and torch.equal(support.cpu(), cpu_supports[name]), name
 
 
+@pytest.mark.parametrize("compute", ["batched", "auto"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_batched_matches_the_dense_path_on_cuda(input_ids, dtype):
-    """`compute="batched"` on CUDA (fp32, and bf16 autocast as GPU training runs) against the dense path."""
+def test_batched_matches_the_dense_path_on_cuda(input_ids, dtype, compute):
+    """`compute="batched"` on CUDA (fp32, and bf16 autocast as GPU training runs) against the dense path; `"auto"`
+    takes it there."""
     dense = get_peft_model(tiny_llama(num_hidden_layers=3), SLTrainConfig(r=4, sparsity=0.05, from_scratch=True))
     dense.set_compute("dense")
     perturb_trainable(dense)
     batched = copy.deepcopy(dense)
-    batched.set_compute("batched")
+    batched.set_compute(compute)
     ids = input_ids.cuda()
     results = []
     for model in (dense.cuda().train(), batched.cuda().train()):
