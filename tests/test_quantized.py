@@ -62,14 +62,16 @@ def delta_tensors(layer: SLTrainLayer) -> dict:
 
 
 @pytest.mark.parametrize("quantization", QUANTIZATIONS)
-@pytest.mark.parametrize("compute", ["dense", "factored"])
+@pytest.mark.parametrize("compute", ["dense", "factored", "batched"])
 def test_output_and_gradients_match_base_plus_a_dense_delta(quantization, compute):
+    """(`"batched"` is for from-scratch layers: a quantized base's delta takes the dense path.)"""
     model, layer = adapted(quantization, compute=compute)
     assert layer.quantization == quantization and layer.sltrain_A["default"].dtype == torch.float32
     assert type(layer.get_base_layer().weight).__name__ in ("Params4bit", "Int8Params")  # W0 stays quantized
     x = torch.randn(2, 5, 64, requires_grad=True)
     y = model(x)
     grads = torch.autograd.grad(y.square().sum(), [x, *(p for p in model.parameters() if p.requires_grad)])
+    assert "_sltrain_took" not in layer.__dict__  # (set by the batched rebuild's calls)
 
     x_ref = x.detach().clone().requires_grad_(True)
     params = [p.detach().clone().requires_grad_(True) for p in model.parameters() if p.requires_grad]
