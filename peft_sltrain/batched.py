@@ -1,4 +1,5 @@
-"""`compute="batched"`: the dense weights of like-shaped from-scratch layers rebuilt in groups, one batched GEMM each.
+"""`compute="batched"` (and `"auto"` for training on a GPU): the dense weights of like-shaped from-scratch layers
+rebuilt in groups, one batched GEMM each.
 
 On a GPU, SLTrain's layer calls at the 60M shape are bound by the CPU's work per op, not by arithmetic
 (docs/compute_paths.md, "On a GPU"): the dense path launches about 16 kernels per layer forward + backward (casts of

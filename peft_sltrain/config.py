@@ -101,7 +101,9 @@ class SLTrainConfig(PeftConfig):
             backward: fewer kernel launches, which bound 60M steps (and smaller micro-batches at 350M) on a GPU, and no
             weight kept from forward to backward; layers fall back to the dense path without grad and with a frozen
             `W0`, and build their own weight where the model's forward is not the caller (see `peft_sltrain.batched`).
-            Never chosen by `"auto"`.
+            `"auto"` takes it for from-scratch layers trained on a GPU (faster than the dense path and peaking no
+            higher in every GPU step measured), except in a sharded model (FSDP, DeepSpeed ZeRO-3); for a second
+            derivative for the factors there (gradient penalties on the parameters), set `"dense"`.
     """
 
     r: int = field(
@@ -180,9 +182,10 @@ class SLTrainConfig(PeftConfig):
         metadata={
             "help": (
                 "'dense' rebuilds the dense weight, 'factored' never forms it (low-rank products plus sparse "
-                "kernels), 'auto' picks the cheaper per call from tokens, shapes, rank, sparsity, device and dtype; "
-                "'batched' (from scratch, for GPUs) rebuilds like-shaped layers' weights in groups, one batched GEMM "
-                "per group in forward and again in backward."
+                "kernels), 'auto' picks the cheaper per call from tokens, shapes, rank, sparsity, device and dtype "
+                "(and 'batched' for from-scratch training on a GPU, not under FSDP or ZeRO-3); 'batched' (from "
+                "scratch, for GPUs) rebuilds like-shaped layers' weights in groups, one batched GEMM per group in "
+                "forward and again in backward."
             )
         },
     )
