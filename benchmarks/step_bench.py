@@ -110,7 +110,7 @@ def measure(
     seconds = statistics.median(timed() for _ in range(steps))
     dtype = autocast_dtype or torch.float32
     paths = sorted(
-        "batched" if batched.takes_batched(layer, "default", torch.empty(0, device=device)) else
+        "batched" if not compile and batched.takes_batched(layer, "default", torch.empty(0, device=device)) else
         cost.choose_path(layer.compute["default"], batch * seq_len, layer.in_features, layer.out_features,
                          layer.r["default"], layer.sltrain_values["default"].numel(), device, dtype, False)
         for layer in model.modules() if isinstance(layer, peft_sltrain.SLTrainLayer)

@@ -76,7 +76,8 @@ class BatchedRebuilds:
         self._opener = None  # the frame that opened the pass
         self.generation = 0  # the pass
         self.built: dict[tuple, int] = {}  # (adapter name, dtype) -> the pass whose groups were made
-        self._sharded: tuple[int, bool] = (-1, False)  # (the pass, whether the model was sharded then)
+        self._sharded: tuple[int, bool] = (-1, False)  # (the pass, whether its model was sharded: `sharded`)
+        self._walked: tuple[weakref.ref | None, bool] = (None, False)  # (the factor asking, FSDP2 modules found)
         self.current: list[_Group] = []  # the groups this pass made, whose weights its end drops
 
     def __deepcopy__(self, memo):
@@ -124,13 +125,27 @@ class BatchedRebuilds:
             self._listed = self.generation
         return [m for m in (ref() for ref in self._layers) if m is not None]
 
-    def sharded(self) -> bool:
-        """Whether the model's parameters are sharded by FSDP (either version) or DeepSpeed ZeRO-3, looked up once per
-        pass: `compute="auto"` then keeps to its per-call choice (the batched rebuild is not made for sharding)."""
-        if self._sharded[0] != self.generation:
-            model = None if self._model is None else self._model()
-            self._sharded = (self.generation, model is not None and _sharded(model))
-        return self._sharded[1]
+    def sharded(self, layer, name: str) -> bool:
+        """Whether `layer`'s parameters are sharded (FSDP, either version; DTensors, as tensor parallelism makes;
+        DeepSpeed ZeRO-3): `compute="auto"` then keeps to its per-call choice (the batched rebuild is not made for
+        sharding). Answered once per pass, at its first question, by the asking layer's factor `A`: FSDP1 and
+        DTensors show in it (FSDP1 swaps plain-tensor views in for the forward), ZeRO-3 by its `ds_id`; FSDP2, which
+        swaps whole `Parameter`s in for each block's forward, only by its modules' classes, for which the model is
+        walked (about 0.2 ms at 60M on this CPU) unless `A` is the factor the last walk was made for (wrapping swaps
+        it)."""
+        generation, answer = self._sharded
+        if generation == self.generation:
+            return answer
+        A = layer.sltrain_A[name]
+        answer = type(A) is not nn.Parameter or hasattr(A, "ds_id")
+        if not answer:
+            walked_for, found = self._walked
+            if walked_for is None or walked_for() is not A:
+                model = None if self._model is None else self._model()
+                self._walked = walked_for, found = weakref.ref(A), model is not None and _has_fsdp_modules(model)
+            answer = found
+        self._sharded = (self.generation, answer)
+        return answer
 
     def make_groups(self, layer, name: str, dtype: torch.dtype) -> tuple | None:
         """Group, for this pass, adapter `name`'s batched layers in `dtype` (each group rebuilt at its first member's
@@ -145,9 +160,13 @@ class BatchedRebuilds:
         if not any(m is layer for m in listed):  # not this model's: rebuild nothing
             return None
         kinds: dict[tuple, list] = {}  # key -> [(member, its factors)]
-        sharded = self.sharded()
+        # whether auto members batch in this pass: an auto caller found the model unsharded already, a batched one
+        # asks for them (where there are any)
+        auto = layer.compute.get(name) == "auto" or (
+            any(m.compute.get(name) == "auto" for m in listed) and not self.sharded(layer, name)
+        )
         for m in listed:
-            if _eligible(m, name, sharded):
+            if _eligible(m, name, auto):
                 factors = _factors(m, name)
                 if _whole(m, name, factors):
                     kinds.setdefault(_key(m, name, *factors), []).append((m, factors))
@@ -234,33 +253,40 @@ def _key(layer, name: str, A: torch.Tensor, B: torch.Tensor, values: torch.Tenso
             values.dtype, A.device, B.device, values.device, layer.sltrain_indices[name].device)  # fmt: skip
 
 
-def _sharded(model: nn.Module) -> bool:
+def _fsdp_module_types() -> tuple[type, ...]:
     try:
-        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+        from torch.distributed.fsdp import FullyShardedDataParallel
     except ImportError:  # a PyTorch built without torch.distributed
-        return False
-    if any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules()):  # FSDP2; FSDP inside
-        return True
-    # FSDP's flattened parameters (wrapped from outside the model), DeepSpeed ZeRO-3's partitioned ones
-    return any(getattr(p, "_fsdp_flattened", False) or hasattr(p, "ds_id") for p in model.parameters())
+        return ()
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import FSDPModule
+    return FSDPModule, FullyShardedDataParallel
+
+
+def _has_fsdp_modules(model: nn.Module) -> bool:
+    types = _fsdp_module_types()
+    return bool(types) and any(isinstance(m, types) for m in model.modules())
 
 
 def takes_batched(layer, name: str, x: torch.Tensor) -> bool:
     """Whether adapter `name` of `layer`, from scratch, asks `batched_linear` for `x W^T`: `compute="batched"`, or
     `"auto"` on a device of `AUTO_DEVICE_TYPES` (which may still answer None: the per-call choice)."""
     compute = layer.compute[name]
-    return layer.from_scratch[name] and (
-        compute == "batched" or (compute == "auto" and x.device.type in AUTO_DEVICE_TYPES)
-    )
+    if compute == "batched":
+        return layer.from_scratch[name]
+    return compute == "auto" and layer.from_scratch[name] and x.device.type in AUTO_DEVICE_TYPES
 
 
-def _eligible(layer, name: str, sharded: bool) -> bool:
-    """Whether `layer` computes adapter `name` alone, batched, as `Linear.forward` would in this model's pass."""
+def _eligible(layer, name: str, auto: bool) -> bool:
+    """Whether `layer` computes adapter `name` alone, batched, as `Linear.forward` would in this model's pass (`auto`:
+    whether `compute="auto"` batches in it)."""
     compute = layer.compute.get(name)
     return (
         (
             compute == "batched"
-            or (compute == "auto" and not sharded and layer.sltrain_A[name].device.type in AUTO_DEVICE_TYPES)
+            or (compute == "auto" and auto and layer.sltrain_A[name].device.type in AUTO_DEVICE_TYPES)
         )
         and not layer.merged_adapters
         and not layer._disable_adapters
@@ -277,16 +303,16 @@ def batched_linear(layer, name: str, x: torch.Tensor) -> torch.Tensor | None:
     rebuilds = layer.__dict__.get("_sltrain_rebuilds")
     if rebuilds is None or not torch.is_grad_enabled() or torch.compiler.is_compiling() or exporting():
         return None
-    if layer.compute[name] == "auto" and rebuilds.sharded():  # auto's per-call choice, in forward and recompute alike
-        layer.__dict__.pop("_sltrain_took", None)
-        return None
     if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
         return None  # torch.func transforms and forward-mode AD need plain ops (`functional._plain_sltrain_linear`)
     if torch._C._current_graph_task_id() != -1:
         # in backward: activation checkpointing recomputing the layer. A forward with grad saved x alone, as its own
         # weight's product does (non-reentrant checkpointing compares). A layer that never ran with grad (reentrant
-        # checkpointing: its forwards ran without) keeps the dense path
+        # checkpointing: its forwards ran without), or last ran with grad on auto's per-call choice, keeps that path
         return _own_linear(layer, name, x) if "_sltrain_took" in layer.__dict__ else None
+    if layer.compute[name] == "auto" and rebuilds.sharded(layer, name):  # auto's per-call choice (and its recompute's)
+        layer.__dict__.pop("_sltrain_took", None)
+        return None
     layer.__dict__["_sltrain_took"] = True
     if rebuilds.depth == 0:  # outside a pass: its own weight
         return _own_linear(layer, name, x)

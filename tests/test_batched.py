@@ -1169,10 +1169,15 @@ def test_auto_keeps_its_per_call_choice_where_batched_does_not_apply(input_ids, 
     assert_same_grads(reference, tuned)
 
 
-@pytest.mark.parametrize("marker", ["_fsdp_flattened", "ds_id"])
-def test_auto_does_not_batch_a_sharded_model(input_ids, monkeypatch, marker):
-    """FSDP's flattened parameters and DeepSpeed ZeRO-3's partitioned ones (marked so) keep auto to its per-call
-    choice, also in a checkpoint's recompute after batched passes (which must take the forward's path)."""
+def mark_as_zero3(model) -> None:
+    """Mark every parameter as DeepSpeed ZeRO-3 does (its partitioned parameters carry a `ds_id`)."""
+    for i, p in enumerate(model.parameters()):
+        p.ds_id = i
+
+
+def test_auto_does_not_batch_a_zero3_model(input_ids, monkeypatch):
+    """DeepSpeed ZeRO-3's parameters keep auto to its per-call choice, also in a checkpoint's recompute after batched
+    passes (which must take the forward's path); explicitly batched layers of the same model still batch."""
     monkeypatch.setattr(batched_module, "AUTO_DEVICE_TYPES", ("cpu",))
     model = auto_model()
     dense = copy.deepcopy(model)
@@ -1180,35 +1185,106 @@ def test_auto_does_not_batch_a_sharded_model(input_ids, monkeypatch, marker):
     loss(model, input_ids).backward()
     assert len(groups(model)) == 4
     model.zero_grad()
-    setattr(model.base_model.model.lm_head.weight, marker, True if marker == "_fsdp_flattened" else 7)
-    model.base_model.model.gradient_checkpointing_enable({"use_reentrant": False})
-    dense.base_model.model.gradient_checkpointing_enable({"use_reentrant": False})
+    mark_as_zero3(model)
+    explicit = [m for m in layers(model) if m.in_features != m.out_features]  # the MLPs and k/v
+    for m in explicit:
+        m.compute["default"] = "batched"
     for m in (model, dense):
+        m.base_model.model.gradient_checkpointing_enable({"use_reentrant": False})
         loss(m, input_ids).backward()
-    assert not groups(model) and not any("_sltrain_took" in m.__dict__ for m in layers(model))
+    assert len(groups(model)) == 3  # k/v, gate/up, down: q/o, auto, joined none
+    assert {m for m in layers(model) if "_sltrain_took" in m.__dict__} == set(explicit)
     assert_same_grads(dense, model)
 
 
-def test_auto_under_fsdp2_keeps_to_its_per_call_choice(input_ids, monkeypatch, tmp_path):
-    """`fully_shard` (FSDP2, here on one CPU process) swaps whole parameters in for each block's forward, which the
-    layers cannot tell from unsharded ones: the model's FSDP modules keep auto off the batched rebuild."""
+def test_a_recompute_follows_its_forward_when_the_model_is_sharded_in_between(input_ids, monkeypatch):
+    """The recompute takes the path its forward took, without asking again whether the model is sharded."""
+    monkeypatch.setattr(batched_module, "AUTO_DEVICE_TYPES", ("cpu",))
+    model = auto_model()
+    dense = copy.deepcopy(model)
+    dense.set_compute("dense")
+    for m in (model, dense):
+        m.base_model.model.gradient_checkpointing_enable({"use_reentrant": False})
+    value = loss(model, input_ids)
+    assert len(groups(model)) == 4
+    mark_as_zero3(model)
+    model.base_model._sltrain_rebuilds._sharded = (-1, False)  # the pass's answer forgotten: asked again, it changes
+    value.backward()
+    loss(dense, input_ids).backward()
+    assert_same_grads(dense, model)
+
+
+def test_auto_members_join_groups_on_the_auto_devices_alone(monkeypatch):
+    _, model = pair()
+    model.set_compute("auto")
+    layer = layers(model)[0]
+    assert not batched_module._eligible(layer, "default", auto=True)
+    monkeypatch.setattr(batched_module, "AUTO_DEVICE_TYPES", ("cpu",))
+    assert batched_module._eligible(layer, "default", auto=True)
+    assert not batched_module._eligible(layer, "default", auto=False)
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    "wrap", ["blocks", "outside", "outside-orig-params"], ids=["blocks", "outside", "outside-orig-params"]
+)
+def test_auto_under_fsdp1_keeps_to_its_per_call_choice(input_ids, monkeypatch, one_process_group, wrap):
+    """FSDP1 on one CPU process: its wrapped blocks inside the model, or the model wrapped from outside, whose
+    parameters turn into plain-tensor views in forward (`use_orig_params` either way)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     monkeypatch.setattr(batched_module, "AUTO_DEVICE_TYPES", ("cpu",))
     model = auto_model()
     dense = copy.deepcopy(model)
     dense.set_compute("dense")
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
-    try:
-        for block in model.base_model.model.model.layers:
-            fully_shard(block)
-        fully_shard(model)
-        for m in (model, dense):
-            loss(m, input_ids).backward()
-        assert not groups(model)
-        for name, g in trainable_grads(dense).items():
-            got = trainable_grads(model)[name]
-            torch.testing.assert_close(got.full_tensor(), g, rtol=1e-10, atol=1e-12, msg=name)
-    finally:
-        dist.destroy_process_group()
+    policy = ModuleWrapPolicy({LlamaDecoderLayer}) if wrap == "blocks" else None
+    wrapped = FSDP(model, device_id=torch.device("cpu"), auto_wrap_policy=policy, use_orig_params=wrap != "outside")
+    got, want = loss(wrapped, input_ids), loss(dense, input_ids)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    assert not groups(model) and not any("_sltrain_took" in m.__dict__ for m in layers(model))
+    if wrap != "outside":  # (the original parameters, and their gradients, are there to compare)
+        with FSDP.summon_full_params(wrapped, with_grads=True):
+            grads = {n.replace("_fsdp_wrapped_module.", ""): g for n, g in trainable_grads(model).items()}
+            for name, g in trainable_grads(dense).items():
+                torch.testing.assert_close(grads[name], g, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("fsdp_module_hidden", [False, True], ids=["", "FSDPModule-from-composable"])
+def test_auto_under_fsdp2_keeps_to_its_per_call_choice(input_ids, monkeypatch, one_process_group, fsdp_module_hidden):
+    """`fully_shard` (FSDP2, here on one CPU process) swaps whole parameters in for each block's forward, which the
+    layers cannot tell from unsharded ones: the model's FSDP modules keep auto off the batched rebuild. Before torch
+    2.6 `FSDPModule` was importable from `torch.distributed._composable.fsdp` alone."""
+    import torch.distributed.fsdp
+    from torch.distributed.fsdp import fully_shard
+
+    monkeypatch.setattr(batched_module, "AUTO_DEVICE_TYPES", ("cpu",))
+    if fsdp_module_hidden:
+        monkeypatch.delattr(torch.distributed.fsdp, "FSDPModule")
+    model = auto_model()
+    loss(model, input_ids).backward()  # a batched pass before the model is sharded
+    assert len(groups(model)) == 4
+    model.zero_grad()
+    dense = copy.deepcopy(model)
+    dense.set_compute("dense")
+    for block in model.base_model.model.model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    for m in (model, dense):
+        loss(m, input_ids).backward()
+    assert not any(group.generation == model.base_model._sltrain_rebuilds.generation for group in map(
+        lambda m: m._sltrain_slot[("default", torch.float64)][0], layers(model)))  # fmt: skip
+    for name, g in trainable_grads(dense).items():
+        got = trainable_grads(model)[name]
+        torch.testing.assert_close(got.full_tensor(), g, rtol=1e-10, atol=1e-12, msg=name)
