@@ -160,13 +160,8 @@ class BatchedRebuilds:
         if not any(m is layer for m in listed):  # not this model's: rebuild nothing
             return None
         kinds: dict[tuple, list] = {}  # key -> [(member, its factors)]
-        # whether auto members batch in this pass: an auto caller found the model unsharded already, a batched one
-        # asks for them (where there are any)
-        auto = layer.compute.get(name) == "auto" or (
-            any(m.compute.get(name) == "auto" for m in listed) and not self.sharded(layer, name)
-        )
-        for m in listed:
-            if _eligible(m, name, auto):
+        for m in listed:  # (the caller found the model unsharded: `batched_linear`)
+            if _eligible(m, name):
                 factors = _factors(m, name)
                 if _whole(m, name, factors):
                     kinds.setdefault(_key(m, name, *factors), []).append((m, factors))
@@ -279,15 +274,12 @@ def takes_batched(layer, name: str, x: torch.Tensor) -> bool:
     return compute == "auto" and layer.from_scratch[name] and x.device.type in AUTO_DEVICE_TYPES
 
 
-def _eligible(layer, name: str, auto: bool) -> bool:
-    """Whether `layer` computes adapter `name` alone, batched, as `Linear.forward` would in this model's pass (`auto`:
-    whether `compute="auto"` batches in it)."""
+def _eligible(layer, name: str) -> bool:
+    """Whether `layer` computes adapter `name` alone, batched, as `Linear.forward` would in this model's pass (an
+    unsharded one)."""
     compute = layer.compute.get(name)
     return (
-        (
-            compute == "batched"
-            or (compute == "auto" and auto and layer.sltrain_A[name].device.type in AUTO_DEVICE_TYPES)
-        )
+        (compute == "batched" or (compute == "auto" and layer.sltrain_A[name].device.type in AUTO_DEVICE_TYPES))
         and not layer.merged_adapters
         and not layer._disable_adapters
         and not layer.quantization
@@ -310,8 +302,14 @@ def batched_linear(layer, name: str, x: torch.Tensor) -> torch.Tensor | None:
         # weight's product does (non-reentrant checkpointing compares). A layer that never ran with grad (reentrant
         # checkpointing: its forwards ran without), or last ran with grad on auto's per-call choice, keeps that path
         return _own_linear(layer, name, x) if "_sltrain_took" in layer.__dict__ else None
-    if layer.compute[name] == "auto" and rebuilds.sharded(layer, name):  # auto's per-call choice (and its recompute's)
-        layer.__dict__.pop("_sltrain_took", None)
+    if rebuilds.sharded(layer, name):
+        if layer.compute[name] == "batched":
+            raise ValueError(
+                f"Adapter {name!r} has compute='batched', which rebuilds like-shaped layers' weights together, and "
+                "this model's parameters are sharded (FSDP, DTensors or DeepSpeed ZeRO-3); use compute='auto', which "
+                "keeps its per-call choice there (`model.set_compute('auto')`), or 'dense'."
+            )
+        layer.__dict__.pop("_sltrain_took", None)  # auto's per-call choice (and its recompute's)
         return None
     layer.__dict__["_sltrain_took"] = True
     if rebuilds.depth == 0:  # outside a pass: its own weight

@@ -100,10 +100,11 @@ class SLTrainConfig(PeftConfig):
             like-shaped layers' weights in groups of up to 32 MiB, one batched GEMM per group in forward and again in
             backward: fewer kernel launches, which bound 60M steps (and smaller micro-batches at 350M) on a GPU, and no
             weight kept from forward to backward; layers fall back to the dense path without grad and with a frozen
-            `W0`, and build their own weight where the model's forward is not the caller (see `peft_sltrain.batched`).
-            `"auto"` takes it for from-scratch layers trained on a GPU (faster than the dense path and peaking no
-            higher in every GPU step measured), except in a sharded model (FSDP, DTensors, ZeRO-3); for a second
-            derivative for the factors there (gradient penalties on the parameters), set `"dense"`.
+            `W0`, and build their own weight where the model's forward is not the caller (see `peft_sltrain.batched`);
+            it is refused in a sharded model (FSDP, DTensors, ZeRO-3). `"auto"` takes it for from-scratch layers
+            trained on a GPU (faster than the dense path and peaking no higher in every GPU step measured), except in a
+            sharded model; for a second derivative for the factors there (gradient penalties on the parameters), set
+            `"dense"`.
     """
 
     r: int = field(

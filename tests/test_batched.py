@@ -1177,7 +1177,7 @@ def mark_as_zero3(model) -> None:
 
 def test_auto_does_not_batch_a_zero3_model(input_ids, monkeypatch):
     """DeepSpeed ZeRO-3's parameters keep auto to its per-call choice, also in a checkpoint's recompute after batched
-    passes (which must take the forward's path); explicitly batched layers of the same model still batch."""
+    passes (which must take the forward's path)."""
     monkeypatch.setattr(batched_module, "AUTO_DEVICE_TYPES", ("cpu",))
     model = auto_model()
     dense = copy.deepcopy(model)
@@ -1186,15 +1186,18 @@ def test_auto_does_not_batch_a_zero3_model(input_ids, monkeypatch):
     assert len(groups(model)) == 4
     model.zero_grad()
     mark_as_zero3(model)
-    explicit = [m for m in layers(model) if m.in_features != m.out_features]  # the MLPs and k/v
-    for m in explicit:
-        m.compute["default"] = "batched"
     for m in (model, dense):
         m.base_model.model.gradient_checkpointing_enable({"use_reentrant": False})
         loss(m, input_ids).backward()
-    assert len(groups(model)) == 3  # k/v, gate/up, down: q/o, auto, joined none
-    assert {m for m in layers(model) if "_sltrain_took" in m.__dict__} == set(explicit)
+    assert not groups(model) and not any("_sltrain_took" in m.__dict__ for m in layers(model))
     assert_same_grads(dense, model)
+
+
+def test_batched_in_a_sharded_model_is_refused(input_ids):
+    _, model = pair()
+    mark_as_zero3(model)
+    with pytest.raises(ValueError, match=r"Adapter 'default' has compute='batched'.*sharded.*set_compute\('auto'\)"):
+        loss(model, input_ids)
 
 
 def test_a_recompute_follows_its_forward_when_the_model_is_sharded_in_between(input_ids, monkeypatch):
@@ -1218,10 +1221,9 @@ def test_auto_members_join_groups_on_the_auto_devices_alone(monkeypatch):
     _, model = pair()
     model.set_compute("auto")
     layer = layers(model)[0]
-    assert not batched_module._eligible(layer, "default", auto=True)
+    assert not batched_module._eligible(layer, "default")
     monkeypatch.setattr(batched_module, "AUTO_DEVICE_TYPES", ("cpu",))
-    assert batched_module._eligible(layer, "default", auto=True)
-    assert not batched_module._eligible(layer, "default", auto=False)
+    assert batched_module._eligible(layer, "default")
 
 
 @pytest.fixture
@@ -1236,7 +1238,9 @@ def one_process_group(tmp_path):
 @pytest.mark.parametrize(
     "wrap", ["blocks", "outside", "outside-orig-params"], ids=["blocks", "outside", "outside-orig-params"]
 )
-def test_auto_under_fsdp1_keeps_to_its_per_call_choice(input_ids, monkeypatch, one_process_group, wrap):
+def test_auto_under_fsdp1_keeps_to_its_per_call_choice_and_batched_is_refused(
+    input_ids, monkeypatch, one_process_group, wrap
+):
     """FSDP1 on one CPU process: its wrapped blocks inside the model, or the model wrapped from outside, whose
     parameters turn into plain-tensor views in forward (`use_orig_params` either way)."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -1259,10 +1263,15 @@ def test_auto_under_fsdp1_keeps_to_its_per_call_choice(input_ids, monkeypatch, o
             grads = {n.replace("_fsdp_wrapped_module.", ""): g for n, g in trainable_grads(model).items()}
             for name, g in trainable_grads(dense).items():
                 torch.testing.assert_close(grads[name], g, rtol=1e-10, atol=1e-12, msg=name)
+    model.set_compute("batched")
+    with pytest.raises(ValueError, match="compute='batched'.*sharded"):
+        loss(wrapped, input_ids)
 
 
 @pytest.mark.parametrize("fsdp_module_hidden", [False, True], ids=["", "FSDPModule-from-composable"])
-def test_auto_under_fsdp2_keeps_to_its_per_call_choice(input_ids, monkeypatch, one_process_group, fsdp_module_hidden):
+def test_auto_under_fsdp2_keeps_to_its_per_call_choice_and_batched_is_refused(
+    input_ids, monkeypatch, one_process_group, fsdp_module_hidden
+):
     """`fully_shard` (FSDP2, here on one CPU process) swaps whole parameters in for each block's forward, which the
     layers cannot tell from unsharded ones: the model's FSDP modules keep auto off the batched rebuild. Before torch
     2.6 `FSDPModule` was importable from `torch.distributed._composable.fsdp` alone."""
@@ -1288,3 +1297,6 @@ def test_auto_under_fsdp2_keeps_to_its_per_call_choice(input_ids, monkeypatch, o
     for name, g in trainable_grads(dense).items():
         got = trainable_grads(model)[name]
         torch.testing.assert_close(got.full_tensor(), g, rtol=1e-10, atol=1e-12, msg=name)
+    model.set_compute("batched")
+    with pytest.raises(ValueError, match="compute='batched'.*sharded"):
+        loss(model, input_ids)
