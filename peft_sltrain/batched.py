@@ -128,16 +128,15 @@ class BatchedRebuilds:
     def sharded(self, layer, name: str) -> bool:
         """Whether `layer`'s parameters are sharded (FSDP, either version; DTensors, as tensor parallelism makes;
         DeepSpeed ZeRO-3): `compute="auto"` then keeps to its per-call choice (the batched rebuild is not made for
-        sharding). Answered once per pass, at its first question, by the asking layer's factor `A`: FSDP1 and
-        DTensors show in it (FSDP1 swaps plain-tensor views in for the forward), ZeRO-3 by its `ds_id`; FSDP2, which
-        swaps whole `Parameter`s in for each block's forward, only by its modules' classes, for which the model is
-        walked (about 0.2 ms at 60M on this CPU) unless `A` is the factor the last walk was made for (wrapping swaps
-        it)."""
+        sharding). Answered once per pass, at its first question, by the asking layer's factor `A`
+        (`_sharded_factor`), or else, for FSDP2, which swaps whole `Parameter`s in for each block's forward, by the
+        model's modules' classes, for which the model is walked (about 0.2 ms at 60M on this CPU) unless `A` is the
+        factor the last walk was made for (wrapping swaps it)."""
         generation, answer = self._sharded
         if generation == self.generation:
             return answer
         A = layer.sltrain_A[name]
-        answer = type(A) is not nn.Parameter or hasattr(A, "ds_id")
+        answer = _sharded_factor(A)
         if not answer:
             walked_for, found = self._walked
             if walked_for is None or walked_for() is not A:
@@ -246,6 +245,16 @@ def _whole(layer, name: str, factors: tuple[torch.Tensor, ...]) -> bool:
 def _key(layer, name: str, A: torch.Tensor, B: torch.Tensor, values: torch.Tensor) -> tuple:
     return (name, tuple(B.shape), tuple(A.shape), values.numel(), layer.scaling[name], A.dtype, B.dtype,
             values.dtype, A.device, B.device, values.device, layer.sltrain_indices[name].device)  # fmt: skip
+
+
+def _sharded_factor(A: torch.Tensor) -> bool:
+    """Whether `A` is DeepSpeed ZeRO-3's (a `ds_id`), a view of FSDP1's flat parameter (swapped in for the forward,
+    whether or not `use_orig_params`), or a DTensor (tensor parallelism; FSDP2 outside its forward)."""
+    return (
+        hasattr(A, "ds_id")
+        or getattr(A._base, "_is_flat_param", False)
+        or any(cls.__name__ == "DTensor" for cls in type(A).__mro__)
+    )
 
 
 def _fsdp_module_types() -> tuple[type, ...]:

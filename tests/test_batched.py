@@ -345,6 +345,25 @@ def test_torch_func_grad_falls_back(input_ids):
         torch.testing.assert_close(result[1][name], g, rtol=1e-10, atol=1e-12)
 
 
+def test_functional_call_with_plain_tensors_is_not_taken_for_sharding(input_ids):
+    """`torch.func.functional_call` outside a transform swaps plain tensors in for the parameters (here views of one
+    flat vector, as a hypernetwork's): not FSDP1's views, so batched still batches, as the dense path computes."""
+    dense, batched = pair()
+    results = []
+    for model in (dense, batched):
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        flat = torch.cat([p.detach().reshape(-1) for _, p in named]).requires_grad_(True)
+        params, start = {}, 0
+        for n, p in named:
+            params[n] = flat[start : start + p.numel()].view_as(p)
+            start += p.numel()
+        value = torch.func.functional_call(model, params, (), {"input_ids": input_ids, "labels": input_ids}).loss
+        value.backward()
+        results.append(flat.grad)
+    assert len(groups(batched)) == 4
+    torch.testing.assert_close(results[1], results[0], rtol=1e-10, atol=1e-12)
+
+
 def test_torch_compile_falls_back(input_ids, monkeypatch):
     calls = count_rebuilds(monkeypatch)
     dense, batched = pair()
