@@ -141,7 +141,8 @@ class BatchedRebuilds:
             walked_for, found = self._walked
             if walked_for is None or walked_for() is not A:
                 model = None if self._model is None else self._model()
-                self._walked = walked_for, found = weakref.ref(A), model is not None and _has_fsdp_modules(model)
+                found = model is not None and _has_fsdp_modules(model)
+                self._walked = (weakref.ref(A), found)
             answer = found
         self._sharded = (self.generation, answer)
         return answer
