@@ -10,6 +10,7 @@ turns a missing token or an unreachable Hub into one clear `HubError`; `upload` 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -69,6 +70,29 @@ def versions() -> dict[str, str]:
 # DistilBERT's `pre_classifier`) stay unquantized: they are trained.
 QUANTIZE = {"4bit": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}, "8bit": {"load_in_8bit": True}}
 UNQUANTIZED_HEADS = ["classifier", "score", "pre_classifier"]
+
+
+def without_folders(value):
+    """`value` (a string, or a list or dict of them) with each absolute local path cut to its file or folder name, for
+    what leaves the machine: a Hub repository shows no folder of the machine that trained (`--flag=PATH` too)."""
+    if isinstance(value, dict):
+        return {k: without_folders(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_folders(v) for v in value]
+    if not isinstance(value, str):
+        return value
+    flag, sep, path = value.partition("=") if value.startswith("--") else ("", "", value)
+    return flag + sep + Path(path).name if os.path.isabs(path) else value
+
+
+def command_without_folders(command: str) -> str:
+    """A shell command line with `without_folders` applied to each of its words."""
+    return shlex.join(without_folders(shlex.split(command)))
+
+
+def public_summary(summary: dict) -> dict:
+    """`run_glue.py`'s summary as it is uploaded (summary.json and the card): local paths without their folders."""
+    return {**without_folders(summary), "command": command_without_folders(summary["command"])}
 
 
 def build_card(summary: dict, peft_config: dict | None, base_model: str, dataset_id: str, repo_id: str | None):

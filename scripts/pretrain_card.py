@@ -8,7 +8,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCardData
 
-from model_card import versions
+from model_card import command_without_folders, versions, without_folders
 
 TITLES = {"sltrain": "SLTrain", "full": "full-rank training", "lowrank": "a low-rank factorisation ((alpha / r) B A)"}
 ABOUT_SLTRAIN = """\
@@ -69,7 +69,11 @@ def build(
     """README.md for `final/`: `summary` and `run_config` are what the run writes as summary.json and
     run_config.json, `adapter` whether `final/` is an SLTrain adapter rather than a plain model, `vocab_size` the
     model's (the tokenizer's; run_config's `model_config` holds the preset's), `resumed` whether `command` resumed
-    the run from a checkpoint, `repo_id` the Hub repository it goes to (its loading code then names it)."""
+    the run from a checkpoint, `repo_id` the Hub repository it goes to (its loading code then names it, and absolute
+    paths in the settings and the command keep their last part alone: `without_folders`)."""
+    if repo_id:
+        run_config = without_folders(run_config)
+        command = command_without_folders(command)
     method, arch = summary["method"], run_config["model_config"]
     name = f"llama-{model_name(summary['model'])}-{method}"
     data = ModelCardData(
@@ -143,15 +147,17 @@ def build(
         "```",
         "",
         (
-            "Finished by this command, resuming from a checkpoint (the settings above held from the start):"
+            "Finished by this command, resuming from a checkpoint (the settings above held from the start)"
             if resumed
-            else "Produced by this command:"
+            else "Produced by this command"
         )
+        + (" (local folders left out)" if repo_id else "")
         + (
             f" (on {summary['processes']} processes: `torchrun` or `accelerate launch`)"
             if summary["processes"] > 1
             else ""
-        ),
+        )
+        + ":",
         "",
         "```bash",
         command,

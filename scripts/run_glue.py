@@ -1039,10 +1039,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---------------------------------------------------------------------------------------------------- export
     out.mkdir(parents=True, exist_ok=True)
+    if hub is not None and peft_config is not None and model_args.base_model_id:
+        for config in model.peft_config.values():  # the uploaded adapter names its base by its Hub id, not a folder
+            config.base_model_name_or_path = model_args.base_model_id
     model.save_pretrained(out)  # SLTrain / LoRA: the adapter and the classifier; full: the whole model
     tokenizer.save_pretrained(out)
+    public = model_card.public_summary if hub is not None else dict  # what leaves the machine: no local folders
     card = model_card.build_card(
-        summary,
+        public(summary),
         peft_config=peft_config.to_dict() if peft_config is not None else None,
         base_model=model_args.base_model_id or card_base_model(model_args.model_name_or_path),
         dataset_id=card_dataset_id(data_args),
@@ -1051,7 +1055,7 @@ def main(argv: list[str] | None = None) -> dict:
     card.save(out / "README.md")
     if model_args.merge_to:
         summary["merged_check"] = export_merged(model, tokenizer, splits[eval_splits[0]], collator, model_args)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.json").write_text(json.dumps(public(summary), indent=2))
     if hub is not None:
         url = model_card.upload(out, hub, private=training_args.hub_private_repo)
         print(f"uploaded the adapter and its model card to {url}")

@@ -515,7 +515,16 @@ def test_push_uploads_the_adapter_and_card(tmp_path, tiny_model, data, monkeypat
     assert list((tmp_path / "out").glob("checkpoint-*")) and not [f for f in uploaded if "checkpoint" in f]
     card = (tmp_path / "out" / "README.md").read_text()
     assert 'PeftModel.from_pretrained(base, "alice/tiny-mrpc")' in card
-    assert "hf_fake" not in card and "hf_fake" not in (tmp_path / "out" / "summary.json").read_text()
+    summary = (tmp_path / "out" / "summary.json").read_text()
+    assert "hf_fake" not in card and "hf_fake" not in summary
+    # no folder of this machine goes public: the model, the data files and --output_dir by their names alone
+    for folder in (tmp_path, Path(tiny_model).parent, Path(data["pair_train"]).parent):
+        for name in uploaded:
+            if name.endswith((".json", ".md", ".txt", ".jinja")):
+                assert str(folder) not in (tmp_path / "out" / name).read_text(), name
+    assert "--output_dir out" in card and "--train_file pair_train.csv" in json.loads(summary)["command"]
+    adapter_config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "FacebookAI/roberta-base"
 
 
 @pytest.mark.parametrize(

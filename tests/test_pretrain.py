@@ -274,6 +274,13 @@ def test_push_to_hub_uploads_final_whose_card_loads_it_by_id(tmp_path, corpus, f
     assert "scripts/pretrain.py run: sltrain" in fake_hub.message
     card = (final / "README.md").read_text()
     assert 'PeftModel.from_pretrained(base, "alice/micro-sltrain")' in card and "path/to/this" not in card
+    # no folder of this machine goes public: the data files, the preset and --out-dir by their names alone
+    for folder in (tmp_path, Path(corpus[0]).parent, ROOT):
+        for name in uploaded:
+            if name.endswith((".json", ".md", ".txt", ".jinja")):
+                assert str(folder) not in (final / name).read_text(), name
+    assert "--model llama_micro.json --out-dir run --train-files train.txt" in card
+    assert '"train_files": [\n    "train.txt"\n  ]' in card and "(local folders left out):" in card
     hub_copy = tmp_path / "hub"
     hub_copy.mkdir()
     for name in uploaded:
@@ -284,6 +291,14 @@ def test_push_to_hub_uploads_final_whose_card_loads_it_by_id(tmp_path, corpus, f
     merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
     ids = torch.randint(0, merged.config.vocab_size, (1, 8))
     torch.testing.assert_close(namespace["model"](ids).logits, merged(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_what_goes_public_names_local_paths_without_their_folders():
+    value = {"files": ["/home/alice/corpus/a.txt", "rel/b.txt"], "n": 3, "tokenizer": "/srv/tok/"}
+    assert model_card.without_folders(value) == {"files": ["a.txt", "rel/b.txt"], "n": 3, "tokenizer": "tok"}
+    args = ["python", "scripts/pretrain.py", "--out-dir=/home/alice/runs/x", "--train-files", "/data/t.txt", "--lr=3"]
+    assert model_card.without_folders(args) == [*args[:2], "--out-dir=x", "--train-files", "t.txt", "--lr=3"]
+    assert model_card.command_without_folders("python x.py --data '/a b/c d.txt'") == "python x.py --data 'c d.txt'"
 
 
 def test_push_to_hub_names_the_repository_after_the_out_dir(tmp_path, corpus, fake_hub):
