@@ -5,9 +5,10 @@
 #     QUICK=1 bash benchmarks/gpu_check.sh    # one round per step run, no 2k-token steps
 #
 # 1. tests/test_gpu.py, its whole output in test_gpu.txt (and its last lines on stdout);
-# 2. training steps (bf16 autocast) of full-rank, SLTrain's dense path and its batched rebuild at 60M and 350M on
-#    32k tokens, and on 2k tokens (where launches bound the step): step_cuda_*_check.json, with the results'
-#    usual fields (benchmarks/step_bench.py). Copy the files worth keeping to benchmarks/results, with a `note`.
+# 2. training steps (bf16 autocast) of full-rank, SLTrain's dense path and its default (`auto`, which takes the batched
+#    rebuild there: `layers_by_path` says so) at 60M and 350M on 32k tokens, and on 2k tokens (where launches bound the
+#    step): step_cuda_*_check.json, with the results' usual fields (benchmarks/step_bench.py). Copy the files worth
+#    keeping to benchmarks/results, with a `note`.
 # The whole took 436 s on an H200 (the ninth run, docs/compute_paths.md): give it a call's limit.
 # A failed part does not stop the rest.
 set -u
@@ -26,7 +27,7 @@ tail -n 4 "$OUT/test_gpu.txt"
 steps() {  # steps SIZE BATCH NAME [step_bench flags]
     local size=$1 batch=$2 name=$3
     shift 3
-    python3 benchmarks/step_bench.py --device cuda --variants full,sltrain-dense,sltrain-batched --steps 8 \
+    python3 benchmarks/step_bench.py --device cuda --variants full,sltrain-dense,sltrain-auto --steps 8 \
         --sizes "$size" --batch "$batch" --out "$OUT/$name" "$@" 2>&1 | grep -v '^\s*$' | tail -n 4
 }
 steps 60m 128 step_cuda_60m_check.json --rounds "$ROUNDS"
