@@ -275,13 +275,16 @@ def _has_fsdp_modules(model: nn.Module) -> bool:
     return bool(types) and any(isinstance(m, types) for m in model.modules())
 
 
+def _batches(compute: str, device: torch.device) -> bool:
+    """Whether the setting `compute` batches on `device`: `"batched"`, or `"auto"` on a device of `AUTO_DEVICE_TYPES`
+    (`"batched"` first: no device looked up for it)."""
+    return compute == "batched" or (compute == "auto" and device.type in AUTO_DEVICE_TYPES)
+
+
 def takes_batched(layer, name: str, x: torch.Tensor) -> bool:
-    """Whether adapter `name` of `layer`, from scratch, asks `batched_linear` for `x W^T`: `compute="batched"`, or
-    `"auto"` on a device of `AUTO_DEVICE_TYPES` (which may still answer None: the per-call choice)."""
-    compute = layer.compute[name]
-    if compute == "batched":
-        return layer.from_scratch[name]
-    return compute == "auto" and layer.from_scratch[name] and x.device.type in AUTO_DEVICE_TYPES
+    """Whether adapter `name` of `layer`, from scratch, asks `batched_linear` for `x W^T` (which may still answer
+    None: auto's per-call choice)."""
+    return layer.from_scratch[name] and _batches(layer.compute[name], x.device)
 
 
 def _eligible(layer, name: str) -> bool:
@@ -289,7 +292,8 @@ def _eligible(layer, name: str) -> bool:
     unsharded one)."""
     compute = layer.compute.get(name)
     return (
-        (compute == "batched" or (compute == "auto" and layer.sltrain_A[name].device.type in AUTO_DEVICE_TYPES))
+        compute in ("batched", "auto")
+        and _batches(compute, layer.sltrain_A[name].device)
         and not layer.merged_adapters
         and not layer._disable_adapters
         and not layer.quantization
