@@ -9,7 +9,7 @@
 #    rebuild there: `layers_by_path` says so) at 60M and 350M on 32k tokens, and on 2k tokens (where launches bound the
 #    step): step_cuda_*_check.json, with the results' usual fields (benchmarks/step_bench.py). Copy the files worth
 #    keeping to benchmarks/results, with a `note`.
-# The whole took 436 s on an H200 (the ninth run, docs/compute_paths.md): give it a call's limit.
+# The whole took 436 and 456 s on H200s (the ninth and tenth runs, docs/compute_paths.md): give it a call's limit.
 # A failed part does not stop the rest.
 set -u
 OUT=$(mkdir -p "${OUT:-gpu_check}" && cd "${OUT:-gpu_check}" && pwd)
