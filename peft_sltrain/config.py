@@ -69,6 +69,13 @@ class SLTrainConfig(PeftConfig):
             head. With `task_type="SEQ_CLS"`, PEFT adds `classifier` and `score` automatically. Not allowed with
             `from_scratch=True`, which already trains and saves every parameter that is not replaced (nor is a
             `task_type` for which PEFT adds its head: `SEQ_CLS`, `TOKEN_CLS`, `QUESTION_ANS`).
+        ensure_weight_tying (`bool`, defaults to `False`):
+            Fine-tuning a model whose input embeddings share their weight with other layers (a tied LM head, as in
+            GPT-2 or `tie_word_embeddings=True`) with one of them in `modules_to_save`: `True` trains one copy of the
+            shared weight, which both use (the embeddings are the module saved; the tied layers follow them), as
+            LoRA's option of that name does. `False` keeps PEFT's default, which unties them: the module named trains
+            a copy while the others keep the original frozen weight (a warning says so). Tied modules are found by
+            their weight, whatever their names (PEFT's own check knows `embed_tokens` and `lm_head` only).
         from_scratch (`bool`, defaults to `False`):
             `False` (fine-tuning): `W0` is the base layer's frozen pretrained weight and the adapter starts as a zero
             delta (`B = 0`, `S = 0`, `A` Kaiming-uniform), so the wrapped model starts equal to the base model.
@@ -148,6 +155,15 @@ class SLTrainConfig(PeftConfig):
             "help": (
                 "Modules other than the SLTrain layers to train fully and save, e.g. a classifier head. Not allowed "
                 "with from_scratch=True, which already trains and saves every parameter it does not replace."
+            )
+        },
+    )
+    ensure_weight_tying: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Keep the input embeddings and the layers that share their weight (a tied LM head) tied when one of "
+                "them is in modules_to_save: one trainable copy, used by both. False unties them, as PEFT does."
             )
         },
     )
@@ -235,6 +251,8 @@ class SLTrainConfig(PeftConfig):
             raise ValueError(f"`seed` must be a non-negative integer, got {self.seed!r}.")
         if not isinstance(self.save_support, bool):
             raise ValueError(f"`save_support` must be True or False, got {self.save_support!r}.")
+        if not isinstance(self.ensure_weight_tying, bool):
+            raise ValueError(f"`ensure_weight_tying` must be True or False, got {self.ensure_weight_tying!r}.")
         if not isinstance(self.from_scratch, bool):
             raise ValueError(f"`from_scratch` must be True or False, got {self.from_scratch!r}.")
         if self.compute not in COMPUTE_CHOICES:

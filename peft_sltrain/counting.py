@@ -26,7 +26,7 @@ from .layer import (
     weight_read_by_parent,
     weight_read_directly,
 )
-from .model import default_target_modules, tie_weights
+from .model import default_target_modules, tie_weights, weight_tying_plan
 from .support import num_nonzeros
 
 
@@ -143,14 +143,15 @@ def count_parameters(model: nn.Module, config: SLTrainConfig) -> ParameterCounts
 
     Works on a model built on the meta device, so a 7B plan costs nothing. Per targeted layer the adapter adds
     `r * (d_in + d_out) + nnz`; fine-tuning keeps the frozen `W0` in the total, from scratch drops it and trains every
-    other parameter. Modules in `modules_to_save` count twice in the total (PEFT keeps the original and a copy).
+    other parameter. Modules in `modules_to_save` count twice in the total (PEFT keeps the original and a copy); a
+    weight that `ensure_weight_tying` keeps tied has one copy for all the modules that share it.
     """
     config = _resolved_config(model, config)
     targeted = {name: model.get_submodule(name) for name in targeted_linear_names(model, config)}
     if not targeted:
         raise ValueError(f"`target_modules` {config.target_modules!r} matched no layer of the model.")
     model = _tied_if_meta(model)
-    to_save = config.modules_to_save or []
+    to_save = weight_tying_plan(model, config).modules_to_save or []  # with `ensure_weight_tying`, as PEFT wraps it
     saved_modules = [name for name, _ in model.named_modules() if name and any(name.endswith(m) for m in to_save)]
 
     trainable = total = 0

@@ -6,6 +6,7 @@ import math
 import warnings
 import weakref
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 from peft.tuners.tuners_utils import (
@@ -126,6 +127,24 @@ class SLTrainModel(BaseTuner):
         rebuilds = self.__dict__.get("_sltrain_rebuilds")
         if rebuilds is not None and (rebuilds._model is None or rebuilds._model() is None):
             rebuilds._model = weakref.ref(self)
+
+    def _check_tied_modules(self, model: nn.Module, peft_config: SLTrainConfig) -> None:
+        # PEFT's own check finds tied modules by name (`embed_tokens`, `lm_head`) and ties only through LoRA's
+        # methods; here they are found by their weight, and `ensure_weight_tying` ties them for SLTrain too
+        plan = weight_tying_plan(model, peft_config)
+        if plan.modules_to_tie:
+            # PEFT wraps the embeddings in `modules_to_save`, then each module in `modules_to_tie` around the
+            # embeddings' trainable copy (`set_additional_trainable_modules`)
+            peft_config.modules_to_save = plan.modules_to_save
+            peft_config.modules_to_tie = plan.modules_to_tie
+        elif plan.shared:
+            others = sorted(set(plan.tied) - set(plan.shared))
+            warnings.warn(
+                f"{_listed(plan.shared)} in `modules_to_save` share their weight with {_listed(others)} (tied "
+                "embeddings): PEFT trains a copy of the first, while the others keep the original frozen weight, "
+                "which unties them. Set `ensure_weight_tying=True` to train one copy that all of them use.",
+                stacklevel=2,
+            )
 
     def _check_new_adapter_config(self, config: SLTrainConfig) -> None:
         super()._check_new_adapter_config(config)  # (`inject_adapter` validated the config before reading it)
@@ -372,6 +391,41 @@ def _check_loaded_state_dict(
             key = f"{name}{support_suffix}"
             nnz = num_nonzeros(module.out_features, module.in_features, module.sparsity[adapter_name])
             check_support(state_dict[key], module.out_features, module.in_features, nnz, name=key)
+
+
+class WeightTyingPlan(NamedTuple):
+    tied: list[str]  # the input embeddings and the modules that share their weight (empty: none share it)
+    shared: list[str]  # those of them that `modules_to_save` names
+    modules_to_save: list[str] | None  # `modules_to_save` as PEFT is to wrap it
+    modules_to_tie: set[str]  # the modules PEFT ties to the embeddings' trainable copy (`ensure_weight_tying`)
+
+
+def weight_tying_plan(model: nn.Module, config: SLTrainConfig) -> WeightTyingPlan:
+    """What `modules_to_save` does to a model whose input embeddings share their weight with other modules (a tied
+    head), found by identity. With `ensure_weight_tying`, where `modules_to_save` names one of them, PEFT is to train
+    the embeddings' copy and tie the others to it: they leave `modules_to_save` (names matched by suffix, as PEFT
+    matches them) and the embeddings join it. Without, it keeps PEFT's wrapping, which unties them."""
+    to_save = config.modules_to_save
+    try:
+        embeddings = model.get_input_embeddings() if to_save and not config.from_scratch else None
+    except (AttributeError, NotImplementedError):  # no `get_input_embeddings`, or none (speech models)
+        embeddings = None
+    weight = getattr(embeddings, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return WeightTyingPlan([], [], to_save, set())
+    modules = list(model.named_modules(remove_duplicate=False))
+    embedding_name = next(name for name, m in modules if m is embeddings)
+    others = [name for name, m in modules if m is not embeddings and getattr(m, "weight", None) is weight]
+    if not others:
+        return WeightTyingPlan([], [], to_save, set())
+    tied = [embedding_name, *others]
+    shared = [name for name in tied if any(name.endswith(m) for m in to_save)]
+    if not shared or not config.ensure_weight_tying:
+        return WeightTyingPlan(tied, shared, to_save, set())
+    keep = [m for m in to_save if not any(name.endswith(m) for name in others)]
+    if not any(embedding_name.endswith(m) for m in keep):
+        keep.append(embedding_name)
+    return WeightTyingPlan(tied, shared, keep, set(others))
 
 
 def _check_tied_parameters(model: nn.Module, state_dict: dict) -> None:
