@@ -324,10 +324,7 @@ class SLTrainModel(BaseTuner):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        if not config.save_support:  # a file for another model must fail on its shapes, not on a fingerprint
-            _check_loaded_state_dict(model, config, adapter_name, state_dict, supports=False)
-            _restore_supports(model, adapter_name, state_dict)
-        _check_loaded_state_dict(model, config, adapter_name, state_dict)
+        check_adapter_file(model, config, adapter_name, state_dict)
         if config.from_scratch:
             # the file holds every tensor of the model: copy each into the model's own, so that the model keeps its
             # dtype, device and tying also when PEFT loads with `assign=True` (`low_cpu_mem_usage`), which would
@@ -338,6 +335,25 @@ class SLTrainModel(BaseTuner):
                     live[key].data.copy_(state_dict[key])
                     state_dict[key] = live[key]  # loading then sets or copies the same object: a no-op
         return state_dict
+
+
+def check_adapter_file(model: nn.Module, config: SLTrainConfig, adapter_name: str, state_dict: dict) -> None:
+    """Raise `ValueError` unless an adapter file's tensors (keys as PEFT loads them: adapter name inserted) fit the
+    model with the adapter in place; for a file saved without supports, put the regenerated ones, checked against its
+    fingerprints, into `state_dict`."""
+    if not config.save_support:  # a file for another model must fail on its shapes, not on a fingerprint
+        _check_loaded_state_dict(model, config, adapter_name, state_dict, supports=False)
+        _restore_supports(model, adapter_name, state_dict)
+    _check_loaded_state_dict(model, config, adapter_name, state_dict)
+
+
+def check_loaded_adapter_file(model: nn.Module, config: SLTrainConfig, adapter_name: str, saved: dict) -> None:
+    """`check_adapter_file` for a file as saved (PEFT's keys, no adapter names) whose adapter code other than PEFT's
+    loading put in place (Transformers' `load_adapter`): its keys mapped as PEFT maps them."""
+    state_dict = super(SLTrainModel, SLTrainModel)._remap_adapter_state_dict_for_load(
+        model, config, adapter_name, dict(saved)
+    )
+    check_adapter_file(model, config, adapter_name, state_dict)
 
 
 def _check_loaded_state_dict(

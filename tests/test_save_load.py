@@ -291,32 +291,54 @@ def test_push_to_hub_uploads_what_from_pretrained_loads_bit_exactly(tmp_path, mo
     assert torch.equal(loaded(input_ids).logits, expected)
 
 
-def test_file_missing_tensors(tmp_path):
+def load(loader: str, base, path):
+    """`PeftModel.from_pretrained`, or Transformers' own `load_adapter` (its loader, not PEFT's: `_registration`
+    runs SLTrain's checks of the file after it)."""
+    if loader == "peft":
+        return PeftModel.from_pretrained(base, path)
+    base.load_adapter(str(path))
+    return base
+
+
+def refused(loader: str, match: str):
+    after = r".*Transformers' `load_adapter` has already put the file's tensors into the model" * (loader != "peft")
+    return pytest.raises(ValueError, match=match + after)
+
+
+LOADERS = ["peft", "transformers"]
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_file_missing_tensors(tmp_path, loader):
     weights = save_adapter(tmp_path)
     tensors = load_file(weights)
     del tensors[next(k for k in tensors if k.endswith("sltrain_B"))]
     save_file(tensors, weights)
-    with pytest.raises(ValueError, match="lacks 1 tensor"):
-        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    with refused(loader, "lacks 1 tensor"):
+        load(loader, tiny_llama(), tmp_path)
 
 
-def test_corrupt_support(tmp_path):
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("corruption", ["reversed", "duplicates", "out of range"])
+def test_corrupt_support(tmp_path, loader, corruption):
     weights = save_adapter(tmp_path)
     tensors = load_file(weights)
     key = next(k for k in tensors if k.endswith("sltrain_indices"))
-    tensors[key] = tensors[key].flip(0).contiguous()
+    tensors[key] = {"reversed": tensors[key].flip(0).contiguous(), "duplicates": torch.zeros_like(tensors[key]),
+                    "out of range": tensors[key] + 10**5}[corruption]  # fmt: skip
     save_file(tensors, weights)
-    with pytest.raises(ValueError, match="strictly increasing"):
-        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    with refused(loader, "strictly increasing" if corruption != "out of range" else r"outside \[0, "):
+        load(loader, tiny_llama(), tmp_path)
 
 
-def test_from_scratch_file_missing_base_tensors(tmp_path):
+@pytest.mark.parametrize("loader", LOADERS)
+def test_from_scratch_file_missing_base_tensors(tmp_path, loader):
     weights = save_adapter(tmp_path, from_scratch=True)
     tensors = load_file(weights)
     del tensors["base_model.model.model.embed_tokens.weight"]
     save_file(tensors, weights)
-    with pytest.raises(ValueError, match="embed_tokens"):
-        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    with refused(loader, "embed_tokens"):
+        load(loader, tiny_llama(), tmp_path)
 
 
 def test_config_on_disk_is_plain_json(tmp_path):
@@ -347,8 +369,9 @@ def test_loading_before_import_names_the_missing_method(tmp_path):
     assert out.split() == ["KeyError", "'SLTRAIN'", "SLTrainConfig"]
 
 
+@pytest.mark.parametrize("loader", LOADERS)
 @pytest.mark.parametrize("from_scratch", [False, True])
-def test_adapter_without_supports_regenerates_them(tmp_path, input_ids, from_scratch):
+def test_adapter_without_supports_regenerates_them(tmp_path, input_ids, from_scratch, loader):
     """`save_support=False`: 8 bytes per layer instead of 4 per nonzero; loading regenerates and checks them."""
     config = dict(from_scratch=from_scratch, seed=5)
     with_support = save_adapter(tmp_path / "with", **config)
@@ -361,7 +384,7 @@ def test_adapter_without_supports_regenerates_them(tmp_path, input_ids, from_scr
     expected = PeftModel.from_pretrained(tiny_llama(), tmp_path / "with").eval()(input_ids).logits
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "without").eval()
+        loaded = load(loader, tiny_llama(), tmp_path / "without").eval()
     assert not [w for w in caught if "missing adapter keys" in str(w.message)]  # the supports are not missing
     assert torch.equal(loaded(input_ids).logits, expected)
 
@@ -369,5 +392,5 @@ def test_adapter_without_supports_regenerates_them(tmp_path, input_ids, from_scr
     key = next(k for k in tensors if "sltrain_fingerprint" in k)
     tensors[key] = tensors[key] + 1  # as if this PyTorch drew a different support
     save_file(tensors, without)
-    with pytest.raises(ValueError, match="differs from the one the adapter was trained with"):
-        PeftModel.from_pretrained(tiny_llama(), tmp_path / "without")
+    with refused(loader, "differs from the one the adapter was trained with"):
+        load(loader, tiny_llama(), tmp_path / "without")
