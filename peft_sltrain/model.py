@@ -94,8 +94,16 @@ class SLTrainModel(BaseTuner):
 
         config = self.peft_config[adapter_name]
         config.validate()  # (again: a field changed since construction) before anything reads the config
+        # "all-linear" adds the layers it leaves out to `exclude_modules` (saved, so that loading targets the same
+        # layers); a config used again (a sweep lowering `r`) starts again from the caller's own exclusions
+        added = config.__dict__.get("_sltrain_exclusions")  # (what the last injection made of it, the caller's)
+        if added is not None and config.exclude_modules == added[0]:
+            config.exclude_modules = added[1]
+        caller_exclude = config.exclude_modules
         _warn_left_out_dtype_read(exclude_unreplaceable_linears(config, model))  # for "all-linear"
         _warn_left_out_narrow(exclude_narrow_linears(config, model), config)
+        if config.exclude_modules != caller_exclude:  # (not a field: not saved)
+            config.__dict__["_sltrain_exclusions"] = (config.exclude_modules, caller_exclude)
         targeted = targeted_linear_names(model, config)
         if "_frozen_before" not in self.__dict__:  # the first adapter: what the model (Whisper's fixed positions) or
             # the caller froze, which stays frozen from scratch (names as before injection, without `.base_layer`)

@@ -628,6 +628,22 @@ def test_all_linear_leaves_out_exactly_the_narrow_layers():
             assert (planned.trainable, planned.total) == model.get_nb_trainable_parameters()
 
 
+def test_all_linear_config_used_again_starts_from_the_callers_exclusions():
+    """A sweep that lowers `r` on one config: layers the last model's rank left out (k/v, 64 -> 32 here) are
+    targeted again where the new rank fits them, as a fresh config targets them; the caller's own exclusions stay."""
+
+    def kinds(model):
+        return sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, SLTrainLayer)})
+
+    config = SLTrainConfig(r=48, target_modules="all-linear", exclude_modules=["o_proj"])
+    with pytest.warns(UserWarning, match="narrower than r=48"):
+        assert kinds(get_peft_model(tiny_llama(), config)) == ["down_proj", "gate_proj", "q_proj", "up_proj"]
+    config.r = 4
+    fresh = SLTrainConfig(r=4, target_modules="all-linear", exclude_modules=["o_proj"])
+    expected = ["down_proj", "gate_proj", "k_proj", "q_proj", "up_proj", "v_proj"]
+    assert kinds(get_peft_model(tiny_llama(), config)) == kinds(get_peft_model(tiny_llama(), fresh)) == expected
+
+
 @pytest.mark.parametrize(
     "model_class, task_type, head",
     [
