@@ -146,11 +146,16 @@ class SLTrainModel(BaseTuner):
             peft_config.modules_to_save = plan.modules_to_save
             peft_config.modules_to_tie = plan.modules_to_tie
         elif plan.shared:
-            others = sorted(set(plan.tied) - set(plan.shared))
+            others = [name for name in plan.tied if name not in plan.shared]
+            what = (
+                f"share their weight with {_listed(others)} (tied embeddings): PEFT trains a copy of the first, while "
+                "the others keep the original frozen weight"
+                if others
+                else "share one weight (tied embeddings): PEFT trains a separate copy for each"
+            )
             warnings.warn(
-                f"{_listed(plan.shared)} in `modules_to_save` share their weight with {_listed(others)} (tied "
-                "embeddings): PEFT trains a copy of the first, while the others keep the original frozen weight, "
-                "which unties them. Set `ensure_weight_tying=True` to train one copy that all of them use.",
+                f"{_listed(plan.shared)} in `modules_to_save` {what}, which unties them. Set "
+                "`ensure_weight_tying=True` to train one copy that all of them use.",
                 stacklevel=2,
             )
 
@@ -438,9 +443,9 @@ def weight_tying_plan(model: nn.Module, config: SLTrainConfig) -> WeightTyingPla
     if not isinstance(weight, torch.Tensor):
         return WeightTyingPlan([], [], to_save, set())
     modules = list(model.named_modules(remove_duplicate=False))
-    embedding_name = next(name for name, m in modules if m is embeddings)
+    embedding_name = next((name for name, m in modules if m is embeddings), None)
     others = [name for name, m in modules if m is not embeddings and getattr(m, "weight", None) is weight]
-    if not others:
+    if embedding_name is None or not others:
         return WeightTyingPlan([], [], to_save, set())
     tied = [embedding_name, *others]
     shared = [name for name in tied if any(name.endswith(m) for m in to_save)]

@@ -85,6 +85,9 @@ def test_without_ensure_weight_tying_a_warning_says_the_copy_unties_them():
         model = get_peft_model(tiny_gpt2(), SLTrainConfig(r=4, sparsity=0.05, modules_to_save=["lm_head"]))
     base = model.base_model.model
     assert base.lm_head.modules_to_save["default"].weight is not base.transformer.wte.weight  # PEFT's default
+    with pytest.warns(UserWarning, match=r"`transformer\.wte`, `lm_head` in `modules_to_save` share one weight.*"
+                      r"a separate copy for each, which unties them"):  # fmt: skip
+        get_peft_model(tiny_gpt2(), SLTrainConfig(r=4, sparsity=0.05, modules_to_save=["lm_head", "wte"]))
 
 
 def test_untied_model_is_left_as_it_is():
