@@ -917,7 +917,9 @@ def main(argv: list[str] | None = None) -> dict:
             f"{args.vocab_size:,} (the training text has no more merges); the model's vocabulary is the tokenizer's"
         )
     model_config = LlamaConfig(**{**args.model_config, "vocab_size": tokenizer.vocab_size})
-    model_config.eos_token_id = model_config.pad_token_id = tokenizer.eos_token_id
+    # EOS separates documents in the packed blocks, which have no padding: no `pad_token_id`, since LLaMA zeroes the
+    # embedding of that id and never trains it (`sample.py` gives `generate` its pad id)
+    model_config.eos_token_id, model_config.pad_token_id = tokenizer.eos_token_id, None
     model_config.bos_token_id = None
     hyper = hyper_from_args(args)
     torch.manual_seed(args.seed)

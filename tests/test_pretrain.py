@@ -239,6 +239,22 @@ def test_merged_export_loads_as_plain_model(tmp_path, corpus):
     torch.testing.assert_close(plain(ids).logits, adapter(ids).logits, rtol=0, atol=1e-5)
 
 
+def test_the_end_of_text_embedding_is_an_ordinary_trained_row(tmp_path, corpus):
+    """EOS separates documents and is not padding (the blocks have none): its embedding starts random and trains as
+    every row does; LLaMA would zero and freeze the row of a `pad_token_id`, and a model fed EOS alone (`sample.py`
+    with no prompt) would then predict a uniform distribution."""
+    from transformers import AutoModelForCausalLM
+
+    run(tmp_path, corpus, "--method", "sltrain", "--merge", "--max-steps", "2")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    embeddings, eos = model.get_input_embeddings(), model.config.eos_token_id
+    assert model.config.pad_token_id is None and embeddings.padding_idx is None
+    assert embeddings.weight[eos].abs().min() > 0
+    with torch.no_grad():
+        probs = model(torch.tensor([[eos]])).logits[0, -1].softmax(-1)
+    assert probs.max() > 1.2 * probs.min()  # with a zero row: exactly uniform (zero logits)
+
+
 def card_loading_code(export: Path) -> dict:
     """Runs the "How to use" code of the model card in `export` (its generation included), for that directory."""
     card = (export / "README.md").read_text()
