@@ -403,6 +403,19 @@ def _check_loaded_state_dict(
             f"The adapter file has {len(unexpected)} tensor(s) for parameters this model does not have, e.g. "
             f"{unexpected[:3]}; it was saved from a different model or config."
         )
+    if not config.from_scratch:  # a fine-tuning file holds the adapter's tensors, the trained biases (`bias`) and the
+        # copies of `modules_to_save`: a base weight in it would overwrite the frozen `W0` without a word
+        overwrites = sorted(
+            key for key in state_dict if key in model_state and "sltrain_" not in key
+            and ".modules_to_save." not in key and ".original_module." not in key
+            and not (key.endswith(".bias") and config.bias != "none")
+        )  # fmt: skip
+        if overwrites:
+            raise ValueError(
+                f"The adapter file holds {len(overwrites)} tensor(s) of the base model's frozen weights, e.g. "
+                f"{overwrites[:3]}, which loading would overwrite; a fine-tuning adapter saved by PEFT holds only "
+                f"its own tensors (and, with `bias` other than 'none', biases; config: bias={config.bias!r})."
+            )
     mismatched = [
         f"{key}: file {tuple(value.shape)} vs model {tuple(model_state[key].shape)}"
         for key, value in state_dict.items()

@@ -332,6 +332,18 @@ def test_corrupt_support(tmp_path, loader, corruption):
 
 
 @pytest.mark.parametrize("loader", LOADERS)
+def test_a_base_weight_in_a_fine_tuning_file_is_refused(tmp_path, loader):
+    """A fine-tuning file holds the adapter (biases with `bias`, `modules_to_save` copies): a base weight added to
+    it would overwrite the frozen one without a word (PEFT loads every key the model has)."""
+    weights = save_adapter(tmp_path)
+    tensors = load_file(weights)
+    tensors["base_model.model.model.norm.weight"] = torch.zeros(64)
+    save_file(tensors, weights)
+    with refused(loader, r"holds 1 tensor\(s\) of the base model's frozen weights, e\.g\. \[.*model\.norm\.weight'\]"):
+        load(loader, tiny_llama(), tmp_path)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
 def test_from_scratch_file_missing_base_tensors(tmp_path, loader):
     weights = save_adapter(tmp_path, from_scratch=True)
     tensors = load_file(weights)
