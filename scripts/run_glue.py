@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -491,8 +492,8 @@ class RecordBaseSettings(TrainerCallback):
     (`--model_name_or_path`, `--quantize`) and the optimizer's settings, which the Trainer restores from the checkpoint
     whatever the flags say (a new `--learning_rate` would be recorded but not used)."""
 
-    def __init__(self, model_args: ModelArguments, training_args: TrainingArguments):
-        self.settings = base_settings(model_args, training_args)
+    def __init__(self, model_args: ModelArguments, training_args: TrainingArguments, data: dict):
+        self.settings = {**base_settings(model_args, training_args), **data}  # data: `train_data_settings`
 
     def on_save(self, args, state, control, **kwargs):
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -509,6 +510,20 @@ def base_settings(model_args: ModelArguments, training_args: TrainingArguments) 
             **{key: getattr(training_args, key) for key in SCHEDULE_SETTINGS}}  # fmt: skip
 
 
+def train_data_settings(data_args: DataArguments, train_rows: int) -> dict:
+    """What a checkpoint records of its training data, which sets the steps per epoch and the batches as much as the
+    schedule's flags: the number of rows (after `--max_train_samples`) and the sha256 of `--train_file` (None for
+    the Hub's GLUE)."""
+    digest = None
+    if data_args.train_file:
+        digest = hashlib.sha256()
+        with open(data_args.train_file, "rb") as file:
+            for chunk in iter(lambda: file.read(2**20), b""):
+                digest.update(chunk)
+        digest = digest.hexdigest()
+    return {"train_rows": train_rows, "train_file_sha256": digest}
+
+
 OPTIMIZER_SETTINGS = ("learning_rate", "weight_decay")
 # what sets the batches and the learning-rate schedule: changed on a resume, the run would be a mixture of two
 SCHEDULE_SETTINGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps",
@@ -518,10 +533,17 @@ SETTING_FLAGS = {"quantize": "--quantize", "learning_rate": "--learning_rate", "
                  **{k: f"--{k}" for k in SCHEDULE_SETTINGS if k != "world_size"}}  # fmt: skip
 
 
+DATA_SETTINGS = ("train_rows", "train_file_sha256")  # `train_data_settings`
+
+
 def shown_setting(key: str, value) -> str:
-    """A recorded setting as a command gives it: its flag, or the number of processes."""
+    """A recorded setting as a command gives it: its flag, the number of processes or training rows, the data."""
     if key == "world_size":
         return f"{value} process{'es' if value != 1 else ''}"
+    if key == "train_rows":
+        return f"{value} training rows (`--max_train_samples`)"
+    if key == "train_file_sha256":
+        return f"a `--train_file` of sha256 {value[:12] if value else None}..."
     return f"`{SETTING_FLAGS[key]} {value}`"
 
 
@@ -565,11 +587,12 @@ def check_resume_config(checkpoint: Path, model_args: ModelArguments, training_a
 
 
 def check_resumed_base_settings(checkpoint: Path, now: dict) -> None:
-    """Refuse another base or optimizer setting than the checkpoint's `RecordBaseSettings` file records (none in an
-    older checkpoint, fewer keys in some: not checked)."""
+    """Refuse another base, optimizer, schedule or training-data setting than the checkpoint's `RecordBaseSettings`
+    file records (none in an older checkpoint, fewer keys in some: not checked), of those `now` gives."""
     base_file = checkpoint / BASE_SETTINGS_FILE
     recorded = json.loads(base_file.read_text()) if base_file.is_file() else {}
-    differ = [key for key in (*SETTING_FLAGS, "world_size") if key in recorded and recorded[key] != now[key]]
+    differ = [key for key in (*SETTING_FLAGS, "world_size", *DATA_SETTINGS)
+              if key in recorded and key in now and recorded[key] != now[key]]  # fmt: skip
     if recorded.get("max_steps", -1) > 0 and now["max_steps"] > 0 and "num_train_epochs" in differ:
         differ.remove("num_train_epochs")  # `--max_steps` sets the schedule; the epochs are not read
     if differ:
@@ -836,6 +859,9 @@ def main(argv: list[str] | None = None) -> dict:
         limit = data_args.max_train_samples if split == "train" else data_args.max_eval_samples
         splits[split] = prepare_split(raw[split], task, tokenizer, data_args.max_seq_length, where, limit)
     eval_splits = [s for s in task.validation_splits if s in splits]
+    train_data = train_data_settings(data_args, len(splits["train"]))
+    if training_args.resume_from_checkpoint is not None:  # (the other settings were checked before loading)
+        check_resumed_base_settings(Path(training_args.resume_from_checkpoint), train_data)
     cut = data_args.max_eval_samples
     eval_subset = cut is not None and any(len(raw[s]) > cut for s in eval_splits)  # metrics of the first rows only
     metric, metric_source = load_metric(task.name)
@@ -953,7 +979,7 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=tokenizer,
         data_collator=collator,
         compute_metrics=compute_metrics,
-        callbacks=[RecordBaseSettings(model_args, training_args)],
+        callbacks=[RecordBaseSettings(model_args, training_args, train_data)],
     )
     stale = [] if training_args.resume_from_checkpoint else run_contents(out)
     if stale:  # only with --overwrite_output_dir (check_output_dir), and only now that everything has loaded

