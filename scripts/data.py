@@ -143,6 +143,10 @@ def load_tokenizer(name_or_path: str) -> Tokenizer:
     """A hub tokenizer (e.g. `t5-base`, the paper's) or a saved tokenizer directory."""
     from transformers import AutoTokenizer
 
+    import model_card
+
+    if model_card.no_such_folder(name_or_path):
+        raise ValueError(f"`--tokenizer` {name_or_path!r}: no such folder (nor a Hub id, 'name' or 'namespace/name').")
     try:
         tokenizer = Tokenizer(AutoTokenizer.from_pretrained(name_or_path))
     except (OSError, ValueError) as error:  # no such directory, and the Hub unreachable or without that name

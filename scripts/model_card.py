@@ -54,6 +54,18 @@ class HubFlags:
     token: str | None = "--hub_token"  # None: the script takes the token from the login or HF_TOKEN alone
 
 
+def no_such_folder(name: str) -> bool:
+    """Whether `name`, a local folder or a Hub repository id, can only be a folder, and none is there: a Hub id is
+    'name' or 'namespace/name' (`validate_repo_id` refuses a path such as '/runs/x' or './x/final')."""
+    if Path(name).expanduser().exists():
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return False
+
+
 def versions() -> dict[str, str]:
     result = {}
     for package in ("peft-sltrain", "peft", "transformers", "torch", "datasets"):

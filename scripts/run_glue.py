@@ -828,6 +828,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ------------------------------------------------------------------------------------------------------ data
     raw = load_raw_data(task, data_args, model_args.cache_dir)
+    if model_card.no_such_folder(model_args.model_name_or_path):
+        raise ValueError(
+            f"`--model_name_or_path` {model_args.model_name_or_path!r}: no such folder (nor a Hub id, 'name' or "
+            "'namespace/name')."
+        )
     try:  # the first look at the model: a wrong name, or no Hub, shows here
         tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
     except OSError as error:

@@ -691,8 +691,12 @@ def test_a_classifier_with_the_labels_in_another_order_is_refused(tmp_path, tiny
 
 
 def test_unloadable_model_is_one_clear_error(tmp_path, data):
-    with pytest.raises(model_card.HubError, match="Cannot load `--model_name_or_path` '/no/such/model'"):
+    with pytest.raises(ValueError, match=r"`--model_name_or_path` '/no/such/model': no such folder \(nor a Hub id"):
         run(tmp_path, "/no/such/model", "mrpc", data["pair_train"], data["pair_validation"])
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "empty").mkdir()  # a folder without a model
+    with pytest.raises(ValueError, match=r"`--model_name_or_path` '.*empty': no tokenizer loads from it"):
+        run(tmp_path, str(tmp_path / "empty"), "mrpc", data["pair_train"], data["pair_validation"])
     assert not (tmp_path / "out").exists()
 
 
