@@ -457,7 +457,10 @@ def weight_tying_plan(model: nn.Module, config: SLTrainConfig) -> WeightTyingPla
         return WeightTyingPlan([], [], to_save, set())
     modules = list(model.named_modules(remove_duplicate=False))
     embedding_name = next((name for name, m in modules if m is embeddings), None)
-    others = [name for name, m in modules if m is not embeddings and getattr(m, "weight", None) is weight]
+    # (not inside an earlier adapter's wrappers: their `weight` is their active copy's, which they tie themselves)
+    wrapped = {"modules_to_save", "original_module"}
+    others = [name for name, m in modules if m is not embeddings and getattr(m, "weight", None) is weight
+              and not wrapped & set(name.split("."))]  # fmt: skip
     if embedding_name is None or not others:
         return WeightTyingPlan([], [], to_save, set())
     tied = [embedding_name, *others]

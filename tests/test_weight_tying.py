@@ -79,6 +79,19 @@ def test_tied_weight_saves_loads_and_merges_tied(arch, tmp_path, input_ids):
         torch.testing.assert_close(merged(input_ids=input_ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_second_adapter_ties_its_own_copy():
+    config = SLTrainConfig(r=4, sparsity=0.05, modules_to_save=["wte"], ensure_weight_tying=True)
+    model = get_peft_model(tiny_gpt2(), config)
+    model.add_adapter("second", SLTrainConfig(r=4, sparsity=0.05, modules_to_save=["wte"], ensure_weight_tying=True))
+    assert model.peft_config["second"].modules_to_tie == {"lm_head"}
+    base = model.base_model.model
+    for name in ("default", "second"):
+        shared = base.transformer.wte.modules_to_save[name].weight
+        assert base.lm_head.modules_to_save[name].weight is shared
+    copies = base.transformer.wte.modules_to_save
+    assert copies["second"].weight is not copies["default"].weight
+
+
 def test_without_ensure_weight_tying_a_warning_says_the_copy_unties_them():
     with pytest.warns(UserWarning, match=r"`lm_head` in `modules_to_save` share their weight with `transformer\.wte`.*"
                       r"unties them\. Set `ensure_weight_tying=True`"):  # fmt: skip
