@@ -543,7 +543,7 @@ def shown_setting(key: str, value) -> str:
     if key == "train_rows":
         return f"{value} training rows (`--max_train_samples`)"
     if key == "train_file_sha256":
-        return f"a `--train_file` of sha256 {value[:12] if value else None}..."
+        return f"a `--train_file` of sha256 {value[:12]}..." if value else "the Hub's GLUE training split"
     return f"`{SETTING_FLAGS[key]} {value}`"
 
 
@@ -593,7 +593,7 @@ def check_resumed_base_settings(checkpoint: Path, now: dict) -> None:
     recorded = json.loads(base_file.read_text()) if base_file.is_file() else {}
     differ = [key for key in (*SETTING_FLAGS, "world_size", *DATA_SETTINGS)
               if key in recorded and key in now and recorded[key] != now[key]]  # fmt: skip
-    if recorded.get("max_steps", -1) > 0 and now["max_steps"] > 0 and "num_train_epochs" in differ:
+    if "num_train_epochs" in differ and recorded.get("max_steps", -1) > 0 and now["max_steps"] > 0:
         differ.remove("num_train_epochs")  # `--max_steps` sets the schedule; the epochs are not read
     if differ:
         given = ", ".join(shown_setting(k, recorded[k]) for k in differ)

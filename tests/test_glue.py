@@ -1067,6 +1067,16 @@ def test_resume_refuses_another_base_or_optimizer_setting(tmp_path, recorded, no
     run_glue.parse_args([*argv, *now])
 
 
+def test_resume_with_max_steps_checks_the_data_too(tmp_path, tiny_model, data, offline_metrics):
+    args = ("mrpc", data["pair_train"], data["pair_validation"], "--save_strategy", "steps", "--save_steps", "4")
+    run(tmp_path, tiny_model, *args, "--max_steps", "6")
+    checkpoint = str(tmp_path / "out" / "checkpoint-4")
+    run(tmp_path, tiny_model, *args, "--max_steps", "6", "--resume_from_checkpoint", checkpoint)  # the same: fine
+    with pytest.raises(ValueError, match=r"trained with 32 training rows .* gives 16 training rows"):
+        run(tmp_path, tiny_model, *args, "--max_steps", "6", "--max_train_samples", "16",
+            "--resume_from_checkpoint", checkpoint)  # fmt: skip
+
+
 def test_resume_with_max_steps_does_not_compare_the_epochs_it_overrides(tmp_path):
     argv = ["--task_name", "mrpc", "--output_dir", str(tmp_path / "out"), "--model_name_or_path", "roberta-base"]
     checkpoint = tmp_path / "out" / "checkpoint-4"
