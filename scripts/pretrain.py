@@ -235,12 +235,14 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     warmup_given, optimizer_given = args.warmup_steps is not None, args.optimizer is not None
     unused = [key for key in PRESET_SLTRAIN_KEYS if key not in method.reads]
     passed = [f"--{key}" for key in unused if getattr(args, key) is not None]
-    if args.compute is not None and method.name != "sltrain":
-        passed.append("--compute")
-    if passed:  # it would train as if they were not given, yet the run's config and card would record them
+    notes = []  # it would train as if they were not given, yet the run's config and card would record them
+    if passed:
         reads = ", ".join(f"--{key}" for key in (method.reads or PRESET_SLTRAIN_KEYS))
-        which = "it reads" if method.reads else "it reads none of"
-        raise ValueError(f"`--method {method.name}` does not use {', '.join(passed)} ({which} {reads}).")
+        notes.append(f"{', '.join(passed)} ({'it reads' if method.reads else 'it reads none of'} {reads})")
+    if args.compute is not None and method.name != "sltrain":
+        notes.append("--compute (SLTrain's compute path: only `--method sltrain` reads it)")
+    if notes:
+        raise ValueError(f"`--method {method.name}` does not use {'; nor '.join(notes)}.")
     if method.name == "sltrain" and args.compute is None:
         args.compute = "auto"  # the library's default, recorded as such (a resume compares it)
     for key, value in {**preset["train"], **preset.get("sltrain", {})}.items():
@@ -489,7 +491,11 @@ def check_out_dir(args: argparse.Namespace, config: dict) -> Path | None:
             detail += f", and {len(differ) - 4} more: {', '.join(differ[4:])}" if len(differ) > 4 else ""
             raise ValueError(f"`--resume`: {out} was trained with a different config or method ({detail}).")
         if finished_run(out, args):
-            raise ValueError(f"`--resume`: the run in {out} is complete ({args.max_steps} steps); nothing to resume.")
+            merge = (" (for a dense `merged/` model, load `final/` with PEFT and call `merge_and_unload()`)"
+                     if args.merge and not (out / "merged").is_dir() else "")  # fmt: skip
+            raise ValueError(
+                f"`--resume`: the run in {out} is complete ({args.max_steps} steps); nothing to resume{merge}."
+            )
         checkpoint = checkpointing.latest_checkpoint(out)
         if checkpoint is None:
             raise ValueError(f"`--resume`: {out} has no complete checkpoint yet; start it over with `--overwrite`.")

@@ -838,7 +838,12 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus, compute):
         (["--method", "full", "--alpha", "8"], r"`--method full` does not use --alpha \(it reads none of --rank, "),
         (["--method", "lowrank", "--sparsity", "0.1"], r"does not use --sparsity \(it reads --rank, --alpha\)"),
         (["--method", "galore", "--alpha", "2", "--sparsity", "0.1"], "does not use --sparsity, --alpha"),
-        (["--method", "lora", "--compute", "batched"], r"`--method lora` does not use --compute \(it reads "),
+        (["--method", "lora", "--compute", "batched"], r"`--method lora` does not use --compute \(SLTrain's compute "),
+        (
+            ["--method", "full", "--alpha", "8", "--compute", "dense"],
+            r"does not use --alpha \(it reads none of --rank, "
+            r"--sparsity, --alpha\); nor --compute \(SLTrain's compute path: only `--method sltrain` reads it\)\.",
+        ),
         (["--method", "lowrank", "--alpha", "0"], r"`--alpha` must be positive \(B A is scaled by alpha / r\), got 0"),
         (["--alpha", "0"], r"`--alpha` must be positive \(B A is scaled by alpha / r\), got 0.0"),  # the flag's name
         (["--sparsity", "1.5"], r"`--sparsity` must be in \(0, 1\), got 1.5"),
@@ -1281,8 +1286,10 @@ def test_existing_runs_are_never_overwritten_by_mistake(tmp_path, corpus):
         run(tmp_path, corpus, "--method", "sltrain", "--max-steps", "2", "--resume", "--lr", "0.1")
     with pytest.raises(ValueError, match="works with AdamW-trained methods"):  # bad input, even with --overwrite
         run(tmp_path, corpus, "--method", "galore", "--max-steps", "2", "--per-layer-updates", "--overwrite")
-    with pytest.raises(ValueError, match=r"is complete \(2 steps\); nothing to resume"):
+    with pytest.raises(ValueError, match=r"is complete \(2 steps\); nothing to resume\.$"):
         run(tmp_path, corpus, "--method", "sltrain", "--max-steps", "2", "--save-every", "2", "--resume")
+    with pytest.raises(ValueError, match=r"nothing to resume \(for a dense `merged/` model, load `final/` with PEFT"):
+        run(tmp_path, corpus, "--method", "sltrain", "--max-steps", "2", "--save-every", "2", "--resume", "--merge")
     assert (tmp_path / "checkpoints" / "step_000002" / "model.safetensors").read_bytes() == before
     shutil.rmtree(tmp_path / "final")  # as if the process died while exporting: resuming exports it again
     (tmp_path / "summary.json").unlink()
