@@ -650,15 +650,31 @@ class Linear(nn.Module, SLTrainLayer):
             self._warn_about_hooks_on(base)
         if weight is not None and self.fan_in_fan_out:
             weight = weight.t()
-        with autocast_off(device_type):
-            x = x.to(dtype)
-            if len(active) == 1:  # one fused map: W0 + delta is rebuilt inside, so W0 is multiplied only once
-                return self._sltrain(active[0], x, weight, base.bias)
-            bias = None if base.bias is None else base.bias.to(dtype)
-            result = F.linear(x, weight.to(dtype), bias)  # autocast is off here: W0 cast to x's dtype
-            for name in active:
-                result = result + self._sltrain(name, x)
-            return result
+        try:  # (free where nothing raises)
+            with autocast_off(device_type):
+                x = x.to(dtype)
+                if len(active) == 1:  # one fused map: W0 + delta is rebuilt inside, so W0 is multiplied only once
+                    return self._sltrain(active[0], x, weight, base.bias)
+                bias = None if base.bias is None else base.bias.to(dtype)
+                result = F.linear(x, weight.to(dtype), bias)  # autocast is off here: W0 cast to x's dtype
+                for name in active:
+                    result = result + self._sltrain(name, x)
+                return result
+        except RuntimeError:
+            self._refuse_unloaded(active)  # torch's error names the meta device, not the cause
+            raise
+
+    def _refuse_unloaded(self, active: list[str]) -> None:
+        """`ValueError` if an active adapter has no weights yet: on the meta device, as `get_peft_model(...,
+        low_cpu_mem_usage=True)` leaves a fine-tuning adapter until its weights are loaded."""
+        for name in active:
+            if any(tensors[name].is_meta for tensors in (self.sltrain_A, self.sltrain_B, self.sltrain_values)):
+                raise ValueError(
+                    f"Adapter {name!r} of this SLTrain layer ({self.in_features} -> {self.out_features}) has no "
+                    "weights yet: it is on the meta device, as `get_peft_model(..., low_cpu_mem_usage=True)` leaves "
+                    "it for a load. Load its weights (`set_peft_model_state_dict`, `PeftModel.from_pretrained`) "
+                    "before calling the model, or build it without `low_cpu_mem_usage`."
+                ) from None
 
     def _check_input_dtype(self, x: torch.Tensor, weight: torch.Tensor, autocast: bool) -> None:
         """Outside autocast (and for fp64, which autocast leaves alone), `nn.Linear` refuses an input whose dtype is

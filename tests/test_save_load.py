@@ -10,7 +10,14 @@ import warnings
 
 import pytest
 import torch
-from peft import PeftConfig, PeftModel, get_peft_model, inject_adapter_in_model, set_peft_model_state_dict
+from peft import (
+    PeftConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_peft_model_state_dict,
+)
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification
 
@@ -351,6 +358,18 @@ def test_from_scratch_file_missing_base_tensors(tmp_path, loader):
     save_file(tensors, weights)
     with refused(loader, "embed_tokens"):
         load(loader, tiny_llama(), tmp_path)
+
+
+def test_an_adapter_built_for_a_load_and_called_before_it_says_so(tmp_path, input_ids):
+    """`get_peft_model(..., low_cpu_mem_usage=True)` leaves a fine-tuning adapter on the meta device for a load:
+    called before it, the model names the cause (torch's own error names only the meta device)."""
+    saved = get_peft_model(tiny_llama(), SLTrainConfig(r=4, sparsity=0.05))
+    perturb_trainable(saved)
+    model = get_peft_model(tiny_llama(), SLTrainConfig(r=4, sparsity=0.05), low_cpu_mem_usage=True)
+    with pytest.raises(ValueError, match=r"Adapter 'default' of this SLTrain layer \(64 -> 64\) has no weights yet"):
+        model(input_ids)
+    set_peft_model_state_dict(model, get_peft_model_state_dict(saved), low_cpu_mem_usage=True)
+    assert torch.equal(model(input_ids).logits, saved(input_ids).logits)
 
 
 def test_config_on_disk_is_plain_json(tmp_path):
