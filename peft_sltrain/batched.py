@@ -186,7 +186,22 @@ def _on_stack(frame, top) -> bool:
     return False
 
 
-def _unchanged(tensor: torch.Tensor) -> torch.Tensor:
+_MODIFIED_IN_PLACE = (
+    "A batched SLTrain layer's factors (sltrain_A, sltrain_B, sltrain_values) or support were modified in place "
+    "between the forward and the backward (e.g. an optimizer step before `backward()`); the gradients would be wrong. "
+    "Run the backward first."
+)
+
+
+def _pack_with_version(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    return tensor, tensor._version
+
+
+def _unpack_unchanged(packed: tuple[torch.Tensor, int]) -> torch.Tensor:
+    """A saved tensor as it was saved: with hooks in place autograd no longer compares versions itself."""
+    tensor, version = packed
+    if tensor._version != version:
+        raise RuntimeError(_MODIFIED_IN_PLACE)
     return tensor
 
 
@@ -346,7 +361,7 @@ def _own_linear(layer, name: str, x: torch.Tensor) -> torch.Tensor:
     checkpoint's recompute (which always takes this) saves what the forward saved. The weight, and what its ops save,
     bypass the checkpoint's hooks."""
     A, B, values = _factors(layer, name)
-    with torch.autograd.graph.saved_tensors_hooks(_unchanged, _unchanged):
+    with torch.autograd.graph.saved_tensors_hooks(_pack_with_version, _unpack_unchanged):
         weight = plain_weight(A, B, values, layer.sltrain_indices[name], layer.scaling[name], x.dtype)
     return _LayerLinear.apply(x, weight, None, -1)
 
@@ -422,11 +437,7 @@ class _BatchedRebuild(torch.autograd.Function):
     @staticmethod
     def factors(node) -> tuple[torch.Tensor, ...]:
         if any(t._version != v for t, v in zip((*node.factors, *node.supports), node.versions)):
-            raise RuntimeError(
-                "A batched SLTrain layer's factors (sltrain_A, sltrain_B, sltrain_values) or support were modified in "
-                "place between the forward and the backward (e.g. an optimizer step before `backward()`); the "
-                "gradients would be wrong. Run the backward first."
-            )
+            raise RuntimeError(_MODIFIED_IN_PLACE)
         return node.factors
 
     @staticmethod

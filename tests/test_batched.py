@@ -755,6 +755,20 @@ def test_factors_changed_in_place_before_backward_are_refused(input_ids):
         value.backward()
 
 
+@pytest.mark.parametrize("factor", ["sltrain_A", "sltrain_B", "sltrain_values"])
+def test_factors_changed_in_place_before_backward_of_a_layer_called_alone_are_refused(factor):
+    """Called outside a pass of its model, a layer builds its own weight under saved-tensor hooks, with which autograd
+    no longer compares a saved tensor's version: the hooks do (fp32, where the factors are saved uncast)."""
+    _, batched = pair()
+    layer = layers(batched)[-1]
+    x = torch.randn(3, layer.in_features, requires_grad=True)
+    y = layer(x)
+    with torch.no_grad():
+        getattr(layer, factor)["default"].add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place between the forward and the backward"):
+        y.sum().backward()
+
+
 def test_a_layer_called_twice_in_one_pass(input_ids):
     """A layer used three times in one pass: again while its group's weights are alive (both `dW` summed, then
     copied into its slot of the group's stacked `dW`), and once more after every member took its own (its own
