@@ -56,8 +56,9 @@ from .functional import plain_weight
 CHUNK_BYTES = 32 * 2**20
 
 # Where `compute="auto"` takes this rebuild for from-scratch layers trained in a pass of their model, unless the model
-# is sharded (`BatchedRebuilds.sharded`). On GPUs it beat the dense path at every step timed (60M and 350M LLaMA, 2k
-# and 32k tokens, bf16 autocast) and peaked no higher; on CPU it lost to it at 350M (docs/compute_paths.md).
+# is sharded (`BatchedRebuilds.sharded`). On GPUs (60M and 350M LLaMA, bf16 autocast) it beat the dense path at every
+# 32k-token step timed and at every 2k-token step but one noisy rerun, and peaked no higher; on CPU it lost to it at
+# 350M (docs/compute_paths.md).
 AUTO_DEVICE_TYPES = ("cuda",)
 
 

@@ -109,9 +109,9 @@ class SLTrainConfig(PeftConfig):
             weight kept from forward to backward; layers fall back to the dense path without grad and with a frozen
             `W0`, and build their own weight where the model's forward is not the caller (see `peft_sltrain.batched`);
             it is refused in a sharded model (FSDP, DTensors, ZeRO-3). `"auto"` takes it for from-scratch layers
-            trained on a GPU (faster than the dense path and peaking no higher in every GPU step measured), except in a
-            sharded model; for a second derivative for the factors there (gradient penalties on the parameters), set
-            `"dense"`.
+            trained on a GPU (faster than the dense path on every 32k-token step measured, and peaking no higher in
+            every step), except in a sharded model; for a second derivative for the factors there (gradient penalties
+            on the parameters), set `"dense"`.
     """
 
     r: int = field(
