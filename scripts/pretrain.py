@@ -133,7 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--global-batch", type=int, help="sequences per optimizer step, over all processes (default: preset)"
     )
-    p.add_argument("--micro-batch", type=int, help="sequences per forward pass per process (default: preset)")
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        help="sequences per forward pass per process (default: preset; on --resume, the run's own; another may be "
+        "given there, the global batches stay the same)",
+    )
     p.add_argument("--weight-decay", type=float, help="AdamW's decoupled weight decay (default: preset)")
     p.add_argument("--grad-clip", type=float, help="max global gradient norm; 0 disables (default: preset)")
     p.add_argument("--optimizer", choices=["adamw", "adam8bit"], help="(default: preset)")
@@ -298,7 +303,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.dataset and args.tokenizer == "train":
         raise ValueError("With `--dataset`, give a hub tokenizer (e.g. `--tokenizer t5-base`, the paper's).")
     args.vocab_size_given = args.vocab_size is not None  # (a resume keeps the run's own size where it is not given)
-    args.resume_note = None  # what `check_out_dir` took from the run it resumes, for one printed line
+    args.resume_notes = []  # what `check_out_dir` took from the run it resumes, or changed, a printed line each
     if args.tokenizer == "train" and args.vocab_size is None:  # the preset's (LlamaConfig's default if it has none)
         args.vocab_size = llama_config.vocab_size
         if args.vocab_size < 300 and not args.resume:  # (train_tokenizer's bound, named by where the size came from;
@@ -474,7 +479,7 @@ def check_out_dir(args: argparse.Namespace, config: dict) -> Path | None:
             # runs before the preset's size became the default were trained at 4096: a resume continues at the run's
             # own size (the vocabulary itself is compared with the data), as a given --vocab-size would set it
             args.vocab_size = config["vocab_size"] = own
-            args.resume_note = f"--vocab-size {own}, the run's own"
+            args.resume_notes.append(f"--vocab-size {own}, the run's own")
         keys = (set(saved) | set(config)) - {"data_sha256"}  # checked once the data is read (`check_same_data`)
         # not compared: a setting the method does not read (older runs recorded the preset's), what older runs did
         # not record (`eval_blocks`), and the vocabulary size of a hub tokenizer (older runs recorded the unused
@@ -485,6 +490,14 @@ def check_out_dir(args: argparse.Namespace, config: dict) -> Path | None:
         # named from another working directory, or absolutely, resume
         keys -= {"train_files", "validation_files"} if saved.get("data_sha256") else set()
         keys -= {"tokenizer"} if saved.get("tokenizer") == args.tokenizer_typed else set()
+        # the micro-batch only sets how much of a global batch one forward pass holds (its blocks and their order
+        # come from the step alone, `data.BlockSampler`): a resume may lower it to fit another machine's memory
+        keys -= {"micro_batch"}
+        if saved.get("micro_batch") != config["micro_batch"]:
+            args.resume_notes.append(
+                f"--micro-batch {config['micro_batch']} (the run trained with {saved.get('micro_batch')}): the same "
+                "global batches, so the losses follow the run's up to rounding (not bit for bit)"
+            )
         differ = sorted(k for k in keys if saved.get(k) != config.get(k))
         if differ:
             detail = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {config.get(k)!r}" for k in differ[:4])
@@ -568,6 +581,27 @@ def init_out_dir(args: argparse.Namespace, config: dict, accelerator: Accelerato
         temporary = out / ".run_config.json.tmp"  # written whole, then renamed: a kill leaves no half of it
         temporary.write_text(json.dumps(config, indent=2))
         os.replace(temporary, out / "run_config.json")
+    accelerator.wait_for_everyone()
+
+
+def saved_micro_batch(out_dir: str) -> int | None:
+    """The micro-batch that run_config.json in `out_dir` records, or None (no readable one: `check_out_dir` says
+    why, if it matters)."""
+    try:
+        micro_batch = json.loads((Path(out_dir) / "run_config.json").read_text()).get("micro_batch")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return micro_batch if type(micro_batch) is int and micro_batch > 0 else None
+
+
+def record_micro_batch(out: Path, micro_batch: int, accelerator: Accelerator) -> None:
+    """A resume with another `--micro-batch`: run_config.json records the one the run goes on with."""
+    if accelerator.is_main_process:
+        config = json.loads((out / "run_config.json").read_text())
+        if config.get("micro_batch") != micro_batch:
+            temporary = out / ".run_config.json.tmp"
+            temporary.write_text(json.dumps({**config, "micro_batch": micro_batch}, indent=2))
+            os.replace(temporary, out / "run_config.json")
     accelerator.wait_for_everyone()
 
 
@@ -826,6 +860,8 @@ def main(argv: list[str] | None = None) -> dict:
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],  # supports are identical per rank
     )
     world, rank = accelerator.num_processes, accelerator.process_index
+    if args.resume and not args.micro_batch_given:  # the run's own, unless another is given
+        args.micro_batch = saved_micro_batch(args.out_dir) or args.micro_batch
     grad_accum, micro_note = fit_micro_batch(args, world)
     if args.per_layer_updates and (world > 1 or grad_accum > 1):
         raise ValueError(
@@ -859,8 +895,9 @@ def main(argv: list[str] | None = None) -> dict:
         hub = check_hub(args, accelerator)
     config = trajectory_config(args, world)
     resume_from = check_out_dir(args, config)
-    if args.resume_note and accelerator.is_main_process:
-        print(f"pretrain.py: --resume: {args.resume_note}")
+    if accelerator.is_main_process:
+        for note in args.resume_notes:
+            print(f"pretrain.py: --resume: {note}")
     out = Path(args.out_dir)
     if micro_note and accelerator.is_main_process:
         print(f"pretrain.py: {micro_note}")
@@ -954,6 +991,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     if resume_from is None:  # data, model and optimizer are fine: only now does the run directory change
         init_out_dir(args, config, accelerator)
+    else:
+        record_micro_batch(out, args.micro_batch, accelerator)
     if accelerator.is_main_process:
         tokenizer.save(out / "tokenizer")
 

@@ -171,6 +171,26 @@ def test_resume_with_per_layer_updates_across_a_relora_restart_equals_uninterrup
         run(killed, corpus, *extra, "--resume", "--seed", "1")  # another seed draws other supports and data
 
 
+def test_a_resume_keeps_the_runs_micro_batch_unless_given_another(tmp_path, corpus, capsys):
+    """The micro-batch only splits each global batch into forward passes: a resume may lower or raise it (another
+    machine's memory) and follows the run up to rounding; one that does not pass it takes the run's own."""
+    full = tmp_path / "full"
+    run(full, corpus, "--micro-batch", "8", "--save-every", "3")  # one forward pass per step
+    own = killed_after(full, tmp_path / "own", 3)
+    run(own, corpus, "--resume", "--save-every", "3")  # not the preset's 4: the run's 8, so bit for bit
+    assert log_rows(own) == log_rows(full)
+    other = killed_after(full, tmp_path / "other", 3)
+    capsys.readouterr()
+    run(other, corpus, "--resume", "--save-every", "3", "--micro-batch", "2")  # 4 accumulation steps
+    assert "--resume: --micro-batch 2 (the run trained with 8): the same global batches" in capsys.readouterr().out
+    resumed, uninterrupted = log_rows(other), log_rows(full)
+    assert resumed[:3] == uninterrupted[:3] and [r["lr"] for r in resumed] == [r["lr"] for r in uninterrupted]
+    assert [r["loss"] for r in resumed[3:]] == pytest.approx([r["loss"] for r in uninterrupted[3:]], rel=1e-5)
+    assert json.loads((other / "run_config.json").read_text())["micro_batch"] == 2  # what it goes on with
+    with pytest.raises(ValueError, match="multiple of --micro-batch"):  # still checked against the global batch
+        run(killed_after(full, tmp_path / "bad", 3), corpus, "--resume", "--save-every", "3", "--micro-batch", "3")
+
+
 def test_the_last_step_is_evaluated_and_checkpointed_off_the_cadence(tmp_path, corpus):
     """5 steps, every 3: steps 3 and 5 are evaluated and saved (--save-every "and at the end"); each evaluation scores
     the first --eval-blocks sequences, and the summary's val_ppl is the last one logged."""
