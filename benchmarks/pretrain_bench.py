@@ -1,7 +1,8 @@
 """SLTrain against full-rank, low-rank, LoRA, ReLoRA, GaLore and Fira: same model, data, token budget and seed.
 
     python benchmarks/pretrain_bench.py                 # CPU default: tiny LLaMA, shared corpora, < 30 min on 2 cores
-    python benchmarks/pretrain_bench.py --sweep-lr      # first: each method's best learning rate (short runs)
+    python benchmarks/pretrain_bench.py --sweep-lr      # first: each method's best learning rate, on runs of the
+                                                        # table's schedule (three rates or more per method)
     python benchmarks/pretrain_bench.py --size 60m --device-note "1x H100"   # the 60M preset (its 512 x 256-token
                                         # steps: 2000 of them are 80 passes over the shared corpora; the README's 60M
                                         # table passes a one-pass budget after `--`)
@@ -42,10 +43,12 @@ METHODS = ["full", "lowrank", "lora", "relora", "galore", "fira", "sltrain"]
 LR_GRID = [1e-3, 3e-3, 1e-2]
 EMBEDDED = [str(ROOT / "data/austen/train.txt.gz")], [str(ROOT / "data/austen/validation.txt.gz")]  # without SHARED_LM
 
-# Budgets: the CPU default must finish all methods in under 30 minutes on 2 cores.
+# Budgets: the CPU default must finish all methods in under 30 minutes on 2 cores. The learning-rate sweep runs the
+# same schedule: a rate picked on shorter runs can hold a method back (on 200-step runs with 20 warmup steps, 1e-3 won
+# for full-rank, which then trailed at 500 steps by 33 perplexity points against 3e-3: README).
 SIZES = {
-    "tiny": {"max_steps": 500, "warmup_steps": 50, "eval_every": 100, "sweep_steps": 200},
-    "60m": {"max_steps": 2000, "warmup_steps": 200, "eval_every": 250, "sweep_steps": 500},
+    "tiny": {"max_steps": 500, "warmup_steps": 50, "eval_every": 100},
+    "60m": {"max_steps": 2000, "warmup_steps": 200, "eval_every": 250},
 }
 
 
@@ -187,13 +190,15 @@ def run_method(method: str, size: str, lr: float, seed: int, steps: int, warmup:
 
 
 def sweep(args) -> None:
-    """Each method's best learning rate on a short run: the grid, extended by 3x beyond an edge that wins.
+    """Each method's best learning rate on a run of the table's schedule (seed 0, evaluated at its end): the grid,
+    extended by 3x beyond an edge that wins.
     A run in the sweep file is reused only if it records the command this invocation would run (same steps, corpus
     and flags after `--`); the others run again, so an interrupted or extended sweep only runs what is missing. The
     file's command and machine are those of the last invocation that measured something; each run made since runs
     began to record their own (`cmd`, `commit`, `finished_at`) has its own."""
-    steps = SIZES[args.size]["sweep_steps"]
-    warmup, eval_every = steps // 10, steps
+    budget = SIZES[args.size]
+    steps, warmup = budget["max_steps"], budget["warmup_steps"]
+    eval_every = steps  # (pretrain.py evaluates the last step whatever the cadence)
     path = args.results_dir / f"lr_sweep_{args.size}.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     runs = {(r["method"], r["lr"]): r for r in old.get("runs", [])}
@@ -238,6 +243,7 @@ def sweep(args) -> None:
             provenance = {key: old[key] for key in ("command", "environment") if key in old}
         path.write_text(json.dumps({
             "command": provenance.get("command"), "grid": LR_GRID, "steps": effective["max_steps"],
+            "warmup_steps": effective["warmup_steps"], "extra_flags": args.extra,
             "runs": sorted(runs.values(), key=lambda r: (r["method"], r["lr"])), "best_lr": best,
             "environment": provenance.get("environment"),
         }, indent=2))  # fmt: skip
@@ -261,6 +267,36 @@ def sweep(args) -> None:
         print(f"nothing to run: every run is in {path} with this command; left it as it was")
         return
     print(f"wrote {path}: {json.loads(path.read_text())['best_lr']}")
+
+
+def sweep_mismatch(swept: dict, name: str, methods: list[str], size: str, extra: list[str]) -> str | None:
+    """Why the rates of the sweep file `swept` (called `name`) do not stand for a table of `methods` run with the
+    flags `extra`, or None: it must have run the table's schedule and training flags (the evaluation cadence aside)
+    and hold a rate for every method."""
+    budget = SIZES[size]
+
+    def training_flags(flags: list[str]) -> dict:
+        parsed = vars(_parsed_flags(budget["max_steps"], budget["warmup_steps"], budget["eval_every"], flags))
+        return {k: v for k, v in parsed.items() if k != "eval_every"}
+
+    recorded = swept.get("extra_flags")
+    if recorded is None or training_flags(recorded) != training_flags(extra):
+        flags = "not recorded" if recorded is None else shlex.join(recorded) or "none"
+        warmup = swept.get("warmup_steps", "not recorded")
+        ran = f"{swept.get('steps')}-step runs (warmup {warmup}), flags after `--`: {flags}"
+        wanted = schedule(budget["max_steps"], budget["warmup_steps"], budget["eval_every"], extra)
+        return (
+            f"{name} picked its rates on {ran}; this table runs {wanted['max_steps']} steps (warmup "
+            f"{wanted['warmup_steps']}), flags after `--`: {shlex.join(extra) or 'none'}. A rate picked on another "
+            "schedule can hold a method back: run --sweep-lr first with the same flags after `--`."
+        )
+    missing = [m for m in methods if m not in swept.get("best_lr", {})]
+    if missing:
+        return (
+            f"{name} has no rate for {', '.join(missing)} (not swept, or diverged at every rate tried): run "
+            f"--sweep-lr --methods {' '.join(missing)} first, with the same flags after `--`."
+        )
+    return None
 
 
 def aggregate(runs: list[dict]) -> dict:
@@ -401,7 +437,13 @@ def main(argv=None) -> None:
         return
 
     sweep_file = args.results_dir / f"lr_sweep_{args.size}.json"
-    best_lr = json.loads(sweep_file.read_text())["best_lr"] if sweep_file.is_file() else {}
+    best_lr = {}
+    if sweep_file.is_file():
+        swept = json.loads(sweep_file.read_text())
+        problem = sweep_mismatch(swept, relative(sweep_file), args.methods, args.size, args.extra)
+        if problem:
+            p.error(problem)
+        best_lr = swept["best_lr"]
     args.jobs = args.jobs or (2 if args.size == "tiny" else 1)
     jobs = [(m, seed) for m in args.methods for seed in args.seeds]
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None

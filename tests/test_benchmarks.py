@@ -6,6 +6,7 @@ Runs are faked (a stand-in for the function or process that would train or time)
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -192,7 +193,9 @@ def test_bench_trial_run_goes_to_its_results_dir(pretrain_in_tmp, tmp_path, monk
     (pretrain_in_tmp / "pretrain_tiny.json").parent.mkdir(parents=True)
     (pretrain_in_tmp / "pretrain_tiny.json").write_text("committed")
     (tmp_path / "trial").mkdir()
-    (tmp_path / "trial" / "lr_sweep_tiny.json").write_text(json.dumps({"best_lr": {"full": 1e-2}}))
+    trial_flags = ["--max-steps", "4", "--warmup-steps", "1"]
+    swept = {"steps": 4, "warmup_steps": 1, "extra_flags": trial_flags, "best_lr": {"full": 1e-2}}
+    (tmp_path / "trial" / "lr_sweep_tiny.json").write_text(json.dumps(swept))
     pretrain_bench.main(
         [
             "--methods",
@@ -211,6 +214,41 @@ def test_bench_trial_run_goes_to_its_results_dir(pretrain_in_tmp, tmp_path, monk
     assert (pretrain_in_tmp / "pretrain_tiny.json").read_text() == "committed"
     trial = json.loads((tmp_path / "trial" / "pretrain_tiny.json").read_text())
     assert trial["runs"][0]["lr"] == 1e-2 and trial["lr_source"] == str(tmp_path / "trial" / "lr_sweep_tiny.json")
+
+
+def test_the_sweep_runs_the_tables_schedule_and_the_table_takes_only_such_rates(pretrain_in_tmp, monkeypatch, capsys):
+    """A rate picked on shorter runs can hold a method back (the committed tiny table's full-rank: README), so the
+    sweep runs the table's steps and warmup, and the table refuses rates swept for other training settings, or
+    missing for one of its methods; the evaluation cadence may differ."""
+    ran = []
+    monkeypatch.setattr(pretrain_bench, "run_method", fake_run_method(ran))
+    pretrain_bench.main(["--sweep-lr", "--methods", "full"])
+    saved = json.loads((pretrain_in_tmp / "lr_sweep_tiny.json").read_text())
+    assert (saved["steps"], saved["warmup_steps"], saved["extra_flags"]) == (500, 50, [])
+    for run in saved["runs"]:
+        flags = dict(zip(run["cmd"][1:], run["cmd"][2:]))
+        assert (flags["--max-steps"], flags["--warmup-steps"]) == ("500", "50")
+    ran.clear()
+    pretrain_bench.main(["--methods", "full", "--jobs", "1", "--", "--eval-every", "250"])
+    assert ran == [("full", 3e-3)]  # the fake sweep's best
+    for argv, message in [
+        (["--methods", "full", "--", "--max-steps", "200", "--warmup-steps", "20"],
+         r"picked its rates on 500-step runs \(warmup 50\), flags after `--`: none; this table runs 200 steps "
+         r"\(warmup 20\), flags after `--`: --max-steps 200 --warmup-steps 20\. A rate picked on another schedule"),
+        (["--methods", "full", "--", "--global-batch", "16"], "run --sweep-lr first with the same flags after `--`"),
+        (["--methods", "full", "sltrain"], r"has no rate for sltrain \(not swept, or diverged at every rate tried\): "
+         "run --sweep-lr --methods sltrain first"),
+    ]:  # fmt: skip
+        with pytest.raises(SystemExit):
+            pretrain_bench.main(["--jobs", "1", *argv])
+        assert re.search(message, capsys.readouterr().err)
+    old = {**saved, "steps": 200}  # a sweep file from before sweeps ran the table's schedule
+    del old["warmup_steps"], old["extra_flags"]
+    (pretrain_in_tmp / "lr_sweep_tiny.json").write_text(json.dumps(old))
+    with pytest.raises(SystemExit):
+        pretrain_bench.main(["--methods", "full", "--jobs", "1"])
+    assert "200-step runs (warmup not recorded), flags after `--`: not recorded" in capsys.readouterr().err
+    assert ran == [("full", 3e-3)]
 
 
 def test_replot_draws_the_results_file_again_and_runs_nothing(pretrain_in_tmp, monkeypatch, capsys):
