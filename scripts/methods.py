@@ -360,6 +360,7 @@ register(
         reads=("rank", "alpha"),
         options={"relora_every": int, "relora_warmup": int},
         check=_relora_check,
+        version=2,  # 2: a restart's new A drawn from a generator seeded by the run's seed and step (1: the global RNG)
     )
 )
 
