@@ -29,10 +29,11 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext, suppress
+from datetime import timedelta
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedType
+from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
 from accelerate.utils import broadcast
 from tqdm.auto import tqdm
 from transformers import LlamaConfig
@@ -156,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
         "compiling takes a while at the first step and at the first evaluation",
     )
     p.add_argument("--seed", type=int, default=0, help="in [0, 2**32) (default: %(default)s)")
+    p.add_argument(
+        "--ddp-timeout", type=int, default=1800,
+        help="seconds that processes wait for each other in a collective before the run fails, as the Trainer's "
+        "`ddp_timeout` (torch's process-group timeout); the main process alone trains the tokenizer and writes each "
+        "checkpoint meanwhile, longer on big corpora and models (default: %(default)s)",
+    )  # fmt: skip
     # evaluation, checkpoints, output
     p.add_argument("--eval-every", type=int, default=100, help="validate every N steps and at the end (default: "
                    "%(default)s)")  # fmt: skip
@@ -236,6 +243,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill every unset flag from the size preset, then check the combination before anything runs."""
     preset = load_preset(args.model)
     method = get_method(args.method)
+    args.global_batch_given = args.global_batch is not None
     args.micro_batch_given = args.micro_batch is not None  # a preset's micro-batch may be lowered to fit processes
     warmup_given, optimizer_given = args.warmup_steps is not None, args.optimizer is not None
     unused = [key for key in PRESET_SLTRAIN_KEYS if key not in method.reads]
@@ -279,7 +287,16 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         value = getattr(args, name)  # NaN passes every comparison below, inf turns clipping off like 0
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"`--{name.replace('_', '-')}` must be a finite number, got {value}.")
-    for name in ("lr", "max_steps", "global_batch", "micro_batch", "seq_len", "eval_every", "eval_blocks"):
+    for name in (
+        "lr",
+        "max_steps",
+        "global_batch",
+        "micro_batch",
+        "seq_len",
+        "eval_every",
+        "eval_blocks",
+        "ddp_timeout",
+    ):
         if getattr(args, name) <= 0:
             raise ValueError(f"`--{name.replace('_', '-')}` must be positive, got {getattr(args, name)}.")
     if args.seq_len < 2:
@@ -405,6 +422,12 @@ def fit_micro_batch(args: argparse.Namespace, world: int) -> tuple[int, str | No
                 f"--global-batch {args.global_batch}"
             )
             args.micro_batch = fits[0]
+    if args.global_batch % world:
+        source = "" if args.global_batch_given else " (the preset's)"
+        raise ValueError(
+            f"`--global-batch` {args.global_batch}{source} does not divide over {world} processes: pass a multiple of "
+            f"{world}, or run on a number of processes that divides it."
+        )
     per_step = args.micro_batch * world
     if args.global_batch % per_step:
         raise ValueError(
@@ -682,10 +705,10 @@ def training_state_bytes(model, optimizer, shards: Accelerator | None = None) ->
     (bitsandbytes' quantization constants, beside a quantized base's weights, are no parameters: not counted.)
     With `shards` (under FSDP, where each process holds a shard of each) they are summed over its processes."""
     params = list(model.parameters())
-    trainable = [p.numel() * p.element_size() for p in params if p.requires_grad]
+    trainable = [local_bytes(p) for p in params if p.requires_grad]
     per_layer = isinstance(optimizer, PerLayerOptimizer)
     counts = {
-        "param_bytes": sum(p.numel() * p.element_size() for p in params),
+        "param_bytes": sum(local_bytes(p) for p in params),
         "grad_bytes": max(trainable, default=0) if per_layer else sum(trainable),  # per-layer: one gradient at a time
         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
     }
@@ -703,11 +726,22 @@ def optimizer_state_bytes(optimizer) -> int:
         for state in opt.state.values():
             for value in state.values():
                 tensors = [value] if torch.is_tensor(value) else list(getattr(value, "__dict__", {}).values())
-                total += sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+                total += sum(local_bytes(t) for t in tensors if torch.is_tensor(t))
     return total
 
 
+def local_bytes(tensor: torch.Tensor) -> int:
+    """The bytes of `tensor` that this process holds: of a DTensor (FSDP2's parameters, gradients and their
+    optimizer states), its local shard, where `numel()` counts the whole tensor."""
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return local.numel() * local.element_size()
+
+
 # ----------------------------------------------------------------------------------------------------- utilities
+def counted(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
@@ -857,7 +891,10 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # lets `torchrun --nproc_per_node N` run DDP over gloo on a CPU machine
         mixed_precision="bf16" if args.dtype == "bf16" else "no",
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],  # supports are identical per rank
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(broadcast_buffers=False),  # the supports are identical on every rank
+            InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout)),
+        ],
     )
     world, rank = accelerator.num_processes, accelerator.process_index
     if args.resume and not args.micro_batch_given:  # the run's own, unless another is given
@@ -866,7 +903,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.per_layer_updates and (world > 1 or grad_accum > 1):
         raise ValueError(
             "`--per-layer-updates` needs one process and no gradient accumulation "
-            f"(got {world} processes, {grad_accum} accumulation steps)"
+            f"(got {counted(world, 'process', 'processes')}, "
+            f"{counted(grad_accum, 'accumulation step', 'accumulation steps')})"
             + (f": pass `--micro-batch {args.global_batch}` if it fits in memory." if world == 1 else ".")
         )
     if not method.checkpointable and (args.save_every or args.resume):
@@ -899,8 +937,14 @@ def main(argv: list[str] | None = None) -> dict:
         for note in args.resume_notes:
             print(f"pretrain.py: --resume: {note}")
     out = Path(args.out_dir)
-    if micro_note and accelerator.is_main_process:
-        print(f"pretrain.py: {micro_note}")
+    if accelerator.is_main_process:
+        if micro_note:
+            print(f"pretrain.py: {micro_note}")
+        processes = counted(world, "process", "processes")
+        print(  # (`accelerate launch --cpu` starts one process whatever --num_processes says: this line shows it)
+            f"pretrain.py: {processes}, global batch {args.global_batch} = micro-batch {args.micro_batch} x "
+            f"{counted(grad_accum, 'accumulation step', 'accumulation steps')} x {processes}"
+        )
 
     # ------------------------------------------------------------------------------------------------------ data
     cache = out.parent / ".cache"  # trained tokenizers, by content hash

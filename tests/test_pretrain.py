@@ -13,10 +13,12 @@ import socket
 import subprocess
 import sys
 import types
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator, InitProcessGroupKwargs
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -781,27 +783,102 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus, compute):
         "--eval-every",
         "100",
     ]
+    done = two_processes(args)
+    assert "2 processes, global batch 8 = micro-batch 4 x 1 accumulation step x 2 processes" in done.stdout
+    single, ddp = log_rows(tmp_path / "single"), log_rows(tmp_path / "ddp")
+    assert [r["step"] for r in ddp] == [r["step"] for r in single]
+    assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in single], rel=1e-4)
+    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["processes"] == 2
+
+
+def two_processes(args: list[str]) -> subprocess.CompletedProcess:
+    """`scripts/pretrain.py ARGS` on 2 CPU processes (gloo), as `torchrun --nproc_per_node 2` starts them."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
     # `python -m torch.distributed.run` is torchrun, found whether or not the venv's bin/ is on PATH
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        port,
-        str(ROOT / "scripts" / "pretrain.py"),
-        *args,
-    ]
-    subprocess.run(cmd, check=True, env=env, capture_output=True, text=True, timeout=300)
-    single, ddp = log_rows(tmp_path / "single"), log_rows(tmp_path / "ddp")
-    assert [r["step"] for r in ddp] == [r["step"] for r in single]
-    assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in single], rel=1e-4)
-    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["processes"] == 2
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+           str(ROOT / "scripts" / "pretrain.py"), *args]  # fmt: skip
+    return subprocess.run(cmd, check=True, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_the_process_group_waits_ddp_timeout_seconds(tmp_path, corpus, monkeypatch):
+    """The main process alone trains the tokenizer and writes checkpoints while the others wait in a collective:
+    torch's default timeout (NCCL's 10 minutes) would kill a run on a big corpus, so the Trainer's 30 minutes, or
+    --ddp-timeout."""
+    made = []
+
+    class Recording(Accelerator):
+        def __init__(self, *args, **kwargs):
+            made.append(kwargs["kwargs_handlers"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "Accelerator", Recording)
+    run(tmp_path / "default", corpus, "--max-steps", "2", "--warmup-steps", "0")
+    run(tmp_path / "given", corpus, "--max-steps", "2", "--warmup-steps", "0", "--ddp-timeout", "7200")
+    timeouts = [[h.timeout for h in handlers if isinstance(h, InitProcessGroupKwargs)] for handlers in made]
+    assert timeouts == [[timedelta(seconds=1800)], [timedelta(seconds=7200)]]
+
+
+def test_a_global_batch_that_no_micro_batch_splits_over_the_processes_says_so():
+    args = pretrain.resolve(pretrain.parse_args(["--model", "tiny", "--out-dir", "unused"]))  # global batch 32
+    with pytest.raises(ValueError, match=r"`--global-batch` 32 \(the preset's\) does not divide over 3 processes"):
+        pretrain.fit_micro_batch(args, 3)
+    assert pretrain.fit_micro_batch(args, 2)[0] == 1 and args.micro_batch == 16  # the preset's 32 lowered to fit
+
+
+def test_training_state_bytes_count_what_each_process_holds_of_a_dtensor(monkeypatch):
+    """FSDP2's parameters, gradients and optimizer states are DTensors, whose `numel()` is the whole tensor's: each
+    process counts its local shard, so that the sum over processes is the model's (not world_size times it)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_PORT", str(probe.getsockname()[1]))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        half = DTensor.from_local(
+            torch.ones(3, 4), mesh, [Shard(0)], run_check=False, shape=torch.Size([6, 4]), stride=(4, 1)
+        )  # fmt: skip  (one rank's half of a (6, 4) weight)
+        model = torch.nn.Module()
+        model.w = torch.nn.Parameter(half)
+        optimizer = torch.optim.AdamW([model.w])
+        optimizer.state[model.w] = {"exp_avg": half.clone(), "exp_avg_sq": half.clone()}
+
+        class TwoEqualShards:  # `Accelerator.reduce` over two processes holding shards of the same size
+            device = torch.device("cpu")
+
+            def reduce(self, tensor, reduction):
+                return tensor * 2
+
+        counts = pretrain.training_state_bytes(model, optimizer, TwoEqualShards())
+    finally:
+        torch.distributed.destroy_process_group()
+    whole = 6 * 4 * 4  # bytes of the (6, 4) fp32 weight
+    assert counts == {"param_bytes": whole, "grad_bytes": whole, "optimizer_state_bytes": 2 * whole,
+                      "training_state_bytes": 4 * whole}  # fmt: skip
+
+
+def test_a_two_process_run_resumes_as_if_uninterrupted(tmp_path, corpus):
+    """Each rank's RNG state is gathered into the checkpoint and given back to it, and only the main process writes:
+    a 2-process run killed after its step-3 checkpoint resumes to the uninterrupted run's losses and export."""
+
+    def args(out: Path) -> list[str]:
+        return ["--model", MICRO, "--out-dir", str(out), "--train-files", corpus[0], "--validation-files", corpus[1],
+                "--eval-blocks", "8", "--eval-every", "3", "--save-every", "3"]  # fmt: skip
+
+    two_processes(args(tmp_path / "full"))
+    killed = killed_after(tmp_path / "full", tmp_path / "killed", 3)
+    two_processes([*args(killed), "--resume"])
+    assert log_rows(killed) == log_rows(tmp_path / "full")
+    assert log_rows(killed, "val_ppl") == log_rows(tmp_path / "full", "val_ppl")
+    a = load_file(tmp_path / "full" / "final" / "adapter_model.safetensors")
+    b = load_file(killed / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ------------------------------------------------------------------------------------------------------ bad input
@@ -827,6 +904,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus, compute):
         ),
         (["--seq-len", "1"], r"`--seq-len` must be at least 2 \(.*\), got 1"),
         (["--grad-clip", "nan"], "`--grad-clip` must be a finite number, got nan"),
+        (["--ddp-timeout", "0"], "`--ddp-timeout` must be positive, got 0"),
         (["--grad-clip", "inf"], "`--grad-clip` must be a finite number, got inf"),
         (["--lr", "nan"], "`--lr` must be a finite number, got nan"),
         (["--eval-every", "0"], "`--eval-every` must be positive, got 0"),
