@@ -173,7 +173,8 @@ class LowRankLinear(nn.Module):
     """`y = x @ ((alpha / r) B @ A).T + bias` with no dense weight: the pure low-rank baseline (the paper's "low-rank",
     whose rows come from GaLore's runs of ReLoRA's code: both factors Kaiming-uniform, as `nn.Linear`'s, and the
     product scaled by `lora_alpha / r`). The scale is SLTrain's, so that this is SLTrain without `S` (and with a
-    random rather than zero `B`)."""
+    random rather than zero `B`). The init follows ReLoRA's `ReLoRaLinear.reset_parameters` as of 0036cf3 ("init
+    both A and B with kaiming"); later ReLoRA code starts `B` at zero, and which one GaLore ran is not recorded."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, scaling: float, bias: bool):
         super().__init__()
