@@ -389,6 +389,10 @@ def _check_loaded_state_dict(
     adapter_keys = {key for key in model_state if _is_key_under_prefixes(key, adapter_prefixes)}
     expected = set(model_state) if config.from_scratch else adapter_keys
     missing = sorted(expected - set(state_dict))
+    if not supports:  # named as the file would hold them
+        missing = [
+            key.replace(support_suffix, fingerprint) if key.endswith(support_suffix) else key for key in missing
+        ]
     if missing:
         raise ValueError(
             f"The adapter file lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}; it is truncated, "

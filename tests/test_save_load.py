@@ -19,12 +19,12 @@ from peft import (
     set_peft_model_state_dict,
 )
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from peft_sltrain import SLTrainConfig
 from peft_sltrain.support import random_support
 
-from conftest import perturb_trainable, tiny_llama, tiny_roberta
+from conftest import perturb_trainable, tiny_llama, tiny_llama_config, tiny_roberta
 
 FRESH_PROCESS = """
 import sys, torch
@@ -425,3 +425,99 @@ def test_adapter_without_supports_regenerates_them(tmp_path, input_ids, from_scr
     save_file(tensors, without)
     with refused(loader, "differs from the one the adapter was trained with"):
         load(loader, tiny_llama(), tmp_path / "without")
+
+
+def _save_truncated(path):
+    """An adapter saved under `path` whose file lacks one tensor; returns the weights file."""
+    model = get_peft_model(tiny_llama(), SLTrainConfig(r=4, sparsity=0.05))
+    perturb_trainable(model)
+    model.save_pretrained(path)
+    weights = path / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    del tensors[next(k for k in tensors if k.endswith("sltrain_B"))]
+    save_file(tensors, weights)
+    return weights
+
+
+def test_transformers_load_adapter_checks_an_adapter_loaded_under_another_name(tmp_path):
+    """`model.load_adapter(path, adapter_name="other")`: the wrapper must check the adapter it loaded, not look up
+    "default" (which does not exist, and then return without a check)."""
+    _save_truncated(tmp_path)
+    with pytest.raises(ValueError, match=r"lacks 1 tensor.*sltrain_B\.other.*already put the file's tensors"):
+        tiny_llama().load_adapter(str(tmp_path), adapter_name="other")
+
+
+def test_transformers_load_adapter_from_a_subfolder_loads_and_checks_that_file(tmp_path, input_ids):
+    """`load_adapter(directory, adapter_kwargs={"subfolder": ...})`: the wrapper re-reads the file for its checks and
+    must read it from the same subfolder (without it, a local directory is taken for a Hub id and the load fails)."""
+    model = get_peft_model(tiny_llama(), SLTrainConfig(r=4, sparsity=0.05)).eval()
+    perturb_trainable(model)
+    model.save_pretrained(tmp_path / "sub")
+    base = tiny_llama()
+    base.load_adapter(str(tmp_path), adapter_kwargs={"subfolder": "sub"})
+    assert torch.equal(base(input_ids).logits, model(input_ids).logits)
+    _save_truncated(tmp_path / "sub")
+    with pytest.raises(ValueError, match=r"lacks 1 tensor"):
+        tiny_llama().load_adapter(str(tmp_path), adapter_kwargs={"subfolder": "sub"})
+
+
+@pytest.mark.parametrize("bias", ["sltrain_only", "all"])
+def test_an_adapter_with_trained_biases_saves_and_loads_back(tmp_path, bias):
+    """A fine-tuning adapter that trains biases holds them in its file; loading must accept them (they are not the
+    frozen base weights that `_check_loaded_state_dict` refuses to overwrite) and give the saved model's outputs."""
+    model = get_peft_model(tiny_roberta(), SLTrainConfig(r=2, sparsity=0.05, task_type="SEQ_CLS", bias=bias)).eval()
+    perturb_trainable(model)
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    loaded = PeftModel.from_pretrained(tiny_roberta(), tmp_path).eval()
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_tied_tensors_that_differ_by_little_are_refused_too(tmp_path):
+    """The file's embeddings and head differ by 1e-5 only (an untied model trained briefly): a tied model would still
+    keep one and drop the other, so it is refused as for any difference (the check compares exactly)."""
+    model = get_peft_model(
+        AutoModelForCausalLM.from_config(tiny_llama_config()),
+        SLTrainConfig(r=8, sparsity=0.05, alpha=2, from_scratch=True),
+    )
+    with torch.no_grad():
+        head = model.base_model.model.lm_head.weight
+        head.copy_(model.base_model.model.model.embed_tokens.weight)
+        head[0, 0] += 1e-5
+    model.save_pretrained(tmp_path)
+    tied = AutoModelForCausalLM.from_config(tiny_llama_config(tie_word_embeddings=True))
+    with pytest.raises(ValueError, match=r"different tensors for .*embed_tokens.weight.* ties into one parameter"):
+        PeftModel.from_pretrained(tied, tmp_path)
+
+
+def test_merging_adapters_that_sit_on_different_layers():
+    """Two adapters on disjoint layers (`add_adapter` with other `target_modules`): every SLTrain layer then lists the
+    active adapter, including those that do not hold it. `merge_adapter()` and `merge_and_unload()` must merge each
+    layer's own adapter and skip the one it lacks (the suite merges only adapters that share their layers)."""
+    torch.manual_seed(0)
+    model = get_peft_model(
+        torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)),
+        SLTrainConfig(r=2, sparsity=0.2, target_modules=["0"]),
+    )
+    model.add_adapter("other", SLTrainConfig(r=2, sparsity=0.2, target_modules=["1"]))
+    perturb_trainable(model, scale=0.1)
+    x = torch.randn(3, 8)
+    expected = model(x)
+    model.merge_adapter()
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+    model.unmerge_adapter()
+    torch.testing.assert_close(model.merge_and_unload()(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_file_saved_without_supports_that_lacks_a_fingerprint_names_it(tmp_path):
+    """Such a file holds a fingerprint where a support would be: a missing one is named as the file would hold it,
+    not as the support key it stands in for."""
+    model = get_peft_model(tiny_llama(), SLTrainConfig(r=4, sparsity=0.05, save_support=False))
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    del tensors["base_model.model.model.layers.0.mlp.down_proj.sltrain_fingerprint"]
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(
+        ValueError, match=r"lacks 1 tensor\(s\).*\['base_model.model.model.layers.0.mlp.down_proj.sltrain_fi"
+    ):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)

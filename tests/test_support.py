@@ -120,3 +120,15 @@ def test_a_support_at_exactly_half_density_is_pinned():
 
 HALF_DENSITY_SUPPORT = [1, 4, 6, 8, 9, 11, 14, 16, 18, 19, 21, 23]  # torch 2.13's CPU generator
 HALF_DENSITY_FINGERPRINT = [7465442259198090342]
+
+
+def test_a_support_just_above_half_density_is_pinned():
+    """Just above half density (one entry over, odd and even n) the left-out entries are drawn: pinned like the other
+    golden values, since a `save_support=False` adapter regenerates its supports from the seed (the other tests pin
+    exactly half, where the kept entries are drawn, and 50 of 63, well above)."""
+    odd = random_support(7, 9, 32, seed=3)  # n = 63, nnz = 32: 2 * nnz = n + 1
+    assert odd.tolist()[:8] == [0, 2, 3, 4, 5, 6, 9, 10]
+    assert support_fingerprint(odd).tolist() == [3750715755764892032]
+    even = random_support(5, 5, 13, seed=3)  # n = 25, nnz = 13
+    assert even.tolist() == [1, 2, 3, 4, 6, 8, 10, 11, 12, 14, 15, 19, 21]
+    assert support_fingerprint(even).tolist() == [6222350492143186509]
