@@ -13,6 +13,7 @@ from peft.utils.integrations import dequantize_bnb_weight
 from torch import nn
 
 from peft_sltrain import SLTrainConfig, SLTrainLayer, count_parameters
+from peft_sltrain.counting import module_parameter_counts
 from peft_sltrain.functional import dense_weight
 
 from conftest import tiny_llama
@@ -226,6 +227,7 @@ def test_count_parameters_counts_quantized_weights_at_their_dense_size_targeted_
     config = SLTrainConfig(r=2, sparsity=0.1, target_modules=["0"])  # layer 1 is not targeted
     counts = count_parameters(model(True), config)
     assert counts == count_parameters(model(False), config)
+    assert module_parameter_counts(model(True)).total == module_parameter_counts(model(False)).total  # (the scripts)
     assert counts.total == get_peft_model(model(True), config).get_nb_trainable_parameters()[1]  # PEFT's count
 
 
