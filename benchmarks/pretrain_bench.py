@@ -269,34 +269,68 @@ def sweep(args) -> None:
     print(f"wrote {path}: {json.loads(path.read_text())['best_lr']}")
 
 
-def sweep_mismatch(swept: dict, name: str, methods: list[str], size: str, extra: list[str]) -> str | None:
-    """Why the rates of the sweep file `swept` (called `name`) do not stand for a table of `methods` run with the
-    flags `extra`, or None: it must have run the table's schedule and training flags (the evaluation cadence aside)
-    and hold a rate for every method."""
+def swept_rates(swept: dict, name: str, methods: list[str], size: str, extra: list[str]) -> dict[str, float]:
+    """Each of `methods`' best learning rate in the sweep file `swept` (called `name`) for a table run with the flags
+    `extra`, found as `sweep` finds it, among its runs alone; `ValueError` unless every run of the method there was
+    made with the command `--sweep-lr` would run now with those flags (the table's schedule, the same method version)
+    and its sweep is complete. The file's `best_lr` is not trusted: a later `--sweep-lr` of one method with other
+    flags rewrites it for all."""
     budget = SIZES[size]
+    steps, warmup = budget["max_steps"], budget["warmup_steps"]
+    runs = {(r["method"], r["lr"]): r for r in swept.get("runs", [])}
+    rates = {}
+    for method in methods:
+        version = method_version(method)
+        tried = sorted(lr for m, lr in runs if m == method)
+        stale = [
+            lr for lr in tried
+            if _training_settings(runs[(method, lr)].get("cmd"))
+            != _training_settings(pretrain_command(method, size, lr, 0, steps, warmup, steps, f"sweep-{size}",
+                                                   extra)[1][1:])
+            or runs[(method, lr)].get("method_version", 1) != version
+        ]  # fmt: skip
+        ppl = {
+            lr: math.inf if runs[(method, lr)]["val_ppl"] is None else runs[(method, lr)]["val_ppl"] for lr in tried
+        }
+        best = min(tried, key=ppl.get) if tried else None
+        incomplete = (
+            not set(LR_GRID) <= set(tried)
+            or (best == tried[0] and best / 3 >= 1e-5)
+            or (best == tried[-1] and best * 3 <= 0.1)
+        )  # (`sweep` extends the grid past a winning edge)
+        again = f"run --sweep-lr --methods {method} first, with this table's flags after `--`"
+        if stale:
+            raise ValueError(
+                f"{name}: {method}'s runs at {', '.join(f'{lr:g}' for lr in stale)} trained otherwise than this "
+                "table's sweep would (another schedule, other flags after `--`, or another version of the method), "
+                f"and a rate picked on another schedule can hold a method back: {again}."
+            )
+        if incomplete:
+            raise ValueError(f"{name} holds no complete sweep of {method}: {again}.")
+        if math.isinf(ppl[best]):
+            raise ValueError(f"{name}: {method} diverged at every rate its sweep tried; it has no rate to train at.")
+        rates[method] = best
+    return rates
 
-    def training_flags(flags: list[str]) -> dict:
-        parsed = vars(_parsed_flags(budget["max_steps"], budget["warmup_steps"], budget["eval_every"], flags))
-        return {k: v for k, v in parsed.items() if k != "eval_every"}
 
-    recorded = swept.get("extra_flags")
-    if recorded is None or training_flags(recorded) != training_flags(extra):
-        flags = "not recorded" if recorded is None else shlex.join(recorded) or "none"
-        warmup = swept.get("warmup_steps", "not recorded")
-        ran = f"{swept.get('steps')}-step runs (warmup {warmup}), flags after `--`: {flags}"
-        wanted = schedule(budget["max_steps"], budget["warmup_steps"], budget["eval_every"], extra)
-        return (
-            f"{name} picked its rates on {ran}; this table runs {wanted['max_steps']} steps (warmup "
-            f"{wanted['warmup_steps']}), flags after `--`: {shlex.join(extra) or 'none'}. A rate picked on another "
-            "schedule can hold a method back: run --sweep-lr first with the same flags after `--`."
-        )
-    missing = [m for m in methods if m not in swept.get("best_lr", {})]
-    if missing:
-        return (
-            f"{name} has no rate for {', '.join(missing)} (not swept, or diverged at every rate tried): run "
-            f"--sweep-lr --methods {' '.join(missing)} first, with the same flags after `--`."
-        )
-    return None
+# pretrain.py's flags that do not change what a run trains (the micro-batch only up to rounding)
+NOT_TRAINING = ("eval_every", "save_every", "keep_last", "merge", "ddp_timeout", "micro_batch", "overwrite", "resume")
+
+
+def _training_settings(cmd: list[str] | None) -> dict | None:
+    """What the pretrain.py command line `cmd` (script, then flags) trains, as pretrain.py parses it (abbreviations,
+    `--flag=value` and repeats alike); None for none or one it refuses."""
+    if not cmd:
+        return None
+    _scripts_importable()
+    from pretrain import parse_args
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            parsed = vars(parse_args(cmd[1:]))
+    except SystemExit:
+        return None
+    return {key: value for key, value in parsed.items() if key not in NOT_TRAINING}
 
 
 def aggregate(runs: list[dict]) -> dict:
@@ -386,7 +420,9 @@ def main(argv=None) -> None:
     p.add_argument("--size", default="tiny", choices=sorted(SIZES))
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--sweep-lr", action="store_true", help="measure each method's best lr on short runs first")
+    p.add_argument(
+        "--sweep-lr", action="store_true", help="measure each method's best lr first, on runs of the table's schedule"
+    )
     p.add_argument(
         "--jobs",
         type=positive_int,
@@ -439,11 +475,11 @@ def main(argv=None) -> None:
     sweep_file = args.results_dir / f"lr_sweep_{args.size}.json"
     best_lr = {}
     if sweep_file.is_file():
-        swept = json.loads(sweep_file.read_text())
-        problem = sweep_mismatch(swept, relative(sweep_file), args.methods, args.size, args.extra)
-        if problem:
-            p.error(problem)
-        best_lr = swept["best_lr"]
+        try:
+            best_lr = swept_rates(json.loads(sweep_file.read_text()), relative(sweep_file), args.methods, args.size,
+                                  args.extra)  # fmt: skip
+        except ValueError as error:
+            p.error(str(error))
     args.jobs = args.jobs or (2 if args.size == "tiny" else 1)
     jobs = [(m, seed) for m in args.methods for seed in args.seeds]
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None

@@ -40,14 +40,16 @@ def pretrain_in_tmp(tmp_path, monkeypatch):
     return tmp_path / "results"
 
 
-def fake_run_method(ran: list):
-    """Stands in for `pretrain_bench.run_method`: a finished run's summary, without running anything."""
+def fake_run_method(ran: list, ppl: dict | None = None):
+    """Stands in for `pretrain_bench.run_method`: a finished run's summary, without running anything; its perplexity
+    from `ppl` (rate -> value), by default best at 3e-3."""
+    ppl = ppl or {1e-3: 30.0, 3e-3: 20.0, 1e-2: 25.0}
 
     def run_method(method, size, lr, seed, steps, warmup, eval_every, tag, extra, threads=None):
         _, cmd = pretrain_bench.pretrain_command(method, size, lr, seed, steps, warmup, eval_every, tag, extra)
         ran.append((method, lr))
         return {
-            "method": method, "lr": lr, "seed": seed, "val_ppl": {1e-3: 30.0, 3e-3: 20.0, 1e-2: 25.0}.get(lr, 40.0),
+            "method": method, "lr": lr, "seed": seed, "val_ppl": ppl.get(lr, 40.0),
             "cmd": cmd[1:], "finished_at": "2026-01-01T00:00:00", "commit": "abc", "reused": False, "device": "cpu",
             "trainable_params": 10, "total_params": 10, "training_state_bytes": 40, "param_bytes": 10,
             "grad_bytes": 10, "optimizer_state_bytes": 20, "tokens": 1000, "tokens_per_s": 100.0,
@@ -189,13 +191,15 @@ def test_bench_records_the_budget_its_runs_got(pretrain_in_tmp, monkeypatch):
 def test_bench_trial_run_goes_to_its_results_dir(pretrain_in_tmp, tmp_path, monkeypatch):
     """A trial with a smaller budget, pointed elsewhere, leaves the committed results alone, and reads its learning
     rates from the sweep file of its own directory."""
-    monkeypatch.setattr(pretrain_bench, "run_method", fake_run_method([]))
+    monkeypatch.setattr(
+        pretrain_bench, "run_method", fake_run_method([], {1e-3: 30.0, 3e-3: 25.0, 1e-2: 20.0, 3e-2: 22.0})
+    )
     (pretrain_in_tmp / "pretrain_tiny.json").parent.mkdir(parents=True)
     (pretrain_in_tmp / "pretrain_tiny.json").write_text("committed")
-    (tmp_path / "trial").mkdir()
     trial_flags = ["--max-steps", "4", "--warmup-steps", "1"]
-    swept = {"steps": 4, "warmup_steps": 1, "extra_flags": trial_flags, "best_lr": {"full": 1e-2}}
-    (tmp_path / "trial" / "lr_sweep_tiny.json").write_text(json.dumps(swept))
+    pretrain_bench.main(
+        ["--sweep-lr", "--methods", "full", "--results-dir", str(tmp_path / "trial"), "--", *trial_flags]
+    )
     pretrain_bench.main(
         [
             "--methods",
@@ -218,37 +222,47 @@ def test_bench_trial_run_goes_to_its_results_dir(pretrain_in_tmp, tmp_path, monk
 
 def test_the_sweep_runs_the_tables_schedule_and_the_table_takes_only_such_rates(pretrain_in_tmp, monkeypatch, capsys):
     """A rate picked on shorter runs can hold a method back (the committed tiny table's full-rank: README), so the
-    sweep runs the table's steps and warmup, and the table refuses rates swept for other training settings, or
-    missing for one of its methods; the evaluation cadence may differ."""
+    sweep runs the table's steps and warmup, and the table takes a method's rate only from a complete sweep of it
+    whose every run trained as `--sweep-lr` with the table's flags would (the evaluation and checkpoint cadence aside)
+    at the method's version: not from the file's `best_lr`, which a later sweep of another method with other flags
+    rewrites for all."""
     ran = []
     monkeypatch.setattr(pretrain_bench, "run_method", fake_run_method(ran))
     pretrain_bench.main(["--sweep-lr", "--methods", "full"])
-    saved = json.loads((pretrain_in_tmp / "lr_sweep_tiny.json").read_text())
+    path = pretrain_in_tmp / "lr_sweep_tiny.json"
+    saved = json.loads(path.read_text())
     assert (saved["steps"], saved["warmup_steps"], saved["extra_flags"]) == (500, 50, [])
     for run in saved["runs"]:
         flags = dict(zip(run["cmd"][1:], run["cmd"][2:]))
         assert (flags["--max-steps"], flags["--warmup-steps"]) == ("500", "50")
+    pretrain_bench.main(["--sweep-lr", "--methods", "lowrank", "--", "--global-batch", "16"])  # rewrites best_lr
     ran.clear()
-    pretrain_bench.main(["--methods", "full", "--jobs", "1", "--", "--eval-every", "250"])
-    assert ran == [("full", 3e-3)]  # the fake sweep's best
+    pretrain_bench.main(["--methods", "full", "--jobs", "1"])
+    assert ran == [("full", 3e-3)]  # the sweep's best
+    stale = r"full's runs at 0.001, 0.003, 0.01 trained otherwise than this table's sweep would"
     for argv, message in [
-        (["--methods", "full", "--", "--max-steps", "200", "--warmup-steps", "20"],
-         r"picked its rates on 500-step runs \(warmup 50\), flags after `--`: none; this table runs 200 steps "
-         r"\(warmup 20\), flags after `--`: --max-steps 200 --warmup-steps 20\. A rate picked on another schedule"),
-        (["--methods", "full", "--", "--global-batch", "16"], "run --sweep-lr first with the same flags after `--`"),
-        (["--methods", "full", "sltrain"], r"has no rate for sltrain \(not swept, or diverged at every rate tried\): "
-         "run --sweep-lr --methods sltrain first"),
+        (["--methods", "full", "--", "--max-steps", "200", "--warmup-steps", "20"], stale),
+        (["--methods", "lowrank"], r"lowrank's runs at .* trained otherwise .*: run --sweep-lr --methods lowrank"),
+        (["--methods", "full", "sltrain"], r"holds no complete sweep of sltrain: run --sweep-lr --methods sltrain"),
     ]:  # fmt: skip
         with pytest.raises(SystemExit):
             pretrain_bench.main(["--jobs", "1", *argv])
         assert re.search(message, capsys.readouterr().err)
-    old = {**saved, "steps": 200}  # a sweep file from before sweeps ran the table's schedule
-    del old["warmup_steps"], old["extra_flags"]
-    (pretrain_in_tmp / "lr_sweep_tiny.json").write_text(json.dumps(old))
-    with pytest.raises(SystemExit):
-        pretrain_bench.main(["--methods", "full", "--jobs", "1"])
-    assert "200-step runs (warmup not recorded), flags after `--`: not recorded" in capsys.readouterr().err
-    assert ran == [("full", 3e-3)]
+    pretrain_bench.main(["--methods", "lowrank", "--jobs", "1", "--", "--global-batch", "16"])  # its own flags
+    pretrain_bench.main(["--methods", "full", "--jobs", "1", "--", "--eval-ev", "250", "--save-every=100"])  # (alike)
+    assert ran == [("full", 3e-3), ("lowrank", 3e-3), ("full", 3e-3)]
+    for change, message in [
+        (lambda runs: runs[0].update(method_version=2), "full's runs at 0.001 trained otherwise"),
+        (lambda runs: runs[0].pop("cmd"), "full's runs at 0.001 trained otherwise"),  # (from before runs had one)
+        (lambda runs: runs.pop(1), "holds no complete sweep of full"),  # 3e-3 missing from the grid
+        (lambda runs: runs.pop(0), "holds no complete sweep of full"),  # 1e-3 missing: 3e-3 would have won at the edge
+    ]:
+        edited = json.loads(json.dumps(saved))  # full's sweep alone, its runs in the order of their rates
+        change(edited["runs"])
+        path.write_text(json.dumps(edited))
+        with pytest.raises(SystemExit):
+            pretrain_bench.main(["--methods", "full", "--jobs", "1"])
+        assert re.search(message, capsys.readouterr().err)
 
 
 def test_replot_draws_the_results_file_again_and_runs_nothing(pretrain_in_tmp, monkeypatch, capsys):
