@@ -33,7 +33,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
+from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedType, PartialState
 from accelerate.utils import broadcast
 from tqdm.auto import tqdm
 from transformers import LlamaConfig
@@ -617,15 +617,14 @@ def saved_micro_batch(out_dir: str) -> int | None:
     return micro_batch if type(micro_batch) is int and micro_batch > 0 else None
 
 
-def record_micro_batch(out: Path, micro_batch: int, accelerator: Accelerator) -> None:
-    """A resume with another `--micro-batch`: run_config.json records the one the run goes on with."""
-    if accelerator.is_main_process:
-        config = json.loads((out / "run_config.json").read_text())
-        if config.get("micro_batch") != micro_batch:
-            temporary = out / ".run_config.json.tmp"
-            temporary.write_text(json.dumps({**config, "micro_batch": micro_batch}, indent=2))
-            os.replace(temporary, out / "run_config.json")
-    accelerator.wait_for_everyone()
+def record_micro_batch(out: Path, micro_batch: int) -> None:
+    """A resume with another `--micro-batch`, once a checkpoint trained with it is saved: run_config.json records the
+    one the run goes on with (not before: a resume that fails first leaves the run as it was). Main process only."""
+    config = json.loads((out / "run_config.json").read_text())
+    if config.get("micro_batch") != micro_batch:
+        temporary = out / ".run_config.json.tmp"  # written whole, then renamed
+        temporary.write_text(json.dumps({**config, "micro_batch": micro_batch}, indent=2))
+        os.replace(temporary, out / "run_config.json")
 
 
 # ----------------------------------------------------------------------------------------------------- optimizer
@@ -732,7 +731,8 @@ def optimizer_state_bytes(optimizer) -> int:
 
 def local_bytes(tensor: torch.Tensor) -> int:
     """The bytes of `tensor` that this process holds: of a DTensor (FSDP2's parameters, gradients and their
-    optimizer states), its local shard, where `numel()` counts the whole tensor."""
+    optimizer states), its local shard, where `numel()` counts the whole tensor: summed over FSDP's processes, each
+    tensor then counts once."""
     local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
     return local.numel() * local.element_size()
 
@@ -888,13 +888,14 @@ def whole_model(method, model_config: LlamaConfig, hyper: Hyper, state_dict: dic
 def main(argv: list[str] | None = None) -> dict:
     args = resolve(parse_args(argv))
     method = get_method(args.method)
+    cpu = not torch.cuda.is_available()  # lets `torchrun --nproc_per_node N` run DDP over gloo on a CPU machine
+    # the process group, with its timeout, before the Accelerator (as Transformers makes it): accelerate's
+    # InitProcessGroupKwargs passes a timeout only where it differs from its own default, so 600 s would be dropped
+    PartialState(cpu=cpu, timeout=timedelta(seconds=args.ddp_timeout))
     accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),  # lets `torchrun --nproc_per_node N` run DDP over gloo on a CPU machine
+        cpu=cpu,
         mixed_precision="bf16" if args.dtype == "bf16" else "no",
-        kwargs_handlers=[
-            DistributedDataParallelKwargs(broadcast_buffers=False),  # the supports are identical on every rank
-            InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout)),
-        ],
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],  # supports are identical per rank
     )
     world, rank = accelerator.num_processes, accelerator.process_index
     if args.resume and not args.micro_batch_given:  # the run's own, unless another is given
@@ -1035,8 +1036,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     if resume_from is None:  # data, model and optimizer are fine: only now does the run directory change
         init_out_dir(args, config, accelerator)
-    else:
-        record_micro_batch(out, args.micro_batch, accelerator)
     if accelerator.is_main_process:
         tokenizer.save(out / "tokenizer")
 
@@ -1093,6 +1092,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
             if args.keep_last:  # only now that a newer one is whole
                 checkpointing.prune_checkpoints(out / "checkpoints", args.keep_last)
+            record_micro_batch(out, args.micro_batch)
         accelerator.wait_for_everyone()
 
     # numba compiles its kernels on first use (or loads them from its disk cache): now, not in the first (timed) step

@@ -13,12 +13,10 @@ import socket
 import subprocess
 import sys
 import types
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-from accelerate import Accelerator, InitProcessGroupKwargs
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -173,7 +171,7 @@ def test_resume_with_per_layer_updates_across_a_relora_restart_equals_uninterrup
         run(killed, corpus, *extra, "--resume", "--seed", "1")  # another seed draws other supports and data
 
 
-def test_a_resume_keeps_the_runs_micro_batch_unless_given_another(tmp_path, corpus, capsys):
+def test_a_resume_keeps_the_runs_micro_batch_unless_given_another(tmp_path, corpus, capsys, monkeypatch):
     """The micro-batch only splits each global batch into forward passes: a resume may lower or raise it (another
     machine's memory) and follows the run up to rounding; one that does not pass it takes the run's own."""
     full = tmp_path / "full"
@@ -181,6 +179,12 @@ def test_a_resume_keeps_the_runs_micro_batch_unless_given_another(tmp_path, corp
     own = killed_after(full, tmp_path / "own", 3)
     run(own, corpus, "--resume", "--save-every", "3")  # not the preset's 4: the run's 8, so bit for bit
     assert log_rows(own) == log_rows(full)
+    failing = killed_after(full, tmp_path / "failing", 3)
+    with monkeypatch.context() as patched:  # a resume that fails before it trains leaves the run as it was
+        patched.setattr(checkpointing, "load_checkpoint", lambda path: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            run(failing, corpus, "--resume", "--save-every", "3", "--micro-batch", "2")
+    assert json.loads((failing / "run_config.json").read_text())["micro_batch"] == 8
     other = killed_after(full, tmp_path / "other", 3)
     capsys.readouterr()
     run(other, corpus, "--resume", "--save-every", "3", "--micro-batch", "2")  # 4 accumulation steps
@@ -188,7 +192,7 @@ def test_a_resume_keeps_the_runs_micro_batch_unless_given_another(tmp_path, corp
     resumed, uninterrupted = log_rows(other), log_rows(full)
     assert resumed[:3] == uninterrupted[:3] and [r["lr"] for r in resumed] == [r["lr"] for r in uninterrupted]
     assert [r["loss"] for r in resumed[3:]] == pytest.approx([r["loss"] for r in uninterrupted[3:]], rel=1e-5)
-    assert json.loads((other / "run_config.json").read_text())["micro_batch"] == 2  # what it goes on with
+    assert json.loads((other / "run_config.json").read_text())["micro_batch"] == 2  # with its first checkpoint
     with pytest.raises(ValueError, match="multiple of --micro-batch"):  # still checked against the global batch
         run(killed_after(full, tmp_path / "bad", 3), corpus, "--resume", "--save-every", "3", "--micro-batch", "3")
 
@@ -783,42 +787,43 @@ def test_two_process_ddp_matches_one_process(tmp_path, corpus, compute):
         "--eval-every",
         "100",
     ]
-    done = two_processes(args)
+    done = two_processes(args, tmp_path)
     assert "2 processes, global batch 8 = micro-batch 4 x 1 accumulation step x 2 processes" in done.stdout
+    # the main process alone trains the tokenizer while the other waits: the Trainer's 30 minutes, not NCCL's 10
+    assert done.stdout.count("init_process_group timeout=0:30:00") == 2
     single, ddp = log_rows(tmp_path / "single"), log_rows(tmp_path / "ddp")
     assert [r["step"] for r in ddp] == [r["step"] for r in single]
     assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in single], rel=1e-4)
     assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["processes"] == 2
 
 
-def two_processes(args: list[str]) -> subprocess.CompletedProcess:
-    """`scripts/pretrain.py ARGS` on 2 CPU processes (gloo), as `torchrun --nproc_per_node 2` starts them."""
+REPORTED_TIMEOUT = """
+import sys
+sys.path.insert(0, {scripts!r})
+import torch.distributed as dist
+_init = dist.init_process_group
+def init(*args, **kwargs):  # says the timeout the process group gets
+    print(f"init_process_group timeout={{kwargs.get('timeout')}}", flush=True)
+    return _init(*args, **kwargs)
+dist.init_process_group = init
+import pretrain
+pretrain.cli()
+"""
+
+
+def two_processes(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """`scripts/pretrain.py ARGS` on 2 CPU processes (gloo), as `torchrun --nproc_per_node 2` starts them; each
+    prints the timeout its process group gets."""
+    script = tmp_path / "reported_timeout.py"
+    script.write_text(REPORTED_TIMEOUT.format(scripts=str(ROOT / "scripts")))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
     # `python -m torch.distributed.run` is torchrun, found whether or not the venv's bin/ is on PATH
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-           str(ROOT / "scripts" / "pretrain.py"), *args]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, str(script),
+           *args]  # fmt: skip
     return subprocess.run(cmd, check=True, env=env, capture_output=True, text=True, timeout=300)
-
-
-def test_the_process_group_waits_ddp_timeout_seconds(tmp_path, corpus, monkeypatch):
-    """The main process alone trains the tokenizer and writes checkpoints while the others wait in a collective:
-    torch's default timeout (NCCL's 10 minutes) would kill a run on a big corpus, so the Trainer's 30 minutes, or
-    --ddp-timeout."""
-    made = []
-
-    class Recording(Accelerator):
-        def __init__(self, *args, **kwargs):
-            made.append(kwargs["kwargs_handlers"])
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(pretrain, "Accelerator", Recording)
-    run(tmp_path / "default", corpus, "--max-steps", "2", "--warmup-steps", "0")
-    run(tmp_path / "given", corpus, "--max-steps", "2", "--warmup-steps", "0", "--ddp-timeout", "7200")
-    timeouts = [[h.timeout for h in handlers if isinstance(h, InitProcessGroupKwargs)] for handlers in made]
-    assert timeouts == [[timedelta(seconds=1800)], [timedelta(seconds=7200)]]
 
 
 def test_a_global_batch_that_no_micro_batch_splits_over_the_processes_says_so():
@@ -828,17 +833,14 @@ def test_a_global_batch_that_no_micro_batch_splits_over_the_processes_says_so():
     assert pretrain.fit_micro_batch(args, 2)[0] == 1 and args.micro_batch == 16  # the preset's 32 lowered to fit
 
 
-def test_training_state_bytes_count_what_each_process_holds_of_a_dtensor(monkeypatch):
+def test_training_state_bytes_count_what_each_process_holds_of_a_dtensor(tmp_path):
     """FSDP2's parameters, gradients and optimizer states are DTensors, whose `numel()` is the whole tensor's: each
     process counts its local shard, so that the sum over processes is the model's (not world_size times it)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        monkeypatch.setenv("MASTER_PORT", str(probe.getsockname()[1]))
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)  # (no port to race for)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
         half = DTensor.from_local(
@@ -871,9 +873,10 @@ def test_a_two_process_run_resumes_as_if_uninterrupted(tmp_path, corpus):
         return ["--model", MICRO, "--out-dir", str(out), "--train-files", corpus[0], "--validation-files", corpus[1],
                 "--eval-blocks", "8", "--eval-every", "3", "--save-every", "3"]  # fmt: skip
 
-    two_processes(args(tmp_path / "full"))
+    two_processes(args(tmp_path / "full"), tmp_path)
     killed = killed_after(tmp_path / "full", tmp_path / "killed", 3)
-    two_processes([*args(killed), "--resume"])
+    done = two_processes([*args(killed), "--resume", "--ddp-timeout", "600"], tmp_path)
+    assert done.stdout.count("init_process_group timeout=0:10:00") == 2  # (accelerate's default: it would drop it)
     assert log_rows(killed) == log_rows(tmp_path / "full")
     assert log_rows(killed, "val_ppl") == log_rows(tmp_path / "full", "val_ppl")
     a = load_file(tmp_path / "full" / "final" / "adapter_model.safetensors")
