@@ -1662,17 +1662,20 @@ def test_lowrank_dense_export_keeps_the_projection_biases():
     torch.testing.assert_close(METHODS["lowrank"].to_dense(model)(ids).logits, logits, rtol=0, atol=1e-5)
 
 
-def test_a_run_of_another_version_of_its_method_does_not_resume(tmp_path, corpus):
-    """A low-rank run saved before its `B A` was scaled (no method_version recorded) would resume computing another
-    model: refused."""
-    run(tmp_path, corpus, "--method", "lowrank", "--save-every", "3")
+@pytest.mark.parametrize("method", ["lowrank", "relora"])
+def test_a_run_of_another_version_of_its_method_does_not_resume(tmp_path, corpus, method):
+    """A low-rank run saved before its `B A` was scaled, or a ReLoRA run from before its restarts drew from a seeded
+    generator (no method_version recorded: 1), would resume computing another model: refused."""
+    extra = ["--method", method, "--save-every", "3"]
+    extra += ["--method-arg", "relora_every=2"] if method == "relora" else []
+    run(tmp_path, corpus, *extra)
     shutil.rmtree(tmp_path / "checkpoints" / "step_000006")
     (tmp_path / "summary.json").unlink()
     config = json.loads((tmp_path / "run_config.json").read_text())
     assert config.pop("method_version") == 2
     (tmp_path / "run_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"different config or method \(method_version: saved 1 vs now 2\)"):
-        run(tmp_path, corpus, "--method", "lowrank", "--save-every", "3", "--resume")
+        run(tmp_path, corpus, *extra, "--resume")
 
 
 def test_settings_a_method_does_not_read_are_not_recorded(tmp_path, corpus):
