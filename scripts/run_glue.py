@@ -504,10 +504,9 @@ class RecordBaseSettings(TrainerCallback):
 def base_settings(model_args: ModelArguments, training_args: TrainingArguments) -> dict:
     """What `RecordBaseSettings` writes into a checkpoint (a local base by its resolved path)."""
     base = model_args.model_name_or_path
-    return {"quantize": model_args.quantize, "learning_rate": training_args.learning_rate,
-            "weight_decay": training_args.weight_decay,
+    return {"quantize": model_args.quantize,
             "model_name_or_path": str(Path(base).resolve()) if Path(base).is_dir() else base,
-            **{key: getattr(training_args, key) for key in SCHEDULE_SETTINGS}}  # fmt: skip
+            **{key: getattr(training_args, key) for key in (*OPTIMIZER_SETTINGS, *SCHEDULE_SETTINGS)}}  # fmt: skip
 
 
 def train_data_settings(data_args: DataArguments, train_rows: int) -> dict:
@@ -524,13 +523,13 @@ def train_data_settings(data_args: DataArguments, train_rows: int) -> dict:
     return {"train_rows": train_rows, "train_file_sha256": digest}
 
 
-OPTIMIZER_SETTINGS = ("learning_rate", "weight_decay")
+# what the Trainer restores from a checkpoint's optimizer state whatever the flags say
+OPTIMIZER_SETTINGS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "optim")
 # what sets the batches and the learning-rate schedule: changed on a resume, the run would be a mixture of two
 SCHEDULE_SETTINGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps",
-                     "seed", "world_size")  # fmt: skip
-SETTING_FLAGS = {"quantize": "--quantize", "learning_rate": "--learning_rate", "weight_decay": "--weight_decay",
-                 "model_name_or_path": "--model_name_or_path",
-                 **{k: f"--{k}" for k in SCHEDULE_SETTINGS if k != "world_size"}}  # fmt: skip
+                     "seed", "data_seed", "lr_scheduler_type", "warmup_steps", "world_size")  # fmt: skip
+SETTING_FLAGS = {"quantize": "--quantize", "model_name_or_path": "--model_name_or_path",
+                 **{k: f"--{k}" for k in (*OPTIMIZER_SETTINGS, *SCHEDULE_SETTINGS) if k != "world_size"}}  # fmt: skip
 
 
 DATA_SETTINGS = ("train_rows", "train_file_sha256")  # `train_data_settings`

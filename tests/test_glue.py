@@ -937,10 +937,12 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path, tiny_model, data, of
     first = load_file(out / "adapter_model.safetensors")
     recorded = json.loads((out / "checkpoint-4" / run_glue.BASE_SETTINGS_FILE).read_text())
     digest = hashlib.sha256(Path(data["pair_train"]).read_bytes()).hexdigest()
-    assert recorded == {"quantize": quantize, "learning_rate": 4e-4, "weight_decay": 0.0,
+    assert recorded == {"quantize": quantize, "learning_rate": 4e-4, "weight_decay": 0.0, "adam_beta1": 0.9,
+                        "adam_beta2": 0.999, "adam_epsilon": 1e-8, "optim": "adamw_torch_fused",
                         "model_name_or_path": str(Path(tiny_model).resolve()), "per_device_train_batch_size": 8,
                         "gradient_accumulation_steps": 1, "num_train_epochs": 2.0, "max_steps": -1,
-                        "seed": 42, "world_size": 1, "train_rows": 32, "train_file_sha256": digest}  # fmt: skip
+                        "seed": 42, "data_seed": None, "lr_scheduler_type": "linear", "warmup_steps": 0,
+                        "world_size": 1, "train_rows": 32, "train_file_sha256": digest}  # fmt: skip
 
     steps.clear()
     summary = run(tmp_path, tiny_model, *args, "--resume_from_checkpoint", str(out / "checkpoint-4"))
@@ -1027,6 +1029,11 @@ def test_resume_refuses_other_settings(tmp_path, method, extra, message):
         ({"gradient_accumulation_steps": 1}, ["--gradient_accumulation_steps", "2"], "accumulation_steps 1`, and"),
         ({"seed": 42}, ["--seed", "1"], "`--seed 42`, and this run gives `--seed 1`"),
         ({"world_size": 2}, [], "trained with 2 processes, and this run gives 1 process;"),
+        ({"lr_scheduler_type": "linear"}, ["--lr_scheduler_type", "constant"], "type linear`, and this run gives"),
+        ({"warmup_steps": 0}, ["--warmup_steps", "2"], "`--warmup_steps 0`, and this run gives `--warmup_steps 2"),
+        ({"data_seed": None}, ["--data_seed", "7"], "`--data_seed None`, and this run gives `--data_seed 7`"),
+        ({"adam_beta2": 0.999}, ["--adam_beta2", "0.5"], r"`--adam_beta2 0.999`, .* 0.5`; resume with the same \(the"),
+        ({"optim": "adamw_torch"}, ["--optim", "adafactor"], "`--optim adamw_torch`, and this run gives `--optim"),
         (
             {"seed": 1, "learning_rate": 0.1},
             [],
@@ -1045,6 +1052,11 @@ def test_resume_refuses_other_settings(tmp_path, method, extra, message):
         "accumulation",
         "seed",
         "processes",
+        "scheduler",
+        "warmup",
+        "data_seed",
+        "adam_beta2",
+        "optim",
         "two",
     ],
 )
