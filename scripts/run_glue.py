@@ -385,6 +385,19 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, training_ar
             )
     if bool(data_args.train_file) != bool(data_args.validation_file):
         raise ValueError("Give both `--train_file` and `--validation_file` (local data), or neither (the Hub's GLUE).")
+    task = get_task(data_args.task_name)
+    best = training_args.metric_for_best_model
+    if best is not None and best.removeprefix("eval_") not in ("loss", *task.metrics):
+        # (the Trainer would look it up at the first evaluation, after training up to it, and raise a KeyError)
+        raise ValueError(
+            f"`--metric_for_best_model` {best!r} is not among what `--task_name {task.name}` evaluates: loss, "
+            f"{', '.join(task.metrics)}."
+        )
+    if task.is_regression and training_args.label_smoothing_factor > 0:
+        raise ValueError(
+            f"`--label_smoothing_factor` {training_args.label_smoothing_factor} smooths class labels, and "
+            f"`--task_name {task.name}` is a regression (scores, not classes)."
+        )
     if data_args.validation_mismatched_file and data_args.task_name != "mnli":
         raise ValueError(f"`--validation_mismatched_file` is for MNLI only, not `--task_name {data_args.task_name}`.")
     if data_args.validation_mismatched_file and not data_args.train_file:

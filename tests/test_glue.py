@@ -612,6 +612,7 @@ def test_presets_fill_what_the_command_line_leaves_unset(task):
         (["--method", "lora", "--lora_dropout", "1"], r"`--lora_dropout` must be in \[0, 1\)"),
         (["--validation_file", "missing.csv"], "`--validation_file` 'missing.csv' does not exist"),
         (["--validation_mismatched_file", "x.csv"], "MNLI only"),
+        (["--metric_for_best_model", "eval_pearson"], r"'eval_pearson' is not among what `--task_name mrpc` evaluat"),
         (["--quantize", "3bit"], r"`--quantize` must be one of \['4bit', '8bit'\], got '3bit'"),
         (["--method", "full", "--quantize", "4bit"], "`--quantize` is for adapters"),
         (["--quantize", "8bit", "--merge_to", "merged"], "`--merge_to` with `--quantize`: merging into a quantized"),
@@ -632,6 +633,18 @@ def test_bad_settings_fail_before_training(tmp_path, tiny_model, data, extra, me
     with pytest.raises(ValueError, match=message):
         run_glue.main([*argv, "--model_name_or_path", tiny_model, "--output_dir", str(tmp_path / "out"), *extra])
     assert not (tmp_path / "out").exists()
+
+
+def test_settings_a_regression_task_cannot_honour_are_refused_before_training(tmp_path):
+    """STS-B's scores are not classes: label smoothing would fail at the first step, and a best-model metric it does
+    not evaluate at the first evaluation, each with a traceback from inside the Trainer."""
+    argv = ["--task_name", "stsb", "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match=r"`--label_smoothing_factor` 0.1 smooths class labels, .* is a regression"):
+        run_glue.parse_args([*argv, "--label_smoothing_factor", "0.1"])
+    with pytest.raises(ValueError, match=r"'accuracy' is not among what `--task_name stsb` evaluates: loss, pearson"):
+        run_glue.parse_args([*argv, "--load_best_model_at_end", "true", "--eval_strategy", "steps",
+                             "--save_strategy", "steps", "--metric_for_best_model", "accuracy"])  # fmt: skip
+    run_glue.parse_args([*argv, "--metric_for_best_model", "eval_spearmanr"])  # one it evaluates: fine
 
 
 @pytest.mark.parametrize(
