@@ -172,6 +172,7 @@ def build_card(summary: dict, peft_config: dict | None, base_model: str, dataset
         hyperparameters=json.dumps(summary["hyperparameters"], indent=2),
         train_seconds=summary["train_seconds"],
         resumed_from=summary.get("resumed_from"),
+        best_model=summary.get("best_model"),
         also_saved=also_saved,
         quantize=summary.get("quantize"),
         quantization_config=repr(QUANTIZE.get(summary.get("quantize"))),  # Python literals, for the loading code

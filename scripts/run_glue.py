@@ -618,6 +618,16 @@ def check_resumed_base_settings(checkpoint: Path, now: dict) -> None:
         )
 
 
+def best_model(state, training_args: TrainingArguments) -> dict | None:
+    """With `--load_best_model_at_end`, the checkpoint whose weights the run ends with and exports (the Trainer's
+    best by `--metric_for_best_model`), else None."""
+    if not training_args.load_best_model_at_end or state.best_model_checkpoint is None:
+        return None
+    checkpoint = Path(state.best_model_checkpoint).name
+    return {"checkpoint": checkpoint, "step": int(checkpoint.rsplit("-", 1)[-1]),
+            "metric": training_args.metric_for_best_model, "value": state.best_metric}  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------------------- data
 def file_format(path: str) -> str:
     """The `datasets` builder of a local data file: csv or json (also .jsonl, and gzip-compressed)."""
@@ -1048,6 +1058,7 @@ def main(argv: list[str] | None = None) -> dict:
         "train_loss": train_metrics.get("train_loss") if train_steps else None,
         "train_steps": train_steps,
         "resumed_from": resumed,
+        "best_model": best_model(trainer.state, training_args),  # --load_best_model_at_end: whose weights these are
         "train_rows": len(splits["train"]),
         "eval_rows": {split: len(splits[split]) for split in eval_splits},
         "eval_subset": eval_subset,  # --max_eval_samples cut a split: its metrics are of the first rows only

@@ -1522,6 +1522,13 @@ def test_a_local_base_is_recorded_by_its_resolved_path(tmp_path, tiny_model, mon
         max_steps=-1,
         seed=42,
         world_size=1,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        optim="adamw_torch_fused",
+        data_seed=None,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
     )
     recorded = run_glue.base_settings(run_glue.ModelArguments(model_name_or_path="models/tiny"), optimizer)
     assert recorded["model_name_or_path"] == str((tmp_path / "models" / "tiny").resolve())
@@ -1557,3 +1564,24 @@ def test_max_seq_length_may_equal_the_tokenizers_model_max_length(tmp_path, tiny
         "1",
     )  # fmt: skip  (the tiny tokenizer's model_max_length)
     assert summary["hyperparameters"]["max_seq_length"] == 32
+
+
+def test_a_best_model_run_names_the_checkpoint_it_exported(tmp_path, tiny_model, data, offline_metrics):
+    """With --load_best_model_at_end the run ends with, and exports, the best checkpoint's weights, whatever step it
+    ends at: summary.json and the card say which."""
+    extra = ("--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "steps", "--save_steps", "2",
+             "--load_best_model_at_end", "true", "--max_steps", "6")  # fmt: skip
+    summary = run(tmp_path, tiny_model, "mrpc", data["pair_train"], data["pair_validation"], *extra)
+    best = summary["best_model"]
+    assert best["metric"] == "loss" and best["step"] in (2, 4, 6)
+    assert best["checkpoint"] == f"checkpoint-{best['step']}"
+    out = tmp_path / "out"
+    exported = load_file(out / "adapter_model.safetensors")
+    chosen = load_file(out / best["checkpoint"] / "adapter_model.safetensors")
+    assert exported.keys() == chosen.keys() and all(torch.equal(exported[k], chosen[k]) for k in exported)
+    assert (
+        f"The weights are those of step {best['step']} (`{best['checkpoint']}`), the best by"
+        in (out / "README.md").read_text()
+    )
+    plain = run(tmp_path / "plain", tiny_model, "mrpc", data["pair_train"], data["pair_validation"], "--max_steps=1")
+    assert plain["best_model"] is None
