@@ -302,6 +302,15 @@ def test_the_card_of_a_relative_local_base_loads_from_another_directory(tmp_path
     assert "model" in model_card_loading_code(tmp_path / "out")
 
 
+def test_the_cards_loading_code_names_the_tasks_labels(tmp_path, tiny_model, data, offline_metrics):
+    """As the script's own model and `--merge_to` export do: a pipeline on the loaded or merged model says
+    `equivalent`, not `LABEL_1`."""
+    run(tmp_path, tiny_model, "mrpc", data["pair_train"], data["pair_validation"], "--max_steps", "1")
+    loaded = model_card_loading_code(tmp_path / "out")["model"]
+    assert loaded.config.id2label == {0: "not_equivalent", 1: "equivalent"}
+    assert loaded.config.label2id == {"not_equivalent": 0, "equivalent": 1}
+
+
 def test_stsb_regression_end_to_end(tmp_path, tiny_model, data, offline_metrics):
     merged = tmp_path / "merged"
     summary = run(tmp_path, tiny_model, "stsb", data["stsb_train"], data["stsb_validation"], "--merge_to", str(merged))
