@@ -556,7 +556,7 @@ def shown_setting(key: str, value) -> str:
         return f"{value} training rows (`--max_train_samples`)"
     if key == "train_file_sha256":
         return f"a `--train_file` of sha256 {value[:12]}..." if value else "the Hub's GLUE training split"
-    return f"`{SETTING_FLAGS[key]} {value}`"
+    return f"`{SETTING_FLAGS[key]} {getattr(value, 'value', value)}`"  # (an enum's as typed: `--optim adafactor`)
 
 
 def check_resume_config(checkpoint: Path, model_args: ModelArguments, training_args: TrainingArguments) -> None:

@@ -1051,11 +1051,15 @@ def test_resume_refuses_other_settings(tmp_path, method, extra, message):
         ({"gradient_accumulation_steps": 1}, ["--gradient_accumulation_steps", "2"], "accumulation_steps 1`, and"),
         ({"seed": 42}, ["--seed", "1"], "`--seed 42`, and this run gives `--seed 1`"),
         ({"world_size": 2}, [], "trained with 2 processes, and this run gives 1 process;"),
-        ({"lr_scheduler_type": "linear"}, ["--lr_scheduler_type", "constant"], "type linear`, and this run gives"),
+        (
+            {"lr_scheduler_type": "linear"},
+            ["--lr_scheduler_type", "constant"],
+            "linear`, and this run gives `--lr_scheduler_type constant`",
+        ),
         ({"warmup_steps": 0}, ["--warmup_steps", "2"], "`--warmup_steps 0`, and this run gives `--warmup_steps 2"),
         ({"data_seed": None}, ["--data_seed", "7"], "`--data_seed None`, and this run gives `--data_seed 7`"),
         ({"adam_beta2": 0.999}, ["--adam_beta2", "0.5"], r"`--adam_beta2 0.999`, .* 0.5`; resume with the same \(the"),
-        ({"optim": "adamw_torch"}, ["--optim", "adafactor"], "`--optim adamw_torch`, and this run gives `--optim"),
+        ({"optim": "adamw_torch"}, ["--optim", "adafactor"], "adamw_torch`, and this run gives `--optim adafactor`"),
         (
             {"seed": 1, "learning_rate": 0.1},
             [],
