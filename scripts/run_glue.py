@@ -272,6 +272,11 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Training
                 f"`--{flag}` casts the model in place at the final evaluation, so the adapter (and a merged export, "
                 "W0 included) would be saved in half precision; evaluate under autocast with `--bf16` / `--fp16`."
             )
+    if namespace["fp16"] and not has_accelerator():  # (accelerate would turn it off: fp32, with no word of it)
+        raise ValueError(
+            "`--fp16` needs a GPU (or another accelerator); on a machine with only a CPU it would train in fp32. Use "
+            "`--bf16`, which runs on CPUs, or neither."
+        )
     if namespace["bf16"] and not has_accelerator():  # only a CPU: bf16 autocast there, which
         namespace["use_cpu"] = True  # TrainingArguments refuses unless told `--use_cpu` ("doesn't support bf16/gpu")
     model_args, data_args, training_args = (

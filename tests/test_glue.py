@@ -644,6 +644,13 @@ def test_bad_settings_fail_before_training(tmp_path, tiny_model, data, extra, me
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.skipif(run_glue.has_accelerator(), reason="fp16 autocast runs on an accelerator")
+def test_fp16_on_a_machine_with_only_a_cpu_is_refused(tmp_path):
+    """accelerate would turn it off there: the run would train in fp32 and record nothing of it."""
+    with pytest.raises(ValueError, match=r"`--fp16` needs a GPU .* it would train in fp32. Use `--bf16`"):
+        run_glue.parse_args(["--task_name", "sst2", "--output_dir", str(tmp_path / "out"), "--fp16"])
+
+
 def test_settings_a_regression_task_cannot_honour_are_refused_before_training(tmp_path):
     """STS-B's scores are not classes: label smoothing would fail at the first step, and a best-model metric it does
     not evaluate at the first evaluation, each with a traceback from inside the Trainer."""
