@@ -256,25 +256,32 @@ def sweep(args) -> None:
             val_ppl(method, lr)
         while True:  # extend past a winning edge of the grid
             tried = sorted(lr for m, lr in runs if m == method)
-            best = min(tried, key=lambda lr: val_ppl(method, lr))
-            if best == tried[0] and best / 3 >= 1e-5:
-                val_ppl(method, round(best / 3, 8))
-            elif best == tried[-1] and best * 3 <= 0.1:
-                val_ppl(method, round(best * 3, 8))
-            else:
+            beyond = next_rate(tried, min(tried, key=lambda lr: val_ppl(method, lr)))
+            if beyond is None:
                 break
+            val_ppl(method, beyond)
     if runs == before:
         print(f"nothing to run: every run is in {path} with this command; left it as it was")
         return
     print(f"wrote {path}: {json.loads(path.read_text())['best_lr']}")
 
 
+def next_rate(tried: list[float], best: float) -> float | None:
+    """The rate a sweep tries next, 3x beyond a winning edge of the sorted rates `tried` (down to 1e-5, up to 0.1),
+    or None: its sweep is complete."""
+    if best == tried[0] and best / 3 >= 1e-5:
+        return round(best / 3, 8)
+    if best == tried[-1] and best * 3 <= 0.1:
+        return round(best * 3, 8)
+    return None
+
+
 def swept_rates(swept: dict, name: str, methods: list[str], size: str, extra: list[str]) -> dict[str, float]:
     """Each of `methods`' best learning rate in the sweep file `swept` (called `name`) for a table run with the flags
-    `extra`, found as `sweep` finds it, among its runs alone; `ValueError` unless every run of the method there was
-    made with the command `--sweep-lr` would run now with those flags (the table's schedule, the same method version)
-    and its sweep is complete. The file's `best_lr` is not trusted: a later `--sweep-lr` of one method with other
-    flags rewrites it for all."""
+    `extra`, found as `sweep` finds it, among its runs alone; `ValueError` unless every run of the method there
+    trained as `--sweep-lr` with those flags would now (`_trajectory`: the table's schedule and training flags; the
+    same method version) and its sweep is complete. The file's `best_lr` is not trusted: a later `--sweep-lr` of one
+    method with other flags rewrites it for all."""
     budget = SIZES[size]
     steps, warmup = budget["max_steps"], budget["warmup_steps"]
     runs = {(r["method"], r["lr"]): r for r in swept.get("runs", [])}
@@ -284,20 +291,15 @@ def swept_rates(swept: dict, name: str, methods: list[str], size: str, extra: li
         tried = sorted(lr for m, lr in runs if m == method)
         stale = [
             lr for lr in tried
-            if _training_settings(runs[(method, lr)].get("cmd"))
-            != _training_settings(pretrain_command(method, size, lr, 0, steps, warmup, steps, f"sweep-{size}",
-                                                   extra)[1][1:])
+            if _trajectory(runs[(method, lr)].get("cmd"))
+            != _trajectory(pretrain_command(method, size, lr, 0, steps, warmup, steps, f"sweep-{size}", extra)[1][1:])
             or runs[(method, lr)].get("method_version", 1) != version
         ]  # fmt: skip
         ppl = {
             lr: math.inf if runs[(method, lr)]["val_ppl"] is None else runs[(method, lr)]["val_ppl"] for lr in tried
         }
         best = min(tried, key=ppl.get) if tried else None
-        incomplete = (
-            not set(LR_GRID) <= set(tried)
-            or (best == tried[0] and best / 3 >= 1e-5)
-            or (best == tried[-1] and best * 3 <= 0.1)
-        )  # (`sweep` extends the grid past a winning edge)
+        incomplete = not set(LR_GRID) <= set(tried) or next_rate(tried, best) is not None
         again = f"run --sweep-lr --methods {method} first, with this table's flags after `--`"
         if stale:
             raise ValueError(
@@ -313,24 +315,21 @@ def swept_rates(swept: dict, name: str, methods: list[str], size: str, extra: li
     return rates
 
 
-# pretrain.py's flags that do not change what a run trains (the micro-batch only up to rounding)
-NOT_TRAINING = ("eval_every", "save_every", "keep_last", "merge", "ddp_timeout", "micro_batch", "overwrite", "resume")
-
-
-def _training_settings(cmd: list[str] | None) -> dict | None:
-    """What the pretrain.py command line `cmd` (script, then flags) trains, as pretrain.py parses it (abbreviations,
-    `--flag=value` and repeats alike); None for none or one it refuses."""
+def _trajectory(cmd: list[str] | None) -> dict | None:
+    """What the pretrain.py command line `cmd` (script, then flags) trains, as pretrain.py's `--resume` compares it
+    (`trajectory_config`: not the evaluation or checkpoint cadence; the micro-batch aside too, which only splits each
+    global batch); None for none, or one that pretrain.py refuses."""
     if not cmd:
         return None
     _scripts_importable()
-    from pretrain import parse_args
+    from pretrain import parse_args, resolve, trajectory_config
 
     try:
         with contextlib.redirect_stderr(io.StringIO()):
-            parsed = vars(parse_args(cmd[1:]))
-    except SystemExit:
+            args = resolve(parse_args(cmd[1:]))
+    except (SystemExit, ValueError):
         return None
-    return {key: value for key, value in parsed.items() if key not in NOT_TRAINING}
+    return {key: value for key, value in trajectory_config(args, 1).items() if key != "micro_batch"}
 
 
 def aggregate(runs: list[dict]) -> dict:

@@ -32,6 +32,14 @@ class Task:
         return len(self.labels) or 1
 
     @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.labels))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.labels)}
+
+    @property
     def pair(self) -> bool:
         return len(self.text_columns) == 2
 

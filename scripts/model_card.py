@@ -182,11 +182,7 @@ def build_card(summary: dict, peft_config: dict | None, base_model: str, dataset
         repo_id=repo_id or "path/to/this/directory",
         num_labels=task.num_labels,
         # the class names, as the script's own model and `--merge_to` export have them (not LABEL_0, ...)
-        label_names=(
-            f", id2label={dict(enumerate(task.labels))!r}, label2id={ {n: i for i, n in enumerate(task.labels)}!r}"
-            if task.labels
-            else ""
-        ),
+        label_names=(f", id2label={task.id2label!r}, label2id={task.label2id!r}" if task.labels else ""),
         mismatched=", ignore_mismatched_sizes=True" if summary.get("ignore_mismatched_sizes") else "",
         versions=summary["versions"],
     )

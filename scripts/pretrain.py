@@ -601,10 +601,14 @@ def init_out_dir(args: argparse.Namespace, config: dict, accelerator: Accelerato
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
-        temporary = out / ".run_config.json.tmp"  # written whole, then renamed: a kill leaves no half of it
-        temporary.write_text(json.dumps(config, indent=2))
-        os.replace(temporary, out / "run_config.json")
+        write_run_config(out, config)
     accelerator.wait_for_everyone()
+
+
+def write_run_config(out: Path, config: dict) -> None:
+    temporary = out / ".run_config.json.tmp"  # written whole, then renamed: a kill leaves no half of it
+    temporary.write_text(json.dumps(config, indent=2))
+    os.replace(temporary, out / "run_config.json")
 
 
 def saved_micro_batch(out_dir: str) -> int | None:
@@ -622,9 +626,7 @@ def record_micro_batch(out: Path, micro_batch: int) -> None:
     one the run goes on with (not before: a resume that fails first leaves the run as it was). Main process only."""
     config = json.loads((out / "run_config.json").read_text())
     if config.get("micro_batch") != micro_batch:
-        temporary = out / ".run_config.json.tmp"  # written whole, then renamed
-        temporary.write_text(json.dumps({**config, "micro_batch": micro_batch}, indent=2))
-        os.replace(temporary, out / "run_config.json")
+        write_run_config(out, {**config, "micro_batch": micro_batch})
 
 
 # ----------------------------------------------------------------------------------------------------- optimizer

@@ -688,7 +688,7 @@ def label_ids(task: Task, labels: list, where: str) -> list:
     if missing:  # (pandas reads a CSV column with an empty cell as floats, NaN there)
         raise ValueError(f"{where} has rows without a label: rows {missing[:5]} (counted from 0, after the header).")
     labels = [int(x) if isinstance(x, float) and x.is_integer() else x for x in labels]  # 1.0 from such a column
-    names = {name: i for i, name in enumerate(task.labels)}
+    names = dict(task.label2id)
     names.update({str(i): i for i in range(task.num_labels)})  # ids written as text ("0" in a JSON file)
     ids = [names.get(x.strip(), x) if isinstance(x, str) else x for x in labels]  # class names ("entailment") too
     bad = [x for x in ids if isinstance(x, (str, bool, float)) or x is None or not 0 <= x < task.num_labels]
@@ -911,8 +911,7 @@ def main(argv: list[str] | None = None) -> dict:
         config.problem_type = "regression"
     else:
         saved_labels = [str(config.id2label[i]).lower() for i in sorted(config.id2label)] if config.id2label else []
-        config.id2label = dict(enumerate(task.labels))
-        config.label2id = {name: i for i, name in enumerate(task.labels)}
+        config.id2label, config.label2id = task.id2label, task.label2id
 
     def load(skip_quantizing: list[str]):
         quantization = None
