@@ -152,11 +152,13 @@ class ModelArguments:
     alpha: float | None = field(
         default=None, metadata={"help": "B A is scaled by alpha / r, for SLTrain and LoRA (default: task preset)."}
     )
-    target_modules: list[str] = field(
-        default_factory=lambda: ["query", "value"],
+    target_modules: list[str] | None = field(
+        default=None,
         metadata={
-            "help": "Projections SLTrain or LoRA replaces (BERT/RoBERTa: query, value), or `all-linear` alone: every "
-            "linear layer but the classifier."
+            "help": "Projections SLTrain or LoRA replaces, or `all-linear` alone: every linear layer but the "
+            "classifier. Default: the model type's query and value projections, the same for both methods "
+            "(BERT/RoBERTa `query value`, DistilBERT `q_lin v_lin`, DeBERTa-v2 `query_proj value_proj`; "
+            "peft_sltrain.TARGET_MODULES_MAPPING)."
         },
     )
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on LoRA's input (LoRA only)."})
@@ -347,7 +349,7 @@ def check_args(model_args: ModelArguments, data_args: DataArguments, training_ar
                 "`--merge_to` with `--quantize`: merging into a quantized base quantizes the sum again, so the merged "
                 "model would not predict what the adapter does; keep the adapter, or train without `--quantize`."
             )
-    if "all-linear" in model_args.target_modules and len(model_args.target_modules) > 1:
+    if "all-linear" in (model_args.target_modules or ()) and len(model_args.target_modules) > 1:
         raise ValueError(f"`--target_modules all-linear` stands alone, got {list(model_args.target_modules)}.")
     for flag, path in (("--output_dir", training_args.output_dir), ("--merge_to", model_args.merge_to)):
         if path is not None and Path(path).exists() and not Path(path).is_dir():
@@ -587,6 +589,8 @@ def check_resume_config(checkpoint: Path, model_args: ModelArguments, training_a
     else:
         current = current.to_dict()
         keys = (saved.keys() & current.keys()) - NOT_COMPARED
+        if current["target_modules"] is None:  # the model type's defaults: `main` compares again once resolved
+            keys.discard("target_modules")
         if current["target_modules"] == "all-linear":  # saved as what it expanded to; not comparable without the model
             keys.discard("target_modules")
             keys.discard("exclude_modules")  # what "all-linear" left out (narrow or unreplaceable layers), by name
@@ -720,9 +724,21 @@ def prepare_split(dataset, task: Task, tokenizer, max_seq_length: int, where: st
 
 
 # ------------------------------------------------------------------------------------------------------------ model
+def default_target_modules(model_type: str, model_name_or_path: str) -> list[str]:
+    """`--target_modules` left unset: the library's defaults for the model type, for LoRA as for SLTrain (PEFT's own
+    for LoRA lack some encoders, DistilBERT's among them, and the comparison would not be like for like)."""
+    if model_type not in peft_sltrain.TARGET_MODULES_MAPPING:
+        raise ValueError(
+            f"`--target_modules` has no default for model type {model_type!r} (`--model_name_or_path` "
+            f"{model_name_or_path!r}); name its query and value projections (e.g. `--target_modules query value`), or "
+            "give `--target_modules all-linear`."
+        )
+    return list(peft_sltrain.TARGET_MODULES_MAPPING[model_type])
+
+
 def adapter_config(model_args: ModelArguments):
     """The PEFT config of `--method` (None for full fine-tuning)."""
-    targets = list(model_args.target_modules)
+    targets = model_args.target_modules and list(model_args.target_modules)  # None: the model type's defaults
     targets = "all-linear" if targets == ["all-linear"] else targets  # PEFT's shorthand is a string, not a name
     common = dict(r=model_args.rank, target_modules=targets, task_type="SEQ_CLS")
     if model_args.method == "sltrain":
@@ -906,6 +922,10 @@ def main(argv: list[str] | None = None) -> dict:
         finetuning_task=task.name,
         cache_dir=model_args.cache_dir,
     )
+    if model_args.method != "full" and model_args.target_modules is None:
+        model_args.target_modules = default_target_modules(config.model_type, model_args.model_name_or_path)
+        if training_args.resume_from_checkpoint is not None:  # the targets it had left unset, now known
+            check_resume_config(Path(training_args.resume_from_checkpoint), model_args, training_args)
     saved_labels = []  # the checkpoint's label names, in its order (checked once we know whether its head loads)
     if task.is_regression:
         config.problem_type = "regression"

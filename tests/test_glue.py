@@ -33,6 +33,9 @@ from transformers import (
     DataCollatorWithPadding,
     DebertaV2Config,
     DebertaV2ForSequenceClassification,
+    DistilBertConfig,
+    DistilBertModel,
+    MPNetConfig,
     RobertaModel,
 )
 
@@ -100,6 +103,19 @@ def save_tiny_bert(root: Path, tokenizer_dir: str, hidden_size: int = 32, interm
     )  # fmt: skip
     torch.manual_seed(0)
     BertModel(config, add_pooling_layer=False).save_pretrained(root)
+    return str(root)
+
+
+def save_tiny_distilbert(root: Path, tokenizer_dir: str) -> str:
+    """A tiny DistilBERT, whose attention projections are `q_lin`, `k_lin`, `v_lin` (not BERT's `query`...)."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.save_pretrained(root)
+    config = DistilBertConfig(
+        dim=32, hidden_dim=48, n_layers=2, n_heads=4, vocab_size=len(tokenizer), max_position_embeddings=40,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    DistilBertModel(config).save_pretrained(root)
     return str(root)
 
 
@@ -594,7 +610,7 @@ def test_presets_fill_what_the_command_line_leaves_unset(task):
     assert (training_args.learning_rate, training_args.num_train_epochs) == (preset.lr_adapter, preset.epochs)
     assert training_args.per_device_train_batch_size == preset.batch_size
     assert (model_args.rank, model_args.sparsity, model_args.alpha) == (preset.rank, preset.sparsity, preset.alpha)
-    assert data_args.max_seq_length == preset.max_seq_length and model_args.target_modules == ["query", "value"]
+    assert data_args.max_seq_length == preset.max_seq_length and model_args.target_modules is None  # the model type's
     assert model_args.model_name_or_path == "roberta-base"
 
     argv = ["--task_name", task, "--output_dir", "x", "--method", "full", "--num-train-epochs", "3"]
@@ -858,6 +874,37 @@ def test_target_modules_all_linear(tmp_path):
         ValueError, match=r"target_modules \(`--target_modules`\): checkpoint \[.*'roberta.*, now \['query', 'value'\]"
     ):
         run_glue.parse_args([*argv[:-1], "query", "value", "--resume_from_checkpoint", str(checkpoint)])
+
+
+@pytest.mark.parametrize("method", ["sltrain", "lora"])
+def test_unset_targets_are_the_model_types_query_and_value(tmp_path, tiny_model, data, offline_metrics, method):
+    """DistilBERT calls them `q_lin` and `v_lin`: `--target_modules` left unset follows the model type, for LoRA as
+    for SLTrain (PEFT's LoRA defaults know no DistilBERT), and the summary and adapter config name what was targeted.
+    """
+    model = save_tiny_distilbert(tmp_path / "distilbert", tiny_model)
+    summary = run(tmp_path, model, "mrpc", data["pair_train"], data["pair_validation"], "--method", method)
+    assert summary["hyperparameters"]["target_modules"] == ["q_lin", "v_lin"]
+    saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert sorted(saved["target_modules"]) == ["q_lin", "v_lin"]
+
+
+def test_unset_targets_of_an_unknown_model_type_are_refused(tmp_path, tiny_model, data, offline_metrics):
+    model = tmp_path / "mpnet"
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(model)
+    MPNetConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4).save_pretrained(model)  # no weights
+    with pytest.raises(ValueError, match=r"`--target_modules` has no default for model type 'mpnet' \(`--model_name"):
+        run(tmp_path, str(model), "mrpc", data["pair_train"], data["pair_validation"])
+
+
+def test_resume_with_unset_targets_compares_the_model_types(tmp_path, tiny_model, data, offline_metrics):
+    """Trained on three projections, resumed without `--target_modules`: the defaults (two) are known once the
+    model's config is read, and compared then."""
+    args = ("mrpc", data["pair_train"], data["pair_validation"], "--save_strategy", "steps", "--save_steps", "2")
+    args += ("--max_steps", "2")
+    run(tmp_path, tiny_model, *args, "--target_modules", "query", "key", "value")
+    checkpoint = str(tmp_path / "out" / "checkpoint-2")
+    with pytest.raises(ValueError, match=r"checkpoint \['key', 'query', 'value'\], now \['query', 'value'\]"):
+        run(tmp_path, tiny_model, *args, "--resume_from_checkpoint", checkpoint)
 
 
 def test_resume_all_linear_with_layers_it_left_out(tmp_path):
