@@ -11,8 +11,10 @@ import warnings
 import pytest
 import torch
 from peft import (
+    AutoPeftModelForCausalLM,
     PeftConfig,
     PeftModel,
+    PeftModelForCausalLM,
     get_peft_model,
     get_peft_model_state_dict,
     inject_adapter_in_model,
@@ -154,6 +156,20 @@ def test_transformers_load_adapter_loads_a_saved_adapter_bit_exactly(tmp_path, i
     base = tiny_llama(seed=1 if not from_scratch else 2)
     base.load_adapter(str(tmp_path))
     torch.testing.assert_close(base(input_ids).logits, model(input_ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("from_scratch", [False, True])
+def test_auto_peft_model_loads_base_and_adapter_by_the_configs_path(tmp_path, input_ids, from_scratch):
+    """`AutoPeftModelForCausalLM.from_pretrained(adapter)` loads the base that the adapter config names, then the
+    adapter: the saved model's logits to the bit."""
+    tiny_llama(seed=1).save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")  # (PEFT records its path in the config)
+    model = get_peft_model(base, SLTrainConfig(r=4, sparsity=0.05, from_scratch=from_scratch))
+    perturb_trainable(model)
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    assert isinstance(loaded, PeftModelForCausalLM) and loaded.peft_config["default"].inference_mode
+    torch.testing.assert_close(loaded(input_ids).logits, model(input_ids).logits, rtol=0, atol=0)
 
 
 def test_the_files_supports_are_the_ones_loaded(tmp_path, input_ids):
