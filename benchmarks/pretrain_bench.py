@@ -1,6 +1,6 @@
 """SLTrain against full-rank, low-rank, LoRA, ReLoRA, GaLore and Fira: same model, data, token budget and seed.
 
-    python benchmarks/pretrain_bench.py                 # CPU default: tiny LLaMA, shared corpora, < 30 min on 2 cores
+    python benchmarks/pretrain_bench.py                 # CPU default: tiny LLaMA, shared corpora, ~30 min on 2 cores
     python benchmarks/pretrain_bench.py --sweep-lr      # first: each method's best learning rate, on runs of the
                                                         # table's schedule (three rates or more per method)
     python benchmarks/pretrain_bench.py --size 60m --device-note "1x H100"   # the 60M preset (its 512 x 256-token
@@ -43,8 +43,8 @@ METHODS = ["full", "lowrank", "lora", "relora", "galore", "fira", "sltrain"]
 LR_GRID = [1e-3, 3e-3, 1e-2]
 EMBEDDED = [str(ROOT / "data/austen/train.txt.gz")], [str(ROOT / "data/austen/validation.txt.gz")]  # without SHARED_LM
 
-# Budgets: the CPU default must finish all methods in under 30 minutes on 2 cores. The learning-rate sweep runs the
-# same schedule: a rate picked on shorter runs can hold a method back (on 200-step runs with 20 warmup steps, 1e-3 won
+# Budgets: the CPU default runs all methods in about 30 minutes on 2 cores (one seed). The learning-rate sweep runs
+# the same schedule: a rate picked on shorter runs can hold a method back (on 200-step runs with 20 warmup steps, 1e-3 won
 # for full-rank, which then trailed at 500 steps by 33 perplexity points against 3e-3: README).
 SIZES = {
     "tiny": {"max_steps": 500, "warmup_steps": 50, "eval_every": 100},
