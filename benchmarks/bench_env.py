@@ -1,14 +1,42 @@
-"""What a results file records about where it was measured: versions, machine, device."""
+"""What a results file records about where it was measured: versions, machine, device, and the code: importing this
+module puts this checkout's library first on the import path, so that a benchmark measures the code whose commit it
+records (not an older installed copy)."""
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+if sys.path[:1] != [str(ROOT)]:
+    sys.path.insert(0, str(ROOT))
+
+
+def checkout_env(env: dict | None = None) -> dict:
+    """`env` (default: this process's) for a child process that must import this checkout's library too."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def write_results(path: Path, result: dict, indent: int = 2) -> None:
+    """Write a results file whole or not at all (a temporary file, renamed), making its folder; says so when it
+    replaces a committed result."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file() and path.resolve().is_relative_to(RESULTS):
+        print(f"replacing {path} (committed results: `git checkout -- {path}` brings them back)")
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(result, indent=indent) + "\n")
+    os.replace(partial, path)
 
 
 def _version(package: str) -> str | None:
@@ -33,13 +61,16 @@ def git_commit() -> str | None:
     checkout's commit with "+dirty" if it has uncommitted changes; None outside a git checkout."""
     if os.environ.get("BENCH_COMMIT"):
         return os.environ["BENCH_COMMIT"]
-    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True)
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != ROOT:  # a copy of the tree inside another checkout
+            return None
+        return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain") else "")
     except (OSError, subprocess.CalledProcessError):
         return None
-    return commit.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
 
 
 def environment(device: torch.device | str = "cpu") -> dict:
@@ -60,11 +91,20 @@ def environment(device: torch.device | str = "cpu") -> dict:
             for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER")
         },  # fmt: skip
         "device": str(device),
+        "library": _library(),  # the peft_sltrain measured: this checkout's, unless an import came first
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
     return env
+
+
+def _library() -> str | None:
+    module = sys.modules.get("peft_sltrain")
+    if module is None or module.__file__ is None:
+        return None
+    where = Path(module.__file__).resolve().parent
+    return str(where.relative_to(ROOT)) if where.is_relative_to(ROOT) else str(where)
 
 
 # -------------------------------------------------------------------------------------- command-line checks

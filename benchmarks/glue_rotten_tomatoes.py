@@ -22,12 +22,13 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_env import environment  # noqa: E402
+from bench_env import environment, git_commit, write_results  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "benchmarks" / "runs"
@@ -81,9 +82,11 @@ class RunFailed(Exception):
     """A `run_glue.py` process failed; its output is in the log named in the message."""
 
 
-def run(name: str, args: list[str], runs: Path, model: str, data: Path) -> dict:
-    """One `run_glue.py` process into `runs/name`; its summary.json, with `reused`. A finished run is reused only if
-    its summary.json records this very command (settings, data and model paths): else it runs again."""
+def run(name: str, args: list[str], runs: Path, model: str, data: Path, jobs: int = 1) -> dict:
+    """One `run_glue.py` process into `runs/name`; its summary.json, with `reused` and when, from what code and with
+    how many runs beside it it ran (`bench.json` beside the summary). A finished run is reused only if its summary.json
+    records this very command (settings, data and model paths) and it ran with as many `jobs` (its time and memory
+    depend on them): else it runs again."""
     out = runs / name
     command = [
         sys.executable, str(ROOT / "scripts" / "run_glue.py"), *COMMON, "--model_name_or_path", model,
@@ -92,18 +95,20 @@ def run(name: str, args: list[str], runs: Path, model: str, data: Path) -> dict:
         "--overwrite_output_dir",  # an interrupted attempt, or a run with other settings: start it over
     ]  # fmt: skip
     recorded = shlex.join(["python", "scripts/run_glue.py", *command[2:]])  # as run_glue.py records it
-    summary_file = out / "summary.json"
+    summary_file, record_file = out / "summary.json", out / "bench.json"
     if summary_file.is_file():
         summary = json.loads(summary_file.read_text())
-        if summary.get("command") == recorded:
-            print(f"== {name}: reused (finished earlier with the same command)", flush=True)
-            return {**summary, "reused": True}
-        print(f"== {name}: the finished run in {out} had other settings; running it again", flush=True)
+        record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+        if summary.get("command") == recorded and record.get("jobs") == jobs:
+            print(f"== {name}: reused (finished at {record['finished_at']} with the same command)", flush=True)
+            return {**summary, **record, "reused": True}
+        print(f"== {name}: the finished run in {out} had other settings or --jobs; running it again", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1"}
     env.update(HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1")
     log_path = Path(f"{out}.log")
     print(f"== {name}: {' '.join(args)} (log: {log_path})", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
+    commit = git_commit()  # (the code that runs, not what the checkout holds by the end)
     if "--merge_to" in args:  # this run's own earlier export (run_glue.py never writes over a model there)
         shutil.rmtree(args[args.index("--merge_to") + 1], ignore_errors=True)
     with open(log_path, "w") as log:  # runs go side by side: keep their outputs apart
@@ -113,7 +118,9 @@ def run(name: str, args: list[str], runs: Path, model: str, data: Path) -> dict:
         print(f"== {name} failed (runs under way finish first); the end of {log_path}:", *tail, sep="\n",
               file=sys.stderr, flush=True)  # fmt: skip
         raise RunFailed(f"run {name!r} failed (exit code {returncode}); its log: {log_path}")
-    return {**json.loads(summary_file.read_text()), "reused": False}
+    record = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": commit, "jobs": jobs}
+    record_file.write_text(json.dumps(record))
+    return {**json.loads(summary_file.read_text()), **record, "reused": False}
 
 
 def table(results: dict[str, dict]) -> str:
@@ -150,22 +157,21 @@ def main(argv: list[str] | None = None) -> dict:
     model = model_path()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         try:
-            done = pool.map(lambda item: run(item[0], item[1], runs, model, Path(args.data)), settings.items())
+            done = pool.map(lambda item: run(*item, runs, model, Path(args.data), args.jobs), settings.items())
             results = dict(zip(settings, done))
         except RunFailed as error:
             pool.shutdown(cancel_futures=True)  # the runs not started are dropped; those under way finish first
             raise SystemExit(f"glue_rotten_tomatoes.py: error: {error}") from None
     argv = sys.argv[1:] if argv is None else argv
     report = {
-        "command": " ".join(["python", "benchmarks/glue_rotten_tomatoes.py", *argv]),
+        "command": shlex.join(["python", "benchmarks/glue_rotten_tomatoes.py", *argv]),
         "environment": environment("cpu"),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "1"),
         "jobs": args.jobs,
         "common_args": COMMON,
         "runs": {name: {"args": settings[name], **r} for name, r in results.items()},
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"glue_rotten_tomatoes{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_results(RESULTS / f"glue_rotten_tomatoes{suffix}.json", report)
     print(table(results))
     print("(accuracy on the 981 validation snippets; peak RSS of each run's process; params+grads+opt: exact bytes)")
     reused = [name for name, r in results.items() if r["reused"]]

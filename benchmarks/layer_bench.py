@@ -34,6 +34,7 @@ import argparse
 import itertools
 import json
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -43,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_env import check_device, environment, positive_int  # noqa: E402
+from bench_env import check_device, environment, positive_int, write_results  # noqa: E402
 
 from peft_sltrain import cost, cpu_kernels, functional  # noqa: E402
 from peft_sltrain.functional import dense_weight, sltrain_linear  # noqa: E402
@@ -248,6 +249,8 @@ def fit_cost_model(rows: list[dict], name: str = "factored") -> dict:
         copies = cost.transposed_numbers(r["tokens"], r["d_in"], r["d_out"])
         feats.append([1.0, 1.0 / r["nnz_per_row"], copies / sparse])
         y.append(r[f"{name}_excess"] / sparse)
+    if len(rows) < 3:  # three constants: any fit of fewer rows is exact, and says nothing
+        return {"fit": None, "reason": f"{len(rows)} rows for 3 constants", "rows_fitted": len(rows)}
     X, Y = torch.tensor(feats, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
     best = None
     for subset in ([0, 1, 2], [0, 1], [0, 2], [1, 2], [0], [1], [2]):
@@ -256,9 +259,12 @@ def fit_cost_model(rows: list[dict], name: str = "factored") -> dict:
         error = ((X @ coef - Y) ** 2).sum().item()
         if (coef >= 0).all() and (best is None or error < best[0]):
             best = (error, coef)
+    if best is None:  # (e.g. every row measured below the model's low-rank floor: noise, or too few rows)
+        return {"fit": None, "reason": "no fit with non-negative constants", "rows_fitted": len(rows)}
     kappa_inf, kappa_row, tau = best[1].tolist()
     relative = ((X @ best[1] - Y) / Y).abs()
-    return {"kappa_inf": kappa_inf, "kappa_row": kappa_row, "tau": tau, "max_relative_error": relative.max().item()}
+    return {"kappa_inf": kappa_inf, "kappa_row": kappa_row, "tau": tau, "max_relative_error": relative.max().item(),
+            "rows_fitted": len(rows)}  # fmt: skip
 
 
 STYLES = (("rebuild", "s-"), ("sltrain", "o-"), ("factored", "^-"), ("factored_torch", "^--"),
@@ -307,9 +313,13 @@ def main(argv=None) -> dict:
     p.add_argument("--tokens", type=positive_int, help="rows of x (default: 2048 on CPU, 8192 on GPU)")
     p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--max-entries", type=float, default=5e7, help="skip shapes with more weight entries")
-    p.add_argument("--out", help="results file stem (default: benchmarks/results/layer_<device>)")
+    p.add_argument(
+        "--out", help="results file stem: STEM.json and STEM.png (default: benchmarks/results/layer_<device>)"
+    )
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     device = check_device(p, args.device)
+    env = environment(device)  # (now: the commit of the code measured)
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     tokens = args.tokens if args.tokens is not None else (8192 if device.type == "cuda" else 2048)
@@ -336,10 +346,11 @@ def main(argv=None) -> dict:
     default_dtype = "bf16" if device.type == "cuda" else "fp32"
     suffix = "" if dtype_name == default_dtype else f"_{dtype_name}"
     stem = Path(args.out) if args.out else RESULTS / f"layer_{device.type}{suffix}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem = stem.with_suffix("") if stem.suffix in (".json", ".png") else stem  # (`layer_d0.03`: a stem, not .03)
+    json_path, png_path = stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".png")
     result = {
-        "command": "python " + " ".join([str(Path(sys.argv[0]).as_posix())] + (argv or sys.argv[1:])),
-        "environment": environment(device),
+        "command": shlex.join(["python", "benchmarks/layer_bench.py", *argv]),
+        "environment": env,
         "dtype": str(dtype),
         "tokens": tokens,
         "shapes": rows,
@@ -350,9 +361,9 @@ def main(argv=None) -> dict:
         result["cost_model_fit"] = fit_cost_model(rows + sweeps["rank"] + sweeps["sparsity"])
     if "factored_torch_excess" in rows[0]:
         result["cost_model_fit_torch"] = fit_cost_model(rows + sweeps["rank"] + sweeps["sparsity"], "factored_torch")
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    plot(rows, sweeps, stem.with_suffix(".png"), f"One layer, fwd+bwd, {tokens} tokens, {dtype}, {platform.node()}")
-    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.png')}")
+    write_results(json_path, result)
+    plot(rows, sweeps, png_path, f"One layer, fwd+bwd, {tokens} tokens, {dtype}, {platform.node()}")
+    print(f"wrote {json_path} and {png_path}")
     return result
 
 

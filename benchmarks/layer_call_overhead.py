@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -24,25 +24,29 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_env import RESULTS, environment, git_commit, positive_int, write_results  # noqa: E402
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lib", type=Path, default=ROOT, help="the checkout whose peft_sltrain to measure")
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--calls", type=int, default=2000, help="forward + backward calls per variant and round")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "layer_call_overhead_cpu.json")
-    args = p.parse_args()
-    sys.path.insert(0, str(args.lib.resolve()))
-    sys.path.insert(1, str(ROOT / "benchmarks"))
+    p.add_argument("--rounds", type=positive_int, default=7)
+    p.add_argument("--calls", type=positive_int, default=2000, help="forward + backward calls per variant and round")
+    p.add_argument("--out", type=Path, default=RESULTS / "layer_call_overhead_cpu.json")
+    argv = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(args.lib.resolve()))  # before this checkout's, which bench_env put first
     warnings.simplefilter("ignore")
 
     import torch
-    from bench_env import environment, git_commit
     from peft import get_peft_model
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import peft_sltrain
+
+    if not Path(peft_sltrain.__file__).resolve().is_relative_to(args.lib.resolve()):
+        p.error(f"--lib {args.lib}: no peft_sltrain there (the import found {Path(peft_sltrain.__file__).parent})")
 
     torch.manual_seed(0)
     torch.set_num_threads(1)  # one thread: the work per call, not a thread pool's wake-up
@@ -105,14 +109,14 @@ def main() -> None:
                      "us_rounds": [round(t * 1e6, 2) for t in seconds[(v, s)]]})  # fmt: skip
         print(f"{s:14s} {v:26s} {us:7.1f} us  {us / base:5.2f}x nn.Linear  {rows[-1]['ops']:3d} ops")
     result = {
-        "command": "python benchmarks/layer_call_overhead.py " + " ".join(sys.argv[1:]),
+        "command": shlex.join(["python", "benchmarks/layer_call_overhead.py", *argv]),
         "library_commit": git_commit() if args.lib.resolve() == ROOT else _commit_of(args.lib),
         "shape": {"d_in": d, "d_out": d, "tokens": tokens, "r": 4, "sparsity": 0.1},
         "environment": environment(),
         "rows": rows,
         "ops_by_name": ops,
     }
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_results(args.out, result, indent=1)
 
 
 def _commit_of(checkout: Path) -> str:

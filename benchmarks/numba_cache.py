@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -53,12 +54,16 @@ def probe(dtypes: list[str], cache_dir: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from bench_env import environment, positive_int
+    from bench_env import environment, positive_int, write_results
+
+    from peft_sltrain import cpu_kernels
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=positive_int, default=3)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "numba_cache_cpu.json")
     args = p.parse_args(argv)
+    if not cpu_kernels.AVAILABLE:  # (each probe would time an import that compiles nothing)
+        p.error("numba is not installed: there are no kernels to compile or load (pip install 'peft-sltrain[cpu]')")
 
     runs = {name: {"compiled": [], "loaded": [], "baseline": []} for name in KERNEL_SETS}
     with tqdm(total=args.rounds * 5, desc="processes") as bar:
@@ -77,9 +82,9 @@ def main(argv: list[str] | None = None) -> None:
                 }
                 summary[f"{name} {kind}"]["cache_hits"] = [row["cache_hits"] for row in rows]
     runs = {name: {kind: rows for kind, rows in kinds.items() if rows} for name, kinds in runs.items()}
-    command = " ".join(["python", "benchmarks/numba_cache.py", *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join(["python", "benchmarks/numba_cache.py", *(sys.argv[1:] if argv is None else argv)])
     result = {"command": command, "environment": environment(), "rounds": args.rounds, "median": summary, "runs": runs}
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_results(args.out, result, indent=1)
     for name, row in summary.items():
         print(f"{name:>24}: {row['seconds']:6.2f} s, +{row['rss_added_mib']:4.0f} MiB RSS ({row['rss_mib']:.0f} MiB)")
 

@@ -26,23 +26,32 @@ def points(paths: list[Path]) -> list[dict]:
     variant's tokens/s over full-rank's and its extra seconds per step."""
     out = []
     for path in paths:
-        result = json.loads(Path(path).read_text())
-        full = {row["size"]: row for row in result["rows"] if row["variant"] == "full"}
-        for row in result["rows"]:
-            if row["variant"] == "full":
-                continue
-            if row["size"] not in full:
-                raise ValueError(f"{path}: no full-rank row for size {row['size']!r} to compare {row['variant']!r} to")
-            base = full[row["size"]]
-            out.append({
-                "file": Path(path).name,
-                "size": row["size"],
-                "variant": row["variant"],
-                "tokens": row["tokens"],
-                "compile_mode": result.get("compile_mode"),
-                "tokens_per_s_vs_full": [1 / t for t in row["time_vs_full_rounds"]],
-                "extra_s": [s - b for s, b in zip(row["step_s_rounds"], base["step_s_rounds"])],
-            })  # fmt: skip
+        try:
+            result = json.loads(Path(path).read_text())
+            out += _file_points(path, result)
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):  # a layer_bench file, a per-run layout
+            raise ValueError(f"{path}: not a step_bench results file (rows with size, variant and rounds)") from None
+    return out
+
+
+def _file_points(path: Path, result: dict) -> list[dict]:
+    out = []
+    full = {row["size"]: row for row in result["rows"] if row["variant"] == "full"}
+    for row in result["rows"]:
+        if row["variant"] == "full":
+            continue
+        if row["size"] not in full:
+            raise ValueError(f"{path}: no full-rank row for size {row['size']!r} to compare {row['variant']!r} to")
+        base = full[row["size"]]
+        out.append({
+            "file": Path(path).name,
+            "size": row["size"],
+            "variant": row["variant"],
+            "tokens": row["tokens"],
+            "compile_mode": result.get("compile_mode"),
+            "tokens_per_s_vs_full": [1 / t for t in row["time_vs_full_rounds"]],
+            "extra_s": [s - b for s, b in zip(row["step_s_rounds"], base["step_s_rounds"])],
+        })  # fmt: skip
     return out
 
 
@@ -94,7 +103,10 @@ def main(argv=None) -> list[dict]:
     missing = [str(f) for f in args.files if not f.is_file()]
     if missing:
         raise SystemExit(f"no such results file: {', '.join(missing)}")
-    pts = points(args.files)
+    try:
+        pts = points(args.files)
+    except ValueError as error:
+        raise SystemExit(f"plot_steps.py: error: {error}") from None
     if not pts:
         raise SystemExit("the files hold no variant besides full-rank: nothing to plot")
     plot(pts, args.out, args.target or None)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_env import environment, git_commit, positive_int  # noqa: E402
+from bench_env import checkout_env, environment, git_commit, positive_int, write_results  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "benchmarks" / "runs"
@@ -44,8 +44,8 @@ LR_GRID = [1e-3, 3e-3, 1e-2]
 EMBEDDED = [str(ROOT / "data/austen/train.txt.gz")], [str(ROOT / "data/austen/validation.txt.gz")]  # without SHARED_LM
 
 # Budgets: the CPU default runs all methods in about 30 minutes on 2 cores (one seed). The learning-rate sweep runs
-# the same schedule: a rate picked on shorter runs can hold a method back (on 200-step runs with 20 warmup steps, 1e-3 won
-# for full-rank, which then trailed at 500 steps by 33 perplexity points against 3e-3: README).
+# the same schedule: a rate picked on shorter runs can hold a method back (on 200-step runs with 20 warmup steps, 1e-3
+# won for full-rank, which then trailed at 500 steps by 33 perplexity points against 3e-3: README).
 SIZES = {
     "tiny": {"max_steps": 500, "warmup_steps": 50, "eval_every": 100},
     "60m": {"max_steps": 2000, "warmup_steps": 200, "eval_every": 250},
@@ -90,6 +90,12 @@ def method_version(method: str) -> int:
     return METHODS[method].version
 
 
+# pretrain.py's settings that the benchmark gives each run itself, and where they come from
+OWNED_FLAGS = {"model": "from --size", "method": "from --methods", "lr": "from the sweep file, or 3e-3",
+               "seed": "from --seeds", "out_dir": "under benchmarks/runs",
+               "resume": "finished runs are reused"}  # fmt: skip
+
+
 def check_runs(methods: list[str], size: str, budget: dict, extra: list[str]) -> None:
     """Every method's run is checked as `scripts/pretrain.py` would check it (`resolve`), before the first starts: a
     flag after `--` that one method refuses (`--rank` for full-rank) fails now, not after the others have run."""
@@ -97,10 +103,19 @@ def check_runs(methods: list[str], size: str, budget: dict, extra: list[str]) ->
     from pretrain import parse_args, resolve
 
     for method in methods:
-        _, cmd = pretrain_command(method, size, 3e-3, 0, budget["max_steps"], budget["warmup_steps"],
-                                  budget["eval_every"], "check", extra)  # fmt: skip
+        out, cmd = pretrain_command(method, size, 3e-3, 0, budget["max_steps"], budget["warmup_steps"],
+                                    budget["eval_every"], "check", extra)  # fmt: skip
+        parsed = parse_args(cmd[2:])
+        ours = {"model": size, "method": method, "lr": 3e-3, "seed": 0, "out_dir": str(out), "resume": False}
+        for key, value in ours.items():  # parsed as the run parses them: abbreviations and `--flag=value` too
+            if getattr(parsed, key) != value:
+                raise ValueError(
+                    f"the flags for pretrain.py after `--` ({shlex.join(extra)}) set `--{key.replace('_', '-')}`, "
+                    f"which the benchmark sets itself ({OWNED_FLAGS[key]}): the runs would train with yours and the "
+                    "table record the benchmark's"
+                )
         try:
-            resolve(parse_args(cmd[2:]))
+            resolve(parsed)
         except ValueError as error:
             raise ValueError(f"--method {method} with the flags after `--` ({shlex.join(extra)}): {error}") from None
 
@@ -156,7 +171,7 @@ def run_method(method: str, size: str, lr: float, seed: int, steps: int, warmup:
     """One `scripts/pretrain.py` run in its own process. A finished run with the same command is reused, so an
     interrupted benchmark only runs what is missing."""
     out, cmd = pretrain_command(method, size, lr, seed, steps, warmup, eval_every, tag, extra)
-    env = dict(os.environ)
+    env = checkout_env()  # pretrain.py imports this checkout's library, whose commit the run records
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     record = out / "bench.json"
@@ -164,7 +179,7 @@ def run_method(method: str, size: str, lr: float, seed: int, steps: int, warmup:
     version = method_version(method)
     if saved.get("cmd") == cmd[1:] and saved.get("threads") == threads and saved.get("method_version", 1) == version:
         return {**saved, "reused": True}  # measured by an earlier invocation (see its finished_at and commit)
-    t0 = time.perf_counter()
+    t0, commit = time.perf_counter(), git_commit()  # (the code that runs, not what the checkout holds by the end)
     try:
         if threads:  # parallel runs: keep their progress bars out of each other's way
             out.mkdir(parents=True, exist_ok=True)
@@ -183,7 +198,7 @@ def run_method(method: str, size: str, lr: float, seed: int, steps: int, warmup:
                    train_curve=[(r["tokens"], r["loss"]) for r in rows if "loss" in r])  # fmt: skip
     summary["cmd"] = cmd[1:]  # the exact pretrain.py command line of this run
     # when and from what code: runs side by side share the CPU, so tokens/s compare only between runs made together
-    summary.update(finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), commit=git_commit(), reused=False)
+    summary.update(finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), commit=commit, reused=False)
     record.write_text(json.dumps(summary))
     print(f"done {method} seed={seed}: val_ppl={summary['val_ppl']:.2f} tokens/s={summary['tokens_per_s']:,.0f}")
     return summary
@@ -200,7 +215,7 @@ def sweep(args) -> None:
     steps, warmup = budget["max_steps"], budget["warmup_steps"]
     eval_every = steps  # (pretrain.py evaluates the last step whatever the cadence)
     path = args.results_dir / f"lr_sweep_{args.size}.json"
-    old = json.loads(path.read_text()) if path.is_file() else {}
+    old = read_json(args.parser, path) if path.is_file() else {}
     runs = {(r["method"], r["lr"]): r for r in old.get("runs", [])}
     measured = False  # whether this invocation ran anything: only then are its command and machine recorded
     device = "cpu"  # where this invocation's runs trained (each run's summary says), for the recorded environment
@@ -238,15 +253,15 @@ def sweep(args) -> None:
             if trained:  # a method that diverged at every rate tried has none
                 best[method] = min(trained, key=lambda r: r["val_ppl"])["lr"]
         if measured or not old:
-            provenance = {"command": " ".join(["python", *sys.argv]), "environment": environment(device)}
+            provenance = {"command": shlex.join(["python", *sys.argv]), "environment": environment(device)}
         else:  # runs measured earlier, with this command, came from their run directories: the file's stay
             provenance = {key: old[key] for key in ("command", "environment") if key in old}
-        path.write_text(json.dumps({
+        write_results(path, {  # (whole or not at all: an interrupted write would lose the sweep so far)
             "command": provenance.get("command"), "grid": LR_GRID, "steps": effective["max_steps"],
             "warmup_steps": effective["warmup_steps"], "extra_flags": args.extra,
             "runs": sorted(runs.values(), key=lambda r: (r["method"], r["lr"])), "best_lr": best,
             "environment": provenance.get("environment"),
-        }, indent=2))  # fmt: skip
+        })  # fmt: skip
 
     effective = schedule(steps, warmup, eval_every, args.extra)
     before = dict(runs)
@@ -408,6 +423,14 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def read_json(parser: argparse.ArgumentParser, path: Path) -> dict:
+    """A results or sweep file, or a usage error naming it (not a JSONDecodeError from deep inside)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        parser.error(f"{relative(path)} cannot be read ({error}); delete it (or restore it with git) and run again")
+
+
 def relative(path: Path) -> str:
     """`path` relative to the repository where it lies inside it (as results files name their sources)."""
     path = path.resolve()
@@ -428,7 +451,9 @@ def main(argv=None) -> None:
         default=None,
         help="runs side by side, each with cores/jobs threads (default: 2 for the CPU size 'tiny', else 1)",
     )
-    p.add_argument("--device-note", default="", help="how to name the machine in the plot, e.g. '1x H100'")
+    p.add_argument(
+        "--device-note", default="", help="how to name the machine in the plot, e.g. '1x H100' (default: its CPU)"
+    )
     p.add_argument(
         "--results-dir",
         type=Path,
@@ -440,17 +465,22 @@ def main(argv=None) -> None:
     p.add_argument(
         "--replot",
         action="store_true",
-        help="draw the plots again from the results file (pretrain_<size>.json in --results-dir; pass the "
-        "--device-note it was made with), running nothing",
+        help="draw the plots again from the results file (pretrain_<size>.json in --results-dir; with the "
+        "--device-note it records, unless one is given), running nothing",
     )
     p.add_argument("extra", nargs="*", help="further flags for pretrain.py, after --")
     args = p.parse_args(argv)
+    for flag, values in (("--seeds", args.seeds), ("--methods", args.methods)):
+        twice = sorted({str(v) for v in values if values.count(v) > 1})
+        if twice:  # (the same run twice, side by side in one directory, and a spread of 0 reported over "seeds")
+            p.error(f"{flag}: {', '.join(twice)} given more than once")
     stem = args.results_dir / f"pretrain_{args.size}"
     if args.replot:
         if not stem.with_suffix(".json").is_file():
             p.error(f"--replot: no results file {stem.with_suffix('.json')}")
-        result = json.loads(stem.with_suffix(".json").read_text())
-        plot(result["methods"], result["runs"], stem, plot_title(args.size, result["methods"], args.device_note,
+        result = read_json(p, stem.with_suffix(".json"))
+        note = args.device_note or result.get("device_note", "")  # (files made before it was recorded: pass it)
+        plot(result["methods"], result["runs"], stem, plot_title(args.size, result["methods"], note,
                                                                  result["environment"]))  # fmt: skip
         print(f"wrote {stem.with_suffix('.png')}, {stem.name}_curves.png")
         return
@@ -468,6 +498,7 @@ def main(argv=None) -> None:
         p.error(str(error))
     args.results_dir.mkdir(parents=True, exist_ok=True)
     if args.sweep_lr:
+        args.parser = p
         sweep(args)
         return
 
@@ -475,7 +506,7 @@ def main(argv=None) -> None:
     best_lr = {}
     if sweep_file.is_file():
         try:
-            best_lr = swept_rates(json.loads(sweep_file.read_text()), relative(sweep_file), args.methods, args.size,
+            best_lr = swept_rates(read_json(p, sweep_file), relative(sweep_file), args.methods, args.size,
                                   args.extra)  # fmt: skip
         except ValueError as error:
             p.error(str(error))
@@ -499,8 +530,9 @@ def main(argv=None) -> None:
     device = runs[0]["device"]
     env = environment(device)
     result = {
-        "command": " ".join(["python", *sys.argv]),
+        "command": shlex.join(["python", *sys.argv]),
         "environment": env,
+        "device_note": args.device_note,  # the plots' name for the machine (`--replot` reuses it)
         "seeds": args.seeds,
         "jobs": args.jobs,
         "threads_per_run": threads,
@@ -511,7 +543,7 @@ def main(argv=None) -> None:
         "runs": runs,
         "table": table(rows),
     }
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    write_results(stem.with_suffix(".json"), result)
     plot(rows, runs, stem, plot_title(args.size, rows, args.device_note, env))
     print(table(rows))
     print(f"wrote {stem.with_suffix('.json')}, {stem.with_suffix('.png')}, {stem.name}_curves.png")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import shlex
 import statistics
 import sys
 import tempfile
@@ -34,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import transformers  # noqa: E402
-from bench_env import environment, positive_int  # noqa: E402
+from bench_env import environment, positive_int, write_results  # noqa: E402
 from layer_bench import peak_bytes  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
@@ -163,11 +164,10 @@ def main(argv=None) -> dict:
         print(json.dumps(rows[name]), flush=True)
 
     args_given = sys.argv[1:] if argv is None else argv
-    result = {"command": " ".join(["python benchmarks/quantized_bench.py", *args_given]),
+    result = {"command": shlex.join(["python", "benchmarks/quantized_bench.py", *args_given]),
               "environment": environment(torch.device("cpu")), "sltrain": SLTRAIN, "lora_rank": lora_rank(config),
               "tokens_per_step": args.batch * args.seq_len, "rows": list(rows.values())}  # fmt: skip
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / args.out).write_text(json.dumps(result, indent=2))
+    write_results(RESULTS / args.out, result)
     print(f"wrote {RESULTS / args.out}")
     return result
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_env import environment  # noqa: E402
+from bench_env import environment, write_results  # noqa: E402
 
 from peft_sltrain import cpu_kernels  # noqa: E402
 from peft_sltrain.functional import sparse_csr, sparse_csr_transposed, token_chunk  # noqa: E402
@@ -126,11 +127,10 @@ def main(argv=None) -> dict:
     for (d_in, d_out), sparsity in SHAPES:
         rows.append(measure(d_in, d_out, sparsity))
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}))
-    command = " ".join(["python", "benchmarks/sparse_kernels.py", *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join(["python", "benchmarks/sparse_kernels.py", *(sys.argv[1:] if argv is None else argv)])
     result = {"command": command, "environment": environment(torch.device("cpu")),
               "rows": rows}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_results(args.out, result)
     print(f"wrote {args.out}")
     return result
 

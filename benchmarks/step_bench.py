@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -32,8 +33,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_env import check_device, environment, positive_int  # noqa: E402
+from bench_env import check_device, checkout_env, environment, positive_int, write_results  # noqa: E402
 from layer_bench import peak_bytes  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 from transformers import LlamaConfig  # noqa: E402
 
 import peft_sltrain  # noqa: E402
@@ -143,7 +145,7 @@ def measure_in_subprocess(
     cmd = [sys.executable, __file__, "--one", size, variant, str(batch), str(seq_len), "--steps", str(steps),
            "--device", device, "--dtype", dtype]  # fmt: skip
     cmd += ([] if with_peak else ["--no-peak"]) + (["--compile", compile] if compile else [])
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=checkout_env())  # this checkout's library
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     if not rows:
         raise RuntimeError(f"{size} / {variant} failed:\n{done.stderr[-3000:]}")
@@ -214,18 +216,33 @@ def main(argv=None) -> dict:
         if set(chosen) - set(VARIANTS):
             p.error(f"--variants: {sorted(set(chosen) - set(VARIANTS))} not among {list(VARIANTS)}")
         variants = [v for v in VARIANTS if v == "full" or v in chosen]
+    suffix = "" if dtype_name == ("bf16" if device.type == "cuda" else "fp32") else f"_{dtype_name}"
+    suffix += (f"_batch{args.batch}" if args.batch else "") + ("_compiled" if args.compile else "")
+    suffix += f"_{args.compile}" if args.compile not in (None, "default") else ""
+    path = RESULTS / (args.out or f"step_{device.type}{suffix}.json")
     rows = []
+    result = {
+        "command": shlex.join(["python", "benchmarks/step_bench.py", *(sys.argv[1:] if argv is None else argv)]),
+        "environment": environment(device),  # (read now: the commit of the code measured)
+        "autocast": str(autocast_dtype),
+        "compiled": args.compile is not None,
+        "compile_mode": args.compile,
+        "rows": rows,
+    }
     for size, batch, seq_len in settings:
         # rounds of all variants, so that slow drifts of the machine hit every variant alike; each ratio is taken
         # against full-rank of the same round, and the row reports the medians
         runs = {v: [] for v in variants}
-        for i in range(args.rounds):  # memory is deterministic: measured in the first round only
-            for variant in variants:
-                with_peak = i == 0 and not args.no_peak
-                row = measure_in_subprocess(
-                    size, variant, batch, seq_len, args.steps, args.device, dtype_name, with_peak, args.compile
-                )
-                runs[variant].append(row)
+        with tqdm(total=args.rounds * len(variants), desc=f"{size}, {batch} x {seq_len} tokens") as bar:
+            for i in range(args.rounds):  # memory is deterministic: measured in the first round only
+                for variant in variants:
+                    bar.set_postfix_str(f"round {i + 1}, {variant}")
+                    with_peak = i == 0 and not args.no_peak
+                    row = measure_in_subprocess(
+                        size, variant, batch, seq_len, args.steps, args.device, dtype_name, with_peak, args.compile
+                    )
+                    runs[variant].append(row)
+                    bar.update()
         full = runs["full"]
         for measured in runs.values():
             row = dict(measured[0])
@@ -240,21 +257,8 @@ def main(argv=None) -> dict:
                     row[key.replace("_bytes", "_vs_full")] = row[key] / full[0][key]
             rows.append(row)
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}))
-    result = {
-        "command": "python " + " ".join(["benchmarks/step_bench.py", *(argv or sys.argv[1:])]),
-        "environment": environment(device),
-        "autocast": str(autocast_dtype),
-        "compiled": args.compile is not None,
-        "compile_mode": args.compile,
-        "rows": rows,
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = "" if dtype_name == ("bf16" if device.type == "cuda" else "fp32") else f"_{dtype_name}"
-    suffix += (f"_batch{args.batch}" if args.batch else "") + ("_compiled" if args.compile else "")
-    suffix += f"_{args.compile}" if args.compile not in (None, "default") else ""
-    path = RESULTS / (args.out or f"step_{device.type}{suffix}.json")
-    path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}")
+        write_results(path, result)  # after each size: an interrupted run keeps the sizes it finished
+        print(f"wrote {path} ({len(rows)} rows)")
     return result
 
 

@@ -115,6 +115,9 @@ if __name__ == "__main__":
     if args.save:  # a record to commit: what the table was made from
         summaries = {run: json.loads((Path(run) / "summary.json").read_text()) for run in args.run_dirs}
         command = shlex.join(["python", "scripts/compare_runs.py", *args.run_dirs])
-        record = {"command": command, "table": text.splitlines(), "summaries": summaries}
+        configs = {run: json.loads(config.read_text()) for run in args.run_dirs
+                   if (config := Path(run) / "run_config.json").is_file()}  # fmt: skip
+        # (each run's settings: lr, steps, seed, data digests)
+        record = {"command": command, "table": text.splitlines(), "summaries": summaries, "run_configs": configs}
         Path(args.save).parent.mkdir(parents=True, exist_ok=True)
         Path(args.save).write_text(json.dumps(record, indent=2) + "\n")

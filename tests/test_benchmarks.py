@@ -6,6 +6,7 @@ Runs are faked (a stand-in for the function or process that would train or time)
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -20,12 +21,43 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import glue_rotten_tomatoes as glue_bench  # noqa: E402
 import layer_bench  # noqa: E402
+import layer_call_overhead  # noqa: E402
 import numba_cache  # noqa: E402
 import plot_steps  # noqa: E402
 import pretrain_bench  # noqa: E402
 import quantized_bench  # noqa: E402
 import sparse_kernels  # noqa: E402
 import step_bench  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import run_glue  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------------------ bench_env.py
+def test_results_are_written_whole_into_a_new_folder_and_a_replaced_committed_file_is_named(tmp_path, monkeypatch,
+                                                                                           capsys):  # fmt: skip
+    import bench_env
+
+    monkeypatch.setattr(bench_env, "RESULTS", tmp_path / "results")
+    path = tmp_path / "results" / "new" / "x.json"
+    bench_env.write_results(path, {"a": 1})
+    assert json.loads(path.read_text()) == {"a": 1} and capsys.readouterr().out == ""
+    bench_env.write_results(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 2} and list(path.parent.iterdir()) == [path]  # no partial file left
+    assert (
+        f"replacing {path} (committed results: `git checkout -- {path}` brings them back)" in capsys.readouterr().out
+    )
+    bench_env.write_results(tmp_path / "elsewhere.json", {})  # not the committed results: nothing to say
+    bench_env.write_results(tmp_path / "elsewhere.json", {})
+    assert capsys.readouterr().out == ""
+
+
+def test_benchmarks_and_their_processes_import_this_checkouts_library():
+    import bench_env
+
+    env = bench_env.checkout_env({"PYTHONPATH": "/elsewhere"})
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(ROOT), "/elsewhere"]
+    assert bench_env.environment()["library"] == "peft_sltrain"
 
 
 # ------------------------------------------------------------------------------------------------ pretrain_bench.py
@@ -146,11 +178,13 @@ def test_sweep_records_a_diverged_rate_and_never_picks_it(pretrain_in_tmp, monke
 
 
 def test_run_method_tells_a_diverged_run_from_a_failed_one(pretrain_in_tmp, monkeypatch):
-    status = {}
+    status, envs = {}, []
 
     def fake_run(cmd, check, env, **kwargs):
+        envs.append(env)
         raise subprocess.CalledProcessError(status["code"], cmd)
 
+    monkeypatch.setattr(pretrain_bench, "git_commit", lambda: "abc")
     monkeypatch.setattr(pretrain_bench.subprocess, "run", fake_run)
     args = ("full", "tiny", 1e-3, 0, 4, 1, 2, "t", [])
     status["code"] = pretrain_bench.diverged_status()
@@ -159,6 +193,7 @@ def test_run_method_tells_a_diverged_run_from_a_failed_one(pretrain_in_tmp, monk
     status["code"] = 1  # bad input, a crash: not a result
     with pytest.raises(subprocess.CalledProcessError):
         pretrain_bench.run_method(*args)
+    assert envs[0]["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT)  # the library whose commit the run records
 
 
 def test_bench_stops_with_one_line_on_a_diverged_run(pretrain_in_tmp, monkeypatch):
@@ -274,6 +309,11 @@ def test_replot_draws_the_results_file_again_and_runs_nothing(pretrain_in_tmp, m
     pretrain_bench.main(["--replot", "--device-note", "1x GPU"])
     result = json.loads((pretrain_in_tmp / "pretrain_tiny.json").read_text())
     assert ran == [] and drawn == [(result["methods"], result["runs"], "LLaMA-tiny, 0.0M tokens, 1x GPU")]
+    pretrain_bench.main(["--methods", "full", "--device-note", "2x GPU"])  # recorded, and reused by --replot
+    ran.clear(), drawn.clear()
+    pretrain_bench.main(["--replot"])
+    assert json.loads((pretrain_in_tmp / "pretrain_tiny.json").read_text())["device_note"] == "2x GPU"
+    assert ran == [] and drawn[0][2] == "LLaMA-tiny, 0.0M tokens, 2x GPU"
     with pytest.raises(SystemExit):
         pretrain_bench.main(["--replot", "--size", "60m"])
     assert "--replot: no results file" in capsys.readouterr().err
@@ -327,6 +367,60 @@ def test_a_hub_tokenizer_after_the_double_dash_gets_no_vocab_size(pretrain_in_tm
                               ["--tokenizer", "t5-base"])  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "extra, flag",
+    [
+        (["--lr", "0.03"], "--lr"),
+        (["--lr=0.03"], "--lr"),
+        (["--seed=5"], "--seed"),
+        (["--model", "tests/data/llama_micro.json"], "--model"),
+        (["--method", "lora"], "--method"),
+        (["--out-dir", "elsewhere"], "--out-dir"),
+        (["--resume"], "--resume"),
+    ],
+)
+def test_a_flag_the_benchmark_sets_itself_is_refused_after_the_double_dash(pretrain_in_tmp, monkeypatch, capsys,
+                                                                          extra, flag):  # fmt: skip
+    """pretrain.py keeps a repeated flag's last value: `-- --lr 0.03` trained at 0.03 while the table, the results
+    file and the run's directory said 3e-3."""
+    ran = []
+    monkeypatch.setattr(pretrain_bench, "run_method", fake_run_method(ran))
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain_bench.main(["--methods", "full", "--", *extra])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and ran == []
+    assert f"set `{flag}`, which the benchmark sets itself" in error
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seeds", "0", "1", "0"], "--seeds: 0 given more than once"),
+        (["--methods", "full", "lora", "full"], "--methods: full given more"),
+    ],
+)
+def test_a_seed_or_method_given_twice_is_refused(pretrain_in_tmp, monkeypatch, capsys, argv, message):
+    """Twice the same run, side by side into one directory, and a spread of 0 reported over "two seeds"."""
+    ran = []
+    monkeypatch.setattr(pretrain_bench, "run_method", fake_run_method(ran))
+    with pytest.raises(SystemExit):
+        pretrain_bench.main(argv)
+    assert message in capsys.readouterr().err and ran == []
+
+
+def test_a_damaged_sweep_file_is_named(pretrain_in_tmp, monkeypatch, capsys):
+    ran = []
+    monkeypatch.setattr(pretrain_bench, "run_method", fake_run_method(ran))
+    pretrain_in_tmp.mkdir()
+    (pretrain_in_tmp / "lr_sweep_tiny.json").write_text('{"runs": [{"method": "full", "lr": 0.001, "val_ppl": 3')
+    for argv in (["--methods", "full"], ["--methods", "full", "--sweep-lr"]):
+        with pytest.raises(SystemExit):
+            pretrain_bench.main(argv)
+        error = capsys.readouterr().err
+        assert "lr_sweep_tiny.json cannot be read (Expecting" in error and "delete it" in error
+    assert ran == []
+
+
 def test_schedule_reads_the_flags_as_pretrain_does():
     # abbreviations and repeats as pretrain.py's argparse takes them: the last value wins
     assert pretrain_bench.schedule(500, 50, 100, ["--max-st=4", "--warmup", "1", "--max-steps", "8"]) == {
@@ -363,6 +457,35 @@ def test_layer_bench_measures_nothing_over_the_limit(tmp_path, monkeypatch):
     assert (tmp_path / "layer.png").is_file()  # the plot without its sweep panels
 
 
+def test_layer_bench_out_is_a_stem_even_with_a_dot(tmp_path, monkeypatch):
+    monkeypatch.setattr(layer_bench, "measure", fake_measure([]))
+    result = layer_bench.main(["--max-entries", "5e4", "--out", str(tmp_path / "new" / "layer_d0.03")])
+    assert (tmp_path / "new" / "layer_d0.03.png").is_file()  # not layer_d0.png, which a d0.05 run would overwrite
+    assert json.loads((tmp_path / "new" / "layer_d0.03.json").read_text())["shapes"] == result["shapes"]
+
+
+def test_the_cost_model_fit_recovers_its_constants_and_refuses_too_few_rows():
+    from peft_sltrain import cost
+
+    def row(tokens, d_in, d_out, k, kappa_inf=3.0, kappa_row=20.0, tau=80.0):
+        sparse = 6.0 * tokens * k * d_out
+        excess = (kappa_inf + kappa_row / k) * sparse + tau * cost.transposed_numbers(tokens, d_in, d_out)
+        return {"tokens": tokens, "d_in": d_in, "d_out": d_out, "nnz_per_row": k, "factored_excess": excess}
+
+    rows = [
+        row(2048, 512, 512, 15.4),
+        row(2048, 512, 1376, 15.4),
+        row(2048, 1024, 2736, 30.7),
+        row(512, 128, 344, 3.8),
+    ]
+    fit = layer_bench.fit_cost_model(rows)
+    assert fit["rows_fitted"] == 4 and fit["max_relative_error"] < 1e-9
+    assert [round(fit[k], 6) for k in ("kappa_inf", "kappa_row", "tau")] == [3.0, 20.0, 80.0]
+    assert layer_bench.fit_cost_model(rows[:2]) == {"fit": None, "reason": "2 rows for 3 constants", "rows_fitted": 2}
+    below_the_floor = [{**r, "factored_excess": -r["factored_excess"]} for r in rows]
+    assert layer_bench.fit_cost_model(below_the_floor)["reason"] == "no fit with non-negative constants"
+
+
 def test_layer_bench_refuses_a_limit_that_leaves_nothing(tmp_path, monkeypatch, capsys):
     measured = []
     monkeypatch.setattr(layer_bench, "measure", fake_measure(measured))
@@ -383,7 +506,7 @@ def fake_run_glue(calls: list, returncode: int = 0):
         else:
             out = Path(command[command.index("--output_dir") + 1])
             out.mkdir(parents=True, exist_ok=True)
-            summary = {"command": shlex.join(["python", "scripts/run_glue.py", *command[2:]])}  # as run_glue records
+            summary = {"command": run_glue.redacted_command(command[2:])}  # as run_glue.py records its command
             (out / "summary.json").write_text(json.dumps(summary))
         return subprocess.CompletedProcess(command, returncode)
 
@@ -393,9 +516,14 @@ def fake_run_glue(calls: list, returncode: int = 0):
 def test_glue_bench_reuses_only_a_run_with_the_same_command(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(glue_bench, "subprocess", fake_run_glue(calls))
+    monkeypatch.setattr(glue_bench, "git_commit", lambda: "abc")
     args, data = glue_bench.FINAL["lora"], tmp_path / "data"
-    assert not glue_bench.run("lora", args, tmp_path, "MODEL", data)["reused"] and len(calls) == 1
-    assert glue_bench.run("lora", args, tmp_path, "MODEL", data)["reused"] and len(calls) == 1
+    first = glue_bench.run("lora", args, tmp_path, "MODEL", data)
+    assert not first["reused"] and len(calls) == 1 and (first["commit"], first["jobs"]) == ("abc", 1)
+    again = glue_bench.run("lora", args, tmp_path, "MODEL", data)
+    assert again["reused"] and len(calls) == 1 and again["finished_at"] == first["finished_at"]
+    assert not glue_bench.run("lora", args, tmp_path, "MODEL", data, jobs=2)["reused"] and len(calls) == 2  # its time
+    calls.pop()
     other_lr = [*args[:-1], "1e-3"]
     assert not glue_bench.run("lora", other_lr, tmp_path, "MODEL", data)["reused"] and len(calls) == 2
     assert not glue_bench.run("lora", other_lr, tmp_path, "MODEL", tmp_path / "other")["reused"] and len(calls) == 3
@@ -487,6 +615,24 @@ def step_runs(tmp_path, monkeypatch) -> list[dict]:
     return asked
 
 
+def test_step_bench_keeps_the_sizes_it_finished_when_a_later_one_fails(tmp_path, monkeypatch):
+    """Each size is written as it finishes (to a folder `--out` names, made), so a failure at 60M (out of memory,
+    Ctrl-C) keeps the tiny rows."""
+
+    def measure_in_subprocess(size, variant, batch, seq_len, steps, device, dtype, with_peak, compile):
+        if size == "60m":
+            raise RuntimeError("60m / full failed")
+        return {"size": size, "variant": variant, "tokens": batch * seq_len, "step_s": 1.0, "peak_rss_bytes": 1,
+                "peak_bytes": None}  # fmt: skip
+
+    monkeypatch.setattr(step_bench, "measure_in_subprocess", measure_in_subprocess)
+    out = tmp_path / "new" / "steps.json"
+    with pytest.raises(RuntimeError, match="60m / full failed"):
+        step_bench.main(["--variants", "full,sltrain-dense", "--rounds", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["size"], row["variant"]) for row in rows] == [("tiny", "full"), ("tiny", "sltrain-dense")]
+
+
 @pytest.mark.parametrize("flags, peaks", [([], [True, False]), (["--no-peak"], [False, False])])
 def test_step_bench_measures_memory_in_the_first_round_unless_told_not_to(tmp_path, step_runs, flags, peaks):
     argv = ["--sizes", "tiny", "--variants", "full", "--rounds", "2", "--out", "step.json", *flags]
@@ -537,6 +683,7 @@ def test_step_bench_runs_a_size_outside_the_devices_defaults(tmp_path, step_runs
         (quantized_bench, ["--preset", "no/such.json"], "--preset: no file no/such.json"),
         (pretrain_bench, ["--jobs", "0"], "argument --jobs: invalid positive integer value: '0'"),
         (numba_cache, ["--rounds", "0"], "argument --rounds: invalid positive integer value: '0'"),
+        (layer_call_overhead, ["--calls", "0"], "argument --calls: invalid positive integer value: '0'"),
     ],
 )
 def test_bench_scripts_refuse_bad_flags_before_measuring(bench, argv, message, capsys, monkeypatch):
@@ -596,12 +743,20 @@ def test_plot_steps_reads_step_bench_files_and_writes_the_plot(tmp_path, monkeyp
 def test_plot_steps_refuses_what_it_cannot_plot(tmp_path):
     with pytest.raises(SystemExit, match="no such results file: .*missing.json"):
         plot_steps.main([str(tmp_path / "missing.json"), "--out", str(tmp_path / "p.png")])
-    (tmp_path / "no_full.json").write_text(json.dumps({"rows": [{"size": "60m", "variant": "sltrain-dense"}]}))
-    with pytest.raises(ValueError, match="no_full.json: no full-rank row for size '60m'"):
+
+    def row(variant):
+        return {"size": "60m", "variant": variant, "tokens": 8, "step_s_rounds": [1.0], "time_vs_full_rounds": [1.0]}
+
+    (tmp_path / "no_full.json").write_text(json.dumps({"rows": [row("sltrain-dense")]}))
+    with pytest.raises(SystemExit, match="no_full.json: no full-rank row for size '60m'"):
         plot_steps.main([str(tmp_path / "no_full.json"), "--out", str(tmp_path / "p.png")])
-    (tmp_path / "only_full.json").write_text(json.dumps({"rows": [{"size": "60m", "variant": "full"}]}))
+    (tmp_path / "only_full.json").write_text(json.dumps({"rows": [row("full")]}))
     with pytest.raises(SystemExit, match="nothing to plot"):
         plot_steps.main([str(tmp_path / "only_full.json"), "--out", str(tmp_path / "p.png")])
+    for name, content in (("layer.json", {"shapes": []}), ("runs.json", {"runs": [{"rows": []}]}), ("bad.json", "{")):
+        (tmp_path / name).write_text(content if isinstance(content, str) else json.dumps(content))
+        with pytest.raises(SystemExit, match=rf"^plot_steps.py: error: .*{name}: not a step_bench results file"):
+            plot_steps.main([str(tmp_path / name), "--out", str(tmp_path / "p.png")])
 
 
 def test_sparse_kernels_help_shows_what_it_measures_and_measures_nothing(capsys, monkeypatch):
@@ -627,15 +782,27 @@ def test_quantized_bench_measures_smaller_weights_on_a_4bit_base(tmp_path):
     assert four_bit["step_s"] > 0 and four_bit["step_peak_bytes"] > 0
 
 
+def test_layer_call_overhead_refuses_a_lib_without_the_library(tmp_path, capsys, monkeypatch):
+    """A mistyped `--lib` would measure this checkout's library and record it as the other's."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    with pytest.raises(SystemExit) as exit_info:
+        layer_call_overhead.main(["--lib", str(tmp_path), "--out", str(tmp_path / "x.json")])
+    assert exit_info.value.code == 2 and f"--lib {tmp_path}: no peft_sltrain there" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_layer_call_overhead_measures_each_variant_against_nn_linear(tmp_path):
     """A short run of the per-call benchmark (a fresh process: it sets torch to one thread): every variant and setting
     gets a time, a ratio to nn.Linear's in the same run and its ops; SLTrain's layer dispatches more than nn.Linear."""
-    out = tmp_path / "overhead.json"
+    out = tmp_path / "new folder" / "overhead.json"  # (made, not a FileNotFoundError after the measuring)
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "layer_call_overhead.py"
     done = subprocess.run([sys.executable, str(script), "--rounds", "1", "--calls", "3", "--out", str(out)],
                           capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
+    assert result["command"] == shlex.join(["python", "benchmarks/layer_call_overhead.py", "--rounds", "1", "--calls",
+                                            "3", "--out", str(out)])  # fmt: skip
+    assert result["environment"]["library"] == "peft_sltrain"  # this checkout's
     rows = {(r["variant"], r["setting"]): r for r in result["rows"]}
     assert len(rows) == 7 and ("sltrain scratch factored", "bf16 autocast") not in rows
     for setting in ("bf16 autocast", "fp32"):

@@ -41,10 +41,12 @@ def test_table_of_two_runs(tmp_path):
     assert "3.0 MiB" in sltrain and "1,235" in sltrain and "cpu_peak_rss" in note
 
     saved = tmp_path / "new" / "record.json"  # its directory is made
+    (tmp_path / "a" / "run_config.json").write_text(json.dumps({"lr": 0.003, "seed": 0}))
     result = compare(str(tmp_path / "a"), str(tmp_path / "b"), "--save", str(saved))
     record = json.loads(saved.read_text())
     assert record["table"] == result.stdout.rstrip("\n").splitlines()
     assert record["summaries"][str(tmp_path / "b")]["val_ppl"] == 127.0
+    assert record["run_configs"] == {str(tmp_path / "a"): {"lr": 0.003, "seed": 0}}  # (b has none)
 
 
 def test_a_run_without_timing(tmp_path):
