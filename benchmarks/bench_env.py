@@ -27,16 +27,31 @@ def checkout_env(env: dict | None = None) -> dict:
     return env
 
 
+_ANNOUNCED: set[Path] = set()  # committed results files this process has said it replaces
+
+
 def write_results(path: Path, result: dict, indent: int = 2) -> None:
-    """Write a results file whole or not at all (a temporary file, renamed), making its folder; says so when it
+    """Write a results file whole or not at all (a temporary file, renamed), making its folder; says so (once) when it
     replaces a committed result."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_file() and path.resolve().is_relative_to(RESULTS):
+    if path.resolve() not in _ANNOUNCED and path.is_file() and _committed(path):
+        _ANNOUNCED.add(path.resolve())
         print(f"replacing {path} (committed results: `git checkout -- {path}` brings them back)")
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(result, indent=indent) + "\n")
     os.replace(partial, path)
+
+
+def _committed(path: Path) -> bool:
+    """Whether git tracks `path` in this checkout."""
+    try:
+        done = subprocess.run(
+            ["git", "ls-files", "--error-unmatch", str(path.resolve())], cwd=ROOT, capture_output=True
+        )
+    except OSError:
+        return False
+    return done.returncode == 0
 
 
 def _version(package: str) -> str | None:

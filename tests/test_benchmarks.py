@@ -38,18 +38,17 @@ def test_results_are_written_whole_into_a_new_folder_and_a_replaced_committed_fi
                                                                                            capsys):  # fmt: skip
     import bench_env
 
-    monkeypatch.setattr(bench_env, "RESULTS", tmp_path / "results")
-    path = tmp_path / "results" / "new" / "x.json"
+    path = tmp_path / "new" / "x.json"
     bench_env.write_results(path, {"a": 1})
-    assert json.loads(path.read_text()) == {"a": 1} and capsys.readouterr().out == ""
-    bench_env.write_results(path, {"a": 2})
+    bench_env.write_results(path, {"a": 2})  # not a committed file: nothing to say
     assert json.loads(path.read_text()) == {"a": 2} and list(path.parent.iterdir()) == [path]  # no partial file left
-    assert (
-        f"replacing {path} (committed results: `git checkout -- {path}` brings them back)" in capsys.readouterr().out
-    )
-    bench_env.write_results(tmp_path / "elsewhere.json", {})  # not the committed results: nothing to say
-    bench_env.write_results(tmp_path / "elsewhere.json", {})
     assert capsys.readouterr().out == ""
+    assert bench_env._committed(ROOT / "benchmarks" / "results" / "step_cpu.json") and not bench_env._committed(path)
+    monkeypatch.setattr(bench_env, "_committed", lambda path: True)
+    bench_env.write_results(path, {"a": 3})
+    bench_env.write_results(path, {"a": 4})  # (a sweep rewrites its file after every run: said once)
+    out = capsys.readouterr().out
+    assert out == f"replacing {path} (committed results: `git checkout -- {path}` brings them back)\n"
 
 
 def test_benchmarks_and_their_processes_import_this_checkouts_library():
