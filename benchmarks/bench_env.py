@@ -5,6 +5,7 @@ records (not an older installed copy)."""
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -115,10 +116,15 @@ def environment(device: torch.device | str = "cpu") -> dict:
 
 
 def _library() -> str | None:
+    """Where the peft_sltrain measured lies: the one imported, else the one an import (or a child process given
+    `checkout_env`) would find."""
     module = sys.modules.get("peft_sltrain")
-    if module is None or module.__file__ is None:
+    origin = (
+        module.__file__ if module is not None else getattr(importlib.util.find_spec("peft_sltrain"), "origin", None)
+    )
+    if origin is None:
         return None
-    where = Path(module.__file__).resolve().parent
+    where = Path(origin).resolve().parent
     return str(where.relative_to(ROOT)) if where.is_relative_to(ROOT) else str(where)
 
 

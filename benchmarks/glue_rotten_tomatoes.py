@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_env import environment, git_commit, write_results  # noqa: E402
+from bench_env import checkout_env, environment, git_commit, write_results  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "benchmarks" / "runs"
@@ -86,7 +86,7 @@ def run(name: str, args: list[str], runs: Path, model: str, data: Path, jobs: in
     """One `run_glue.py` process into `runs/name`; its summary.json, with `reused` and when, from what code and with
     how many runs beside it it ran (`bench.json` beside the summary). A finished run is reused only if its summary.json
     records this very command (settings, data and model paths) and it ran with as many `jobs` (its time and memory
-    depend on them): else it runs again."""
+    depend on them; a run from before runs recorded them is taken): else it runs again."""
     out = runs / name
     command = [
         sys.executable, str(ROOT / "scripts" / "run_glue.py"), *COMMON, "--model_name_or_path", model,
@@ -98,12 +98,21 @@ def run(name: str, args: list[str], runs: Path, model: str, data: Path, jobs: in
     summary_file, record_file = out / "summary.json", out / "bench.json"
     if summary_file.is_file():
         summary = json.loads(summary_file.read_text())
-        record = json.loads(record_file.read_text()) if record_file.is_file() else {}
-        if summary.get("command") == recorded and record.get("jobs") == jobs:
-            print(f"== {name}: reused (finished at {record['finished_at']} with the same command)", flush=True)
+        try:
+            record = json.loads(record_file.read_text())
+        except (OSError, ValueError):  # a run finished before runs recorded it: when and how is unknown
+            record = {"finished_at": None, "commit": None, "jobs": None}
+        if summary.get("command") != recorded:
+            why = "other settings"
+        elif record["jobs"] not in (jobs, None):  # (its time and memory depend on the runs beside it)
+            why = f"--jobs {record['jobs']}, now {jobs}"
+        else:
+            print(f"== {name}: reused (finished at {record['finished_at'] or 'an unrecorded time'} with the same "
+                  "command)", flush=True)  # fmt: skip
             return {**summary, **record, "reused": True}
-        print(f"== {name}: the finished run in {out} had other settings or --jobs; running it again", flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1"}
+        print(f"== {name}: the finished run in {out} had {why}; running it again", flush=True)
+    env = checkout_env({**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})  # its library
+    env["HF_HUB_OFFLINE"] = "1"
     env.update(HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1")
     log_path = Path(f"{out}.log")
     print(f"== {name}: {' '.join(args)} (log: {log_path})", flush=True)
@@ -119,7 +128,7 @@ def run(name: str, args: list[str], runs: Path, model: str, data: Path, jobs: in
               file=sys.stderr, flush=True)  # fmt: skip
         raise RunFailed(f"run {name!r} failed (exit code {returncode}); its log: {log_path}")
     record = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": commit, "jobs": jobs}
-    record_file.write_text(json.dumps(record))
+    write_results(record_file, record)
     return {**json.loads(summary_file.read_text()), **record, "reused": False}
 
 

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import peft_sltrain
 
-    if not Path(peft_sltrain.__file__).resolve().is_relative_to(args.lib.resolve()):
+    if Path(peft_sltrain.__file__).resolve().parent.parent != args.lib.resolve():  # (not one found elsewhere)
         p.error(f"--lib {args.lib}: no peft_sltrain there (the import found {Path(peft_sltrain.__file__).parent})")
 
     torch.manual_seed(0)

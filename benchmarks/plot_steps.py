@@ -29,7 +29,7 @@ def points(paths: list[Path]) -> list[dict]:
         try:
             result = json.loads(Path(path).read_text())
             out += _file_points(path, result)
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):  # a layer_bench file, a per-run layout
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):  # a PNG, a layer file
             raise ValueError(f"{path}: not a step_bench results file (rows with size, variant and rounds)") from None
     return out
 

@@ -102,11 +102,12 @@ def check_runs(methods: list[str], size: str, budget: dict, extra: list[str]) ->
     _scripts_importable()
     from pretrain import parse_args, resolve
 
+    lr, seed = 1.2345e-4, 3_456_789_012  # values no one passes: a flag after `--` that sets them shows, whatever value
     for method in methods:
-        out, cmd = pretrain_command(method, size, 3e-3, 0, budget["max_steps"], budget["warmup_steps"],
+        out, cmd = pretrain_command(method, size, lr, seed, budget["max_steps"], budget["warmup_steps"],
                                     budget["eval_every"], "check", extra)  # fmt: skip
         parsed = parse_args(cmd[2:])
-        ours = {"model": size, "method": method, "lr": 3e-3, "seed": 0, "out_dir": str(out), "resume": False}
+        ours = {"model": size, "method": method, "lr": lr, "seed": seed, "out_dir": str(out), "resume": False}
         for key, value in ours.items():  # parsed as the run parses them: abbreviations and `--flag=value` too
             if getattr(parsed, key) != value:
                 raise ValueError(

@@ -228,6 +228,7 @@ def main(argv=None) -> dict:
         "compiled": args.compile is not None,
         "compile_mode": args.compile,
         "rows": rows,
+        "complete": False,  # until the last size is measured (the file is written after each)
     }
     for size, batch, seq_len in settings:
         # rounds of all variants, so that slow drifts of the machine hit every variant alike; each ratio is taken
@@ -257,6 +258,7 @@ def main(argv=None) -> dict:
                     row[key.replace("_bytes", "_vs_full")] = row[key] / full[0][key]
             rows.append(row)
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}))
+        result["complete"] = (size, batch, seq_len) == settings[-1]
         write_results(path, result)  # after each size: an interrupted run keeps the sizes it finished
         print(f"wrote {path} ({len(rows)} rows)")
     return result

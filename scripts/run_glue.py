@@ -67,6 +67,7 @@ if _missing:
     raise ModuleNotFoundError(_message)
 from datasets import DatasetDict, load_dataset  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING  # noqa: E402
 from transformers import (  # noqa: E402
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -156,9 +157,10 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "Projections SLTrain or LoRA replaces, or `all-linear` alone: every linear layer but the "
-            "classifier. Default: the model type's query and value projections, the same for both methods "
-            "(BERT/RoBERTa `query value`, DistilBERT `q_lin v_lin`, DeBERTa-v2 `query_proj value_proj`; "
-            "peft_sltrain.TARGET_MODULES_MAPPING)."
+            "classifier. Default: the model type's, the same for both methods: an encoder's query and value "
+            "projections (BERT/RoBERTa `query value`, DistilBERT `q_lin v_lin`, DeBERTa-v2 `query_proj "
+            "value_proj`), a decoder's every attention and MLP projection (peft_sltrain.TARGET_MODULES_MAPPING; "
+            "else PEFT's LoRA defaults, else `query value` where the model has them)."
         },
     )
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on LoRA's input (LoRA only)."})
@@ -591,6 +593,7 @@ def check_resume_config(checkpoint: Path, model_args: ModelArguments, training_a
         keys = (saved.keys() & current.keys()) - NOT_COMPARED
         if current["target_modules"] is None:  # the model type's defaults: `main` compares again once resolved
             keys.discard("target_modules")
+            keys.discard("exclude_modules")  # (set by "all-linear": named then, beside the targets)
         if current["target_modules"] == "all-linear":  # saved as what it expanded to; not comparable without the model
             keys.discard("target_modules")
             keys.discard("exclude_modules")  # what "all-linear" left out (narrow or unreplaceable layers), by name
@@ -724,16 +727,22 @@ def prepare_split(dataset, task: Task, tokenizer, max_seq_length: int, where: st
 
 
 # ------------------------------------------------------------------------------------------------------------ model
-def default_target_modules(model_type: str, model_name_or_path: str) -> list[str]:
-    """`--target_modules` left unset: the library's defaults for the model type, for LoRA as for SLTrain (PEFT's own
-    for LoRA lack some encoders, DistilBERT's among them, and the comparison would not be like for like)."""
-    if model_type not in peft_sltrain.TARGET_MODULES_MAPPING:
-        raise ValueError(
-            f"`--target_modules` has no default for model type {model_type!r} (`--model_name_or_path` "
-            f"{model_name_or_path!r}); name its query and value projections (e.g. `--target_modules query value`), or "
-            "give `--target_modules all-linear`."
-        )
-    return list(peft_sltrain.TARGET_MODULES_MAPPING[model_type])
+def default_target_modules(model, model_name_or_path: str) -> list[str]:
+    """`--target_modules` left unset: the same for LoRA as for SLTrain, so that they compare like for like. The
+    library's defaults for the model type (encoders: the query and value projections; decoders: every attention and
+    MLP projection), else PEFT's LoRA defaults, else `query` and `value` where the model has modules of those names
+    (the BERT-like ALBERT, Longformer...)."""
+    model_type = model.config.model_type
+    for mapping in (peft_sltrain.TARGET_MODULES_MAPPING, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING):
+        if model_type in mapping:
+            return list(mapping[model_type])
+    if {"query", "value"} <= {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}:
+        return ["query", "value"]
+    raise ValueError(
+        f"`--target_modules` has no default for model type {model_type!r} (`--model_name_or_path` "
+        f"{model_name_or_path!r}), whose layers have no `query` and `value`; name the projections to adapt (e.g. "
+        "`--target_modules q_proj v_proj`), or give `--target_modules all-linear`."
+    )
 
 
 def adapter_config(model_args: ModelArguments):
@@ -922,10 +931,6 @@ def main(argv: list[str] | None = None) -> dict:
         finetuning_task=task.name,
         cache_dir=model_args.cache_dir,
     )
-    if model_args.method != "full" and model_args.target_modules is None:
-        model_args.target_modules = default_target_modules(config.model_type, model_args.model_name_or_path)
-        if training_args.resume_from_checkpoint is not None:  # the targets it had left unset, now known
-            check_resume_config(Path(training_args.resume_from_checkpoint), model_args, training_args)
     saved_labels = []  # the checkpoint's label names, in its order (checked once we know whether its head loads)
     if task.is_regression:
         config.problem_type = "regression"
@@ -992,6 +997,10 @@ def main(argv: list[str] | None = None) -> dict:
             f"`--max_seq_length` {data_args.max_seq_length} exceeds {limit}, the longest input the position "
             f"embeddings of {model_args.model_name_or_path!r} take; pass a smaller `--max_seq_length`."
         )
+    if model_args.method != "full" and model_args.target_modules is None:
+        model_args.target_modules = default_target_modules(model, model_args.model_name_or_path)
+        if training_args.resume_from_checkpoint is not None:  # the targets it had left unset, now known
+            check_resume_config(Path(training_args.resume_from_checkpoint), model_args, training_args)
     base_params = peft_sltrain.module_parameter_counts(model).total
     peft_config = adapter_config(model_args)
     if peft_config is not None:

@@ -372,6 +372,8 @@ def test_a_hub_tokenizer_after_the_double_dash_gets_no_vocab_size(pretrain_in_tm
         (["--lr", "0.03"], "--lr"),
         (["--lr=0.03"], "--lr"),
         (["--seed=5"], "--seed"),
+        (["--seed", "0"], "--seed"),  # the first seed's own: the second seed's run would train with it too
+        (["--lr", "0.003"], "--lr"),  # the default rate: a sweep's every run would train at it
         (["--model", "tests/data/llama_micro.json"], "--model"),
         (["--method", "lora"], "--method"),
         (["--out-dir", "elsewhere"], "--out-dir"),
@@ -498,7 +500,8 @@ def test_layer_bench_refuses_a_limit_that_leaves_nothing(tmp_path, monkeypatch, 
 def fake_run_glue(calls: list, returncode: int = 0):
     """Stands in for `subprocess` in glue_rotten_tomatoes: a run_glue.py process that writes its summary.json."""
 
-    def run(command, stdout, **kwargs):
+    def run(command, stdout, env, **kwargs):
+        assert env["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT)  # the library whose commit the run records
         calls.append(command)
         if returncode:
             stdout.write("Traceback (most recent call last):\nValueError: something broke\n")
@@ -523,6 +526,9 @@ def test_glue_bench_reuses_only_a_run_with_the_same_command(tmp_path, monkeypatc
     assert again["reused"] and len(calls) == 1 and again["finished_at"] == first["finished_at"]
     assert not glue_bench.run("lora", args, tmp_path, "MODEL", data, jobs=2)["reused"] and len(calls) == 2  # its time
     calls.pop()
+    (tmp_path / "lora" / "bench.json").unlink()  # a run from before runs recorded when and how: taken as it is
+    older = glue_bench.run("lora", args, tmp_path, "MODEL", data, jobs=2)
+    assert older["reused"] and len(calls) == 1 and older["jobs"] is None and older["commit"] is None
     other_lr = [*args[:-1], "1e-3"]
     assert not glue_bench.run("lora", other_lr, tmp_path, "MODEL", data)["reused"] and len(calls) == 2
     assert not glue_bench.run("lora", other_lr, tmp_path, "MODEL", tmp_path / "other")["reused"] and len(calls) == 3
@@ -628,8 +634,9 @@ def test_step_bench_keeps_the_sizes_it_finished_when_a_later_one_fails(tmp_path,
     out = tmp_path / "new" / "steps.json"
     with pytest.raises(RuntimeError, match="60m / full failed"):
         step_bench.main(["--variants", "full,sltrain-dense", "--rounds", "1", "--out", str(out)])
-    rows = json.loads(out.read_text())["rows"]
-    assert [(row["size"], row["variant"]) for row in rows] == [("tiny", "full"), ("tiny", "sltrain-dense")]
+    partial = json.loads(out.read_text())
+    assert [(row["size"], row["variant"]) for row in partial["rows"]] == [("tiny", "full"), ("tiny", "sltrain-dense")]
+    assert partial["complete"] is False
 
 
 @pytest.mark.parametrize("flags, peaks", [([], [True, False]), (["--no-peak"], [False, False])])
@@ -657,6 +664,7 @@ def test_step_bench_records_the_settings_each_row_ran_with(tmp_path, step_runs):
     result = step_bench.main(
         ["--sizes", "tiny", "--variants", "full", "--rounds", "2", "--steps", "3", "--batch", "4"]
     )
+    assert result["complete"] is True
     row = result["rows"][0]
     assert (row["batch"], row["seq_len"], row["timed_steps"], row["rounds"], row["tokens"]) == (4, 128, 3, 2, 512)
 
@@ -752,8 +760,12 @@ def test_plot_steps_refuses_what_it_cannot_plot(tmp_path):
     (tmp_path / "only_full.json").write_text(json.dumps({"rows": [row("full")]}))
     with pytest.raises(SystemExit, match="nothing to plot"):
         plot_steps.main([str(tmp_path / "only_full.json"), "--out", str(tmp_path / "p.png")])
-    for name, content in (("layer.json", {"shapes": []}), ("runs.json", {"runs": [{"rows": []}]}), ("bad.json", "{")):
-        (tmp_path / name).write_text(content if isinstance(content, str) else json.dumps(content))
+    for name, content in (("layer.json", {"shapes": []}), ("runs.json", {"runs": [{"rows": []}]}), ("bad.json", "{"),
+                          ("p.png", b"\x89PNG\r\n\x1a\n\xff")):  # fmt: skip
+        if isinstance(content, bytes):
+            (tmp_path / name).write_bytes(content)
+        else:
+            (tmp_path / name).write_text(content if isinstance(content, str) else json.dumps(content))
         with pytest.raises(SystemExit, match=rf"^plot_steps.py: error: .*{name}: not a step_bench results file"):
             plot_steps.main([str(tmp_path / name), "--out", str(tmp_path / "p.png")])
 
@@ -788,6 +800,9 @@ def test_layer_call_overhead_refuses_a_lib_without_the_library(tmp_path, capsys,
         layer_call_overhead.main(["--lib", str(tmp_path), "--out", str(tmp_path / "x.json")])
     assert exit_info.value.code == 2 and f"--lib {tmp_path}: no peft_sltrain there" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+    with pytest.raises(SystemExit):  # a folder above this checkout: its library is this one's, not one of its own
+        layer_call_overhead.main(["--lib", str(ROOT.parent), "--out", str(tmp_path / "x.json")])
+    assert f"--lib {ROOT.parent}: no peft_sltrain there" in capsys.readouterr().err
 
 
 def test_layer_call_overhead_measures_each_variant_against_nn_linear(tmp_path):

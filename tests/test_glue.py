@@ -25,6 +25,8 @@ from peft import PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 from transformers import (
+    AlbertConfig,
+    AlbertModel,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
@@ -36,6 +38,7 @@ from transformers import (
     DistilBertConfig,
     DistilBertModel,
     MPNetConfig,
+    MPNetModel,
     RobertaModel,
 )
 
@@ -888,12 +891,19 @@ def test_unset_targets_are_the_model_types_query_and_value(tmp_path, tiny_model,
     assert sorted(saved["target_modules"]) == ["q_lin", "v_lin"]
 
 
-def test_unset_targets_of_an_unknown_model_type_are_refused(tmp_path, tiny_model, data, offline_metrics):
-    model = tmp_path / "mpnet"
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(model)
-    MPNetConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4).save_pretrained(model)  # no weights
+def test_unset_targets_of_other_model_types(tmp_path, tiny_model, data, offline_metrics):
+    """A type the library's defaults do not know: `query` and `value` where its layers have them (ALBERT), else a
+    refusal naming the type (MPNet's are `q` and `v`)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    for name, config, model_class in (("albert", AlbertConfig, AlbertModel), ("mpnet", MPNetConfig, MPNetModel)):
+        tokenizer.save_pretrained(tmp_path / name)
+        settings = dict(vocab_size=len(tokenizer), max_position_embeddings=40, pad_token_id=tokenizer.pad_token_id)
+        config = config(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48, **settings)
+        model_class(config).save_pretrained(tmp_path / name)
+    summary = run(tmp_path, str(tmp_path / "albert"), "mrpc", data["pair_train"], data["pair_validation"])
+    assert summary["hyperparameters"]["target_modules"] == ["query", "value"]
     with pytest.raises(ValueError, match=r"`--target_modules` has no default for model type 'mpnet' \(`--model_name"):
-        run(tmp_path, str(model), "mrpc", data["pair_train"], data["pair_validation"])
+        run(tmp_path / "m", str(tmp_path / "mpnet"), "mrpc", data["pair_train"], data["pair_validation"])
 
 
 def test_resume_with_unset_targets_compares_the_model_types(tmp_path, tiny_model, data, offline_metrics):
@@ -927,6 +937,13 @@ def test_resume_all_linear_with_layers_it_left_out(tmp_path):
     model.save_pretrained(checkpoint)
     (checkpoint / "trainer_state.json").write_text('{"global_step": 2}')
     run_glue.parse_args([*argv, "--resume_from_checkpoint", str(checkpoint)])
+    # targets left unset: compared (with what all-linear left out) once the model gives them, not before by the
+    # setting no flag sets
+    without_targets = [*argv[:4], *argv[6:]]
+    model_args, _, training_args = run_glue.parse_args([*without_targets, "--resume_from_checkpoint", str(checkpoint)])
+    model_args.target_modules = ["query", "value"]
+    with pytest.raises(ValueError, match=r"exclude_modules: checkpoint .*; target_modules \(`--target_modules`\)"):
+        run_glue.check_resume_config(checkpoint, model_args, training_args)
 
 
 def test_command_line_errors_are_one_clean_line(tmp_path):
