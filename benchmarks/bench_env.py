@@ -82,8 +82,9 @@ def git_commit() -> str | None:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
     try:
-        if Path(git("rev-parse", "--show-toplevel")).resolve() != ROOT:  # a copy of the tree inside another checkout
-            return None
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != ROOT:  # inside another repository: its HEAD holds
+            git("ls-files", "--error-unmatch", "benchmarks/bench_env.py")  # this code only where it tracks it (not a
+            # copy); else CalledProcessError
         return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain") else "")
     except (OSError, subprocess.CalledProcessError):
         return None

@@ -51,6 +51,37 @@ def test_results_are_written_whole_into_a_new_folder_and_a_replaced_committed_fi
     assert out == f"replacing {path} (committed results: `git checkout -- {path}` brings them back)\n"
 
 
+def test_the_commit_recorded_is_none_for_a_copy_and_the_outer_repositorys_for_a_committed_subtree(
+    tmp_path, monkeypatch
+):
+    """A tree copied inside another checkout is not that checkout's HEAD; committed there as a subtree, it is."""
+    import importlib.util
+    import shutil
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # (the copy puts its own root first)
+    monkeypatch.delenv("BENCH_COMMIT", raising=False)
+    outer = tmp_path / "outer"
+    (outer / "sub" / "benchmarks").mkdir(parents=True)
+    shutil.copy(ROOT / "benchmarks" / "bench_env.py", outer / "sub" / "benchmarks" / "bench_env.py")
+    spec = importlib.util.spec_from_file_location("copied_bench_env", outer / "sub" / "benchmarks" / "bench_env.py")
+    copied = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copied)
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=outer, check=True,
+                       capture_output=True)  # fmt: skip
+
+    git("init", "-q")
+    (outer / "other.txt").write_text("x")
+    git("add", "other.txt")
+    git("commit", "-q", "-m", "other")
+    assert copied.git_commit() is None  # untracked there: HEAD says nothing of this code
+    git("add", "sub")
+    git("commit", "-q", "-m", "sub")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=outer, capture_output=True, text=True).stdout.strip()
+    assert copied.git_commit() == head
+
+
 def test_benchmarks_and_their_processes_import_this_checkouts_library():
     import bench_env
 

@@ -169,6 +169,7 @@ def test_auto_peft_model_loads_base_and_adapter_by_the_configs_path(tmp_path, in
     model.save_pretrained(tmp_path / "adapter")
     loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
     assert isinstance(loaded, PeftModelForCausalLM) and loaded.peft_config["default"].inference_mode
+    assert loaded.base_model.model.name_or_path == str(tmp_path / "base")  # (from scratch the file holds every tensor)
     torch.testing.assert_close(loaded(input_ids).logits, model(input_ids).logits, rtol=0, atol=0)
 
 
