@@ -112,8 +112,7 @@ def run(name: str, args: list[str], runs: Path, model: str, data: Path, jobs: in
             return {**summary, **record, "reused": True}
         print(f"== {name}: the finished run in {out} had {why}; running it again", flush=True)
     env = checkout_env({**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})  # its library
-    env["HF_HUB_OFFLINE"] = "1"
-    env.update(HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1")
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1")
     log_path = Path(f"{out}.log")
     print(f"== {name}: {' '.join(args)} (log: {log_path})", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
