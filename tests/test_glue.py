@@ -908,7 +908,7 @@ def test_unset_targets_of_other_model_types(tmp_path, tiny_model, data, offline_
 
 def test_resume_with_unset_targets_compares_the_model_types(tmp_path, tiny_model, data, offline_metrics):
     """Trained on three projections, resumed without `--target_modules`: the defaults (two) are known once the
-    model's config is read, and compared then."""
+    model is loaded, and compared then."""
     args = ("mrpc", data["pair_train"], data["pair_validation"], "--save_strategy", "steps", "--save_steps", "2")
     args += ("--max_steps", "2")
     run(tmp_path, tiny_model, *args, "--target_modules", "query", "key", "value")
