@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if Path(peft_sltrain.__file__).resolve().parent.parent != args.lib.resolve():  # (not one found elsewhere)
         p.error(f"--lib {args.lib}: no peft_sltrain there (the import found {Path(peft_sltrain.__file__).parent})")
+    env = environment()  # (now: the commit of the code measured)
+    library_commit = git_commit() if args.lib.resolve() == ROOT else _commit_of(args.lib)
 
     torch.manual_seed(0)
     torch.set_num_threads(1)  # one thread: the work per call, not a thread pool's wake-up
@@ -110,9 +112,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{s:14s} {v:26s} {us:7.1f} us  {us / base:5.2f}x nn.Linear  {rows[-1]['ops']:3d} ops")
     result = {
         "command": shlex.join(["python", "benchmarks/layer_call_overhead.py", *argv]),
-        "library_commit": git_commit() if args.lib.resolve() == ROOT else _commit_of(args.lib),
+        "library_commit": library_commit,
         "shape": {"d_in": d, "d_out": d, "tokens": tokens, "r": 4, "sparsity": 0.1},
-        "environment": environment(),
+        "environment": env,
         "rows": rows,
         "ops_by_name": ops,
     }

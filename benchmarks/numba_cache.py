@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     if not cpu_kernels.AVAILABLE:  # (each probe would time an import that compiles nothing)
         p.error("numba is not installed: there are no kernels to compile or load (pip install 'peft-sltrain[cpu]')")
 
+    env = environment()  # (now: the commit of the code measured)
     runs = {name: {"compiled": [], "loaded": [], "baseline": []} for name in KERNEL_SETS}
     with tqdm(total=args.rounds * 5, desc="processes") as bar:
         for _ in range(args.rounds):
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
                 summary[f"{name} {kind}"]["cache_hits"] = [row["cache_hits"] for row in rows]
     runs = {name: {kind: rows for kind, rows in kinds.items() if rows} for name, kinds in runs.items()}
     command = shlex.join(["python", "benchmarks/numba_cache.py", *(sys.argv[1:] if argv is None else argv)])
-    result = {"command": command, "environment": environment(), "rounds": args.rounds, "median": summary, "runs": runs}
+    result = {"command": command, "environment": env, "rounds": args.rounds, "median": summary, "runs": runs}
     write_results(args.out, result, indent=1)
     for name, row in summary.items():
         print(f"{name:>24}: {row['seconds']:6.2f} s, +{row['rss_added_mib']:4.0f} MiB RSS ({row['rss_mib']:.0f} MiB)")

@@ -126,6 +126,7 @@ def main(argv=None) -> dict:
     if not Path(args.preset).is_file():
         p.error(f"--preset: no file {args.preset}")
 
+    env = environment(torch.device("cpu"))  # (now: the commit of the code measured)
     transformers.utils.logging.disable_progress_bar()
     config = LlamaConfig(**json.loads(Path(args.preset).read_text())["model"])
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
@@ -165,7 +166,7 @@ def main(argv=None) -> dict:
 
     args_given = sys.argv[1:] if argv is None else argv
     result = {"command": shlex.join(["python", "benchmarks/quantized_bench.py", *args_given]),
-              "environment": environment(torch.device("cpu")), "sltrain": SLTRAIN, "lora_rank": lora_rank(config),
+              "environment": env, "sltrain": SLTRAIN, "lora_rank": lora_rank(config),
               "tokens_per_step": args.batch * args.seq_len, "rows": list(rows.values())}  # fmt: skip
     write_results(RESULTS / args.out, result)
     print(f"wrote {RESULTS / args.out}")

@@ -122,14 +122,14 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=RESULTS / "sparse_kernels_cpu.json", help="the results file")
     args = p.parse_args(argv)
+    env = environment(torch.device("cpu"))  # (now: the commit of the code measured)
     torch.manual_seed(0)
     rows = []
     for (d_in, d_out), sparsity in SHAPES:
         rows.append(measure(d_in, d_out, sparsity))
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}))
     command = shlex.join(["python", "benchmarks/sparse_kernels.py", *(sys.argv[1:] if argv is None else argv)])
-    result = {"command": command, "environment": environment(torch.device("cpu")),
-              "rows": rows}  # fmt: skip
+    result = {"command": command, "environment": env, "rows": rows}
     write_results(args.out, result)
     print(f"wrote {args.out}")
     return result
