@@ -51,9 +51,9 @@ from peft_sltrain.cost import COMPUTE_CHOICES  # noqa: E402
 from peft_sltrain.cpu_kernels import installed  # noqa: E402  (whether a package is installed, for the extras)
 
 import checkpointing  # noqa: E402
-import data  # noqa: E402
 import model_card  # noqa: E402
 import pretrain_card  # noqa: E402
+import pretrain_data as data  # noqa: E402  (scripts/pretrain_data.py, not the corpora in data/)
 from methods import METHODS, Hyper, adamw, get_method, parse_method_args  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

@@ -24,9 +24,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import peft_sltrain  # noqa: E402
 
 import checkpointing  # noqa: E402
-import data  # noqa: E402
 import model_card  # noqa: E402
 import pretrain  # noqa: E402
+import pretrain_data as data  # noqa: E402
 import sample  # noqa: E402
 from conftest import FailingHfApi, FakeHfApi, needs_cxx, perturb_trainable  # noqa: E402
 from methods import METHODS, Hyper  # noqa: E402
