@@ -1,6 +1,6 @@
 # Two entry points, each doing its own set-up on a fresh machine (Python 3.10+; the tests run on 3.11):
 #   make pretrain   the main job: a small SLTrain-vs-full pretraining run on the embedded corpus
-#   make test       the test suite (tiny models, offline, a few minutes on 2 CPU cores)
+#   make test       the test suite (tiny models, offline, about 9 minutes on 2 CPU cores)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch, pinned for dev and CI installs. The +cpu build comes from this project's machines' pip config (a local

@@ -356,6 +356,46 @@ def test_concurrent_calls_from_python_threads():
     assert "layer workqueue" in done.stdout
 
 
+CACHED_KERNEL = """
+from peft_sltrain._numba_kernels import _cached_njit
+
+
+@_cached_njit(["float64(float64[:])"])
+def total(a):
+    s = 0.0
+    for v in a:
+        s += v
+    return s
+"""
+
+
+def test_a_later_process_loads_a_kernel_from_numbas_disk_cache(tmp_path):
+    """The kernels' caching (`_cached_njit`) on a small kernel of its own, in seconds: the first process compiles and
+    keeps it on disk under the versioned name, the next loads it, a damaged cache file is named in the error. (The
+    kernels themselves, compiled for three dtypes in a fresh cache: `pytest -m slow`.)"""
+    (tmp_path / "cached_kernel.py").write_text(CACHED_KERNEL)
+    script = "import numpy, cached_kernel as k; print(k.total.stats.cache_hits.total(), k.total(numpy.arange(5.0)))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+
+    def run() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+
+    first = run()
+    assert first.returncode == 0 and first.stdout.split() == ["0", "10.0"], first.stderr[-2000:]  # compiled
+    second = run()
+    assert second.returncode == 0 and second.stdout.split() == ["1", "10.0"], second.stderr[-2000:]  # loaded
+    from peft_sltrain import _numba_kernels
+
+    index = next(tmp_path.rglob("cached_kernel.total_*.nbi"))
+    assert index.name.startswith(f"cached_kernel.total_{_numba_kernels._VERSION_KEY}-")
+    index.write_bytes(index.read_bytes()[:20])
+    damaged = run()
+    assert damaged.returncode != 0
+    assert "numba could not use its on-disk cache of peft_sltrain's CPU kernels (UnpicklingError" in damaged.stderr
+    assert f" in {index.parent} " in damaged.stderr
+
+
+@pytest.mark.slow
 def test_a_later_process_loads_the_kernels_from_numbas_disk_cache(tmp_path):
     """The first process compiles the kernels (each for fp32, fp64 and bf16) and numba keeps them on disk; the next
     loads them (no compile) and computes the same bits. A damaged cache file is named in the error, not left as
