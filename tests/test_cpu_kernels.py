@@ -356,6 +356,17 @@ def test_concurrent_calls_from_python_threads():
     assert "layer workqueue" in done.stdout
 
 
+def check_a_damaged_cache_is_named(index: Path, run) -> str:
+    """Cuts numba's cache index `index` short: the next process (`run()`) fails with an error that names the cache's
+    folder, not numba's unpickling error from deep inside its cache code. Its stderr."""
+    index.write_bytes(index.read_bytes()[:20])
+    damaged = run()
+    assert damaged.returncode != 0
+    assert "numba could not use its on-disk cache of peft_sltrain's CPU kernels (UnpicklingError" in damaged.stderr
+    assert f" in {index.parent} " in damaged.stderr
+    return damaged.stderr
+
+
 CACHED_KERNEL = """
 from peft_sltrain._numba_kernels import _cached_njit
 
@@ -388,11 +399,7 @@ def test_a_later_process_loads_a_kernel_from_numbas_disk_cache(tmp_path):
 
     index = next(tmp_path.rglob("cached_kernel.total_*.nbi"))
     assert index.name.startswith(f"cached_kernel.total_{_numba_kernels._VERSION_KEY}-")
-    index.write_bytes(index.read_bytes()[:20])
-    damaged = run()
-    assert damaged.returncode != 0
-    assert "numba could not use its on-disk cache of peft_sltrain's CPU kernels (UnpicklingError" in damaged.stderr
-    assert f" in {index.parent} " in damaged.stderr
+    check_a_damaged_cache_is_named(index, run)
 
 
 @pytest.mark.slow
@@ -431,11 +438,7 @@ def test_a_later_process_loads_the_kernels_from_numbas_disk_cache(tmp_path):
     assert lines[3][0] == "bits" and lines[3] == lines[7]
     index = next(tmp_path.rglob("_numba_kernels.forward_*.nbi"))
     assert index.name.startswith(f"_numba_kernels.forward_{cpu_kernels._kernels()._VERSION_KEY}-")
-    index.write_bytes(index.read_bytes()[:20])
-    damaged = run()
-    assert damaged.returncode != 0
-    assert "numba could not use its on-disk cache of peft_sltrain's CPU kernels (UnpicklingError" in damaged.stderr
-    assert f"delete the files `_numba_kernels.*` in {index.parent} " in damaged.stderr
+    assert f"delete the files `_numba_kernels.*` in {index.parent} " in check_a_damaged_cache_is_named(index, run)
 
 
 def test_the_kernels_compile_without_a_disk_cache_where_numba_has_none(monkeypatch):
