@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,12 @@ def checkout_env(env: dict | None = None) -> dict:
     env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     return env
+
+
+def recorded_command(script: str, argv: list[str] | None) -> str:
+    """The command line a results file records, shell-quoted so that it reruns as written: `script` (a benchmark's
+    `__file__`) with `argv` (None: this process's arguments)."""
+    return shlex.join(["python", f"benchmarks/{Path(script).name}", *(sys.argv[1:] if argv is None else argv)])
 
 
 _ANNOUNCED: set[Path] = set()  # committed results files this process has said it replaces

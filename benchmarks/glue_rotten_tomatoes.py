@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_env import checkout_env, environment, git_commit, write_results  # noqa: E402
+from bench_env import checkout_env, environment, git_commit, recorded_command, write_results  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "benchmarks" / "runs"
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"glue_rotten_tomatoes.py: error: {error}") from None
     argv = sys.argv[1:] if argv is None else argv
     report = {
-        "command": shlex.join(["python", "benchmarks/glue_rotten_tomatoes.py", *argv]),
+        "command": recorded_command(__file__, argv),
         "environment": environment("cpu"),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "1"),
         "jobs": args.jobs,

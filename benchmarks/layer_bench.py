@@ -34,7 +34,6 @@ import argparse
 import itertools
 import json
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -44,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_env import check_device, environment, positive_int, write_results  # noqa: E402
+from bench_env import check_device, environment, positive_int, recorded_command, write_results  # noqa: E402
 
 from peft_sltrain import cost, cpu_kernels, functional  # noqa: E402
 from peft_sltrain.functional import dense_weight, sltrain_linear  # noqa: E402
@@ -349,7 +348,7 @@ def main(argv=None) -> dict:
     stem = stem.with_suffix("") if stem.suffix in (".json", ".png") else stem  # (`layer_d0.03`: a stem, not .03)
     json_path, png_path = stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".png")
     result = {
-        "command": shlex.join(["python", "benchmarks/layer_bench.py", *argv]),
+        "command": recorded_command(__file__, argv),
         "environment": env,
         "dtype": str(dtype),
         "tokens": tokens,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import shlex
 import statistics
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_env import RESULTS, environment, git_commit, positive_int, write_results  # noqa: E402
+from bench_env import RESULTS, environment, git_commit, positive_int, recorded_command, write_results  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -111,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
                      "us_rounds": [round(t * 1e6, 2) for t in seconds[(v, s)]]})  # fmt: skip
         print(f"{s:14s} {v:26s} {us:7.1f} us  {us / base:5.2f}x nn.Linear  {rows[-1]['ops']:3d} ops")
     result = {
-        "command": shlex.join(["python", "benchmarks/layer_call_overhead.py", *argv]),
+        "command": recorded_command(__file__, argv),
         "library_commit": library_commit,
         "shape": {"d_in": d, "d_out": d, "tokens": tokens, "r": 4, "sparsity": 0.1},
         "environment": env,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
 import subprocess
 import sys
@@ -54,7 +53,7 @@ def probe(dtypes: list[str], cache_dir: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from bench_env import environment, positive_int, write_results
+    from bench_env import environment, positive_int, recorded_command, write_results
 
     from peft_sltrain import cpu_kernels
 
@@ -83,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
                 }
                 summary[f"{name} {kind}"]["cache_hits"] = [row["cache_hits"] for row in rows]
     runs = {name: {kind: rows for kind, rows in kinds.items() if rows} for name, kinds in runs.items()}
-    command = shlex.join(["python", "benchmarks/numba_cache.py", *(sys.argv[1:] if argv is None else argv)])
+    command = recorded_command(__file__, argv)
     result = {"command": command, "environment": env, "rounds": args.rounds, "median": summary, "runs": runs}
     write_results(args.out, result, indent=1)
     for name, row in summary.items():

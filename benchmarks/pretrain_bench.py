@@ -34,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_env import checkout_env, environment, git_commit, positive_int, write_results  # noqa: E402
+from bench_env import checkout_env, environment, git_commit, positive_int, recorded_command, write_results  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "benchmarks" / "runs"
@@ -254,7 +254,7 @@ def sweep(args) -> None:
             if trained:  # a method that diverged at every rate tried has none
                 best[method] = min(trained, key=lambda r: r["val_ppl"])["lr"]
         if measured or not old:
-            provenance = {"command": shlex.join(["python", *sys.argv]), "environment": environment(device)}
+            provenance = {"command": args.command, "environment": environment(device)}
         else:  # runs measured earlier, with this command, came from their run directories: the file's stay
             provenance = {key: old[key] for key in ("command", "environment") if key in old}
         write_results(path, {  # (whole or not at all: an interrupted write would lose the sweep so far)
@@ -471,6 +471,7 @@ def main(argv=None) -> None:
     )
     p.add_argument("extra", nargs="*", help="further flags for pretrain.py, after --")
     args = p.parse_args(argv)
+    args.command = recorded_command(__file__, argv)
     for flag, values in (("--seeds", args.seeds), ("--methods", args.methods)):
         twice = sorted({str(v) for v in values if values.count(v) > 1})
         if twice:  # (the same run twice, side by side in one directory, and a spread of 0 reported over "seeds")
@@ -531,7 +532,7 @@ def main(argv=None) -> None:
     device = runs[0]["device"]
     env = environment(device)
     result = {
-        "command": shlex.join(["python", *sys.argv]),
+        "command": args.command,
         "environment": env,
         "device_note": args.device_note,  # the plots' name for the machine (`--replot` reuses it)
         "seeds": args.seeds,

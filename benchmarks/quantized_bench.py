@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import shlex
 import statistics
 import sys
 import tempfile
@@ -35,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import transformers  # noqa: E402
-from bench_env import environment, positive_int, write_results  # noqa: E402
+from bench_env import environment, positive_int, recorded_command, write_results  # noqa: E402
 from layer_bench import peak_bytes  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
@@ -165,7 +164,7 @@ def main(argv=None) -> dict:
         print(json.dumps(rows[name]), flush=True)
 
     args_given = sys.argv[1:] if argv is None else argv
-    result = {"command": shlex.join(["python", "benchmarks/quantized_bench.py", *args_given]),
+    result = {"command": recorded_command(__file__, args_given),
               "environment": env, "sltrain": SLTRAIN, "lora_rank": lora_rank(config),
               "tokens_per_step": args.batch * args.seq_len, "rows": list(rows.values())}  # fmt: skip
     write_results(RESULTS / args.out, result)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_env import environment, write_results  # noqa: E402
+from bench_env import environment, recorded_command, write_results  # noqa: E402
 
 from peft_sltrain import cpu_kernels  # noqa: E402
 from peft_sltrain.functional import sparse_csr, sparse_csr_transposed, token_chunk  # noqa: E402
@@ -128,7 +127,7 @@ def main(argv=None) -> dict:
     for (d_in, d_out), sparsity in SHAPES:
         rows.append(measure(d_in, d_out, sparsity))
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}))
-    command = shlex.join(["python", "benchmarks/sparse_kernels.py", *(sys.argv[1:] if argv is None else argv)])
+    command = recorded_command(__file__, argv)
     result = {"command": command, "environment": env, "rows": rows}
     write_results(args.out, result)
     print(f"wrote {args.out}")

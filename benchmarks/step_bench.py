@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import shlex
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_env import check_device, checkout_env, environment, positive_int, write_results  # noqa: E402
+from bench_env import check_device, checkout_env, environment, positive_int, recorded_command, write_results  # noqa: E402
 from layer_bench import peak_bytes  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from transformers import LlamaConfig  # noqa: E402
@@ -222,7 +221,7 @@ def main(argv=None) -> dict:
     path = RESULTS / (args.out or f"step_{device.type}{suffix}.json")
     rows = []
     result = {
-        "command": shlex.join(["python", "benchmarks/step_bench.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": recorded_command(__file__, argv),
         "environment": environment(device),  # (read now: the commit of the code measured)
         "autocast": str(autocast_dtype),
         "compiled": args.compile is not None,

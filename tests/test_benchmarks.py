@@ -342,7 +342,9 @@ def test_replot_draws_the_results_file_again_and_runs_nothing(pretrain_in_tmp, m
     pretrain_bench.main(["--methods", "full", "--device-note", "2x GPU"])  # recorded, and reused by --replot
     ran.clear(), drawn.clear()
     pretrain_bench.main(["--replot"])
-    assert json.loads((pretrain_in_tmp / "pretrain_tiny.json").read_text())["device_note"] == "2x GPU"
+    recorded = json.loads((pretrain_in_tmp / "pretrain_tiny.json").read_text())
+    assert recorded["device_note"] == "2x GPU"
+    assert recorded["command"] == "python benchmarks/pretrain_bench.py --methods full --device-note '2x GPU'"
     assert ran == [] and drawn[0][2] == "LLaMA-tiny, 0.0M tokens, 2x GPU"
     with pytest.raises(SystemExit):
         pretrain_bench.main(["--replot", "--size", "60m"])
