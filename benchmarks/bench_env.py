@@ -51,6 +51,34 @@ def write_results(path: Path, result: dict, indent: int = 2) -> None:
     os.replace(partial, path)
 
 
+def check_replaceable(parser, path: Path, command: str, replace: bool) -> None:
+    """A usage error, before any measuring, if this run would replace a committed results file that another command
+    made (a reduced or changed run over the numbers the README quotes), unless `replace` (`--replace`)."""
+    path = Path(path)
+    if replace or not (path.is_file() and _committed(path)):
+        return
+    try:
+        recorded = json.loads(path.read_text()).get("command")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if isinstance(recorded, str) and _arguments(recorded) == _arguments(command):
+        return  # the same run again
+    made_by = f"`{recorded}`" if isinstance(recorded, str) else "a command it does not record"
+    parser.error(
+        f"{path} holds committed results, made by {made_by}; this run (`{command}`) would replace them: pass --out "
+        "to write elsewhere, or --replace to replace them"
+    )
+
+
+def _arguments(command: str) -> list[str]:
+    """A recorded command's words, less `--replace` (it changes where results go, not what they are)."""
+    try:
+        words = shlex.split(command)
+    except ValueError:  # an unquoted record from before recorded_command
+        words = command.split()
+    return [word for word in words if word != "--replace"]
+
+
 def _committed(path: Path) -> bool:
     """Whether git tracks `path` in this checkout."""
     try:

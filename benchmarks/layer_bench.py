@@ -43,7 +43,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_env import check_device, environment, positive_int, recorded_command, write_results  # noqa: E402
+from bench_env import (  # noqa: E402
+    check_device,
+    check_replaceable,
+    environment,
+    positive_int,
+    recorded_command,
+    write_results,
+)
 
 from peft_sltrain import cost, cpu_kernels, functional  # noqa: E402
 from peft_sltrain.functional import dense_weight, sltrain_linear  # noqa: E402
@@ -315,6 +322,7 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--out", help="results file stem: STEM.json and STEM.png (default: benchmarks/results/layer_<device>)"
     )
+    p.add_argument("--replace", action="store_true", help="replace committed results that another command made")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     device = check_device(p, args.device)
@@ -329,6 +337,12 @@ def main(argv=None) -> dict:
             f"--max-entries {args.max_entries:g} leaves nothing to measure: the smallest shape, {d_in}x{d_out}, has "
             f"{d_in * d_out:,} weight entries"
         )
+    default_dtype = "bf16" if device.type == "cuda" else "fp32"
+    suffix = "" if dtype_name == default_dtype else f"_{dtype_name}"
+    stem = Path(args.out) if args.out else RESULTS / f"layer_{device.type}{suffix}"
+    stem = stem.with_suffix("") if stem.suffix in (".json", ".png") else stem  # (`layer_d0.03`: a stem, not .03)
+    json_path, png_path = stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".png")
+    check_replaceable(p, json_path, recorded_command(__file__, argv), args.replace)
     torch.manual_seed(0)
 
     for (d_in, d_out), _, _ in SHAPES:
@@ -342,11 +356,6 @@ def main(argv=None) -> dict:
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}))
     sweeps = {key: [measure(*layer, tokens, args.repeats, device, dtype) for layer in layers]
               for key, layers in sweep_layers.items()}  # fmt: skip
-    default_dtype = "bf16" if device.type == "cuda" else "fp32"
-    suffix = "" if dtype_name == default_dtype else f"_{dtype_name}"
-    stem = Path(args.out) if args.out else RESULTS / f"layer_{device.type}{suffix}"
-    stem = stem.with_suffix("") if stem.suffix in (".json", ".png") else stem  # (`layer_d0.03`: a stem, not .03)
-    json_path, png_path = stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".png")
     result = {
         "command": recorded_command(__file__, argv),
         "environment": env,

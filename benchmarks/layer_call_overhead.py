@@ -24,7 +24,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_env import RESULTS, environment, git_commit, positive_int, recorded_command, write_results  # noqa: E402
+from bench_env import (  # noqa: E402
+    RESULTS,
+    check_replaceable,
+    environment,
+    git_commit,
+    positive_int,
+    recorded_command,
+    write_results,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,8 +41,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=positive_int, default=7)
     p.add_argument("--calls", type=positive_int, default=2000, help="forward + backward calls per variant and round")
     p.add_argument("--out", type=Path, default=RESULTS / "layer_call_overhead_cpu.json")
+    p.add_argument("--replace", action="store_true", help="replace committed results that another command made")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
+    check_replaceable(p, args.out, recorded_command(__file__, argv), args.replace)
     sys.path.insert(0, str(args.lib.resolve()))  # before this checkout's, which bench_env put first
     warnings.simplefilter("ignore")
 

@@ -53,14 +53,17 @@ def probe(dtypes: list[str], cache_dir: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from bench_env import environment, positive_int, recorded_command, write_results
+    from bench_env import check_replaceable, environment, positive_int, recorded_command, write_results
 
     from peft_sltrain import cpu_kernels
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=positive_int, default=3)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "numba_cache_cpu.json")
+    p.add_argument("--replace", action="store_true", help="replace committed results that another command made")
     args = p.parse_args(argv)
+    command = recorded_command(__file__, argv)
+    check_replaceable(p, args.out, command, args.replace)
     if not cpu_kernels.AVAILABLE:  # (each probe would time an import that compiles nothing)
         p.error("numba is not installed: there are no kernels to compile or load (pip install 'peft-sltrain[cpu]')")
 
@@ -82,7 +85,6 @@ def main(argv: list[str] | None = None) -> None:
                 }
                 summary[f"{name} {kind}"]["cache_hits"] = [row["cache_hits"] for row in rows]
     runs = {name: {kind: rows for kind, rows in kinds.items() if rows} for name, kinds in runs.items()}
-    command = recorded_command(__file__, argv)
     result = {"command": command, "environment": env, "rounds": args.rounds, "median": summary, "runs": runs}
     write_results(args.out, result, indent=1)
     for name, row in summary.items():

@@ -34,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import transformers  # noqa: E402
-from bench_env import environment, positive_int, recorded_command, write_results  # noqa: E402
+from bench_env import check_replaceable, environment, positive_int, recorded_command, write_results  # noqa: E402
 from layer_bench import peak_bytes  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
@@ -118,12 +118,15 @@ def main(argv=None) -> dict:
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
     p.add_argument("--preset", default=str(ROOT / "configs" / "llama_60m.json"), help="its `model` section is built")
     p.add_argument("--out", default="quantized_cpu.json", help="a file under benchmarks/results/, or an absolute path")
+    p.add_argument("--replace", action="store_true", help="replace committed results that another command made")
     args = p.parse_args(argv)
     names = args.variants.split(",")
     if unknown := [n for n in names if n not in VARIANTS]:
         raise SystemExit(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}.")
     if not Path(args.preset).is_file():
         p.error(f"--preset: no file {args.preset}")
+    command = recorded_command(__file__, argv)
+    check_replaceable(p, RESULTS / args.out, command, args.replace)
 
     env = environment(torch.device("cpu"))  # (now: the commit of the code measured)
     transformers.utils.logging.disable_progress_bar()
@@ -163,8 +166,7 @@ def main(argv=None) -> dict:
             rows[name][f"{key}_vs_{baseline}"] = rows[name][f"{key}_bytes"] / rows[baseline][f"{key}_bytes"]
         print(json.dumps(rows[name]), flush=True)
 
-    args_given = sys.argv[1:] if argv is None else argv
-    result = {"command": recorded_command(__file__, args_given),
+    result = {"command": command,
               "environment": env, "sltrain": SLTRAIN, "lora_rank": lora_rank(config),
               "tokens_per_step": args.batch * args.seq_len, "rows": list(rows.values())}  # fmt: skip
     write_results(RESULTS / args.out, result)

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_env import environment, recorded_command, write_results  # noqa: E402
+from bench_env import check_replaceable, environment, recorded_command, write_results  # noqa: E402
 
 from peft_sltrain import cpu_kernels  # noqa: E402
 from peft_sltrain.functional import sparse_csr, sparse_csr_transposed, token_chunk  # noqa: E402
@@ -120,14 +120,16 @@ def measure(d_in: int, d_out: int, sparsity: float) -> dict:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=RESULTS / "sparse_kernels_cpu.json", help="the results file")
+    p.add_argument("--replace", action="store_true", help="replace committed results that another command made")
     args = p.parse_args(argv)
+    command = recorded_command(__file__, argv)
+    check_replaceable(p, args.out, command, args.replace)
     env = environment(torch.device("cpu"))  # (now: the commit of the code measured)
     torch.manual_seed(0)
     rows = []
     for (d_in, d_out), sparsity in SHAPES:
         rows.append(measure(d_in, d_out, sparsity))
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}))
-    command = recorded_command(__file__, argv)
     result = {"command": command, "environment": env, "rows": rows}
     write_results(args.out, result)
     print(f"wrote {args.out}")

@@ -32,7 +32,15 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_env import check_device, checkout_env, environment, positive_int, recorded_command, write_results  # noqa: E402
+from bench_env import (  # noqa: E402
+    check_device,
+    check_replaceable,
+    checkout_env,
+    environment,
+    positive_int,
+    recorded_command,
+    write_results,
+)
 from layer_bench import peak_bytes  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from transformers import LlamaConfig  # noqa: E402
@@ -183,6 +191,7 @@ def main(argv=None) -> dict:
         action="store_true",
         help="skip the memory measurement (a fresh run per variant in the first round; compiled, it compiles again)",
     )
+    p.add_argument("--replace", action="store_true", help="replace committed results that another command made")
     p.add_argument("--one", nargs=4, metavar=("SIZE", "VARIANT", "BATCH", "SEQ_LEN"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     device = check_device(p, args.device)
@@ -219,6 +228,7 @@ def main(argv=None) -> dict:
     suffix += (f"_batch{args.batch}" if args.batch else "") + ("_compiled" if args.compile else "")
     suffix += f"_{args.compile}" if args.compile not in (None, "default") else ""
     path = RESULTS / (args.out or f"step_{device.type}{suffix}.json")
+    check_replaceable(p, path, recorded_command(__file__, argv), args.replace)
     rows = []
     result = {
         "command": recorded_command(__file__, argv),

@@ -51,6 +51,63 @@ def test_results_are_written_whole_into_a_new_folder_and_a_replaced_committed_fi
     assert out == f"replacing {path} (committed results: `git checkout -- {path}` brings them back)\n"
 
 
+def test_committed_results_are_replaced_only_by_the_command_that_made_them_or_when_asked(tmp_path, monkeypatch,
+                                                                                         capsys):  # fmt: skip
+    import argparse
+
+    import bench_env
+
+    parser = argparse.ArgumentParser(prog="bench")
+    path = tmp_path / "step_cpu.json"
+    path.write_text(json.dumps({"command": "python benchmarks/step_bench.py --sizes tiny"}))
+    bench_env.check_replaceable(parser, path, "python benchmarks/step_bench.py --sizes tiny --rounds 1", False)
+    monkeypatch.setattr(bench_env, "_committed", lambda path: True)  # from here on, the file is committed
+    bench_env.check_replaceable(parser, path, "python benchmarks/step_bench.py --sizes tiny", False)  # the same run
+    bench_env.check_replaceable(parser, path, "python benchmarks/step_bench.py --sizes tiny --replace", False)
+    bench_env.check_replaceable(parser, path, "python benchmarks/step_bench.py --rounds 1", True)  # --replace
+    with pytest.raises(SystemExit):
+        bench_env.check_replaceable(parser, path, "python benchmarks/step_bench.py --rounds 1", False)
+    assert (
+        f"{path} holds committed results, made by `python benchmarks/step_bench.py --sizes tiny`; this run "
+        "(`python benchmarks/step_bench.py --rounds 1`) would replace them: pass --out to write elsewhere, or "
+        "--replace to replace them"
+    ) in capsys.readouterr().err
+    path.write_text("{")  # damaged, or from before results recorded their command
+    with pytest.raises(SystemExit):
+        bench_env.check_replaceable(parser, path, "python benchmarks/step_bench.py", False)
+    assert "made by a command it does not record" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "bench, argv, committed",
+    [
+        (step_bench, ["--sizes", "tiny", "--rounds", "1"], "step_cpu.json"),
+        (layer_bench, ["--max-entries", "5e4"], "layer_cpu.json"),
+        (quantized_bench, ["--rounds", "1"], "quantized_cpu.json"),
+        (
+            sparse_kernels,
+            ["--out", str(ROOT / "benchmarks" / "results" / "sparse_kernels_cpu.json")],
+            "sparse_kernels_cpu.json",
+        ),
+        (numba_cache, ["--rounds", "1"], "numba_cache_cpu.json"),
+        (layer_call_overhead, ["--rounds", "1"], "layer_call_overhead_cpu.json"),
+    ],
+)
+def test_a_changed_run_does_not_replace_the_committed_results_before_measuring(bench, argv, committed, capsys,
+                                                                                monkeypatch):  # fmt: skip
+    """Review K's case: a reduced run left the README's numbers in `benchmarks/results` as one tiny row."""
+    from peft_sltrain import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "AVAILABLE", True)  # (numba_cache checks numba first)
+    path = ROOT / "benchmarks" / "results" / committed
+    before = path.read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"{committed} holds committed results, made by " in err, err
+    assert "pass --out to write elsewhere, or --replace to replace them" in err and path.read_bytes() == before
+
+
 def test_the_commit_recorded_is_none_for_a_copy_and_the_outer_repositorys_for_a_committed_subtree(
     tmp_path, monkeypatch
 ):
