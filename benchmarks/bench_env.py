@@ -43,7 +43,7 @@ def write_results(path: Path, result: dict, indent: int = 2) -> None:
     replaces a committed result."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.resolve() not in _ANNOUNCED and path.is_file() and _committed(path):
+    if path.resolve() not in _ANNOUNCED and path.is_file() and committed(path):
         _ANNOUNCED.add(path.resolve())
         print(f"replacing {path} (committed results: `git checkout -- {path}` brings them back)")
     partial = path.with_name(path.name + ".partial")
@@ -53,20 +53,24 @@ def write_results(path: Path, result: dict, indent: int = 2) -> None:
 
 def check_replaceable(parser, path: Path, command: str, replace: bool) -> None:
     """A usage error, before any measuring, if this run would replace a committed results file that another command
-    made (a reduced or changed run over the numbers the README quotes), unless `replace` (`--replace`)."""
+    made (a reduced or changed run over the numbers the README quotes), unless `replace` (`--replace`). The command is
+    read from the committed file, not the working copy (which an uncommitted run may have replaced)."""
     path = Path(path)
-    if replace or not (path.is_file() and _committed(path)):
+    if replace or not path.is_file():
         return
+    text = _committed_text(path)
+    if text is None:
+        return  # not committed: one's own earlier results
     try:
-        recorded = json.loads(path.read_text()).get("command")
-    except (OSError, ValueError, AttributeError):
+        recorded = json.loads(text).get("command")
+    except (ValueError, AttributeError):
         recorded = None
     if isinstance(recorded, str) and _arguments(recorded) == _arguments(command):
         return  # the same run again
     made_by = f"`{recorded}`" if isinstance(recorded, str) else "a command it does not record"
     parser.error(
-        f"{path} holds committed results, made by {made_by}; this run (`{command}`) would replace them: pass --out "
-        "to write elsewhere, or --replace to replace them"
+        f"{path} holds committed results, made by {made_by}; this run (`{command}`) is not that command word for "
+        "word, and would replace them: pass --out to write elsewhere, or --replace to replace them"
     )
 
 
@@ -79,7 +83,20 @@ def _arguments(command: str) -> list[str]:
     return [word for word in words if word != "--replace"]
 
 
-def _committed(path: Path) -> bool:
+def _committed_text(path: Path) -> str | None:
+    """The committed contents of the file `path` (HEAD's, else the index's for a file added since), or None where git
+    holds none (an untracked file, a copy outside git, no git)."""
+    for spec in (f"HEAD:./{path.name}", f":./{path.name}"):
+        try:
+            done = subprocess.run(["git", "show", spec], cwd=path.resolve().parent, capture_output=True, text=True)
+        except OSError:
+            return None
+        if done.returncode == 0:
+            return done.stdout
+    return None
+
+
+def committed(path: Path) -> bool:
     """Whether git tracks `path` in this checkout."""
     try:
         done = subprocess.run(

@@ -326,7 +326,6 @@ def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     device = check_device(p, args.device)
-    env = environment(device)  # (now: the commit of the code measured)
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     tokens = args.tokens if args.tokens is not None else (8192 if device.type == "cuda" else 2048)
@@ -343,6 +342,7 @@ def main(argv=None) -> dict:
     stem = stem.with_suffix("") if stem.suffix in (".json", ".png") else stem  # (`layer_d0.03`: a stem, not .03)
     json_path, png_path = stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".png")
     check_replaceable(p, json_path, recorded_command(__file__, argv), args.replace)
+    env = environment(device)  # (now: the commit of the code measured)
     torch.manual_seed(0)
 
     for (d_in, d_out), _, _ in SHAPES:

@@ -36,6 +36,7 @@ from bench_env import (  # noqa: E402
     check_device,
     check_replaceable,
     checkout_env,
+    committed,
     environment,
     positive_int,
     recorded_command,
@@ -229,6 +230,8 @@ def main(argv=None) -> dict:
     suffix += f"_{args.compile}" if args.compile not in (None, "default") else ""
     path = RESULTS / (args.out or f"step_{device.type}{suffix}.json")
     check_replaceable(p, path, recorded_command(__file__, argv), args.replace)
+    # the sizes finished so far are written after each; over committed results, to a side file until the last one
+    interim = path.with_name(path.stem + "_incomplete.json") if path.is_file() and committed(path) else path
     rows = []
     result = {
         "command": recorded_command(__file__, argv),
@@ -268,8 +271,11 @@ def main(argv=None) -> dict:
             rows.append(row)
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}))
         result["complete"] = (size, batch, seq_len) == settings[-1]
-        write_results(path, result)  # after each size: an interrupted run keeps the sizes it finished
-        print(f"wrote {path} ({len(rows)} rows)")
+        done = path if result["complete"] else interim  # an interrupted run keeps the sizes it finished
+        write_results(done, result)
+        print(f"wrote {done} ({len(rows)} rows)")
+    if interim != path:
+        interim.unlink(missing_ok=True)
     return result
 
 

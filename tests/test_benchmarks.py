@@ -43,8 +43,8 @@ def test_results_are_written_whole_into_a_new_folder_and_a_replaced_committed_fi
     bench_env.write_results(path, {"a": 2})  # not a committed file: nothing to say
     assert json.loads(path.read_text()) == {"a": 2} and list(path.parent.iterdir()) == [path]  # no partial file left
     assert capsys.readouterr().out == ""
-    assert bench_env._committed(ROOT / "benchmarks" / "results" / "step_cpu.json") and not bench_env._committed(path)
-    monkeypatch.setattr(bench_env, "_committed", lambda path: True)
+    assert bench_env.committed(ROOT / "benchmarks" / "results" / "step_cpu.json") and not bench_env.committed(path)
+    monkeypatch.setattr(bench_env, "committed", lambda path: True)
     bench_env.write_results(path, {"a": 3})
     bench_env.write_results(path, {"a": 4})  # (a sweep rewrites its file after every run: said once)
     out = capsys.readouterr().out
@@ -59,23 +59,38 @@ def test_committed_results_are_replaced_only_by_the_command_that_made_them_or_wh
 
     parser = argparse.ArgumentParser(prog="bench")
     path = tmp_path / "step_cpu.json"
-    path.write_text(json.dumps({"command": "python benchmarks/step_bench.py --sizes tiny"}))
-    bench_env.check_replaceable(parser, path, "python benchmarks/step_bench.py --sizes tiny --rounds 1", False)
-    monkeypatch.setattr(bench_env, "_committed", lambda path: True)  # from here on, the file is committed
+    path.write_text(json.dumps({"command": "python benchmarks/step_bench.py --rounds 1"}))  # an uncommitted run
+    bench_env.check_replaceable(parser, path, "python benchmarks/step_bench.py --rounds 2", False)  # not committed
+    committed = {"command": "python benchmarks/step_bench.py --sizes tiny"}  # from here on, git holds this version
+    monkeypatch.setattr(bench_env, "_committed_text", lambda path: json.dumps(committed))
     bench_env.check_replaceable(parser, path, "python benchmarks/step_bench.py --sizes tiny", False)  # the same run
     bench_env.check_replaceable(parser, path, "python benchmarks/step_bench.py --sizes tiny --replace", False)
     bench_env.check_replaceable(parser, path, "python benchmarks/step_bench.py --rounds 1", True)  # --replace
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit):  # (the working copy's command is not the committed one)
         bench_env.check_replaceable(parser, path, "python benchmarks/step_bench.py --rounds 1", False)
     assert (
         f"{path} holds committed results, made by `python benchmarks/step_bench.py --sizes tiny`; this run "
-        "(`python benchmarks/step_bench.py --rounds 1`) would replace them: pass --out to write elsewhere, or "
-        "--replace to replace them"
+        "(`python benchmarks/step_bench.py --rounds 1`) is not that command word for word, and would replace them: "
+        "pass --out to write elsewhere, or --replace to replace them"
     ) in capsys.readouterr().err
-    path.write_text("{")  # damaged, or from before results recorded their command
+    committed = ["from before results recorded their command"]
     with pytest.raises(SystemExit):
         bench_env.check_replaceable(parser, path, "python benchmarks/step_bench.py", False)
     assert "made by a command it does not record" in capsys.readouterr().err
+
+
+def test_the_committed_text_of_a_results_file_comes_from_git():
+    import bench_env
+
+    path = ROOT / "benchmarks" / "results" / "step_cpu.json"
+    if not bench_env.committed(path):
+        pytest.skip("not a git checkout")
+    text = bench_env._committed_text(path)
+    assert json.loads(text)["command"] == "python benchmarks/step_bench.py"
+    assert bench_env._committed_text(ROOT / "benchmarks" / "runs" / "x.json") is None
+
+
+MEASURING = ("environment", "measure", "measure_in_subprocess", "probe", "load", "write_results")
 
 
 @pytest.mark.parametrize(
@@ -95,17 +110,26 @@ def test_committed_results_are_replaced_only_by_the_command_that_made_them_or_wh
 )
 def test_a_changed_run_does_not_replace_the_committed_results_before_measuring(bench, argv, committed, capsys,
                                                                                 monkeypatch):  # fmt: skip
-    """Review K's case: a reduced run left the README's numbers in `benchmarks/results` as one tiny row."""
-    from peft_sltrain import cpu_kernels
+    """Review K's case: a reduced run left the README's numbers in `benchmarks/results` as one tiny row. Everything
+    that measures or writes is made to fail: the refusal must come first."""
+    import bench_env
 
-    monkeypatch.setattr(cpu_kernels, "AVAILABLE", True)  # (numba_cache checks numba first)
     path = ROOT / "benchmarks" / "results" / committed
-    before = path.read_bytes()
+    if not bench_env.committed(path):
+        pytest.skip("not a git checkout: nothing is committed")
+
+    def measuring(*args, **kwargs):
+        raise AssertionError("measured or wrote before refusing")
+
+    for name in MEASURING:
+        if hasattr(bench, name):
+            monkeypatch.setattr(bench, name, measuring)
+    monkeypatch.setattr(bench_env, "environment", measuring)  # (numba_cache imports it when it runs)
     with pytest.raises(SystemExit) as exit_info:
         bench.main(argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and f"{committed} holds committed results, made by " in err, err
-    assert "pass --out to write elsewhere, or --replace to replace them" in err and path.read_bytes() == before
+    assert "pass --out to write elsewhere, or --replace to replace them" in err
 
 
 def test_the_commit_recorded_is_none_for_a_copy_and_the_outer_repositorys_for_a_committed_subtree(
@@ -727,6 +751,31 @@ def test_step_bench_keeps_the_sizes_it_finished_when_a_later_one_fails(tmp_path,
     partial = json.loads(out.read_text())
     assert [(row["size"], row["variant"]) for row in partial["rows"]] == [("tiny", "full"), ("tiny", "sltrain-dense")]
     assert partial["complete"] is False
+
+
+def test_step_bench_writes_an_unfinished_run_beside_committed_results(tmp_path, monkeypatch):
+    """Replacing committed results, the sizes finished so far go to a side file: an interrupted run leaves the
+    committed file whole, and a finished one replaces it and removes the side file."""
+    fail = {"60m"}
+
+    def measure_in_subprocess(size, variant, batch, seq_len, steps, device, dtype, with_peak, compile):
+        if size in fail:
+            raise RuntimeError("60m / full failed")
+        return {"size": size, "variant": variant, "tokens": batch * seq_len, "step_s": 1.0, "peak_rss_bytes": 1,
+                "peak_bytes": None}  # fmt: skip
+
+    monkeypatch.setattr(step_bench, "measure_in_subprocess", measure_in_subprocess)
+    monkeypatch.setattr(step_bench, "committed", lambda path: True)
+    out, side = tmp_path / "steps.json", tmp_path / "steps_incomplete.json"
+    out.write_text('{"committed": true}')
+    argv = ["--variants", "full", "--rounds", "1", "--out", str(out)]
+    with pytest.raises(RuntimeError, match="60m / full failed"):
+        step_bench.main(argv)
+    assert out.read_text() == '{"committed": true}'
+    assert [row["size"] for row in json.loads(side.read_text())["rows"]] == ["tiny"]
+    fail.clear()
+    step_bench.main(argv)
+    assert [row["size"] for row in json.loads(out.read_text())["rows"]] == ["tiny", "60m"] and not side.exists()
 
 
 @pytest.mark.parametrize("flags, peaks", [([], [True, False]), (["--no-peak"], [False, False])])
