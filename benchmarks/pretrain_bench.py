@@ -43,9 +43,10 @@ METHODS = ["full", "lowrank", "lora", "relora", "galore", "fira", "sltrain"]
 LR_GRID = [1e-3, 3e-3, 1e-2]
 EMBEDDED = [str(ROOT / "data/austen/train.txt.gz")], [str(ROOT / "data/austen/validation.txt.gz")]  # without SHARED_LM
 
-# Budgets: the CPU default runs all methods in about 30 minutes on 2 cores (one seed). The learning-rate sweep runs
-# the same schedule: a rate picked on shorter runs can hold a method back (on 200-step runs with 20 warmup steps, 1e-3
-# won for full-rank, which then trailed at 500 steps by 33 perplexity points against 3e-3: README).
+# Budgets: the CPU default runs all methods in about 40 minutes on 2 cores (one seed, two runs at a time). The
+# learning-rate sweep runs the same schedule: a rate picked on shorter runs can hold a method back (200-step runs with
+# 20 warmup steps picked 1e-3 for full-rank and 3e-3 for Fira; at 500 steps 3e-3 and 1e-2 gave them 33 and 13 points
+# lower perplexity: README).
 SIZES = {
     "tiny": {"max_steps": 500, "warmup_steps": 50, "eval_every": 100},
     "60m": {"max_steps": 2000, "warmup_steps": 200, "eval_every": 250},
