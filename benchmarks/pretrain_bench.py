@@ -1,6 +1,6 @@
 """SLTrain against full-rank, low-rank, LoRA, ReLoRA, GaLore and Fira: same model, data, token budget and seed.
 
-    python benchmarks/pretrain_bench.py                 # CPU default: tiny LLaMA, shared corpora, ~30 min on 2 cores
+    python benchmarks/pretrain_bench.py                 # CPU default: tiny LLaMA, shared corpora, ~40 min on 2 cores
     python benchmarks/pretrain_bench.py --sweep-lr      # first: each method's best learning rate, on runs of the
                                                         # table's schedule (three rates or more per method)
     python benchmarks/pretrain_bench.py --size 60m --device-note "1x H100"   # the 60M preset (its 512 x 256-token
@@ -46,7 +46,7 @@ EMBEDDED = [str(ROOT / "data/austen/train.txt.gz")], [str(ROOT / "data/austen/va
 # Budgets: the CPU default runs all methods in about 40 minutes on 2 cores (one seed, two runs at a time). The
 # learning-rate sweep runs the same schedule: a rate picked on shorter runs can hold a method back (200-step runs with
 # 20 warmup steps picked 1e-3 for full-rank and 3e-3 for Fira; at 500 steps 3e-3 and 1e-2 gave them 33 and 13 points
-# lower perplexity: README).
+# lower perplexity at seed 0: README).
 SIZES = {
     "tiny": {"max_steps": 500, "warmup_steps": 50, "eval_every": 100},
     "60m": {"max_steps": 2000, "warmup_steps": 200, "eval_every": 250},
