@@ -51,6 +51,11 @@ def write_results(path: Path, result: dict, indent: int = 2) -> None:
     os.replace(partial, path)
 
 
+def add_replace_flag(parser) -> None:
+    """`--replace`, the flag `check_replaceable` reads."""
+    parser.add_argument("--replace", action="store_true", help="replace committed results that another command made")
+
+
 def check_replaceable(parser, path: Path, command: str, replace: bool) -> None:
     """A usage error, before any measuring, if this run would replace a committed results file that another command
     made (a reduced or changed run over the numbers the README quotes), unless `replace` (`--replace`). The command is

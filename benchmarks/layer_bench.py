@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_env import (  # noqa: E402
+    add_replace_flag,
     check_device,
     check_replaceable,
     environment,
@@ -322,7 +323,7 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--out", help="results file stem: STEM.json and STEM.png (default: benchmarks/results/layer_<device>)"
     )
-    p.add_argument("--replace", action="store_true", help="replace committed results that another command made")
+    add_replace_flag(p)
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     device = check_device(p, args.device)
@@ -341,7 +342,8 @@ def main(argv=None) -> dict:
     stem = Path(args.out) if args.out else RESULTS / f"layer_{device.type}{suffix}"
     stem = stem.with_suffix("") if stem.suffix in (".json", ".png") else stem  # (`layer_d0.03`: a stem, not .03)
     json_path, png_path = stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".png")
-    check_replaceable(p, json_path, recorded_command(__file__, argv), args.replace)
+    command = recorded_command(__file__, argv)
+    check_replaceable(p, json_path, command, args.replace)
     env = environment(device)  # (now: the commit of the code measured)
     torch.manual_seed(0)
 
@@ -357,7 +359,7 @@ def main(argv=None) -> dict:
     sweeps = {key: [measure(*layer, tokens, args.repeats, device, dtype) for layer in layers]
               for key, layers in sweep_layers.items()}  # fmt: skip
     result = {
-        "command": recorded_command(__file__, argv),
+        "command": command,
         "environment": env,
         "dtype": str(dtype),
         "tokens": tokens,

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_env import (  # noqa: E402
     RESULTS,
+    add_replace_flag,
     check_replaceable,
     environment,
     git_commit,
@@ -41,10 +42,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=positive_int, default=7)
     p.add_argument("--calls", type=positive_int, default=2000, help="forward + backward calls per variant and round")
     p.add_argument("--out", type=Path, default=RESULTS / "layer_call_overhead_cpu.json")
-    p.add_argument("--replace", action="store_true", help="replace committed results that another command made")
+    add_replace_flag(p)
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
-    check_replaceable(p, args.out, recorded_command(__file__, argv), args.replace)
+    command = recorded_command(__file__, argv)
+    check_replaceable(p, args.out, command, args.replace)
     sys.path.insert(0, str(args.lib.resolve()))  # before this checkout's, which bench_env put first
     warnings.simplefilter("ignore")
 
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
                      "us_rounds": [round(t * 1e6, 2) for t in seconds[(v, s)]]})  # fmt: skip
         print(f"{s:14s} {v:26s} {us:7.1f} us  {us / base:5.2f}x nn.Linear  {rows[-1]['ops']:3d} ops")
     result = {
-        "command": recorded_command(__file__, argv),
+        "command": command,
         "library_commit": library_commit,
         "shape": {"d_in": d, "d_out": d, "tokens": tokens, "r": 4, "sparsity": 0.1},
         "environment": env,

@@ -53,14 +53,21 @@ def probe(dtypes: list[str], cache_dir: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from bench_env import check_replaceable, environment, positive_int, recorded_command, write_results
+    from bench_env import (
+        add_replace_flag,
+        check_replaceable,
+        environment,
+        positive_int,
+        recorded_command,
+        write_results,
+    )
 
     from peft_sltrain import cpu_kernels
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=positive_int, default=3)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "numba_cache_cpu.json")
-    p.add_argument("--replace", action="store_true", help="replace committed results that another command made")
+    add_replace_flag(p)
     args = p.parse_args(argv)
     command = recorded_command(__file__, argv)
     check_replaceable(p, args.out, command, args.replace)

@@ -34,7 +34,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_env import checkout_env, environment, git_commit, positive_int, recorded_command, write_results  # noqa: E402
+from bench_env import (  # noqa: E402
+    checkout_env,
+    environment,
+    git_commit,
+    positive_int,
+    recorded_command,
+    write_results,
+)
 
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "benchmarks" / "runs"

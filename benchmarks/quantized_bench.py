@@ -34,7 +34,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import transformers  # noqa: E402
-from bench_env import check_replaceable, environment, positive_int, recorded_command, write_results  # noqa: E402
+from bench_env import (  # noqa: E402
+    add_replace_flag,
+    check_replaceable,
+    environment,
+    positive_int,
+    recorded_command,
+    write_results,
+)
 from layer_bench import peak_bytes  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
@@ -118,7 +125,7 @@ def main(argv=None) -> dict:
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
     p.add_argument("--preset", default=str(ROOT / "configs" / "llama_60m.json"), help="its `model` section is built")
     p.add_argument("--out", default="quantized_cpu.json", help="a file under benchmarks/results/, or an absolute path")
-    p.add_argument("--replace", action="store_true", help="replace committed results that another command made")
+    add_replace_flag(p)
     args = p.parse_args(argv)
     names = args.variants.split(",")
     if unknown := [n for n in names if n not in VARIANTS]:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_env import check_replaceable, environment, recorded_command, write_results  # noqa: E402
+from bench_env import add_replace_flag, check_replaceable, environment, recorded_command, write_results  # noqa: E402
 
 from peft_sltrain import cpu_kernels  # noqa: E402
 from peft_sltrain.functional import sparse_csr, sparse_csr_transposed, token_chunk  # noqa: E402
@@ -120,7 +120,7 @@ def measure(d_in: int, d_out: int, sparsity: float) -> dict:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=RESULTS / "sparse_kernels_cpu.json", help="the results file")
-    p.add_argument("--replace", action="store_true", help="replace committed results that another command made")
+    add_replace_flag(p)
     args = p.parse_args(argv)
     command = recorded_command(__file__, argv)
     check_replaceable(p, args.out, command, args.replace)

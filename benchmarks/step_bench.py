@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench_env import (  # noqa: E402
+    add_replace_flag,
     check_device,
     check_replaceable,
     checkout_env,
@@ -192,7 +193,7 @@ def main(argv=None) -> dict:
         action="store_true",
         help="skip the memory measurement (a fresh run per variant in the first round; compiled, it compiles again)",
     )
-    p.add_argument("--replace", action="store_true", help="replace committed results that another command made")
+    add_replace_flag(p)
     p.add_argument("--one", nargs=4, metavar=("SIZE", "VARIANT", "BATCH", "SEQ_LEN"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     device = check_device(p, args.device)
@@ -229,12 +230,13 @@ def main(argv=None) -> dict:
     suffix += (f"_batch{args.batch}" if args.batch else "") + ("_compiled" if args.compile else "")
     suffix += f"_{args.compile}" if args.compile not in (None, "default") else ""
     path = RESULTS / (args.out or f"step_{device.type}{suffix}.json")
-    check_replaceable(p, path, recorded_command(__file__, argv), args.replace)
+    command = recorded_command(__file__, argv)
+    check_replaceable(p, path, command, args.replace)
     # the sizes finished so far are written after each; over committed results, to a side file until the last one
     interim = path.with_name(path.stem + "_incomplete.json") if path.is_file() and committed(path) else path
     rows = []
     result = {
-        "command": recorded_command(__file__, argv),
+        "command": command,
         "environment": environment(device),  # (read now: the commit of the code measured)
         "autocast": str(autocast_dtype),
         "compiled": args.compile is not None,
