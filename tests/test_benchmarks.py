@@ -719,6 +719,12 @@ def test_gpu_check_stops_at_once_without_a_gpu(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- step_bench.py
+def step_row(size: str, variant: str, batch: int, seq_len: int, step_s: float = 1.0, peak_bytes=None) -> dict:
+    """What one of step_bench's measuring processes returns (the fakes below stand in for them)."""
+    return {"size": size, "variant": variant, "tokens": batch * seq_len, "step_s": step_s, "peak_rss_bytes": 1,
+            "peak_bytes": peak_bytes}  # fmt: skip
+
+
 @pytest.fixture
 def step_runs(tmp_path, monkeypatch) -> list[dict]:
     """step_bench with its results under tmp_path and its runs faked: each call's (with_peak, compile) recorded."""
@@ -726,8 +732,7 @@ def step_runs(tmp_path, monkeypatch) -> list[dict]:
 
     def measure_in_subprocess(size, variant, batch, seq_len, steps, device, dtype, with_peak, compile):
         asked.append({"with_peak": with_peak, "compile": compile})
-        return {"size": size, "variant": variant, "tokens": batch * seq_len, "step_s": 1.0, "peak_rss_bytes": 1,
-                "peak_bytes": 1 if with_peak else None}  # fmt: skip
+        return step_row(size, variant, batch, seq_len, peak_bytes=1 if with_peak else None)
 
     monkeypatch.setattr(step_bench, "measure_in_subprocess", measure_in_subprocess)
     monkeypatch.setattr(step_bench, "RESULTS", tmp_path)
@@ -741,8 +746,7 @@ def test_step_bench_keeps_the_sizes_it_finished_when_a_later_one_fails(tmp_path,
     def measure_in_subprocess(size, variant, batch, seq_len, steps, device, dtype, with_peak, compile):
         if size == "60m":
             raise RuntimeError("60m / full failed")
-        return {"size": size, "variant": variant, "tokens": batch * seq_len, "step_s": 1.0, "peak_rss_bytes": 1,
-                "peak_bytes": None}  # fmt: skip
+        return step_row(size, variant, batch, seq_len)
 
     monkeypatch.setattr(step_bench, "measure_in_subprocess", measure_in_subprocess)
     out = tmp_path / "new" / "steps.json"
@@ -761,8 +765,7 @@ def test_step_bench_writes_an_unfinished_run_beside_committed_results(tmp_path, 
     def measure_in_subprocess(size, variant, batch, seq_len, steps, device, dtype, with_peak, compile):
         if size in fail:
             raise RuntimeError("60m / full failed")
-        return {"size": size, "variant": variant, "tokens": batch * seq_len, "step_s": 1.0, "peak_rss_bytes": 1,
-                "peak_bytes": None}  # fmt: skip
+        return step_row(size, variant, batch, seq_len)
 
     monkeypatch.setattr(step_bench, "measure_in_subprocess", measure_in_subprocess)
     monkeypatch.setattr(step_bench, "committed", lambda path: True)
@@ -868,8 +871,7 @@ def test_plot_steps_reads_step_bench_files_and_writes_the_plot(tmp_path, monkeyp
     seconds = {"full": [2.0, 4.0], "sltrain-dense": [2.5, 4.4]}  # per variant, per round
 
     def measure_in_subprocess(size, variant, batch, seq_len, steps, device, dtype, with_peak, compile):
-        return {"size": size, "variant": variant, "tokens": batch * seq_len, "step_s": seconds[variant].pop(0),
-                "peak_rss_bytes": 1, "peak_bytes": None}  # fmt: skip
+        return step_row(size, variant, batch, seq_len, step_s=seconds[variant].pop(0))
 
     monkeypatch.setattr(step_bench, "measure_in_subprocess", measure_in_subprocess)
     step_bench.main(["--sizes", "tiny", "--variants", "full,sltrain-dense", "--rounds", "2", "--batch", "3",
