@@ -162,10 +162,10 @@ class BatchedRebuilds:
             return None
         kinds: dict[tuple, list] = {}  # key -> [(member, its factors)]
         for m in listed:  # (the caller found the model unsharded: `batched_linear`)
-            if _eligible(m, name):
-                factors = _factors(m, name)
-                if _whole(m, name, factors):
-                    kinds.setdefault(_key(m, name, *factors), []).append((m, factors))
+            factors = _factors(m, name)
+            support = _support(m, name)
+            if _eligible(m, name, factors[0]) and _whole(m, name, factors, support):
+                kinds.setdefault(_key(m, name, *factors, support), []).append((m, factors))
         for members in kinds.values():
             first = members[0][0]
             size = max(1, CHUNK_BYTES // (first.out_features * first.in_features * dtype.itemsize))  # per group
@@ -224,7 +224,7 @@ class _Group:
         if self.members:
             members, self.members = self.members, None
             tensors = [t for _, factors in members for t in factors]
-            supports = tuple(m.sltrain_indices[self.name] for m, _ in members)
+            supports = tuple(_support(m, self.name) for m, _ in members)
             self.weights = _BatchedRebuild.apply(self.dtype, self.scaling, supports, len(members), *tensors)
         if self.weights is None:
             return None
@@ -244,10 +244,20 @@ class _Group:
 
 
 def _factors(layer, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layer.sltrain_A[name], layer.sltrain_B[name], layer.sltrain_values[name]
+    # read from the ParameterDicts' `_parameters` (their `[name]` and the layer's attributes go through
+    # `nn.Module.__getattr__`, about 1.5 us each, for every layer in each pass), else as they would be read
+    modules = layer._modules
+    found = tuple(modules[key]._parameters.get(name) for key in ("sltrain_A", "sltrain_B", "sltrain_values"))
+    if any(t is None for t in found):  # (a tensor set as a plain attribute, as FSDP1 leaves its views)
+        return layer.sltrain_A[name], layer.sltrain_B[name], layer.sltrain_values[name]
+    return found
 
 
-def _whole(layer, name: str, factors: tuple[torch.Tensor, ...]) -> bool:
+def _support(layer, name: str) -> torch.Tensor:
+    return layer._modules["sltrain_indices"][name]  # (a BufferDict's `[name]` reads its `_buffers`)
+
+
+def _whole(layer, name: str, factors: tuple[torch.Tensor, ...], support: torch.Tensor) -> bool:
     """Whether `factors` are plain tensors of their full shapes: not DTensor's (FSDP2), nor the empty views that FSDP
     leaves of a layer that is not unsharded (which would be stacked with the others)."""
     A, B, values = factors
@@ -255,13 +265,13 @@ def _whole(layer, name: str, factors: tuple[torch.Tensor, ...]) -> bool:
         all(type(t) in (torch.Tensor, nn.Parameter) for t in factors)
         and A.shape == (layer.r[name], layer.in_features)
         and B.shape == (layer.out_features, layer.r[name])
-        and values.shape == layer.sltrain_indices[name].shape
+        and values.shape == support.shape
     )
 
 
-def _key(layer, name: str, A: torch.Tensor, B: torch.Tensor, values: torch.Tensor) -> tuple:
+def _key(layer, name: str, A: torch.Tensor, B: torch.Tensor, values: torch.Tensor, support: torch.Tensor) -> tuple:
     return (name, tuple(B.shape), tuple(A.shape), values.numel(), layer.scaling[name], A.dtype, B.dtype,
-            values.dtype, A.device, B.device, values.device, layer.sltrain_indices[name].device)  # fmt: skip
+            values.dtype, A.device, B.device, values.device, support.device)  # fmt: skip
 
 
 def _sharded_factor(A: torch.Tensor) -> bool:
@@ -303,13 +313,13 @@ def takes_batched(layer, name: str, x: torch.Tensor) -> bool:
     return layer.from_scratch[name] and _batches(layer.compute[name], x.device)
 
 
-def _eligible(layer, name: str) -> bool:
+def _eligible(layer, name: str, A: torch.Tensor) -> bool:
     """Whether `layer` computes adapter `name` alone, batched, as `Linear.forward` would in this model's pass (an
-    unsharded one)."""
+    unsharded one); `A`: its factor `A`."""
     compute = layer.compute.get(name)
     return (
         compute in ("batched", "auto")
-        and _batches(compute, layer.sltrain_A[name].device)
+        and _batches(compute, A.device)
         and not layer.merged_adapters
         and not layer._disable_adapters
         and not layer.quantization

@@ -212,6 +212,22 @@ def test_a_layer_whose_factors_are_not_whole_is_left_out(input_ids):
     assert "_sltrain_slot" in peer.__dict__ and "_sltrain_slot" not in first.__dict__
 
 
+def test_a_factor_set_as_a_plain_tensor_is_read_as_the_layer_reads_it(input_ids):
+    """The groups read the factors from the ParameterDicts' `_parameters` (fast); a factor set as a plain tensor
+    attribute instead (as FSDP1 leaves its views) is read as the layer's own `[name]` reads it, and the model still
+    computes what the dense path does."""
+    dense, batched = pair(blocks=1)
+    for model in (dense, batched):
+        for m in layers(model):
+            values = m.sltrain_values
+            plain = values._parameters.pop("default").detach().clone().requires_grad_()
+            object.__setattr__(values, "default", plain)  # (nn.Module's setattr would refuse a non-Parameter)
+            assert values["default"] is plain and "default" not in values._parameters
+            assert batched_module._factors(m, "default")[2] is plain
+    torch.testing.assert_close(loss(batched, input_ids), loss(dense, input_ids), rtol=1e-12, atol=1e-14)
+    assert groups(batched)
+
+
 def test_a_pass_keeps_no_weights_once_it_ends(input_ids):
     """The rebuilt weights go with the autograd graph (through the group's node, here watched): freed when a loss
     that never runs backward (evaluation with grad on) is dropped, and after backward; without Python's cycle
@@ -1254,9 +1270,10 @@ def test_auto_members_join_groups_on_the_auto_devices_alone(monkeypatch):
     _, model = pair()
     model.set_compute("auto")
     layer = layers(model)[0]
-    assert not batched_module._eligible(layer, "default")
+    A = layer.sltrain_A["default"]
+    assert not batched_module._eligible(layer, "default", A)
     monkeypatch.setattr(batched_module, "AUTO_DEVICE_TYPES", ("cpu",))
-    assert batched_module._eligible(layer, "default")
+    assert batched_module._eligible(layer, "default", A)
 
 
 @pytest.fixture

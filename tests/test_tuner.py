@@ -536,6 +536,28 @@ def test_hooks_on_a_replaced_layer_are_warned_about_once():
         peft_model(input_ids=ids)
 
 
+def test_get_base_layer_finds_what_peft_s_walk_finds():
+    """SLTrain's faster `get_base_layer` (it runs in every layer call) against PEFT's `hasattr` walk: a plain base
+    layer, one that wraps another as a registered `base_layer`, and one whose `base_layer` is a property."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    class Wrapper(nn.Linear):  # a base layer that wraps another, as a tuner layer would
+        def __init__(self, inner):
+            super().__init__(4, 4)
+            self.base_layer = inner
+
+    class Proxy(nn.Linear):  # a base layer whose `base_layer` is a property, not a registered module
+        inner = nn.Linear(4, 4)
+        base_layer = property(lambda self: Proxy.inner)
+
+    for base in (nn.Linear(4, 4), Wrapper(nn.Linear(4, 4)), Wrapper(Wrapper(nn.Linear(4, 4))), Proxy(4, 4)):
+        layer = get_peft_model(nn.Sequential(base), SLTrainConfig(r=2, target_modules=["0"])).base_model.model[0]
+        assert isinstance(layer, SLTrainLayer)
+        expected = BaseTunerLayer.get_base_layer(layer)
+        assert layer.get_base_layer() is expected and expected is not layer
+        assert expected is not base or type(base) is nn.Linear  # (the wrappers were walked through)
+
+
 def test_count_parameters_refuses_what_cannot_be_replaced():
     with pytest.raises(
         ValueError, match=r"embed_tokens`: SLTrain can only replace .*got torch.nn.modules.sparse.Embedding"
