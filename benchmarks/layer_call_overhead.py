@@ -9,6 +9,11 @@ loses per layer where it is launch-bound. Ratios to `nn.Linear` in the same run,
 Variants: `nn.Linear`; SLTrain's layer from scratch and fine-tuned (a frozen `W0`), on the dense path (the one CUDA
 bf16 runs) and, in fp32, the factored path; each under bf16 autocast (as GPU training runs) and in fp32. Also counted:
 the ops each forward + backward dispatches (views included; the second call, so that gradients accumulate).
+
+A layer called alone never takes the batched rebuild (`compute="batched"`, which `"auto"` takes on a GPU): that works
+per pass of a model. So `passes` times the forward (bf16 autocast) and the backward of passes of a model that is
+nothing but the 60M preset's 56 linear layers (narrowed to 16 and 43 wide; 8 tokens), each on its own input, per layer
+call: full-rank, and SLTrain from scratch on the dense path and batched.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lib", type=Path, default=ROOT, help="the checkout whose peft_sltrain to measure")
     p.add_argument("--rounds", type=positive_int, default=7)
     p.add_argument("--calls", type=positive_int, default=2000, help="forward + backward calls per variant and round")
+    p.add_argument("--passes", type=positive_int, default=100, help="passes of the 56 layers per variant and round")
     p.add_argument("--out", type=Path, default=RESULTS / "layer_call_overhead_cpu.json")
     add_replace_flag(p)
     argv = sys.argv[1:] if argv is None else argv
@@ -121,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
                      "extra_us": round(us - base, 2), "ops": sum(ops[f"{v}, {s}"].values()),
                      "us_rounds": [round(t * 1e6, 2) for t in seconds[(v, s)]]})  # fmt: skip
         print(f"{s:14s} {v:26s} {us:7.1f} us  {us / base:5.2f}x nn.Linear  {rows[-1]['ops']:3d} ops")
+    pass_rows = passes(args.rounds, args.passes, Count)
     result = {
         "command": command,
         "library_commit": library_commit,
@@ -128,8 +135,87 @@ def main(argv: list[str] | None = None) -> None:
         "environment": env,
         "rows": rows,
         "ops_by_name": ops,
+        "passes": {"shapes": SHAPES, "blocks": BLOCKS, "layers": LAYERS, "tokens": TOKENS, "rows": pass_rows},
     }
     write_results(args.out, result, indent=1)
+
+
+# the 60M preset's linear layers (configs/llama_60m.json: 8 blocks of 7; 512 -> 512 and 512 <-> 1376 there), narrowed
+BLOCKS, HIDDEN, MLP = 8, 16, 43
+SHAPES = {**{name: (HIDDEN, HIDDEN) for name in ("q_proj", "k_proj", "v_proj", "o_proj")},
+          "gate_proj": (HIDDEN, MLP), "up_proj": (HIDDEN, MLP), "down_proj": (MLP, HIDDEN)}  # fmt: skip
+LAYERS, TOKENS = BLOCKS * len(SHAPES), 8
+
+
+def passes(rounds: int, count: int, count_mode) -> list[dict]:
+    """`count` passes per variant and round (interleaved) of a model that is nothing but the 60M preset's 56 linear
+    layers, each called on its own input (8 tokens) in a LLaMA's order: a pass's forward (bf16 autocast) and its
+    backward, timed apart, per layer: full-rank `nn.Linear`s and SLTrain from scratch on the dense path and batched
+    (which works per pass of a model, so a layer called alone never takes it). Rows: microseconds per layer call, the
+    ratio to full-rank's, the ops a pass dispatches."""
+    import torch
+    from peft import get_peft_model
+    from torch import nn
+
+    import peft_sltrain
+
+    class Linears(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(
+                nn.ModuleDict({name: nn.Linear(*shape, bias=False) for name, shape in SHAPES.items()})
+                for _ in range(BLOCKS)
+            )
+
+        def forward(self, inputs: dict) -> list:
+            return [block[name](inputs[name]) for block in self.blocks for name in SHAPES]
+
+    def build(compute: str | None) -> nn.Module:
+        torch.manual_seed(0)
+        if compute is None:
+            return Linears()
+        config = peft_sltrain.SLTrainConfig(r=4, sparsity=0.1, alpha=1, target_modules=list(SHAPES),
+                                            from_scratch=True, compute=compute)  # fmt: skip
+        return get_peft_model(Linears(), config)
+
+    inputs = {name: torch.randn(TOKENS, d_in) for name, (d_in, _) in SHAPES.items()}
+
+    def one_pass(model) -> tuple[float, float]:
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs = model(inputs)
+        middle = time.perf_counter()
+        torch.stack([y.float().sum() for y in outputs]).sum().backward()
+        model.zero_grad(set_to_none=True)
+        return middle - start, time.perf_counter() - middle
+
+    models = {"full-rank": build(None), "sltrain dense": build("dense"), "sltrain batched": build("batched")}
+    ops = {}
+    for name, model in models.items():
+        one_pass(model)
+        with count_mode() as counted:
+            one_pass(model)
+        ops[name] = len(counted.ops)
+    seconds = {name: ([], []) for name in models}  # (forward, backward) per round
+    for _ in range(rounds):
+        for name, model in models.items():
+            for _ in range(5):
+                one_pass(model)
+            timed = [one_pass(model) for _ in range(count)]
+            for i in (0, 1):
+                seconds[name][i].append(sum(t[i] for t in timed) / count / LAYERS)
+    full = sum(statistics.median(seconds["full-rank"][i]) for i in (0, 1))
+    rows = []
+    for name in models:
+        forward, backward = (statistics.median(seconds[name][i]) * 1e6 for i in (0, 1))
+        rows.append({"variant": name, "forward_us_per_layer": round(forward, 2),
+                     "backward_us_per_layer": round(backward, 2),
+                     "vs_full_rank": round((forward + backward) / (full * 1e6), 3), "ops_per_pass": ops[name],
+                     "forward_us_rounds": [round(t * 1e6, 2) for t in seconds[name][0]],
+                     "backward_us_rounds": [round(t * 1e6, 2) for t in seconds[name][1]]})  # fmt: skip
+        print(f"in a pass      {name:26s} {forward:7.1f} + {backward:5.1f} us  {rows[-1]['vs_full_rank']:5.2f}x "
+              f"full-rank  {ops[name]:4d} ops")  # fmt: skip
+    return rows
 
 
 def _commit_of(checkout: Path) -> str:

@@ -951,12 +951,11 @@ def test_layer_call_overhead_measures_each_variant_against_nn_linear(tmp_path):
     gets a time, a ratio to nn.Linear's in the same run and its ops; SLTrain's layer dispatches more than nn.Linear."""
     out = tmp_path / "new folder" / "overhead.json"  # (made, not a FileNotFoundError after the measuring)
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "layer_call_overhead.py"
-    done = subprocess.run([sys.executable, str(script), "--rounds", "1", "--calls", "3", "--out", str(out)],
-                          capture_output=True, text=True)  # fmt: skip
+    argv = ["--rounds", "1", "--calls", "3", "--passes", "2", "--out", str(out)]
+    done = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["command"] == shlex.join(["python", "benchmarks/layer_call_overhead.py", "--rounds", "1", "--calls",
-                                            "3", "--out", str(out)])  # fmt: skip
+    assert result["command"] == shlex.join(["python", "benchmarks/layer_call_overhead.py", *argv])
     assert result["environment"]["library"] == "peft_sltrain"  # this checkout's
     rows = {(r["variant"], r["setting"]): r for r in result["rows"]}
     assert len(rows) == 7 and ("sltrain scratch factored", "bf16 autocast") not in rows
@@ -964,3 +963,10 @@ def test_layer_call_overhead_measures_each_variant_against_nn_linear(tmp_path):
         assert rows[("nn.Linear", setting)]["vs_nn_linear"] == 1.0
         assert rows[("sltrain scratch dense", setting)]["ops"] > rows[("nn.Linear", setting)]["ops"] > 0
     assert result["ops_by_name"]["sltrain scratch dense, bf16 autocast"]["index_add_"] == 2  # rebuilt twice
+    # the passes of 56 layers: each rebuilt twice on the dense path, per group of like shapes batched
+    passes = {r["variant"]: r for r in result["passes"]["rows"]}
+    assert list(passes) == ["full-rank", "sltrain dense", "sltrain batched"] and result["passes"]["layers"] == 56
+    assert passes["full-rank"]["vs_full_rank"] == 1.0
+    assert all(len(r["forward_us_rounds"]) == len(r["backward_us_rounds"]) == 1 for r in passes.values())
+    ops = [passes[name]["ops_per_pass"] for name in ("sltrain dense", "sltrain batched", "full-rank")]
+    assert ops[0] > ops[1] > ops[2] > 0
