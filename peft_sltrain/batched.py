@@ -162,6 +162,8 @@ class BatchedRebuilds:
             return None
         kinds: dict[tuple, list] = {}  # key -> [(member, its factors)]
         for m in listed:  # (the caller found the model unsharded: `batched_linear`)
+            if m.compute.get(name) not in ("batched", "auto"):  # (nor has a layer without the adapter its tensors)
+                continue
             factors = _factors(m, name)
             support = _support(m, name)
             if _eligible(m, name, factors[0]) and _whole(m, name, factors, support):

@@ -344,6 +344,29 @@ def check_rank(r: int, d_in: int, d_out: int, layer_name: str) -> None:
         )
 
 
+_NO_BASE_LAYER = object()
+_PLAIN_LOOKUP: dict[type, bool] = {}  # class -> whether `_base_layer_of` may read its instances' dicts
+
+
+def _base_layer_of(module):
+    """`module.base_layer` where `hasattr(module, "base_layer")` holds, else `_NO_BASE_LAYER`; for a module with
+    `nn.Module`'s own attribute lookup and no class attribute of that name, read from its dicts in the order that
+    lookup takes (no AttributeError raised and caught)."""
+    cls = type(module)
+    plain = _PLAIN_LOOKUP.get(cls)
+    if plain is None:
+        plain = _PLAIN_LOOKUP[cls] = (
+            issubclass(cls, nn.Module) and cls.__getattr__ is nn.Module.__getattr__ and not hasattr(cls, "base_layer")
+        )
+    if plain:
+        found = module.__dict__
+        for where in (found, found["_parameters"], found["_buffers"], found["_modules"]):
+            if "base_layer" in where:
+                return where["base_layer"]
+        return _NO_BASE_LAYER
+    return getattr(module, "base_layer", _NO_BASE_LAYER)  # (a property, a wrapper's own `__getattr__`, not a module)
+
+
 class SLTrainLayer(BaseTunerLayer):
     # trainable tensors, each an entry per adapter name
     adapter_layer_names = ("sltrain_A", "sltrain_B", "sltrain_values")
@@ -374,17 +397,14 @@ class SLTrainLayer(BaseTunerLayer):
         self.kwargs = kwargs
 
     def get_base_layer(self) -> nn.Module:
-        """The innermost base layer, as PEFT's `get_base_layer` finds it, faster: PEFT's walks
-        `hasattr(layer, "base_layer")`, and at the innermost layer `nn.Module.__getattr__` raises and catches an
-        AttributeError (about 2 us, and the layers call this in every forward: on a GPU a cost per layer call)."""
+        """The innermost base layer, as PEFT's `get_base_layer` finds it (its walk follows `base_layer` while
+        `hasattr` finds one), faster: at the innermost layer `hasattr` goes through `nn.Module.__getattr__`, which
+        raises and catches an AttributeError (about 2 us, and the layers call this in every forward: on a GPU a cost
+        per layer call)."""
         base = self
-        while True:
-            inner = (base.__dict__.get("_modules") or {}).get("base_layer")  # a registered submodule, as PEFT's are
-            if inner is None and ("base_layer" in base.__dict__ or hasattr(type(base), "base_layer")):
-                inner = base.base_layer  # an attribute or property of that name, which PEFT's walk follows too
-            if inner is None:
-                return base
+        while (inner := _base_layer_of(base)) is not _NO_BASE_LAYER:
             base = inner
+        return base
 
     def update_layer_from_config(self, adapter_name: str, config: SLTrainConfig, layer_name: str) -> None:
         """`update_layer` with the settings of `config`."""

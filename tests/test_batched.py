@@ -228,6 +228,22 @@ def test_a_factor_set_as_a_plain_tensor_is_read_as_the_layer_reads_it(input_ids)
     assert groups(batched)
 
 
+def test_a_layer_without_the_adapter_joins_no_group(input_ids):
+    """Grouping skips a layer that has no entry for the adapter (not reachable through PEFT's API for a from-scratch
+    adapter today: made by hand here) before reading its tensors; it computes with its base layer."""
+    dense, batched = pair(blocks=1)
+    for model in (dense, batched):
+        layer = layers(model)[0]
+        for entries in (layer.sltrain_A, layer.sltrain_B, layer.sltrain_values, layer.sltrain_indices):
+            del entries["default"]
+        for setting in (layer.r, layer.alpha, layer.scaling, layer.sparsity, layer.from_scratch, layer.compute):
+            del setting["default"]
+        torch.manual_seed(0)
+        layer.get_base_layer().weight = nn.Parameter(torch.randn(layer.out_features, layer.in_features).double())
+    torch.testing.assert_close(loss(batched, input_ids), loss(dense, input_ids), rtol=1e-12, atol=1e-14)
+    assert groups(batched) and "_sltrain_slot" not in layers(batched)[0].__dict__
+
+
 def test_a_pass_keeps_no_weights_once_it_ends(input_ids):
     """The rebuilt weights go with the autograd graph (through the group's node, here watched): freed when a loss
     that never runs backward (evaluation with grad on) is dropped, and after backward; without Python's cycle
@@ -1274,6 +1290,7 @@ def test_auto_members_join_groups_on_the_auto_devices_alone(monkeypatch):
     assert not batched_module._eligible(layer, "default", A)
     monkeypatch.setattr(batched_module, "AUTO_DEVICE_TYPES", ("cpu",))
     assert batched_module._eligible(layer, "default", A)
+    assert not batched_module._eligible(layer, "default", A.to("meta"))  # (the device of the `A` given)
 
 
 @pytest.fixture

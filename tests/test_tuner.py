@@ -537,8 +537,9 @@ def test_hooks_on_a_replaced_layer_are_warned_about_once():
 
 
 def test_get_base_layer_finds_what_peft_s_walk_finds():
-    """SLTrain's faster `get_base_layer` (it runs in every layer call) against PEFT's `hasattr` walk: a plain base
-    layer, one that wraps another as a registered `base_layer`, and one whose `base_layer` is a property."""
+    """SLTrain's faster `get_base_layer` (it runs in every layer call) against PEFT's `hasattr` walk, on base layers
+    that wrap another as a registered `base_layer`, as an instance attribute, through a property (also one that
+    raises AttributeError) or through their own `__getattr__`, and on one whose `base_layer` is None."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     class Wrapper(nn.Linear):  # a base layer that wraps another, as a tuner layer would
@@ -546,16 +547,41 @@ def test_get_base_layer_finds_what_peft_s_walk_finds():
             super().__init__(4, 4)
             self.base_layer = inner
 
-    class Proxy(nn.Linear):  # a base layer whose `base_layer` is a property, not a registered module
+    class Proxy(nn.Linear):  # `base_layer` a property, not a registered module
         inner = nn.Linear(4, 4)
         base_layer = property(lambda self: Proxy.inner)
 
-    for base in (nn.Linear(4, 4), Wrapper(nn.Linear(4, 4)), Wrapper(Wrapper(nn.Linear(4, 4))), Proxy(4, 4)):
+    class Raises(nn.Linear):  # a property that raises AttributeError: `hasattr` says no
+        @property
+        def base_layer(self):
+            raise AttributeError("no base layer")
+
+    class Forwarding(nn.Linear):  # a wrapper whose own `__getattr__` forwards to what it wraps
+        def __init__(self, inner):
+            super().__init__(4, 4)
+            self.wrapped = inner
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                wrapped = self.__dict__["_modules"].get("wrapped")
+                if wrapped is None:
+                    raise
+                return getattr(wrapped, name)
+
+    in_dict = nn.Linear(4, 4)
+    object.__setattr__(in_dict, "base_layer", nn.Linear(4, 4))  # (in the instance dict, not registered)
+    bases = [nn.Linear(4, 4), Wrapper(nn.Linear(4, 4)), Wrapper(Wrapper(nn.Linear(4, 4))), Proxy(4, 4), Raises(4, 4),
+             Forwarding(Wrapper(nn.Linear(4, 4))), in_dict]  # fmt: skip
+    for base in bases:
         layer = get_peft_model(nn.Sequential(base), SLTrainConfig(r=2, target_modules=["0"])).base_model.model[0]
         assert isinstance(layer, SLTrainLayer)
         expected = BaseTunerLayer.get_base_layer(layer)
         assert layer.get_base_layer() is expected and expected is not layer
-        assert expected is not base or type(base) is nn.Linear  # (the wrappers were walked through)
+        assert (expected is base) == (base is bases[0] or type(base) is Raises)  # (the others were walked through)
+    layer.base_layer.base_layer = None  # (an attribute that is None: PEFT's walk returns it)
+    assert BaseTunerLayer.get_base_layer(layer) is None and layer.get_base_layer() is None
 
 
 def test_count_parameters_refuses_what_cannot_be_replaced():
