@@ -12,8 +12,8 @@ the ops each forward + backward dispatches (views included; the second call, so 
 
 A layer called alone never takes the batched rebuild (`compute="batched"`, which `"auto"` takes on a GPU): that works
 per pass of a model. So `passes` times the forward (bf16 autocast) and the backward of passes of a model that is
-nothing but the 60M preset's 56 linear layers (narrowed to 16 and 43 wide; 8 tokens), each on its own input, per layer
-call: full-rank, and SLTrain from scratch on the dense path and batched.
+nothing but the 60M preset's 56 linear layers (narrowed to 16 and 43 wide; 8 tokens), each on its own input (which
+needs a gradient, as in a LLaMA), per layer call: full-rank, and SLTrain from scratch on the dense path and batched.
 """
 
 from __future__ import annotations
@@ -148,11 +148,12 @@ LAYERS, TOKENS = BLOCKS * len(SHAPES), 8
 
 
 def passes(rounds: int, count: int, count_mode) -> list[dict]:
-    """`count` passes per variant and round (interleaved) of a model that is nothing but the 60M preset's 56 linear
-    layers, each called on its own input (8 tokens) in a LLaMA's order: a pass's forward (bf16 autocast) and its
-    backward, timed apart, per layer: full-rank `nn.Linear`s and SLTrain from scratch on the dense path and batched
-    (which works per pass of a model, so a layer called alone never takes it). Rows: microseconds per layer call, the
-    ratio to full-rank's, the ops a pass dispatches."""
+    """`count` passes per variant and round (interleaved, always in the same order) of a model that is nothing but
+    the 60M preset's 56 linear layers, each called on its own input (8 tokens, which needs a gradient) in a LLaMA's
+    order: a pass's forward (bf16 autocast) and its backward, timed apart (not the loss between them, nor zeroing the
+    gradients), per layer: full-rank `nn.Linear`s and SLTrain from scratch on the dense path and batched (which works
+    per pass of a model, so a layer called alone never takes it). Rows: microseconds per layer call (medians over the
+    rounds), the ratio of their sum to full-rank's, the ops a whole pass dispatches (loss included)."""
     import torch
     from peft import get_peft_model
     from torch import nn
@@ -178,16 +179,23 @@ def passes(rounds: int, count: int, count_mode) -> list[dict]:
                                             from_scratch=True, compute=compute)  # fmt: skip
         return get_peft_model(Linears(), config)
 
-    inputs = {name: torch.randn(TOKENS, d_in) for name, (d_in, _) in SHAPES.items()}
+    # the inputs need gradients, as every layer's does in a LLaMA (so each backward computes dx: on the dense and
+    # batched paths it rebuilds W again)
+    inputs = {name: torch.randn(TOKENS, d_in, requires_grad=True) for name, (d_in, _) in SHAPES.items()}
 
     def one_pass(model) -> tuple[float, float]:
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             outputs = model(inputs)
-        middle = time.perf_counter()
-        torch.stack([y.float().sum() for y in outputs]).sum().backward()
+        forward = time.perf_counter() - start
+        loss = torch.stack([y.float().sum() for y in outputs]).sum()  # (not timed, nor zero_grad below)
+        start = time.perf_counter()
+        loss.backward()
+        backward = time.perf_counter() - start
         model.zero_grad(set_to_none=True)
-        return middle - start, time.perf_counter() - middle
+        for x in inputs.values():
+            x.grad = None
+        return forward, backward
 
     models = {"full-rank": build(None), "sltrain dense": build("dense"), "sltrain batched": build("batched")}
     ops = {}
@@ -195,7 +203,7 @@ def passes(rounds: int, count: int, count_mode) -> list[dict]:
         one_pass(model)
         with count_mode() as counted:
             one_pass(model)
-        ops[name] = len(counted.ops)
+        ops[name] = dict(collections.Counter(counted.ops).most_common())
     seconds = {name: ([], []) for name in models}  # (forward, backward) per round
     for _ in range(rounds):
         for name, model in models.items():
@@ -210,11 +218,12 @@ def passes(rounds: int, count: int, count_mode) -> list[dict]:
         forward, backward = (statistics.median(seconds[name][i]) * 1e6 for i in (0, 1))
         rows.append({"variant": name, "forward_us_per_layer": round(forward, 2),
                      "backward_us_per_layer": round(backward, 2),
-                     "vs_full_rank": round((forward + backward) / (full * 1e6), 3), "ops_per_pass": ops[name],
+                     "vs_full_rank": round((forward + backward) / (full * 1e6), 3),
+                     "ops_per_pass": sum(ops[name].values()), "ops_by_name": ops[name],
                      "forward_us_rounds": [round(t * 1e6, 2) for t in seconds[name][0]],
                      "backward_us_rounds": [round(t * 1e6, 2) for t in seconds[name][1]]})  # fmt: skip
         print(f"in a pass      {name:26s} {forward:7.1f} + {backward:5.1f} us  {rows[-1]['vs_full_rank']:5.2f}x "
-              f"full-rank  {ops[name]:4d} ops")  # fmt: skip
+              f"full-rank  {rows[-1]['ops_per_pass']:4d} ops")  # fmt: skip
     return rows
 
 

@@ -970,3 +970,8 @@ def test_layer_call_overhead_measures_each_variant_against_nn_linear(tmp_path):
     assert all(len(r["forward_us_rounds"]) == len(r["backward_us_rounds"]) == 1 for r in passes.values())
     ops = [passes[name]["ops_per_pass"] for name in ("sltrain dense", "sltrain batched", "full-rank")]
     assert ops[0] > ops[1] > ops[2] > 0
+    # a real backward: every input needs its gradient, so W is rebuilt again in backward (dense: each of the 56
+    # layers; batched: each of the 3 groups), and each layer runs its three GEMMs
+    assert passes["sltrain dense"]["ops_by_name"]["index_add_"] == 2 * 56
+    assert passes["sltrain batched"]["ops_by_name"]["index_add_"] == 2 * 3
+    assert passes["full-rank"]["ops_by_name"]["mm"] == 3 * 56
