@@ -345,7 +345,9 @@ def check_rank(r: int, d_in: int, d_out: int, layer_name: str) -> None:
 
 
 _NO_BASE_LAYER = object()
-_PLAIN_LOOKUP: dict[type, bool] = {}  # class -> whether `_base_layer_of` may read its instances' dicts
+# class -> whether `_base_layer_of` may read its instances' dicts (classes are taken not to change their attribute
+# lookup, nor gain a class attribute `base_layer`, once instances are in use)
+_PLAIN_LOOKUP: dict[type, bool] = {}
 
 
 def _base_layer_of(module):
@@ -356,11 +358,14 @@ def _base_layer_of(module):
     plain = _PLAIN_LOOKUP.get(cls)
     if plain is None:
         plain = _PLAIN_LOOKUP[cls] = (
-            issubclass(cls, nn.Module) and cls.__getattr__ is nn.Module.__getattr__ and not hasattr(cls, "base_layer")
+            issubclass(cls, nn.Module)
+            and cls.__getattribute__ is nn.Module.__getattribute__
+            and cls.__getattr__ is nn.Module.__getattr__
+            and not hasattr(cls, "base_layer")
         )
     if plain:
         found = module.__dict__
-        for where in (found, found["_parameters"], found["_buffers"], found["_modules"]):
+        for where in (found, found.get("_parameters", {}), found.get("_buffers", {}), found.get("_modules", {})):
             if "base_layer" in where:
                 return where["base_layer"]
         return _NO_BASE_LAYER

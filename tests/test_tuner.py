@@ -539,7 +539,8 @@ def test_hooks_on_a_replaced_layer_are_warned_about_once():
 def test_get_base_layer_finds_what_peft_s_walk_finds():
     """SLTrain's faster `get_base_layer` (it runs in every layer call) against PEFT's `hasattr` walk, on base layers
     that wrap another as a registered `base_layer`, as an instance attribute, through a property (also one that
-    raises AttributeError) or through their own `__getattr__`, and on one whose `base_layer` is None."""
+    raises AttributeError) or through their own `__getattr__` or `__getattribute__`, and on one whose `base_layer` is
+    None."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     class Wrapper(nn.Linear):  # a base layer that wraps another, as a tuner layer would
@@ -570,16 +571,25 @@ def test_get_base_layer_finds_what_peft_s_walk_finds():
                     raise
                 return getattr(wrapped, name)
 
+    class Redirects(nn.Linear):  # its own `__getattribute__`, which answers another module than the registered one
+        other = nn.Linear(4, 4)
+
+        def __getattribute__(self, name):
+            return Redirects.other if name == "base_layer" else super().__getattribute__(name)
+
+    redirects = Redirects(4, 4)
+    redirects.base_layer = nn.Linear(4, 4)  # (registered, and not what the lookup answers)
     in_dict = nn.Linear(4, 4)
     object.__setattr__(in_dict, "base_layer", nn.Linear(4, 4))  # (in the instance dict, not registered)
     bases = [nn.Linear(4, 4), Wrapper(nn.Linear(4, 4)), Wrapper(Wrapper(nn.Linear(4, 4))), Proxy(4, 4), Raises(4, 4),
-             Forwarding(Wrapper(nn.Linear(4, 4))), in_dict]  # fmt: skip
+             Forwarding(Wrapper(nn.Linear(4, 4))), redirects, in_dict]  # fmt: skip
     for base in bases:
         layer = get_peft_model(nn.Sequential(base), SLTrainConfig(r=2, target_modules=["0"])).base_model.model[0]
         assert isinstance(layer, SLTrainLayer)
         expected = BaseTunerLayer.get_base_layer(layer)
         assert layer.get_base_layer() is expected and expected is not layer
         assert (expected is base) == (base is bases[0] or type(base) is Raises)  # (the others were walked through)
+        assert (expected is Redirects.other) == (base is redirects)
     layer.base_layer.base_layer = None  # (an attribute that is None: PEFT's walk returns it)
     assert BaseTunerLayer.get_base_layer(layer) is None and layer.get_base_layer() is None
 
