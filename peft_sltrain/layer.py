@@ -345,9 +345,10 @@ def check_rank(r: int, d_in: int, d_out: int, layer_name: str) -> None:
 
 
 _NO_BASE_LAYER = object()
-# class -> whether `_base_layer_of` may read its instances' dicts (classes are taken not to change their attribute
-# lookup, nor gain a class attribute `base_layer`, once instances are in use)
-_PLAIN_LOOKUP: dict[type, bool] = {}
+# weak reference to a class -> whether `_base_layer_of` may read its instances' dicts. Classes are taken not to change
+# their attribute lookup, nor gain a class attribute `base_layer`, once instances are in use; an entry goes with its
+# class (`nn.utils.parametrize` makes one per module)
+_PLAIN_LOOKUP: dict[weakref.ref, bool] = {}
 
 
 def _base_layer_of(module):
@@ -355,14 +356,16 @@ def _base_layer_of(module):
     `nn.Module`'s own attribute lookup and no class attribute of that name, read from its dicts in the order that
     lookup takes (no AttributeError raised and caught)."""
     cls = type(module)
-    plain = _PLAIN_LOOKUP.get(cls)
+    key = weakref.ref(cls)  # (the class's one plain weak reference, made once: equal to any other while it lives)
+    plain = _PLAIN_LOOKUP.get(key)
     if plain is None:
-        plain = _PLAIN_LOOKUP[cls] = (
+        plain = (
             issubclass(cls, nn.Module)
             and cls.__getattribute__ is nn.Module.__getattribute__
             and cls.__getattr__ is nn.Module.__getattr__
-            and not hasattr(cls, "base_layer")
+            and not any("base_layer" in vars(c) for c in cls.__mro__)  # (a descriptor may hide itself on the class)
         )
+        _PLAIN_LOOKUP[weakref.ref(cls, _forget_class)] = plain
     if plain:
         found = module.__dict__
         for where in (found, found.get("_parameters", {}), found.get("_buffers", {}), found.get("_modules", {})):
@@ -370,6 +373,10 @@ def _base_layer_of(module):
                 return where["base_layer"]
         return _NO_BASE_LAYER
     return getattr(module, "base_layer", _NO_BASE_LAYER)  # (a property, a wrapper's own `__getattr__`, not a module)
+
+
+def _forget_class(key: weakref.ref) -> None:
+    _PLAIN_LOOKUP.pop(key, None)
 
 
 class SLTrainLayer(BaseTunerLayer):

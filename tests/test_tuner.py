@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import subprocess
 import sys
 import types
 import warnings
+import weakref
 from pathlib import Path
 
 import pytest
@@ -579,10 +581,15 @@ def test_get_base_layer_finds_what_peft_s_walk_finds():
 
     redirects = Redirects(4, 4)
     redirects.base_layer = nn.Linear(4, 4)  # (registered, and not what the lookup answers)
+
+    class Hidden(nn.Linear):  # a descriptor that raises AttributeError on the class, and answers on instances
+        inner = nn.Linear(4, 4)
+        base_layer = types.DynamicClassAttribute(lambda self: Hidden.inner)
+
     in_dict = nn.Linear(4, 4)
     object.__setattr__(in_dict, "base_layer", nn.Linear(4, 4))  # (in the instance dict, not registered)
     bases = [nn.Linear(4, 4), Wrapper(nn.Linear(4, 4)), Wrapper(Wrapper(nn.Linear(4, 4))), Proxy(4, 4), Raises(4, 4),
-             Forwarding(Wrapper(nn.Linear(4, 4))), redirects, in_dict]  # fmt: skip
+             Forwarding(Wrapper(nn.Linear(4, 4))), redirects, Hidden(4, 4), in_dict]  # fmt: skip
     for base in bases:
         layer = get_peft_model(nn.Sequential(base), SLTrainConfig(r=2, target_modules=["0"])).base_model.model[0]
         assert isinstance(layer, SLTrainLayer)
@@ -592,6 +599,16 @@ def test_get_base_layer_finds_what_peft_s_walk_finds():
         assert (expected is Redirects.other) == (base is redirects)
     layer.base_layer.base_layer = None  # (an attribute that is None: PEFT's walk returns it)
     assert BaseTunerLayer.get_base_layer(layer) is None and layer.get_base_layer() is None
+    # what the walk keeps per class does not keep the class alive (`nn.utils.parametrize` makes one per module)
+    parametrized = nn.Linear(4, 4)
+    torch.nn.utils.parametrize.register_parametrization(parametrized, "weight", nn.Identity())
+    model = nn.ModuleDict({"proj": parametrized})  # ("0" would match the parametrization's ModuleList too)
+    layer = get_peft_model(model, SLTrainConfig(r=2, target_modules=["proj"])).base_model.model["proj"]
+    assert layer.get_base_layer() is parametrized
+    made = weakref.ref(type(parametrized))
+    del layer, model, parametrized
+    gc.collect()
+    assert made() is None
 
 
 def test_count_parameters_refuses_what_cannot_be_replaced():
