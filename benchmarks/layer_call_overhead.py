@@ -13,13 +13,15 @@ the ops each forward + backward dispatches (views included; the second call, so 
 A layer called alone never takes the batched rebuild (`compute="batched"`, which `"auto"` takes on a GPU): that works
 per pass of a model. So `passes` times the forward (bf16 autocast) and the backward of passes of a model that is
 nothing but the 60M preset's 56 linear layers (narrowed to 16 and 43 wide; 8 tokens), each on its own input (which
-needs a gradient, as in a LLaMA), per layer call: full-rank, and SLTrain from scratch on the dense path and batched.
+needs a gradient, as in a LLaMA), backward from the outputs (no loss), per layer call: full-rank, and SLTrain from
+scratch on the dense path and batched.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import statistics
 import subprocess
 import sys
@@ -145,15 +147,17 @@ BLOCKS, HIDDEN, MLP = 8, 16, 43
 SHAPES = {**{name: (HIDDEN, HIDDEN) for name in ("q_proj", "k_proj", "v_proj", "o_proj")},
           "gate_proj": (HIDDEN, MLP), "up_proj": (HIDDEN, MLP), "down_proj": (MLP, HIDDEN)}  # fmt: skip
 LAYERS, TOKENS = BLOCKS * len(SHAPES), 8
+LAYER_NAMES = [name for _ in range(BLOCKS) for name in SHAPES]  # (each layer's kind, in a LLaMA's order)
 
 
 def passes(rounds: int, count: int, count_mode) -> list[dict]:
     """`count` passes per variant and round (interleaved, always in the same order) of a model that is nothing but
     the 60M preset's 56 linear layers, each called on its own input (8 tokens, which needs a gradient) in a LLaMA's
-    order: a pass's forward (bf16 autocast) and its backward, timed apart (not the loss between them, nor zeroing the
-    gradients), per layer: full-rank `nn.Linear`s and SLTrain from scratch on the dense path and batched (which works
-    per pass of a model, so a layer called alone never takes it). Rows: microseconds per layer call (medians over the
-    rounds), the ratio of their sum to full-rank's, the ops a whole pass dispatches (loss included)."""
+    order: a pass's forward (bf16 autocast) and its backward from the outputs (no loss), timed apart (not the making
+    of the inputs, nor zeroing the gradients), per layer: full-rank `nn.Linear`s and SLTrain from scratch on the dense
+    path and batched (which works per pass of a model, so a layer called alone never takes it). Rows: microseconds per
+    layer call (medians over the rounds), the ratio of their sum to full-rank's, the ops dispatched in the two timed
+    windows."""
     import torch
     from peft import get_peft_model
     from torch import nn
@@ -168,8 +172,9 @@ def passes(rounds: int, count: int, count_mode) -> list[dict]:
                 for _ in range(BLOCKS)
             )
 
-        def forward(self, inputs: dict) -> list:
-            return [block[name](inputs[name]) for block in self.blocks for name in SHAPES]
+        def forward(self, inputs: list) -> list:  # (one input per layer, in a LLaMA's order)
+            layers = (block[name] for block in self.blocks for name in SHAPES)
+            return [layer(x) for layer, x in zip(layers, inputs)]
 
     def build(compute: str | None) -> nn.Module:
         torch.manual_seed(0)
@@ -179,30 +184,33 @@ def passes(rounds: int, count: int, count_mode) -> list[dict]:
                                             from_scratch=True, compute=compute)  # fmt: skip
         return get_peft_model(Linears(), config)
 
-    # the inputs need gradients, as every layer's does in a LLaMA (so each backward computes dx: on the dense and
-    # batched paths it rebuilds W again)
-    inputs = {name: torch.randn(TOKENS, d_in, requires_grad=True) for name, (d_in, _) in SHAPES.items()}
+    data = [torch.randn(TOKENS, SHAPES[name][0]) for name in LAYER_NAMES]
 
-    def one_pass(model) -> tuple[float, float]:
-        start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            outputs = model(inputs)
-        forward = time.perf_counter() - start
-        loss = torch.stack([y.float().sum() for y in outputs]).sum()  # (not timed, nor zero_grad below)
-        start = time.perf_counter()
-        loss.backward()
-        backward = time.perf_counter() - start
+    def one_pass(model, counted=None) -> tuple[float, float]:
+        """(forward, backward) seconds of one pass; `counted`: a context around both, and nothing else."""
+        counted = counted or contextlib.nullcontext()
+        # each layer its own input, which needs a gradient, as in a LLaMA (so each backward computes dx: on the dense
+        # and batched paths it rebuilds W again); fresh each pass, so autocast casts each, as a LLaMA's activations
+        inputs = [x.detach().requires_grad_() for x in data]
+        with counted:
+            start = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                outputs = model(inputs)
+            forward = time.perf_counter() - start
+        grads = [torch.ones_like(y) for y in outputs]  # (not timed: no loss, and no zero_grad below)
+        with counted:
+            start = time.perf_counter()
+            torch.autograd.backward(outputs, grads)
+            backward = time.perf_counter() - start
         model.zero_grad(set_to_none=True)
-        for x in inputs.values():
-            x.grad = None
         return forward, backward
 
     models = {"full-rank": build(None), "sltrain dense": build("dense"), "sltrain batched": build("batched")}
     ops = {}
     for name, model in models.items():
         one_pass(model)
-        with count_mode() as counted:
-            one_pass(model)
+        counted = count_mode()
+        one_pass(model, counted)
         ops[name] = dict(collections.Counter(counted.ops).most_common())
     seconds = {name: ([], []) for name in models}  # (forward, backward) per round
     for _ in range(rounds):
