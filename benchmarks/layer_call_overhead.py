@@ -66,11 +66,11 @@ def main(argv: list[str] | None = None) -> None:
 
     if Path(peft_sltrain.__file__).resolve().parent.parent != args.lib.resolve():  # (not one found elsewhere)
         p.error(f"--lib {args.lib}: no peft_sltrain there (the import found {Path(peft_sltrain.__file__).parent})")
-    env = environment()  # (now: the commit of the code measured)
+    torch.set_num_threads(1)  # one thread: the work per call, not a thread pool's wake-up
+    env = environment()  # (now: the commit of the code measured, and the one thread)
     library_commit = git_commit() if args.lib.resolve() == ROOT else _commit_of(args.lib)
 
     torch.manual_seed(0)
-    torch.set_num_threads(1)  # one thread: the work per call, not a thread pool's wake-up
     d, tokens = 16, 32
 
     def sltrain(from_scratch: bool, compute: str) -> torch.nn.Module:

@@ -957,6 +957,7 @@ def test_layer_call_overhead_measures_each_variant_against_nn_linear(tmp_path):
     result = json.loads(out.read_text())
     assert result["command"] == shlex.join(["python", "benchmarks/layer_call_overhead.py", *argv])
     assert result["environment"]["library"] == "peft_sltrain"  # this checkout's
+    assert result["environment"]["torch_threads"] == 1  # (as measured)
     rows = {(r["variant"], r["setting"]): r for r in result["rows"]}
     assert len(rows) == 7 and ("sltrain scratch factored", "bf16 autocast") not in rows
     for setting in ("bf16 autocast", "fp32"):
