@@ -586,10 +586,16 @@ def test_get_base_layer_finds_what_peft_s_walk_finds():
         inner = nn.Linear(4, 4)
         base_layer = types.DynamicClassAttribute(lambda self: Hidden.inner)
 
+    class SubProxy(Proxy):  # the property inherited
+        pass
+
     in_dict = nn.Linear(4, 4)
     object.__setattr__(in_dict, "base_layer", nn.Linear(4, 4))  # (in the instance dict, not registered)
+    both = Wrapper(nn.Linear(4, 4))
+    object.__setattr__(both, "base_layer", nn.Linear(4, 4))  # (the instance dict's is found before the registered one)
     bases = [nn.Linear(4, 4), Wrapper(nn.Linear(4, 4)), Wrapper(Wrapper(nn.Linear(4, 4))), Proxy(4, 4), Raises(4, 4),
-             Forwarding(Wrapper(nn.Linear(4, 4))), redirects, Hidden(4, 4), in_dict]  # fmt: skip
+             Forwarding(Wrapper(nn.Linear(4, 4))), redirects, Hidden(4, 4), SubProxy(4, 4), both,
+             in_dict]  # fmt: skip
     for base in bases:
         layer = get_peft_model(nn.Sequential(base), SLTrainConfig(r=2, target_modules=["0"])).base_model.model[0]
         assert isinstance(layer, SLTrainLayer)
