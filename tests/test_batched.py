@@ -244,6 +244,23 @@ def test_a_layer_without_the_adapter_joins_no_group(input_ids):
     assert groups(batched) and "_sltrain_slot" not in layers(batched)[0].__dict__
 
 
+def test_layers_whose_supports_are_on_another_device_are_grouped_apart():
+    """A group stacks its members' supports: a layer whose support is on another device (here meta, standing in for
+    a second device) joins no group of its like-shaped peers."""
+    _, batched = pair(blocks=2)
+    first, *others = layers(batched)
+    peers = [m for m in others if (m.in_features, m.out_features) == (first.in_features, first.out_features)]
+    first.sltrain_indices["default"] = first.sltrain_indices["default"].to("meta")
+    rebuilds = batched.base_model._sltrain_rebuilds
+    rebuilds.begin_pass()
+    try:
+        rebuilds.make_groups(peers[0], "default", torch.float64)
+        slots = {m: m.__dict__["_sltrain_slot"][("default", torch.float64)][0] for m in (first, *peers)}
+    finally:
+        rebuilds.end_pass()
+    assert len({id(slots[m]) for m in peers}) == 1 and slots[first] is not slots[peers[0]]
+
+
 def test_a_pass_keeps_no_weights_once_it_ends(input_ids):
     """The rebuilt weights go with the autograd graph (through the group's node, here watched): freed when a loss
     that never runs backward (evaluation with grad on) is dropped, and after backward; without Python's cycle
