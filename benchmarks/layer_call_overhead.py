@@ -146,8 +146,8 @@ def main(argv: list[str] | None = None) -> None:
 BLOCKS, HIDDEN, MLP = 8, 16, 43
 SHAPES = {**{name: (HIDDEN, HIDDEN) for name in ("q_proj", "k_proj", "v_proj", "o_proj")},
           "gate_proj": (HIDDEN, MLP), "up_proj": (HIDDEN, MLP), "down_proj": (MLP, HIDDEN)}  # fmt: skip
-LAYERS, TOKENS = BLOCKS * len(SHAPES), 8
 LAYER_NAMES = [name for _ in range(BLOCKS) for name in SHAPES]  # (each layer's kind, in a LLaMA's order)
+LAYERS, TOKENS = len(LAYER_NAMES), 8
 
 
 def passes(rounds: int, count: int, count_mode) -> list[dict]:

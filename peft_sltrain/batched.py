@@ -162,7 +162,7 @@ class BatchedRebuilds:
             return None
         kinds: dict[tuple, list] = {}  # key -> [(member, its factors)]
         for m in listed:  # (the caller found the model unsharded: `batched_linear`)
-            if m.compute.get(name) not in ("batched", "auto"):  # (nor has a layer without the adapter its tensors)
+            if m.compute.get(name) not in ("batched", "auto"):  # (a layer without the adapter has no tensors to read)
                 continue
             factors = _factors(m, name)
             support = _support(m, name)
@@ -318,10 +318,8 @@ def takes_batched(layer, name: str, x: torch.Tensor) -> bool:
 def _eligible(layer, name: str, A: torch.Tensor) -> bool:
     """Whether `layer` computes adapter `name` alone, batched, as `Linear.forward` would in this model's pass (an
     unsharded one); `A`: its factor `A`."""
-    compute = layer.compute.get(name)
     return (
-        compute in ("batched", "auto")
-        and _batches(compute, A.device)
+        _batches(layer.compute.get(name), A.device)  # (False for a layer without the adapter: no setting)
         and not layer.merged_adapters
         and not layer._disable_adapters
         and not layer.quantization
